@@ -1,0 +1,89 @@
+"""ONNX Runtime sessions with explicit provider checks: ``cuda`` is strict, ``auto`` says when it falls back."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .deps import installed_onnxruntime_distributions, require
+
+log = logging.getLogger(__name__)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider is not available or did not attach."""
+
+
+def _onnxruntime():
+    builds = installed_onnxruntime_distributions()
+    if len(builds) > 1:
+        raise ProviderError(f"several ONNX Runtime builds are installed together ({', '.join(builds)}); they share "
+                            f"the `onnxruntime` module and break each other: pip uninstall all but one "
+                            f"(tlpipe[cpu] or tlpipe[gpu])")
+    return require("onnxruntime")
+
+
+def physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None):
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    # Decoding threads share the cores: idle ORT workers must not spin on them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def create_session(model_path: str | Path, device: str = "auto", threads: int | None = None):
+    """An InferenceSession on ``device`` (auto | cpu | cuda), checked with ``get_providers()``."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    wants_cuda = device in ("auto", "cuda")
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ProviderError(f"--device cuda: this ONNX Runtime has no CUDA provider (available: {', '.join(available)}); "
+                            f"install tlpipe[gpu] (onnxruntime-gpu) and the CUDA libraries it needs")
+    providers = ["CPUExecutionProvider"]
+    if wants_cuda and "CUDAExecutionProvider" in available:
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=providers)
+    attached = session.get_providers()
+    if wants_cuda and "CUDAExecutionProvider" not in attached:
+        if device == "cuda":
+            raise ProviderError("--device cuda: the CUDA provider did not attach (missing CUDA/cuDNN libraries?); "
+                                f"the session runs on {', '.join(attached)}")
+        if "CUDAExecutionProvider" in available:
+            log.warning("CUDA is available but did not attach; running on the CPU")
+    return session
+
+
+class OnnxEmbedder:
+    """uint8 image batches -> float32 embeddings through one ONNX Runtime session."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None):
+        self.session = create_session(model_path, device=device, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        shape = self.session.get_inputs()[0].shape
+        self.input_size = int(shape[1]) if isinstance(shape[1], int) else None
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        return self.session.run([self.output_name], {self.input_name: images})[0]
