@@ -199,3 +199,30 @@ def verify(model_bytes: bytes, images: np.ndarray, reference: np.ndarray) -> dic
         raise VerificationError(f"ONNX differs from Keras: {figures} (tolerance rel_diff <= {MAX_REL_DIFF}, "
                                 f"cosine >= {MIN_COSINE}); the export was not stored")
     return {**figures, "tolerance": {"rel_diff": MAX_REL_DIFF, "min_cosine": MIN_COSINE}}
+
+
+def obtain_backbone(backbone: str | None = None, weights="imagenet", size: int | None = None, layer: str | None = None,
+                    pooling: str = "avg", weights_dir=None, store: ModelStore | None = None, model=None,
+                    seed: int = 0) -> StoreEntry:
+    """The stored export for a request, exporting it first if needed.
+
+    ``model`` names a store key or a folder holding an export (e.g. a fine-tune's output) and wins over
+    ``backbone``. Without TensorFlow, a stored entry made by other converter versions is accepted.
+    """
+    store = store or ModelStore()
+    if model is not None:
+        entry = store.resolve(model)
+        entry.verify()
+        return entry
+    if backbone is None:
+        raise ValueError("name a backbone (or a stored model)")
+    plan = plan_export(backbone, weights, size, layer, pooling, weights_dir, seed=seed)
+    entry = store.get(plan.key)
+    if entry is None and distribution_version("tensorflow") is None:
+        wanted = {k: v for k, v in plan.key_fields().items() if k != "versions"}
+        matches = [e for e in store.entries() if {k: v for k, v in e.metadata.get("key_fields", {}).items() if k != "versions"} == wanted]
+        entry = max(matches, key=lambda e: e.metadata.get("created", ""), default=None)
+    if entry is None:
+        entry = export_plan(plan, store)
+    entry.verify()
+    return entry

@@ -1,0 +1,197 @@
+"""Extraction: images -> ONNX Runtime -> HDF5 cache, as reader -> mapper -> writer.
+
+- reader: list the inputs (:mod:`features.sources`), read each file's bytes and sha256, skip content the
+  cache already holds for this feature set;
+- mapper: decode + resize in worker threads (PIL releases the GIL) while the main thread runs ONNX
+  Runtime on full batches — decoding overlaps inference, and at most ``prefetch`` images are in flight;
+- writer: each batch is committed to the cache (:class:`features.cache.CacheWriter`) before the next,
+  so a kill loses at most the batch in flight and a re-run resumes from the committed rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from backbones.export import obtain_backbone
+from backbones.runtime import OnnxEmbedder, physical_cores
+from backbones.store import ModelStore, StoreEntry
+
+from .cache import CacheError, CacheWriter, ImageRow
+from .images import ImageError, decode_image
+from .sources import ImageRecord, ImageSource, discover
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    """What an extract did (printed by the CLI, returned by :func:`extract`)."""
+
+    out: str
+    key: str
+    provider: str = ""
+    total: int = 0
+    embedded: int = 0
+    cached: int = 0
+    duplicates: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.embedded + self.cached + self.duplicates) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Loaded:
+    record: ImageRecord
+    sha256: str = ""
+    pixels: np.ndarray | None = None
+    size: tuple[int, int] = (0, 0)
+    error: str | None = None
+    cached: bool = False
+
+
+def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable[[str], bool]) -> _Loaded:
+    """Read, hash and (unless cached) decode one image. Never raises for bad input."""
+    try:
+        data = Path(record.abspath).read_bytes()
+    except OSError as exc:
+        return _Loaded(record, error=f"cannot read: {exc.strerror or exc}")
+    sha = hashlib.sha256(data).hexdigest()
+    if is_cached(sha):
+        return _Loaded(record, sha, cached=True)
+    try:
+        pixels, size = decode_image(data, input_size, resize)
+    except ImageError as exc:
+        return _Loaded(record, sha, error=getattr(exc, "reason", str(exc)))
+    return _Loaded(record, sha, pixels, size)
+
+
+def run_extraction(
+    records: Iterable[ImageRecord],
+    entry: StoreEntry,
+    writer: CacheWriter,
+    embedder: Callable[[np.ndarray], np.ndarray],
+    *,
+    batch_size: int = 32,
+    resize: str = "squash",
+    workers: int | None = None,
+    prefetch: int | None = None,
+    dtype: str = "float32",
+    on_progress: Callable[[int], None] | None = None,
+) -> ExtractSummary:
+    """Embed ``records`` into ``writer``'s cache under ``entry.key``; returns the counts."""
+    key, size = entry.key, entry.input_size
+    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
+    summary = ExtractSummary(out=str(writer.path), key=key)
+    workers = workers or physical_cores()
+    prefetch = prefetch or max(2 * batch_size, 4 * workers)
+    batch: list[_Loaded] = []
+    failures: list[tuple[str, str, str]] = []
+    in_batch: set[str] = set()
+    started = time.perf_counter()
+
+    def commit() -> None:
+        if batch:
+            embeddings = embedder(np.stack([b.pixels for b in batch]))
+            rows = [ImageRow(b.record.relpath, b.sha256, b.record.label, b.record.split, *b.size) for b in batch]
+            writer.add(key, rows, embeddings)
+            summary.embedded += len(batch)
+        if failures:
+            writer.add_failures(failures)
+        batch.clear(), failures.clear(), in_batch.clear()
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        source = iter(records)
+
+        def fill() -> None:
+            while len(pending) < prefetch and (record := next(source, None)) is not None:
+                pending.append(pool.submit(_load, record, size, resize, lambda s: writer.has(key, s)))
+
+        fill()
+        while pending:
+            loaded: _Loaded = pending.popleft().result()
+            fill()
+            summary.total += 1
+            if loaded.error is not None:
+                failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
+                summary.failures.append((loaded.record.relpath, loaded.error))
+            elif loaded.cached:
+                summary.cached += 1
+            elif loaded.sha256 in in_batch or writer.has(key, loaded.sha256):
+                summary.duplicates += 1
+            else:
+                in_batch.add(loaded.sha256)
+                batch.append(loaded)
+                if len(batch) >= batch_size:
+                    commit()
+            if on_progress:
+                on_progress(1)
+        commit()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def extract(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str | None = "mobilenet_v2",
+    weights: str | os.PathLike | None = "imagenet",
+    size: int | None = None,
+    layer: str | None = None,
+    pooling: str = "avg",
+    model: str | os.PathLike | None = None,
+    weights_dir: str | os.PathLike | None = None,
+    store: ModelStore | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    dtype: str = "float32",
+    resize: str = "squash",
+    workers: int | None = None,
+    threads: int | None = None,
+    allow_outside_root: bool = False,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> ExtractSummary:
+    """Embed every image of ``source`` (folder or CSV manifest) into the cache ``out``.
+
+    Re-running skips content already cached for this feature set and appends the rest. ``progress``,
+    if given, is called with (total, already_done=0) and returns a per-image callback.
+    """
+    images: ImageSource = discover(source, allow_outside_root=allow_outside_root)
+    if not images.records:
+        raise CacheError(f"no images found in {source}" + (f" ({len(images.skipped)} files skipped)" if images.skipped else ""))
+    out = Path(out)
+    if out.is_dir():
+        raise CacheError(f"{out} is a folder; give the cache file's path, e.g. {out / 'cache.h5'}")
+    if not out.parent.exists():
+        raise CacheError(f"cannot write {out}: folder {out.parent} does not exist")
+    entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
+    embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
+    with CacheWriter(out) as writer:
+        writer.note_source(str(Path(source).resolve()))
+        writer.register_classes(images.class_names)
+        callback = progress(len(images.records), 0) if progress else None
+        summary = run_extraction(images.records, entry, writer, embedder, batch_size=batch_size, resize=resize,
+                                 workers=workers, dtype=dtype, on_progress=callback)
+        if images.skipped:
+            writer.add_failures([(path, "", reason) for path, reason in images.skipped])
+    summary.provider = embedder.provider
+    summary.skipped = list(images.skipped)
+    return summary

@@ -1,0 +1,194 @@
+"""The `tlpipe` command line: thin wrappers over library functions. Heavy imports happen inside commands,
+so `tlpipe --help` and `tlpipe fit-head` start fast and run without TensorFlow or ONNX Runtime."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Transfer learning for images: ONNX backbones, an HDF5 embedding cache, scikit-learn heads.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+out = Console()
+
+StoreOpt = typer.Option(None, "--store", envvar="TLPIPE_MODEL_STORE", help="Model store folder [default: ~/.cache/tlpipe/models].")
+WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TLPIPE_WEIGHTS_DIR", help="Folder searched for local ImageNet weight files.")
+WeightsOpt = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download/cache), none (random init), a .h5 file, or a folder.")
+BackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="Registry name (see `tlpipe backbones`).")
+SizeOpt = typer.Option(None, "--size", help="Square input size [default: the backbone's].")
+LayerOpt = typer.Option(None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`).")
+PoolingOpt = typer.Option("avg", "--pooling", help="avg | max | none (flatten).")
+
+
+def _store(path: Optional[Path]):
+    from backbones.store import ModelStore
+
+    return ModelStore(path)
+
+
+@contextmanager
+def _progress(quiet: bool, label: str):
+    """Yields a factory ``(total, done) -> advance(n)`` backed by a rich progress bar (or nothing)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("[cyan]{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        def start(total: int, done: int = 0):
+            task = bar.add_task(label, total=total, completed=done, rate="")
+
+            def advance(n: int = 1) -> None:
+                bar.advance(task, n)
+                speed = bar.tasks[task].speed
+                if speed:
+                    bar.update(task, rate=f"{speed:6.1f} img/s")
+            return advance
+        yield start
+
+
+@app.command()
+def backbones(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
+              cuts: bool = typer.Option(False, "--cuts", help="List every cut point with its channels.")):
+    """List the backbone registry: sizes, preprocessing contract, embedding dimensions, cut points."""
+    from backbones.registry import PREPROCESSING_MODES, list_backbones
+
+    specs = list_backbones()
+    if as_json:
+        import dataclasses
+
+        out.print_json(data=[dataclasses.asdict(s) for s in specs])
+        return
+    from rich.table import Table
+
+    table = Table(title="tlpipe backbones (embedding dims at the default size)")
+    for col in ("name", "size", "prep", "dim", "flat dim", "params", "cut points"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "params"))
+    for s in specs:
+        cut_text = ", ".join(f"{c.layer}:{c.channels}" for c in s.cut_points) if cuts else \
+            f"{len(s.cut_points)} ({s.cut_points[0].layer} … {s.cut_points[-1].layer})"
+        table.add_row(s.name + (f" = {s.aliases[0]}" if s.aliases else ""), str(s.default_size), s.preprocessing,
+                      str(s.channels), f"{s.embedding_dim('none'):,}", f"{s.params/1e6:.1f}M", cut_text)
+    out.print(table)
+    for mode, text in PREPROCESSING_MODES.items():
+        out.print(f"  [bold]{mode}[/]: {text}")
+
+
+@app.command()
+def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+           size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+           opset: int = typer.Option(17, help="ONNX opset for tf2onnx."),
+           seed: int = typer.Option(0, help="Seed for --weights none."),
+           force: bool = typer.Option(False, "--force", help="Export again even when the store has it."),
+           store: Optional[Path] = StoreOpt):
+    """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras."""
+    from backbones.export import export_backbone
+
+    with console.status(f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
+        entry = export_backbone(backbone, weights, size, layer, pooling, weights_dir, _store(store), opset, seed, force)
+    m = entry.metadata
+    v = m["verification"]
+    out.print(f"[green]stored[/] {entry.key}\n  model: {entry.model_path}\n  input: uint8 (N, {m['input_size']}, "
+              f"{m['input_size']}, 3) RGB -> embeddings (N, {m['embedding_dim']}); preprocessing '{m['preprocessing']}' in the graph\n"
+              f"  weights: {m['weights']['source']} {m['weights'].get('path') or ''}\n"
+              f"  verified on {v['images']} photos: max |diff| {v['max_abs_diff']:.2e}, min cosine {v['min_cosine']:.6f}\n"
+              f"  timings (s): {m.get('timings_s')}")
+
+
+@app.command()
+def extract(source: Path = typer.Argument(..., help="Folder (class folders, split folders or flat) or CSV manifest (path[,label][,split])."),
+            out_path: Path = typer.Option(Path("cache.h5"), "--out", "-o", help="HDF5 cache to create or append to."),
+            backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+            size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+            model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder, e.g. a fine-tune's output) instead of --backbone."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
+            batch_size: int = typer.Option(32, "--batch-size", min=1),
+            dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
+            resize: str = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop)."),
+            workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores]."),
+            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads [default: cores]."),
+            strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
+            allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
+            quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
+    """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
+    from features.extract import extract as run
+
+    backbone_arg = None if model else backbone
+    with _progress(quiet, "extract") as progress:
+        summary = run(source, out_path, backbone=backbone_arg, weights=weights, size=size, layer=layer, pooling=pooling,
+                      model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
+                      dtype=dtype, resize=resize, workers=workers, threads=threads,
+                      allow_outside_root=allow_outside_root, progress=progress)
+    if not quiet:
+        out.print(f"[bold]{summary.out}[/] · feature set {summary.key} · {summary.provider}\n"
+                  f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
+                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} non-image files skipped\n"
+                  f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s")
+        for path, reason in summary.failures[:20]:
+            console.print(f"  [red]failed[/] {path}: {reason}")
+        if summary.failed > 20:
+            console.print(f"  … and {summary.failed - 20} more (tlpipe info {out_path})")
+    if strict and summary.failed:
+        raise typer.Exit(3)
+
+
+@app.command()
+def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json")):
+    """Show what a cache holds: images, classes, splits, feature sets, failures."""
+    from features.cache import describe
+
+    d = describe(cache)
+    if as_json:
+        out.print_json(data=d)
+        return
+    out.print(f"[bold]{d['path']}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
+    out.print(f"  classes: {', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none'}")
+    out.print(f"  splits: {', '.join(f'{k} {v}' for k, v in d['per_split'].items())}")
+    for key, fs in d["feature_sets"].items():
+        out.print(f"  feature set [cyan]{key}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
+                  f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, weights {fs['weights']})")
+    if d["failures"]:
+        out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {d['failures'][0]['path']}: {d['failures'][0]['reason']}")
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a missing extra: one line, no traceback."""
+    from backbones import MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable
+    from features.cache import CacheError
+
+    found = [MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable, CacheError]
+    try:
+        from pipeline.artifacts import HeadError
+        found.append(HeadError)
+    except ImportError:
+        pass
+    return USER_ERRORS + tuple(found)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - sorted below
+        if isinstance(exc, _user_errors()):
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            console.print(f"[red]error:[/] {message}", highlight=False)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

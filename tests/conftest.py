@@ -1,0 +1,61 @@
+"""Shared fixtures: real photos (scikit-learn's bundled samples, cropped), a session model store, ../shared."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared holds real weights and photos; tests that need it skip without it)")
+    return path
+
+
+def write_photo_folder(root: Path, per_class: int = 6, seed: int = 0, fmt: str = "JPEG") -> Path:
+    """Class folders of real photographs: random crops of scikit-learn's two sample photos (china, flower)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = load_sample_images().images
+    for name, photo in zip(("china", "flower"), photos):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        h, w = photo.shape[:2]
+        for i in range(per_class):
+            side = int(rng.integers(120, min(h, w)))
+            top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+            crop = Image.fromarray(photo[top:top + side, left:left + side])
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop.save(root / name / f"{name}_{seed}_{i:03d}.{fmt.lower().replace('jpeg', 'jpg')}", fmt)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory):
+    """One model store for the whole run, so each backbone is exported once."""
+    from backbones.store import ModelStore
+
+    return ModelStore(tmp_path_factory.mktemp("model-store"))
+
+
+@pytest.fixture(scope="session")
+def tiny_entry(model_store):
+    """A real, small export: MobileNetV2 alpha 0.35 at 64 px, random init (seeded)."""
+    from backbones.export import export_backbone
+
+    return export_backbone("mobilenet_v2_0.35", weights="none", size=64, store=model_store)
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> Path:
+    return write_photo_folder(tmp_path / "photos")
