@@ -4,16 +4,16 @@ Schema (version 1; readable with plain h5py, see README):
 
     /                      attrs: tlpipe_cache_version, cache_id, created
     /images/               attrs: count (committed rows), class_names (JSON list)
-        path    (N,)   str      path relative to the source it came from
+        path    (N,)   S512    UTF-8 path relative to the source it came from
         sha256  (N,)   S64      hex digest of the file's bytes
         label   (N,)   int32    index into class_names, -1 = unlabelled
-        split   (N,)   str      "train" | "val" | "test" | "" ...
+        split   (N,)   S32      "train" | "val" | "test" | "" ...
         size    (N,2)  int32    original width, height (after EXIF orientation)
     /features/<key>/       attrs: count, dim, dtype, metadata (JSON), backbone, input_size
         embeddings (K,D) float32|float16
         image_row  (K,)  int64  row in /images
     /failures/             attrs: count
-        path, sha256, reason   (F,)
+        path, sha256, reason   (F,) S512, S64, S256
 
 Crash safety: rows past a dataset's committed ``count`` are not part of the cache. A writer appends,
 flushes, and only then advances ``count`` (and flushes again); on open it cuts every dataset back to
@@ -34,9 +34,13 @@ import numpy as np
 
 CACHE_VERSION = 1
 CHUNK_ROWS = 256
-STR = h5py.string_dtype("utf-8")
-_IMAGE_COLUMNS = {"path": STR, "sha256": "S64", "label": np.int32, "split": STR, "size": (np.int32, 2)}
-_FAILURE_COLUMNS = {"path": STR, "sha256": "S64", "reason": STR}
+# Fixed-length strings and no compression filters: variable-length data lives in HDF5's global heap and
+# compressed chunks move when rewritten; a kill during a flush corrupted both beyond what the committed
+# counts protect (seen in the SIGKILL test). Uncompressed chunks are rewritten in place.
+PATH_BYTES, SPLIT_BYTES, REASON_BYTES = 512, 32, 256
+_IMAGE_COLUMNS = {"path": f"S{PATH_BYTES}", "sha256": "S64", "label": np.int32, "split": f"S{SPLIT_BYTES}",
+                  "size": (np.int32, 2)}
+_FAILURE_COLUMNS = {"path": f"S{PATH_BYTES}", "sha256": "S64", "reason": f"S{REASON_BYTES}"}
 
 
 class CacheError(RuntimeError):
@@ -57,9 +61,14 @@ class ImageRow:
     height: int
 
 
-def _storable(text: str) -> str:
-    """File names that are not valid UTF-8 are kept readable with backslash escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def _storable(text: str, limit: int = PATH_BYTES) -> bytes:
+    """UTF-8 bytes that fit a fixed-length column; names that are not valid UTF-8 keep backslash escapes."""
+    data = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode("utf-8")
+    return data if len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _strings(values, limit: int = PATH_BYTES) -> np.ndarray:
+    return np.array([_storable(v, limit) for v in values], dtype=f"S{limit}")
 
 
 def _create_columns(group: h5py.Group, columns: dict) -> None:
@@ -110,25 +119,39 @@ class CacheWriter:
         self._class_index = {name: i for i, name in enumerate(self.class_names)}
 
     def _open(self) -> h5py.File:
-        existed = self.path.exists()
+        if not self.path.exists():
+            self._create()
         try:
             f = h5py.File(self.path, "a")
         except OSError as exc:
             raise CacheError(f"cannot open {self.path} for writing: {exc}") from exc
-        if not existed or "images" not in f:
-            f.attrs["tlpipe_cache_version"] = CACHE_VERSION
-            f.attrs["cache_id"] = uuid.uuid4().hex
-            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            images = f.create_group("images")
-            _create_columns(images, _IMAGE_COLUMNS)
-            images.attrs["class_names"] = "[]"
-            _create_columns(f.create_group("failures"), _FAILURE_COLUMNS)
-            f.create_group("features")
-            f.flush()
-        else:
+        try:
             check_version(f, self.path)
             self._repair(f)
+        except BaseException:
+            f.close()
+            raise
         return f
+
+    def _create(self) -> None:
+        """Write an empty cache beside the target and rename it into place: a kill never leaves half a file."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["tlpipe_cache_version"] = CACHE_VERSION
+                f.attrs["cache_id"] = uuid.uuid4().hex
+                f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                images = f.create_group("images")
+                _create_columns(images, _IMAGE_COLUMNS)
+                images.attrs["class_names"] = "[]"
+                _create_columns(f.create_group("failures"), _FAILURE_COLUMNS)
+                f.create_group("features")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise CacheError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     @staticmethod
     def _repair(f: h5py.File) -> None:
@@ -229,10 +252,10 @@ class CacheWriter:
         for offset, row in enumerate(new):
             index[row.sha256] = start + offset
         if new:
-            _append(images["path"], start, [_storable(r.path) for r in new])
+            _append(images["path"], start, _strings([r.path for r in new]))
             _append(images["sha256"], start, np.array([r.sha256 for r in new], dtype="S64"))
             _append(images["label"], start, np.array([self._label_index(r.label) for r in new], dtype=np.int32))
-            _append(images["split"], start, [r.split or "" for r in new])
+            _append(images["split"], start, _strings([r.split or "" for r in new], SPLIT_BYTES))
             _append(images["size"], start, np.array([(r.width, r.height) for r in new], dtype=np.int32))
         done = int(group.attrs["count"])
         _append(group["embeddings"], done, embeddings.astype(group.attrs["dtype"], copy=False))
@@ -247,13 +270,13 @@ class CacheWriter:
         """Record (path, sha256 or "", reason) for inputs that could not be used; one row per path."""
         group = self.file["failures"]
         count = int(group.attrs["count"])
-        known = {p for p in group["path"][:count].astype(str)} if count else set()
+        known = set(group["path"][:count].tolist()) if count else set()
         fresh = [f for f in dict((_storable(p), (s, r)) for p, s, r in failures).items() if f[0] not in known]
         if not fresh:
             return
-        _append(group["path"], count, [p for p, _ in fresh])
+        _append(group["path"], count, np.array([p for p, _ in fresh], dtype=f"S{PATH_BYTES}"))
         _append(group["sha256"], count, np.array([s for _, (s, _) in fresh], dtype="S64"))
-        _append(group["reason"], count, [r for _, (_, r) in fresh])
+        _append(group["reason"], count, _strings([r for _, (_, r) in fresh], REASON_BYTES))
         self.file.flush()
         group.attrs["count"] = count + len(fresh)
         self.file.flush()
@@ -279,6 +302,12 @@ class CacheWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _text(values: np.ndarray) -> np.ndarray:
+    """Fixed-length UTF-8 bytes -> str array."""
+    return np.array([v.decode("utf-8", "replace") for v in values.tolist()], dtype=object).astype(str) if len(values) \
+        else np.array([], dtype=str)
 
 
 def check_version(f: h5py.File, path) -> None:
@@ -353,7 +382,7 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None) -> Feature
         X = group["embeddings"][:count].astype(np.float32, copy=False)
         take = lambda name: images[name][:n_images][rows]  # noqa: E731
         return FeatureSet(
-            key=key, X=X, y=take("label"), split=take("split").astype(str), paths=take("path").astype(str),
+            key=key, X=X, y=take("label"), split=_text(take("split")), paths=_text(take("path")),
             sha256=take("sha256").astype(str), class_names=json.loads(images.attrs["class_names"]),
             metadata=json.loads(group.attrs.get("metadata", "{}")), cache_id=str(f.attrs["cache_id"]),
         )
@@ -371,7 +400,7 @@ def describe(path: str | os.PathLike) -> dict:
     with open_for_read(path) as f:
         images, failures = f["images"], f["failures"]
         n = int(images.attrs["count"])
-        labels, splits = images["label"][:n], images["split"][:n].astype(str)
+        labels, splits = images["label"][:n], _text(images["split"][:n])
         class_names = json.loads(images.attrs["class_names"])
         feature_sets = {}
         for key, group in f["features"].items():
@@ -388,6 +417,6 @@ def describe(path: str | os.PathLike) -> dict:
                 {"(unlabelled)": int(np.sum(labels < 0))} if np.any(labels < 0) else {}),
             "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
             "feature_sets": feature_sets,
-            "failures": [{"path": p, "reason": r} for p, r in zip(failures["path"][:nf].astype(str), failures["reason"][:nf].astype(str))],
+            "failures": [{"path": p, "reason": r} for p, r in zip(_text(failures["path"][:nf]), _text(failures["reason"][:nf]))],
             "sources": json.loads(f.attrs.get("sources", "[]")),
         }
