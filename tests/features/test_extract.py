@@ -122,3 +122,24 @@ def test_sigkill_at_several_points_then_rerun_equals_uninterrupted(tmp_path, tin
     ref_sha, ref_X, ref_y = _content(reference)
     assert len(sha) == 80 and list(sha) == list(ref_sha) and np.array_equal(y, ref_y)
     assert np.allclose(X, ref_X, atol=1e-5)
+
+
+def test_transformer_composes_with_a_head(tmp_path, tiny_entry, photo_folder):
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from features import EmbeddingTransformer
+
+    paths = sorted(photo_folder.rglob("*.jpg"))
+    labels = [p.parent.name for p in paths]
+    embedder = EmbeddingTransformer(model=str(tiny_entry.directory), cache=tmp_path / "t.h5", device="cpu")
+    pipe = make_pipeline(clone(embedder), StandardScaler(), LogisticRegression(max_iter=500)).fit(paths, labels)
+    assert pipe.score(paths, labels) > 0.9
+    X = embedder.fit_transform(paths[::-1])  # order follows the input; all from the cache now
+    assert X.shape == (12, tiny_entry.embedding_dim)
+    assert np.allclose(X[-1], pipe[0].transform(paths[:1])[0])
+    with pytest.raises(ValueError, match="could not be embedded"):
+        (tmp_path / "bad.jpg").write_bytes(b"nope")
+        embedder.transform([tmp_path / "bad.jpg"])

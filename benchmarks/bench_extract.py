@@ -1,0 +1,104 @@
+"""Extraction benchmark: JPEG folder -> finished HDF5 cache, against the practitioners' Keras way, same run.
+
+    python benchmarks/bench_extract.py [--data DIR] [--weights FILE] [--skip-keras]
+
+Measures, on the same images with the same backbone (MobileNetV2 1.0 @ 224, real weights):
+  keras      image_dataset_from_directory + preprocess_input + model.predict (the guides' way)
+  tlpipe     `features.extract` end to end (discover, hash, decode, ONNX Runtime, HDF5 commits)
+  inference  the same ONNX session on pre-decoded uint8 tensors (the ceiling for extract)
+  cached     a re-run over the fully cached folder
+Writes benchmarks/results/extract.json. Defaults use ../shared (weights + cats_vs_dogs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared"
+
+
+def keras_baseline(data: Path, weights: Path) -> tuple[float, int]:
+    import keras
+
+    model = keras.applications.MobileNetV2(include_top=False, weights=str(weights), input_shape=(224, 224, 3), pooling="avg")
+    started = time.perf_counter()
+    ds = keras.utils.image_dataset_from_directory(data, image_size=(224, 224), batch_size=32, shuffle=False, verbose=False)
+    ds = ds.map(lambda x, y: (keras.applications.mobilenet_v2.preprocess_input(x), y))
+    features = model.predict(ds, verbose=0)
+    return time.perf_counter() - started, len(features)
+
+
+def pure_inference(entry, images, batch: int = 32, rounds: int = 3) -> float:
+    from backbones.runtime import OnnxEmbedder
+
+    embed = OnnxEmbedder(entry.model_path, device="cpu")
+    embed(images[:batch])  # warm-up
+    best = 0.0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for i in range(0, len(images), batch):
+            embed(images[i:i + batch])
+        best = max(best, len(images) / (time.perf_counter() - started))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED / "datasets" / "cats_vs_dogs")
+    parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
+    parser.add_argument("--skip-keras", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract.json")
+    args = parser.parse_args()
+    if not args.data.is_dir() or not args.weights.is_file():
+        sys.exit(f"benchmark data not found ({args.data}, {args.weights}); pass --data and --weights")
+
+    import numpy as np
+
+    from backbones.export import export_backbone
+    from backbones.store import ModelStore
+    from features.extract import extract
+    from features.images import load_image
+    from features.sources import discover
+
+    work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-"))
+    entry = export_backbone("mobilenet_v2", weights=args.weights, store=ModelStore(work / "store"))
+    records = discover(args.data).records
+    results: dict = {"images": len(records), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+                     "backbone": entry.key}
+
+    decoded = np.stack([load_image(r.abspath, 224)[0] for r in records[:320]])
+    started = time.perf_counter()
+    for r in records[:320]:
+        load_image(r.abspath, 224)
+    results["decode_img_s_1_thread"] = 320 / (time.perf_counter() - started)
+    results["inference_img_s"] = pure_inference(entry, decoded)
+
+    summary = extract(args.data, work / "cache.h5", model=str(entry.directory), device="cpu")
+    results["tlpipe_img_s"] = summary.embedded / summary.seconds
+    results["tlpipe_seconds"] = summary.seconds
+    rerun = extract(args.data, work / "cache.h5", model=str(entry.directory), device="cpu")
+    results["cached_rerun_img_s"] = rerun.cached / rerun.seconds
+    if not args.skip_keras:
+        seconds, n = keras_baseline(args.data, args.weights)
+        results["keras_img_s"] = n / seconds
+        results["keras_seconds"] = seconds
+        results["speedup_vs_keras"] = results["tlpipe_img_s"] / results["keras_img_s"]
+    results["fraction_of_inference"] = results["tlpipe_img_s"] / results["inference_img_s"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    width = max(map(len, results))
+    for k, v in results.items():
+        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

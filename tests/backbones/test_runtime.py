@@ -1,0 +1,50 @@
+"""ONNX Runtime sessions: explicit provider checks (strict cuda, auto fallback), one-build rule, GPU proof."""
+import numpy as np
+import pytest
+
+import backbones.runtime as runtime
+from backbones.runtime import OnnxEmbedder, ProviderError, create_session
+
+
+def has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def test_cpu_session(tiny_entry):
+    session = create_session(tiny_entry.model_path, device="cpu")
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    embed = OnnxEmbedder(tiny_entry.model_path, device="cpu")
+    out = embed(np.zeros((2, 64, 64, 3), np.uint8))
+    assert out.shape == (2, tiny_entry.embedding_dim) and embed.input_size == 64
+    with pytest.raises(ValueError, match="uint8"):
+        embed(np.zeros((2, 64, 64, 3), np.float32))
+
+
+def test_device_validation(tiny_entry):
+    with pytest.raises(ValueError, match="device"):
+        create_session(tiny_entry.model_path, device="tpu")
+
+
+@pytest.mark.skipif("has_cuda()", reason="this machine has CUDA: strictness is tested by test_cuda_session")
+def test_cuda_is_strict_without_cuda(tiny_entry):
+    with pytest.raises(ProviderError, match="no CUDA provider"):
+        create_session(tiny_entry.model_path, device="cuda")
+    assert create_session(tiny_entry.model_path, device="auto").get_providers() == ["CPUExecutionProvider"]
+
+
+def test_two_onnxruntime_builds_are_refused(tiny_entry, monkeypatch):
+    monkeypatch.setattr(runtime, "installed_onnxruntime_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    with pytest.raises(ProviderError, match="uninstall all but one"):
+        create_session(tiny_entry.model_path, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not has_cuda()", reason="no CUDA provider in this ONNX Runtime (CI has no GPU)")
+def test_cuda_session(tiny_entry):
+    gpu = OnnxEmbedder(tiny_entry.model_path, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider"
+    images = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
+    cpu = OnnxEmbedder(tiny_entry.model_path, device="cpu")
+    assert np.allclose(gpu(images), cpu(images), atol=1e-3)
