@@ -19,8 +19,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# ImageNet weights for the demo when they can be had offline: a weights directory (the ordinary
+# --weights-dir option). ../shared/weights is used when present; the demo never requires it.
+WEIGHTS_DIR ?= $(firstword $(wildcard ../shared/weights) $(TLPIPE_WEIGHTS_DIR))
+DEMO_OUT ?= demo-output
+
 demo: $(STAMP)
-	$(BIN)/tlpipe demo
+	$(BIN)/tlpipe demo --out $(DEMO_OUT) $(if $(WEIGHTS_DIR),--weights-dir $(WEIGHTS_DIR))
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -161,6 +161,111 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
         out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {d['failures'][0]['path']}: {d['failures'][0]['reason']}")
 
 
+HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
+FeaturesOpt = typer.Option(None, "--features", help="Feature set key (or unique prefix) when the cache holds several.")
+ClassWeightOpt = typer.Option(None, "--class-weight", help="'balanced' to weight classes by inverse frequency.")
+
+
+def _print_balance(balance: dict) -> None:
+    ratio = balance.get("imbalance_ratio")
+    counts = ", ".join(f"{k} {v}" for k, v in balance["counts"].items() if v)
+    out.print(f"  classes: {counts}" + (f" (imbalance {ratio:.1f}x)" if ratio and ratio > 1.5 else ""))
+
+
+@app.command("fit-head")
+def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`."),
+             model: str = typer.Option("logreg", "--model", "-m", help="logreg | svm | rbf-svm | mlp."),
+             out_path: Path = typer.Option(Path("head.joblib"), "--out", "-o", help="Where to save the head (+ .json metadata)."),
+             features: Optional[str] = FeaturesOpt,
+             search: bool = typer.Option(False, "--search", help="Small hyperparameter search with stratified CV first."),
+             cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
+             seed: int = typer.Option(0, "--seed"), class_weight: Optional[str] = ClassWeightOpt,
+             pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier.")):
+    """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
+    from pipeline.train import train_head
+
+    pca_arg = int(pca) if pca is not None and pca >= 1 else pca
+    with console.status(f"fitting {model}…"):
+        result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
+                            class_weight=class_weight, pca=pca_arg)
+    out.print(f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}")
+    out.print(f"  {result.setup}")
+    _print_balance(result.balance)
+    if result.imbalanced and not class_weight:
+        console.print("  [yellow]classes are imbalanced: consider --class-weight balanced[/]")
+    if result.info.get("search"):
+        out.print(f"  search: best {result.info['params']} (CV accuracy {result.info['cv_accuracy']:.4f})")
+    if result.evaluation is not None:
+        e = result.evaluation
+        loss = f", log-loss {e.log_loss:.4f}" if e.log_loss is not None else ""
+        out.print(f"  held-out: accuracy {e.accuracy:.4f}, macro-F1 {e.macro_f1:.4f}{loss} on {e.n} images")
+
+
+@app.command()
+def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`."), models: str = HeadsOpt,
+            cv: int = typer.Option(5, "--cv", min=2), report: Optional[Path] = typer.Option(None, "--report", help="Write a report folder (Markdown, CSV/JSON, charts)."),
+            features: Optional[str] = FeaturesOpt, seed: int = typer.Option(0, "--seed"),
+            search: bool = typer.Option(False, "--search", help="Search each head's small grid; report its best point."),
+            class_weight: Optional[str] = ClassWeightOpt,
+            all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
+            n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs [default: all cores].")):
+    """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
+    from features.cache import read_feature_set
+    from pipeline.compare import compare_heads, format_table, write_report
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    fs = read_feature_set(cache, features)
+    with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"):
+        result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
+                               holdout=not all_rows, n_jobs=n_jobs)
+    out.print(format_table(result))
+    out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s")
+    if report is not None:
+        written = write_report(result, report)
+        out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
+
+
+@app.command()
+def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
+             cache: Path = typer.Argument(..., help="HDF5 cache holding the head's feature set."),
+             split: str = typer.Option("test", "--split", help="train | val | test | all."),
+             features: Optional[str] = FeaturesOpt,
+             report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
+             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code).")):
+    """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
+    from features.cache import read_feature_set
+    from pipeline.artifacts import load_head
+    from pipeline.evaluate import evaluate_head, save_confusion_matrix
+
+    estimator, metadata = load_head(head, trust=trust)
+    key = features or (metadata.get("feature_set") or {}).get("key")
+    result = evaluate_head(estimator, metadata, read_feature_set(cache, key), split=split)
+    loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
+    out.print(f"[bold]{head}[/] on split {split} ({result.n} images): accuracy {result.accuracy:.4f}, "
+              f"macro-F1 {result.macro_f1:.4f}{loss}")
+    from rich.table import Table
+
+    table = Table("class", "precision", "recall", "f1", "support")
+    for label in result.labels:
+        r = result.report.get(label, {})
+        table.add_row(label, *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), str(int(r.get("support", 0))))
+    out.print(table)
+    if report is not None:
+        report.mkdir(parents=True, exist_ok=True)
+        (report / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+        save_confusion_matrix(result.confusion, result.labels, report / "confusion_matrix.png", title=f"{head.name} on {split}")
+        out.print(f"  wrote {report / 'evaluation.json'} and {report / 'confusion_matrix.png'}")
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the data, cache, heads and report."),
+         backbone: str = BackboneOpt, weights_dir: Optional[Path] = WeightsDirOpt, store: Optional[Path] = StoreOpt):
+    """The whole job on built-in data (scikit-learn's digits), offline: export, extract, compare, fit-head, evaluate."""
+    from pipeline.demo import run_demo
+
+    run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)
 
 

@@ -1,0 +1,100 @@
+"""`tlpipe demo`: the whole job on built-in data, offline — export, extract, compare, fit-head, evaluate.
+
+The data is scikit-learn's bundled handwritten digits (1,797 images, 10 classes) written out as PNGs in
+train/test split folders, so the demo needs no network and no data of the user's.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from backbones.registry import get_backbone
+from backbones.weights import WeightsUnavailable, resolve_weights
+
+
+def write_digits_folder(root: str | Path, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Path:
+    """scikit-learn's digits as ``root/{train,test}/<digit>/<n>.png`` (grayscale, upscaled to ``size``)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    root = Path(root)
+    digits = load_digits()
+    rows = np.arange(len(digits.target))
+    train, test = train_test_split(rows, test_size=test_fraction, random_state=seed, stratify=digits.target)
+    for split, chosen in (("train", train), ("test", test)):
+        for i in chosen:
+            folder = root / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (255 - digits.images[i] * (255 / 16)).astype(np.uint8)  # dark ink on white, like a scan
+            Image.fromarray(pixels, "L").resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:04d}.png")
+    return root
+
+
+def obtain_demo_backbone(backbone: str, weights_dir, store):
+    """ImageNet weights when they can be had (weights directory, Keras' cache, download); else random init."""
+    from backbones.export import obtain_backbone
+
+    try:
+        entry = obtain_backbone(backbone, "imagenet", weights_dir=weights_dir, store=store)
+        source = entry.metadata["weights"].get("path") or "Keras (its cache or a download)"
+        return entry, True, f"ImageNet weights from {source}"
+    except WeightsUnavailable as exc:
+        entry = obtain_backbone(backbone, "none", weights_dir=weights_dir, store=store)
+        return entry, False, ("NO ImageNet weights could be had, so this run uses a RANDOMLY INITIALISED backbone "
+                              "and its accuracy is far below what transfer learning gives. " + str(exc).split(". ", 1)[-1])
+
+
+def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_v2", weights_dir=None, store=None,
+             console=None) -> dict:
+    """Run the demo end to end; returns a summary (also written to ``out_dir/summary.json``)."""
+    from rich.console import Console
+
+    from features.cache import read_feature_set
+    from features.extract import extract
+
+    from .compare import compare_heads, format_table, write_report
+    from .train import train_head
+
+    console = console or Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = lambda text: console.print(f"[bold cyan]demo[/] {text}")  # noqa: E731
+
+    data = out / "digits"
+    if not data.exists():
+        write_digits_folder(data)
+    say(f"data: scikit-learn's handwritten digits as PNG files in {data} (train/test split folders, 10 classes)")
+    with console.status("export: Keras -> ONNX with preprocessing inside, verified against Keras…"):
+        entry, pretrained, note = obtain_demo_backbone(backbone, weights_dir, store)
+    say(("[green]" if pretrained else "[bold yellow]") + note + "[/]")
+    v = entry.metadata["verification"]
+    say(f"export: {entry.key} (max |diff| vs Keras {v['max_abs_diff']:.1e}, min cosine {v['min_cosine']:.6f})")
+
+    cache = out / "cache.h5"
+    with console.status("extract: embedding images into the HDF5 cache…"):
+        summary = extract(data, cache, model=str(entry.directory))
+    say(f"extract: {summary.embedded} embedded, {summary.cached} already cached, {summary.failed} failed "
+        f"({summary.images_per_second:.0f} img/s) -> {cache}")
+
+    fs = read_feature_set(cache, entry.key)
+    with console.status("compare: cross-validating logreg, svm, rbf-svm, mlp…"):
+        result = compare_heads(fs, ("logreg", "svm", "rbf-svm", "mlp"), cv=5)
+    console.print(format_table(result))
+    report = out / "report"
+    write_report(result, report)
+
+    head_path = out / f"{result.best}.joblib"
+    trained = train_head(cache, result.best, head_path, features=entry.key)
+    e = trained.evaluation
+    say(f"fit-head: {result.best} saved to {head_path}; on the held-out test split: accuracy {e.accuracy:.4f}, "
+        f"macro-F1 {e.macro_f1:.4f} ({e.n} images)")
+    summary_data = {"backbone": entry.key, "pretrained": pretrained, "weights_note": note, "cache": str(cache),
+                    "best_head": result.best, "cv_accuracy": result.head(result.best).accuracy,
+                    "test_accuracy": e.accuracy, "head": str(head_path), "report": str(report / "report.md")}
+    (out / "summary.json").write_text(json.dumps(summary_data, indent=2))
+    say(f"[bold]report: {report / 'report.md'}[/]" + ("" if pretrained else "  (random-init backbone: see above)"))
+    return summary_data

@@ -1,0 +1,61 @@
+"""`tlpipe fit-head` as a library function: cache -> split -> fit -> held-out metrics -> saved head."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from features.cache import FeatureSet, read_feature_set
+
+from .artifacts import save_head
+from .evaluate import EvalResult, evaluate_head
+from .heads import class_balance, fit_head, select_split
+
+IMBALANCE_WARNING = 3.0  # largest / smallest class above this: suggest --class-weight balanced
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metadata: dict
+    evaluation: EvalResult | None
+    setup: str
+    balance: dict
+    info: dict
+
+    @property
+    def imbalanced(self) -> bool:
+        ratio = self.balance.get("imbalance_ratio")
+        return bool(ratio and ratio > IMBALANCE_WARNING)
+
+
+def subset(fs: FeatureSet, rows: np.ndarray, split: str) -> FeatureSet:
+    """The rows ``rows`` of a feature set, all marked as split ``split``."""
+    return dataclasses.replace(fs, X=fs.X[rows], y=fs.y[rows], split=np.full(len(rows), split), paths=fs.paths[rows],
+                               sha256=fs.sha256[rows])
+
+
+def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.PathLike = "head.joblib", *,
+               features: str | None = None, search: bool = False, cv: int = 5, seed: int = 0,
+               class_weight: str | None = None, pca: int | float | None = None, n_jobs: int | None = None) -> TrainResult:
+    """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
+    (the cache's test/val split, else a stratified hold-out) and save it with its metadata."""
+    fs = read_feature_set(cache, features)
+    train, test, setup = select_split(fs, seed=seed)
+    if len(np.unique(fs.y[train])) < 2:
+        raise ValueError(f"{cache}: a head needs labelled training images of at least two classes")
+    estimator, info = fit_head(fs.X[train], fs.y[train], model, search=search, cv=cv, seed=seed,
+                               class_weight=class_weight, n_jobs=n_jobs, pca=pca)
+    evaluation = evaluate_head(estimator, {}, subset(fs, test, "evaluation"), split="evaluation") if len(test) else None
+    metrics = {"setup": setup}
+    if evaluation is not None:
+        metrics |= {k: v for k, v in evaluation.to_dict().items() if k in ("n", "accuracy", "macro_f1", "log_loss")}
+    if search:
+        metrics |= {k: info[k] for k in ("cv", "cv_accuracy", "cv_accuracy_std", "cv_macro_f1")}
+    params = {k: v for k, v in info.items() if k != "cv_results"}
+    metadata = save_head(estimator, out, feature_set=fs, metrics=metrics, params=params, cache_path=Path(cache).resolve(),
+                         rows=int(len(train)))
+    return TrainResult(Path(out), metadata, evaluation, setup, class_balance(fs.y[train], fs.class_names), info)
