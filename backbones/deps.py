@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
 from types import ModuleType
 
 # module -> (distribution names that provide it, extra that installs it)
@@ -23,6 +24,8 @@ class MissingExtra(ImportError):
 
 def require(module: str) -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtra` with the install line for its extra."""
+    if module in ("tensorflow", "keras", "tf2onnx"):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     try:
         return importlib.import_module(module)
     except ImportError as exc:

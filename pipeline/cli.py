@@ -290,7 +290,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - sorted below
         if isinstance(exc, _user_errors()):
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            console.print(f"[red]error:[/] {message}", highlight=False)
+            console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
         raise
 
