@@ -59,3 +59,15 @@ def tiny_entry(model_store):
 @pytest.fixture
 def photo_folder(tmp_path) -> Path:
     return write_photo_folder(tmp_path / "photos")
+
+
+@pytest.fixture(scope="session")
+def cats_dogs_cache(tmp_path_factory, model_store):
+    """../shared's cats_vs_dogs (1,000 photos) embedded with MobileNetV2 1.0 and its real ImageNet weights."""
+    from features.extract import extract
+
+    weights = shared_path("weights", "mobilenet_v2_1.0_224_no_top.h5")
+    manifest = shared_path("datasets", "cats_vs_dogs", "manifest.csv")  # carries the train/test split
+    path = tmp_path_factory.mktemp("cats-dogs") / "cache.h5"
+    extract(manifest, path, backbone="mobilenet_v2", weights=weights, store=model_store, device="cpu")
+    return path
