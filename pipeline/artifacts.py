@@ -1,0 +1,166 @@
+"""Saving and loading fitted heads: a joblib file plus a JSON sidecar that is checked before unpickling.
+
+Unpickling a joblib file runs code, so :func:`load_head` reads ``<head>.json`` first and compares the
+sha256 it records with the bytes of the joblib file; only matching bytes are unpickled (from memory,
+so the file cannot change between the check and the load) unless the caller passes ``trust=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import joblib
+import numpy as np
+import sklearn
+
+from features.cache import FeatureSet
+
+FORMAT_VERSION = 1
+
+
+class HeadError(RuntimeError):
+    """A saved head cannot be used as asked (unverified, damaged or built for other embeddings)."""
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".json")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(file_object)`` into a temporary file next to ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, metrics: dict, params: dict,
+              cache_path: str | os.PathLike | None = None, rows: int | None = None) -> dict:
+    """Write a fitted head to ``path`` (joblib) and its metadata to ``path + ".json"``; return the metadata.
+
+    ``params`` are the head's parameters (``fit_head``'s info), ``metrics`` its evaluation figures;
+    ``cache_path`` and ``rows`` (training rows used) record where it was trained.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    joblib.dump(estimator, buffer)
+    payload = buffer.getvalue()
+    meta = feature_set.metadata
+    classes = [int(c) for c in estimator.classes_]
+    metadata = _jsonable({
+        "format_version": FORMAT_VERSION,
+        "head": {"name": estimator.steps[-1][0] if hasattr(estimator, "steps") else type(estimator).__name__,
+                 "params": params},
+        "feature_set": {"key": feature_set.key, "embedding_dim": int(feature_set.X.shape[1]),
+                        "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
+                        "input_size": meta.get("input_size"), "pooling": meta.get("pooling"),
+                        "layer": meta.get("layer")},
+        "class_names": list(feature_set.class_names),
+        "classes": classes,
+        "labels": [feature_set.class_names[c] for c in classes],
+        "training": {"cache_id": feature_set.cache_id, "cache_path": str(cache_path) if cache_path else None,
+                     "rows": rows},
+        "metrics": metrics,
+        "versions": {"sklearn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
+                     "python": platform.python_version()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "joblib_sha256": hashlib.sha256(payload).hexdigest(),
+    })
+    _atomic_write(path, lambda f: f.write(payload))
+    _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(metadata, indent=2, sort_keys=True).encode()))
+    return metadata
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The sidecar of a saved head (no unpickling)."""
+    sidecar = sidecar_path(path)
+    try:
+        metadata = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise HeadError(f"{sidecar} is missing: without it {path} cannot be verified, and loading a joblib file "
+                        f"runs code; pass trust=True (--trust) only if you trust where the file came from") from None
+    except (OSError, ValueError) as exc:
+        raise HeadError(f"cannot read {sidecar}: {exc}") from exc
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise HeadError(f"{sidecar} has head format version {version}; this tlpipe reads version {FORMAT_VERSION}")
+    return metadata
+
+
+def _check_expected(metadata: dict, key: str | None, dim: int | None, where: str) -> None:
+    saved = metadata.get("feature_set", {})
+    if key is not None and saved.get("key") != key:
+        raise HeadError(f"{where} was trained on feature set {saved.get('key')!r}, not {key!r}: its embeddings "
+                        f"come from another backbone or setting; use the matching feature set or refit the head")
+    if dim is not None and saved.get("embedding_dim") != dim:
+        raise HeadError(f"{where} expects {saved.get('embedding_dim')}-dimensional embeddings, these have {dim}")
+
+
+def check_compatible(metadata: dict, feature_set: FeatureSet) -> None:
+    """Raise :class:`HeadError` unless the head was trained on embeddings like ``feature_set``'s."""
+    where = f"head {metadata.get('head', {}).get('name', '?')}"
+    _check_expected(metadata, feature_set.key, int(feature_set.X.shape[1]), where)
+    saved, current = metadata.get("feature_set", {}).get("model_sha256"), feature_set.metadata.get("model_sha256")
+    if saved and current and saved != current:
+        raise HeadError(f"{where} was trained on embeddings of backbone model {saved[:12]}, feature set "
+                        f"{feature_set.key} comes from model {current[:12]}: same key, different weights")
+
+
+def load_head(path: str | os.PathLike, *, trust: bool = False, expect_key: str | None = None,
+              expect_dim: int | None = None) -> tuple[object, dict]:
+    """Load a head saved by :func:`save_head`, verifying its sidecar hash before unpickling.
+
+    Raises :class:`HeadError` when the sidecar is missing or the bytes do not match it (unless
+    ``trust``; metadata is then ``{}`` if the sidecar is missing or unreadable) and when ``expect_key`` / ``expect_dim``
+    differ from what the head was trained on.
+    """
+    path = Path(path)
+    try:
+        payload = path.read_bytes()
+    except OSError as exc:
+        raise HeadError(f"cannot read head {path}: {exc.strerror or exc}") from exc
+    try:
+        metadata = read_metadata(path)
+    except HeadError:
+        if not trust:
+            raise
+        metadata = {}
+    if metadata:
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest != metadata.get("joblib_sha256") and not trust:
+            raise HeadError(f"{path} does not match its sidecar (sha256 {digest[:12]}, recorded "
+                            f"{str(metadata.get('joblib_sha256'))[:12]}): the file was changed or replaced; "
+                            f"refusing to unpickle it (trust=True / --trust overrides)")
+        _check_expected(metadata, expect_key, expect_dim, str(path))
+    estimator = joblib.load(io.BytesIO(payload))
+    if not hasattr(estimator, "predict_proba"):
+        raise HeadError(f"{path} holds a {type(estimator).__name__}, not a classifier with predict_proba")
+    n_features = getattr(estimator, "n_features_in_", None)
+    if expect_dim is not None and n_features is not None and n_features != expect_dim:
+        raise HeadError(f"{path} expects {n_features}-dimensional embeddings, these have {expect_dim}")
+    return estimator, metadata

@@ -1,0 +1,332 @@
+"""Classifier heads on cached embeddings: real scikit-learn pipelines, hyperparameter search, splits.
+
+Every head is a :class:`sklearn.pipeline.Pipeline` whose last step is named after the head (``"logreg"``,
+``"svm"``, ``"rbf-svm"``, ``"mlp"``), so a fitted estimator says what it is; all of them have
+``predict_proba`` and ``classes_``. Class labels are the cache's label indices (``FeatureSet.y``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+from time import perf_counter
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, log_loss
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.class_weight import compute_sample_weight
+
+from features.cache import FeatureSet
+
+HEADS = ("logreg", "svm", "rbf-svm", "mlp")
+# Heads whose classifier is wrapped in CalibratedClassifierCV: their parameters live under ``estimator__``.
+_CALIBRATED = ("svm", "rbf-svm")
+# pca="auto": components kept before the RBF SVM, whose kernel evaluations cost O(dims) each; embeddings'
+# spectra fall fast, so 256 components keep the class structure at a fraction of the cost.
+AUTO_PCA = {"rbf-svm": 256}
+# Folds of the calibration split inside the SVM heads (each fold fits one SVM on 2/3 of the rows).
+CALIBRATION_FOLDS = 3
+# Cost order, most expensive first, so parallel runs start the long jobs early.
+_COST_ORDER = {"rbf-svm": 0, "mlp": 1, "svm": 2, "logreg": 3}
+
+
+def _check_name(name: str) -> None:
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+
+
+def _classifier(name: str, seed: int, class_weight, params: dict):
+    if name == "logreg":
+        # lbfgs on standardised inputs converges in tens of iterations; multinomial loss, so
+        # predict_proba is a proper softmax.
+        return LogisticRegression(**{"C": 0.01, "max_iter": 1000, "random_state": seed, "class_weight": class_weight,
+                                     **params})
+    if name == "svm":
+        # liblinear's LinearSVC instead of SVC(kernel="linear"): linear in the number of rows instead of
+        # quadratic. Probabilities by temperature scaling of its decision values on held-out folds: one
+        # parameter for all classes, so the calibration cannot change which class wins.
+        # Dual coordinate descent: its cost per pass is the non-zeros, and the strong regularisation that
+        # suits high-dimensional embeddings makes it converge in a few passes.
+        svm = LinearSVC(**{"C": 0.001, "dual": True, "max_iter": 5000, "random_state": seed,
+                           "class_weight": class_weight, **params})
+        return CalibratedClassifierCV(svm, method="temperature", cv=CALIBRATION_FOLDS)
+    if name == "rbf-svm":
+        # CalibratedClassifierCV over SVC fits 3 SVMs on 2/3 of the rows (kernel SVMs cost ~n^2, so
+        # ~1.3 full fits) where SVC(probability=True) fits one SVM plus an internal 5-fold Platt
+        # scaling (~4.2 full fits).
+        svc = SVC(**{"C": 10.0, "gamma": "scale", "cache_size": 1000, "random_state": seed,
+                     "class_weight": class_weight, **params})
+        return CalibratedClassifierCV(svc, method="temperature", cv=CALIBRATION_FOLDS)
+    if class_weight is not None:
+        raise ValueError("MLPClassifier has no class_weight; fit_head and compare_heads apply it as sample "
+                         "weights (see fit)")
+    # Early stopping on a 10% validation split: training stops when validation accuracy stalls instead
+    # of running max_iter epochs on a training loss that keeps falling.
+    return MLPClassifier(**{"hidden_layer_sizes": (256,), "alpha": 1e-3, "early_stopping": True,
+                            "n_iter_no_change": 10, "max_iter": 300, "random_state": seed, **params})
+
+
+def make_head(name: str, *, seed: int = 0, class_weight: dict | str | None = None, pca: int | float | None = None,
+              **params) -> Pipeline:
+    """An unfitted head: preprocessing, optional ``PCA(pca)``, then the classifier.
+
+    ``params`` go to the classifier (``C``, ``gamma``, ``alpha``, ``hidden_layer_sizes``...; for the SVM
+    heads to the SVM inside the calibration wrapper). ``class_weight`` ("balanced" or a dict) is set on
+    the classifier; the MLP has none, so for it use :func:`fit`, which turns it into sample weights.
+    """
+    _check_name(name)
+    steps = []
+    if name in ("rbf-svm", "mlp"):
+        # Distance- and activation-based heads are sensitive to each image's overall activation level
+        # (contrast, object size...); L2 normalisation puts every embedding on the unit sphere (cosine
+        # geometry, the usual practice for CNN embeddings) before the per-dimension standardisation.
+        # Linear heads learn a per-dimension weight and a bias, so they only need the standardisation.
+        steps.append(("l2", Normalizer()))
+    # The linear SVM scales without centring: liblinear's cost grows with the non-zeros, and centring
+    # would turn the zeros of ReLU embeddings into dense values (its intercept absorbs the mean).
+    # lbfgs (logreg), PCA and the MLP want centred inputs for conditioning.
+    steps.append(("scale", StandardScaler(with_mean=name != "svm")))
+    if pca is not None:
+        # covariance_eigh: one D x D eigendecomposition, fast for the usual rows >> dims.
+        steps.append(("pca", PCA(n_components=pca, svd_solver="covariance_eigh", random_state=seed)))
+    steps.append((name, _classifier(name, seed, class_weight, params)))
+    return Pipeline(steps)
+
+
+def head_name(estimator: Pipeline) -> str:
+    """The head a pipeline made by :func:`make_head` is (its last step's name)."""
+    return estimator.steps[-1][0]
+
+
+def _clf_prefix(name: str) -> str:
+    """Where the classifier's own parameters live inside the head's last step."""
+    return "estimator__" if name in _CALIBRATED else ""
+
+
+def resolve_pca(name: str, pca: int | float | str | None, shape: tuple[int, int]) -> int | float | None:
+    """The ``pca`` setting for ``make_head``: ``"auto"`` means :data:`AUTO_PCA` where the data has more
+    dimensions than that and enough rows per CV fold, else none; anything else is kept as it is."""
+    if pca != "auto":
+        return pca
+    k = AUTO_PCA.get(name)
+    return k if k is not None and shape[1] > k and shape[0] >= 4 * k else None
+
+
+def search_space(name: str) -> dict[str, list]:
+    """The small grid that ``search=True`` explores for a head (classifier parameter -> values)."""
+    _check_name(name)
+    return {
+        "logreg": {"C": [0.001, 0.01, 0.1, 1.0]},
+        "svm": {"C": [0.0001, 0.001, 0.01]},
+        # gamma stays "scale" (1 / (dims * variance)): an absolute gamma means something else after each
+        # preprocessing, the data-scaled one does not.
+        "rbf-svm": {"C": [1.0, 10.0, 100.0], "gamma": ["scale"]},
+        "mlp": {"alpha": [1e-4, 1e-2], "hidden_layer_sizes": [(128,), (512,)]},
+    }[name]
+
+
+def grid_points(name: str, grid: dict[str, list] | None = None) -> list[dict]:
+    """Every combination of ``grid`` (default :func:`search_space`), in an order that suits warm starts
+    (increasing C: each logistic regression starts from the more regularised solution before it)."""
+    grid = search_space(name) if grid is None else grid
+    keys = sorted(grid)
+    return [dict(zip(keys, values)) for values in product(*(grid[k] for k in keys))]
+
+
+def fit(estimator: Pipeline, X: np.ndarray, y: np.ndarray, class_weight: dict | str | None = None) -> Pipeline:
+    """Fit a head; for the MLP, ``class_weight`` becomes sample weights (other heads carry their own)."""
+    name = head_name(estimator)
+    if name == "mlp" and class_weight is not None:
+        return estimator.fit(X, y, **{f"{name}__sample_weight": compute_sample_weight(class_weight, y)})
+    return estimator.fit(X, y)
+
+
+@dataclass
+class FoldScore:
+    """One grid point of one head scored on one CV fold."""
+
+    head: str
+    params: dict
+    fold: int
+    accuracy: float
+    macro_f1: float
+    log_loss: float
+    fit_s: float
+    predict_s: float
+    test_idx: np.ndarray
+    proba: np.ndarray  # (len(test_idx), n_labels), columns in the order of ``labels``
+
+
+def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weight, pca) -> list[FoldScore]:
+    """Fit the preprocessing once on this fold's training rows, then each grid point's classifier."""
+    head = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca)
+    prep, clf = head[:-1], head[-1]
+    started = perf_counter()
+    X_train = prep.fit_transform(X[train])
+    prep_fit = perf_counter() - started
+    started = perf_counter()
+    X_test = prep.transform(X[test])
+    prep_predict = perf_counter() - started
+    if name == "logreg" and len(points) > 1:
+        clf.set_params(warm_start=True)
+    fit_params = {"sample_weight": compute_sample_weight(class_weight, y[train])} if (
+        name == "mlp" and class_weight is not None) else {}
+    prefix = _clf_prefix(name)
+    scores = []
+    for params in points:
+        clf.set_params(**{prefix + k: v for k, v in params.items()})
+        started = perf_counter()
+        clf.fit(X_train, y[train], **fit_params)
+        fit_s = perf_counter() - started + prep_fit
+        started = perf_counter()
+        proba = np.zeros((len(test), len(labels)))
+        proba[:, np.searchsorted(labels, clf.classes_)] = clf.predict_proba(X_test)
+        proba /= proba.sum(axis=1, keepdims=True)  # float32 heads sum to 1 only to float32 precision
+        predict_s = perf_counter() - started + prep_predict
+        pred = labels[proba.argmax(axis=1)]
+        scores.append(FoldScore(
+            head=name, params=params, fold=fold, accuracy=accuracy_score(y[test], pred),
+            macro_f1=f1_score(y[test], pred, average="macro", labels=labels, zero_division=0),
+            log_loss=log_loss(y[test], proba, labels=labels), fit_s=fit_s, predict_s=predict_s,
+            test_idx=test, proba=proba))
+    return scores
+
+
+def check_rows(y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None = None) -> None:
+    """Raise ValueError unless every head can be trained on ``y`` (after a ``cv``-fold CV split, if given):
+    two classes, ``cv`` rows per class, enough per class for the SVMs' calibration folds and enough rows
+    for the MLP's stratified 10% early-stopping split."""
+    labels, counts = np.unique(y, return_counts=True)
+    if len(labels) < 2:
+        raise ValueError(f"training needs at least two classes; the labelled rows have {len(labels)}")
+    smallest, label = int(counts.min()), labels[counts.argmin()]
+    if cv is not None and smallest < cv:
+        raise ValueError(f"label {label} has only {smallest} labelled rows; {cv}-fold cross-validation needs "
+                         f"at least {cv} of every class (lower cv)")
+    share = 1.0 if cv is None else (cv - 1) / cv  # of the rows a CV training fold holds
+    calibrated = [n for n in names if n in _CALIBRATED]
+    if calibrated and np.floor(smallest * share + 1e-9) < CALIBRATION_FOLDS:
+        raise ValueError(f"label {label} has only {smallest} labelled rows: {', '.join(calibrated)} calibrate(s) "
+                         f"probabilities on {CALIBRATION_FOLDS} folds of the training rows and need at least "
+                         f"{CALIBRATION_FOLDS} of every class there")
+    if "mlp" in names and np.floor(len(y) * share * 0.1) < len(labels):
+        raise ValueError(f"mlp holds out 10% of the training rows for early stopping: with {len(labels)} classes "
+                         f"it needs at least {10 * len(labels)} training rows")
+
+
+def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[str], *, cv: int = 5, seed: int = 0,
+                   search: bool = False, class_weight: dict | str | None = None, n_jobs: int | None = None,
+                   pca: int | float | str | None = "auto") -> list[FoldScore]:
+    """Score heads with stratified ``cv``-fold CV (shuffled with ``seed``), in parallel over (head, fold).
+
+    ``search=True`` scores every point of each head's :func:`search_space`, otherwise the defaults only.
+    Within a fold the preprocessing is fitted once and shared by all grid points (it does not depend on
+    them); logistic regression warm-starts along its C path. ``pca`` as in :func:`resolve_pca`;
+    ``n_jobs=None`` uses every core.
+    """
+    for name in names:
+        _check_name(name)
+    check_rows(y, names, cv)
+    labels = np.unique(y)
+    folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
+    jobs = sorted(((name, i) for name in names for i in range(cv)), key=lambda job: _COST_ORDER[job[0]])
+    results = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
+        delayed(_score_fold)(X, y, *folds[i], name, grid_points(name) if search else [{}], i, labels, seed,
+                             class_weight, resolve_pca(name, pca, X.shape))
+        for name, i in jobs)
+    return [score for scores in results for score in scores]
+
+
+def summarize(scores: list[FoldScore]) -> list[dict]:
+    """Mean and standard deviation over folds for each (head, grid point), best first per head."""
+    groups: dict[tuple, list[FoldScore]] = {}
+    for s in scores:
+        groups.setdefault((s.head, repr(sorted(s.params.items()))), []).append(s)
+    rows = []
+    for group in groups.values():
+        row = {"head": group[0].head, "params": group[0].params, "folds": len(group)}
+        for metric in ("accuracy", "macro_f1", "log_loss", "fit_s", "predict_s"):
+            values = np.array([getattr(s, metric) for s in group])
+            row[metric], row[metric + "_std"] = float(values.mean()), float(values.std())
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["head"], -r["accuracy"], -r["macro_f1"]))
+
+
+def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, cv: int = 5, seed: int = 0,
+             class_weight: dict | str | None = None, n_jobs: int | None = None,
+             pca: int | float | str | None = "auto") -> tuple[Pipeline, dict]:
+    """Fit head ``name`` on all of ``X, y``; with ``search`` pick its parameters by CV first.
+
+    Returns the fitted pipeline and an info dict: ``head``, ``params`` (classifier parameters used),
+    ``search``, ``pca`` (as resolved by :func:`resolve_pca`) and, when searched, ``cv``, ``cv_accuracy``, ``cv_accuracy_std``, ``cv_macro_f1`` and
+    ``cv_results`` (every grid point, best first).
+    """
+    _check_name(name)
+    check_rows(y, [name], cv if search else None)
+    pca = resolve_pca(name, pca, X.shape)
+    info: dict = {"head": name, "search": search, "seed": seed, "class_weight": class_weight, "pca": pca}
+    params: dict = {}
+    if search:
+        rows = summarize(cross_validate(X, y, [name], cv=cv, seed=seed, search=True, class_weight=class_weight,
+                                        n_jobs=n_jobs, pca=pca))
+        params = rows[0]["params"]
+        info |= {"cv": cv, "cv_accuracy": rows[0]["accuracy"], "cv_accuracy_std": rows[0]["accuracy_std"],
+                 "cv_macro_f1": rows[0]["macro_f1"], "cv_results": rows}
+    estimator = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **params)
+    fit(estimator, X, y, class_weight)
+    used = estimator[-1].get_params()
+    info["params"] = {k: used[_clf_prefix(name) + k] for k in search_space(name)}
+    return estimator, info
+
+
+def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """Training and evaluation rows of a feature set, with a sentence saying how they were chosen.
+
+    The cache's split column wins when it has labelled ``train`` rows and ``test`` (or, lacking test,
+    ``val``) rows; otherwise a stratified ``test_size`` hold-out of the labelled rows (seeded).
+    Unlabelled rows (``y == -1``) are never used.
+    """
+    labelled = fs.y >= 0
+    notes = [f"{int((~labelled).sum())} unlabelled rows excluded"] if not labelled.all() else []
+    present = {s: np.flatnonzero(labelled & (fs.split == s)) for s in ("train", "val", "test")}
+    evaluate_on = "test" if len(present["test"]) else "val" if len(present["val"]) else None
+    if len(present["train"]) and evaluate_on:
+        train, test = present["train"], present[evaluate_on]
+        description = f"cache split column: train on 'train' ({len(train)} rows), evaluate on '{evaluate_on}' ({len(test)} rows)"
+        if evaluate_on == "val":
+            notes.append("the cache has no 'test' split, so 'val' is the evaluation split")
+        unused = int(labelled.sum()) - len(train) - len(test)
+        if unused:
+            notes.append(f"{unused} labelled rows in other splits not used")
+    else:
+        rows = np.flatnonzero(labelled)
+        if len(rows) < 2:
+            raise ValueError(f"feature set {fs.key} has {len(rows)} labelled rows: nothing to train and evaluate on")
+        counts = np.bincount(fs.y[rows])
+        stratify = fs.y[rows] if counts[counts > 0].min() >= 2 else None
+        train, test = train_test_split(rows, test_size=test_size, random_state=seed, stratify=stratify)
+        train, test = np.sort(train), np.sort(test)
+        description = (f"{'stratified' if stratify is not None else 'random (a class has a single row)'} hold-out "
+                       f"of the labelled rows (no usable split column): {len(train)} train, {len(test)} evaluation "
+                       f"(test_size {test_size}, seed {seed})")
+    return train, test, "; ".join([description, *notes])
+
+
+def class_balance(y: np.ndarray, class_names: list[str]) -> dict:
+    """Rows per class, the unlabelled count and the imbalance ratio (largest class / smallest class)."""
+    labelled = y[y >= 0]
+    counts = {name: int(np.sum(labelled == i)) for i, name in enumerate(class_names)}
+    present = {k: v for k, v in counts.items() if v}
+    return {
+        "counts": counts, "labelled": int(len(labelled)), "unlabelled": int(np.sum(y < 0)),
+        "majority": max(present, key=present.get) if present else None,
+        "minority": min(present, key=present.get) if present else None,
+        "imbalance_ratio": max(present.values()) / min(present.values()) if present else None,
+    }

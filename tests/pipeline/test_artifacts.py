@@ -1,0 +1,103 @@
+import hashlib
+import json
+import pickle
+
+import joblib
+import numpy as np
+import pytest
+
+from pipeline.artifacts import FORMAT_VERSION, HeadError, check_compatible, load_head, save_head, sidecar_path
+from pipeline.heads import fit_head, select_split
+
+
+class _Payload:
+    """Unpickling this writes a marker file: stands in for a malicious joblib file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def saved(synthetic_cache, tmp_path):
+    fs = synthetic_cache(n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train"))
+    train, test, _ = select_split(fs)
+    estimator, info = fit_head(fs.X[train], fs.y[train], "logreg")
+    path = tmp_path / "heads" / "logreg.joblib"
+    metadata = save_head(estimator, path, feature_set=fs, metrics={"accuracy": 0.97}, params=info,
+                         cache_path="cache.h5", rows=len(train))
+    return fs, estimator, path, metadata, test
+
+
+def test_roundtrip_and_metadata(saved):
+    fs, estimator, path, metadata, test = saved
+    loaded, meta = load_head(path, expect_key=fs.key, expect_dim=fs.X.shape[1])
+    np.testing.assert_array_equal(loaded.predict_proba(fs.X[test]), estimator.predict_proba(fs.X[test]))
+    assert meta == metadata == json.loads(sidecar_path(path).read_text())
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["head"]["name"] == "logreg" and meta["head"]["params"]["params"] == {"C": 0.01}
+    assert meta["feature_set"] == {"key": fs.key, "embedding_dim": 32, "backbone": "ResNet50",
+                                   "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None}
+    assert meta["class_names"] == fs.class_names and meta["labels"] == [fs.class_names[c] for c in meta["classes"]]
+    assert meta["training"] == {"cache_id": fs.cache_id, "cache_path": "cache.h5", "rows": len(fs) - len(test)}
+    assert meta["metrics"] == {"accuracy": 0.97}
+    assert set(meta["versions"]) == {"sklearn", "numpy", "joblib", "python"}
+    assert meta["joblib_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["logreg.joblib", "logreg.joblib.json"]  # no temp files
+
+
+def test_tampered_joblib_is_refused_before_unpickling(saved, tmp_path):
+    fs, _, path, _, _ = saved
+    marker = tmp_path / "code-ran"
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(HeadError, match="does not match its sidecar"):
+        load_head(path)
+    assert not marker.exists()
+
+
+def test_missing_sidecar_is_refused_unless_trusted(saved):
+    fs, estimator, path, _, test = saved
+    sidecar_path(path).unlink()
+    with pytest.raises(HeadError, match="missing.*trust=True"):
+        load_head(path)
+    loaded, meta = load_head(path, trust=True)
+    assert meta == {}
+    np.testing.assert_array_equal(loaded.predict(fs.X[test]), estimator.predict(fs.X[test]))
+
+
+def test_trust_loads_a_modified_head(saved):
+    fs, estimator, path, _, test = saved
+    other, _ = fit_head(fs.X, fs.y, "logreg", seed=1)
+    joblib.dump(other, path)
+    with pytest.raises(HeadError):
+        load_head(path)
+    loaded, meta = load_head(path, trust=True)
+    assert meta["head"]["name"] == "logreg"
+    np.testing.assert_array_equal(loaded.predict(fs.X), other.predict(fs.X))
+
+
+def test_wrong_key_or_dimension_is_refused(saved, synthetic_cache):
+    fs, _, path, metadata, _ = saved
+    with pytest.raises(HeadError, match=f"trained on feature set '{fs.key}', not 'efficientnetb0-224'"):
+        load_head(path, expect_key="efficientnetb0-224")
+    with pytest.raises(HeadError, match="expects 32-dimensional embeddings, these have 64"):
+        load_head(path, expect_dim=64)
+    with pytest.raises(HeadError, match="expects 32-dimensional embeddings, these have 48"):
+        check_compatible(metadata, synthetic_cache(dim=48))
+    with pytest.raises(HeadError, match="not 'mobilenet'"):
+        check_compatible(metadata, synthetic_cache(key="mobilenet"))
+    with pytest.raises(HeadError, match="same key, different weights"):
+        check_compatible(metadata, synthetic_cache(metadata={"model_sha256": "cd" * 32}))
+    check_compatible(metadata, synthetic_cache())
+
+
+def test_damaged_or_future_sidecar_is_refused(saved):
+    _, _, path, metadata, _ = saved
+    sidecar_path(path).write_text(json.dumps(metadata | {"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(HeadError, match="format version"):
+        load_head(path)
+    sidecar_path(path).write_text("{not json")
+    with pytest.raises(HeadError, match="cannot read"):
+        load_head(path)

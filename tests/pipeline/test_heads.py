@@ -1,0 +1,195 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import recall_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+
+from features.cache import read_feature_set
+from pipeline import heads
+from pipeline.heads import (HEADS, class_balance, cross_validate, fit, fit_head, grid_points, head_name, make_head,
+                            resolve_pca, search_space, select_split, summarize)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def separable(synthetic):
+    X, y = synthetic((60, 60, 60), dim=48, seed=1, spread=5.0)
+    return X[:135], y[:135], X[135:], y[135:]
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_head_is_a_real_estimator(name, separable):
+    X, y, X_test, y_test = separable
+    head = make_head(name, seed=0)
+    assert head_name(head) == name
+    twin = clone(head)
+    assert twin.get_params(deep=False).keys() == head.get_params(deep=False).keys()
+    key = {"logreg": "logreg__C", "svm": "svm__estimator__C", "rbf-svm": "rbf-svm__estimator__C",
+           "mlp": "mlp__alpha"}[name]
+    twin.set_params(**{key: 0.5})
+    assert twin.get_params()[key] == 0.5 and head.get_params()[key] != 0.5
+    outer = Pipeline([("cast", FunctionTransformer(lambda a: a.astype(np.float64))), ("head", head)]).fit(X, y)
+    proba = outer.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 3)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, atol=1e-6)
+    np.testing.assert_array_equal(outer.classes_, [0, 1, 2])
+    assert np.mean(outer.predict(X_test) == y_test) >= 0.9
+
+
+def test_unknown_head_and_mlp_class_weight_are_refused():
+    with pytest.raises(ValueError, match="unknown head 'knn'"):
+        make_head("knn")
+    with pytest.raises(ValueError, match="sample weights"):
+        make_head("mlp", class_weight="balanced")
+
+
+def test_pca_step_and_auto_rule():
+    assert make_head("logreg", pca=8).named_steps["pca"].n_components == 8
+    assert "pca" not in make_head("rbf-svm").named_steps
+    assert resolve_pca("rbf-svm", "auto", (10000, 1280)) == 256
+    assert resolve_pca("rbf-svm", "auto", (10000, 128)) is None  # no fewer dimensions to gain
+    assert resolve_pca("rbf-svm", "auto", (500, 1280)) is None  # too few rows
+    assert resolve_pca("logreg", "auto", (10000, 1280)) is None
+    assert resolve_pca("logreg", 32, (100, 64)) == 32
+
+
+@pytest.mark.parametrize("name", ["mlp", "rbf-svm"])
+def test_seed_reproducible(name, separable):
+    X, y, X_test, _ = separable
+    a, _ = fit_head(X, y, name, seed=3)
+    b, _ = fit_head(X, y, name, seed=3)
+    np.testing.assert_array_equal(a.predict_proba(X_test), b.predict_proba(X_test))
+    if name == "mlp":
+        c, _ = fit_head(X, y, name, seed=4)
+        assert not np.array_equal(a.predict_proba(X_test), c.predict_proba(X_test))
+
+
+def test_search_picks_the_best_grid_point(separable, monkeypatch):
+    X, y, X_test, y_test = separable
+    # gamma=1000 makes every kernel row an indicator: near-chance accuracy, so the search must avoid it.
+    monkeypatch.setattr(heads, "search_space", lambda name: {"C": [10.0], "gamma": [1000.0, "scale"]})
+    estimator, info = fit_head(X, y, "rbf-svm", search=True, cv=3, n_jobs=1)
+    assert info["params"] == {"C": 10.0, "gamma": "scale"}
+    assert estimator.get_params()["rbf-svm__estimator__gamma"] == "scale"
+    results = info["cv_results"]
+    assert len(results) == 2 and results[0]["params"]["gamma"] == "scale"
+    assert info["cv_accuracy"] == max(r["accuracy"] for r in results) >= 0.9
+    assert min(r["accuracy"] for r in results) < 0.6
+    assert np.mean(estimator.predict(X_test) == y_test) >= 0.9
+
+
+def test_default_grids_are_small_and_ordered_for_warm_starts():
+    for name in HEADS:
+        points = grid_points(name)
+        assert 1 < len(points) <= 6
+        assert all(set(p) == set(search_space(name)) for p in points)
+    assert [p["C"] for p in grid_points("logreg")] == sorted(p["C"] for p in grid_points("logreg"))
+
+
+def test_warm_started_c_path_matches_cold_fits(separable, monkeypatch):
+    X, y, _, _ = separable
+    warm = {r["params"]["C"]: r for r in summarize(cross_validate(X, y, ["logreg"], cv=3, search=True, n_jobs=1))}
+    assert set(warm) == set(search_space("logreg")["C"])
+    for C in (0.01, 1.0):
+        monkeypatch.setattr(heads, "search_space", lambda name: {"C": [C]})
+        (cold,) = summarize(cross_validate(X, y, ["logreg"], cv=3, search=True, n_jobs=1))
+        assert cold["accuracy"] == pytest.approx(warm[C]["accuracy"], abs=0.02)
+        assert cold["log_loss"] == pytest.approx(warm[C]["log_loss"], rel=0.02)
+
+
+def test_select_split_uses_the_split_column(synthetic_cache):
+    fs = synthetic_cache(n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train"))
+    train, test, description = select_split(fs)
+    assert set(fs.split[train]) == {"train"} and set(fs.split[test]) == {"test"}
+    assert len(train) + len(test) == len(fs)
+    assert "split column" in description
+
+
+def test_select_split_falls_back_to_val_and_excludes_unlabelled(synthetic, cache_writer, tmp_path):
+    X, y = synthetic((20, 20), dim=16)
+    y = y.copy()
+    y[:5] = -1
+    splits = np.where(np.arange(len(y)) % 5 == 0, "val", "train")
+    fs = read_feature_set(cache_writer(tmp_path / "v.h5", X, y, splits=splits))
+    train, test, description = select_split(fs)
+    assert set(fs.split[test]) == {"val"} and set(fs.split[train]) == {"train"}
+    assert np.all(fs.y[np.concatenate([train, test])] >= 0)
+    assert "no 'test' split" in description and "5 unlabelled rows excluded" in description
+
+
+def test_select_split_stratified_holdout(synthetic_cache):
+    fs = synthetic_cache(n_per_class=(50, 30, 20))
+    train, test, description = select_split(fs, test_size=0.2, seed=0)
+    assert "stratified hold-out" in description
+    assert not set(train) & set(test) and len(train) + len(test) == len(fs)
+    per_class = dict(zip(*np.unique([fs.class_names[i] for i in fs.y[test]], return_counts=True)))
+    assert per_class == {"class_0": 10, "class_1": 6, "class_2": 4}
+    again, _, _ = select_split(fs, test_size=0.2, seed=0)
+    other, _, _ = select_split(fs, test_size=0.2, seed=1)
+    np.testing.assert_array_equal(train, again)
+    assert not np.array_equal(train, other)
+
+
+def test_class_balance():
+    balance = class_balance(np.array([0, 0, 0, 0, 1, 2, 2, -1]), ["a", "b", "c", "d"])
+    assert balance["counts"] == {"a": 4, "b": 1, "c": 2, "d": 0}
+    assert balance["unlabelled"] == 1 and balance["labelled"] == 7
+    assert balance["imbalance_ratio"] == 4.0 and balance["majority"] == "a" and balance["minority"] == "b"
+
+
+def test_class_weight_balanced_lifts_the_minority_class(synthetic):
+    X, y = synthetic((200, 12), dim=24, seed=2, spread=1.2)
+    X_test, y_test = synthetic((200, 200), dim=24, seed=2, spread=1.2)  # same centres, fresh rows
+    recalls = {}
+    for weight in (None, "balanced"):
+        estimator, info = fit_head(X, y, "logreg", class_weight=weight)
+        assert info["class_weight"] == weight
+        recalls[weight] = recall_score(y_test, estimator.predict(X_test), pos_label=1)
+    assert recalls["balanced"] > recalls[None] + 0.1
+    mlp = make_head("mlp", seed=0)
+    fit(mlp, X, y, "balanced")  # sample weights reach the MLP
+    assert hasattr(mlp[-1], "coefs_")
+
+
+def test_core_modules_never_import_tensorflow_or_onnxruntime(tmp_path):
+    blocked = tmp_path / "blocked"
+    log = tmp_path / "attempts.log"
+    for module in ("tensorflow", "onnxruntime"):
+        (blocked / module).mkdir(parents=True)
+        (blocked / module / "__init__.py").write_text(
+            f"import os\nopen(os.environ['BLOCK_LOG'], 'a').write('{module}\\n')\nraise ImportError('blocked for test')\n")
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import features.cache, pipeline.heads, pipeline.compare, pipeline.evaluate, pipeline.artifacts
+        from features.cache import FeatureSet
+        from pipeline.artifacts import load_head, save_head
+        from pipeline.compare import compare_heads
+        from pipeline.evaluate import evaluate_head
+        rng = np.random.default_rng(0)
+        y = np.repeat([0, 1], 20).astype(np.int32)
+        X = (rng.normal(0, 1, (40, 8)) + 3 * y[:, None]).clip(0).astype(np.float32)
+        fs = FeatureSet("k", X, y, np.array(["train", "test"] * 20), np.array(["p"] * 40), np.array(["s"] * 40), ["a", "b"])
+        result = compare_heads(fs, ("logreg", "svm"), cv=3, n_jobs=1)
+        estimator, info = pipeline.heads.fit_head(X, y, "logreg")
+        save_head(estimator, sys.argv[1], feature_set=fs, metrics={}, params=info)
+        estimator, metadata = load_head(sys.argv[1])
+        print(result.best, evaluate_head(estimator, metadata, fs).accuracy)
+        assert "tensorflow" not in sys.modules and "onnxruntime" not in sys.modules, "imported"
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)]), "BLOCK_LOG": str(log)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "head.joblib")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not log.exists(), f"tried to import: {log.read_text()}"
+    # the blocker itself works: importing tensorflow there fails and is recorded
+    probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
+    assert "blocked for test" in probe.stderr and log.read_text() == "tensorflow\n"
