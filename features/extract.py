@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -82,6 +82,27 @@ def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable
     return _Loaded(record, sha, pixels, size)
 
 
+def iter_loaded(records: Iterable[ImageRecord], input_size: int, resize: str, is_cached: Callable[[str], bool], *,
+                workers: int | None = None, prefetch: int | None = None) -> Iterator[_Loaded]:
+    """Read, hash and decode ``records`` in worker threads, yielded in input order with at most
+    ``prefetch`` in flight: the mapper stage shared by extraction and scoring."""
+    workers = workers or physical_cores()
+    prefetch = prefetch or 4 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        source = iter(records)
+
+        def fill() -> None:
+            while len(pending) < prefetch and (record := next(source, None)) is not None:
+                pending.append(pool.submit(_load, record, input_size, resize, is_cached))
+
+        fill()
+        while pending:
+            loaded = pending.popleft().result()
+            fill()
+            yield loaded
+
+
 def run_extraction(
     records: Iterable[ImageRecord],
     entry: StoreEntry,
@@ -99,8 +120,7 @@ def run_extraction(
     key, size = entry.key, entry.input_size
     writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
     summary = ExtractSummary(out=str(writer.path), key=key)
-    workers = workers or physical_cores()
-    prefetch = prefetch or max(2 * batch_size, 4 * workers)
+    prefetch = prefetch or max(2 * batch_size, 4 * (workers or physical_cores()))
     batch: list[_Loaded] = []
     failures: list[tuple[str, str, str]] = []
     in_batch: set[str] = set()
@@ -116,34 +136,23 @@ def run_extraction(
             writer.add_failures(failures)
         batch.clear(), failures.clear(), in_batch.clear()
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: deque = deque()
-        source = iter(records)
-
-        def fill() -> None:
-            while len(pending) < prefetch and (record := next(source, None)) is not None:
-                pending.append(pool.submit(_load, record, size, resize, lambda s: writer.has(key, s)))
-
-        fill()
-        while pending:
-            loaded: _Loaded = pending.popleft().result()
-            fill()
-            summary.total += 1
-            if loaded.error is not None:
-                failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
-                summary.failures.append((loaded.record.relpath, loaded.error))
-            elif loaded.cached:
-                summary.cached += 1
-            elif loaded.sha256 in in_batch or writer.has(key, loaded.sha256):
-                summary.duplicates += 1
-            else:
-                in_batch.add(loaded.sha256)
-                batch.append(loaded)
-                if len(batch) >= batch_size:
-                    commit()
-            if on_progress:
-                on_progress(1)
-        commit()
+    for loaded in iter_loaded(records, size, resize, lambda s: writer.has(key, s), workers=workers, prefetch=prefetch):
+        summary.total += 1
+        if loaded.error is not None:
+            failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
+            summary.failures.append((loaded.record.relpath, loaded.error))
+        elif loaded.cached:
+            summary.cached += 1
+        elif loaded.sha256 in in_batch or writer.has(key, loaded.sha256):
+            summary.duplicates += 1
+        else:
+            in_batch.add(loaded.sha256)
+            batch.append(loaded)
+            if len(batch) >= batch_size:
+                commit()
+        if on_progress:
+            on_progress(1)
+    commit()
     summary.seconds = time.perf_counter() - started
     return summary
 
