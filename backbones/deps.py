@@ -15,6 +15,7 @@ _EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "onnx": (("onnx",), "cpu"),
     "skl2onnx": (("skl2onnx",), "deploy"),
     "ray": (("ray",), "ray"),
+    "pyarrow": (("pyarrow",), "parquet"),
 }
 
 

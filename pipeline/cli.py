@@ -258,6 +258,55 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
 
 
 @app.command()
+def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an HDF5 cache (scores its feature set; --head only)."),
+          out_path: Path = typer.Option(..., "--out", "-o", help="Predictions: .csv, .jsonl or .parquet. A re-run resumes it."),
+          head: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head` (its backbone comes from the model store)."),
+          model: Optional[Path] = typer.Option(None, "--model", help="A fused classifier from `tlpipe export-model` instead of --head."),
+          cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse embeddings this cache already holds for the head's feature set."),
+          top_k: int = typer.Option(3, "--top-k", min=1), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
+          batch_size: int = typer.Option(32, "--batch-size", min=1),
+          resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
+          workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores]."),
+          threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads [default: cores]."),
+          trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+          allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
+          quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
+    """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
+    from pipeline.score import score as run
+
+    if (head is None) == (model is None):
+        raise ValueError("give exactly one of --head (a saved head) or --model (a fused classifier .onnx)")
+    with _progress(quiet, "score") as progress:
+        summary = run(source, out_path, head=head, model=model, cache=cache, top_k=top_k, device=device,
+                      batch_size=batch_size, trust=trust, store=_store(store), resize=resize, workers=workers,
+                      threads=threads, allow_outside_root=allow_outside_root, progress=progress)
+    if not quiet:
+        out.print(f"[bold]{summary.out}[/] · {summary.provider}\n  {summary.total} images: {summary.scored} scored, "
+                  f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
+                  f"(rows with an error)\n  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s")
+
+
+@app.command("export-model")
+def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
+                 out_path: Path = typer.Option(..., "--out", "-o", help="The fused classifier .onnx to write."),
+                 verify: Optional[Path] = typer.Option(None, "--verify", help="Folder or CSV of images to verify on [default: bundled photos]."),
+                 trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+                 store: Optional[Path] = StoreOpt):
+    """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
+    from pipeline.fuse import export_model as run
+
+    images = None
+    if verify is not None:
+        from features.sources import discover
+
+        images = [r.abspath for r in discover(verify).records[:32]]
+    with console.status("converting the head (skl2onnx), merging with the backbone, verifying…"):
+        info = run(head, out_path, trust=trust, store=_store(store), verify_images=images)
+    out.print(f"[green]wrote[/] {out_path}")
+    out.print_json(data={k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "verification"})
+
+
+@app.command()
 def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the data, cache, heads and report."),
          backbone: str = BackboneOpt, weights_dir: Optional[Path] = WeightsDirOpt, store: Optional[Path] = StoreOpt):
     """The whole job on built-in data (scikit-learn's digits), offline: export, extract, compare, fit-head, evaluate."""
@@ -275,11 +324,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from features.cache import CacheError
 
     found = [MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable, CacheError]
-    try:
-        from pipeline.artifacts import HeadError
-        found.append(HeadError)
-    except ImportError:
-        pass
+    for module, name in (("pipeline.artifacts", "HeadError"), ("pipeline.score", "ScoreError"), ("pipeline.fuse", "FuseError")):
+        if module in sys.modules:  # only what the command imported
+            found.append(getattr(sys.modules[module], name))
     return USER_ERRORS + tuple(found)
 
 
