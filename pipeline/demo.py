@@ -1,10 +1,12 @@
-"""`tlpipe demo`: the whole job on built-in data, offline — export, extract, compare, fit-head, evaluate.
+"""`tlpipe demo`: the whole job on built-in data, offline — export, extract, compare, fit-head, evaluate,
+export-model, score.
 
 The data is scikit-learn's bundled handwritten digits (1,797 images, 10 classes) written out as PNGs in
 train/test split folders, so the demo needs no network and no data of the user's.
 """
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     from features.extract import extract
 
     from .compare import compare_heads, format_table, write_report
+    from .fuse import export_model
+    from .score import score
     from .train import train_head
 
     console = console or Console()
@@ -93,9 +97,19 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     e = trained.evaluation
     say(f"fit-head: {result.best} saved to {head_path}; on the held-out test split: accuracy {e.accuracy:.4f}, "
         f"macro-F1 {e.macro_f1:.4f} ({e.n} images)")
+    classifier = out / "classifier.onnx"
+    with console.status("export-model: fusing backbone + head into one ONNX classifier…"):
+        fused = export_model(head_path, classifier, store=store)
+    predictions = out / "predictions.csv"
+    predictions.unlink(missing_ok=True)  # a re-run's best head may differ: score afresh, don't resume
+    scored = score(data / "test", predictions, model=classifier)
+    right = sum(row["label"] == row["path"].split("/")[0] for row in csv.DictReader(predictions.open()))
+    say(f"export-model + score: {classifier} (max |diff| vs Python {fused['verification']['max_abs_diff']:.1e}) "
+        f"scored {scored.written} test images -> {predictions} ({right / max(scored.written, 1):.4f} correct)")
     summary_data = {"backbone": entry.key, "pretrained": pretrained, "weights_note": note, "cache": str(cache),
                     "best_head": result.best, "cv_accuracy": result.head(result.best).accuracy,
-                    "test_accuracy": e.accuracy, "head": str(head_path), "report": str(report / "report.md")}
+                    "test_accuracy": e.accuracy, "head": str(head_path), "classifier": str(classifier),
+                    "predictions": str(predictions), "report": str(report / "report.md")}
     (out / "summary.json").write_text(json.dumps(summary_data, indent=2))
     say(f"[bold]report: {report / 'report.md'}[/]" + ("" if pretrained else "  (random-init backbone: see above)"))
     return summary_data
