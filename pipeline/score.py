@@ -39,6 +39,7 @@ import numpy as np
 
 from backbones.deps import MissingExtra
 from backbones.export import INPUT_NAME
+from backbones.weights import sha256_file
 from backbones.runtime import OnnxEmbedder, create_session, physical_cores
 from backbones.store import ModelStore, StoreEntry
 from features.cache import CacheError, open_for_read
@@ -536,6 +537,7 @@ def score(
     else:
         predictor = fused_predictor(model, device=device, threads=threads)
     k = min(top_k, len(predictor.labels))
+    check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize})
     summary = ScoreSummary(out=str(out), provider=predictor.provider)
     with ExitStack() as stack:
         cached = None
@@ -553,6 +555,24 @@ def score(
         output.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def check_resume(out: Path, identity: dict) -> None:
+    """Resume only what this same model wrote: ``<out>.tlpipe.json`` records the head/model file hash and
+    the options that shape rows; another model, or a file tlpipe did not write, is refused."""
+    sidecar = Path(str(out) + ".tlpipe.json")
+    if Path(out).exists() or Path(str(out) + ".parts").exists():
+        try:
+            recorded = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            raise ScoreError(f"{out} exists and was not written by tlpipe score (no readable {sidecar.name}); "
+                             f"choose another --out or remove it") from None
+        if recorded != identity:
+            raise ScoreError(f"{out} was written by another model or options ({recorded}); a re-run resumes only "
+                             f"the same scoring: choose another --out or remove it")
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps(identity))
 
 
 def _run(source: Path, images: ImageSource | None, predictor: Predictor, output, summary: ScoreSummary,

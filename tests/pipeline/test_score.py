@@ -140,6 +140,7 @@ def test_a_row_cut_short_is_dropped_and_scored_again(tmp_path, trained, suffix):
     lines = data.splitlines(keepends=True)
     out = tmp_path / f"cut{suffix}"
     out.write_bytes(b"".join(lines[:5]) + lines[5][:17])  # 4 or 5 complete rows, then half a row
+    shutil.copy(f"{reference}.tlpipe.json", f"{out}.tlpipe.json")  # as the interrupted run left it
     summary = run(trained.photos, out, trained)
     assert summary.already_done == (4 if suffix == ".csv" else 5) and summary.written == 12 - summary.already_done
     read = read_csv if suffix == ".csv" else read_jsonl
@@ -231,14 +232,32 @@ def test_clear_errors(tmp_path, trained):
         run(trained.photos, tmp_path / "s.csv", trained, cache=tmp_path / "empty.h5")
     assert not (tmp_path / "s.csv").exists()  # refused before the output was created
     run(trained.photos, tmp_path / "s.csv", trained, top_k=1)
-    with pytest.raises(ScoreError, match="another top_k"):
+    with pytest.raises(ScoreError, match="another model or options"):
         run(trained.photos, tmp_path / "s.csv", trained, top_k=2)
-    (tmp_path / "header_only.csv").write_text("path,label\n")  # other columns but no rows: started again
-    assert run(trained.photos, tmp_path / "header_only.csv", trained, top_k=1).scored == 12
-    assert len(read_csv(tmp_path / "header_only.csv")) == 12
+    (tmp_path / "header_only.csv").write_text("path,label\n")  # someone else's file: never overwritten
+    with pytest.raises(ScoreError, match="not written by tlpipe"):
+        run(trained.photos, tmp_path / "header_only.csv", trained, top_k=1)
+    assert (tmp_path / "header_only.csv").read_text() == "path,label\n"
     held = CsvOutput(tmp_path / "held.csv", 1)
     try:
         with pytest.raises(ScoreError, match="another scoring run"):
             run(trained.photos, tmp_path / "held.csv", trained, top_k=1)
     finally:
         held.close()
+
+
+def test_resume_refuses_another_model_or_a_foreign_file(tmp_path, trained):
+    out = tmp_path / "scores.csv"
+    run(trained.photos, out, trained)
+    other = tmp_path / "other.joblib"
+    for suffix in ("", ".json"):
+        Path(str(other) + suffix).write_bytes(Path(str(trained.head) + suffix).read_bytes())
+    with open(other, "ab") as fh:  # same head, other bytes: its checksum no longer matches, so trust it
+        fh.write(b"\0")
+    with pytest.raises(ScoreError, match="another model"):
+        score(trained.photos, out, head=other, trust=True, store=trained.store, device="cpu")
+    foreign = tmp_path / "mine.csv"
+    foreign.write_text("my,own,file\n")
+    with pytest.raises(ScoreError, match="not written by tlpipe"):
+        run(trained.photos, foreign, trained)
+    assert foreign.read_text() == "my,own,file\n"
