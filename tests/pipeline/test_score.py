@@ -238,6 +238,7 @@ def test_clear_errors(tmp_path, trained):
     with pytest.raises(ScoreError, match="not written by tlpipe"):
         run(trained.photos, tmp_path / "header_only.csv", trained, top_k=1)
     assert (tmp_path / "header_only.csv").read_text() == "path,label\n"
+    shutil.copy(tmp_path / "s.csv.tlpipe.json", tmp_path / "held.csv.tlpipe.json")  # a same-model run holds it
     held = CsvOutput(tmp_path / "held.csv", 1)
     try:
         with pytest.raises(ScoreError, match="another scoring run"):
