@@ -17,13 +17,23 @@ app = typer.Typer(help="Transfer learning for images: ONNX backbones, an HDF5 em
 console = Console(stderr=True)
 out = Console()
 
-StoreOpt = typer.Option(None, "--store", envvar="TLPIPE_MODEL_STORE", help="Model store folder [default: ~/.cache/tlpipe/models].")
+StoreOpt = typer.Option(None, "--store", envvar="TLPIPE_MODEL_STORE", help="Model store folder \\[default: ~/.cache/tlpipe/models].")
 WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TLPIPE_WEIGHTS_DIR", help="Folder searched for local ImageNet weight files.")
 WeightsOpt = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download/cache), none (random init), a .h5 file, or a folder.")
 BackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="Registry name (see `tlpipe backbones`).")
-SizeOpt = typer.Option(None, "--size", help="Square input size [default: the backbone's].")
+SizeOpt = typer.Option(None, "--size", help="Square input size \\[default: the backbone's].")
 LayerOpt = typer.Option(None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`).")
 PoolingOpt = typer.Option("avg", "--pooling", help="avg | max | none (flatten).")
+
+
+EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe\\[ray]).")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address ('auto' joins a running one) \\[default: start Ray here].")
+ActorsOpt = typer.Option(None, "--actors", help="Ray inference actors \\[default: one per GPU, else one per node].")
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ("local", "ray"):
+        raise ValueError(f"--engine must be local or ray, not {engine!r}")
 
 
 def _store(path: Optional[Path]):
@@ -115,20 +125,26 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             batch_size: int = typer.Option(32, "--batch-size", min=1),
             dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
             resize: str = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop)."),
-            workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores]."),
-            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads [default: cores]."),
+            workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores]."),
+            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
             strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
             allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
-            quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
+            quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
+            engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
-    from features.extract import extract as run
-
-    backbone_arg = None if model else backbone
+    _check_engine(engine)
+    options = dict(backbone=None if model else backbone, weights=weights, size=size, layer=layer, pooling=pooling,
+                   model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
+                   dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root)
     with _progress(quiet, "extract") as progress:
-        summary = run(source, out_path, backbone=backbone_arg, weights=weights, size=size, layer=layer, pooling=pooling,
-                      model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
-                      dtype=dtype, resize=resize, workers=workers, threads=threads,
-                      allow_outside_root=allow_outside_root, progress=progress)
+        if engine == "ray":
+            from features.ray_engine import extract_ray
+
+            summary = extract_ray(source, out_path, address=address, num_actors=actors, progress=progress, **options)
+        else:
+            from features.extract import extract as run
+
+            summary = run(source, out_path, workers=workers, progress=progress, **options)
     if not quiet:
         out.print(f"[bold]{summary.out}[/] · feature set {summary.key} · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
@@ -180,12 +196,14 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              search: bool = typer.Option(False, "--search", help="Small hyperparameter search with stratified CV first."),
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
              seed: int = typer.Option(0, "--seed"), class_weight: Optional[str] = ClassWeightOpt,
-             pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier.")):
+             pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
+             engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
+    from pipeline.engine import parallel_backend
     from pipeline.train import train_head
 
     pca_arg = int(pca) if pca is not None and pca >= 1 else pca
-    with console.status(f"fitting {model}…"):
+    with console.status(f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
                             class_weight=class_weight, pca=pca_arg)
     out.print(f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}")
@@ -208,14 +226,16 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             search: bool = typer.Option(False, "--search", help="Search each head's small grid; report its best point."),
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
-            n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs [default: all cores].")):
+            n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs \\[default: all cores]."),
+            engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
     from features.cache import read_feature_set
     from pipeline.compare import compare_heads, format_table, write_report
+    from pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     fs = read_feature_set(cache, features)
-    with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"):
+    with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
                                holdout=not all_rows, n_jobs=n_jobs)
     out.print(format_table(result))
@@ -266,20 +286,27 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           top_k: int = typer.Option(3, "--top-k", min=1), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
           batch_size: int = typer.Option(32, "--batch-size", min=1),
           resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
-          workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores]."),
-          threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads [default: cores]."),
+          workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores]."),
+          threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
           trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
           allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
-          quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
+          quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
+          engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
-    from pipeline.score import score as run
-
+    _check_engine(engine)
     if (head is None) == (model is None):
         raise ValueError("give exactly one of --head (a saved head) or --model (a fused classifier .onnx)")
+    options = dict(head=head, model=model, cache=cache, top_k=top_k, device=device, batch_size=batch_size, trust=trust,
+                   store=_store(store), resize=resize, threads=threads, allow_outside_root=allow_outside_root)
     with _progress(quiet, "score") as progress:
-        summary = run(source, out_path, head=head, model=model, cache=cache, top_k=top_k, device=device,
-                      batch_size=batch_size, trust=trust, store=_store(store), resize=resize, workers=workers,
-                      threads=threads, allow_outside_root=allow_outside_root, progress=progress)
+        if engine == "ray":
+            from pipeline.score_ray import score_ray
+
+            summary = score_ray(source, out_path, address=address, num_actors=actors, progress=progress, **options)
+        else:
+            from pipeline.score import score as run
+
+            summary = run(source, out_path, workers=workers, progress=progress, **options)
     if not quiet:
         out.print(f"[bold]{summary.out}[/] · {summary.provider}\n  {summary.total} images: {summary.scored} scored, "
                   f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
@@ -289,7 +316,7 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
 @app.command("export-model")
 def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
                  out_path: Path = typer.Option(..., "--out", "-o", help="The fused classifier .onnx to write."),
-                 verify: Optional[Path] = typer.Option(None, "--verify", help="Folder or CSV of images to verify on [default: bundled photos]."),
+                 verify: Optional[Path] = typer.Option(None, "--verify", help="Folder or CSV of images to verify on \\[default: bundled photos]."),
                  trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
                  store: Optional[Path] = StoreOpt):
     """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
