@@ -334,6 +334,41 @@ def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe 
 
 
 @app.command()
+def finetune(source: Path = typer.Argument(..., help="Labelled images: class folders, split folders or a CSV manifest."),
+             out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (history, curves, checkpoints, backbone/, classifier.onnx)."),
+             backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+             size: Optional[int] = SizeOpt, pooling: str = typer.Option("avg", "--pooling", help="avg | max."),
+             unfreeze_from: Optional[str] = typer.Option(None, "--unfreeze-from", help="Train from this layer / cut point / block prefix on (e.g. block_15)."),
+             unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="Train the last N blocks \\[default: the last one]."),
+             head: Optional[Path] = typer.Option(None, "--head", help="Warm-start the classifier from this logreg head (same backbone)."),
+             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+             epochs: int = typer.Option(10, "--epochs", min=1), batch_size: int = typer.Option(32, "--batch-size", min=1),
+             learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (keep it low)."),
+             dropout: float = typer.Option(0.2, "--dropout"),
+             augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training."),
+             class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
+             seed: int = typer.Option(0, "--seed"), val_fraction: float = typer.Option(0.2, "--val-fraction"),
+             resize: str = typer.Option("squash", help="squash | crop (as used for extraction)."),
+             quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
+    """Fine-tune the last blocks in TensorFlow, warm-started from a head; re-export the backbone to ONNX.
+
+    A killed run resumes from its last epoch when started again with the same --out."""
+    from pipeline.finetune import finetune as run
+
+    result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
+                 unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
+                 batch_size=batch_size, learning_rate=learning_rate, dropout=dropout, augment=augment,
+                 class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
+                 store=_store(store), resize=resize, progress=not quiet)
+    warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
+    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {result.setup}\n"
+              f"  validation accuracy: warm start {warm}, best {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
+              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n"
+              f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --model {out_dir})\n"
+              f"  classifier: {result.classifier_path}\n  history: {result.history_path}, curves: {result.curves_path}")
+
+
+@app.command()
 def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the data, cache, heads and report."),
          backbone: str = BackboneOpt, weights_dir: Optional[Path] = WeightsDirOpt, store: Optional[Path] = StoreOpt):
     """The whole job on built-in data (scikit-learn's digits), offline: export, extract, compare, fit-head, evaluate."""
