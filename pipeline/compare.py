@@ -100,11 +100,11 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
                                 pca=resolve_pca(name, pca, X.shape),
                                 grid=grid if search else [], **{k: best[k] for k in best if k.startswith(_METRICS)}))
     winner = max(heads, key=lambda h: (h.accuracy, h.macro_f1))
-    labels = np.unique(y)
     y_pred = np.empty_like(y)
     for s in scores:
         if s.head == winner.name and s.params == winner.params:
-            y_pred[s.test_idx] = labels[s.proba.argmax(axis=1)]
+            y_pred[s.test_idx] = s.pred
+    labels = np.unique(y)
     present = [fs.class_names[i] for i in labels]
     return CompareResult(
         feature_key=fs.key, backbone=dict(fs.metadata), cache_id=fs.cache_id, rows=len(rows), setup=setup,
@@ -144,6 +144,8 @@ def format_table(result: CompareResult):
 
 def _markdown(result: CompareResult) -> str:
     meta = result.backbone
+    tuning = ("best point of each head's search grid (slightly optimistic, like GridSearchCV's best_score_)"
+              if result.search else "defaults")
     heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
     lines = [
         f"# Head comparison: {result.feature_key}", "",
@@ -157,7 +159,7 @@ def _markdown(result: CompareResult) -> str:
         f"`{result.cache_id}`",
         f"- Rows: {result.rows}; {result.setup}",
         f"- Stratified {result.cv}-fold CV, shuffled with seed {result.seed}; class_weight {result.class_weight}",
-        f"- Hyperparameters: {'best point of each head search grid (slightly optimistic, as GridSearchCV best_score_)' if result.search else 'defaults'}",
+        f"- Hyperparameters: {tuning}",
         f"- Wall time: {result.seconds:.1f} s (n_jobs {result.n_jobs or 'all cores'})", "",
         "## Class balance", "", "| class | rows |", "|---|---|",
         *(f"| {name} | {count} |" for name, count in result.balance["counts"].items() if count),
@@ -174,7 +176,8 @@ def _bar_chart(result: CompareResult, path: Path) -> None:
     fig = Figure(figsize=(9, 3.8))
     axes = fig.subplots(1, 3)
     x = np.arange(len(heads))
-    for ax, (metric, label) in zip(axes, [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("fit_s", "fit time (s)")]):
+    panels = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("fit_s", "fit time (s)")]
+    for ax, (metric, label) in zip(axes, panels):
         means = [getattr(h, metric) for h in heads]
         ax.bar(x, means, yerr=[getattr(h, metric + "_std") for h in heads], capsize=4,
                color=["tab:green" if h.name == result.best else "tab:blue" for h in heads])

@@ -161,7 +161,7 @@ class FoldScore:
     fit_s: float
     predict_s: float
     test_idx: np.ndarray
-    proba: np.ndarray  # (len(test_idx), n_labels), columns in the order of ``labels``
+    pred: np.ndarray  # predicted labels of the rows test_idx
 
 
 def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weight, pca) -> list[FoldScore]:
@@ -195,7 +195,7 @@ def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weigh
             head=name, params=params, fold=fold, accuracy=accuracy_score(y[test], pred),
             macro_f1=f1_score(y[test], pred, average="macro", labels=labels, zero_division=0),
             log_loss=log_loss(y[test], proba, labels=labels), fit_s=fit_s, predict_s=predict_s,
-            test_idx=test, proba=proba))
+            test_idx=test, pred=pred))
     return scores
 
 
@@ -265,8 +265,9 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
     """Fit head ``name`` on all of ``X, y``; with ``search`` pick its parameters by CV first.
 
     Returns the fitted pipeline and an info dict: ``head``, ``params`` (classifier parameters used),
-    ``search``, ``pca`` (as resolved by :func:`resolve_pca`) and, when searched, ``cv``, ``cv_accuracy``, ``cv_accuracy_std``, ``cv_macro_f1`` and
-    ``cv_results`` (every grid point, best first).
+    ``search``, ``seed``, ``class_weight``, ``pca`` (as resolved by :func:`resolve_pca`) and, when
+    searched, ``cv``, ``cv_accuracy``, ``cv_accuracy_std``, ``cv_macro_f1`` and ``cv_results`` (every
+    grid point, best first).
     """
     _check_name(name)
     check_rows(y, [name], cv if search else None)
@@ -299,7 +300,8 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
     evaluate_on = "test" if len(present["test"]) else "val" if len(present["val"]) else None
     if len(present["train"]) and evaluate_on:
         train, test = present["train"], present[evaluate_on]
-        description = f"cache split column: train on 'train' ({len(train)} rows), evaluate on '{evaluate_on}' ({len(test)} rows)"
+        description = (f"cache split column: train on 'train' ({len(train)} rows), evaluate on '{evaluate_on}' "
+                       f"({len(test)} rows)")
         if evaluate_on == "val":
             notes.append("the cache has no 'test' split, so 'val' is the evaluation split")
         unused = int(labelled.sum()) - len(train) - len(test)
