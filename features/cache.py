@@ -18,16 +18,25 @@ Schema (version 1; readable with plain h5py, see README):
 Crash safety: rows past a dataset's committed ``count`` are not part of the cache. A writer appends,
 flushes, and only then advances ``count`` (and flushes again); on open it cuts every dataset back to
 its committed count. One writer at a time: an exclusive ``flock`` on ``<cache>.lock``.
+
+Full disk: HDF5 does not survive a failed write (the file it leaves may not open again, and the library
+can crash at exit), so the writer never lets HDF5 see one. HDF5 writes into :class:`_StagedFile`, which
+holds them in memory until a commit point, reserves the disk space they need, and only then writes them:
+a full disk fails before the file changes, as a :class:`CacheError`, and the cache keeps its last
+committed rows.
 """
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import h5py
 import numpy as np
@@ -41,6 +50,8 @@ PATH_BYTES, SPLIT_BYTES, REASON_BYTES = 512, 32, 256
 _IMAGE_COLUMNS = {"path": f"S{PATH_BYTES}", "sha256": "S64", "label": np.int32, "split": f"S{SPLIT_BYTES}",
                   "size": (np.int32, 2)}
 _FAILURE_COLUMNS = {"path": f"S{PATH_BYTES}", "sha256": "S64", "reason": f"S{REASON_BYTES}"}
+READ_ATTEMPTS = 6  # a reader that catches a writer mid-commit tries again, after 10, 20, 40, 80 and 160 ms
+T = TypeVar("T")
 
 
 class CacheError(RuntimeError):
@@ -49,6 +60,10 @@ class CacheError(RuntimeError):
 
 class CacheLockedError(CacheError):
     """Another process is writing the cache."""
+
+
+class _Torn(CacheError):
+    """What a reader saw does not add up: a writer was committing (the read is retried) or the file is damaged."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,88 @@ def _append(dataset: h5py.Dataset, start: int, values) -> None:
     dataset[start:end] = values
 
 
+def _reserve(fd: int, start: int, length: int) -> None:
+    """Allocate the disk blocks of bytes [start, start + length) of ``fd``: ENOSPC or EFBIG is raised here."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, start, length)
+        return
+    zeros = bytes(min(length, 1 << 20))  # no posix_fallocate (macOS): write zeros, as glibc's fallback does
+    while length > 0:
+        written = os.pwrite(fd, zeros[:length], start)
+        start, length = start + written, length - written
+
+
+class _StagedFile(io.RawIOBase):
+    """The cache file as HDF5 sees it (h5py's ``fileobj`` driver): writes stay in memory until :meth:`commit`,
+    which first reserves the space they need on disk, then writes them."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.size = self.on_disk = os.fstat(fd).st_size  # HDF5's view / the file's
+        self.pos = 0
+        self.pending: list[tuple[int, bytes]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = offset + {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.size}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        view = memoryview(buffer).cast("B")
+        start, n = self.pos, len(view)
+        got = os.preadv(self.fd, [view[: max(0, min(n, self.on_disk - start))]], start) if start < self.on_disk else 0
+        view[got:] = bytes(n - got)
+        for offset, data in self.pending:
+            lo, hi = max(start, offset), min(start + n, offset + len(data))
+            if lo < hi:
+                view[lo - start:hi - start] = data[lo - offset:hi - offset]
+        self.pos += n
+        return n
+
+    def write(self, data: bytes | memoryview) -> int:
+        data = bytes(data)
+        start, end = self.pos, self.pos + len(data)
+        self.pending = [(o, d) for o, d in self.pending if not (start <= o and o + len(d) <= end)]
+        self.pending.append((start, data))
+        self.size, self.pos = max(self.size, end), end
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+    def truncate(self, size: int | None = None) -> int:
+        self.size = self.pos if size is None else size
+        return self.size
+
+    def commit(self) -> None:
+        """Write what HDF5 wrote since the last commit. Raises OSError (ENOSPC, EFBIG...) before changing
+        the file when the space cannot be reserved; the writes then stay pending."""
+        if self.size > self.on_disk:
+            _reserve(self.fd, self.on_disk, self.size - self.on_disk)
+        for offset, data in self.pending:
+            view = memoryview(data)[: max(0, self.size - offset)]
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view, offset = view[written:], offset + written
+        if os.fstat(self.fd).st_size > self.size:
+            os.ftruncate(self.fd, self.size)
+        self.on_disk = self.size
+        self.pending.clear()
+
+
 class CacheWriter:
     """The single writer of a cache file. Use as a context manager."""
 
@@ -109,6 +206,7 @@ class CacheWriter:
         self._lock.truncate()
         self._lock.write(f"pid {os.getpid()}")
         self._lock.flush()
+        self._failed: str | None = None  # why the last write failed; nothing is written after one
         try:
             self.file = self._open()
         except BaseException:
@@ -122,14 +220,22 @@ class CacheWriter:
         if not self.path.exists():
             self._create()
         try:
-            f = h5py.File(self.path, "a")
+            self._disk = _StagedFile(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
         except OSError as exc:
+            raise CacheError(f"cannot open {self.path} for writing: {exc.strerror or exc}") from exc
+        try:
+            f = h5py.File(self._disk, "r+")
+        except OSError as exc:
+            self._disk.close()
             raise CacheError(f"cannot open {self.path} for writing: {exc}") from exc
         try:
             check_version(f, self.path)
+            self._committed = int(f["images"].attrs["count"])  # image rows on disk, for error messages
             self._repair(f)
+            self._write()
         except BaseException:
             f.close()
+            self._disk.close()
             raise
         return f
 
@@ -137,21 +243,39 @@ class CacheWriter:
         """Write an empty cache beside the target and rename it into place: a kill never leaves half a file."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["tlpipe_cache_version"] = CACHE_VERSION
-                f.attrs["cache_id"] = uuid.uuid4().hex
-                f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                images = f.create_group("images")
-                _create_columns(images, _IMAGE_COLUMNS)
-                images.attrs["class_names"] = "[]"
-                _create_columns(f.create_group("failures"), _FAILURE_COLUMNS)
-                f.create_group("features")
+            with _StagedFile(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)) as disk:
+                with h5py.File(disk, "w") as f:
+                    f.attrs["tlpipe_cache_version"] = CACHE_VERSION
+                    f.attrs["cache_id"] = uuid.uuid4().hex
+                    f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                    images = f.create_group("images")
+                    _create_columns(images, _IMAGE_COLUMNS)
+                    images.attrs["class_names"] = "[]"
+                    _create_columns(f.create_group("failures"), _FAILURE_COLUMNS)
+                    f.create_group("features")
+                disk.commit()
             os.replace(tmp, self.path)
         except OSError as exc:
             raise CacheError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+    def _write(self) -> None:
+        """Write HDF5's changes to disk; on failure (disk full...) the file keeps its last committed state
+        and this writer writes nothing more."""
+        if self._failed:
+            raise CacheError(self._failed)
+        try:
+            self._disk.commit()
+        except OSError as exc:
+            self._failed = (f"cannot write {self.path}: {exc.strerror or exc}; the cache keeps its last committed "
+                            f"rows ({self._committed} images), and a re-run with enough space resumes from there")
+            raise CacheError(self._failed) from exc
+
+    def _flush(self) -> None:
+        self.file.flush()
+        self._write()
 
     @staticmethod
     def _repair(f: h5py.File) -> None:
@@ -217,7 +341,7 @@ class CacheWriter:
             if metadata.get(name) is not None:
                 group.attrs[name] = metadata[name]
         group.attrs["count"] = 0
-        self.file.flush()
+        self._flush()
 
     def register_classes(self, names: list[str]) -> None:
         """Give these class names indices (in this order) unless they have one already."""
@@ -260,10 +384,11 @@ class CacheWriter:
         done = int(group.attrs["count"])
         _append(group["embeddings"], done, embeddings.astype(group.attrs["dtype"], copy=False))
         _append(group["image_row"], done, np.array([index[r.sha256] for r in rows], dtype=np.int64))
-        self.file.flush()
+        self._flush()
         images.attrs["count"] = start + len(new)
         group.attrs["count"] = done + len(rows)
-        self.file.flush()
+        self._flush()
+        self._committed = self.image_count
         self.rows_with(key).update(index[r.sha256] for r in rows)
 
     def add_failures(self, failures: list[tuple[str, str, str]]) -> None:
@@ -277,9 +402,9 @@ class CacheWriter:
         _append(group["path"], count, np.array([p for p, _ in fresh], dtype=f"S{PATH_BYTES}"))
         _append(group["sha256"], count, np.array([s for _, (s, _) in fresh], dtype="S64"))
         _append(group["reason"], count, _strings([r for _, (_, r) in fresh], REASON_BYTES))
-        self.file.flush()
+        self._flush()
         group.attrs["count"] = count + len(fresh)
-        self.file.flush()
+        self._flush()
 
     def note_source(self, source: str) -> None:
         sources = json.loads(self.file.attrs.get("sources", "[]"))
@@ -287,10 +412,18 @@ class CacheWriter:
             self.file.attrs["sources"] = json.dumps([*sources, source])
 
     def close(self) -> None:
-        if getattr(self, "file", None) is not None:
-            self.file.close()
-            self.file = None
-        self._release()
+        """Write HDF5's last changes (unless a write failed) and release the lock."""
+        file, self.file = getattr(self, "file", None), None
+        try:
+            if file is not None:
+                try:
+                    file.close()
+                    if not self._failed:
+                        self._write()
+                finally:
+                    self._disk.close()
+        finally:
+            self._release()
 
     def _release(self) -> None:
         if not self._lock.closed:
@@ -328,8 +461,44 @@ def open_for_read(path: str | os.PathLike) -> h5py.File:
         f = h5py.File(path, "r", locking=False)
     except OSError as exc:
         raise CacheError(f"cannot read {path}: {exc}") from exc
-    check_version(f, path)
+    try:
+        check_version(f, path)
+    except BaseException:
+        f.close()
+        raise
     return f
+
+
+def _read(path: str | os.PathLike, read: Callable[[h5py.File], T]) -> T:
+    """``read(f)`` on the cache opened read-only, tried again (``READ_ATTEMPTS`` in all) when it fails in a way
+    a concurrent commit explains.
+
+    Without SWMR, a reader that opens the file while the writer commits can see part of that commit: HDF5
+    errors (a superblock newer than the file size it saw, addresses past its end of file) or counts of two
+    different commits (:class:`_Torn`). Committed rows are never rewritten, so a later try reads a
+    consistent state. What still fails is raised as a :class:`CacheError`."""
+    for attempt in range(READ_ATTEMPTS):
+        if attempt:
+            time.sleep(0.005 * 2 ** attempt)
+        try:
+            with open_for_read(path) as f:
+                return read(f)
+        except CacheError as exc:
+            if not (isinstance(exc, _Torn) or isinstance(exc.__cause__, OSError)):
+                raise
+            error = exc
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:  # h5py's errors for a half-written structure
+            error = CacheError(f"cannot read {path}: {exc}")
+            error.__cause__ = exc
+    raise error
+
+
+def _committed(dataset: h5py.Dataset, count: int, path) -> np.ndarray:
+    """The first ``count`` rows of ``dataset``; fewer means the reader caught the writer mid-commit."""
+    data = dataset[:count]
+    if len(data) != count:
+        raise _Torn(f"{path}: {dataset.name} holds {len(data)} rows, not its committed {count}; the file is damaged")
+    return data
 
 
 @dataclass
@@ -351,8 +520,7 @@ class FeatureSet:
 
 
 def list_feature_sets(path: str | os.PathLike) -> list[str]:
-    with open_for_read(path) as f:
-        return sorted(f["features"].keys())
+    return _read(path, lambda f: sorted(f["features"].keys()))
 
 
 def choose_feature_set(keys: list[str], key: str | None, path) -> str:
@@ -371,21 +539,27 @@ def choose_feature_set(keys: list[str], key: str | None, path) -> str:
 
 
 def read_feature_set(path: str | os.PathLike, key: str | None = None) -> FeatureSet:
-    """Load a feature set with labels, splits and paths (committed rows only)."""
-    with open_for_read(path) as f:
-        key = choose_feature_set(sorted(f["features"].keys()), key, path)
-        group, images = f["features"][key], f["images"]
+    """Load a feature set with labels, splits and paths (committed rows only; safe while a writer appends)."""
+
+    def read(f: h5py.File) -> FeatureSet:
+        name = choose_feature_set(sorted(f["features"].keys()), key, path)
+        group, images = f["features"][name], f["images"]
         count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
-        rows = group["image_row"][:count]
+        rows = _committed(group["image_row"], count, path)
         if count and rows.max() >= n_images:
-            raise CacheError(f"{path}: feature set {key} points past the image table; the file is damaged")
-        X = group["embeddings"][:count].astype(np.float32, copy=False)
-        take = lambda name: images[name][:n_images][rows]  # noqa: E731
+            raise _Torn(f"{path}: feature set {name} points past the image table; the file is damaged")
+        X = _committed(group["embeddings"], count, path).astype(np.float32, copy=False)
+        take = lambda column: _committed(images[column], n_images, path)[rows]  # noqa: E731
+        y, class_names = take("label"), json.loads(images.attrs["class_names"])
+        if count and y.max() >= len(class_names):
+            raise _Torn(f"{path}: labels past the class names; the file is damaged")
         return FeatureSet(
-            key=key, X=X, y=take("label"), split=_text(take("split")), paths=_text(take("path")),
-            sha256=take("sha256").astype(str), class_names=json.loads(images.attrs["class_names"]),
+            key=name, X=X, y=y, split=_text(take("split")), paths=_text(take("path")),
+            sha256=take("sha256").astype(str), class_names=class_names,
             metadata=json.loads(group.attrs.get("metadata", "{}")), cache_id=str(f.attrs["cache_id"]),
         )
+
+    return _read(path, read)
 
 
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
@@ -397,26 +571,30 @@ def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> 
 
 def describe(path: str | os.PathLike) -> dict:
     """What the cache holds, as plain data (``tlpipe info``)."""
-    with open_for_read(path) as f:
-        images, failures = f["images"], f["failures"]
-        n = int(images.attrs["count"])
-        labels, splits = images["label"][:n], _text(images["split"][:n])
-        class_names = json.loads(images.attrs["class_names"])
-        feature_sets = {}
-        for key, group in f["features"].items():
-            meta = json.loads(group.attrs.get("metadata", "{}"))
-            feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
-                                 "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),
-                                 "input_size": meta.get("input_size"), "layer": meta.get("layer"),
-                                 "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source")}
-        nf = int(failures.attrs["count"])
-        return {
-            "path": str(path), "version": int(f.attrs["tlpipe_cache_version"]), "cache_id": str(f.attrs["cache_id"]),
-            "images": n, "class_names": class_names,
-            "per_class": {c: int(np.sum(labels == i)) for i, c in enumerate(class_names)} | (
-                {"(unlabelled)": int(np.sum(labels < 0))} if np.any(labels < 0) else {}),
-            "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
-            "feature_sets": feature_sets,
-            "failures": [{"path": p, "reason": r} for p, r in zip(_text(failures["path"][:nf]), _text(failures["reason"][:nf]))],
-            "sources": json.loads(f.attrs.get("sources", "[]")),
-        }
+    return _read(path, lambda f: _describe(f, path))
+
+
+def _describe(f: h5py.File, path) -> dict:
+    images, failures = f["images"], f["failures"]
+    n = int(images.attrs["count"])
+    labels, splits = _committed(images["label"], n, path), _text(_committed(images["split"], n, path))
+    class_names = json.loads(images.attrs["class_names"])
+    feature_sets = {}
+    for key, group in f["features"].items():
+        meta = json.loads(group.attrs.get("metadata", "{}"))
+        feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
+                             "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),
+                             "input_size": meta.get("input_size"), "layer": meta.get("layer"),
+                             "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source")}
+    nf = int(failures.attrs["count"])
+    return {
+        "path": str(path), "version": int(f.attrs["tlpipe_cache_version"]), "cache_id": str(f.attrs["cache_id"]),
+        "images": n, "class_names": class_names,
+        "per_class": {c: int(np.sum(labels == i)) for i, c in enumerate(class_names)} | (
+            {"(unlabelled)": int(np.sum(labels < 0))} if np.any(labels < 0) else {}),
+        "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
+        "feature_sets": feature_sets,
+        "failures": [{"path": p, "reason": r} for p, r in zip(_text(_committed(failures["path"], nf, path)),
+                                                              _text(_committed(failures["reason"], nf, path)))],
+        "sources": json.loads(f.attrs.get("sources", "[]")),
+    }

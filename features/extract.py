@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -66,12 +67,25 @@ class _Loaded:
     cached: bool = False
 
 
+def _read_file(path: str) -> bytes:
+    """The bytes of a regular file. Anything else (a folder, a FIFO, a device such as /dev/zero) raises
+    OSError, without blocking or reading forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", closefd=True) as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'})")
+        return fh.read()
+
+
 def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable[[str], bool]) -> _Loaded:
     """Read, hash and (unless cached) decode one image. Never raises for bad input."""
     try:
-        data = Path(record.abspath).read_bytes()
+        data = _read_file(record.abspath)
     except OSError as exc:
         return _Loaded(record, error=f"cannot read: {exc.strerror or exc}")
+    except ValueError as exc:  # a path with a NUL byte
+        return _Loaded(record, error=f"cannot read: {exc}")
     sha = hashlib.sha256(data).hexdigest()
     if is_cached(sha):
         return _Loaded(record, sha, cached=True)

@@ -134,9 +134,14 @@ def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str,
             if entry.name.startswith("."):
                 continue
             sub = (*parts, entry.name)
-            if entry.is_dir():
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as exc:  # e.g. a symbolic link to itself (ELOOP)
+                skipped.append(("/".join(sub), f"cannot follow: {exc.strerror}"))
+                continue
+            if is_dir:
                 subdirs.append((entry.path, sub))
-            elif entry.is_file():
+            elif is_file:
                 files.append((sub, entry.path))
             elif entry.is_symlink():
                 skipped.append(("/".join(sub), "broken symbolic link"))
@@ -171,13 +176,14 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
     The path column is the first of PATH_COLUMNS present (case-insensitive), the label column
     the first of LABEL_COLUMNS, the split column ``split``; other columns are ignored. Relative
     paths are relative to the CSV's directory; paths leaving it are refused unless
-    ``allow_outside_root``.
+    ``allow_outside_root``. The CSV is UTF-8; other bytes are kept as they are (surrogate escapes),
+    so a name that is not UTF-8 still names its file. A path with a NUL byte is refused.
     """
     root = os.path.dirname(os.path.abspath(csv_path))
     records: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
     seen: set[str] = set()
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
         rows = csv.reader(fh)
         header = next(rows, None)
         if header is None:
@@ -198,6 +204,9 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
             if not value:
                 if any(cell.strip() for cell in row):
                     skipped.append((f"line {rows.line_num}", "empty path"))
+                continue
+            if "\0" in value:
+                skipped.append((f"line {rows.line_num}", "path contains a NUL byte"))
                 continue
             abspath = os.path.normpath(os.path.join(root, value))
             inside = os.path.relpath(abspath, root)

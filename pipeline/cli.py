@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Transfer learning for images: ONNX backbones, an HDF5 embedding cache, scikit-learn heads.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -146,12 +147,12 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
 
             summary = run(source, out_path, workers=workers, progress=progress, **options)
     if not quiet:
-        out.print(f"[bold]{summary.out}[/] · feature set {summary.key} · {summary.provider}\n"
+        out.print(f"[bold]{escape(summary.out)}[/] · feature set {summary.key} · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
-                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} non-image files skipped\n"
+                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped\n"
                   f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s")
         for path, reason in summary.failures[:20]:
-            console.print(f"  [red]failed[/] {path}: {reason}")
+            console.print(f"  [red]failed[/] {escape(path)}: {escape(reason)}")
         if summary.failed > 20:
             console.print(f"  … and {summary.failed - 20} more (tlpipe info {out_path})")
     if strict and summary.failed:
@@ -167,14 +168,15 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
     if as_json:
         out.print_json(data=d)
         return
-    out.print(f"[bold]{d['path']}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
+    out.print(f"[bold]{escape(d['path'])}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
     out.print(f"  classes: {', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none'}")
     out.print(f"  splits: {', '.join(f'{k} {v}' for k, v in d['per_split'].items())}")
     for key, fs in d["feature_sets"].items():
         out.print(f"  feature set [cyan]{key}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
                   f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, weights {fs['weights']})")
     if d["failures"]:
-        out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {d['failures'][0]['path']}: {d['failures'][0]['reason']}")
+        first = d["failures"][0]
+        out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {escape(first['path'])}: {escape(first['reason'])}")
 
 
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
@@ -308,9 +310,10 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
 
             summary = run(source, out_path, workers=workers, progress=progress, **options)
     if not quiet:
-        out.print(f"[bold]{summary.out}[/] · {summary.provider}\n  {summary.total} images: {summary.scored} scored, "
+        out.print(f"[bold]{escape(summary.out)}[/] · {summary.provider}\n  {summary.total} images: {summary.scored} scored, "
                   f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
-                  f"(rows with an error)\n  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s")
+                  f"(rows with an error), {len(summary.skipped)} inputs skipped\n  {summary.seconds:.1f} s, "
+                  f"{summary.images_per_second:.1f} img/s")
 
 
 @app.command("export-model")
@@ -399,7 +402,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - sorted below
         if isinstance(exc, _user_errors()):
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
         raise
 

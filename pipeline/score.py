@@ -146,7 +146,7 @@ def fused_predictor(model: str | os.PathLike, *, device: str = "auto", threads: 
 
 # -- rows --------------------------------------------------------------------------------------------------
 def display_path(path: str) -> str:
-    """The path as written to the output: valid UTF-8 (undecodable bytes as backslash escapes)."""
+    """The path (or class name) as written to the output: valid UTF-8 (undecodable bytes as backslash escapes)."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
@@ -157,6 +157,7 @@ def _prob(p: float) -> float:
 def prediction_rows(paths: list[str], shas: list[str], proba: np.ndarray, labels: list[str], top_k: int) -> list[dict]:
     """One row per image from its probabilities (columns in ``labels`` order)."""
     order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
+    labels = [display_path(label) for label in labels]  # a class folder's name need not be UTF-8
     rows = []
     for path, sha, p, best in zip(paths, shas, proba, order):
         top_labels, top_probs = [labels[j] for j in best], [_prob(p[j]) for j in best]
@@ -171,9 +172,23 @@ def error_row(path: str, sha: str, reason: str) -> dict:
 
 
 # -- outputs -----------------------------------------------------------------------------------------------
-def _fsync_append(fh) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
+def _write_failed(path: Path, exc: OSError) -> ScoreError:
+    """A write that failed (disk full...): the complete rows before it stay, and a re-run resumes after them."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)  # pyarrow's strerror is a long sentence
+    return ScoreError(f"cannot write {path}: {reason}; the rows written before are kept, and a re-run "
+                      f"with enough space resumes after them")
+
+
+def _append_bytes(fh: io.RawIOBase, path: Path, data: bytes) -> None:
+    """Append ``data`` to the unbuffered ``fh`` and fsync; a failed write leaves at most a cut last record,
+    which the next open cuts off."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[fh.write(view):]
+        os.fsync(fh.fileno())
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
 
 
 def _lock(handle, path: Path) -> None:
@@ -197,11 +212,15 @@ class CsvOutput:
         self.path = path
         self.columns = ["path", "sha256", "label", "probability",
                         *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
-        self.fh = open(path, "a", newline="", encoding="utf-8")
+        self.fh = open(path, "ab", buffering=0)
         _lock(self.fh, path)
         self.paths = self._recover()
         if not path.stat().st_size:
-            self._write([self.columns])
+            try:
+                self._write([self.columns])
+            except ScoreError:
+                self.fh.close()
+                raise
 
     def _recover(self) -> set[str]:
         """Paths of the complete records; the file is cut after the last of them."""
@@ -237,8 +256,7 @@ class CsvOutput:
     def _write(self, records: list[list]) -> None:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(records)
-        self.fh.write(buffer.getvalue())
-        _fsync_append(self.fh)
+        _append_bytes(self.fh, self.path, buffer.getvalue().encode("utf-8"))
 
     def append(self, rows: list[dict]) -> None:
         width = len(self.columns) - 5  # the top-k columns
@@ -259,7 +277,7 @@ class JsonlOutput:
 
     def __init__(self, path: Path, top_k: int):
         self.path = path
-        self.fh = open(path, "a", encoding="utf-8")
+        self.fh = open(path, "ab", buffering=0)
         _lock(self.fh, path)
         self.paths = self._recover()
 
@@ -278,8 +296,8 @@ class JsonlOutput:
         return paths
 
     def append(self, rows: list[dict]) -> None:
-        self.fh.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        _fsync_append(self.fh)
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        _append_bytes(self.fh, self.path, data)
 
     def close(self, finish: bool = True) -> None:
         self.fh.close()
@@ -322,10 +340,14 @@ class ParquetOutput:
     def append(self, rows: list[dict]) -> None:
         target = self.parts / f"part-{self.next_part:06d}.parquet"
         tmp = self.parts / f".{target.name}.tmp"
-        self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        try:
+            self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _write_failed(self.path, exc) from exc
         self.next_part += 1
 
     def close(self, finish: bool = True) -> None:
@@ -348,8 +370,10 @@ class ParquetOutput:
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, self.path)
-            except BaseException:
+            except BaseException as exc:
                 Path(tmp).unlink(missing_ok=True)
+                if isinstance(exc, OSError):
+                    raise _write_failed(self.path, exc) from exc
                 raise
         shutil.rmtree(self.parts)
 
@@ -572,7 +596,10 @@ def check_resume(out: Path, identity: dict) -> None:
                              f"the same scoring: choose another --out or remove it")
         return
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    sidecar.write_text(json.dumps(identity))
+    try:
+        sidecar.write_text(json.dumps(identity))
+    except OSError as exc:
+        raise ScoreError(f"cannot write {sidecar}: {exc.strerror or exc}") from exc
 
 
 def _run(source: Path, images: ImageSource | None, predictor: Predictor, output, summary: ScoreSummary,
