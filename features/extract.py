@@ -96,11 +96,17 @@ def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable
     return _Loaded(record, sha, pixels, size)
 
 
+def decode_workers() -> int:
+    """Decode threads by default: one more than the cores, so a thread waiting on disk or the GIL leaves
+    none idle (measured: 0.86 of pure inference vs 0.79 with one per core, MobileNetV2 @224, 2 cores)."""
+    return physical_cores() + 1
+
+
 def iter_loaded(records: Iterable[ImageRecord], input_size: int, resize: str, is_cached: Callable[[str], bool], *,
                 workers: int | None = None, prefetch: int | None = None) -> Iterator[_Loaded]:
     """Read, hash and decode ``records`` in worker threads, yielded in input order with at most
     ``prefetch`` in flight: the mapper stage shared by extraction and scoring."""
-    workers = workers or physical_cores()
+    workers = workers or decode_workers()
     prefetch = prefetch or 4 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque = deque()
@@ -134,7 +140,7 @@ def run_extraction(
     key, size = entry.key, entry.input_size
     writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
     summary = ExtractSummary(out=str(writer.path), key=key)
-    prefetch = prefetch or max(2 * batch_size, 4 * (workers or physical_cores()))
+    prefetch = prefetch or max(2 * batch_size, 4 * (workers or decode_workers()))
     batch: list[_Loaded] = []
     failures: list[tuple[str, str, str]] = []
     in_batch: set[str] = set()

@@ -40,10 +40,10 @@ import numpy as np
 from backbones.deps import MissingExtra
 from backbones.export import INPUT_NAME
 from backbones.weights import sha256_file
-from backbones.runtime import OnnxEmbedder, create_session, physical_cores
+from backbones.runtime import OnnxEmbedder, create_session
 from backbones.store import ModelStore, StoreEntry
 from features.cache import CacheError, open_for_read
-from features.extract import _Loaded, iter_loaded
+from features.extract import _Loaded, decode_workers, iter_loaded
 from features.images import RESIZE_MODES
 from features.sources import ImageRecord, ImageSource, discover
 
@@ -611,7 +611,7 @@ def _run(source: Path, images: ImageSource | None, predictor: Predictor, output,
     todo = [r for r in images.records if display_path(r.relpath) not in output.paths]
     summary.total, summary.already_done = len(images.records), len(images.records) - len(todo)
     summary.skipped = list(images.skipped)
-    workers = workers or physical_cores()
+    workers = workers or decode_workers()
     _score_images(todo, predictor, output, summary, cached, top_k=top_k, batch_size=batch_size, resize=resize,
                   workers=workers, prefetch=max(2 * batch_size, 4 * workers),
                   advance=progress(summary.total, summary.already_done) if progress else None)
