@@ -28,7 +28,11 @@ demo: $(STAMP)
 	$(BIN)/tlpipe demo --out $(DEMO_OUT) $(if $(WEIGHTS_DIR),--weights-dir $(WEIGHTS_DIR))
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_export.py
+	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python benchmarks/bench_score.py
+	$(BIN)/python benchmarks/bench_heads.py
+	$(BIN)/python benchmarks/bench_ray.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
