@@ -177,6 +177,21 @@ def run_extraction(
     return summary
 
 
+def open_source(source: str | os.PathLike, out: str | os.PathLike, allow_outside_root: bool = False) -> ImageSource:
+    """The images of ``source``, after checking there are some and that the cache ``out`` can be written
+    (before any model is exported or the cache touched)."""
+    images = discover(source, allow_outside_root=allow_outside_root)
+    if not images.records:
+        skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
+        raise CacheError(f"no images found in {source}{skipped}")
+    out = Path(out)
+    if out.is_dir():
+        raise CacheError(f"{out} is a folder; give the cache file's path, e.g. {out / 'cache.h5'}")
+    if not out.parent.exists():
+        raise CacheError(f"cannot write {out}: folder {out.parent} does not exist")
+    return images
+
+
 def extract(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -203,14 +218,8 @@ def extract(
     Re-running skips content already cached for this feature set and appends the rest. ``progress``,
     if given, is called with (total, already_done=0) and returns a per-image callback.
     """
-    images: ImageSource = discover(source, allow_outside_root=allow_outside_root)
-    if not images.records:
-        raise CacheError(f"no images found in {source}" + (f" ({len(images.skipped)} files skipped)" if images.skipped else ""))
+    images = open_source(source, out, allow_outside_root)
     out = Path(out)
-    if out.is_dir():
-        raise CacheError(f"{out} is a folder; give the cache file's path, e.g. {out / 'cache.h5'}")
-    if not out.parent.exists():
-        raise CacheError(f"cannot write {out}: folder {out.parent} does not exist")
     entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
     embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
     with CacheWriter(out) as writer:

@@ -34,9 +34,9 @@ from backbones.export import obtain_backbone
 from backbones.runtime import OnnxEmbedder
 from backbones.store import ModelStore
 
-from .cache import CacheError, CacheWriter, ImageRow
-from .extract import ExtractSummary, _load
-from .sources import ImageRecord, ImageSource, discover
+from .cache import CacheWriter, ImageRow
+from .extract import ExtractSummary, _load, open_source
+from .sources import ImageRecord
 
 OK, CACHED, FAILED = 0, 1, 2  # the ``status`` column of decoded rows
 TASK_RETRIES = 3  # decode task retries after a worker dies
@@ -225,15 +225,8 @@ def extract_ray(
     require("ray")  # before exporting a backbone, which can take minutes
     if min(batch_size, commit_rows) < 1:
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
-    images: ImageSource = discover(source, allow_outside_root=allow_outside_root)
-    if not images.records:
-        skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
-        raise CacheError(f"no images found in {source}{skipped}")
+    images = open_source(source, out, allow_outside_root)
     out = Path(out)
-    if out.is_dir():
-        raise CacheError(f"{out} is a folder; give the cache file's path, e.g. {out / 'cache.h5'}")
-    if not out.parent.exists():
-        raise CacheError(f"cannot write {out}: folder {out.parent} does not exist")
     entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
     key = entry.key
     with ray_cluster(address) as ray:

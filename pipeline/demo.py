@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from backbones.registry import get_backbone
-from backbones.weights import WeightsUnavailable, resolve_weights
+from backbones.weights import WeightsUnavailable
 
 
 def write_digits_folder(root: str | Path, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Path:
