@@ -82,10 +82,13 @@ def main() -> None:
     results["decode_img_s_1_thread"] = 320 / (time.perf_counter() - started)
     results["inference_img_s"] = pure_inference(entry, decoded)
 
-    summary = extract(args.data, work / "cache.h5", model=str(entry.directory), device="cpu")
-    results["tlpipe_img_s"] = summary.embedded / summary.seconds
-    results["tlpipe_seconds"] = summary.seconds
-    rerun = extract(args.data, work / "cache.h5", model=str(entry.directory), device="cpu")
+    runs = []  # best of 2 fresh caches, as the inference ceiling is the best of 3 rounds
+    for i in range(2):
+        summary = extract(args.data, work / f"cache{i}.h5", model=str(entry.directory), device="cpu")
+        runs.append(summary.embedded / summary.seconds)
+    results["tlpipe_runs_img_s"] = runs
+    results["tlpipe_img_s"] = max(runs)
+    rerun = extract(args.data, work / "cache0.h5", model=str(entry.directory), device="cpu")
     results["cached_rerun_img_s"] = rerun.cached / rerun.seconds
     if not args.skip_keras:
         seconds, n = keras_baseline(args.data, args.weights)
