@@ -469,7 +469,7 @@ def open_for_read(path: str | os.PathLike) -> h5py.File:
     return f
 
 
-def _read(path: str | os.PathLike, read: Callable[[h5py.File], T]) -> T:
+def read_retrying(path: str | os.PathLike, read: Callable[[h5py.File], T]) -> T:
     """``read(f)`` on the cache opened read-only, tried again (``READ_ATTEMPTS`` in all) when it fails in a way
     a concurrent commit explains.
 
@@ -520,7 +520,7 @@ class FeatureSet:
 
 
 def list_feature_sets(path: str | os.PathLike) -> list[str]:
-    return _read(path, lambda f: sorted(f["features"].keys()))
+    return read_retrying(path, lambda f: sorted(f["features"].keys()))
 
 
 def choose_feature_set(keys: list[str], key: str | None, path) -> str:
@@ -559,7 +559,7 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None) -> Feature
             metadata=json.loads(group.attrs.get("metadata", "{}")), cache_id=str(f.attrs["cache_id"]),
         )
 
-    return _read(path, read)
+    return read_retrying(path, read)
 
 
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
@@ -571,7 +571,7 @@ def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> 
 
 def describe(path: str | os.PathLike) -> dict:
     """What the cache holds, as plain data (``tlpipe info``)."""
-    return _read(path, lambda f: _describe(f, path))
+    return read_retrying(path, lambda f: _describe(f, path))
 
 
 def _describe(f: h5py.File, path) -> dict:

@@ -30,7 +30,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,7 +41,7 @@ from backbones.export import INPUT_NAME
 from backbones.weights import sha256_file
 from backbones.runtime import OnnxEmbedder, create_session
 from backbones.store import ModelStore, StoreEntry
-from features.cache import CacheError, open_for_read
+from features.cache import CacheError, read_retrying
 from features.extract import _Loaded, decode_workers, iter_loaded
 from features.images import RESIZE_MODES
 from features.sources import ImageRecord, ImageSource, discover
@@ -415,28 +414,25 @@ def head_feature_set(f, path, key: str | None, model_sha256: str | None):
 class CachedEmbeddings:
     """Embeddings of one feature set of a cache, looked up by content hash.
 
-    Only the sha256 -> row index is held in memory; embeddings are read per batch."""
+    Only the sha256 -> row index is held in memory; embeddings are read per batch. Every read opens the
+    cache afresh through :func:`features.cache.read_retrying`, so scoring may run while an extract appends."""
 
     def __init__(self, path: str | os.PathLike, key: str | None, model_sha256: str | None):
-        self.file = open_for_read(path)
-        try:
-            group, images, rows = head_feature_set(self.file, path, key, model_sha256)
+        def index(f) -> dict[str, int]:
+            _, images, rows = head_feature_set(f, path, key, model_sha256)
             shas = images["sha256"][: int(images.attrs["count"])]
-            self.index = {shas[row].decode(): i for i, row in enumerate(rows.tolist())}
-            self.embeddings = group["embeddings"]
-        except BaseException:
-            self.file.close()
-            raise
+            return {shas[row].decode(): i for i, row in enumerate(rows.tolist())}
+
+        self.path, self.key = path, key
+        self.index = read_retrying(path, index)
 
     def __contains__(self, sha256: str) -> bool:
         return sha256 in self.index
 
     def get(self, sha256s: list[str]) -> np.ndarray:
         rows, inverse = np.unique([self.index[s] for s in sha256s], return_inverse=True)
-        return self.embeddings[rows][inverse].astype(np.float32, copy=False)
-
-    def close(self) -> None:
-        self.file.close()
+        embeddings = read_retrying(self.path, lambda f: f["features"][self.key]["embeddings"][rows])
+        return embeddings[inverse].astype(np.float32, copy=False)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
@@ -482,25 +478,30 @@ def _score_images(records: list[ImageRecord], predictor: Predictor, output, summ
 
 def _score_cache(path: Path, predictor: Predictor, output, summary: ScoreSummary, *, top_k: int, batch_size: int,
                  progress: Callable[[int, int], Callable[[int], None]] | None) -> None:
-    with open_for_read(path) as f:
-        group, images, image_rows = head_feature_set(f, path, predictor.key, predictor.model_sha256)
-        count = len(image_rows)
-        summary.total = count
-        advance = progress(count, 0) if progress else None
-        for start in range(0, count, batch_size):
-            rows, inverse = np.unique(image_rows[start:start + batch_size], return_inverse=True)
-            paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
-            shas = [s.decode() for s in images["sha256"][rows][inverse]]
-            todo = [i for i, p in enumerate(paths) if p not in output.paths]
-            summary.already_done += len(paths) - len(todo)
-            if todo:
-                X = group["embeddings"][start:start + batch_size][todo].astype(np.float32, copy=False)
-                proba = predictor.from_embeddings(X)
-                output.append(prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba,
-                                              predictor.labels, top_k))
-                summary.reused += len(todo)
-            if advance:
-                advance(len(paths))
+    """Score the committed rows of the head's feature set, a batch per (retried) read of the cache."""
+    image_rows = read_retrying(path, lambda f: head_feature_set(f, path, predictor.key, predictor.model_sha256)[2])
+    count = len(image_rows)
+    summary.total = count
+    advance = progress(count, 0) if progress else None
+
+    def batch(f, start: int):
+        rows, inverse = np.unique(image_rows[start:start + batch_size], return_inverse=True)
+        images = f["images"]
+        paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
+        shas = [s.decode() for s in images["sha256"][rows][inverse]]
+        return paths, shas, f["features"][predictor.key]["embeddings"][start:start + batch_size]
+
+    for start in range(0, count, batch_size):
+        paths, shas, X = read_retrying(path, lambda f: batch(f, start))
+        todo = [i for i, p in enumerate(paths) if p not in output.paths]
+        summary.already_done += len(paths) - len(todo)
+        if todo:
+            proba = predictor.from_embeddings(X[todo].astype(np.float32, copy=False))
+            output.append(prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba,
+                                          predictor.labels, top_k))
+            summary.reused += len(todo)
+        if advance:
+            advance(len(paths))
 
 
 def score(
@@ -563,20 +564,16 @@ def score(
     k = min(top_k, len(predictor.labels))
     check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize})
     summary = ScoreSummary(out=str(out), provider=predictor.provider)
-    with ExitStack() as stack:
-        cached = None
-        if cache is not None:
-            cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256)
-            stack.callback(cached.close)
-        output = open_output(out, k)
-        started = time.perf_counter()  # as extract's: the stream, not the session start
-        try:
-            _run(source, images, predictor, output, summary, cached, top_k=k, batch_size=batch_size, resize=resize,
-                 workers=workers, progress=progress)
-        except BaseException:
-            output.close(finish=False)
-            raise
-        output.close()
+    cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
+    output = open_output(out, k)
+    started = time.perf_counter()  # as extract's: the stream, not the session start
+    try:
+        _run(source, images, predictor, output, summary, cached, top_k=k, batch_size=batch_size, resize=resize,
+             workers=workers, progress=progress)
+    except BaseException:
+        output.close(finish=False)
+        raise
+    output.close()
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -110,37 +110,33 @@ def score_ray(
     k = min(top_k, len(predictor.labels))
     summary = ScoreSummary(out=str(out))
     cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
+    output = open_output(out, k)
+    started = time.perf_counter()
     try:
-        output = open_output(out, k)
-        started = time.perf_counter()
-        try:
-            todo = [r for r in images.records if display_path(r.relpath) not in output.paths]
-            summary.total, summary.already_done = len(images.records), len(images.records) - len(todo)
-            summary.skipped = list(images.skipped)
-            advance = progress(summary.total, summary.already_done) if progress else None
-            if todo:
-                with ray_cluster(address) as ray:
-                    actors = plan_actors(ray, num_actors, actor_gpus)
-                    decoded = decoded_dataset(ray, todo, size=size, resize=resize, batch_size=batch_size,
-                                              known_shas=set(cached.index) if cached is not None else set())
-                    dataset = map_stage(
-                        decoded, PredictActor, batch_size=batch_size, **actors.map_args(ray),
-                        fn_constructor_kwargs={
-                            "model": ray.put(model_bytes), "size": size, "classes": len(predictor.labels),
-                            "from_embeddings": predictor.from_embeddings if head is not None else None,
-                            "device": device, "threads": threads})
-                    for batch in ordered_batches(dataset, commit_rows):
-                        _append(batch, [todo[int(i)].relpath for i in batch["i"]], predictor, cached, output,
-                                summary, k)
-                        if advance:
-                            advance(len(batch["i"]))
-        except BaseException:
-            output.close(finish=False)
-            raise
-        output.close()
-    finally:
-        if cached is not None:
-            cached.close()
+        todo = [r for r in images.records if display_path(r.relpath) not in output.paths]
+        summary.total, summary.already_done = len(images.records), len(images.records) - len(todo)
+        summary.skipped = list(images.skipped)
+        advance = progress(summary.total, summary.already_done) if progress else None
+        if todo:
+            with ray_cluster(address) as ray:
+                actors = plan_actors(ray, num_actors, actor_gpus)
+                decoded = decoded_dataset(ray, todo, size=size, resize=resize, batch_size=batch_size,
+                                          known_shas=set(cached.index) if cached is not None else set())
+                dataset = map_stage(
+                    decoded, PredictActor, batch_size=batch_size, **actors.map_args(ray),
+                    fn_constructor_kwargs={
+                        "model": ray.put(model_bytes), "size": size, "classes": len(predictor.labels),
+                        "from_embeddings": predictor.from_embeddings if head is not None else None,
+                        "device": device, "threads": threads})
+                for batch in ordered_batches(dataset, commit_rows):
+                    _append(batch, [todo[int(i)].relpath for i in batch["i"]], predictor, cached, output,
+                            summary, k)
+                    if advance:
+                        advance(len(batch["i"]))
+    except BaseException:
+        output.close(finish=False)
+        raise
+    output.close()
     summary.seconds = time.perf_counter() - started
     return summary
 
