@@ -192,6 +192,21 @@ def open_source(source: str | os.PathLike, out: str | os.PathLike, allow_outside
     return images
 
 
+def resolve_entry(images: ImageSource, backbone, weights, size, layer, pooling, weights_dir, store, model,
+                  precision: str = "fp32", resize: str = "squash", recalibrate: bool = False) -> StoreEntry:
+    """The model-store entry an extract runs: the fp32 export, or its int8/fp16 variant calibrated on ``images``."""
+    from backbones.quantize import check_precision
+
+    check_precision(precision)
+    store = store or ModelStore()
+    entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
+    if precision == "fp32":
+        return entry
+    from .calibration import variant_for
+
+    return variant_for(entry, precision, store, images.records, resize, recalibrate)
+
+
 def extract(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -211,16 +226,21 @@ def extract(
     workers: int | None = None,
     threads: int | None = None,
     allow_outside_root: bool = False,
+    precision: str = "fp32",
+    recalibrate: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> ExtractSummary:
     """Embed every image of ``source`` (folder or CSV manifest) into the cache ``out``.
 
-    Re-running skips content already cached for this feature set and appends the rest. ``progress``,
-    if given, is called with (total, already_done=0) and returns a per-image callback.
+    Re-running skips content already cached for this feature set and appends the rest. ``precision`` int8 or
+    fp16 uses that variant of the backbone (its own feature set): the stored one, or one made now, calibrated
+    on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32. ``progress``, if given,
+    is called with (total, already_done=0) and returns a per-image callback.
     """
     images = open_source(source, out, allow_outside_root)
     out = Path(out)
-    entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
+    entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
+                          resize, recalibrate)
     embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
     with CacheWriter(out) as writer:
         writer.note_source(str(Path(source).resolve()))

@@ -30,12 +30,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from backbones.deps import require
-from backbones.export import obtain_backbone
 from backbones.runtime import OnnxEmbedder
 from backbones.store import ModelStore
 
 from .cache import CacheWriter, ImageRow
-from .extract import ExtractSummary, _load, open_source
+from .extract import ExtractSummary, _load, open_source, resolve_entry
 from .sources import ImageRecord
 
 OK, CACHED, FAILED = 0, 1, 2  # the ``status`` column of decoded rows
@@ -210,6 +209,8 @@ def extract_ray(
     resize: str = "squash",
     threads: int | None = None,
     allow_outside_root: bool = False,
+    precision: str = "fp32",
+    recalibrate: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> ExtractSummary:
     """:func:`features.extract.extract` on a Ray cluster: same cache, same counts, same resume.
@@ -227,7 +228,8 @@ def extract_ray(
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
     images = open_source(source, out, allow_outside_root)
     out = Path(out)
-    entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
+    entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
+                          resize, recalibrate)
     key = entry.key
     with ray_cluster(address) as ray:
         actors = plan_actors(ray, num_actors, actor_gpus)  # before the cache is touched

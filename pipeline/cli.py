@@ -25,6 +25,8 @@ BackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="Registry na
 SizeOpt = typer.Option(None, "--size", help="Square input size \\[default: the backbone's].")
 LayerOpt = typer.Option(None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`).")
 PoolingOpt = typer.Option("avg", "--pooling", help="avg | max | none (flatten).")
+PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
+ResizeOpt = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop).")
 
 
 EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe\\[ray]).")
@@ -101,13 +103,32 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
            opset: int = typer.Option(17, help="ONNX opset for tf2onnx."),
            seed: int = typer.Option(0, help="Seed for --weights none."),
            force: bool = typer.Option(False, "--force", help="Export again even when the store has it."),
-           store: Optional[Path] = StoreOpt):
-    """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras."""
-    from backbones.export import export_backbone
+           precision: str = PrecisionOpt,
+           calibration: Optional[Path] = typer.Option(None, "--calibration", help="Your photos (folder or CSV) to calibrate int8 on and to check it against fp32."),
+           resize: str = ResizeOpt, store: Optional[Path] = StoreOpt):
+    """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
+    With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry."""
+    from backbones.export import export_backbone
+    from backbones.quantize import check_precision
+
+    check_precision(precision)
     with console.status(f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
         entry = export_backbone(backbone, weights, size, layer, pooling, weights_dir, _store(store), opset, seed, force)
+    if precision != "fp32":
+        from features.calibration import variant_for
+        from features.sources import discover
+
+        records = discover(calibration).records if calibration is not None else None
+        with console.status(f"making the {precision} variant (calibrate, verify against fp32)…"):
+            entry = variant_for(entry, precision, _store(store), records, resize, recalibrate=calibration is not None)
     m = entry.metadata
+    if precision != "fp32":
+        v = m["verification_vs_fp32"]
+        out.print(f"[green]stored[/] {entry.key} ({precision} of {m['base_key']})\n  model: {entry.model_path}\n"
+                  f"  {m['quantization']['method']}\n  vs fp32 on {v['images']} held-out photos: mean cosine "
+                  f"{v['mean_cosine']:.4f}, min {v['min_cosine']:.4f} (needs mean >= {v['threshold_mean_cosine']})")
+        return
     v = m["verification"]
     out.print(f"[green]stored[/] {entry.key}\n  model: {entry.model_path}\n  input: uint8 (N, {m['input_size']}, "
               f"{m['input_size']}, 3) RGB -> embeddings (N, {m['embedding_dim']}); preprocessing '{m['preprocessing']}' in the graph\n"
@@ -125,7 +146,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
             batch_size: int = typer.Option(32, "--batch-size", min=1),
             dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
-            resize: str = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop)."),
+            resize: str = ResizeOpt, precision: str = PrecisionOpt,
+            recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate int8 again on this source instead of reusing the stored variant."),
             workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
             threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
             strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
@@ -136,7 +158,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
     _check_engine(engine)
     options = dict(backbone=None if model else backbone, weights=weights, size=size, layer=layer, pooling=pooling,
                    model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
-                   dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root)
+                   dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root,
+                   precision=precision, recalibrate=recalibrate)
     with _progress(quiet, "extract") as progress:
         if engine == "ray":
             from features.ray_engine import extract_ray
@@ -369,6 +392,36 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
               f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n"
               f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --model {out_dir})\n"
               f"  classifier: {result.classifier_path}\n  history: {result.history_path}, curves: {result.curves_path}")
+
+
+@app.command()
+def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+          size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+          model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder) instead of --backbone."),
+          images: Optional[Path] = typer.Option(None, "--images", help="Your photos (folder or CSV): timed, decoded, and used to calibrate int8 \\[default: scikit-learn's sample photos]."),
+          precision: list[str] = typer.Option(["fp32"], "--precision", "-p", help="Also time this variant: int8 | fp16 (repeatable)."),
+          batch: list[int] = typer.Option([1, 8, 32], "--batch", help="Batch sizes to sweep (repeatable)."),
+          threads: Optional[list[int]] = typer.Option(None, "--threads", help="ONNX Runtime thread counts to sweep (repeatable) \\[default: 1 and all cores]."),
+          device: str = typer.Option("cpu", help="cpu | cuda | auto."),
+          keras: bool = typer.Option(True, "--keras/--no-keras", help="Time Keras model(x, training=False) in the same run (needs tlpipe[tf])."),
+          seconds: float = typer.Option(2.0, "--seconds", min=0.0, help="Minimum timed seconds per configuration."),
+          as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+          store: Optional[Path] = StoreOpt):
+    """Time a backbone here: ONNX Runtime per precision, batch size and thread count (images/s, p50/p95 per
+    batch) against Keras on the same images, and decoding on its own; says whether int8 pays off on this CPU."""
+    from pipeline.bench import format_report, run_bench
+
+    def say(message: str) -> None:
+        if not as_json:
+            console.print(f"[dim]{escape(message)}[/]")
+
+    report = run_bench(None if model else backbone, weights=weights, weights_dir=weights_dir, size=size, layer=layer,
+                       pooling=pooling, model=model, store=_store(store), images=images, precisions=precision,
+                       batch_sizes=batch, threads=threads, device=device, keras=keras, min_seconds=seconds, log=say)
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        out.print(escape(format_report(report)), highlight=False, soft_wrap=True)
 
 
 @app.command()

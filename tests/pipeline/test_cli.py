@@ -90,3 +90,16 @@ def test_strict_exit_code(tmp_path, tiny_entry, photo_folder):
     assert proc.returncode == 3
     ok = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory)
     assert ok.returncode == 0 and "1 failed" in ok.stdout and "broken.jpg" in ok.stderr
+
+
+def test_export_precision_variants(tmp_path, model_store, tiny_entry):
+    from tests.conftest import write_photo_folder
+
+    base = ("export", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--store", model_store.root)
+    missing = tlpipe(*base, "--precision", "int8")
+    assert missing.returncode == 2 and "--calibration" in missing.stderr
+    photos = write_photo_folder(tmp_path / "photos", per_class=12, seed=7)
+    done = tlpipe(*base, "--precision", "int8", "--calibration", photos, check=True)
+    assert "int8 of " + tiny_entry.key in done.stdout and "mean cosine" in done.stdout
+    fp16 = tlpipe(*base, "--precision", "fp16", check=True)
+    assert "fp16 of " + tiny_entry.key in fp16.stdout

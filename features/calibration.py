@@ -1,0 +1,76 @@
+"""Calibration and held-out images for reduced-precision backbones, taken from the user's own photos.
+
+int8 is calibrated on a deterministic sample of the images being extracted (or of ``--calibration``), decoded
+through the same resize path as extraction; a disjoint sample checks the result against fp32.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from backbones.quantize import check_precision, find_variant, make_variant
+from backbones.store import ModelStore, StoreEntry
+
+from .extract import iter_loaded
+from .sources import ImageRecord
+
+CALIBRATION_IMAGES = 64
+HELD_IMAGES = 64
+MIN_IMAGES = 16
+
+
+class CalibrationSample:
+    """Decoded calibration and held-out images, and an id naming the calibration content."""
+
+    def __init__(self, calibration: np.ndarray, held: np.ndarray, identity: str):
+        self.calibration, self.held, self.identity = calibration, held, identity
+
+
+def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squash", *,
+                  calibration: int = CALIBRATION_IMAGES, held: int = HELD_IMAGES, seed: int = 0) -> CalibrationSample:
+    """A seeded random sample of ``records``, split into calibration and held-out images (2:1 when there are
+    fewer than asked for). Unreadable images are passed over. Raises ValueError below :data:`MIN_IMAGES`."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    wanted = calibration + held
+    decoded: list[tuple[str, np.ndarray]] = []
+    seen: set[str] = set()
+    for start in range(0, len(order), wanted):
+        chunk = [records[i] for i in order[start:start + wanted]]
+        for loaded in iter_loaded(chunk, size, resize, lambda sha: False):
+            if loaded.pixels is not None and loaded.sha256 not in seen:
+                seen.add(loaded.sha256)
+                decoded.append((loaded.sha256, loaded.pixels))
+        if len(decoded) >= wanted:
+            break
+    decoded = decoded[:wanted]
+    if len(decoded) < MIN_IMAGES:
+        raise ValueError(f"calibrating a reduced-precision model needs at least {MIN_IMAGES} distinct readable images; "
+                         f"found {len(decoded)}")
+    cut = calibration if len(decoded) == wanted else (2 * len(decoded)) // 3
+    calib, hold = decoded[:cut], decoded[cut:]
+    identity = hashlib.sha256("\n".join(sorted(sha for sha, _ in calib)).encode()).hexdigest()[:16]
+    return CalibrationSample(np.stack([p for _, p in calib]), np.stack([p for _, p in hold]), identity)
+
+
+def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Sequence[ImageRecord] | None,
+                resize: str = "squash", recalibrate: bool = False) -> StoreEntry:
+    """The ``precision`` variant of ``base``: the stored one when there is one (so a cache keeps one feature set
+    across runs), else made now, calibrated and verified on a sample of ``records``. fp16 needs no calibration:
+    without ``records`` it is checked on the photos bundled with scikit-learn."""
+    check_precision(precision)
+    if precision == "fp32":
+        return base
+    if not recalibrate and (found := find_variant(store, base, precision)) is not None:
+        found.verify()
+        return found
+    if not records:
+        if precision == "int8":
+            raise ValueError("int8 is calibrated on your own photos: give a folder or manifest of them (--calibration)")
+        from backbones.export import verification_images
+
+        return make_variant(base, precision, store, held=verification_images(base.input_size, 16))
+    sample = sample_images(records, base.input_size, resize)
+    return make_variant(base, precision, store, held=sample.held, calibration=sample.calibration,
+                        calibration_id=sample.identity)
