@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +70,31 @@ def create_session(model_path: str | Path, device: str = "auto", threads: int | 
     return session
 
 
-class OnnxEmbedder:
-    """uint8 image batches -> float32 embeddings through one ONNX Runtime session."""
+def default_streams() -> int:
+    """Concurrent CPU sessions for throughput work: two single-purpose sessions that split the cores beat one
+    session using them all (no straggler thread holds up an operator while a decode thread has its core;
+    measured 2x1 vs 1x2 threads on 2 cores: fp32 221 vs 202 img/s, int8 470 vs 427 at batch 32)."""
+    return min(2, physical_cores())
 
-    def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None):
-        self.session = create_session(model_path, device=device, threads=threads)
+
+class OnnxEmbedder:
+    """uint8 image batches -> float32 embeddings through ONNX Runtime.
+
+    ``streams`` > 1 (CPU only) holds that many sessions of ``threads`` threads each (default: the cores split
+    between them); calls from that many threads at once then run side by side."""
+
+    def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None, streams: int = 1):
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, not {streams}")
+        per_stream = threads or max(1, physical_cores() // streams)
+        self.session = create_session(model_path, device=device, threads=per_stream)
+        if self.session.get_providers()[0] != "CPUExecutionProvider":
+            streams = 1  # one GPU session: the device runs one batch at a time anyway
+        self.streams = streams
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._free.put(self.session)
+        for _ in range(streams - 1):
+            self._free.put(create_session(model_path, device="cpu", threads=per_stream))
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         shape = self.session.get_inputs()[0].shape
@@ -86,4 +107,8 @@ class OnnxEmbedder:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
-        return self.session.run([self.output_name], {self.input_name: images})[0]
+        session = self._free.get()
+        try:
+            return session.run([self.output_name], {self.input_name: images})[0]
+        finally:
+            self._free.put(session)

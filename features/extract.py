@@ -2,10 +2,11 @@
 
 - reader: list the inputs (:mod:`features.sources`), read each file's bytes and sha256, skip content the
   cache already holds for this feature set;
-- mapper: decode + resize in worker threads (PIL releases the GIL) while the main thread runs ONNX
-  Runtime on full batches — decoding overlaps inference, and at most ``prefetch`` images are in flight;
-- writer: each batch is committed to the cache (:class:`features.cache.CacheWriter`) before the next,
-  so a kill loses at most the batch in flight and a re-run resumes from the committed rows.
+- mapper: decode + resize in worker threads (PIL releases the GIL) while full batches run through ONNX
+  Runtime in ``embedder.streams`` inference threads (one session each) — decoding overlaps inference, and
+  at most ``prefetch`` decoded images and ``streams`` batches are in flight;
+- writer: batches are committed to the cache (:class:`features.cache.CacheWriter`) in order, as their
+  embeddings arrive, so a kill loses at most the batches in flight and a re-run resumes from the committed rows.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from backbones.export import obtain_backbone
-from backbones.runtime import OnnxEmbedder, physical_cores
+from backbones.runtime import OnnxEmbedder, default_streams, physical_cores
 from backbones.store import ModelStore, StoreEntry
 
 from .cache import CacheError, CacheWriter, ImageRow
@@ -143,36 +144,51 @@ def run_extraction(
     prefetch = prefetch or max(2 * batch_size, 4 * (workers or decode_workers()))
     batch: list[_Loaded] = []
     failures: list[tuple[str, str, str]] = []
-    in_batch: set[str] = set()
+    pending: set[str] = set()  # content batched but not committed yet: later copies are duplicates
+    streams = max(1, int(getattr(embedder, "streams", 1)))
+    inflight: deque = deque()  # (rows, embeddings future, failures), committed in order
     started = time.perf_counter()
 
-    def commit() -> None:
-        if batch:
-            embeddings = embedder(np.stack([b.pixels for b in batch]))
-            rows = [ImageRow(b.record.relpath, b.sha256, b.record.label, b.record.split, *b.size) for b in batch]
-            writer.add(key, rows, embeddings)
-            summary.embedded += len(batch)
-        if failures:
-            writer.add_failures(failures)
-        batch.clear(), failures.clear(), in_batch.clear()
+    def finish_oldest() -> None:
+        rows, future, batch_failures = inflight.popleft()
+        if rows:
+            writer.add(key, rows, future.result())
+            summary.embedded += len(rows)
+            pending.difference_update(row.sha256 for row in rows)
+        if batch_failures:
+            writer.add_failures(batch_failures)
 
-    for loaded in iter_loaded(records, size, resize, lambda s: writer.has(key, s), workers=workers, prefetch=prefetch):
-        summary.total += 1
-        if loaded.error is not None:
-            failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
-            summary.failures.append((loaded.record.relpath, loaded.error))
-        elif loaded.cached:
-            summary.cached += 1
-        elif loaded.sha256 in in_batch or writer.has(key, loaded.sha256):
-            summary.duplicates += 1
-        else:
-            in_batch.add(loaded.sha256)
-            batch.append(loaded)
-            if len(batch) >= batch_size:
-                commit()
-        if on_progress:
-            on_progress(1)
-    commit()
+    def commit(pool: ThreadPoolExecutor) -> None:
+        """Hand the batch to an inference stream; commit the oldest batches beyond ``streams`` in flight."""
+        if batch or failures:
+            while len(inflight) >= streams:
+                finish_oldest()
+            rows = [ImageRow(b.record.relpath, b.sha256, b.record.label, b.record.split, *b.size) for b in batch]
+            future = pool.submit(embedder, np.stack([b.pixels for b in batch])) if batch else None
+            inflight.append((rows, future, list(failures)))
+        batch.clear(), failures.clear()
+
+    with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
+        for loaded in iter_loaded(records, size, resize, lambda s: writer.has(key, s), workers=workers,
+                                  prefetch=prefetch):
+            summary.total += 1
+            if loaded.error is not None:
+                failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
+                summary.failures.append((loaded.record.relpath, loaded.error))
+            elif loaded.cached:
+                summary.cached += 1
+            elif loaded.sha256 in pending or writer.has(key, loaded.sha256):
+                summary.duplicates += 1
+            else:
+                pending.add(loaded.sha256)
+                batch.append(loaded)
+                if len(batch) >= batch_size:
+                    commit(pool)
+            if on_progress:
+                on_progress(1)
+        commit(pool)
+        while inflight:
+            finish_oldest()
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -225,6 +241,7 @@ def extract(
     resize: str = "squash",
     workers: int | None = None,
     threads: int | None = None,
+    streams: int | None = None,
     allow_outside_root: bool = False,
     precision: str = "fp32",
     recalibrate: bool = False,
@@ -241,7 +258,7 @@ def extract(
     out = Path(out)
     entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
                           resize, recalibrate)
-    embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
+    embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads, streams=streams or default_streams())
     with CacheWriter(out) as writer:
         writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)

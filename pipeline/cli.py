@@ -149,7 +149,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             resize: str = ResizeOpt, precision: str = PrecisionOpt,
             recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate int8 again on this source instead of reusing the stored variant."),
             workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
-            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
+            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per stream \\[default: the cores split between streams]."),
+            streams: Optional[int] = typer.Option(None, "--streams", min=1, help="Concurrent ONNX Runtime sessions on the CPU \\[default: 2, or 1 on one core]."),
             strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
             allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
             quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
@@ -168,7 +169,7 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
         else:
             from features.extract import extract as run
 
-            summary = run(source, out_path, workers=workers, progress=progress, **options)
+            summary = run(source, out_path, workers=workers, streams=streams, progress=progress, **options)
     if not quiet:
         out.print(f"[bold]{escape(summary.out)}[/] · feature set {summary.key} · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "

@@ -48,3 +48,17 @@ def test_cuda_session(tiny_entry):
     images = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
     cpu = OnnxEmbedder(tiny_entry.model_path, device="cpu")
     assert np.allclose(gpu(images), cpu(images), atol=1e-3)
+
+
+def test_streams_run_side_by_side_and_agree(tiny_entry):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = np.random.default_rng(0).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    one = OnnxEmbedder(tiny_entry.model_path, device="cpu")
+    two = OnnxEmbedder(tiny_entry.model_path, device="cpu", streams=2, threads=1)
+    assert (one.streams, two.streams) == (1, 2)
+    with ThreadPoolExecutor(4) as pool:
+        parts = list(pool.map(two, [images[i:i + 3] for i in range(0, 12, 3)]))
+    np.testing.assert_allclose(np.concatenate(parts), one(images), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="streams"):
+        OnnxEmbedder(tiny_entry.model_path, device="cpu", streams=0)

@@ -144,3 +144,21 @@ def test_transformer_composes_with_a_head(tmp_path, tiny_entry, photo_folder):
     with pytest.raises(ValueError, match="could not be embedded"):
         (tmp_path / "bad.jpg").write_bytes(b"nope")
         embedder.transform([tmp_path / "bad.jpg"])
+
+
+def test_streams_and_batch_sizes_give_the_same_cache(tmp_path, tiny_entry):
+    photos = write_photo_folder(tmp_path / "p", per_class=9)
+    (photos / "china" / "copy.jpg").write_bytes(next((photos / "flower").iterdir()).read_bytes())  # a duplicate
+    (photos / "china" / "bad.jpg").write_bytes(b"not a jpeg")
+    caches = {}
+    for streams, batch in ((1, 32), (2, 2), (3, 1)):
+        out = tmp_path / f"s{streams}.h5"
+        summary = extract(photos, out, model=str(tiny_entry.directory), batch_size=batch, streams=streams)
+        assert (summary.embedded, summary.duplicates, summary.failed) == (18, 1, 1)
+        fs = read_feature_set(out)
+        caches[streams] = dict(zip(fs.sha256, fs.X))
+        assert len(fs) == 18 and len(set(fs.sha256)) == 18 and len(describe(out)["failures"]) == 1
+    for streams in (2, 3):
+        assert caches[streams].keys() == caches[1].keys()
+        for sha, x in caches[1].items():
+            np.testing.assert_allclose(caches[streams][sha], x, rtol=1e-4, atol=1e-5)
