@@ -94,3 +94,22 @@ def test_gptq_recovers_what_round_to_nearest_loses_on_real_weights(model_store):
     gptq = compare_to_fp32(quantize_int8(entry.model_path, calibration, gptq=True)[0], entry.model_path, held)
     assert gptq["mean_cosine"] >= 0.99
     assert 1 - gptq["mean_cosine"] < 0.7 * (1 - rtn["mean_cosine"])
+
+
+def _has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not _has_cuda()", reason="no CUDA provider in this ONNX Runtime (CI has no GPU)")
+def test_fp16_runs_on_cuda_and_matches_fp32(tiny_entry, model_store):
+    from backbones.runtime import OnnxEmbedder
+
+    images = _calibration(64, 8, seed=4)
+    fp16 = make_variant(tiny_entry, "fp16", model_store, held=images)
+    gpu = OnnxEmbedder(fp16.model_path, device="cuda")
+    assert gpu.provider == "CUDAExecutionProvider"
+    cos = cosine_similarities(gpu(images), OnnxEmbedder(tiny_entry.model_path, device="cpu")(images))
+    assert cos.mean() >= 0.999
