@@ -52,19 +52,22 @@ def test_unknown_precision_is_refused_before_the_cache_is_touched(tmp_path, tiny
 
 @pytest.mark.shared
 @pytest.mark.slow
-def test_int8_features_train_as_good_a_head_as_fp32(cats_dogs_cache, model_store):
+def test_int8_features_train_as_good_a_head_as_fp32(tmp_path, cats_dogs_cache, model_store):
     """cats_vs_dogs with the real MobileNetV2: int8 (calibrated on the photos themselves) stays at mean cosine
     >= 0.99 to fp32, and a logistic-regression probe on int8 features is within 1 point of fp32's accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    import shutil
+
     manifest = shared_path("datasets", "cats_vs_dogs", "manifest.csv")
     weights = shared_path("weights", "mobilenet_v2_1.0_224_no_top.h5")
-    summary = extract(manifest, cats_dogs_cache, backbone="mobilenet_v2", weights=weights, store=model_store,
+    cache = shutil.copy(cats_dogs_cache, tmp_path / "cache.h5")  # the session's cache keeps one feature set
+    summary = extract(manifest, cache, backbone="mobilenet_v2", weights=weights, store=model_store,
                       device="cpu", precision="int8")
-    fp32_key = next(k for k in list_feature_sets(cats_dogs_cache) if "int8" not in k)
-    a, b = read_feature_set(cats_dogs_cache, fp32_key), read_feature_set(cats_dogs_cache, summary.key)
+    fp32_key = next(k for k in list_feature_sets(cache) if "int8" not in k)
+    a, b = read_feature_set(cache, fp32_key), read_feature_set(cache, summary.key)
     assert list(a.sha256) == list(b.sha256)  # same image rows, in the same order
     cos = np.sum(a.X * b.X, 1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(b.X, axis=1)
     assert cos.mean() >= 0.99, (cos.mean(), cos.min())

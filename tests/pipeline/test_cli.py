@@ -92,10 +92,14 @@ def test_strict_exit_code(tmp_path, tiny_entry, photo_folder):
     assert ok.returncode == 0 and "1 failed" in ok.stdout and "broken.jpg" in ok.stderr
 
 
-def test_export_precision_variants(tmp_path, model_store, tiny_entry):
+def test_export_precision_variants(tmp_path, tiny_entry):
+    import shutil
+
     from tests.conftest import write_photo_folder
 
-    base = ("export", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--store", model_store.root)
+    store = tmp_path / "store"  # the fp32 export only: no int8 variant made by other tests
+    shutil.copytree(tiny_entry.directory, store / tiny_entry.key)
+    base = ("export", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--store", store)
     missing = tlpipe(*base, "--precision", "int8")
     assert missing.returncode == 2 and "--calibration" in missing.stderr
     photos = write_photo_folder(tmp_path / "photos", per_class=12, seed=7)
