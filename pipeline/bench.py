@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from backbones.deps import distribution_version
 from backbones.export import VerificationError, obtain_backbone, plan_export
 from backbones.quantize import PRECISIONS, check_precision
-from backbones.runtime import OnnxEmbedder, physical_cores
+from backbones.runtime import OnnxEmbedder, default_streams, physical_cores
 from backbones.store import ModelStore, StoreEntry
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -35,6 +36,7 @@ class Timing:
     p50_ms: float
     p95_ms: float
     batches: int
+    streams: int = 1  # sessions run side by side, each with ``threads`` threads (extract's default on CPU: 2)
 
 
 @dataclass
@@ -86,21 +88,34 @@ def _cpuinfo_lines() -> list[str]:
 
 
 def time_batches(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int, min_seconds: float,
-                 min_batches: int = 3) -> tuple[float, float, float, int]:
-    """Warm up, then call ``run`` on successive batches for at least ``min_seconds`` and ``min_batches``:
-    (images/s, p50 ms, p95 ms, batches timed)."""
+                 min_batches: int = 3, streams: int = 1) -> tuple[float, float, float, int]:
+    """Warm up, then call ``run`` on successive batches for at least ``min_seconds`` and ``min_batches``, from
+    ``streams`` threads at once: (images/s over the wall time, p50 ms, p95 ms per batch, batches timed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images[:batch]]
-    run(batches[0])
-    latencies: list[float] = []
-    started = time.perf_counter()
-    while len(latencies) < min_batches or time.perf_counter() - started < min_seconds:
-        x = batches[len(latencies) % len(batches)]
-        t = time.perf_counter()
-        run(x)
-        latencies.append(time.perf_counter() - t)
-    total = sum(latencies)
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        list(pool.map(run, [batches[0]] * streams))  # warm-up (every session)
+        latencies: list[float] = []
+        lock = threading.Lock()
+        started = time.perf_counter()
+
+        def worker(offset: int) -> None:
+            k = offset
+            while True:
+                with lock:
+                    if len(latencies) >= min_batches and time.perf_counter() - started >= min_seconds:
+                        return
+                t = time.perf_counter()
+                run(batches[k % len(batches)])
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                k += streams
+
+        list(pool.map(worker, range(streams)))
+        wall = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
-    return batch * len(latencies) / total, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(latencies)
+    return batch * len(latencies) / wall, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(latencies)
 
 
 def decode_throughput(files: Sequence[Path], size: int, workers: int) -> float:
@@ -190,13 +205,17 @@ def run_bench(backbone: str | None = "mobilenet_v2", *, weights="imagenet", weig
     largest = max(batch_sizes)
     if len(pixels) < largest:
         pixels = np.concatenate([pixels] * (largest // len(pixels) + 1))
+    cores = physical_cores()
+    configs = [(1, n) for n in threads]  # (streams, threads per stream)
+    if device != "cuda" and cores >= 2:
+        configs.append((default_streams(), max(1, cores // default_streams())))  # what extract runs by default
     for precision, variant in entries.items():
-        for n in threads:
-            embed = OnnxEmbedder(variant.model_path, device=device, threads=n)
+        for streams, n in configs:
+            embed = OnnxEmbedder(variant.model_path, device=device, threads=n, streams=streams)
             for batch in batch_sizes:
-                say(f"onnxruntime {precision} · {n} threads · batch {batch}")
-                rate, p50, p95, count = time_batches(embed, pixels, batch, min_seconds)
-                report.timings.append(Timing("onnxruntime", precision, batch, n, rate, p50, p95, count))
+                say(f"onnxruntime {precision} · {streams} x {n} threads · batch {batch}")
+                rate, p50, p95, count = time_batches(embed, pixels, batch, min_seconds, streams=embed.streams)
+                report.timings.append(Timing("onnxruntime", precision, batch, n, rate, p50, p95, count, embed.streams))
     if keras and distribution_version("tensorflow") is not None and model is None:
         plan = plan_export(backbone, weights, size, layer, pooling, weights_dir)
         run = _keras_runner(plan, size)
@@ -226,7 +245,8 @@ def verdict(report: BenchReport) -> dict:
         best = report.best("onnxruntime", precision)
         if best is None:
             continue
-        out["best"][precision] = {"batch": best.batch, "threads": best.threads, "images_per_s": best.images_per_s,
+        out["best"][precision] = {"batch": best.batch, "threads": best.threads, "streams": best.streams,
+                                  "images_per_s": best.images_per_s,
                                   "vs_fp32": best.images_per_s / fp32.images_per_s}
     keras = report.best("keras")
     if keras is not None:
@@ -258,10 +278,10 @@ def format_report(report: BenchReport) -> str:
     lines = [f"{report.backbone} @ {report.input_size}  ({report.key})",
              f"{m['cpu']}, {m['cores']} cores; int8 dot-product: {m['int8_dot_product'] or 'none'}; "
              f"onnxruntime {m['onnxruntime']}, tensorflow {m['tensorflow'] or '-'}; device {report.device}", "",
-             f"{'engine':<12} {'precision':<9} {'batch':>5} {'threads':>10} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9}"]
+             f"{'engine':<12} {'precision':<9} {'batch':>5} {'streams x threads':>17} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9}"]
     for t in report.timings:
-        lines.append(f"{t.engine:<12} {t.precision:<9} {t.batch:>5} {str(t.threads):>10} {t.images_per_s:>9.1f} "
-                     f"{t.p50_ms:>9.1f} {t.p95_ms:>9.1f}")
+        lines.append(f"{t.engine:<12} {t.precision:<9} {t.batch:>5} {f'{t.streams} x {t.threads}':>17} "
+                     f"{t.images_per_s:>9.1f} {t.p50_ms:>9.1f} {t.p95_ms:>9.1f}")
     lines.append("")
     lines.append("decode (read + decode + resize): " + ", ".join(
         f"{k.removesuffix('_img_s').replace('_', ' ')}: {v:.0f} img/s" for k, v in report.decode.items() if k.endswith("img_s")))
@@ -272,7 +292,8 @@ def format_report(report: BenchReport) -> str:
             lines.append(f"{precision} vs fp32 on {v['images']} held-out photos: mean cosine {v['mean_cosine']:.4f}, "
                          f"min {v['min_cosine']:.4f}")
     for precision, best in report.verdict.get("best", {}).items():
-        lines.append(f"best {precision}: batch {best['batch']}, {best['threads']} threads, {best['images_per_s']:.1f} img/s "
+        lines.append(f"best {precision}: batch {best['batch']}, {best['streams']} x {best['threads']} threads, "
+                     f"{best['images_per_s']:.1f} img/s "
                      f"({best['vs_fp32']:.2f}x fp32)")
     if "fp32_vs_keras" in report.verdict:
         lines.append(f"fp32 ONNX Runtime vs Keras: {report.verdict['fp32_vs_keras']:.2f}x; best vs Keras: "

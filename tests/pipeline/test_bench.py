@@ -15,13 +15,35 @@ def test_time_batches_counts_every_timed_call():
     assert rate > 0 and 0 <= p50 <= p95
 
 
+def test_time_batches_from_several_streams_at_once():
+    import threading
+    import time
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def run(x):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        with lock:
+            active[0] -= 1
+
+    rate, p50, _, n = time_batches(run, np.zeros((8, 2)), batch=2, min_seconds=0.1, streams=2)
+    assert peak[0] == 2 and n >= 3
+    assert rate > 1.5 * 2 / (p50 / 1000)  # two batches in flight: about twice one stream's rate
+
+
 def test_sweep_on_a_tiny_backbone(model_store, tiny_entry):
     report = run_bench("mobilenet_v2_0.35", weights="none", size=64, store=model_store, precisions=["int8"],
                        batch_sizes=[1, 4], threads=[1, 2], min_seconds=0.05, sample=24)
     assert report.key == tiny_entry.key
+    from backbones.runtime import default_streams, physical_cores
+
     onnx_rows = [t for t in report.timings if t.engine == "onnxruntime"]
-    assert {(t.precision, t.batch, t.threads) for t in onnx_rows} == {
-        (p, b, n) for p in ("fp32", "int8") for b in (1, 4) for n in (1, 2)}
+    configs = {(1, 1), (1, 2)} | ({(default_streams(), physical_cores() // default_streams())} if physical_cores() >= 2 else set())
+    assert {(t.precision, t.batch, t.streams, t.threads) for t in onnx_rows} == {
+        (p, b, s, n) for p in ("fp32", "int8") for b in (1, 4) for s, n in configs}
     keras_rows = [t for t in report.timings if t.engine == "keras"]
     assert [t.batch for t in keras_rows] == [1, 4]
     assert all(t.images_per_s > 0 and t.p50_ms <= t.p95_ms and t.batches >= 3 for t in report.timings)
@@ -54,7 +76,7 @@ def test_cli_json_and_bad_input(tmp_path, model_store, tiny_entry):
     proc = tlpipe("bench", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--batch", "2",
                   "--threads", "1", "--seconds", "0", "--no-keras", "--json", "--store", model_store.root, check=True)
     data = json.loads(proc.stdout)
-    assert data["key"] == tiny_entry.key and [t["batch"] for t in data["timings"]] == [2]
+    assert data["key"] == tiny_entry.key and {(t["batch"], t["threads"]) for t in data["timings"] if t["streams"] == 1} == {(2, 1)}
     bad = tlpipe("bench", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "-p", "int4",
                  "--store", model_store.root)
     assert bad.returncode == 2 and "precision" in bad.stderr
