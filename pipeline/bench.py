@@ -211,7 +211,8 @@ def run_bench(backbone: str | None = "mobilenet_v2", *, weights="imagenet", weig
         configs.append((default_streams(), max(1, cores // default_streams())))  # what extract runs by default
     for precision, variant in entries.items():
         for streams, n in configs:
-            embed = OnnxEmbedder(variant.model_path, device=device, threads=n, streams=streams)
+            embed = OnnxEmbedder(variant.model_path, device=device, threads=n, streams=streams,
+                                 micro_batch=max(batch_sizes))  # each batch runs whole, as timed
             for batch in batch_sizes:
                 say(f"onnxruntime {precision} · {streams} x {n} threads · batch {batch}")
                 rate, p50, p95, count = time_batches(embed, pixels, batch, min_seconds, streams=embed.streams)

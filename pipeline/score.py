@@ -39,7 +39,7 @@ import numpy as np
 from backbones.deps import MissingExtra
 from backbones.export import INPUT_NAME
 from backbones.weights import sha256_file
-from backbones.runtime import OnnxEmbedder, create_session
+from backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_session
 from backbones.store import ModelStore, StoreEntry
 from features.cache import CacheError, read_retrying
 from features.extract import _Loaded, decode_workers, iter_loaded
@@ -138,8 +138,14 @@ def fused_predictor(model: str | os.PathLike, *, device: str = "auto", threads: 
     if meta.get("tlpipe.kind") != "classifier" or "tlpipe.class_names" not in meta:
         raise ScoreError(f"{model} is not a tlpipe classifier (write one with export-model); a backbone alone "
                          f"gives embeddings, not predictions: score with its head instead")
+    step = CPU_MICRO_BATCH if session.get_providers()[0] == "CPUExecutionProvider" else None
+
+    def from_pixels(pixels: np.ndarray) -> np.ndarray:  # CPU: chunks whose activations stay in cache
+        chunks = [pixels[i:i + step] for i in range(0, len(pixels), step)] if step and len(pixels) else [pixels]
+        return np.concatenate([session.run([PROBABILITIES], {INPUT_NAME: chunk})[0] for chunk in chunks])
+
     return Predictor(json.loads(meta["tlpipe.class_names"]), int(meta["tlpipe.input_size"]),
-                     from_pixels=lambda pixels: session.run([PROBABILITIES], {INPUT_NAME: pixels})[0],
+                     from_pixels=from_pixels,
                      key=meta.get("tlpipe.key"), provider=session.get_providers()[0])
 
 

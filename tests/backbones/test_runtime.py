@@ -62,3 +62,13 @@ def test_streams_run_side_by_side_and_agree(tiny_entry):
     np.testing.assert_allclose(np.concatenate(parts), one(images), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="streams"):
         OnnxEmbedder(tiny_entry.model_path, device="cpu", streams=0)
+
+
+def test_micro_batches_give_the_whole_batch_result(tiny_entry):
+    images = np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    whole = OnnxEmbedder(tiny_entry.model_path, device="cpu", micro_batch=64)
+    chunked = OnnxEmbedder(tiny_entry.model_path, device="cpu", micro_batch=3)
+    assert OnnxEmbedder(tiny_entry.model_path, device="cpu").micro_batch == runtime.CPU_MICRO_BATCH
+    np.testing.assert_allclose(chunked(images), whole(images), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="micro_batch"):
+        OnnxEmbedder(tiny_entry.model_path, device="cpu", micro_batch=0)
