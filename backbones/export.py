@@ -176,15 +176,19 @@ def verification_images(size: int, count: int = 8) -> np.ndarray:
     return np.stack(batch).astype(np.uint8)
 
 
+def cosine_similarities(actual: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity (1.0 where both rows are zero)."""
+    a, r = actual.astype(np.float64), reference.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1)
+    return np.where(norms > 0, np.sum(a * r, axis=1) / np.maximum(norms, 1e-300), 1.0)
+
+
 def compare_embeddings(actual: np.ndarray, reference: np.ndarray) -> dict:
     """Max abs difference, relative difference and minimum cosine similarity between two batches."""
-    actual, reference = actual.astype(np.float64), reference.astype(np.float64)
-    diff = float(np.max(np.abs(actual - reference)))
+    diff = float(np.max(np.abs(actual.astype(np.float64) - reference)))
     scale = float(np.max(np.abs(reference)))
-    norms = np.linalg.norm(actual, axis=1) * np.linalg.norm(reference, axis=1)
-    cos = np.where(norms > 0, np.sum(actual * reference, axis=1) / np.maximum(norms, 1e-300), 1.0)
-    return {"max_abs_diff": diff, "rel_diff": diff / scale if scale > 0 else diff, "min_cosine": float(np.min(cos)),
-            "images": int(len(reference))}
+    return {"max_abs_diff": diff, "rel_diff": diff / scale if scale > 0 else diff,
+            "min_cosine": float(np.min(cosine_similarities(actual, reference))), "images": int(len(reference))}
 
 
 def verify(model_bytes: bytes, images: np.ndarray, reference: np.ndarray) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .deps import distribution_version, require
-from .export import INPUT_NAME, VerificationError, add_metadata
+from .export import INPUT_NAME, VerificationError, add_metadata, cosine_similarities
 from .store import ModelStore, StoreEntry, make_key
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,6 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
-
-
-def cosine_similarities(actual: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity (1.0 where both rows are zero)."""
-    a, r = actual.astype(np.float64), reference.astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(r, axis=1)
-    return np.where(norms > 0, np.sum(a * r, axis=1) / np.maximum(norms, 1e-300), 1.0)
 
 
 def _embed(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -97,13 +90,9 @@ def conv_hessians(model_path: Path, calibration: np.ndarray) -> dict[str, np.nda
     onnx = require("onnx")
     ort = require("onnxruntime")
     model = onnx.load(str(model_path))
-    weights = {i.name for i in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights]
-    wanted = {}
-    for node in convs:
-        group = _attribute(node, "group", 1)
-        if group == 1 or next((t for t in model.graph.initializer if t.name == node.input[1])).dims[1] == 1:
-            wanted[node.name] = node
+    weights = {i.name: i for i in model.graph.initializer}
+    wanted = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights
+              and (_attribute(n, "group", 1) == 1 or weights[n.input[1]].dims[1] == 1)}
     inputs = sorted({node.input[0] for node in wanted.values()})
     existing = {o.name for o in model.graph.output}
     for name in inputs:

@@ -59,15 +59,17 @@ class BenchReport:
         return max(rows, key=lambda t: t.images_per_s, default=None)
 
 
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux); empty where they cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    line = next((line for line in _cpuinfo_lines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
 def machine_facts() -> dict:
@@ -78,13 +80,6 @@ def machine_facts() -> dict:
             "onnxruntime": distribution_version("onnxruntime"), "tensorflow": distribution_version("tensorflow"),
             "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
             "int8_dot_product": ", ".join(sorted(flags.intersection(VNNI_FLAGS))) or None if flags else "unknown"}
-
-
-def _cpuinfo_lines() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def time_batches(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int, min_seconds: float,
@@ -118,16 +113,20 @@ def time_batches(run: Callable[[np.ndarray], object], images: np.ndarray, batch:
     return batch * len(latencies) / wall, float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), len(latencies)
 
 
-def decode_throughput(files: Sequence[Path], size: int, workers: int) -> float:
-    """Images/s for read + decode + resize of ``files`` with ``workers`` threads (the extraction mapper)."""
+def decode_throughput(files: Sequence[Path], size: int, workers: int) -> tuple[float, np.ndarray]:
+    """Images/s for read + decode + resize of ``files`` with ``workers`` threads (the extraction mapper), and
+    the decoded images (unreadable files left out)."""
     from features.extract import iter_loaded
     from features.sources import ImageRecord
 
     records = [ImageRecord(p.name, str(p), None, None) for p in files]
     started = time.perf_counter()
-    done = sum(1 for loaded in iter_loaded(records, size, "squash", lambda sha: False, workers=workers)
-               if loaded.pixels is not None)
-    return done / (time.perf_counter() - started)
+    pixels = [x.pixels for x in iter_loaded(records, size, "squash", lambda sha: False, workers=workers)
+              if x.pixels is not None]
+    rate = len(pixels) / (time.perf_counter() - started)
+    if not pixels:
+        raise ValueError("none of the benchmark images could be decoded")
+    return rate, np.stack(pixels)
 
 
 def _photo_files(folder: Path | None, count: int, scratch: Path) -> list[Path]:
@@ -182,16 +181,11 @@ def run_bench(backbone: str | None = "mobilenet_v2", *, weights="imagenet", weig
     report = BenchReport(entry.metadata.get("backbone", str(backbone)), entry.key, size, machine_facts(), device)
     with tempfile.TemporaryDirectory(prefix="tlpipe-bench-") as scratch:
         files = _photo_files(Path(images) if images is not None else None, sample, Path(scratch))
-        from features.sources import ImageRecord
-
         say(f"decoding {len(files)} photos…")
         workers = physical_cores() + 1
-        report.decode = {"images": len(files), "threads_1_img_s": decode_throughput(files, size, 1),
-                         f"threads_{workers}_img_s": decode_throughput(files, size, workers)}
-        records = [ImageRecord(p.name, str(p), None, None) for p in files]
-        from features.extract import iter_loaded
-
-        pixels = np.stack([x.pixels for x in iter_loaded(records, size, "squash", lambda s: False) if x.pixels is not None])
+        single, _ = decode_throughput(files, size, 1)
+        threaded, pixels = decode_throughput(files, size, workers)
+        report.decode = {"images": len(files), "threads_1_img_s": single, f"threads_{workers}_img_s": threaded}
     entries: dict[str, StoreEntry] = {"fp32": entry}
     for precision in precisions[1:]:
         say(f"making the {precision} variant (calibrate, verify against fp32)…")
