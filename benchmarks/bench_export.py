@@ -26,12 +26,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export.json")
     args = parser.parse_args()
 
-    from backbones.export import export_backbone
-    from backbones.store import ModelStore
-    from backbones.weights import WeightsUnavailable, resolve_weights
-    from backbones.registry import get_backbone
+    from tlpipe.backbones.export import export_backbone
+    from tlpipe.backbones.store import ModelStore
+    from tlpipe.backbones.weights import WeightsUnavailable, resolve_weights
+    from tlpipe.backbones.registry import get_backbone
 
-    from backbones.deps import require
+    from tlpipe.backbones.deps import require
 
     started = time.perf_counter()
     require("tensorflow"), require("tf2onnx"), require("onnxruntime")

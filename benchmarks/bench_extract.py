@@ -43,7 +43,7 @@ def pure_inference(entry, images, batch: int = 32, rounds: int = 3, streams: int
     by its own thread (so the ceiling is measured with the same parallelism extract may use)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from backbones.runtime import OnnxEmbedder
+    from tlpipe.backbones.runtime import OnnxEmbedder
 
     embed = OnnxEmbedder(entry.model_path, device="cpu", streams=streams)
     batches = [images[i:i + batch] for i in range(0, len(images), batch)]
@@ -73,17 +73,17 @@ def main() -> None:
 
     import numpy as np
 
-    from backbones.export import export_backbone
-    from backbones.store import ModelStore
-    from features.extract import extract
-    from features.images import load_image
-    from features.sources import discover
+    from tlpipe.backbones.export import export_backbone
+    from tlpipe.backbones.store import ModelStore
+    from tlpipe.features.extract import extract
+    from tlpipe.features.images import load_image
+    from tlpipe.features.sources import discover
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-"))
     store = ModelStore(work / "store")
     entry = export_backbone("mobilenet_v2", weights=args.weights, store=store)
     if args.precision != "fp32":
-        from features.calibration import variant_for
+        from tlpipe.features.calibration import variant_for
 
         entry = variant_for(entry, args.precision, store, discover(args.data).records)
     records = discover(args.data).records

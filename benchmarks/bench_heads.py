@@ -33,9 +33,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from features.cache import FeatureSet  # noqa: E402
-from pipeline.compare import compare_heads  # noqa: E402
-from pipeline.heads import HEADS, search_space  # noqa: E402
+from tlpipe.features.cache import FeatureSet  # noqa: E402
+from tlpipe.pipeline.compare import compare_heads  # noqa: E402
+from tlpipe.pipeline.heads import HEADS, search_space  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heads.json"
 

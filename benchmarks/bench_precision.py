@@ -30,7 +30,7 @@ def operator_profile(model_path: Path, images, batch: int = 32, rounds: int = 4)
     """Share of kernel time per operator type, from ONNX Runtime's own profiler."""
     import onnxruntime as ort
 
-    from backbones.runtime import session_options
+    from tlpipe.backbones.runtime import session_options
 
     options = session_options()
     options.enable_profiling = True
@@ -62,13 +62,13 @@ def main() -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from backbones.quantize import compare_to_fp32, quantize_int8
-    from backbones.store import ModelStore
-    from features.cache import read_feature_set
-    from features.calibration import sample_images
-    from features.extract import extract
-    from features.sources import discover
-    from pipeline.bench import format_report, run_bench
+    from tlpipe.backbones.quantize import compare_to_fp32, quantize_int8
+    from tlpipe.backbones.store import ModelStore
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.calibration import sample_images
+    from tlpipe.features.extract import extract
+    from tlpipe.features.sources import discover
+    from tlpipe.pipeline.bench import format_report, run_bench
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-precision-"))
     store = ModelStore(work / "store")

@@ -43,7 +43,7 @@ SHARED = ROOT.parent / "shared"
 def image_folder(data: Path, target: Path, limit: int) -> Path:
     """The first ``limit`` photos of --data's class folders (classes interleaved) copied to ``target``, or
     generated photos when there is no --data."""
-    from features.sources import discover
+    from tlpipe.features.sources import discover
 
     if not data.is_dir():
         from tests.conftest import write_photo_folder
@@ -59,7 +59,7 @@ def image_folder(data: Path, target: Path, limit: int) -> Path:
 
 
 def decode_rate(records, size: int) -> float:
-    from features.extract import _load
+    from tlpipe.features.extract import _load
 
     started = time.perf_counter()
     for r in records:
@@ -68,7 +68,7 @@ def decode_rate(records, size: int) -> float:
 
 
 def inference_rate(entry, pixels: np.ndarray, threads: int | None, batch: int = 32) -> float:
-    from backbones.runtime import OnnxEmbedder
+    from tlpipe.backbones.runtime import OnnxEmbedder
 
     embed = OnnxEmbedder(entry.model_path, device="cpu", threads=threads)
     embed(pixels[:batch])  # warm-up
@@ -80,7 +80,7 @@ def inference_rate(entry, pixels: np.ndarray, threads: int | None, batch: int = 
 
 def commit_rate(path: Path, key: str, dim: int, rows: int, batch: int) -> float:
     """CacheWriter.add of random embeddings with fresh rows, ``batch`` rows per commit: rows/s."""
-    from features.cache import CacheWriter, ImageRow
+    from tlpipe.features.cache import CacheWriter, ImageRow
 
     rng = np.random.default_rng(0)
     X = rng.random((rows, dim), dtype=np.float32)
@@ -107,14 +107,14 @@ def main() -> None:
 
     import ray
 
-    from backbones.export import export_backbone
-    from backbones.store import ModelStore
-    from features.cache import CacheWriter
-    from features.extract import ExtractSummary, extract
-    from features.images import decode_image
-    from features.ray_engine import (EmbedActor, _commit, decoded_dataset, extract_ray, map_stage, ordered_batches,
+    from tlpipe.backbones.export import export_backbone
+    from tlpipe.backbones.store import ModelStore
+    from tlpipe.features.cache import CacheWriter
+    from tlpipe.features.extract import ExtractSummary, extract
+    from tlpipe.features.images import decode_image
+    from tlpipe.features.ray_engine import (EmbedActor, _commit, decoded_dataset, extract_ray, map_stage, ordered_batches,
                                      plan_actors)
-    from features.sources import discover
+    from tlpipe.features.sources import discover
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-ray-"))
     try:

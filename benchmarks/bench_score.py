@@ -38,7 +38,7 @@ SHARED = ROOT.parent / "shared"
 
 SCORE_CHILD = """
 import json, sys
-from pipeline.score import score
+from tlpipe.pipeline.score import score
 s = score(sys.argv[1], sys.argv[2], model=sys.argv[3], device="cpu")
 print(json.dumps({"written": s.written, "failed": s.failed, "seconds": s.seconds, "img_s": s.images_per_second}))
 """
@@ -55,7 +55,7 @@ def source_photos(data: Path) -> list[tuple[str, str | np.ndarray]]:
     """(label, file or RGB array) of the photos to copy: --data's class folders, else scikit-learn's samples."""
     from PIL import Image
 
-    from features.sources import discover
+    from tlpipe.features.sources import discover
 
     if data.is_dir():
         by_label: dict[str, list[str]] = {}
@@ -79,7 +79,7 @@ def make_images(dest: Path, count: int, photos: list[tuple[str, str | np.ndarray
     """``count`` JPEGs under ``dest/<label>/``, round-robin copies of ``photos`` with 8 pixels changed each."""
     from PIL import Image
 
-    from backbones.runtime import physical_cores
+    from tlpipe.backbones.runtime import physical_cores
 
     copies = [list(range(i, count, len(photos))) for i in range(min(len(photos), count))]
 
@@ -132,14 +132,14 @@ def main() -> None:
     small, large = (200, 1000) if args.quick else (2000, 20000)
     out = args.out or ROOT / "benchmarks" / "results" / ("score_quick.json" if args.quick else "score.json")
 
-    from backbones.export import export_backbone
-    from backbones.store import ModelStore
-    from features.cache import read_feature_set
-    from features.extract import extract
-    from pipeline.artifacts import save_head
-    from pipeline.fuse import export_model
-    from pipeline.heads import make_head
-    from pipeline.score import score
+    from tlpipe.backbones.export import export_backbone
+    from tlpipe.backbones.store import ModelStore
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.extract import extract
+    from tlpipe.pipeline.artifacts import save_head
+    from tlpipe.pipeline.fuse import export_model
+    from tlpipe.pipeline.heads import make_head
+    from tlpipe.pipeline.score import score
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-score-"))
     try:

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from backbones.quantize import check_precision, find_variant, make_variant
-from backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.quantize import check_precision, find_variant, make_variant
+from tlpipe.backbones.store import ModelStore, StoreEntry
 
 from .extract import iter_loaded
 from .sources import ImageRecord
@@ -68,7 +68,7 @@ def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Se
     if not records:
         if precision == "int8":
             raise ValueError("int8 is calibrated on your own photos: give a folder or manifest of them (--calibration)")
-        from backbones.export import verification_images
+        from tlpipe.backbones.export import verification_images
 
         return make_variant(base, precision, store, held=verification_images(base.input_size, 16))
     sample = sample_images(records, base.input_size, resize)

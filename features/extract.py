@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from backbones.export import obtain_backbone
-from backbones.runtime import OnnxEmbedder, default_streams, physical_cores
-from backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.export import obtain_backbone
+from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cores
+from tlpipe.backbones.store import ModelStore, StoreEntry
 
 from .cache import CacheError, CacheWriter, ImageRow
 from .images import ImageError, decode_image
@@ -211,7 +211,7 @@ def open_source(source: str | os.PathLike, out: str | os.PathLike, allow_outside
 def resolve_entry(images: ImageSource, backbone, weights, size, layer, pooling, weights_dir, store, model,
                   precision: str = "fp32", resize: str = "squash", recalibrate: bool = False) -> StoreEntry:
     """The model-store entry an extract runs: the fp32 export, or its int8/fp16 variant calibrated on ``images``."""
-    from backbones.quantize import check_precision
+    from tlpipe.backbones.quantize import check_precision
 
     check_precision(precision)
     store = store or ModelStore()

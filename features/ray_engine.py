@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from backbones.deps import require
-from backbones.runtime import OnnxEmbedder
-from backbones.store import ModelStore
+from tlpipe.backbones.deps import require
+from tlpipe.backbones.runtime import OnnxEmbedder
+from tlpipe.backbones.store import ModelStore
 
 from .cache import CacheWriter, ImageRow
 from .extract import ExtractSummary, _load, open_source, resolve_entry

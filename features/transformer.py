@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from backbones.export import obtain_backbone
-from backbones.runtime import OnnxEmbedder
+from tlpipe.backbones.export import obtain_backbone
+from tlpipe.backbones.runtime import OnnxEmbedder
 
 from .cache import CacheWriter, lookup_embeddings
 from .extract import run_extraction

@@ -19,7 +19,7 @@ import joblib
 import numpy as np
 import sklearn
 
-from features.cache import FeatureSet
+from tlpipe.features.cache import FeatureSet
 
 FORMAT_VERSION = 1
 

@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from backbones.deps import distribution_version
-from backbones.export import VerificationError, obtain_backbone, plan_export
-from backbones.quantize import PRECISIONS, check_precision
-from backbones.runtime import OnnxEmbedder, default_streams, physical_cores
-from backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.deps import distribution_version
+from tlpipe.backbones.export import VerificationError, obtain_backbone, plan_export
+from tlpipe.backbones.quantize import PRECISIONS, check_precision
+from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cores
+from tlpipe.backbones.store import ModelStore, StoreEntry
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -116,8 +116,8 @@ def time_batches(run: Callable[[np.ndarray], object], images: np.ndarray, batch:
 def decode_throughput(files: Sequence[Path], size: int, workers: int) -> tuple[float, np.ndarray]:
     """Images/s for read + decode + resize of ``files`` with ``workers`` threads (the extraction mapper), and
     the decoded images (unreadable files left out)."""
-    from features.extract import iter_loaded
-    from features.sources import ImageRecord
+    from tlpipe.features.extract import iter_loaded
+    from tlpipe.features.sources import ImageRecord
 
     records = [ImageRecord(p.name, str(p), None, None) for p in files]
     started = time.perf_counter()
@@ -132,7 +132,7 @@ def decode_throughput(files: Sequence[Path], size: int, workers: int) -> tuple[f
 def _photo_files(folder: Path | None, count: int, scratch: Path) -> list[Path]:
     """Up to ``count`` image files: from ``folder``, else JPEG crops of scikit-learn's bundled photos."""
     if folder is not None:
-        from features.sources import discover
+        from tlpipe.features.sources import discover
 
         records = discover(folder).records
         if not records:
@@ -153,7 +153,7 @@ def _photo_files(folder: Path | None, count: int, scratch: Path) -> list[Path]:
 
 
 def _keras_runner(plan, size: int):
-    from backbones import keras_build
+    from tlpipe.backbones import keras_build
 
     model = keras_build.build_embedding_model(plan.spec, size, plan.weights, plan.layer, plan.pooling)
     return lambda x: model(x, training=False)
@@ -223,7 +223,7 @@ def run_bench(backbone: str | None = "mobilenet_v2", *, weights="imagenet", weig
 
 
 def _variant(entry: StoreEntry, precision: str, store: ModelStore, pixels: np.ndarray) -> StoreEntry:
-    from backbones.quantize import find_variant, make_variant
+    from tlpipe.backbones.quantize import find_variant, make_variant
 
     if (found := find_variant(store, entry, precision)) is not None:
         return found

@@ -40,7 +40,7 @@ def _check_engine(engine: str) -> None:
 
 
 def _store(path: Optional[Path]):
-    from backbones.store import ModelStore
+    from tlpipe.backbones.store import ModelStore
 
     return ModelStore(path)
 
@@ -74,7 +74,7 @@ def _progress(quiet: bool, label: str):
 def backbones(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
               cuts: bool = typer.Option(False, "--cuts", help="List every cut point with its channels.")):
     """List the backbone registry: sizes, preprocessing contract, embedding dimensions, cut points."""
-    from backbones.registry import PREPROCESSING_MODES, list_backbones
+    from tlpipe.backbones.registry import PREPROCESSING_MODES, list_backbones
 
     specs = list_backbones()
     if as_json:
@@ -109,15 +109,15 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
     """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
     With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry."""
-    from backbones.export import export_backbone
-    from backbones.quantize import check_precision
+    from tlpipe.backbones.export import export_backbone
+    from tlpipe.backbones.quantize import check_precision
 
     check_precision(precision)
     with console.status(f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
         entry = export_backbone(backbone, weights, size, layer, pooling, weights_dir, _store(store), opset, seed, force)
     if precision != "fp32":
-        from features.calibration import variant_for
-        from features.sources import discover
+        from tlpipe.features.calibration import variant_for
+        from tlpipe.features.sources import discover
 
         records = discover(calibration).records if calibration is not None else None
         with console.status(f"making the {precision} variant (calibrate, verify against fp32)…"):
@@ -163,11 +163,11 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
                    precision=precision, recalibrate=recalibrate)
     with _progress(quiet, "extract") as progress:
         if engine == "ray":
-            from features.ray_engine import extract_ray
+            from tlpipe.features.ray_engine import extract_ray
 
             summary = extract_ray(source, out_path, address=address, num_actors=actors, progress=progress, **options)
         else:
-            from features.extract import extract as run
+            from tlpipe.features.extract import extract as run
 
             summary = run(source, out_path, workers=workers, streams=streams, progress=progress, **options)
     if not quiet:
@@ -186,7 +186,7 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
 @app.command()
 def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json")):
     """Show what a cache holds: images, classes, splits, feature sets, failures."""
-    from features.cache import describe
+    from tlpipe.features.cache import describe
 
     d = describe(cache)
     if as_json:
@@ -225,8 +225,8 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
              engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
-    from pipeline.engine import parallel_backend
-    from pipeline.train import train_head
+    from tlpipe.pipeline.engine import parallel_backend
+    from tlpipe.pipeline.train import train_head
 
     pca_arg = int(pca) if pca is not None and pca >= 1 else pca
     with console.status(f"fitting {model}…"), parallel_backend(engine, address):
@@ -255,9 +255,9 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs \\[default: all cores]."),
             engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
-    from features.cache import read_feature_set
-    from pipeline.compare import compare_heads, format_table, write_report
-    from pipeline.engine import parallel_backend
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.pipeline.compare import compare_heads, format_table, write_report
+    from tlpipe.pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     fs = read_feature_set(cache, features)
@@ -279,9 +279,9 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
              report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
              trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code).")):
     """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
-    from features.cache import read_feature_set
-    from pipeline.artifacts import load_head
-    from pipeline.evaluate import evaluate_head, save_confusion_matrix
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.pipeline.artifacts import load_head
+    from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
 
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
@@ -326,11 +326,11 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
                    store=_store(store), resize=resize, threads=threads, allow_outside_root=allow_outside_root)
     with _progress(quiet, "score") as progress:
         if engine == "ray":
-            from pipeline.score_ray import score_ray
+            from tlpipe.pipeline.score_ray import score_ray
 
             summary = score_ray(source, out_path, address=address, num_actors=actors, progress=progress, **options)
         else:
-            from pipeline.score import score as run
+            from tlpipe.pipeline.score import score as run
 
             summary = run(source, out_path, workers=workers, progress=progress, **options)
     if not quiet:
@@ -347,11 +347,11 @@ def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe 
                  trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
                  store: Optional[Path] = StoreOpt):
     """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
-    from pipeline.fuse import export_model as run
+    from tlpipe.pipeline.fuse import export_model as run
 
     images = None
     if verify is not None:
-        from features.sources import discover
+        from tlpipe.features.sources import discover
 
         images = [r.abspath for r in discover(verify).records[:32]]
     with console.status("converting the head (skl2onnx), merging with the backbone, verifying…"):
@@ -380,7 +380,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
     """Fine-tune the last blocks in TensorFlow, warm-started from a head; re-export the backbone to ONNX.
 
     A killed run resumes from its last epoch when started again with the same --out."""
-    from pipeline.finetune import finetune as run
+    from tlpipe.pipeline.finetune import finetune as run
 
     result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
                  unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
@@ -410,7 +410,7 @@ def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: O
           store: Optional[Path] = StoreOpt):
     """Time a backbone here: ONNX Runtime per precision, batch size and thread count (images/s, p50/p95 per
     batch) against Keras on the same images, and decoding on its own; says whether int8 pays off on this CPU."""
-    from pipeline.bench import format_report, run_bench
+    from tlpipe.pipeline.bench import format_report, run_bench
 
     def say(message: str) -> None:
         if not as_json:
@@ -429,7 +429,7 @@ def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: O
 def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the data, cache, heads and report."),
          backbone: str = BackboneOpt, weights_dir: Optional[Path] = WeightsDirOpt, store: Optional[Path] = StoreOpt):
     """The whole job on built-in data (scikit-learn's digits), offline: export, extract, compare, fit-head, evaluate."""
-    from pipeline.demo import run_demo
+    from tlpipe.pipeline.demo import run_demo
 
     run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
 
@@ -439,11 +439,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, K
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a missing extra: one line, no traceback."""
-    from backbones import MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable
-    from features.cache import CacheError
+    from tlpipe.backbones import MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable
+    from tlpipe.features.cache import CacheError
 
     found = [MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable, CacheError]
-    for module, name in (("pipeline.artifacts", "HeadError"), ("pipeline.score", "ScoreError"), ("pipeline.fuse", "FuseError")):
+    for module, name in (("tlpipe.pipeline.artifacts", "HeadError"), ("tlpipe.pipeline.score", "ScoreError"), ("tlpipe.pipeline.fuse", "FuseError")):
         if module in sys.modules:  # only what the command imported
             found.append(getattr(sys.modules[module], name))
     return USER_ERRORS + tuple(found)

@@ -11,9 +11,9 @@ from time import perf_counter
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from features.cache import FeatureSet
-from pipeline.evaluate import save_confusion_matrix
-from pipeline.heads import HEADS, class_balance, cross_validate, resolve_pca, select_split, summarize
+from tlpipe.features.cache import FeatureSet
+from tlpipe.pipeline.evaluate import save_confusion_matrix
+from tlpipe.pipeline.heads import HEADS, class_balance, cross_validate, resolve_pca, select_split, summarize
 
 _METRICS = ("accuracy", "macro_f1", "log_loss", "fit_s", "predict_s")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backbones.weights import WeightsUnavailable
+from tlpipe.backbones.weights import WeightsUnavailable
 
 
 def write_digits_folder(root: str | Path, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Path:
@@ -36,7 +36,7 @@ def write_digits_folder(root: str | Path, size: int = 64, test_fraction: float =
 
 def obtain_demo_backbone(backbone: str, weights_dir, store):
     """ImageNet weights when they can be had (weights directory, Keras' cache, download); else random init."""
-    from backbones.export import obtain_backbone
+    from tlpipe.backbones.export import obtain_backbone
 
     try:
         entry = obtain_backbone(backbone, "imagenet", weights_dir=weights_dir, store=store)
@@ -54,8 +54,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     """Run the demo end to end; returns a summary (also written to ``out_dir/summary.json``)."""
     from rich.console import Console
 
-    from features.cache import read_feature_set
-    from features.extract import extract
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.extract import extract
 
     from .compare import compare_heads, format_table, write_report
     from .fuse import export_model

@@ -26,7 +26,7 @@ def parallel_backend(engine: str = "local", address: str | None = None) -> Itera
     if engine == "local":
         yield
         return
-    from features.ray_engine import ray_cluster
+    from tlpipe.features.ray_engine import ray_cluster
 
     with ray_cluster(address):
         from ray.util.joblib import register_ray

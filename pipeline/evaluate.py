@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
-from features.cache import FeatureSet
-from pipeline.artifacts import check_compatible
+from tlpipe.features.cache import FeatureSet
+from tlpipe.pipeline.artifacts import check_compatible
 
 
 @dataclass

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backbones.export import (ExportPlan, INPUT_NAME, convert, export_plan, plan_export, rename_output,
+from tlpipe.backbones.export import (ExportPlan, INPUT_NAME, convert, export_plan, plan_export, rename_output,
                               verify)
-from backbones.registry import BackboneSpec
-from backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry
-from features.images import ImageError, load_image
-from features.sources import ImageRecord, discover
+from tlpipe.backbones.registry import BackboneSpec
+from tlpipe.backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry
+from tlpipe.features.images import ImageError, load_image
+from tlpipe.features.sources import ImageRecord, discover
 
 from .artifacts import load_head
 
@@ -250,7 +250,7 @@ def build_models(plan: ExportPlan, n_classes: int, *, unfreeze_from: str | None 
     """The fine-tuning models for ``plan``'s backbone (full, no cut point) with ``n_classes`` outputs."""
     import keras
 
-    from backbones import keras_build
+    from tlpipe.backbones import keras_build
 
     base = keras_build.build_base(plan.spec, plan.size, plan.weights)
     start = resolve_unfreeze(base, plan.spec, unfreeze_from, unfreeze_last)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from backbones.deps import distribution_version, require
-from backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
-from backbones.store import ModelStore
-from features.images import load_image
+from tlpipe.backbones.deps import distribution_version, require
+from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
+from tlpipe.backbones.store import ModelStore
+from tlpipe.features.images import load_image
 
 from .artifacts import _atomic_write, load_head
 from .score import PROBABILITIES, head_backbone
@@ -246,7 +246,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     onnx, ort, skl2onnx = require("onnx"), require("onnxruntime"), require("skl2onnx")
     import sklearn
 
-    from backbones.runtime import OnnxEmbedder
+    from tlpipe.backbones.runtime import OnnxEmbedder
 
     out = Path(out)
     if out.is_dir():

@@ -23,7 +23,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 
-from features.cache import FeatureSet
+from tlpipe.features.cache import FeatureSet
 
 HEADS = ("logreg", "svm", "rbf-svm", "mlp")
 # Heads whose classifier is wrapped in CalibratedClassifierCV: their parameters live under ``estimator__``.

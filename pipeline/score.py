@@ -36,15 +36,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from backbones.deps import MissingExtra
-from backbones.export import INPUT_NAME
-from backbones.weights import sha256_file
-from backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_session
-from backbones.store import ModelStore, StoreEntry
-from features.cache import CacheError, read_retrying
-from features.extract import _Loaded, decode_workers, iter_loaded
-from features.images import RESIZE_MODES
-from features.sources import ImageRecord, ImageSource, discover
+from tlpipe.backbones.deps import MissingExtra
+from tlpipe.backbones.export import INPUT_NAME
+from tlpipe.backbones.weights import sha256_file
+from tlpipe.backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_session
+from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.features.cache import CacheError, read_retrying
+from tlpipe.features.extract import _Loaded, decode_workers, iter_loaded
+from tlpipe.features.images import RESIZE_MODES
+from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
 from .artifacts import HeadError, load_head
 

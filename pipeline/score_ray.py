@@ -17,13 +17,13 @@ from typing import Callable
 
 import numpy as np
 
-from backbones.deps import require
-from backbones.runtime import OnnxEmbedder
-from backbones.store import ModelStore
-from features.images import RESIZE_MODES
-from features.ray_engine import (CACHED, FAILED, OK, decoded_dataset, map_stage, model_file, ordered_batches,
+from tlpipe.backbones.deps import require
+from tlpipe.backbones.runtime import OnnxEmbedder
+from tlpipe.backbones.store import ModelStore
+from tlpipe.features.images import RESIZE_MODES
+from tlpipe.features.ray_engine import (CACHED, FAILED, OK, decoded_dataset, map_stage, model_file, ordered_batches,
                                  pixels_of, plan_actors, ray_cluster)
-from features.sources import discover
+from tlpipe.features.sources import discover
 
 from .artifacts import load_head
 from .score import (CachedEmbeddings, Predictor, ScoreError, ScoreSummary, display_path, error_row, fused_predictor,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from features.cache import FeatureSet, read_feature_set
+from tlpipe.features.cache import FeatureSet, read_feature_set
 
 from .artifacts import save_head
 from .evaluate import EvalResult, evaluate_head

@@ -43,7 +43,7 @@ def write_photo_folder(root: Path, per_class: int = 6, seed: int = 0, fmt: str =
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
     """One model store for the whole run, so each backbone is exported once."""
-    from backbones.store import ModelStore
+    from tlpipe.backbones.store import ModelStore
 
     return ModelStore(tmp_path_factory.mktemp("model-store"))
 
@@ -51,7 +51,7 @@ def model_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_entry(model_store):
     """A real, small export: MobileNetV2 alpha 0.35 at 64 px, random init (seeded)."""
-    from backbones.export import export_backbone
+    from tlpipe.backbones.export import export_backbone
 
     return export_backbone("mobilenet_v2_0.35", weights="none", size=64, store=model_store)
 
@@ -64,7 +64,7 @@ def photo_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def cats_dogs_cache(tmp_path_factory, model_store):
     """../shared's cats_vs_dogs (1,000 photos) embedded with MobileNetV2 1.0 and its real ImageNet weights."""
-    from features.extract import extract
+    from tlpipe.features.extract import extract
 
     weights = shared_path("weights", "mobilenet_v2_1.0_224_no_top.h5")
     manifest = shared_path("datasets", "cats_vs_dogs", "manifest.csv")  # carries the train/test split

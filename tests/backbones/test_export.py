@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from backbones.export import (INPUT_NAME, VerificationError, compare_embeddings, export_backbone, plan_export,
+from tlpipe.backbones.export import (INPUT_NAME, VerificationError, compare_embeddings, export_backbone, plan_export,
                               verification_images)
-from backbones.store import ModelStore
+from tlpipe.backbones.store import ModelStore
 from tests.conftest import shared_path
 
 pytestmark = pytest.mark.slow
@@ -47,7 +47,7 @@ def test_export_matches_keras(model_store, backbone, size, layer, pooling, dim):
 
 
 def test_second_export_is_a_cache_hit(model_store, tiny_entry, monkeypatch):
-    import backbones.export as export
+    import tlpipe.backbones.export as export
 
     monkeypatch.setattr(export, "export_plan", lambda *a, **k: pytest.fail("converted again"))
     again = export_backbone("mobilenet_v2_0.35", weights="none", size=64, store=model_store)
@@ -57,7 +57,7 @@ def test_second_export_is_a_cache_hit(model_store, tiny_entry, monkeypatch):
 
 
 def test_failed_export_leaves_no_entry(tmp_path, monkeypatch):
-    import backbones.export as export
+    import tlpipe.backbones.export as export
 
     store = ModelStore(tmp_path)
     monkeypatch.setattr(export, "verify", lambda *a: (_ for _ in ()).throw(VerificationError("differs")))
@@ -78,7 +78,7 @@ def test_interrupted_store_write_is_invisible(tmp_path, monkeypatch):
 
 
 def test_tampered_entry_is_refused(tmp_path):
-    from backbones.store import StoreError
+    from tlpipe.backbones.store import StoreError
 
     store = ModelStore(tmp_path)
     entry = store.put("k", b"model-bytes", {"embedding_dim": 1})
@@ -89,7 +89,7 @@ def test_tampered_entry_is_refused(tmp_path):
 
 
 def test_offline_imagenet_names_the_local_options(tmp_path, monkeypatch):
-    from backbones.weights import WeightsUnavailable
+    from tlpipe.backbones.weights import WeightsUnavailable
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # empty Keras cache: a download is attempted
     monkeypatch.delenv("TLPIPE_WEIGHTS_DIR", raising=False)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from backbones.export import VerificationError
-from backbones.quantize import (compare_to_fp32, cosine_similarities, find_variant, gptq_round, make_variant,
+from tlpipe.backbones.export import VerificationError
+from tlpipe.backbones.quantize import (compare_to_fp32, cosine_similarities, find_variant, gptq_round, make_variant,
                                 quantize_int8)
 from tests.conftest import shared_path
 
@@ -84,7 +84,7 @@ def test_bad_requests(tiny_entry, model_store):
 @pytest.mark.shared
 def test_gptq_recovers_what_round_to_nearest_loses_on_real_weights(model_store):
     """Real ImageNet MobileNetV2 0.35 at 96 px: round-to-nearest int8 drifts from fp32; GPTQ rounding keeps it."""
-    from backbones.export import export_backbone
+    from tlpipe.backbones.export import export_backbone
 
     weights = shared_path("weights", "mobilenet_v2_0.35_224_no_top.h5")
     entry = export_backbone("mobilenet_v2_0.35", weights=weights, size=96, store=model_store)
@@ -105,7 +105,7 @@ def _has_cuda() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif("not _has_cuda()", reason="no CUDA provider in this ONNX Runtime (CI has no GPU)")
 def test_fp16_runs_on_cuda_and_matches_fp32(tiny_entry, model_store):
-    from backbones.runtime import OnnxEmbedder
+    from tlpipe.backbones.runtime import OnnxEmbedder
 
     images = _calibration(64, 8, seed=4)
     fp16 = make_variant(tiny_entry, "fp16", model_store, held=images)

@@ -1,7 +1,7 @@
 """The registry's numbers are true: every entry is built with Keras and checked."""
 import pytest
 
-from backbones.registry import POOLINGS, REGISTRY, get_backbone, list_backbones
+from tlpipe.backbones.registry import POOLINGS, REGISTRY, get_backbone, list_backbones
 
 REQUIRED = {"MobileNetV2", "MobileNet", "MobileNetV3Small", "MobileNetV3Large", "VGG16", "VGG19", "ResNet50",
             "ResNet50V2", "Xception", "InceptionV3", "DenseNet121", "EfficientNetB0", "EfficientNetB1",

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-import backbones.runtime as runtime
-from backbones.runtime import OnnxEmbedder, ProviderError, create_session
+import tlpipe.backbones.runtime as runtime
+from tlpipe.backbones.runtime import OnnxEmbedder, ProviderError, create_session
 
 
 def has_cuda() -> bool:

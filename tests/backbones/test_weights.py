@@ -1,7 +1,7 @@
 import pytest
 
-from backbones.registry import get_backbone
-from backbones.weights import WEIGHTS_DIR_ENV, WeightsUnavailable, candidate_filenames, resolve_weights, sha256_file
+from tlpipe.backbones.registry import get_backbone
+from tlpipe.backbones.weights import WEIGHTS_DIR_ENV, WeightsUnavailable, candidate_filenames, resolve_weights, sha256_file
 from tests.conftest import shared_path
 
 

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from features.cache import (CACHE_VERSION, CacheError, CacheLockedError, CacheWriter, ImageRow, describe,
+from tlpipe.features.cache import (CACHE_VERSION, CacheError, CacheLockedError, CacheWriter, ImageRow, describe,
                             read_feature_set)
 
 

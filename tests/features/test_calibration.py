@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from features.calibration import MIN_IMAGES, sample_images
-from features.cache import list_feature_sets, read_feature_set
-from features.extract import extract
-from features.sources import discover
+from tlpipe.features.calibration import MIN_IMAGES, sample_images
+from tlpipe.features.cache import list_feature_sets, read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.features.sources import discover
 from tests.conftest import shared_path, write_photo_folder
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.cache import CacheError, describe, read_feature_set
-from features.extract import extract
+from tlpipe.features.cache import CacheError, describe, read_feature_set
+from tlpipe.features.extract import extract
 from tests.conftest import ROOT, write_photo_folder
 
 
@@ -34,8 +34,8 @@ def test_extract_then_rerun_then_append(tmp_path, tiny_entry, photo_folder):
 
 
 def test_embeddings_equal_the_model_on_the_same_pixels(tmp_path, tiny_entry, photo_folder):
-    from backbones.runtime import OnnxEmbedder
-    from features.images import load_image
+    from tlpipe.backbones.runtime import OnnxEmbedder
+    from tlpipe.features.images import load_image
 
     out = tmp_path / "cache.h5"
     run(photo_folder, out, tiny_entry)
@@ -85,7 +85,7 @@ def _content(path):
 
 KILL_SCRIPT = """
 import sys
-from features.extract import extract
+from tlpipe.features.extract import extract
 extract(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=2, workers=1)
 """
 
@@ -131,7 +131,7 @@ def test_transformer_composes_with_a_head(tmp_path, tiny_entry, photo_folder):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from features import EmbeddingTransformer
+    from tlpipe.features import EmbeddingTransformer
 
     paths = sorted(photo_folder.rglob("*.jpg"))
     labels = [p.parent.name for p in paths]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from features.images import (
+from tlpipe.features.images import (
     MAX_PIXELS,
     ImageError,
     decode_image,

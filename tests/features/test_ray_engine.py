@@ -16,16 +16,16 @@ pytest.importorskip("ray.data", reason="Ray is not installed (pip install 'tlpip
 
 import ray  # noqa: E402
 
-from backbones.deps import MissingExtra  # noqa: E402
-from features.cache import describe, read_feature_set  # noqa: E402
-from features.extract import extract  # noqa: E402
-from features.ray_engine import extract_ray  # noqa: E402
-from pipeline.artifacts import save_head  # noqa: E402
-from pipeline.compare import compare_heads  # noqa: E402
-from pipeline.engine import parallel_backend  # noqa: E402
-from pipeline.heads import make_head  # noqa: E402
-from pipeline.score import score  # noqa: E402
-from pipeline.score_ray import score_ray  # noqa: E402
+from tlpipe.backbones.deps import MissingExtra  # noqa: E402
+from tlpipe.features.cache import describe, read_feature_set  # noqa: E402
+from tlpipe.features.extract import extract  # noqa: E402
+from tlpipe.features.ray_engine import extract_ray  # noqa: E402
+from tlpipe.pipeline.artifacts import save_head  # noqa: E402
+from tlpipe.pipeline.compare import compare_heads  # noqa: E402
+from tlpipe.pipeline.engine import parallel_backend  # noqa: E402
+from tlpipe.pipeline.heads import make_head  # noqa: E402
+from tlpipe.pipeline.score import score  # noqa: E402
+from tlpipe.pipeline.score_ray import score_ray  # noqa: E402
 from tests.conftest import ROOT, write_photo_folder  # noqa: E402
 
 GOOD = 60  # distinct photos: train/ 20 + test/ 10 per class; + 3 bad files and 1 copy of a train photo in test/
@@ -149,7 +149,7 @@ def test_an_inference_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_
 
 KILL_SCRIPT = """
 import sys
-from features.ray_engine import extract_ray
+from tlpipe.features.ray_engine import extract_ray
 extract_ray(sys.argv[1], sys.argv[2], model=sys.argv[3], address=sys.argv[4], batch_size=2, commit_rows=2,
             device="cpu")
 """

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from features.sources import ImageRecord, discover, normalize_split
+from tlpipe.features.sources import ImageRecord, discover, normalize_split
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 CATS_VS_DOGS = SHARED / "datasets" / "cats_vs_dogs"

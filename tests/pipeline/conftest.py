@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.cache import CacheWriter, ImageRow, read_feature_set
+from tlpipe.features.cache import CacheWriter, ImageRow, read_feature_set
 
 KEY = "resnet50-224-avg-test"
 MODEL_SHA = "ab" * 32

@@ -6,8 +6,8 @@ import joblib
 import numpy as np
 import pytest
 
-from pipeline.artifacts import FORMAT_VERSION, HeadError, check_compatible, load_head, save_head, sidecar_path
-from pipeline.heads import fit_head, select_split
+from tlpipe.pipeline.artifacts import FORMAT_VERSION, HeadError, check_compatible, load_head, save_head, sidecar_path
+from tlpipe.pipeline.heads import fit_head, select_split
 
 
 class _Payload:

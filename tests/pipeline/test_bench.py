@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bench import BenchReport, Timing, format_report, machine_facts, run_bench, time_batches, verdict
+from tlpipe.pipeline.bench import BenchReport, Timing, format_report, machine_facts, run_bench, time_batches, verdict
 from tests.pipeline.test_cli import tlpipe
 
 
@@ -38,7 +38,7 @@ def test_sweep_on_a_tiny_backbone(model_store, tiny_entry):
     report = run_bench("mobilenet_v2_0.35", weights="none", size=64, store=model_store, precisions=["int8"],
                        batch_sizes=[1, 4], threads=[1, 2], min_seconds=0.05, sample=24)
     assert report.key == tiny_entry.key
-    from backbones.runtime import default_streams, physical_cores
+    from tlpipe.backbones.runtime import default_streams, physical_cores
 
     onnx_rows = [t for t in report.timings if t.engine == "onnxruntime"]
     configs = {(1, 1), (1, 2)} | ({(default_streams(), physical_cores() // default_streams())} if physical_cores() >= 2 else set())

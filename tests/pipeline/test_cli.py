@@ -7,14 +7,14 @@ import textwrap
 
 import pytest
 
-from features.extract import extract
+from tlpipe.features.extract import extract
 from tests.conftest import ROOT
 
 HEAVY = ("tensorflow", "keras", "onnxruntime", "sklearn", "h5py", "tf2onnx", "matplotlib")
 
 
 def tlpipe(*args, env=None, check=False):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}, cwd=ROOT)
     if check and proc.returncode:
         raise AssertionError(proc.stdout + proc.stderr)
@@ -24,7 +24,7 @@ def tlpipe(*args, env=None, check=False):
 def test_help_imports_nothing_heavy():
     code = textwrap.dedent("""
         import sys
-        from pipeline.cli import app
+        from tlpipe.pipeline.cli import app
         try:
             app(["fit-head", "--help"])
         except SystemExit:

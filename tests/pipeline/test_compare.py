@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from pipeline.compare import compare_heads, format_table, write_report
-from pipeline.heads import HEADS, search_space
+from tlpipe.pipeline.compare import compare_heads, format_table, write_report
+from tlpipe.pipeline.heads import HEADS, search_space
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, synthetic, cache_writer):
-    from features.cache import read_feature_set
+    from tlpipe.features.cache import read_feature_set
 
     X, y = synthetic((50, 50, 50, 50), dim=32, seed=4, spread=4.0)
     y = y.copy()

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from features.cache import read_feature_set
-from pipeline.artifacts import HeadError, load_head, save_head
-from pipeline.evaluate import evaluate_head, save_confusion_matrix
-from pipeline.heads import fit_head, select_split
+from tlpipe.features.cache import read_feature_set
+from tlpipe.pipeline.artifacts import HeadError, load_head, save_head
+from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
+from tlpipe.pipeline.heads import fit_head, select_split
 
 
 def _splits(y):

@@ -7,16 +7,16 @@ import time
 import numpy as np
 import pytest
 
-from backbones.export import INPUT_NAME, plan_export, verification_images
-from backbones.weights import sha256_file
-from features.cache import read_feature_set
-from features.extract import extract
-from features.images import load_image
-from features.sources import discover
-from pipeline.artifacts import load_head
-from pipeline.finetune import (OUTPUT_NAME, build_models, finetune, fold_head, read_history, resolve_unfreeze,
+from tlpipe.backbones.export import INPUT_NAME, plan_export, verification_images
+from tlpipe.backbones.weights import sha256_file
+from tlpipe.features.cache import read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.features.images import load_image
+from tlpipe.features.sources import discover
+from tlpipe.pipeline.artifacts import load_head
+from tlpipe.pipeline.finetune import (OUTPUT_NAME, build_models, finetune, fold_head, read_history, resolve_unfreeze,
                                split_records)
-from pipeline.train import train_head
+from tlpipe.pipeline.train import train_head
 from tests.conftest import shared_path, write_photo_folder
 
 pytestmark = pytest.mark.slow
@@ -125,8 +125,8 @@ def test_history_curves_and_resume(tuned):
 def test_only_the_unfrozen_part_changes(tuned):
     import keras
 
-    from backbones import keras_build
-    from backbones.weights import ResolvedWeights, resolve_weights
+    from tlpipe.backbones import keras_build
+    from tlpipe.backbones.weights import ResolvedWeights, resolve_weights
 
     _, _, second = tuned
     plan = plan_export(**TINY)
@@ -183,7 +183,7 @@ def test_balanced_class_weights_without_head(tiny, model_store):
 
 
 def test_split_records():
-    from features.sources import ImageRecord
+    from tlpipe.features.sources import ImageRecord
 
     def records(split, n=4):
         return [ImageRecord(f"{split}/{c}{i}.jpg", f"/x/{split}/{c}{i}.jpg", c, split if split != "none" else None)

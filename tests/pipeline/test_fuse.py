@@ -9,12 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from features.cache import read_feature_set
-from features.extract import extract
-from pipeline.artifacts import save_head
-from pipeline.fuse import FuseError, export_model
-from pipeline.heads import HEADS, make_head
-from pipeline.score import score
+from tlpipe.features.cache import read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.pipeline.artifacts import save_head
+from tlpipe.pipeline.fuse import FuseError, export_model
+from tlpipe.pipeline.heads import HEADS, make_head
+from tlpipe.pipeline.score import score
 from tests.conftest import write_photo_folder
 
 
@@ -81,7 +81,7 @@ def test_scoring_with_the_fused_model_equals_scoring_with_the_head(tmp_path, set
 
 
 def test_refuses_to_write_a_model_that_differs_from_the_head(tmp_path, setup, monkeypatch):
-    import pipeline.fuse as fuse
+    import tlpipe.pipeline.fuse as fuse
 
     head_path, _ = saved_head(setup, "logreg")
     fs = setup.fs[2]

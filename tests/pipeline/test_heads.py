@@ -11,9 +11,9 @@ from sklearn.metrics import recall_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 
-from features.cache import read_feature_set
-from pipeline import heads
-from pipeline.heads import (HEADS, class_balance, cross_validate, fit, fit_head, grid_points, head_name, make_head,
+from tlpipe.features.cache import read_feature_set
+from tlpipe.pipeline import heads
+from tlpipe.pipeline.heads import (HEADS, class_balance, cross_validate, fit, fit_head, grid_points, head_name, make_head,
                             resolve_pca, search_space, select_split, summarize)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,17 +169,17 @@ def test_core_modules_never_import_tensorflow_or_onnxruntime(tmp_path):
     script = textwrap.dedent("""
         import sys
         import numpy as np
-        import features.cache, pipeline.heads, pipeline.compare, pipeline.evaluate, pipeline.artifacts
-        from features.cache import FeatureSet
-        from pipeline.artifacts import load_head, save_head
-        from pipeline.compare import compare_heads
-        from pipeline.evaluate import evaluate_head
+        import tlpipe.features.cache, tlpipe.pipeline.heads, tlpipe.pipeline.compare, tlpipe.pipeline.evaluate, tlpipe.pipeline.artifacts
+        from tlpipe.features.cache import FeatureSet
+        from tlpipe.pipeline.artifacts import load_head, save_head
+        from tlpipe.pipeline.compare import compare_heads
+        from tlpipe.pipeline.evaluate import evaluate_head
         rng = np.random.default_rng(0)
         y = np.repeat([0, 1], 20).astype(np.int32)
         X = (rng.normal(0, 1, (40, 8)) + 3 * y[:, None]).clip(0).astype(np.float32)
         fs = FeatureSet("k", X, y, np.array(["train", "test"] * 20), np.array(["p"] * 40), np.array(["s"] * 40), ["a", "b"])
         result = compare_heads(fs, ("logreg", "svm"), cv=3, n_jobs=1)
-        estimator, info = pipeline.heads.fit_head(X, y, "logreg")
+        estimator, info = tlpipe.pipeline.heads.fit_head(X, y, "logreg")
         save_head(estimator, sys.argv[1], feature_set=fs, metrics={}, params=info)
         estimator, metadata = load_head(sys.argv[1])
         print(result.best, evaluate_head(estimator, metadata, fs).accuracy)

@@ -1,8 +1,8 @@
 """Quality on real photos (../shared): a preprocessing or conversion bug shows up here as a drop toward chance."""
 import pytest
 
-from features.cache import read_feature_set
-from pipeline.compare import compare_heads
+from tlpipe.features.cache import read_feature_set
+from tlpipe.pipeline.compare import compare_heads
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 

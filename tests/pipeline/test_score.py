@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from features.cache import CacheError, CacheWriter, read_feature_set
-from features.extract import extract
-from pipeline.artifacts import save_head
-from pipeline.heads import make_head
-from pipeline.score import CsvOutput, ScoreError, score
+from tlpipe.features.cache import CacheError, CacheWriter, read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.pipeline.artifacts import save_head
+from tlpipe.pipeline.heads import make_head
+from tlpipe.pipeline.score import CsvOutput, ScoreError, score
 from tests.conftest import ROOT, write_photo_folder
 
 
@@ -149,7 +149,7 @@ def test_a_row_cut_short_is_dropped_and_scored_again(tmp_path, trained, suffix):
 
 KILL_SCRIPT = """
 import sys
-from pipeline.score import score
+from tlpipe.pipeline.score import score
 score(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], device="cpu", batch_size=2, workers=1)
 """
 

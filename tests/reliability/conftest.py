@@ -129,10 +129,10 @@ def vanish(monkeypatch) -> Callable[[ModuleType], None]:
 @pytest.fixture(scope="session")
 def head(tmp_path_factory, tiny_entry, model_store) -> SimpleNamespace:
     """A logistic-regression head on 12 photos embedded by the tiny backbone, saved with its sidecar."""
-    from features.cache import read_feature_set
-    from features.extract import extract
-    from pipeline.artifacts import save_head
-    from pipeline.heads import make_head
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.extract import extract
+    from tlpipe.pipeline.artifacts import save_head
+    from tlpipe.pipeline.heads import make_head
 
     root = tmp_path_factory.mktemp("head")
     photos = write_photo_folder(root / "photos")
@@ -152,7 +152,7 @@ def python(code: str, *args, **popen) -> subprocess.Popen:
 def tlpipe(*args, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
     """Run the CLI; with ``file_size_limit``, no file it writes may grow past that many bytes (RLIMIT_FSIZE
     with SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)."""
-    code = "import runpy, sys; sys.argv[0] = 'tlpipe'; runpy.run_module('pipeline.cli', run_name='__main__')"
+    code = "import runpy, sys; sys.argv[0] = 'tlpipe'; runpy.run_module('tlpipe.pipeline.cli', run_name='__main__')"
     if file_size_limit is not None:
         code = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                 f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); " + code)

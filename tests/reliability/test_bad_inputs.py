@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from features.cache import describe, read_feature_set
-from features.extract import extract
-from pipeline.score import score
+from tlpipe.features.cache import describe, read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.pipeline.score import score
 from tests.reliability.conftest import (NON_UTF8, ODD_NAME, VANISHING, Expect, display, encoded, noise, tlpipe,
                                         write_corpus)
 
@@ -37,7 +37,7 @@ def read_rows(out) -> list[dict]:
 
 def test_extract_records_every_bad_input_and_embeds_the_valid_ones(tmp_path, tiny_entry, vanish):
     expected = write_corpus(tmp_path / "corpus")
-    vanish(sys.modules["features.extract"])  # the package attribute `extract` is the function
+    vanish(sys.modules["tlpipe.features.extract"])  # the package attribute `extract` is the function
     out = tmp_path / "cache.h5"
     summary = extract(tmp_path / "corpus", out, model=str(tiny_entry.directory), batch_size=2, workers=2)
     embedded, failed, skipped = (by_outcome(expected, o) for o in ("embedded", "failed", "skipped"))
@@ -55,7 +55,7 @@ def test_extract_records_every_bad_input_and_embeds_the_valid_ones(tmp_path, tin
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_score_writes_an_error_row_for_every_bad_input(tmp_path, head, vanish, suffix):
     expected = write_corpus(tmp_path / "corpus")
-    vanish(sys.modules["pipeline.score"])
+    vanish(sys.modules["tlpipe.pipeline.score"])
     out = tmp_path / f"scores{suffix}"
     summary = score(tmp_path / "corpus", out, head=head.path, store=head.store, device="cpu", batch_size=2)
     embedded, failed, skipped = (by_outcome(expected, o) for o in ("embedded", "failed", "skipped"))

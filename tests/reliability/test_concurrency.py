@@ -9,9 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-import features.cache
-from features.cache import READ_ATTEMPTS, CacheError, describe, list_feature_sets, read_feature_set
-from pipeline.compare import compare_heads
+import tlpipe.features.cache
+from tlpipe import features
+from tlpipe.features.cache import READ_ATTEMPTS, CacheError, describe, list_feature_sets, read_feature_set
+from tlpipe.pipeline.compare import compare_heads
 from tests.conftest import write_photo_folder
 from tests.reliability.conftest import one_line_error, python, tlpipe
 
@@ -19,8 +20,8 @@ from tests.reliability.conftest import one_line_error, python, tlpipe
 # exists, so the test decides how long the writer holds the cache
 SLOW_EXTRACT = """
 import os, sys, time
-from backbones.runtime import OnnxEmbedder
-from features.extract import extract
+from tlpipe.backbones.runtime import OnnxEmbedder
+from tlpipe.features.extract import extract
 
 source, out, model, gate, delay = sys.argv[1:6]
 embed, batches = OnnxEmbedder.__call__, []
@@ -103,7 +104,7 @@ def test_reads_while_extract_appends_are_consistent_growing_prefixes(tmp_path, t
 GROWING_WRITER = """
 import sys
 import numpy as np
-from features.cache import CacheWriter, ImageRow
+from tlpipe.features.cache import CacheWriter, ImageRow
 
 dim = 1 << 15  # 128 KiB rows: a new 8-row chunk, so a bigger file, every 8 rows
 with CacheWriter(sys.argv[1]) as writer:
@@ -134,7 +135,7 @@ def test_reads_while_a_writer_grows_the_file_every_few_rows(tmp_path):
 
 @pytest.fixture
 def small_cache(tmp_path) -> Path:
-    from features.cache import CacheWriter, ImageRow
+    from tlpipe.features.cache import CacheWriter, ImageRow
 
     path = tmp_path / "c.h5"
     with CacheWriter(path) as writer:

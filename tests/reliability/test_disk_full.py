@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import features.cache
-from features.cache import CacheError, CacheWriter, ImageRow, describe, read_feature_set
-from features.extract import extract
-from pipeline.score import score
+import tlpipe.features.cache
+from tlpipe import features
+from tlpipe.features.cache import CacheError, CacheWriter, ImageRow, describe, read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.pipeline.score import score
 from tests.conftest import write_photo_folder
 from tests.reliability.conftest import one_line_error, parse_output, same_rows, tlpipe
 

@@ -12,19 +12,19 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from features.cache import CacheError, describe, list_feature_sets, read_feature_set
+from tlpipe.features.cache import CacheError, describe, list_feature_sets, read_feature_set
 from tests.conftest import write_photo_folder
 from tests.reliability.conftest import parse_output, python, same_rows
 
 KILLS = 20
 EXTRACT = """
 import sys
-from features.extract import extract
+from tlpipe.features.extract import extract
 extract(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=2, workers=1)
 """
 SCORE = """
 import sys
-from pipeline.score import score
+from tlpipe.pipeline.score import score
 score(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], device="cpu", batch_size=2, workers=1)
 """
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from backbones.store import ModelStore, StoreError
-from features.cache import describe, read_feature_set
-from features.extract import extract
-from pipeline.artifacts import HeadError
-from pipeline.score import score
+from tlpipe.backbones.store import ModelStore, StoreError
+from tlpipe.features.cache import describe, read_feature_set
+from tlpipe.features.extract import extract
+from tlpipe.pipeline.artifacts import HeadError
+from tlpipe.pipeline.score import score
 from tests.reliability.conftest import encoded, noise, one_line_error, parse_output, tlpipe
 
 

@@ -1,0 +1,45 @@
+"""tlpipe: transfer learning for a folder of photos.
+
+The installed distribution has one top-level name, ``tlpipe``; its three packages live in the
+repository's top-level folders and install as ``tlpipe.backbones`` (models), ``tlpipe.features``
+(images, the streaming stage, the HDF5 cache) and ``tlpipe.pipeline`` (heads, evaluation, scoring,
+fine-tuning, the CLI).
+
+This facade imports nothing heavy: each name is resolved on first use, so ``import tlpipe`` stays fast
+and works without TensorFlow or ONNX Runtime installed.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+try:
+    __version__ = version("tlpipe")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+# public name -> (module, attribute)
+_FACADE: dict[str, tuple[str, str]] = {
+    "extract": ("tlpipe.features.extract", "extract"),
+    "fit_head": ("tlpipe.pipeline.train", "train_head"),
+    "compare": ("tlpipe.pipeline.compare", "compare"),
+    "evaluate": ("tlpipe.pipeline.evaluate", "evaluate"),
+    "score": ("tlpipe.pipeline.score", "score"),
+    "predict": ("tlpipe.pipeline.score", "predict"),
+}
+
+__all__ = ["__version__", *_FACADE]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FACADE:
+        module, attribute = _FACADE[name]
+        value = getattr(import_module(module), attribute)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tlpipe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
