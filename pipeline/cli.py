@@ -13,25 +13,85 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-app = typer.Typer(help="Transfer learning for images: ONNX backbones, an HDF5 embedding cache, scikit-learn heads.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)
-out = Console()
+from tlpipe.pipeline.output import Output, emit_json, summary_dict, table
 
-StoreOpt = typer.Option(None, "--store", envvar="TLPIPE_MODEL_STORE", help="Model store folder \\[default: ~/.cache/tlpipe/models].")
+
+
+class _Group(typer.core.TyperGroup):
+    """Lists each command with its whole first sentence, wrapped (click would cut it with "...")."""
+
+    def format_commands(self, ctx, formatter) -> None:
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+# Plain click help (rich_markup_mode=None): wrapped to the terminal, never cut, and "[tf]" stays "[tf]".
+app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+console = Console(stderr=True)
+out = Output()
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document with the summary instead of text.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary text.")
+BatchSizeOpt = typer.Option(32, "--batch-size", min=1, help="Images per inference batch.")
+SeedOpt = typer.Option(0, "--seed", help="Random seed (folds, hold-out, initialisation).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tlpipe import __version__
+
+        print(f"tlpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print tlpipe's version and exit.")):
+    """Transfer learning for images: ONNX backbones, an HDF5 embedding cache, scikit-learn heads.
+
+    Exit codes: 0 ok, 1 an unexpected error (a bug: with a traceback), 2 bad input or usage (one line
+    starting with "error:"), 3 --strict found failed images, 130 interrupted."""
+
+StoreOpt = typer.Option(None, "--store", envvar="TLPIPE_MODEL_STORE", help="Model store folder [default: ~/.cache/tlpipe/models].")
 WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TLPIPE_WEIGHTS_DIR", help="Folder searched for local ImageNet weight files.")
 WeightsOpt = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras download/cache), none (random init), a .h5 file, or a folder.")
 BackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="Registry name (see `tlpipe backbones`).")
-SizeOpt = typer.Option(None, "--size", help="Square input size \\[default: the backbone's].")
+AnyBackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="A registry name (see `tlpipe backbones`), a model-store key, or a folder such as a fine-tune's output.")
+SizeOpt = typer.Option(None, "--size", help="Square input size [default: the backbone's].")
 LayerOpt = typer.Option(None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`).")
 PoolingOpt = typer.Option("avg", "--pooling", help="avg | max | none (flatten).")
 PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
 ResizeOpt = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop).")
 
 
-EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe\\[ray]).")
-AddressOpt = typer.Option(None, "--address", help="Ray cluster address ('auto' joins a running one) \\[default: start Ray here].")
-ActorsOpt = typer.Option(None, "--actors", help="Ray inference actors \\[default: one per GPU, else one per node].")
+EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe[ray]).")
+AddressOpt = typer.Option(None, "--address", help="Ray cluster address ('auto' joins a running one) [default: start Ray here].")
+ActorsOpt = typer.Option(None, "--actors", help="Ray inference actors [default: one per GPU, else one per node].")
+
+
+def _deprecated(old: str, new: str, command: str) -> None:
+    """One line on stderr for an old spelling that still works for this release."""
+    console.print(f"[yellow]warning:[/] {command} {old} is deprecated and will be removed in the next release; use {new}",
+                  highlight=False, soft_wrap=True)
+
+
+def _backbone_source(backbone: str, model: Optional[str], command: str) -> tuple[Optional[str], Optional[str]]:
+    """``--backbone`` as (registry name, None) or (None, store key or folder); the old ``--model`` still works."""
+    if model is not None:
+        _deprecated("--model", "--backbone (a registry name, store key or folder)", command)
+        return None, model
+    from tlpipe.backbones.registry import get_backbone
+
+    try:
+        get_backbone(backbone)
+    except (KeyError, ValueError):
+        if Path(backbone).exists() or "-" in backbone:  # a folder, or a store key such as mobilenet_v2_1.0-224-full-avg-...
+            return None, backbone
+        raise
+    return backbone, None
 
 
 def _check_engine(engine: str) -> None:
@@ -72,7 +132,7 @@ def _progress(quiet: bool, label: str):
 
 @app.command()
 def backbones(as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON."),
-              cuts: bool = typer.Option(False, "--cuts", help="List every cut point with its channels.")):
+              cuts: bool = typer.Option(False, "--cuts", help="List every cut point with its channels and grid, one per line under each backbone.")):
     """List the backbone registry: sizes, preprocessing contract, embedding dimensions, cut points."""
     from tlpipe.backbones.registry import PREPROCESSING_MODES, list_backbones
 
@@ -80,21 +140,24 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print the regi
     if as_json:
         import dataclasses
 
-        out.print_json(data=[dataclasses.asdict(s) for s in specs])
+        emit_json([dataclasses.asdict(s) for s in specs])
         return
-    from rich.table import Table
-
-    table = Table(title="tlpipe backbones (embedding dims at the default size)")
-    for col in ("name", "size", "prep", "dim", "flat dim", "params", "cut points"):
-        table.add_column(col, overflow="fold", no_wrap=col in ("name", "params"))
-    for s in specs:
-        cut_text = ", ".join(f"{c.layer}:{c.channels}" for c in s.cut_points) if cuts else \
-            f"{len(s.cut_points)} ({s.cut_points[0].layer} … {s.cut_points[-1].layer})"
-        table.add_row(s.name + (f" = {s.aliases[0]}" if s.aliases else ""), str(s.default_size), s.preprocessing,
-                      str(s.channels), f"{s.embedding_dim('none'):,}", f"{s.params/1e6:.1f}M", cut_text)
-    out.print(table)
-    for mode, text in PREPROCESSING_MODES.items():
-        out.print(f"  [bold]{mode}[/]: {text}")
+    name = lambda s: s.name + (f" = {s.aliases[0]}" if s.aliases else "")  # noqa: E731
+    if cuts:  # one line per cut point under each backbone: readable at 80 columns, and grep/awk-able
+        for s in specs:
+            out.print(f"{name(s)}: {s.default_size} px, {len(s.cut_points)} cut points (layer, channels, grid)",
+                      highlight=False)
+            for c in s.cut_points:
+                out.print(f"  {c.layer:<28} {c.channels:>5}  {c.grid}x{c.grid}", highlight=False)
+        return
+    rows = [(name(s), s.default_size, s.preprocessing, s.channels, f"{s.embedding_dim('none'):,}",
+             f"{s.params / 1e6:.1f}M", len(s.cut_points)) for s in specs]
+    table(out, ("name", "size", "prep", "dim", "flat dim", "params", "cuts"), rows,
+          title=None if out.plain else "tlpipe backbones (embedding dims at the default size; --cuts lists cut points)",
+          right=("size", "dim", "flat dim", "params", "cuts"))
+    if not out.plain:
+        for mode, text in PREPROCESSING_MODES.items():
+            out.print(f"  [bold]{mode}[/]: {text}")
 
 
 @app.command()
@@ -140,24 +203,25 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
 @app.command()
 def extract(source: Path = typer.Argument(..., help="Folder (class folders, split folders or flat) or CSV manifest (path[,label][,split])."),
             out_path: Path = typer.Option(Path("cache.h5"), "--out", "-o", help="HDF5 cache to create or append to."),
-            backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+            backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
             size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
-            model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder, e.g. a fine-tune's output) instead of --backbone."),
+            model: Optional[str] = typer.Option(None, "--model", hidden=True, help="Deprecated: use --backbone."),
             device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
-            batch_size: int = typer.Option(32, "--batch-size", min=1),
+            batch_size: int = BatchSizeOpt,
             dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
             resize: str = ResizeOpt, precision: str = PrecisionOpt,
             recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate int8 again on this source instead of reusing the stored variant."),
-            workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
-            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per stream \\[default: the cores split between streams]."),
-            streams: Optional[int] = typer.Option(None, "--streams", min=1, help="Concurrent ONNX Runtime sessions on the CPU \\[default: 2, or 1 on one core]."),
+            workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores + 1]."),
+            threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per stream [default: the cores split between streams]."),
+            streams: Optional[int] = typer.Option(None, "--streams", min=1, help="Concurrent ONNX Runtime sessions on the CPU [default: 2, or 1 on one core]."),
             strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
             allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
-            quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
+            quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt,
             engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
     _check_engine(engine)
-    options = dict(backbone=None if model else backbone, weights=weights, size=size, layer=layer, pooling=pooling,
+    backbone, model = _backbone_source(backbone, model, "extract")
+    options = dict(backbone=backbone, weights=weights, size=size, layer=layer, pooling=pooling,
                    model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
                    dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root,
                    precision=precision, recalibrate=recalibrate)
@@ -170,7 +234,9 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             from tlpipe.features.extract import extract as run
 
             summary = run(source, out_path, workers=workers, streams=streams, progress=progress, **options)
-    if not quiet:
+    if as_json:
+        emit_json(summary_dict(summary))
+    elif not quiet:
         out.print(f"[bold]{escape(summary.out)}[/] · feature set {summary.key} · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
                   f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped\n"
@@ -184,13 +250,13 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
 
 
 @app.command()
-def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json")):
+def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = JsonOpt):
     """Show what a cache holds: images, classes, splits, feature sets, failures."""
     from tlpipe.features.cache import describe
 
     d = describe(cache)
     if as_json:
-        out.print_json(data=d)
+        emit_json(d)
         return
     out.print(f"[bold]{escape(d['path'])}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
     out.print(f"  classes: {', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none'}")
@@ -221,9 +287,9 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              features: Optional[str] = FeaturesOpt,
              search: bool = typer.Option(False, "--search", help="Small hyperparameter search with stratified CV first."),
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
-             seed: int = typer.Option(0, "--seed"), class_weight: Optional[str] = ClassWeightOpt,
+             seed: int = SeedOpt, class_weight: Optional[str] = ClassWeightOpt,
              pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
-             engine: str = EngineOpt, address: Optional[str] = AddressOpt):
+             as_json: bool = JsonOpt, engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
     from tlpipe.pipeline.engine import parallel_backend
     from tlpipe.pipeline.train import train_head
@@ -232,6 +298,12 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     with console.status(f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
                             class_weight=class_weight, pca=pca_arg)
+    if as_json:
+        emit_json({"path": result.path, "sidecar": f"{result.path}.json", "setup": result.setup,
+                   "balance": result.balance, "search": result.info,
+                   "evaluation": result.evaluation.to_dict() if result.evaluation is not None else None,
+                   "metadata": result.metadata})
+        return
     out.print(f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}")
     out.print(f"  {result.setup}")
     _print_balance(result.balance)
@@ -247,16 +319,16 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
 
 @app.command()
 def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`."), models: str = HeadsOpt,
-            cv: int = typer.Option(5, "--cv", min=2), report: Optional[Path] = typer.Option(None, "--report", help="Write a report folder (Markdown, CSV/JSON, charts)."),
-            features: Optional[str] = FeaturesOpt, seed: int = typer.Option(0, "--seed"),
+            cv: int = typer.Option(5, "--cv", min=2, help="Cross-validation folds."), report: Optional[Path] = typer.Option(None, "--report", help="Write a report folder (Markdown, CSV/JSON, charts)."),
+            features: Optional[str] = FeaturesOpt, seed: int = SeedOpt,
             search: bool = typer.Option(False, "--search", help="Search each head's small grid; report its best point."),
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
-            n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs \\[default: all cores]."),
-            engine: str = EngineOpt, address: Optional[str] = AddressOpt):
+            n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs [default: all cores]."),
+            as_json: bool = JsonOpt, engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
     from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.compare import compare_heads, format_table, write_report
+    from tlpipe.pipeline.compare import _COLUMNS, _cells, compare_heads, write_report
     from tlpipe.pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
@@ -264,10 +336,16 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
     with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
                                holdout=not all_rows, n_jobs=n_jobs)
-    out.print(format_table(result))
+    written = write_report(result, report) if report is not None else None
+    if as_json:
+        emit_json(result.to_dict() | ({"report": {k: str(v) for k, v in written.items()}} if written else {}))
+        return
+    heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
+    rows = [[(f"[bold green]{h.name} *[/]" if h.name == result.best else h.name), *_cells(h)[1:]] for h in heads]
+    table(out, _COLUMNS, rows, title=f"{result.cv}-fold CV on {result.rows} rows of {result.feature_key}",
+          right=[c for i, c in enumerate(_COLUMNS) if i not in (0, 6)])
     out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s")
-    if report is not None:
-        written = write_report(result, report)
+    if written is not None:
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
 
 
@@ -277,7 +355,8 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
              split: str = typer.Option("test", "--split", help="train | val | test | all."),
              features: Optional[str] = FeaturesOpt,
              report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
-             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code).")):
+             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+             as_json: bool = JsonOpt):
     """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.artifacts import load_head
@@ -286,20 +365,20 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
     result = evaluate_head(estimator, metadata, read_feature_set(cache, key), split=split)
-    loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
-    out.print(f"[bold]{head}[/] on split {split} ({result.n} images): accuracy {result.accuracy:.4f}, "
-              f"macro-F1 {result.macro_f1:.4f}{loss}")
-    from rich.table import Table
-
-    table = Table("class", "precision", "recall", "f1", "support")
-    for label in result.labels:
-        r = result.report.get(label, {})
-        table.add_row(label, *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), str(int(r.get("support", 0))))
-    out.print(table)
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
         (report / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
         save_confusion_matrix(result.confusion, result.labels, report / "confusion_matrix.png", title=f"{head.name} on {split}")
+    if as_json:
+        emit_json({"head": head, "cache": cache} | result.to_dict())
+        return
+    loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
+    out.print(f"[bold]{head}[/] on split {split} ({result.n} images): accuracy {result.accuracy:.4f}, "
+              f"macro-F1 {result.macro_f1:.4f}{loss}")
+    rows = [[escape(label), *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), int(r.get("support", 0))]
+            for label in result.labels for r in [result.report.get(label, {})]]
+    table(out, ("class", "precision", "recall", "f1", "support"), rows, right=("precision", "recall", "f1", "support"))
+    if report is not None:
         out.print(f"  wrote {report / 'evaluation.json'} and {report / 'confusion_matrix.png'}")
 
 
@@ -309,14 +388,14 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           head: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head` (its backbone comes from the model store)."),
           model: Optional[Path] = typer.Option(None, "--model", help="A fused classifier from `tlpipe export-model` instead of --head."),
           cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse embeddings this cache already holds for the head's feature set."),
-          top_k: int = typer.Option(3, "--top-k", min=1), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
-          batch_size: int = typer.Option(32, "--batch-size", min=1),
+          top_k: int = typer.Option(3, "--top-k", min=1, help="How many best classes each row lists."), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
+          batch_size: int = BatchSizeOpt,
           resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
-          workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
-          threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
+          workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores + 1]."),
+          threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads [default: cores]."),
           trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
           allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
-          quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
+          quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt,
           engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
     _check_engine(engine)
@@ -333,7 +412,9 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
             from tlpipe.pipeline.score import score as run
 
             summary = run(source, out_path, workers=workers, progress=progress, **options)
-    if not quiet:
+    if as_json:
+        emit_json(summary_dict(summary))
+    elif not quiet:
         out.print(f"[bold]{escape(summary.out)}[/] · {summary.provider}\n  {summary.total} images: {summary.scored} scored, "
                   f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
                   f"(rows with an error), {len(summary.skipped)} inputs skipped\n  {summary.seconds:.1f} s, "
@@ -343,7 +424,7 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
 @app.command("export-model")
 def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
                  out_path: Path = typer.Option(..., "--out", "-o", help="The fused classifier .onnx to write."),
-                 verify: Optional[Path] = typer.Option(None, "--verify", help="Folder or CSV of images to verify on \\[default: bundled photos]."),
+                 verify: Optional[Path] = typer.Option(None, "--verify", help="Folder or CSV of images to verify on [default: bundled photos]."),
                  trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
                  store: Optional[Path] = StoreOpt):
     """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
@@ -366,17 +447,18 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
              backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
              size: Optional[int] = SizeOpt, pooling: str = typer.Option("avg", "--pooling", help="avg | max."),
              unfreeze_from: Optional[str] = typer.Option(None, "--unfreeze-from", help="Train from this layer / cut point / block prefix on (e.g. block_15)."),
-             unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="Train the last N blocks \\[default: the last one]."),
+             unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="Train the last N blocks [default: the last one]."),
              head: Optional[Path] = typer.Option(None, "--head", help="Warm-start the classifier from this logreg head (same backbone)."),
              trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
-             epochs: int = typer.Option(10, "--epochs", min=1), batch_size: int = typer.Option(32, "--batch-size", min=1),
+             epochs: int = typer.Option(10, "--epochs", min=1, help="Most epochs to train (early stopping may end sooner)."),
+             batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per training batch."),
              learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (keep it low)."),
-             dropout: float = typer.Option(0.2, "--dropout"),
+             dropout: float = typer.Option(0.2, "--dropout", help="Dropout rate before the classifier layer."),
              augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training."),
-             class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
-             seed: int = typer.Option(0, "--seed"), val_fraction: float = typer.Option(0.2, "--val-fraction"),
+             class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1, help="Epochs without a better validation accuracy before stopping."),
+             seed: int = SeedOpt, val_fraction: float = typer.Option(0.2, "--val-fraction", help="Hold-out fraction for validation when the source has no val/test split."),
              resize: str = typer.Option("squash", help="squash | crop (as used for extraction)."),
-             quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
+             quiet: bool = QuietOpt, store: Optional[Path] = StoreOpt):
     """Fine-tune the last blocks in TensorFlow, warm-started from a head; re-export the backbone to ONNX.
 
     A killed run resumes from its last epoch when started again with the same --out."""
@@ -391,18 +473,18 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
     out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {result.setup}\n"
               f"  validation accuracy: warm start {warm}, best {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
               f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n"
-              f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --model {out_dir})\n"
+              f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --backbone {out_dir})\n"
               f"  classifier: {result.classifier_path}\n  history: {result.history_path}, curves: {result.curves_path}")
 
 
 @app.command()
-def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
           size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
-          model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder) instead of --backbone."),
-          images: Optional[Path] = typer.Option(None, "--images", help="Your photos (folder or CSV): timed, decoded, and used to calibrate int8 \\[default: scikit-learn's sample photos]."),
+          model: Optional[str] = typer.Option(None, "--model", hidden=True, help="Deprecated: use --backbone."),
+          images: Optional[Path] = typer.Option(None, "--images", help="Your photos (folder or CSV): timed, decoded, and used to calibrate int8 [default: scikit-learn's sample photos]."),
           precision: list[str] = typer.Option(["fp32"], "--precision", "-p", help="Also time this variant: int8 | fp16 (repeatable)."),
           batch: list[int] = typer.Option([1, 8, 32], "--batch", help="Batch sizes to sweep (repeatable)."),
-          threads: Optional[list[int]] = typer.Option(None, "--threads", help="ONNX Runtime thread counts to sweep (repeatable) \\[default: 1 and all cores]."),
+          threads: Optional[list[int]] = typer.Option(None, "--threads", help="ONNX Runtime thread counts to sweep (repeatable) [default: 1 and all cores]."),
           device: str = typer.Option("cpu", help="cpu | cuda | auto."),
           keras: bool = typer.Option(True, "--keras/--no-keras", help="Time Keras model(x, training=False) in the same run (needs tlpipe[tf])."),
           seconds: float = typer.Option(2.0, "--seconds", min=0.0, help="Minimum timed seconds per configuration."),
@@ -416,11 +498,12 @@ def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: O
         if not as_json:
             console.print(f"[dim]{escape(message)}[/]")
 
-    report = run_bench(None if model else backbone, weights=weights, weights_dir=weights_dir, size=size, layer=layer,
+    backbone, model = _backbone_source(backbone, model, "bench")
+    report = run_bench(backbone, weights=weights, weights_dir=weights_dir, size=size, layer=layer,
                        pooling=pooling, model=model, store=_store(store), images=images, precisions=precision,
                        batch_sizes=batch, threads=threads, device=device, keras=keras, min_seconds=seconds, log=say)
     if as_json:
-        out.print_json(json.dumps(report.to_dict()))
+        emit_json(report.to_dict())
     else:
         out.print(escape(format_report(report)), highlight=False, soft_wrap=True)
 
@@ -450,9 +533,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
+    """Entry point. Exit codes: 0 ok; 1 unexpected error (traceback: a bug); 2 bad input or usage (one line
+    starting with ``error:``; click's usage errors too); 3 ``--strict`` found failed images; 130 interrupted."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - sorted below
         if isinstance(exc, _user_errors()):
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
