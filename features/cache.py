@@ -17,7 +17,8 @@ Schema (version 1; readable with plain h5py, see README):
 
 Crash safety: rows past a dataset's committed ``count`` are not part of the cache. A writer appends,
 flushes, and only then advances ``count`` (and flushes again); on open it cuts every dataset back to
-its committed count. One writer at a time: an exclusive ``flock`` on ``<cache>.lock``.
+its committed count. One writer at a time: an exclusive lock on ``<cache>.lock`` (:func:`exclusive_lock`:
+``filelock``, so flock on POSIX and LockFileEx on Windows), removed again when the writer closes.
 
 Full disk: HDF5 does not survive a failed write (the file it leaves may not open again, and the library
 can crash at exit), so the writer never lets HDF5 see one. HDF5 writes into :class:`_StagedFile`, which
@@ -27,7 +28,6 @@ committed rows.
 """
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
@@ -60,6 +60,94 @@ class CacheError(RuntimeError):
 
 class CacheLockedError(CacheError):
     """Another process is writing the cache."""
+
+
+class _StaleLock(OSError):
+    """The lock file was removed by the holder that released it just as this process opened it."""
+
+
+def exclusive_lock(path: str | os.PathLike, target: str | os.PathLike, error: type[Exception] = CacheLockedError):
+    """Hold an exclusive, non-blocking lock on the lock file ``path`` that guards ``target``; release it with
+    :func:`release_lock`, which also removes the lock file.
+
+    The lock is ``filelock``'s (``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows: released by the
+    kernel if the holder dies, so a killed run never leaves a stale lock). The holder writes ``pid N`` into
+    the file, so a second writer is refused with ``<target> is being written by pid N; wait for it to finish``.
+    A lock file removed by a releasing holder between this process's open and lock is detected (its inode is
+    no longer the path's) and the lock is taken again on the new file.
+
+    Parameters
+    ----------
+    path : path-like
+        The lock file, e.g. ``cache.h5.lock``.
+    target : path-like
+        What it guards, for the message.
+    error : exception class
+        Raised (with the message above) when another process holds the lock.
+
+    Returns
+    -------
+    filelock.BaseFileLock
+        The held lock.
+
+    Raises
+    ------
+    error
+        Another process holds the lock.
+    CacheError
+        The lock file cannot be created (e.g. a read-only folder).
+    """
+    from filelock import FileLock, Timeout
+
+    path = os.fspath(path)
+
+    def claim(fd: int) -> None:
+        held, now = os.fstat(fd), os.stat(path) if os.path.exists(path) else None
+        if now is None or (now.st_ino, now.st_dev) != (held.st_ino, held.st_dev):
+            raise _StaleLock(path)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()}".encode())
+
+    for _ in range(10):
+        lock = FileLock(path, timeout=0, thread_local=False, on_acquired=claim)
+        try:
+            lock.acquire()
+            return lock
+        except _StaleLock:
+            continue
+        except Timeout:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    holder = fh.read().strip()
+            except OSError:  # Windows: the holder's locked byte cannot be read
+                holder = ""
+            raise error(f"{target} is being written by {holder or 'another process'}; wait for it to finish") from None
+        except OSError as exc:
+            raise CacheError(f"cannot write next to {target}: {exc.strerror or exc}") from exc
+    raise error(f"{target} is being written by another process; wait for it to finish")
+
+
+def release_lock(lock) -> None:
+    """Remove the lock file and release the lock taken by :func:`exclusive_lock` (no-op when not held).
+
+    On POSIX the file is removed while still locked, so a process that opened it meanwhile sees a removed
+    inode and retries; Windows cannot remove an open file, so there it is removed after the release when
+    no one else holds it."""
+    if lock is None or not lock.is_locked:
+        return
+    if os.name != "nt":
+        try:
+            os.unlink(lock.lock_file)
+        except OSError:
+            pass
+        lock.release()
+        return
+    lock.release()
+    try:
+        os.unlink(lock.lock_file)
+    except OSError:
+        pass
 
 
 class _Torn(CacheError):
@@ -191,21 +279,7 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            self._lock = open(self.lock_path, "a+")
-        except OSError as exc:
-            raise CacheError(f"cannot write next to {self.path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
-            raise CacheLockedError(f"{self.path} is being written by {holder}; wait for it to finish") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()}")
-        self._lock.flush()
+        self._lock = exclusive_lock(self.lock_path, self.path)
         self._failed: str | None = None  # why the last write failed; nothing is written after one
         try:
             self.file = self._open()
@@ -426,9 +500,7 @@ class CacheWriter:
             self._release()
 
     def _release(self) -> None:
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        release_lock(self._lock)
 
     def __enter__(self) -> "CacheWriter":
         return self

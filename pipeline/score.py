@@ -23,7 +23,6 @@ top classes as ``top1_label, top1_prob, top2_label, ...``; JSON Lines and Parque
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import os
@@ -41,7 +40,7 @@ from tlpipe.backbones.export import INPUT_NAME
 from tlpipe.backbones.weights import sha256_file
 from tlpipe.backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_session
 from tlpipe.backbones.store import ModelStore, StoreEntry
-from tlpipe.features.cache import CacheError, read_retrying
+from tlpipe.features.cache import CacheError, exclusive_lock, read_retrying, release_lock
 from tlpipe.features.extract import _Loaded, decode_workers, iter_loaded
 from tlpipe.features.images import RESIZE_MODES
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
@@ -196,13 +195,10 @@ def _append_bytes(fh: io.RawIOBase, path: Path, data: bytes) -> None:
         raise _write_failed(path, exc) from exc
 
 
-def _lock(handle, path: Path) -> None:
-    """One writer per output: an exclusive ``flock`` held until ``handle`` (file object or descriptor) closes."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close() if hasattr(handle, "close") else os.close(handle)
-        raise ScoreError(f"{path} is being written by another scoring run; wait for it to finish") from None
+def _lock(path: Path):
+    """One writer per output: an exclusive lock on ``<out>.lock`` (removed on release); a second scoring run
+    is refused with ``<out> is being written by pid N; wait for it to finish``."""
+    return exclusive_lock(Path(str(path) + ".lock"), path, ScoreError)
 
 
 def _truncate(path: Path, size: int) -> None:
@@ -217,15 +213,15 @@ class CsvOutput:
         self.path = path
         self.columns = ["path", "sha256", "label", "probability",
                         *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
-        self.fh = open(path, "ab", buffering=0)
-        _lock(self.fh, path)
-        self.paths = self._recover()
-        if not path.stat().st_size:
-            try:
+        self.lock = _lock(path)
+        try:
+            self.fh = open(path, "ab", buffering=0)
+            self.paths = self._recover()
+            if not path.stat().st_size:
                 self._write([self.columns])
-            except ScoreError:
-                self.fh.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     def _recover(self) -> set[str]:
         """Paths of the complete records; the file is cut after the last of them."""
@@ -245,7 +241,6 @@ class CsvOutput:
             header = next(records, None)
             good = consumed if header == self.columns else 0
             if header not in (None, self.columns) and next(records, None) is not None:
-                self.fh.close()
                 raise ScoreError(f"{self.path} has the columns {','.join(header)}; this run writes "
                                  f"{','.join(self.columns)} (another top_k?): choose another output")
             for record in records if good else ():
@@ -274,7 +269,11 @@ class CsvOutput:
         self._write(records)
 
     def close(self, finish: bool = True) -> None:
-        self.fh.close()
+        try:
+            if getattr(self, "fh", None) is not None:
+                self.fh.close()
+        finally:
+            release_lock(self.lock)
 
 
 class JsonlOutput:
@@ -282,9 +281,13 @@ class JsonlOutput:
 
     def __init__(self, path: Path, top_k: int):
         self.path = path
-        self.fh = open(path, "ab", buffering=0)
-        _lock(self.fh, path)
-        self.paths = self._recover()
+        self.lock = _lock(path)
+        try:
+            self.fh = open(path, "ab", buffering=0)
+            self.paths = self._recover()
+        except BaseException:
+            self.close()
+            raise
 
     def _recover(self) -> set[str]:
         good, paths = 0, set()
@@ -305,7 +308,11 @@ class JsonlOutput:
         _append_bytes(self.fh, self.path, data)
 
     def close(self, finish: bool = True) -> None:
-        self.fh.close()
+        try:
+            if getattr(self, "fh", None) is not None:
+                self.fh.close()
+        finally:
+            release_lock(self.lock)
 
 
 def _pyarrow():
@@ -329,15 +336,18 @@ class ParquetOutput:
         self.schema = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()),
                                  ("probability", pa.float64()), ("top_labels", pa.list_(pa.string())),
                                  ("top_probs", pa.list_(pa.float64())), ("error", pa.string())])
-        self.parts.mkdir(exist_ok=True)
-        self.lock = os.open(self.parts, os.O_RDONLY)
-        _lock(self.lock, path)
-        for leftover in self.parts.glob(".*.tmp"):
-            leftover.unlink()
-        self.paths: set[str] = set()
-        for file in self._files():
-            self.paths.update(self.pq.read_table(file, columns=["path"]).column("path").to_pylist())
-        self.next_part = len(list(self.parts.glob("part-*.parquet")))
+        self.lock = _lock(path)
+        try:
+            self.parts.mkdir(exist_ok=True)
+            for leftover in self.parts.glob(".*.tmp"):
+                leftover.unlink()
+            self.paths: set[str] = set()
+            for file in self._files():
+                self.paths.update(self.pq.read_table(file, columns=["path"]).column("path").to_pylist())
+            self.next_part = len(list(self.parts.glob("part-*.parquet")))
+        except BaseException:
+            release_lock(self.lock)
+            raise
 
     def _files(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + sorted(self.parts.glob("part-*.parquet"))
@@ -361,7 +371,7 @@ class ParquetOutput:
             if finish:
                 self._assemble()
         finally:
-            os.close(self.lock)
+            release_lock(self.lock)
 
     def _assemble(self) -> None:
         files = self._files()

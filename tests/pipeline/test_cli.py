@@ -88,7 +88,7 @@ def test_strict_exit_code(tmp_path, tiny_entry, photo_folder):
     (photo_folder / "china" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     proc = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory, "--strict", "--quiet")
     assert proc.returncode == 3
-    ok = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory)
+    ok = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--backbone", tiny_entry.directory)
     assert ok.returncode == 0 and "1 failed" in ok.stdout and "broken.jpg" in ok.stderr
 
 

@@ -241,10 +241,11 @@ def test_clear_errors(tmp_path, trained):
     shutil.copy(tmp_path / "s.csv.tlpipe.json", tmp_path / "held.csv.tlpipe.json")  # a same-model run holds it
     held = CsvOutput(tmp_path / "held.csv", 1)
     try:
-        with pytest.raises(ScoreError, match="another scoring run"):
+        with pytest.raises(ScoreError, match=f"held.csv is being written by pid {os.getpid()}; wait"):
             run(trained.photos, tmp_path / "held.csv", trained, top_k=1)
     finally:
         held.close()
+    assert not (tmp_path / "held.csv.lock").exists() and not (tmp_path / "s.csv.lock").exists()  # cleaned up
 
 
 def test_resume_refuses_another_model_or_a_foreign_file(tmp_path, trained):
