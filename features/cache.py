@@ -174,12 +174,23 @@ def _strings(values, limit: int = PATH_BYTES) -> np.ndarray:
     return np.array([_storable(v, limit) for v in values], dtype=f"S{limit}")
 
 
+# HDF5 dimension labels (h5py ``dataset.dims[i].label``; shown by h5dump, xarray, HDFView)
+DIMENSION_LABELS = {"images": ("image",), "images/size": ("image", "width_height"), "failures": ("failure",),
+                    "embeddings": ("row", "dimension"), "image_row": ("row",)}
+
+
+def _label_dims(dataset: h5py.Dataset, labels: tuple[str, ...]) -> None:
+    for dim, label in zip(dataset.dims, labels):
+        dim.label = label
+
+
 def _create_columns(group: h5py.Group, columns: dict) -> None:
     for name, dtype in columns.items():
         if isinstance(dtype, tuple):
-            group.create_dataset(name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1]))
+            dataset = group.create_dataset(name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1]))
         else:
-            group.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(CHUNK_ROWS,))
+            dataset = group.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        _label_dims(dataset, DIMENSION_LABELS.get(f"{group.name.strip('/')}/{name}", DIMENSION_LABELS[group.name.strip("/")]))
     group.attrs["count"] = 0
 
 
@@ -409,6 +420,8 @@ class CacheWriter:
         chunk = max(1, min(CHUNK_ROWS, (1 << 20) // (dim * np.dtype(dtype).itemsize)))
         group.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk, dim))
         group.create_dataset("image_row", (0,), dtype=np.int64, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        _label_dims(group["embeddings"], DIMENSION_LABELS["embeddings"])
+        _label_dims(group["image_row"], DIMENSION_LABELS["image_row"])
         metadata = metadata or {}
         group.attrs.update({"dim": dim, "dtype": dtype, "metadata": json.dumps(metadata, sort_keys=True)})
         for name in ("backbone", "input_size", "pooling", "preprocessing"):
@@ -670,3 +683,122 @@ def _describe(f: h5py.File, path) -> dict:
                                                               _text(_committed(failures["reason"], nf, path)))],
         "sources": json.loads(f.attrs.get("sources", "[]")),
     }
+
+
+# -- the cache in other tools ------------------------------------------------------------------------------
+def to_pandas(path: str | os.PathLike, features: str | None = None):
+    """One feature set of a cache as a pandas DataFrame, one row per embedded image.
+
+    Parameters
+    ----------
+    path : path-like
+        The HDF5 cache.
+    features : str, optional
+        Feature set key (or unique prefix); may be omitted when the cache holds one.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``path`` (relative to its source), ``source`` (only when the cache records per-image
+        sources), ``label`` (class name, None when unlabelled), ``split`` (None when not given), ``sha256``
+        (hex of the file's bytes) and ``embedding`` (a float32 numpy array of shape (D,) per row), in the
+        cache's row order. ``DataFrame.attrs`` holds ``feature_set``, ``class_names`` and ``cache_id``.
+
+    Raises
+    ------
+    MissingExtra
+        pandas is not installed (``pip install 'tlpipe[pandas]'``).
+    CacheError
+        No such cache or feature set.
+    """
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        from tlpipe.backbones.deps import MissingExtra
+
+        raise MissingExtra(f"to_pandas needs pandas, which is not installed: pip install 'tlpipe[pandas]' ({exc})") from exc
+    fs = read_feature_set(path, features)
+    names = np.array([*fs.class_names, None], dtype=object)
+    columns = {"path": fs.paths.astype(object)}
+    sources = read_retrying(path, lambda f: _text(f["images/source"][: int(f["images"].attrs["count"])])
+                            if "source" in f["images"] else None)
+    if sources is not None:
+        rows = read_retrying(path, lambda f: f["features"][fs.key]["image_row"][: len(fs)])
+        columns["source"] = sources[rows].astype(object)
+    columns |= {"label": names[fs.y], "split": np.where(fs.split == "", None, fs.split.astype(object)),
+                "sha256": fs.sha256.astype(object), "embedding": list(fs.X)}
+    frame = pd.DataFrame(columns)
+    frame.attrs.update(feature_set=fs.key, class_names=fs.class_names, cache_id=fs.cache_id)
+    return frame
+
+
+EXPORT_FORMATS = ("parquet", "npz")
+
+
+def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | None = None,
+                 features: str | None = None) -> dict:
+    """Write one feature set of a cache as Parquet or NumPy ``.npz``, for tools that do not read HDF5.
+
+    Parameters
+    ----------
+    path : path-like
+        The HDF5 cache.
+    out : path-like
+        The file to write (replaced atomically if it exists).
+    fmt : {"parquet", "npz"}, optional
+        Default: from ``out``'s extension.
+    features : str, optional
+        Feature set key (or unique prefix).
+
+    Returns
+    -------
+    dict
+        ``out``, ``format``, ``feature_set``, ``rows``, ``dim``.
+
+    Notes
+    -----
+    Parquet: columns ``path``, ``label``, ``split``, ``sha256`` (strings, null when absent) and ``embedding``
+    (fixed-size list of float32, length D); the key and class names in the schema metadata.
+    ``pandas.read_parquet`` reads it. npz: arrays ``embeddings`` (N, D) float32, ``label`` (N,) int32
+    index into ``class_names`` (-1 unlabelled), ``path``, ``split``, ``sha256``, ``class_names`` (unicode
+    arrays, no pickles: ``numpy.load(out)`` needs no ``allow_pickle``) and ``feature_set``.
+    """
+    out = Path(out)
+    fmt = (fmt or out.suffix.lstrip(".")).lower()
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)} (or an --out ending in one), not {fmt!r}")
+    fs = read_feature_set(path, features)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "npz":
+            with open(tmp, "wb") as fh:
+                np.savez(fh, embeddings=fs.X, label=fs.y.astype(np.int32), path=fs.paths.astype(str),
+                         split=fs.split.astype(str), sha256=fs.sha256.astype(str),
+                         class_names=np.array(fs.class_names, dtype=str), feature_set=np.array(fs.key))
+        else:
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError as exc:
+                from tlpipe.backbones.deps import MissingExtra
+
+                raise MissingExtra(f"Parquet needs pyarrow, which is not installed: pip install 'tlpipe[parquet]' "
+                                   f"(or export --format npz) ({exc})") from exc
+            dim = fs.X.shape[1] if fs.X.ndim == 2 else 0
+            names = [*fs.class_names, None]
+            table = pa.table({
+                "path": pa.array(fs.paths.tolist(), pa.string()),
+                "label": pa.array([names[i] for i in fs.y.tolist()], pa.string()),
+                "split": pa.array([s or None for s in fs.split.tolist()], pa.string()),
+                "sha256": pa.array(fs.sha256.tolist(), pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(fs.X.reshape(-1), pa.float32()), dim),
+            }).replace_schema_metadata({"tlpipe.feature_set": fs.key, "tlpipe.class_names": json.dumps(fs.class_names),
+                                        "tlpipe.cache_id": fs.cache_id})
+            pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CacheError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"out": str(out), "format": fmt, "feature_set": fs.key, "rows": len(fs), "dim": int(fs.X.shape[1])}

@@ -517,6 +517,22 @@ def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder
     run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
 
 
+@app.command("export-cache")
+def export_cache(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`."),
+                 out_path: Path = typer.Option(..., "--out", "-o", help="File to write: .parquet or .npz."),
+                 fmt: Optional[str] = typer.Option(None, "--format", help="parquet | npz [default: from --out's extension]."),
+                 features: Optional[str] = FeaturesOpt, as_json: bool = JsonOpt):
+    """Write one feature set of a cache as Parquet (pandas, Spark, DuckDB) or NumPy .npz (paths, labels, splits, embeddings)."""
+    from tlpipe.features.cache import export_cache as run
+
+    done = run(cache, out_path, fmt, features=features)
+    if as_json:
+        emit_json(done)
+    else:
+        out.print(f"[green]wrote[/] {escape(done['out'])} ({done['format']}): {done['rows']} rows x {done['dim']} "
+                  f"of feature set {done['feature_set']}")
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)
 
 

@@ -15,10 +15,11 @@ file per batch in ``<out>.parts/``, assembled into ``out`` atomically at the end
 paths already in the output (dropping a row cut short by a kill) and scores only the rest, so after any
 number of interruptions the output holds every image exactly once.
 
-Columns: ``path``, ``sha256``, ``label`` (predicted class name), ``probability`` (its probability), the
-``top_k`` best classes and ``error`` (why an image has no prediction; empty otherwise). CSV spells the
-top classes as ``top1_label, top1_prob, top2_label, ...``; JSON Lines and Parquet as the lists
-``top_labels`` and ``top_probs``.
+Columns, the same in all three formats (:func:`output_columns`): ``path``, ``sha256``, ``true_label`` (only
+when the source is labelled: class folders, a manifest's label column, a cache's labels), ``label``
+(predicted class name), ``probability`` (its probability), the ``top_k`` best classes as ``top1_label,
+top1_prob, top2_label, ...`` and ``error`` (why an image has no prediction; empty / null otherwise). Flat
+columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and ``pandas.read_parquet`` see one table.
 """
 from __future__ import annotations
 
@@ -170,6 +171,28 @@ def prediction_rows(paths: list[str], shas: list[str], proba: np.ndarray, labels
     return rows
 
 
+def output_columns(top_k: int, labelled: bool = False) -> list[str]:
+    """The columns of a score output, in order (the same for CSV, JSON Lines and Parquet)."""
+    return ["path", "sha256", *(["true_label"] if labelled else []), "label", "probability",
+            *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
+
+
+def flat_row(row: dict, top_k: int, labelled: bool = False) -> dict:
+    """A row of :func:`prediction_rows` / :func:`error_row` with its top-k lists spread over ``top{i}_label``
+    and ``top{i}_prob`` (None past the classes it has)."""
+    flat = {"path": row["path"], "sha256": row["sha256"]}
+    if labelled:
+        label = row.get("true_label")
+        flat["true_label"] = display_path(label) if label is not None else None
+    flat |= {"label": row["label"], "probability": row["probability"]}
+    for i in range(top_k):
+        has = i < len(row["top_labels"])
+        flat[f"top{i + 1}_label"] = row["top_labels"][i] if has else None
+        flat[f"top{i + 1}_prob"] = row["top_probs"][i] if has else None
+    flat["error"] = row["error"]
+    return flat
+
+
 def error_row(path: str, sha: str, reason: str) -> dict:
     return {"path": path, "sha256": sha, "label": None, "probability": None, "top_labels": [], "top_probs": [],
             "error": reason}
@@ -209,10 +232,9 @@ def _truncate(path: Path, size: int) -> None:
 class CsvOutput:
     """CSV with flat top-k columns. A record cut short by a kill is cut off on open."""
 
-    def __init__(self, path: Path, top_k: int):
-        self.path = path
-        self.columns = ["path", "sha256", "label", "probability",
-                        *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
+    def __init__(self, path: Path, top_k: int, labelled: bool = False):
+        self.path, self.top_k, self.labelled = path, top_k, labelled
+        self.columns = output_columns(top_k, labelled)
         self.lock = _lock(path)
         try:
             self.fh = open(path, "ab", buffering=0)
@@ -259,13 +281,7 @@ class CsvOutput:
         _append_bytes(self.fh, self.path, buffer.getvalue().encode("utf-8"))
 
     def append(self, rows: list[dict]) -> None:
-        width = len(self.columns) - 5  # the top-k columns
-        records = []
-        for row in rows:
-            top = [v for pair in zip(row["top_labels"], row["top_probs"]) for v in pair]
-            probability = "" if row["probability"] is None else row["probability"]
-            records.append([row["path"], row["sha256"], row["label"] or "", probability,
-                            *top, *[""] * (width - len(top)), row["error"] or ""])
+        records = [["" if v is None else v for v in flat_row(row, self.top_k, self.labelled).values()] for row in rows]
         self._write(records)
 
     def close(self, finish: bool = True) -> None:
@@ -279,8 +295,8 @@ class CsvOutput:
 class JsonlOutput:
     """JSON Lines, one object per image. A line cut short by a kill is cut off on open."""
 
-    def __init__(self, path: Path, top_k: int):
-        self.path = path
+    def __init__(self, path: Path, top_k: int, labelled: bool = False):
+        self.path, self.top_k, self.labelled = path, top_k, labelled
         self.lock = _lock(path)
         try:
             self.fh = open(path, "ab", buffering=0)
@@ -304,7 +320,8 @@ class JsonlOutput:
         return paths
 
     def append(self, rows: list[dict]) -> None:
-        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        data = "".join(json.dumps(flat_row(row, self.top_k, self.labelled), ensure_ascii=False) + "\n"
+                       for row in rows).encode("utf-8")
         _append_bytes(self.fh, self.path, data)
 
     def close(self, finish: bool = True) -> None:
@@ -329,13 +346,13 @@ class ParquetOutput:
     """Parquet: each batch is a part file in ``<out>.parts/`` (written atomically); finishing assembles
     the previous ``out`` and the parts into a new ``out``, which replaces it atomically."""
 
-    def __init__(self, path: Path, top_k: int):
+    def __init__(self, path: Path, top_k: int, labelled: bool = False):
         pa = _pyarrow()
         self.pa, self.pq = pa, pa.parquet
         self.path, self.parts = path, Path(str(path) + ".parts")
-        self.schema = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()),
-                                 ("probability", pa.float64()), ("top_labels", pa.list_(pa.string())),
-                                 ("top_probs", pa.list_(pa.float64())), ("error", pa.string())])
+        self.top_k, self.labelled = top_k, labelled
+        self.schema = pa.schema([(name, pa.float64() if name == "probability" or name.endswith("_prob") else pa.string())
+                                 for name in output_columns(top_k, labelled)])
         self.lock = _lock(path)
         try:
             self.parts.mkdir(exist_ok=True)
@@ -356,7 +373,8 @@ class ParquetOutput:
         target = self.parts / f"part-{self.next_part:06d}.parquet"
         tmp = self.parts / f".{target.name}.tmp"
         try:
-            self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
+            flat = [flat_row(row, self.top_k, self.labelled) for row in rows]
+            self.pq.write_table(self.pa.Table.from_pylist(flat, schema=self.schema), tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
@@ -396,8 +414,8 @@ class ParquetOutput:
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
 
 
-def open_output(out: str | os.PathLike, top_k: int):
-    """The writer for ``out``'s extension, holding the paths already in it."""
+def open_output(out: str | os.PathLike, top_k: int, labelled: bool = False):
+    """The writer for ``out``'s extension, holding the paths already in it; ``labelled`` adds ``true_label``."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in _OUTPUTS:
@@ -406,7 +424,7 @@ def open_output(out: str | os.PathLike, top_k: int):
         raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + suffix)}")
     if not out.parent.is_dir():
         raise ScoreError(f"cannot write {out}: folder {out.parent} does not exist")
-    return _OUTPUTS[suffix](out, top_k)
+    return _OUTPUTS[suffix](out, top_k, labelled)
 
 
 # -- embeddings already in a cache -------------------------------------------------------------------------
@@ -475,6 +493,7 @@ def _score_images(records: list[ImageRecord], predictor: Predictor, output, summ
             else:
                 rows.append(error_row(path, b.sha256, b.error))
                 summary.failures.append((path, b.error))
+            rows[-1]["true_label"] = b.record.label
         output.append(rows)
         summary.failed += sum(b.error is not None for b in batch)
         summary.reused += sum(b.cached for b in batch)
@@ -505,16 +524,20 @@ def _score_cache(path: Path, predictor: Predictor, output, summary: ScoreSummary
         images = f["images"]
         paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
         shas = [s.decode() for s in images["sha256"][rows][inverse]]
-        return paths, shas, f["features"][predictor.key]["embeddings"][start:start + batch_size]
+        names = json.loads(images.attrs["class_names"])
+        truth = [names[i] if 0 <= i < len(names) else None for i in images["label"][rows][inverse].tolist()]
+        return paths, shas, truth, f["features"][predictor.key]["embeddings"][start:start + batch_size]
 
     for start in range(0, count, batch_size):
-        paths, shas, X = read_retrying(path, lambda f: batch(f, start))
+        paths, shas, truth, X = read_retrying(path, lambda f: batch(f, start))
         todo = [i for i, p in enumerate(paths) if p not in output.paths]
         summary.already_done += len(paths) - len(todo)
         if todo:
             proba = predictor.from_embeddings(X[todo].astype(np.float32, copy=False))
-            output.append(prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba,
-                                          predictor.labels, top_k))
+            rows = prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba, predictor.labels, top_k)
+            for i, row in zip(todo, rows):
+                row["true_label"] = truth[i]
+            output.append(rows)
             summary.reused += len(todo)
         if advance:
             advance(len(paths))
@@ -578,10 +601,15 @@ def score(
     else:
         predictor = fused_predictor(model, device=device, threads=threads)
     k = min(top_k, len(predictor.labels))
-    check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize})
+    if images is not None:
+        labelled = any(r.label is not None for r in images.records)
+    else:
+        labelled = read_retrying(source, lambda f: bool(np.any(f["images/label"][: int(f["images"].attrs["count"])] >= 0)))
+    check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize,
+                       "true_label": labelled})
     summary = ScoreSummary(out=str(out), provider=predictor.provider)
     cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
-    output = open_output(out, k)
+    output = open_output(out, k, labelled)
     started = time.perf_counter()  # as extract's: the stream, not the session start
     try:
         _run(source, images, predictor, output, summary, cached, top_k=k, batch_size=batch_size, resize=resize,
