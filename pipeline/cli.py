@@ -36,6 +36,10 @@ out = Output()
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document with the summary instead of text.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary text.")
 BatchSizeOpt = typer.Option(32, "--batch-size", min=1, help="Images per inference batch.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when it attaches, else CPU) | cpu | cuda (strict: fails if CUDA does not attach).")
+NJobsOpt = typer.Option(None, "--n-jobs", "-j", help="Parallel jobs [default: all cores].")
+ImagesHelp = "Your photos (folder or CSV manifest) used for checking"
+TrustOpt = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code).")
 SeedOpt = typer.Option(0, "--seed", help="Random seed (folds, hold-out, initialisation).")
 
 
@@ -92,6 +96,13 @@ def _backbone_source(backbone: str, model: Optional[str], command: str) -> tuple
             return None, backbone
         raise
     return backbone, None
+
+
+def _one_head(positional: Optional[Path], option: Optional[Path]) -> Path:
+    """The head given as the positional argument or as --head (exactly one)."""
+    if (positional is None) == (option is None):
+        raise typer.BadParameter("give the head once: as the argument or as --head")
+    return positional or option
 
 
 def _check_engine(engine: str) -> None:
@@ -167,7 +178,8 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
            seed: int = typer.Option(0, help="Seed for --weights none."),
            force: bool = typer.Option(False, "--force", help="Export again even when the store has it."),
            precision: str = PrecisionOpt,
-           calibration: Optional[Path] = typer.Option(None, "--calibration", help="Your photos (folder or CSV) to calibrate int8 on and to check it against fp32."),
+           images: Optional[Path] = typer.Option(None, "--images", help=f"{ImagesHelp}: int8 is calibrated on them and checked against fp32."),
+           calibration: Optional[Path] = typer.Option(None, "--calibration", hidden=True, help="Deprecated: use --images."),
            resize: str = ResizeOpt, store: Optional[Path] = StoreOpt):
     """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
@@ -176,6 +188,10 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
     from tlpipe.backbones.quantize import check_precision
 
     check_precision(precision)
+    if calibration is not None:
+        _deprecated("--calibration", "--images", "export")
+        images = images or calibration
+    calibration = images
     with console.status(f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
         entry = export_backbone(backbone, weights, size, layer, pooling, weights_dir, _store(store), opset, seed, force)
     if precision != "fp32":
@@ -206,7 +222,7 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
             size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
             model: Optional[str] = typer.Option(None, "--model", hidden=True, help="Deprecated: use --backbone."),
-            device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
+            device: str = DeviceOpt,
             batch_size: int = BatchSizeOpt,
             dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
             resize: str = ResizeOpt, precision: str = PrecisionOpt,
@@ -289,7 +305,8 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
              seed: int = SeedOpt, class_weight: Optional[str] = ClassWeightOpt,
              pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
-             as_json: bool = JsonOpt, engine: str = EngineOpt, address: Optional[str] = AddressOpt):
+             n_jobs: Optional[int] = NJobsOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
+             address: Optional[str] = AddressOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
     from tlpipe.pipeline.engine import parallel_backend
     from tlpipe.pipeline.train import train_head
@@ -297,7 +314,7 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     pca_arg = int(pca) if pca is not None and pca >= 1 else pca
     with console.status(f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
-                            class_weight=class_weight, pca=pca_arg)
+                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs)
     if as_json:
         emit_json({"path": result.path, "sidecar": f"{result.path}.json", "setup": result.setup,
                    "balance": result.balance, "search": result.info,
@@ -324,7 +341,7 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             search: bool = typer.Option(False, "--search", help="Search each head's small grid; report its best point."),
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
-            n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs [default: all cores]."),
+            n_jobs: Optional[int] = NJobsOpt,
             as_json: bool = JsonOpt, engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
     from tlpipe.features.cache import read_feature_set
@@ -350,18 +367,24 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
 
 
 @app.command()
-def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
-             cache: Path = typer.Argument(..., help="HDF5 cache holding the head's feature set."),
+def evaluate(first: Path = typer.Argument(..., metavar="HEAD", help="A head saved by `tlpipe fit-head` (or, with --head, the cache)."),
+             second: Optional[Path] = typer.Argument(None, metavar="CACHE", help="HDF5 cache holding the head's feature set."),
+             head_opt: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head`."),
              split: str = typer.Option("test", "--split", help="train | val | test | all."),
              features: Optional[str] = FeaturesOpt,
              report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
-             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+             trust: bool = TrustOpt,
              as_json: bool = JsonOpt):
     """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.artifacts import load_head
     from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
 
+    if head_opt is not None and second is not None:
+        raise typer.BadParameter("give the head once: `evaluate HEAD CACHE` or `evaluate CACHE --head HEAD`")
+    head, cache = (head_opt, first) if head_opt is not None else (first, second)
+    if cache is None:
+        raise typer.BadParameter("missing the cache: `evaluate HEAD CACHE` or `evaluate CACHE --head HEAD`")
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
     result = evaluate_head(estimator, metadata, read_feature_set(cache, key), split=split)
@@ -386,21 +409,26 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
 def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an HDF5 cache (scores its feature set; --head only)."),
           out_path: Path = typer.Option(..., "--out", "-o", help="Predictions: .csv, .jsonl or .parquet. A re-run resumes it."),
           head: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head` (its backbone comes from the model store)."),
-          model: Optional[Path] = typer.Option(None, "--model", help="A fused classifier from `tlpipe export-model` instead of --head."),
+          classifier: Optional[Path] = typer.Option(None, "--classifier", help="A fused classifier .onnx from `tlpipe export-model` instead of --head."),
+          model: Optional[Path] = typer.Option(None, "--model", hidden=True, help="Deprecated: use --classifier."),
           cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse embeddings this cache already holds for the head's feature set."),
-          top_k: int = typer.Option(3, "--top-k", min=1, help="How many best classes each row lists."), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
+          top_k: int = typer.Option(3, "--top-k", min=1, help="How many best classes each row lists."), device: str = DeviceOpt,
           batch_size: int = BatchSizeOpt,
           resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
           workers: Optional[int] = typer.Option(None, help="Decode threads [default: cores + 1]."),
           threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads [default: cores]."),
-          trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+          trust: bool = TrustOpt,
           allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
           quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt,
           engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
     _check_engine(engine)
+    if model is not None:
+        _deprecated("--model", "--classifier", "score")
+        classifier = classifier or model
+    model = classifier
     if (head is None) == (model is None):
-        raise ValueError("give exactly one of --head (a saved head) or --model (a fused classifier .onnx)")
+        raise ValueError("give exactly one of --head (a saved head) or --classifier (a fused classifier .onnx)")
     options = dict(head=head, model=model, cache=cache, top_k=top_k, device=device, batch_size=batch_size, trust=trust,
                    store=_store(store), resize=resize, threads=threads, allow_outside_root=allow_outside_root)
     with _progress(quiet, "score") as progress:
@@ -422,14 +450,20 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
 
 
 @app.command("export-model")
-def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
+def export_model(head_arg: Optional[Path] = typer.Argument(None, metavar="HEAD", help="A head saved by `tlpipe fit-head` (or give --head)."),
+                 head_opt: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head`."),
                  out_path: Path = typer.Option(..., "--out", "-o", help="The fused classifier .onnx to write."),
-                 verify: Optional[Path] = typer.Option(None, "--verify", help="Folder or CSV of images to verify on [default: bundled photos]."),
-                 trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
-                 store: Optional[Path] = StoreOpt):
+                 images_dir: Optional[Path] = typer.Option(None, "--images", help=f"{ImagesHelp}: the fused model is verified on 32 of them [default: bundled photos]."),
+                 verify: Optional[Path] = typer.Option(None, "--verify", hidden=True, help="Deprecated: use --images."),
+                 trust: bool = TrustOpt,
+                 as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt):
     """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
     from tlpipe.pipeline.fuse import export_model as run
 
+    head = _one_head(head_arg, head_opt)
+    if verify is not None:
+        _deprecated("--verify", "--images", "export-model")
+    verify = images_dir or verify
     images = None
     if verify is not None:
         from tlpipe.features.sources import discover
@@ -437,8 +471,12 @@ def export_model(head: Path = typer.Argument(..., help="A head saved by `tlpipe 
         images = [r.abspath for r in discover(verify).records[:32]]
     with console.status("converting the head (skl2onnx), merging with the backbone, verifying…"):
         info = run(head, out_path, trust=trust, store=_store(store), verify_images=images)
+    summary = {k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "verification"}
+    if as_json:
+        emit_json({"out": out_path} | summary)
+        return
     out.print(f"[green]wrote[/] {out_path}")
-    out.print_json(data={k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "verification"})
+    emit_json(summary)
 
 
 @app.command()
@@ -449,7 +487,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
              unfreeze_from: Optional[str] = typer.Option(None, "--unfreeze-from", help="Train from this layer / cut point / block prefix on (e.g. block_15)."),
              unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="Train the last N blocks [default: the last one]."),
              head: Optional[Path] = typer.Option(None, "--head", help="Warm-start the classifier from this logreg head (same backbone)."),
-             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+             trust: bool = TrustOpt,
              epochs: int = typer.Option(10, "--epochs", min=1, help="Most epochs to train (early stopping may end sooner)."),
              batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per training batch."),
              learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (keep it low)."),
@@ -481,11 +519,12 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
 def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
           size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
           model: Optional[str] = typer.Option(None, "--model", hidden=True, help="Deprecated: use --backbone."),
-          images: Optional[Path] = typer.Option(None, "--images", help="Your photos (folder or CSV): timed, decoded, and used to calibrate int8 [default: scikit-learn's sample photos]."),
+          images: Optional[Path] = typer.Option(None, "--images", help=f"{ImagesHelp}: timed, decoded, and used to calibrate int8 [default: scikit-learn's sample photos]."),
           precision: list[str] = typer.Option(["fp32"], "--precision", "-p", help="Also time this variant: int8 | fp16 (repeatable)."),
-          batch: list[int] = typer.Option([1, 8, 32], "--batch", help="Batch sizes to sweep (repeatable)."),
+          batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", min=1, help="Batch sizes to sweep (repeatable) [default: 1, 8, 32]."),
+          batch: Optional[list[int]] = typer.Option(None, "--batch", hidden=True, help="Deprecated: use --batch-size."),
           threads: Optional[list[int]] = typer.Option(None, "--threads", help="ONNX Runtime thread counts to sweep (repeatable) [default: 1 and all cores]."),
-          device: str = typer.Option("cpu", help="cpu | cuda | auto."),
+          device: str = DeviceOpt,
           keras: bool = typer.Option(True, "--keras/--no-keras", help="Time Keras model(x, training=False) in the same run (needs tlpipe[tf])."),
           seconds: float = typer.Option(2.0, "--seconds", min=0.0, help="Minimum timed seconds per configuration."),
           as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
@@ -499,6 +538,9 @@ def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir
             console.print(f"[dim]{escape(message)}[/]")
 
     backbone, model = _backbone_source(backbone, model, "bench")
+    if batch:
+        _deprecated("--batch", "--batch-size", "bench")
+    batch = batch_size or batch or [1, 8, 32]
     report = run_bench(backbone, weights=weights, weights_dir=weights_dir, size=size, layer=layer,
                        pooling=pooling, model=model, store=_store(store), images=images, precisions=precision,
                        batch_sizes=batch, threads=threads, device=device, keras=keras, min_seconds=seconds, log=say)
@@ -509,7 +551,7 @@ def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder for the data, cache, heads and report."),
+def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", "-o", help="Folder for the data, cache, heads and report."),
          backbone: str = BackboneOpt, weights_dir: Optional[Path] = WeightsDirOpt, store: Optional[Path] = StoreOpt):
     """The whole job on built-in data (scikit-learn's digits), offline: export, extract, compare, fit-head, evaluate."""
     from tlpipe.pipeline.demo import run_demo

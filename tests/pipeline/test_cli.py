@@ -101,9 +101,9 @@ def test_export_precision_variants(tmp_path, tiny_entry):
     shutil.copytree(tiny_entry.directory, store / tiny_entry.key)
     base = ("export", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--store", store)
     missing = tlpipe(*base, "--precision", "int8")
-    assert missing.returncode == 2 and "--calibration" in missing.stderr
+    assert missing.returncode == 2 and "--images" in missing.stderr
     photos = write_photo_folder(tmp_path / "photos", per_class=12, seed=7)
-    done = tlpipe(*base, "--precision", "int8", "--calibration", photos, check=True)
+    done = tlpipe(*base, "--precision", "int8", "--images", photos, check=True)
     assert "int8 of " + tiny_entry.key in done.stdout and "mean cosine" in done.stdout
     fp16 = tlpipe(*base, "--precision", "fp16", check=True)
     assert "fp16 of " + tiny_entry.key in fp16.stdout

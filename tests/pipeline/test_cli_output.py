@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 
-import click
 import pytest
 import typer.main
 
@@ -27,14 +26,76 @@ def tlpipe(*args, columns=80, check=False):
     return proc
 
 
-def commands() -> dict[str, click.Command]:
+def commands() -> dict:
     return dict(typer.main.get_command(app).commands)
 
 
+def options(cmd) -> list:
+    """The visible options of a command (typer's own click classes: compare by kind, not by class)."""
+    return [p for p in cmd.params if p.param_type_name == "option" and not p.hidden]
+
+
+def command_table() -> str:
+    """The README's table of commands and options (run this file to print it)."""
+    lines = ["| command | arguments | options |", "|---|---|---|"]
+    for name, cmd in commands().items():
+        args = " ".join(p.metavar or p.name.upper() for p in cmd.params if p.param_type_name == "argument")
+        opts = ", ".join("/".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts]) for p in options(cmd))
+        lines.append(f"| `{name}` | {args} | {opts} |")
+    return "\n".join(lines)
+
+
 def test_every_option_has_help():
-    missing = [f"{name} {p.opts[0]}" for name, cmd in commands().items() for p in cmd.params
-               if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    seen = [p for cmd in commands().values() for p in options(cmd)]
+    assert len(seen) > 100  # the introspection sees the options
+    missing = [p.opts[0] for p in seen if not (p.help or "").strip()]
     assert not missing, missing
+
+
+def test_readme_lists_every_command_with_its_options():
+    readme = (ROOT / "README.md").read_text()
+    assert command_table() in readme, "README's command table is stale: python -m tests.pipeline.test_cli_output prints it"
+
+
+def test_one_meaning_per_option():
+    """--model is a head type only; a trained head is --head; a fused classifier --classifier; the shared
+    options have one spelling and one default wherever they appear."""
+    for name, cmd in commands().items():
+        by_name = {o: p for p in options(cmd) for o in p.opts}
+        if "--model" in by_name:
+            assert name == "fit-head" and "logreg" in by_name["--model"].help
+        if "--head" in by_name:
+            assert "fit-head" in by_name["--head"].help or "Warm-start" in by_name["--head"].help
+        for opt, short, default in (("--out", "-o", None), ("--quiet", "-q", False), ("--n-jobs", "-j", None),
+                                    ("--device", None, "auto"), ("--batch-size", None, None), ("--json", None, False)):
+            if opt in by_name:
+                p = by_name[opt]
+                assert short is None or short in p.opts, (name, opt)
+                assert default is None or p.default == default, (name, opt, p.default)
+    assert "--classifier" in [o for p in options(commands()["score"]) for o in p.opts]
+
+
+
+def test_old_spellings_work_with_one_deprecation_line(tmp_path, cache, tiny_entry):
+    old = tlpipe("extract", cache.parent / "photos", "--out", tmp_path / "o.h5", "--model", tiny_entry.directory, "-q")
+    assert old.returncode == 0 and (tmp_path / "o.h5").exists()
+    warnings = [line for line in old.stderr.splitlines() if "deprecated" in line]
+    assert warnings == ["warning: extract --model is deprecated and will be removed in the next release; use "
+                        "--backbone (a registry name, store key or folder)"]
+    head = tmp_path / "h.joblib"
+    tlpipe("fit-head", cache, "--out", head, check=True)
+    by_option = tlpipe("evaluate", cache, "--head", head, "--split", "all", "--json", check=True)
+    by_position = tlpipe("evaluate", head, cache, "--split", "all", "--json", check=True)
+    assert json.loads(by_option.stdout)["accuracy"] == json.loads(by_position.stdout)["accuracy"]
+    both = tlpipe("evaluate", head, cache, "--head", head)
+    assert both.returncode == 2 and "give the head once" in both.stderr
+    classifier = tlpipe("score", cache.parent / "photos", "--model", tmp_path / "missing.onnx", "--out", tmp_path / "s.csv")
+    assert classifier.returncode == 2 and "score --model is deprecated" in classifier.stderr
+    assert "missing.onnx does not exist" in classifier.stderr
+
+
+if __name__ == "__main__":
+    print(command_table())
 
 
 def test_help_at_80_columns_is_never_cut():
