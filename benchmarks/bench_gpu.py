@@ -24,9 +24,8 @@ Two steps (see ../shared/gpu/README.md for carrying onnxruntime-gpu to a lent GP
         CPU-only machine first. Writes one JSON document (default: $OUT/gpu.json, else
         benchmarks/results/gpu_cpu_dryrun.json) and prints it.
 
-tlpipe is imported from this checkout: when it is not installed (the device has no network to install
-it), a folder of links that maps `tlpipe.backbones` etc. onto the repository's folders is put on
-PYTHONPATH, and the parent's PYTHONPATH (where assemble.sh puts onnxruntime-gpu first) is kept.
+tlpipe is imported from this checkout, installed or not (the device has no network to install it): the
+checkout goes on PYTHONPATH after the caller's (where assemble.sh puts onnxruntime-gpu first).
 On the device both onnxruntime builds are visible to importlib.metadata on purpose: this script sets
 TLPIPE_ALLOW_MIXED_ONNXRUNTIME=1 (the documented override) for its children.
 """
@@ -55,19 +54,11 @@ THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999}
 
 # ---------------------------------------------------------------------------------------------------- set-up
 def tlpipe_pythonpath() -> str:
-    """A PYTHONPATH under which ``import tlpipe.backbones`` resolves to this checkout, installed or not."""
+    """A PYTHONPATH under which ``import tlpipe`` is this checkout, installed or not (the facade finds the
+    packages beside itself in a source checkout), after whatever PYTHONPATH the caller set (assemble.sh puts
+    onnxruntime-gpu first)."""
     inherited = os.environ.get("PYTHONPATH", "")
-    probe = subprocess.run([sys.executable, "-c", "import tlpipe.backbones, tlpipe.pipeline.cli"],
-                           capture_output=True, cwd=tempfile.gettempdir())
-    if probe.returncode == 0:
-        return inherited
-    shim = Path(tempfile.mkdtemp(prefix="tlpipe-src-")) / "tlpipe"
-    shim.mkdir()
-    for name in os.listdir(ROOT / "tlpipe"):
-        (shim / name).symlink_to(ROOT / "tlpipe" / name)
-    for package in ("backbones", "features", "pipeline"):
-        (shim / package).symlink_to(ROOT / package)
-    return os.pathsep.join(p for p in (str(shim.parent), inherited) if p)
+    return os.pathsep.join(p for p in (inherited, str(ROOT)) if p)
 
 
 def child_env(pythonpath: str, **extra: str) -> dict[str, str]:
