@@ -105,6 +105,13 @@ def _one_head(positional: Optional[Path], option: Optional[Path]) -> Path:
     return positional or option
 
 
+def _status(quiet: bool, text: str):
+    """A spinner on stderr while something runs, unless --quiet."""
+    from contextlib import nullcontext
+
+    return nullcontext() if quiet else console.status(text)
+
+
 def _check_engine(engine: str) -> None:
     if engine not in ("local", "ray"):
         raise ValueError(f"--engine must be local or ray, not {engine!r}")
@@ -180,7 +187,7 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
            precision: str = PrecisionOpt,
            images: Optional[Path] = typer.Option(None, "--images", help=f"{ImagesHelp}: int8 is calibrated on them and checked against fp32."),
            calibration: Optional[Path] = typer.Option(None, "--calibration", hidden=True, help="Deprecated: use --images."),
-           resize: str = ResizeOpt, store: Optional[Path] = StoreOpt):
+           resize: str = ResizeOpt, quiet: bool = QuietOpt, store: Optional[Path] = StoreOpt):
     """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
     With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry."""
@@ -192,15 +199,17 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
         _deprecated("--calibration", "--images", "export")
         images = images or calibration
     calibration = images
-    with console.status(f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
+    with _status(quiet, f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
         entry = export_backbone(backbone, weights, size, layer, pooling, weights_dir, _store(store), opset, seed, force)
     if precision != "fp32":
         from tlpipe.features.calibration import variant_for
         from tlpipe.features.sources import discover
 
         records = discover(calibration).records if calibration is not None else None
-        with console.status(f"making the {precision} variant (calibrate, verify against fp32)…"):
+        with _status(quiet, f"making the {precision} variant (calibrate, verify against fp32)…"):
             entry = variant_for(entry, precision, _store(store), records, resize, recalibrate=calibration is not None)
+    if quiet:
+        return
     m = entry.metadata
     if precision != "fp32":
         v = m["verification_vs_fp32"]
@@ -305,14 +314,14 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
              seed: int = SeedOpt, class_weight: Optional[str] = ClassWeightOpt,
              pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
-             n_jobs: Optional[int] = NJobsOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
-             address: Optional[str] = AddressOpt):
+             n_jobs: Optional[int] = NJobsOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt,
+             engine: str = EngineOpt, address: Optional[str] = AddressOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
     from tlpipe.pipeline.engine import parallel_backend
     from tlpipe.pipeline.train import train_head
 
     pca_arg = int(pca) if pca is not None and pca >= 1 else pca
-    with console.status(f"fitting {model}…"), parallel_backend(engine, address):
+    with _status(quiet or as_json, f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
                             class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs)
     if as_json:
@@ -320,6 +329,10 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
                    "balance": result.balance, "search": result.info,
                    "evaluation": result.evaluation.to_dict() if result.evaluation is not None else None,
                    "metadata": result.metadata})
+        return
+    if result.imbalanced and not class_weight and quiet:
+        console.print("[yellow]warning:[/] classes are imbalanced: consider --class-weight balanced")
+    if quiet:
         return
     out.print(f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}")
     out.print(f"  {result.setup}")
@@ -342,7 +355,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
             n_jobs: Optional[int] = NJobsOpt,
-            as_json: bool = JsonOpt, engine: str = EngineOpt, address: Optional[str] = AddressOpt):
+            quiet: bool = QuietOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
+            address: Optional[str] = AddressOpt):
     """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.compare import _COLUMNS, _cells, compare_heads, write_report
@@ -350,12 +364,14 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     fs = read_feature_set(cache, features)
-    with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
+    with _status(quiet or as_json, f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
                                holdout=not all_rows, n_jobs=n_jobs)
     written = write_report(result, report) if report is not None else None
     if as_json:
         emit_json(result.to_dict() | ({"report": {k: str(v) for k, v in written.items()}} if written else {}))
+        return
+    if quiet:
         return
     heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
     rows = [[(f"[bold green]{h.name} *[/]" if h.name == result.best else h.name), *_cells(h)[1:]] for h in heads]
@@ -456,7 +472,7 @@ def export_model(head_arg: Optional[Path] = typer.Argument(None, metavar="HEAD",
                  images_dir: Optional[Path] = typer.Option(None, "--images", help=f"{ImagesHelp}: the fused model is verified on 32 of them [default: bundled photos]."),
                  verify: Optional[Path] = typer.Option(None, "--verify", hidden=True, help="Deprecated: use --images."),
                  trust: bool = TrustOpt,
-                 as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt):
+                 quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt):
     """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
     from tlpipe.pipeline.fuse import export_model as run
 
@@ -469,11 +485,13 @@ def export_model(head_arg: Optional[Path] = typer.Argument(None, metavar="HEAD",
         from tlpipe.features.sources import discover
 
         images = [r.abspath for r in discover(verify).records[:32]]
-    with console.status("converting the head (skl2onnx), merging with the backbone, verifying…"):
+    with _status(quiet or as_json, "converting the head (skl2onnx), merging with the backbone, verifying…"):
         info = run(head, out_path, trust=trust, store=_store(store), verify_images=images)
     summary = {k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "verification"}
     if as_json:
         emit_json({"out": out_path} | summary)
+        return
+    if quiet:
         return
     out.print(f"[green]wrote[/] {out_path}")
     emit_json(summary)

@@ -175,7 +175,7 @@ def test_compare_and_evaluate_piped_are_tab_separated(tmp_path, cache):
     assert header.split("\t")[0] == "head" and len(rows) == 2
     assert all(len(r.split("\t")) == len(header.split("\t")) for r in rows)
     head = tmp_path / "h.joblib"
-    tlpipe("fit-head", cache, "--out", head, check=True)
+    assert tlpipe("fit-head", cache, "--out", head, "-q", check=True).stdout == "" and head.exists()  # --quiet
     evaluated = tlpipe("evaluate", head, cache, "--split", "all", check=True).stdout
     assert "class\tprecision\trecall\tf1\tsupport" in evaluated and not BOX.search(evaluated)
 
