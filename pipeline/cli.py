@@ -16,7 +16,6 @@ from rich.markup import escape
 from tlpipe.pipeline.output import Output, emit_json, summary_dict, table
 
 
-
 class _Group(typer.core.TyperGroup):
     """Lists each command with its whole first sentence, wrapped (click would cut it with "...")."""
 
@@ -58,6 +57,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
     Exit codes: 0 ok, 1 an unexpected error (a bug: with a traceback), 2 bad input or usage (one line
     starting with "error:"), 3 --strict found failed images, 130 interrupted."""
+
 
 StoreOpt = typer.Option(None, "--store", envvar="TLPIPE_MODEL_STORE", help="Model store folder [default: ~/.cache/tlpipe/models].")
 WeightsDirOpt = typer.Option(None, "--weights-dir", envvar="TLPIPE_WEIGHTS_DIR", help="Folder searched for local ImageNet weight files.")

@@ -110,7 +110,7 @@ def score_ray(
     k = min(top_k, len(predictor.labels))
     summary = ScoreSummary(out=str(out))
     cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
-    output = open_output(out, k)
+    output = open_output(out, k, any(r.label is not None for r in images.records))  # true_label when labelled
     started = time.perf_counter()
     try:
         todo = [r for r in images.records if display_path(r.relpath) not in output.paths]
@@ -130,7 +130,7 @@ def score_ray(
                         "device": device, "threads": threads})
                 for batch in ordered_batches(dataset, commit_rows):
                     _append(batch, [todo[int(i)].relpath for i in batch["i"]], predictor, cached, output,
-                            summary, k)
+                            summary, k, [todo[int(i)].label for i in batch["i"]])
                     if advance:
                         advance(len(batch["i"]))
     except BaseException:
@@ -142,7 +142,7 @@ def score_ray(
 
 
 def _append(batch: dict[str, np.ndarray], relpaths: list[str], predictor: Predictor, cached: CachedEmbeddings | None,
-            output, summary: ScoreSummary, top_k: int) -> None:
+            output, summary: ScoreSummary, top_k: int, true_labels: list[str | None] | None = None) -> None:
     """Rows for one batch of actor results (cached content scored here from its stored embedding), appended."""
     status, proba = batch["status"], np.array(batch["proba"])
     reused = status == CACHED
@@ -156,6 +156,8 @@ def _append(batch: dict[str, np.ndarray], relpaths: list[str], predictor: Predic
             summary.failures.append((path, str(batch["error"][j])))
         else:
             rows += prediction_rows([path], [sha], proba[j][None], predictor.labels, top_k)
+        if true_labels is not None:
+            rows[-1]["true_label"] = true_labels[j]
     output.append(rows)
     summary.scored += int(np.sum(status == OK))
     summary.reused += int(np.sum(reused))
