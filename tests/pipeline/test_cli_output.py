@@ -190,6 +190,18 @@ def test_exit_codes(tmp_path, cache, tiny_entry):
     strict = tlpipe("extract", cache.parent / "photos", "--out", tmp_path / "s.h5", "--backbone", tiny_entry.directory,
                     "--strict", "-q")
     assert strict.returncode == 3, strict.stderr
+    if hasattr(os, "mkfifo"):  # interrupted while it waits on a manifest nobody writes: 130
+        import signal
+        import time
+
+        os.mkfifo(tmp_path / "pipe.csv")
+        waiting = subprocess.Popen([sys.executable, "-m", "tlpipe.pipeline.cli", "extract", str(tmp_path / "pipe.csv"),
+                                    "--out", str(tmp_path / "p.h5"), "-q"], cwd=ROOT, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        time.sleep(3)
+        assert waiting.poll() is None
+        waiting.send_signal(signal.SIGINT)
+        assert waiting.wait(timeout=60) == 130
     readme = (ROOT / "README.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):
         assert code in readme
