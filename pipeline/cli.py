@@ -28,6 +28,7 @@ class _Group(typer.core.TyperGroup):
 
 
 # Plain click help (rich_markup_mode=None): wrapped to the terminal, never cut, and "[tf]" stays "[tf]".
+# So help strings are plain text: write "[default: x]", not "\\[default: x]".
 app = typer.Typer(cls=_Group, no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)

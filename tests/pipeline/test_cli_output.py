@@ -113,6 +113,7 @@ def test_help_at_80_columns_is_never_cut():
     cut = [line for line in text.splitlines() if "…" in line or re.search(r"\w\.\.\.\s*$", line)]
     assert not long and not cut, (long, cut)
     assert "needs tlpipe[tf]" in re.sub(r"\s+", " ", text)  # not eaten as markup
+    assert "\\[" not in text  # help is plain text: brackets need no rich escapes
     assert "image_dataset_from_directory" in text  # a long word, whole
     assert "--install-completion" in text  # typer's shell completion
 
