@@ -35,6 +35,17 @@ class Output(Console):
 
     def print(self, *objects: Any, **kwargs: Any) -> None:  # noqa: A003 - rich's name
         if self.plain:
+            from rich.table import Table
+
+            if len(objects) == 1 and isinstance(objects[0], Table):  # anyone's rich table: plain lines too
+                rich_table = objects[0]
+                title = rich_table.title if isinstance(rich_table.title, str) else None
+                cells = [[c if isinstance(c, str) else getattr(c, "plain", str(c)) for c in col._cells]
+                         for col in rich_table.columns]
+                headers = [c.header if isinstance(c.header, str) else getattr(c.header, "plain", str(c.header))
+                           for c in rich_table.columns]
+                table(self, headers, list(zip(*cells)), title=title)
+                return
             kwargs.setdefault("soft_wrap", True)  # one logical line stays one line, whatever its length
             kwargs.setdefault("highlight", False)
         super().print(*objects, **kwargs)
