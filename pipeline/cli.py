@@ -438,7 +438,7 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
           quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt,
           engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
-    """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
+    """Predict a label for every image: one row each (path, sha256, true label when known, label, probability, top-k, error); resumable."""
     _check_engine(engine)
     if model is not None:
         _deprecated("--model", "--classifier", "score")
