@@ -150,7 +150,7 @@ def extract_into(images: ImageSource, source: str | os.PathLike[str], out: str |
         writer.register_classes(images.class_names)
         writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
         summary = ExtractSummary(out=str(writer.path), key=key, skipped=list(images.skipped))
-        run_stream(images.records, StageModel(entry.model_path, entry.input_size), CacheSink(writer, key), summary,
+        run_stream(images.records, StageModel(entry.model_path, entry.input_size, entry.embedding_dim), CacheSink(writer, key), summary,
                    engine=engine, batch_size=batch_size, resize=resize, unique=True, progress=progress)
         if images.skipped:
             writer.add_failures([(path, "", reason) for path, reason in images.skipped])

@@ -162,14 +162,15 @@ def model_file(ref) -> Iterator[Path]:
 class ModelActor:
     """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped."""
 
-    def __init__(self, model_ref: Any, model: StageModel, width: int, device: str, threads: int | None):
+    def __init__(self, model_ref: Any, model: StageModel, device: str, threads: int | None):
         with model_file(model_ref) as path:
             self.runner = model.load(device, threads, 1, path=path)
-        self.size, self.width = model.input_size, width
+        self.size, self.width = model.input_size, model.width
+        self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok, pixels = pixels_of(batch, self.size)
-        outputs = np.zeros((len(ok), self.width), np.float32)
+        outputs = np.zeros((len(ok), self.width), self.dtype)
         if len(pixels):
             outputs[ok] = self.runner(pixels)
         return {**{k: v for k, v in batch.items() if k != "pixels"}, "output": outputs,
@@ -207,8 +208,6 @@ class RayEngine:
         "auto" | "cpu" | "cuda" for the actors' sessions.
     threads : int, optional
         ONNX Runtime threads per actor (default: the cores of its node).
-    width : int
-        Columns of the model's output (embedding dimension or classes); set by the caller.
     """
 
     address: str | None = None
@@ -217,7 +216,6 @@ class RayEngine:
     commit_rows: int = 256
     device: str = "auto"
     threads: int | None = None
-    width: int = 0
     _stack: ExitStack | None = field(default=None, repr=False)
     _ray: Any = field(default=None, repr=False)
     _plan: ActorPlan | None = field(default=None, repr=False)
@@ -255,7 +253,7 @@ class RayEngine:
             dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._plan.map_args(ray),
                                 fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()),
                                                        "model": replace(model, path=Path(model.path.name)),
-                                                       "width": self.width, "device": self.device,
+                                                       "device": self.device,
                                                        "threads": self.threads})
             for batch in ordered_batches(dataset, self.commit_rows):
                 _commit(stage, batch, todo)
@@ -336,6 +334,6 @@ resize, allow_outside_root, precision, recalibrate, progress
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
     entry = resolve_entry(choice, images.records, resize, recalibrate)
-    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads, width=entry.embedding_dim)
+    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
     return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
                         progress=progress)

@@ -131,12 +131,15 @@ class StageModel:
         Side of the square input, in pixels.
     output : str, optional
         Output to read (default: the first).
+    width : int
+        Columns of the final output (embedding dimension, or classes).
     then : callable, optional
         Applied to the output, float32 (N, D) -> (N, K); must be picklable for the Ray engine.
     """
 
     path: Path
     input_size: int
+    width: int = 0
     output: str | None = None
     then: Callable[[np.ndarray], np.ndarray] | None = None
 
