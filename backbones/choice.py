@@ -89,5 +89,13 @@ class ModelChoice:
         """
         from .export import obtain_backbone
 
-        return obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling, self.weights_dir,
-                               self.model_store, self.model)
+        return obtain_backbone(
+            self.backbone,
+            self.weights,
+            self.size,
+            self.layer,
+            self.pooling,
+            self.weights_dir,
+            self.model_store,
+            self.model,
+        )

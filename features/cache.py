@@ -140,7 +140,7 @@ class _StagedFile(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         start, n = self.pos, len(view)
         got = os.preadv(self.fd, [view[: max(0, min(n, self.on_disk - start))]], start) if start < self.on_disk else 0
@@ -152,7 +152,7 @@ class _StagedFile(io.RawIOBase):
         self.pos += n
         return n
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
         data = bytes(data)
         start, end = self.pos, self.pos + len(data)
         self.pending = [(o, d) for o, d in self.pending if not (start <= o and o + len(d) <= end)]

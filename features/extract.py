@@ -68,8 +68,11 @@ class CacheSink:
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         """Commit the embeddings of the decoded ``items`` and the failures among them."""
-        rows = [ImageRow(i.record.relpath, i.sha256, i.record.label, i.record.split, *i.size)
-                for i in items if i.error is None and not i.known]
+        rows = [
+            ImageRow(i.record.relpath, i.sha256, i.record.label, i.record.split, *i.size)
+            for i in items
+            if i.error is None and not i.known
+        ]
         if rows:
             self.writer.add(self.key, rows, outputs)
         failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
@@ -80,8 +83,9 @@ class CacheSink:
         """Nothing to do: the writer is closed by its owner."""
 
 
-def open_source(source: str | os.PathLike[str], out: str | os.PathLike[str],
-                allow_outside_root: bool = False) -> ImageSource:
+def open_source(
+    source: str | os.PathLike[str], out: str | os.PathLike[str], allow_outside_root: bool = False
+) -> ImageSource:
     """The images of ``source``, after checking there are some and that the cache ``out`` can be written
     (before any model is exported or the cache touched).
 
@@ -115,9 +119,18 @@ def open_source(source: str | os.PathLike[str], out: str | os.PathLike[str],
     return images
 
 
-def extract_into(images: ImageSource, source: str | os.PathLike[str], out: str | os.PathLike[str],
-                 entry: StoreEntry, engine: Any, *, batch_size: int = 32, dtype: str = "float32",
-                 resize: str = "squash", progress: Progress | None = None) -> ExtractSummary:
+def extract_into(
+    images: ImageSource,
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    entry: StoreEntry,
+    engine: Any,
+    *,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    resize: str = "squash",
+    progress: Progress | None = None,
+) -> ExtractSummary:
     """Open the cache ``out`` and run the stage with ``engine`` (local or Ray) into feature set ``entry.key``.
 
     Parameters
@@ -150,17 +163,35 @@ def extract_into(images: ImageSource, source: str | os.PathLike[str], out: str |
         writer.register_classes(images.class_names)
         writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
         summary = ExtractSummary(out=str(writer.path), key=key, skipped=list(images.skipped))
-        run_stream(images.records, StageModel(entry.model_path, entry.input_size, entry.embedding_dim), CacheSink(writer, key), summary,
-                   engine=engine, batch_size=batch_size, resize=resize, unique=True, progress=progress)
+        run_stream(
+            images.records,
+            StageModel(entry.model_path, entry.input_size, entry.embedding_dim),
+            CacheSink(writer, key),
+            summary,
+            engine=engine,
+            batch_size=batch_size,
+            resize=resize,
+            unique=True,
+            progress=progress,
+        )
         if images.skipped:
             writer.add_failures([(path, "", reason) for path, reason in images.skipped])
     return summary
 
 
-def run_extraction(records: Iterable[ImageRecord], entry: StoreEntry, writer: CacheWriter,
-                   embedder: Callable[[np.ndarray], np.ndarray], *, batch_size: int = 32, resize: str = "squash",
-                   workers: int | None = None, prefetch: int | None = None, dtype: str = "float32",
-                   on_progress: Callable[[int], None] | None = None) -> ExtractSummary:
+def run_extraction(
+    records: Iterable[ImageRecord],
+    entry: StoreEntry,
+    writer: CacheWriter,
+    embedder: Callable[[np.ndarray], np.ndarray],
+    *,
+    batch_size: int = 32,
+    resize: str = "squash",
+    workers: int | None = None,
+    prefetch: int | None = None,
+    dtype: str = "float32",
+    on_progress: Callable[[int], None] | None = None,
+) -> ExtractSummary:
     """Embed ``records`` with an already loaded ``embedder`` into an open ``writer`` (feature set ``entry.key``).
 
     For callers that hold their own session (:class:`tlpipe.features.transformer.EmbeddingTransformer`).
@@ -173,9 +204,18 @@ def run_extraction(records: Iterable[ImageRecord], entry: StoreEntry, writer: Ca
     writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
     summary = ExtractSummary(out=str(writer.path), key=key)
     stage_progress = (lambda total, done: on_progress) if on_progress else None
-    run_stream(list(records), embedder, CacheSink(writer, key), summary,  # type: ignore[arg-type]
-               engine=LocalEngine(workers=workers, prefetch=prefetch), input_size=entry.input_size,
-               batch_size=batch_size, resize=resize, unique=True, progress=stage_progress)
+    run_stream(
+        list(records),
+        embedder,
+        CacheSink(writer, key),
+        summary,
+        engine=LocalEngine(workers=workers, prefetch=prefetch),
+        input_size=entry.input_size,
+        batch_size=batch_size,
+        resize=resize,
+        unique=True,
+        progress=stage_progress,
+    )
     return summary
 
 
@@ -254,5 +294,6 @@ def extract(
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
     entry = resolve_entry(choice, images.records, resize, recalibrate)
     engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-    return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
-                        progress=progress)
+    return extract_into(
+        images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize, progress=progress
+    )

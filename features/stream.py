@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +143,9 @@ class StageModel:
     output: str | None = None
     then: Callable[[np.ndarray], np.ndarray] | None = None
 
-    def load(self, device: str = "auto", threads: int | None = None, streams: int = 1,
-             path: Path | None = None) -> Runner:
+    def load(
+        self, device: str = "auto", threads: int | None = None, streams: int = 1, path: Path | None = None
+    ) -> Runner:
         """Sessions for this model (``path`` overrides where the file is, e.g. a copy on a Ray node).
 
         Returns
@@ -159,8 +160,7 @@ class StageModel:
         """
         from tlpipe.backbones.runtime import OnnxEmbedder
 
-        embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams,
-                                output=self.output)
+        embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams, output=self.output)
         return Runner(embedder, self.then)
 
 
@@ -260,25 +260,36 @@ class LocalEngine:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel | Callable[[np.ndarray], np.ndarray],
-            *, batch_size: int, resize: str, input_size: int | None = None) -> None:
+    def run(
+        self,
+        stage: Stage,
+        records: Sequence[ImageRecord],
+        model: StageModel | Callable[[np.ndarray], np.ndarray],
+        *,
+        batch_size: int,
+        resize: str,
+        input_size: int | None = None,
+    ) -> None:
         """Stream ``records`` through ``model`` into ``stage``'s sink.
 
         ``model``: a :class:`StageModel` (loaded here) or an already loaded callable (with ``input_size``).
         """
         from tlpipe.backbones.runtime import default_streams
 
+        runner: Callable[[np.ndarray], np.ndarray]
         if isinstance(model, StageModel):
-            model, input_size = model.load(self.device, self.threads, self.streams or default_streams()), \
-                model.input_size
+            input_size = model.input_size
+            runner = model.load(self.device, self.threads, self.streams or default_streams())
+        else:
+            runner = model
         if input_size is None:
             raise ValueError("input_size is needed with a loaded model")
-        stage.summary.provider = str(getattr(model, "provider", ""))
+        stage.summary.provider = str(getattr(runner, "provider", ""))
         todo = stage.todo(records)
         started = time.perf_counter()
         workers = self.workers or decode_workers()
         prefetch = self.prefetch or max(2 * batch_size, 4 * workers)
-        streams = max(1, int(getattr(model, "streams", 1)))
+        streams = max(1, int(getattr(runner, "streams", 1)))
         inflight: deque[tuple[list[Decoded], Future[np.ndarray] | None]] = deque()
         batch: list[Decoded] = []
 
@@ -290,7 +301,7 @@ class LocalEngine:
             while len(inflight) >= streams:
                 finish_oldest()
             pixels = [b.pixels for b in batch if b.pixels is not None]
-            future = pool.submit(model, np.stack(pixels)) if pixels else None
+            future = pool.submit(runner, np.stack(pixels)) if pixels else None
             inflight.append((list(batch), future))
             batch.clear()
 
@@ -307,9 +318,19 @@ class LocalEngine:
         stage.summary.seconds += time.perf_counter() - started
 
 
-def run_stream(records: Sequence[ImageRecord], model: StageModel | Callable[[np.ndarray], np.ndarray], sink: Sink,
-               summary: StreamSummary, *, engine: Any = None, batch_size: int = 32, resize: str = "squash",
-               unique: bool = False, progress: Progress | None = None, input_size: int | None = None) -> StreamSummary:
+def run_stream(
+    records: Sequence[ImageRecord],
+    model: StageModel | Callable[[np.ndarray], np.ndarray],
+    sink: Sink,
+    summary: StreamSummary,
+    *,
+    engine: Any = None,
+    batch_size: int = 32,
+    resize: str = "squash",
+    unique: bool = False,
+    progress: Progress | None = None,
+    input_size: int | None = None,
+) -> StreamSummary:
     """Run the stage: ``records`` -> decoder -> ``model`` -> ``sink`` with ``engine``, then close the sink.
 
     Parameters
@@ -352,4 +373,3 @@ def run_stream(records: Sequence[ImageRecord], model: StageModel | Callable[[np.
         raise
     sink.close()
     return summary
-

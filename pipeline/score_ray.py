@@ -4,10 +4,11 @@
 The head is unpickled once, on the driver, and shipped to the actors with the backbone's bytes (or the
 fused classifier's). Scoring a cache (``source`` an ``.h5``) decodes nothing and runs locally.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from tlpipe.backbones.deps import require
 from tlpipe.backbones.store import ModelStore
@@ -66,6 +67,19 @@ def score_ray(
     if commit_rows < 1:
         raise ValueError(f"commit_rows must be at least 1, not {commit_rows}")
     engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
-    return score(source, out, head=head, model=model, cache=cache, top_k=top_k, device=device,
-                 batch_size=batch_size, trust=trust, store=store, resize=resize,
-                 allow_outside_root=allow_outside_root, progress=progress, engine=engine)
+    return score(
+        source,
+        out,
+        head=head,
+        model=model,
+        cache=cache,
+        top_k=top_k,
+        device=device,
+        batch_size=batch_size,
+        trust=trust,
+        store=store,
+        resize=resize,
+        allow_outside_root=allow_outside_root,
+        progress=progress,
+        engine=engine,
+    )

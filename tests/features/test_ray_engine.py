@@ -108,7 +108,7 @@ def _embed_workers() -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"MapBatches(EmbedActor)" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and b"MapBatches(ModelActor)" in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
         except OSError:  # exited meanwhile
             continue
