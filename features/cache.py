@@ -687,7 +687,7 @@ class FeatureSetReader:
             stop = min(start + batch_size, len(self))
             rows, inverse = np.unique(self.image_rows[start:stop], return_inverse=True)
 
-            def read(f: h5py.File) -> tuple[list[str], list[str], np.ndarray]:
+            def read(f: h5py.File, rows=rows, inverse=inverse, start=start, stop=stop) -> tuple[list, list, np.ndarray]:
                 images = f["images"]
                 paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
                 shas = [s.decode() for s in images["sha256"][rows][inverse]]

@@ -6,7 +6,7 @@ through the same resize path as extraction; a disjoint sample checks the result 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -22,11 +22,12 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -247,7 +248,7 @@ class RayEngine:
         ray, todo = self._ray, stage.todo(records)
         started = time.perf_counter()
         if todo:
-            known = getattr(stage.sink, "known_shas", lambda: set())()
+            known = stage.sink.known_shas()
             decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=known,
                                       batch_size=batch_size)
             dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._plan.map_args(ray),

@@ -32,10 +32,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -146,6 +146,7 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
     HeadError
         The head or its sidecar cannot be trusted or used (see :func:`tlpipe.pipeline.artifacts.load_head`).
     """
+    estimator: Any
     estimator, metadata = load_head(head, trust=trust)
     labels = metadata.get("labels")
     if not labels or len(labels) != len(estimator.classes_):
@@ -667,8 +668,9 @@ def score(
     with engine:
         sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize, cache=cache)
         summary = ScoreSummary(out=str(out), skipped=list(images.skipped))
-        return run_stream(images.records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
-                          resize=resize, progress=progress)
+        run_stream(images.records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
+                   resize=resize, progress=progress)
+    return summary
 
 
 @dataclass
