@@ -164,7 +164,7 @@ def test_json_on_every_summarising_command(tmp_path, cache, tiny_entry):
     scored = json.loads(tlpipe("score", photos, "--head", head, "--out", tmp_path / "p.csv", "--store", store,
                                "--json", "-q", check=True).stdout)
     assert scored["total"] == 17 and scored["written"] == 17 and scored["failed"] == 1
-    bench = json.loads(tlpipe("bench", "--backbone", tiny_entry.directory, "--no-keras", "--batch", "1",
+    bench = json.loads(tlpipe("bench", "--backbone", tiny_entry.directory, "--no-keras", "--batch-size", "1",
                               "--threads", "1", "--seconds", "0", "--json", check=True).stdout)
     assert bench["timings"] and all(t["images_per_s"] > 0 for t in bench["timings"])
 
