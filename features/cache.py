@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
@@ -816,13 +816,13 @@ def to_pandas(path: str | os.PathLike, features: str | None = None):
         raise MissingExtra(f"to_pandas needs pandas, which is not installed: pip install 'tlpipe[pandas]' ({exc})") from exc
     fs = read_feature_set(path, features)
     names = np.array([*fs.class_names, None], dtype=object)
-    columns = {"path": fs.paths.astype(object)}
+    columns: dict[str, Any] = {"path": fs.paths.astype(object)}
     sources = read_retrying(path, lambda f: _text(f["images/source"][: int(f["images"].attrs["count"])])
                             if "source" in f["images"] else None)
     if sources is not None:
         rows = read_retrying(path, lambda f: f["features"][fs.key]["image_row"][: len(fs)])
         columns["source"] = sources[rows].astype(object)
-    columns |= {"label": names[fs.y], "split": np.where(fs.split == "", None, fs.split.astype(object)),
+    columns |= {"label": names[fs.y], "split": [s or None for s in fs.split.tolist()],
                 "sha256": fs.sha256.astype(object), "embedding": list(fs.X)}
     frame = pd.DataFrame(columns)
     frame.attrs.update(feature_set=fs.key, class_names=fs.class_names, cache_id=fs.cache_id)

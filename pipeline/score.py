@@ -403,7 +403,8 @@ class ParquetOutput:
         self.pa, self.pq = pa, pa.parquet
         self.path, self.parts = path, Path(str(path) + ".parts")
         self.top_k, self.labelled = top_k, labelled
-        self.schema = pa.schema([(name, pa.float64() if name == "probability" or name.endswith("_prob") else pa.string())
+        numeric = lambda name: name == "probability" or name.endswith("_prob")  # noqa: E731
+        self.schema = pa.schema([(name, pa.float64() if numeric(name) else pa.string())
                                  for name in output_columns(top_k, labelled)])
         self.lock = _lock(path)
         try:
