@@ -27,8 +27,8 @@ from tlpipe.backbones.export import obtain_backbone
 from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cores
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
-from .cache import CacheError, CacheWriter, ImageRow
-from .images import ImageError, decode_image
+from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
+from .images import RESIZE_MODES, ImageError, decode_image
 from .sources import ImageRecord, ImageSource, discover
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,11 @@ class ExtractSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    resize: str = "squash"
+    relabelled: int = 0  # cached rows whose path, label or split this run's listing changed (no re-embedding)
+    label_conflicts: list[dict] = field(default_factory=list)  # contents that carry two or more labels
+    warnings: list[str] = field(default_factory=list)
+    seen: dict = field(default_factory=dict, repr=False)  # sha256 -> [(path, label, split)] of readable inputs
 
     @property
     def failed(self) -> int:
@@ -136,11 +141,14 @@ def run_extraction(
     prefetch: int | None = None,
     dtype: str = "float32",
     on_progress: Callable[[int], None] | None = None,
+    source: int = -1,
 ) -> ExtractSummary:
-    """Embed ``records`` into ``writer``'s cache under ``entry.key``; returns the counts."""
-    key, size = entry.key, entry.input_size
-    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
-    summary = ExtractSummary(out=str(writer.path), key=key)
+    """Embed ``records`` into ``writer``'s cache under feature set ``feature_set_key(entry.key, resize)``; returns
+    the counts. ``source`` is the rows' source index in the cache."""
+    key, size = feature_set_key(entry.key, resize), entry.input_size
+    writer.ensure_feature_set(key, entry.embedding_dim, dtype,
+                              metadata=entry.metadata | {"key": entry.key, "feature_set_key": key, "resize": resize})
+    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize)
     prefetch = prefetch or max(2 * batch_size, 4 * (workers or decode_workers()))
     batch: list[_Loaded] = []
     failures: list[tuple[str, str, str]] = []
@@ -156,14 +164,15 @@ def run_extraction(
             summary.embedded += len(rows)
             pending.difference_update(row.sha256 for row in rows)
         if batch_failures:
-            writer.add_failures(batch_failures)
+            writer.add_failures(batch_failures, source=source)
 
     def commit(pool: ThreadPoolExecutor) -> None:
         """Hand the batch to an inference stream; commit the oldest batches beyond ``streams`` in flight."""
         if batch or failures:
             while len(inflight) >= streams:
                 finish_oldest()
-            rows = [ImageRow(b.record.relpath, b.sha256, b.record.label, b.record.split, *b.size) for b in batch]
+            rows = [ImageRow(b.record.relpath, b.sha256, b.record.label, b.record.split, *b.size, source)
+                    for b in batch]
             future = pool.submit(embedder, np.stack([b.pixels for b in batch])) if batch else None
             inflight.append((rows, future, list(failures)))
         batch.clear(), failures.clear()
@@ -172,6 +181,9 @@ def run_extraction(
         for loaded in iter_loaded(records, size, resize, lambda s: writer.has(key, s), workers=workers,
                                   prefetch=prefetch):
             summary.total += 1
+            if loaded.sha256 and loaded.error is None:
+                summary.seen.setdefault(loaded.sha256, []).append(
+                    (loaded.record.relpath, loaded.record.label, loaded.record.split))
             if loaded.error is not None:
                 failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
                 summary.failures.append((loaded.record.relpath, loaded.error))
@@ -254,19 +266,52 @@ def extract(
     on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32. ``progress``, if given,
     is called with (total, already_done=0) and returns a per-image callback.
     """
+    check_extract_options(resize=resize, dtype=dtype, device=device, precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
+    for warning in images.warnings:
+        log.warning("%s", warning)
     out = Path(out)
     entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
                           resize, recalibrate)
     embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads, streams=streams or default_streams())
     with CacheWriter(out) as writer:
-        writer.note_source(str(Path(source).resolve()))
+        source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
         callback = progress(len(images.records), 0) if progress else None
         summary = run_extraction(images.records, entry, writer, embedder, batch_size=batch_size, resize=resize,
-                                 workers=workers, dtype=dtype, on_progress=callback)
+                                 workers=workers, dtype=dtype, on_progress=callback, source=source_index)
         if images.skipped:
-            writer.add_failures([(path, "", reason) for path, reason in images.skipped])
+            writer.add_failures([(path, "", reason) for path, reason in images.skipped], stage="listing",
+                                source=source_index)
+        summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, summary.seen)
     summary.provider = embedder.provider
     summary.skipped = list(images.skipped)
+    summary.warnings = list(images.warnings)
+    if summary.label_conflicts:
+        log.warning("%d images carry two or more labels (label conflicts, left out of training and evaluation): %s",
+                    len(summary.label_conflicts), "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]))
     return summary
+
+
+def _conflict_text(conflict: dict) -> str:
+    return " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])
+
+
+def check_extract_options(*, resize: str = "squash", dtype: str = "float32", device: str = "auto",
+                          precision: str = "fp32", pooling: str = "avg") -> None:
+    """Validate the options of :func:`extract` before anything is read, exported or written.
+
+    Raises
+    ------
+    ValueError
+        An option value that is not one of its choices, naming the choices.
+    """
+    from tlpipe.backbones.registry import POOLINGS
+    from tlpipe.backbones.runtime import DEVICES
+
+    choices = {"resize": (resize, RESIZE_MODES), "dtype": (dtype, ("float32", "float16")),
+               "device": (device, DEVICES), "precision": (precision, ("fp32", "int8", "fp16")),
+               "pooling": (pooling, POOLINGS)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")

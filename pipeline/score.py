@@ -41,7 +41,7 @@ from tlpipe.backbones.export import INPUT_NAME
 from tlpipe.backbones.weights import sha256_file
 from tlpipe.backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_session
 from tlpipe.backbones.store import ModelStore, StoreEntry
-from tlpipe.features.cache import CacheError, read_retrying
+from tlpipe.features.cache import CacheError, read_paths, read_retrying
 from tlpipe.features.extract import _Loaded, decode_workers, iter_loaded
 from tlpipe.features.images import RESIZE_MODES
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
@@ -493,7 +493,7 @@ def _score_cache(path: Path, predictor: Predictor, output, summary: ScoreSummary
     def batch(f, start: int):
         rows, inverse = np.unique(image_rows[start:start + batch_size], return_inverse=True)
         images = f["images"]
-        paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
+        paths = read_paths(images, rows[inverse], path)
         shas = [s.decode() for s in images["sha256"][rows][inverse]]
         return paths, shas, f["features"][predictor.key]["embeddings"][start:start + batch_size]
 
