@@ -33,8 +33,8 @@ from tlpipe.backbones.deps import require
 from tlpipe.backbones.runtime import OnnxEmbedder
 from tlpipe.backbones.store import ModelStore
 
-from .cache import CacheWriter, ImageRow
-from .extract import ExtractSummary, _load, open_source, resolve_entry
+from .cache import CacheWriter, ImageRow, feature_set_key
+from .extract import ExtractSummary, _load, check_extract_options, open_source, resolve_entry
 from .sources import ImageRecord
 
 OK, CACHED, FAILED = 0, 1, 2  # the ``status`` column of decoded rows
@@ -226,20 +226,23 @@ def extract_ray(
     require("ray")  # before exporting a backbone, which can take minutes
     if min(batch_size, commit_rows) < 1:
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
+    check_extract_options(resize=resize, dtype=dtype, device=device, precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
     out = Path(out)
     entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
                           resize, recalibrate)
-    key = entry.key
+    key = feature_set_key(entry.key, resize)
     with ray_cluster(address) as ray:
         actors = plan_actors(ray, num_actors, actor_gpus)  # before the cache is touched
         with CacheWriter(out) as writer:
-            writer.note_source(str(Path(source).resolve()))
+            source_index = writer.note_source(str(Path(source).resolve()))
             writer.register_classes(images.class_names)
-            writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
+            writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {
+                "key": entry.key, "feature_set_key": key, "resize": resize})
             covered = writer.rows_with(key)
             known = {sha for sha, row in writer.index.items() if row in covered}
-            summary = ExtractSummary(out=str(out), key=key, skipped=list(images.skipped))
+            summary = ExtractSummary(out=str(out), key=key, skipped=list(images.skipped), resize=resize,
+                                     warnings=list(images.warnings))
             advance = progress(len(images.records), 0) if progress else None
             started = time.perf_counter()
             model_ref = ray.put(entry.model_path.read_bytes())
@@ -250,22 +253,26 @@ def extract_ray(
                                                        "dim": entry.embedding_dim, "device": device,
                                                        "threads": threads})
             for batch in ordered_batches(dataset, commit_rows):
-                _commit(batch, images.records, key, writer, summary)
+                _commit(batch, images.records, key, writer, summary, source_index)
                 if advance:
                     advance(len(batch["i"]))
             if images.skipped:
-                writer.add_failures([(path, "", reason) for path, reason in images.skipped])
+                writer.add_failures([(path, "", reason) for path, reason in images.skipped], stage="listing",
+                                    source=source_index)
+            summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, summary.seen)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _commit(batch: dict[str, np.ndarray], records: list[ImageRecord], key: str, writer: CacheWriter,
-            summary: ExtractSummary) -> None:
+            summary: ExtractSummary, source: int = -1) -> None:
     """Count one batch of results and commit its new embeddings and failures, as the local engine does."""
     keep, rows, failures, in_batch = [], [], [], set()
     for j, (i, sha, status) in enumerate(zip(batch["i"], batch["sha256"], batch["status"])):
         record = records[int(i)]
         summary.total += 1
+        if status != FAILED:
+            summary.seen.setdefault(str(sha), []).append((record.relpath, record.label, record.split))
         if status == FAILED:
             failures.append((record.relpath, sha, batch["error"][j]))
             summary.failures.append((record.relpath, batch["error"][j]))
@@ -277,10 +284,10 @@ def _commit(batch: dict[str, np.ndarray], records: list[ImageRecord], key: str, 
             in_batch.add(sha)
             keep.append(j)
             rows.append(ImageRow(record.relpath, sha, record.label, record.split,
-                                 int(batch["width"][j]), int(batch["height"][j])))
+                                 int(batch["width"][j]), int(batch["height"][j]), source))
     if rows:
         writer.add(key, rows, batch["embedding"][keep])
         summary.embedded += len(rows)
     if failures:
-        writer.add_failures(failures)
+        writer.add_failures(failures, source=source)
     summary.provider = summary.provider or str(batch["provider"][0])

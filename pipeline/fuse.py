@@ -257,6 +257,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     head_meta = metadata.get("head", {})
     head_name = head_meta.get("name") or type(estimator).__name__
     entry = head_backbone(metadata, store, str(head_path))
+    resize = metadata.get("feature_set", {}).get("resize") or "squash"  # part of the embeddings' identity
     labels = metadata.get("labels") or []
     n_classes = len(estimator.classes_)
     if len(labels) != n_classes:
@@ -286,14 +287,16 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         "head": {"name": head_name, "params": head_meta.get("params"), "path": str(Path(head_path).resolve()),
                  "joblib_sha256": metadata.get("joblib_sha256"), "metrics": metadata.get("metrics")},
         "backbone": {k: entry.metadata.get(k) for k in ("key", "backbone", "model_sha256", "input_size",
-                                                        "embedding_dim", "preprocessing", "pooling", "layer")},
+                                                        "embedding_dim", "preprocessing", "pooling", "layer")}
+        | {"resize": resize},
         "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import}, "verification": figures,
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     flat = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
             "tlpipe.class_names": json.dumps(labels), "tlpipe.input_size": str(entry.input_size),
-            "tlpipe.key": str(entry.key), "tlpipe.head": head_name}
+            "tlpipe.key": str(entry.key), "tlpipe.head": head_name,
+            "tlpipe.resize": str(resize)}
     for key, value in flat.items():
         prop = fused.metadata_props.add()
         prop.key, prop.value = key, value

@@ -26,6 +26,7 @@ import csv
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,8 @@ from tlpipe.features.images import RESIZE_MODES
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
 from .artifacts import HeadError, load_head
+
+log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".csv", ".jsonl", ".parquet")
 PROBABILITIES = "probabilities"
@@ -92,11 +95,29 @@ class Predictor:
     key: str | None = None  # the head's feature set
     model_sha256: str | None = None  # of the backbone the head was trained on
     provider: str = ""
+    resize: str | None = None  # the resize mode its embeddings were made with, as recorded (None: not recorded)
+
+
+def settle_resize(asked: str | None, recorded: str | None, where: str) -> str:
+    """The resize mode to score with: the one the head's (or fused model's) embeddings were made with.
+
+    Raises :class:`ScoreError` when ``asked`` (an explicit ``--resize``) disagrees with the recorded mode; a
+    model that records none (made before tlpipe recorded it) uses ``asked``, else squash, and says so.
+    """
+    if asked is not None and asked not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {asked!r}; expected one of {RESIZE_MODES}")
+    if recorded is None:
+        log.warning("%s does not record its resize mode; scoring with %s", where, asked or "squash")
+        return asked or "squash"
+    if asked is not None and asked != recorded:
+        raise ScoreError(f"--resize {asked} disagrees with {where}, whose embeddings were made with --resize "
+                         f"{recorded}; leave --resize out to use {recorded}")
+    return recorded
 
 
 def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, where: str) -> StoreEntry:
     """The model-store entry a saved head's embeddings came from, checked against the head's record."""
-    key = metadata.get("feature_set", {}).get("key")
+    key = metadata.get("feature_set", {}).get("model_key") or metadata.get("feature_set", {}).get("key")
     if not key:
         raise HeadError(f"{where}: its sidecar names no feature set, so the backbone it needs is unknown")
     store = store if isinstance(store, ModelStore) else ModelStore(store)
@@ -119,7 +140,7 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
     predictor = Predictor(labels, from_embeddings=estimator.predict_proba, key=feature_set.get("key"),
-                          model_sha256=feature_set.get("model_sha256"))
+                          model_sha256=feature_set.get("model_sha256"), resize=feature_set.get("resize"))
     if backbone:
         entry = head_backbone(metadata, store, str(head))
         embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
@@ -146,7 +167,8 @@ def fused_predictor(model: str | os.PathLike, *, device: str = "auto", threads: 
 
     return Predictor(json.loads(meta["tlpipe.class_names"]), int(meta["tlpipe.input_size"]),
                      from_pixels=from_pixels,
-                     key=meta.get("tlpipe.key"), provider=session.get_providers()[0])
+                     key=meta.get("tlpipe.key"), provider=session.get_providers()[0],
+                     resize=meta.get("tlpipe.resize"))
 
 
 # -- rows --------------------------------------------------------------------------------------------------
@@ -522,7 +544,7 @@ def score(
     batch_size: int = 32,
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
-    resize: str = "squash",
+    resize: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
     allow_outside_root: bool = False,
@@ -534,8 +556,8 @@ def score(
     head's feature set are scored without decoding anything. Give exactly one of ``head`` (a saved head;
     its backbone comes from the model store ``store``) or ``model`` (a fused classifier from
     :func:`pipeline.fuse.export_model`). ``cache``: images whose content it already embedded for the
-    head's feature set reuse that embedding. ``resize`` must be the mode the head's embeddings were
-    extracted with. ``out``'s extension picks the format (.csv, .jsonl, .parquet); rows already there
+    head's feature set reuse that embedding. ``resize`` defaults to the mode recorded with the head's
+    feature set (or in the fused model); an explicit one that disagrees is refused. ``out``'s extension picks the format (.csv, .jsonl, .parquet); rows already there
     (by path) are kept and not scored again. Unreadable images get a row with the reason in ``error``.
     ``workers`` decode threads and ``threads`` ONNX Runtime threads default to the cores, as in extract.
     ``progress``, if given, is called with (total, already_done) and returns a per-image callback.
@@ -547,7 +569,7 @@ def score(
         raise ValueError(f"top_k must be at least 1, not {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if resize not in RESIZE_MODES:
+    if resize is not None and resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
@@ -567,6 +589,7 @@ def score(
                                    backbone=not from_cache)
     else:
         predictor = fused_predictor(model, device=device, threads=threads)
+    resize = settle_resize(resize, predictor.resize, str(head if head is not None else model))
     k = min(top_k, len(predictor.labels))
     check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize})
     summary = ScoreSummary(out=str(out), provider=predictor.provider)

@@ -27,7 +27,7 @@ from tlpipe.features.sources import discover
 
 from .artifacts import load_head
 from .score import (CachedEmbeddings, Predictor, ScoreError, ScoreSummary, display_path, error_row, fused_predictor,
-                    head_backbone, head_predictor, open_output, prediction_rows, score)
+                    head_backbone, head_predictor, open_output, prediction_rows, score, settle_resize)
 
 
 class PredictActor:
@@ -67,7 +67,7 @@ def score_ray(
     commit_rows: int = 256,
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
-    resize: str = "squash",
+    resize: str | None = None,
     threads: int | None = None,
     allow_outside_root: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
@@ -92,7 +92,7 @@ def score_ray(
     if min(top_k, batch_size, commit_rows) < 1:
         raise ValueError(f"top_k, batch_size and commit_rows must be at least 1, not {top_k}, {batch_size}, "
                          f"{commit_rows}")
-    if resize not in RESIZE_MODES:
+    if resize is not None and resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
     if cache is not None and model is not None:
         raise ValueError("cache reuse needs the head (model= runs the whole classifier on images)")
@@ -107,6 +107,7 @@ def score_ray(
     else:
         predictor = fused_predictor(model, device="cpu", threads=1)  # the labels, input size and checks
         model_bytes, size = Path(model).read_bytes(), predictor.input_size
+    resize = settle_resize(resize, predictor.resize, str(head if head is not None else model))
     k = min(top_k, len(predictor.labels))
     summary = ScoreSummary(out=str(out))
     cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
