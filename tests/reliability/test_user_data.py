@@ -26,7 +26,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
 def run_extract(source, out, entry, **kw):
-    return extract(source, out, model=str(entry.directory), device="cpu", **kw)
+    return extract(source, out, model=str(entry.directory), **({"device": "cpu"} | kw))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -156,7 +156,7 @@ def test_layouts_are_recognised_by_structure(tmp_path, files, layout, expected):
 
 
 @pytest.mark.parametrize("files", [
-    ["train/cats/a.png", "train/dogs/b.png", "photos/x.png", "extra/y.png"],  # one split? or classes?
+    ["animals/cats/a.png", "animals/dogs/b.png", "misc/x.png"],  # one grouping folder beside bare images
     ["cats/indoor/a.png", "dogs/big/b.png", "dogs/small/c.png"],  # nested folders that differ
     ["train/a.png", "test1/b.png"],  # bare folders, one named like a split
 ], ids=["one-grouping-folder", "differing-children", "split-named-bare"])
