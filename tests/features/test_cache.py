@@ -100,3 +100,16 @@ def test_not_a_cache(tmp_path):
         read_feature_set(path)
     with pytest.raises(CacheError, match="does not exist"):
         read_feature_set(tmp_path / "missing.h5")
+
+
+def test_a_version_1_cache_is_refused_with_a_reason(tmp_path):
+    """Schema 2 changed the layout (whole paths, source, resize in the identity): a v1 file is refused, not guessed."""
+    path = tmp_path / "old.h5"
+    write(path, n=2)
+    with h5py.File(path, "a") as f:
+        f.attrs["tlpipe_cache_version"] = 1
+    before = path.read_bytes()
+    for attempt in (lambda: read_feature_set(path), lambda: describe(path), lambda: CacheWriter(path)):
+        with pytest.raises(CacheError, match="version 1 cache.*resize mode.*extract into a new cache file"):
+            attempt()
+    assert path.read_bytes() == before

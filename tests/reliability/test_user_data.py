@@ -372,3 +372,44 @@ def test_the_readme_h5py_example_runs_on_a_cache_with_non_ascii_paths(tmp_path, 
     assert namespace["X"].shape[0] == 3 and namespace["resize"] == "squash"
     with h5py.File(out, "r") as f:
         assert f.attrs["tlpipe_cache_version"] == 2
+
+
+# -- 1. check: embeddings of every format x orientation x mode against the upright 8-bit RGB original ---------
+def test_embeddings_of_every_format_orientation_and_mode_match_the_upright_original(tiny_entry):
+    """Cosine >= 0.99 to the upright original's embedding, or refused with a reason (a random-init backbone: the
+    check compares pixels through a real network; the pixel tests in test_images.py are the finer check)."""
+    from tests.features.test_images import content_corpus, exif_containers, mode_corpus, oriented, upright
+    from tlpipe.backbones.runtime import OnnxEmbedder
+    from tlpipe.features.images import ImageError, decode_image
+
+    embed = OnnxEmbedder(tiny_entry.model_path, device="cpu")
+    size = tiny_entry.input_size
+    buffer = __import__("io").BytesIO()
+    upright().save(buffer, "PNG")
+    corpus = {f"{fmt}-orientation-{o}": oriented(fmt, o) for fmt in exif_containers() for o in range(1, 9)}
+    # formats whose corpus file is colour (GIF, PCX, XBM, MSP hold grey or 1-bit pictures there)
+    corpus |= {f"format-{fmt}": data for fmt, data in content_corpus().items()
+               if fmt not in ("ICO", "GIF", "PCX", "XBM", "MSP")}
+    grey = {name: data for name, (data, expected) in mode_corpus().items()}
+    names, pixels, refused = [], [], {}
+    for name, data in corpus.items():
+        try:
+            pixels.append(decode_image(data, size)[0])
+            names.append(name)
+        except ImageError as exc:
+            refused[name] = exc.reason
+    reference = embed(decode_image(buffer.getvalue(), size)[0][None])[0]
+    got = embed(np.stack(pixels))
+    cosine = got @ reference / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference))
+    assert not refused and dict(zip(names, cosine.round(4))) == pytest.approx(
+        {n: 1.0 for n in names}, abs=0.01), {n: c for n, c in zip(names, cosine) if c < 0.99}
+    # the check discriminates: the upright picture rotated once more is far below the bar
+    wrong = embed(np.asarray(Image.fromarray(decode_image(buffer.getvalue(), size)[0]).transpose(
+        Image.Transpose.ROTATE_90))[None])[0]
+    assert wrong @ reference / (np.linalg.norm(wrong) * np.linalg.norm(reference)) < 0.99
+    # modes: each file against its own expected 8-bit picture
+    for name, data in grey.items():
+        expected = mode_corpus()[name][1]
+        want = embed(np.asarray(Image.fromarray(expected).resize((size, size), Image.Resampling.BILINEAR))[None])[0]
+        have = embed(decode_image(data, size)[0][None])[0]
+        assert have @ want / (np.linalg.norm(have) * np.linalg.norm(want)) >= 0.99, name
