@@ -288,8 +288,10 @@ def extract(
     summary.skipped = list(images.skipped)
     summary.warnings = list(images.warnings)
     if summary.label_conflicts:
-        log.warning("%d images carry two or more labels (label conflicts, left out of training and evaluation): %s",
-                    len(summary.label_conflicts), "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]))
+        log.warning("%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
+                    "the labels and run extract again): %s%s", len(summary.label_conflicts),
+                    "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
+                    " ..." if len(summary.label_conflicts) > 3 else "")
     return summary
 
 

@@ -188,12 +188,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             from tlpipe.features.extract import extract as run
 
             summary = run(source, out_path, workers=workers, streams=streams, progress=progress, **options)
-    for warning in summary.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    # the warnings themselves (source layout, manifest, label conflicts) are logged by the library
     if summary.label_conflicts:
-        console.print(f"[yellow]warning:[/] {len(summary.label_conflicts)} images carry two or more labels (label "
-                      "conflicts): left out of training and evaluation; fix the labels and run extract again",
-                      highlight=False)
         for conflict in summary.label_conflicts[:10]:
             console.print("  [yellow]conflict[/] " + escape(" vs ".join(
                 f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])), highlight=False)
