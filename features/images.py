@@ -284,16 +284,34 @@ def _describe_tiff(data: bytes) -> str | None:
         return None
 
 
-def _white_level(mode: str, values: np.ndarray) -> float:
+def _declared_bits(im: Image.Image) -> int | None:
+    """Bits per sample the container declares for a mode I image, when it says: PNG and PGM store at most 16
+    (Pillow widens them to I), TIFF says in BitsPerSample. None when unknown (then the values' range decides)."""
+    if im.format in ("PNG", "PPM"):
+        return 16
+    if im.format == "TIFF":
+        try:
+            bits = im.tag_v2.get(258)
+            bits = bits[0] if isinstance(bits, tuple) else bits
+            return int(bits) if bits else None
+        except Exception:
+            return None
+    return None
+
+
+def _white_level(mode: str, values: np.ndarray, bits: int | None = None) -> float:
     """The value that means white for a single-channel non-8-bit image, or raise ImageError naming the mode.
 
-    16-bit modes (I;16, I;16B, I;16L, I;16N): 65535. 32-bit integer (I) and 32-bit float (F) carry no white level,
+    16-bit modes (I;16, I;16B, I;16L, I;16N), and I from a container that declares 16 bits (PNG, PGM, a 16-bit
+    TIFF): 65535. 32-bit integer (I) and 32-bit float (F) carry no white level,
     so it is inferred from the range the values use: floats within 0..1 are 0..1 images, values within 0..255
     8-bit data widened, within 0..65535 16-bit data. Negative, non-finite or larger values are refused: any
     scaling would be a guess that could give a black or saturated picture.
     """
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") or (mode == "I" and bits == 16):
         return 65535.0
+    if mode == "I" and bits == 8:
+        return 255.0
     kind = "32-bit float" if mode == "F" else "32-bit integer"
     if not values.size:
         return 255.0
@@ -326,7 +344,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         if values.ndim != 2:
             raise ImageError(f"unsupported pixel mode {mode}")
         values = values.astype(np.float64)
-        scaled = values * (255.0 / _white_level(mode, values))
+        scaled = values * (255.0 / _white_level(mode, values, _declared_bits(im) if mode == "I" else None))
         grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     if mode in ("RGBa", "La"):  # premultiplied alpha: undo it before dropping alpha

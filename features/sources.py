@@ -69,7 +69,7 @@ class ImageSource:
         return -1 if record.label is None else self._label_index[record.label]
 
 
-def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False) -> ImageSource:
+def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False, labelled: bool = True) -> ImageSource:
     """Find the images of a directory or a ``.csv`` manifest, and what they are labelled.
 
     Parameters
@@ -78,6 +78,9 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
         A folder or a CSV manifest.
     allow_outside_root : bool
         Accept manifest paths that are absolute or leave the manifest's folder with ``..``.
+    labelled : bool
+        False when labels do not matter (scoring): a folder's images are all listed, unlabelled, whatever its
+        layout, and no layout is refused as ambiguous.
 
     Returns
     -------
@@ -107,7 +110,7 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
     if not path.exists():
         raise FileNotFoundError(f"image source not found: {path}")
     if path.is_dir():
-        images = _discover_dir(path)
+        images = _discover_dir(path, labelled)
     elif path.suffix.lower() == ".csv":
         images = _read_manifest(path, allow_outside_root)
     else:
@@ -118,7 +121,7 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
     return images
 
 
-def _discover_dir(path: Path) -> ImageSource:
+def _discover_dir(path: Path, labelled: bool = True) -> ImageSource:
     root = os.path.abspath(path)
     files, skipped = _walk(root)
     images = []
@@ -129,6 +132,10 @@ def _discover_dir(path: Path) -> ImageSource:
         else:
             skipped.append(("/".join(parts), f"not an image file ({ext or 'no extension'})"))
     records: list[ImageRecord] = []
+    if not labelled:
+        records = sorted((ImageRecord("/".join(parts), abspath, None, None) for parts, abspath in images),
+                         key=lambda r: r.relpath)
+        return ImageSource(root, "flat", records, [], sorted(skipped))
     layout, base, splits = _layout(images, path)
     if layout == "split_folders":
         for parts, _ in images:

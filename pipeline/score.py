@@ -579,7 +579,7 @@ def score(
         raise ValueError("cache reuse needs the head (model= runs the whole classifier on images)")
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
-    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root)
+    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
     if images is not None and not images.records:
         skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
         raise ScoreError(f"no images found in {source}{skipped}")

@@ -96,7 +96,7 @@ def score_ray(
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
     if cache is not None and model is not None:
         raise ValueError("cache reuse needs the head (model= runs the whole classifier on images)")
-    images = discover(source, allow_outside_root=allow_outside_root)
+    images = discover(source, allow_outside_root=allow_outside_root, labelled=False)
     if not images.records:
         skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
         raise ScoreError(f"no images found in {source}{skipped}")

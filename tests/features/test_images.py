@@ -336,6 +336,10 @@ def mode_corpus() -> dict[str, tuple[bytes, np.ndarray]]:
         "I;16L-tiff": (encode(Image.frombytes("I;16L", (64, 48), sixteen.astype("<u2").tobytes()), "TIFF"), g3),
         "RGB48-png": (png16.getvalue(), rgb),
         "I-8bit-tiff": (encode(Image.fromarray(g.astype(np.int32)), "TIFF"), g3),
+        # 16-bit PGM, opened as I: the container says 16 bits, so a dark picture stays dark
+        "I-16bit-pgm": (b"P5\n64 48\n65535\n" + sixteen.astype(">u2").tobytes(), g3),
+        "I-16bit-pgm-dark": (b"P5\n64 48\n65535\n" + (g.astype(np.uint16) // 64).astype(">u2").tobytes(),
+                             np.zeros_like(g3)),
         "I-16bit-tiff": (encode(Image.fromarray(g.astype(np.int32) * 257), "TIFF"), g3),
         "F-0..1-tiff": (encode(Image.fromarray(g.astype(np.float32) / 255), "TIFF"), g3),
         "F-0..255-tiff": (encode(Image.fromarray(g.astype(np.float32)), "TIFF"), g3),

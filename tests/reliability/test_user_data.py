@@ -168,6 +168,15 @@ def test_ambiguous_layouts_are_refused_with_a_manifest_hint(tmp_path, files):
     assert "\n" not in str(info.value)
 
 
+def test_when_labels_do_not_matter_every_image_is_listed(tmp_path):
+    """Scoring lists a folder with labelled=False: an ambiguous layout is no reason to refuse, nothing is skipped."""
+    files = ["animals/cats/a.png", "animals/dogs/b.png", "misc/x.png", "loose.png"]
+    for i, name in enumerate(files):
+        _png(tmp_path / name, i)
+    source = discover(tmp_path, labelled=False)
+    assert [(r.relpath, r.label) for r in source.records] == [(f, None) for f in sorted(files)]
+
+
 def test_a_single_class_warns(tmp_path):
     _png(tmp_path / "cats" / "a.png", 0)
     _png(tmp_path / "cats" / "b.png", 1)
