@@ -871,11 +871,15 @@ def _describe(f: h5py.File, path) -> dict:
     stages = _text(_committed(failures["stage"], nf, path))
     conflicts = _read_conflicts(f, path)
     name = lambda i: sources[i] if 0 <= i < len(sources) else None  # noqa: E731
+    in_conflict = np.zeros(n, dtype=bool)
+    in_conflict[[c["row"] for c in conflicts if c["row"] < n]] = True
+    counted = np.where(in_conflict, -2, labels)  # a row in conflict has no label to count
     return {
         "path": str(path), "version": int(f.attrs["tlpipe_cache_version"]), "cache_id": str(f.attrs["cache_id"]),
         "images": n, "class_names": class_names,
-        "per_class": {c: int(np.sum(labels == i)) for i, c in enumerate(class_names)} | (
-            {"(unlabelled)": int(np.sum(labels < 0))} if np.any(labels < 0) else {}),
+        "per_class": {c: int(np.sum(counted == i)) for i, c in enumerate(class_names)} | (
+            {"(unlabelled)": int(np.sum(counted == -1))} if np.any(counted == -1) else {}) | (
+            {"(label conflict)": int(in_conflict.sum())} if in_conflict.any() else {}),
         "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
         "feature_sets": feature_sets,
         "failures": [{"path": p, "reason": r, "stage": st, "source": name(int(src))}

@@ -232,7 +232,7 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
             f"resize {fs['resize']}, weights {fs['weights']})")
     conflicts = d["label_conflicts"]
     if conflicts:
-        say(f"  [yellow]{len(conflicts)} label conflicts[/] (same content under different labels; left out of "
+        say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
             "training and evaluation):")
         for conflict in conflicts[:limit]:
             say("    " + escape(" vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})"

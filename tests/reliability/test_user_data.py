@@ -59,7 +59,8 @@ def test_same_bytes_under_two_labels_is_a_conflict_recorded_warned_listed_and_ex
     assert sha(original) in set(read_feature_set(out, exclude_conflicts=False).sha256)
     # the CLI: info (text and --json), extract's warning
     text = cli("info", str(out))
-    assert text.returncode == 0 and "1 label conflicts" in text.stdout and "china/zz_copy.jpg (china)" in text.stdout
+    assert text.returncode == 0 and "1 label conflict " in text.stdout and "china/zz_copy.jpg (china)" in text.stdout
+    assert info["per_class"] == {"china": 4, "flower": 3, "(label conflict)": 1}  # not counted under either label
     data = json.loads(cli("info", str(out), "--json").stdout)
     assert {o["label"] for o in data["label_conflicts"][0]["occurrences"]} == {"china", "flower"}
     again = cli("extract", str(photos), "--model", str(tiny_entry.directory), "--out", str(out), "-q")
