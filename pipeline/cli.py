@@ -385,6 +385,10 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
                   f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
                   f"(rows with an error), {len(summary.skipped)} inputs skipped\n  {summary.seconds:.1f} s, "
                   f"{summary.images_per_second:.1f} img/s")
+        for path, reason in summary.skipped[:20]:  # named, not only counted: they get no row
+            console.print(f"  [red]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
+        if len(summary.skipped) > 20:
+            console.print(f"  … and {len(summary.skipped) - 20} more skipped")
 
 
 @app.command("export-model")
