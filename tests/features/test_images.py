@@ -446,3 +446,18 @@ def test_heif_without_its_extra_names_the_extra(tmp_path):
     assert result.stdout.strip() == "HEIF/HEIC image: install the optional extra to decode it: pip install 'tlpipe[heif]'"
     arr, size = load_image(path, 32)  # here the plugin is installed
     assert size == (64, 48)
+
+
+def test_exif_orientation_in_a_png_exif_chunk_after_the_pixels():
+    """PNG allows eXIf after IDAT: the tag is only known once the pixels are read, and must still apply once."""
+    stored = upright().transpose(_INVERSE[6])
+    data = encode(stored, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()[6:] if exif.tobytes().startswith(b"Exif\x00\x00") else exif.tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    iend = data.rindex(b"IEND") - 4
+    data = data[:iend] + chunk + data[iend:]
+    reference, _ = decode_image(encode(upright(), "PNG"), 32)
+    arr, size = decode_image(data, 32)
+    assert size == (64, 48) and np.abs(arr.astype(int) - reference).mean() < 6

@@ -293,6 +293,27 @@ def test_resize_mode_is_part_of_the_feature_set_and_travels_to_head_fused_model_
         score(photos, tmp_path / "u.csv", model=tmp_path / "clf.onnx", resize="squash")
 
 
+def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entry):
+    from tlpipe.features.transformer import EmbeddingTransformer
+
+    paths = []
+    for i in range(4):  # not square, so squash and crop differ
+        y, x = np.mgrid[0:60, 0:150]
+        arr = np.stack([(x * (i + 1)) % 256, (y * 4) % 256, (x + y * i) % 256], -1).astype(np.uint8)
+        paths.append(tmp_path / f"wide{i}.png")
+        Image.fromarray(arr).save(paths[-1])
+    cache = tmp_path / "c.h5"
+    squash = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu").transform(paths)
+    crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").transform(paths)
+    sets = describe(cache)["feature_sets"]
+    assert sorted(fs["resize"] for fs in sets.values()) == ["crop", "squash"]
+    for key, got in ((tiny_entry.key, squash), (tiny_entry.key + "-resize-crop", crop)):
+        fs = read_feature_set(cache, key)
+        order = [list(fs.sha256).index(sha(p)) for p in paths]
+        np.testing.assert_array_equal(fs.X[order], got)
+    assert not np.array_equal(squash, crop)
+
+
 # -- 5. bad options fail before anything is written ------------------------------------------------------------
 @pytest.mark.parametrize("option", [("--resize", "Crop"), ("--dtype", "float64"), ("--device", "gpu"),
                                     ("--precision", "int4"), ("--pooling", "mean")])
