@@ -371,6 +371,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
              trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
              epochs: int = typer.Option(10, "--epochs", min=1), batch_size: int = typer.Option(32, "--batch-size", min=1),
              learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (keep it low)."),
+             backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", help="Learning rate of the unfrozen backbone layers \\[default: --lr]; lower than --lr to move them less than the classifier."),
              dropout: float = typer.Option(0.2, "--dropout"),
              augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training."),
              class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
@@ -384,15 +385,20 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
 
     result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
                  unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
-                 batch_size=batch_size, learning_rate=learning_rate, dropout=dropout, augment=augment,
+                 batch_size=batch_size, learning_rate=learning_rate, backbone_learning_rate=backbone_lr,
+                 dropout=dropout, augment=augment,
                  class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
                  store=_store(store), resize=resize, progress=not quiet)
     warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
-    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {result.setup}\n"
-              f"  validation accuracy: warm start {warm}, best {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
-              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n"
+    test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
+            if result.test else "")
+    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {escape(result.setup)}\n"
+              f"  validation: accuracy at the warm start {warm}; best (lowest loss {result.best_val_loss:.4f}) at epoch "
+              f"{result.best_epoch}{' = the start' if result.best_epoch == 0 else ''}, accuracy {result.best_val_accuracy:.4f} "
+              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n{test}"
               f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --model {out_dir})\n"
-              f"  classifier: {result.classifier_path}\n  history: {result.history_path}, curves: {result.curves_path}")
+              f"  classifier: {result.classifier_path} (use: tlpipe score DATA --model {result.classifier_path})\n"
+              f"  history: {result.history_path}, curves: {result.curves_path}")
 
 
 @app.command()

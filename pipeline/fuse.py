@@ -226,6 +226,20 @@ def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndar
             "near_ties": int(np.sum(differs & near_tie))}
 
 
+def add_classifier_metadata(onnx_model, record: dict, **flat: str) -> None:
+    """The metadata every tlpipe classifier carries (``tlpipe score --model`` checks it): ``record`` as JSON
+    under ``tlpipe``, and the flat keys ``tlpipe.kind`` ("classifier"), ``tlpipe.class_names`` (JSON list, the
+    columns of ``probabilities``) and ``tlpipe.input_size``, read from ``record``; ``flat`` adds
+    ``tlpipe.<name>`` keys (e.g. ``key``, ``head``). Used by :func:`export_model` and by fine-tune's and the
+    custom model's exports."""
+    props = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
+             "tlpipe.class_names": json.dumps(record["class_names"]), "tlpipe.input_size": str(record["input_size"]),
+             **{f"tlpipe.{name}": value for name, value in flat.items()}}
+    for key, value in props.items():
+        prop = onnx_model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
 def _verification_pixels(paths, size: int) -> np.ndarray:
     if not paths:
         return verification_images(size)
@@ -291,11 +305,6 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    flat = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
-            "tlpipe.class_names": json.dumps(labels), "tlpipe.input_size": str(entry.input_size),
-            "tlpipe.key": str(entry.key), "tlpipe.head": head_name}
-    for key, value in flat.items():
-        prop = fused.metadata_props.add()
-        prop.key, prop.value = key, value
+    add_classifier_metadata(fused, record, key=str(entry.key), head=head_name)
     _atomic_write(out, lambda fh: fh.write(fused.SerializeToString()))
     return record
