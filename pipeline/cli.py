@@ -440,6 +440,56 @@ def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder
     run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
 
 
+from tlpipe.pipeline.new_layers import NEW_LAYERS_HELP  # noqa: E402 (no TensorFlow: the option's help)
+
+
+@app.command("custom-model")
+def custom_model(source: Path = typer.Argument(..., help="Labelled images: class folders, split folders or a CSV manifest."),
+                 out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (history, curves, checkpoints, classifier.onnx)."),
+                 backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+                 size: Optional[int] = SizeOpt,
+                 layer: str = typer.Option(..., "--layer", help="Cut the backbone at this layer (a cut point, see `tlpipe backbones --cuts`, or any layer name of the Keras model); everything up to it is frozen."),
+                 new_layers: str = typer.Option(..., "--new-layers", help=f"The new layers, trained on the cut point's feature maps: {NEW_LAYERS_HELP}."),
+                 epochs: int = typer.Option(20, "--epochs", min=0), batch_size: int = typer.Option(32, "--batch-size", min=1),
+                 learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the new layers."),
+                 augment: bool = typer.Option(False, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training (off: the frozen part's feature maps are computed once and cached)."),
+                 class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
+                 seed: int = typer.Option(0, "--seed"), val_fraction: float = typer.Option(0.2, "--val-fraction"),
+                 unfreeze_from: Optional[str] = typer.Option(None, "--unfreeze-from", help="After the new layers converge, also train the backbone from this layer / block prefix on."),
+                 unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="... or its last N blocks (blocks end at cut points)."),
+                 unfreeze_epochs: Optional[int] = typer.Option(None, "--unfreeze-epochs", min=0, help="Epochs of that second phase \\[default: --epochs]."),
+                 backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", help="Learning rate of the unfrozen backbone layers \\[default: --lr / 10]."),
+                 cache: bool = typer.Option(True, "--cache-feature-maps/--no-cache-feature-maps", help="Without --augment, compute the frozen part once and train the new layers on its feature maps."),
+                 resize: str = typer.Option("squash", help="squash | crop."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Train new layers on a truncated, frozen backbone in TensorFlow; export one ONNX classifier for `tlpipe score`.
+
+    A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.pipeline.custom_model import fit_custom_model
+
+    result = fit_custom_model(source, out_dir, backbone=backbone, layer=layer, new_layers=new_layers, weights=weights,
+                              weights_dir=weights_dir, size=size, epochs=epochs, batch_size=batch_size,
+                              learning_rate=learning_rate, augment=augment, class_weight=class_weight,
+                              patience=patience, seed=seed, val_fraction=val_fraction, unfreeze_from=unfreeze_from,
+                              unfreeze_last=unfreeze_last, unfreeze_epochs=unfreeze_epochs,
+                              backbone_learning_rate=backbone_lr, cache_feature_maps=cache, resize=resize,
+                              progress=not quiet)
+    params = result.params
+    test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
+            if result.test else "")
+    maps = (f"feature maps cached ({result.feature_map_seconds:.1f} s once)" if result.feature_maps_cached
+            else "no feature-map cache")
+    unfrozen = f", {params['unfrozen_backbone']:,} backbone parameters unfrozen from {result.unfreeze_from}" \
+        if result.unfreeze_from else ""
+    out.print(f"[green]custom model[/] {escape(result.new_layers)} on {escape(backbone)} up to {escape(layer)} · {escape(result.setup)}\n"
+              f"  parameters: {params['frozen']:,} frozen, {params['trainable']:,} trainable, "
+              f"{params['non_trainable_new']:,} non-trainable in the new layers{unfrozen}\n"
+              f"  validation: best (lowest loss {result.best_val_loss:.4f}) at epoch {result.best_epoch}, accuracy "
+              f"{result.best_val_accuracy:.4f} ({result.epochs_run} epochs, {', '.join(f'{s:.1f}' for s in result.epoch_seconds)} s each; {maps})\n{test}"
+              f"  classifier: {result.classifier_path} (use: tlpipe score DATA --model {result.classifier_path})\n"
+              f"  history: {result.history_path}, curves: {result.curves_path}")
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)
 
 
