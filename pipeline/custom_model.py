@@ -24,6 +24,7 @@ computed once (a float32 memory-mapped array per split under ``out_dir/feature-m
 and the new layers train on them. With augmentation, and in the unfreeze phase, each epoch runs the whole
 model on decoded images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,15 +39,33 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlpipe.backbones.export import INPUT_NAME, ExportPlan, plan_export
-from tlpipe.backbones.store import ModelStore
 from tlpipe.features.images import ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
 from .new_layers import NEW_LAYERS_HELP, NewLayer, parse_new_layers  # noqa: F401 (re-exported)
-from .finetune import (CLASSIFIER_FILE, VERIFY_IMAGES, DataSplit, SplitScore, TrainingOptions, TrainingRun,
-                       augmentation, balanced_weights, batches, compile_model, decodable, evaluate_split,
-                       export_classifier, fit_phase, image_batches, label_indices, plot_curves, records_digest,
-                       resolve_unfreeze, set_trainable, split_records)
+from .finetune import (
+    CLASSIFIER_FILE,
+    VERIFY_IMAGES,
+    DataSplit,
+    SplitScore,
+    TrainingOptions,
+    TrainingRun,
+    augmentation,
+    balanced_weights,
+    batches,
+    compile_model,
+    decodable,
+    evaluate_split,
+    export_classifier,
+    fit_phase,
+    image_batches,
+    label_indices,
+    plot_curves,
+    records_digest,
+    resolve_unfreeze,
+    set_trainable,
+    split_records,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -80,6 +99,7 @@ def _keras_layer(layer: NewLayer, index: int, seed: int):
 
 # --------------------------------------------------------------------------------------------------- models
 
+
 @dataclass
 class CustomModels:
     """Keras models sharing one set of layers."""
@@ -108,13 +128,16 @@ def truncate(plan: ExportPlan, layer: str) -> keras.Model:
         output = full.get_layer(layer).output
     except ValueError:
         cuts = ", ".join(c.layer for c in plan.spec.cut_points)
-        raise ValueError(f"{plan.spec.name} has no layer {layer!r}; cut points: {cuts} (any layer name of the "
-                         f"Keras model is accepted)") from None
+        raise ValueError(
+            f"{plan.spec.name} has no layer {layer!r}; cut points: {cuts} (any layer name of the "
+            f"Keras model is accepted)"
+        ) from None
     return keras.Model(full.inputs, output, name=f"{full.name}_{layer}")
 
 
-def build_custom_models(plan: ExportPlan, layer: str, new_layers: list[NewLayer], n_classes: int, *,
-                        augment: bool = False, seed: int = 0) -> CustomModels:
+def build_custom_models(
+    plan: ExportPlan, layer: str, new_layers: list[NewLayer], n_classes: int, *, augment: bool = False, seed: int = 0
+) -> CustomModels:
     """Build the models: backbone of ``plan`` cut at ``layer`` (frozen), ``new_layers``, a softmax."""
     import keras
 
@@ -151,11 +174,15 @@ def count_params(weights) -> int:
 def parameter_counts(models: CustomModels) -> dict:
     """Parameters as Keras' ``model.summary()`` counts them: the frozen backbone part, the new layers'
     trainable weights, and their non-trainable ones (BatchNormalization's moving statistics)."""
-    return {"frozen": count_params(models.base.weights), "trainable": count_params(models.top.trainable_weights),
-            "non_trainable_new": count_params(models.top.non_trainable_weights)}
+    return {
+        "frozen": count_params(models.base.weights),
+        "trainable": count_params(models.top.trainable_weights),
+        "non_trainable_new": count_params(models.top.non_trainable_weights),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- feature maps
+
 
 class FeatureMaps:
     """Feature maps of the frozen part for one split, computed once: a float32 (N, h, w, c) array in a
@@ -166,8 +193,15 @@ class FeatureMaps:
         self.path = directory / f"{name}.npy"
         self.kept_path = directory / f"{name}.kept.npy"
 
-    def compute(self, frozen: keras.Model, records: list[ImageRecord], size: int, resize: str, batch_size: int,
-                failures: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    def compute(
+        self,
+        frozen: keras.Model,
+        records: list[ImageRecord],
+        size: int,
+        resize: str,
+        batch_size: int,
+        failures: dict[str, str],
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The maps (memory-mapped, read-only) and kept indices, computed unless a complete file exists."""
         if self.path.is_file() and self.kept_path.is_file():
             return np.load(self.path, mmap_mode="r"), np.load(self.kept_path)
@@ -186,13 +220,13 @@ class FeatureMaps:
                     failures[records[i].relpath] = exc.reason
                     log.warning("skipping %s: %s", records[i].relpath, exc.reason)
             if rows:
-                out[len(kept):len(kept) + len(rows)] = frozen.predict_on_batch(np.stack(pixels))
+                out[len(kept) : len(kept) + len(rows)] = frozen.predict_on_batch(np.stack(pixels))
                 kept.extend(rows)
         out.flush()
         del out
         if len(kept) < len(records):  # rewrite without the rows of undecodable images
             full = np.load(tmp, mmap_mode="r")
-            np.save(self.path.with_name(f".tmp2.{self.path.name}"), full[:len(kept)])
+            np.save(self.path.with_name(f".tmp2.{self.path.name}"), full[: len(kept)])
             del full
             os.replace(self.path.with_name(f".tmp2.{self.path.name}"), tmp)
         np.save(self.kept_path, np.asarray(kept, np.int64))
@@ -200,17 +234,34 @@ class FeatureMaps:
         return np.load(self.path, mmap_mode="r"), np.asarray(kept, np.int64)
 
 
-def map_batches(maps: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle_seed: int | None = None,
-                first_epoch: int = 0, sample_weights: np.ndarray | None = None):
+def map_batches(
+    maps: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    first_epoch: int = 0,
+    sample_weights: np.ndarray | None = None,
+):
     """Batches of cached feature maps, in the order :func:`image_batches` would give the same images."""
+
     def load(indices: np.ndarray):
         return np.asarray(maps[indices]), indices
 
-    return batches(len(maps), load, labels, batch_size, shuffle_seed=shuffle_seed, first_epoch=first_epoch,
-                   sample_weights=sample_weights, workers=1)
+    return batches(
+        len(maps),
+        load,
+        labels,
+        batch_size,
+        shuffle_seed=shuffle_seed,
+        first_epoch=first_epoch,
+        sample_weights=sample_weights,
+        workers=1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- result
+
 
 @dataclass
 class CustomModelResult:
@@ -246,18 +297,32 @@ class CustomModelResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"out_dir": str(self.out_dir), "classifier": str(self.classifier_path),
-                "history": str(self.history_path), "curves": str(self.curves_path), "class_names": self.class_names,
-                "setup": self.setup, "layer": self.layer, "new_layers": self.new_layers, "params": self.params,
-                "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
-                "best_val_accuracy": self.best_val_accuracy, "epochs_run": self.epochs_run,
-                "epoch_seconds": self.epoch_seconds, "feature_maps_cached": self.feature_maps_cached,
-                "feature_map_seconds": self.feature_map_seconds,
-                "test": self.test.to_dict() if self.test else None, "unfreeze_from": self.unfreeze_from,
-                "resumed_from": self.resumed_from, "skipped": [list(s) for s in self.skipped]}
+        return {
+            "out_dir": str(self.out_dir),
+            "classifier": str(self.classifier_path),
+            "history": str(self.history_path),
+            "curves": str(self.curves_path),
+            "class_names": self.class_names,
+            "setup": self.setup,
+            "layer": self.layer,
+            "new_layers": self.new_layers,
+            "params": self.params,
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_val_loss,
+            "best_val_accuracy": self.best_val_accuracy,
+            "epochs_run": self.epochs_run,
+            "epoch_seconds": self.epoch_seconds,
+            "feature_maps_cached": self.feature_maps_cached,
+            "feature_map_seconds": self.feature_map_seconds,
+            "test": self.test.to_dict() if self.test else None,
+            "unfreeze_from": self.unfreeze_from,
+            "resumed_from": self.resumed_from,
+            "skipped": [list(s) for s in self.skipped],
+        }
 
 
 # ------------------------------------------------------------------------------------------------------ stages
+
 
 @dataclass
 class PreparedCustomModel:
@@ -281,11 +346,20 @@ class PreparedCustomModel:
         return self.images.class_names
 
 
-def prepare_custom_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone: str, layer: str,
-                         new_layers: str, weights: str | os.PathLike | None = "imagenet",
-                         weights_dir: str | os.PathLike | None = None, size: int | None = None,
-                         options: TrainingOptions | None = None, unfreeze_epochs: int | None = None,
-                         cache_feature_maps: bool = True) -> PreparedCustomModel:
+def prepare_custom_model(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    backbone: str,
+    layer: str,
+    new_layers: str,
+    weights: str | os.PathLike | None = "imagenet",
+    weights_dir: str | os.PathLike | None = None,
+    size: int | None = None,
+    options: TrainingOptions | None = None,
+    unfreeze_epochs: int | None = None,
+    cache_feature_maps: bool = True,
+) -> PreparedCustomModel:
     """Stage 1: check the settings and the layer language, find and split the images, resolve the weights."""
     options = options or TrainingOptions(learning_rate=1e-3, augment=False)
     options.check()
@@ -298,10 +372,20 @@ def prepare_custom_model(source: str | os.PathLike, out_dir: str | os.PathLike, 
     images = discover(source)
     split = split_records(images.records, options.val_fraction, options.seed)
     plan = plan_export(backbone, weights, size, None, "avg", weights_dir, seed=options.seed)
-    return PreparedCustomModel(Path(source), Path(out_dir), images, split, plan, layer, parsed,
-                               ",".join(t.token for t in parsed), options, unfreeze,
-                               options.epochs if unfreeze_epochs is None else unfreeze_epochs,
-                               cache_feature_maps and not options.augment)
+    return PreparedCustomModel(
+        Path(source),
+        Path(out_dir),
+        images,
+        split,
+        plan,
+        layer,
+        parsed,
+        ",".join(t.token for t in parsed),
+        options,
+        unfreeze,
+        options.epochs if unfreeze_epochs is None else unfreeze_epochs,
+        cache_feature_maps and not options.augment,
+    )
 
 
 @dataclass
@@ -330,14 +414,29 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     y = {name: label_indices(getattr(p.split, name), classes) for name in ("train", "val", "test")}
     weights = balanced_weights(y["train"]) if o.class_weight else None
     failures: dict[str, str] = {}
-    config = {"backbone": p.plan.spec.name, "size": p.plan.size, "weights": p.plan.weights.identity,
-              "layer": p.layer, "new_layers": p.spec, "class_names": classes, "augment": o.augment,
-              "learning_rate": o.learning_rate, "seed": o.seed, "validation": records_digest(p.split.val),
-              "feature_maps": p.cache_feature_maps}
+    config = {
+        "backbone": p.plan.spec.name,
+        "size": p.plan.size,
+        "weights": p.plan.weights.identity,
+        "layer": p.layer,
+        "new_layers": p.spec,
+        "class_names": classes,
+        "augment": o.augment,
+        "learning_rate": o.learning_rate,
+        "seed": o.seed,
+        "validation": records_digest(p.split.val),
+        "feature_maps": p.cache_feature_maps,
+    }
 
     # phase 1: the new layers on the frozen backbone
-    first = TrainingRun(p.out_dir, models.top if p.cache_feature_maps else models.train, config, o.patience,
-                        phase=PHASE_NEW, checkpoints=p.out_dir / "checkpoints" / PHASE_NEW)
+    first = TrainingRun(
+        p.out_dir,
+        models.top if p.cache_feature_maps else models.train,
+        config,
+        o.patience,
+        phase=PHASE_NEW,
+        checkpoints=p.out_dir / "checkpoints" / PHASE_NEW,
+    )
     second_checkpoints = p.out_dir / "checkpoints" / PHASE_UNFREEZE
     phase_two_started = p.unfreeze and (second_checkpoints / "state.json").is_file()
     compile_model(first.model, o)
@@ -349,18 +448,34 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
         for name in ("train", "val", "test"):
             records = getattr(p.split, name)
             if records:
-                maps[name] = FeatureMaps(directory, name).compute(models.frozen, records, p.plan.size, o.resize,
-                                                                  o.batch_size, failures)
+                maps[name] = FeatureMaps(directory, name).compute(
+                    models.frozen, records, p.plan.size, o.resize, o.batch_size, failures
+                )
         map_seconds = round(time.perf_counter() - started, 3)
         log.info("feature maps of the frozen part: %.1f s", map_seconds)
 
     def first_train(first_epoch: int):
         if p.cache_feature_maps:
             array, kept = maps["train"]
-            return map_batches(array, y["train"][kept], o.batch_size, shuffle_seed=o.seed, first_epoch=first_epoch,
-                               sample_weights=None if weights is None else weights[kept])
-        return image_batches(p.split.train, y["train"], p.plan.size, o.resize, o.batch_size, shuffle_seed=o.seed,
-                             first_epoch=first_epoch, failures=failures, sample_weights=weights)
+            return map_batches(
+                array,
+                y["train"][kept],
+                o.batch_size,
+                shuffle_seed=o.seed,
+                first_epoch=first_epoch,
+                sample_weights=None if weights is None else weights[kept],
+            )
+        return image_batches(
+            p.split.train,
+            y["train"],
+            p.plan.size,
+            o.resize,
+            o.batch_size,
+            shuffle_seed=o.seed,
+            first_epoch=first_epoch,
+            failures=failures,
+            sample_weights=weights,
+        )
 
     def val_images():
         return image_batches(p.split.val, y["val"], p.plan.size, o.resize, o.batch_size, failures=failures)
@@ -368,8 +483,11 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     if phase_two_started:
         resumed = first.resume()
     else:
-        val = map_batches(maps["val"][0], y["val"][maps["val"][1]], o.batch_size) if p.cache_feature_maps \
+        val = (
+            map_batches(maps["val"][0], y["val"][maps["val"][1]], o.batch_size)
+            if p.cache_feature_maps
             else val_images()
+        )
         resumed = fit_phase(first, first_train, val, o.epochs, verbose=verbose)
     run, unfreeze_from = first, None
 
@@ -381,18 +499,31 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
         backbone_lr = o.backbone_learning_rate if o.backbone_learning_rate is not None else o.learning_rate / 10
         options = TrainingOptions(**{**o.__dict__, "backbone_learning_rate": backbone_lr})
         compile_model(models.train, options, models.base)
-        second = TrainingRun(p.out_dir, models.train,
-                             {**config, "unfreeze_from": unfreeze_from, "backbone_learning_rate": backbone_lr,
-                              "after": first.best}, o.patience, phase=PHASE_UNFREEZE,
-                             checkpoints=second_checkpoints, offset=first.state["epoch"], rows=first.rows)
+        second = TrainingRun(
+            p.out_dir,
+            models.train,
+            {**config, "unfreeze_from": unfreeze_from, "backbone_learning_rate": backbone_lr, "after": first.best},
+            o.patience,
+            phase=PHASE_UNFREEZE,
+            checkpoints=second_checkpoints,
+            offset=first.state["epoch"],
+            rows=first.rows,
+        )
 
         def second_train(first_epoch: int):
-            return image_batches(p.split.train, y["train"], p.plan.size, o.resize, o.batch_size,
-                                 shuffle_seed=o.seed + 1, first_epoch=first_epoch, failures=failures,
-                                 sample_weights=weights)
+            return image_batches(
+                p.split.train,
+                y["train"],
+                p.plan.size,
+                o.resize,
+                o.batch_size,
+                shuffle_seed=o.seed + 1,
+                first_epoch=first_epoch,
+                failures=failures,
+                sample_weights=weights,
+            )
 
-        resumed += fit_phase(second, second_train, val_images(), p.unfreeze_epochs, verbose=verbose,
-                             start=first.best)
+        resumed += fit_phase(second, second_train, val_images(), p.unfreeze_epochs, verbose=verbose, start=first.best)
         run = second
     plot_curves(run.rows, p.out_dir / "curves.png", f"custom model: {p.spec} on {p.plan.spec.name} up to {p.layer}")
 
@@ -414,35 +545,76 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
     p, run = prepared, trained.run
     path = p.out_dir / CLASSIFIER_FILE
     sample = decodable(p.split.val, p.plan.size, p.options.resize, VERIFY_IMAGES)
-    record = {"made_by": "custom-model", "class_names": p.class_names, "backbone": p.plan.spec.name,
-              "layer": p.layer, "new_layers": p.spec, "weights": p.plan.weights.identity,
-              "preprocessing": p.plan.spec.preprocessing, "resize": p.options.resize, "params": trained.params,
-              "unfreeze_from": trained.unfreeze_from, "source": str(p.source.resolve()),
-              "best_epoch": run.best["epoch"], "best_val_loss": run.best["val_loss"],
-              "best_val_accuracy": run.best["val_accuracy"],
-              "test": trained.test.to_dict() if trained.test else None}
+    record = {
+        "made_by": "custom-model",
+        "class_names": p.class_names,
+        "backbone": p.plan.spec.name,
+        "layer": p.layer,
+        "new_layers": p.spec,
+        "weights": p.plan.weights.identity,
+        "preprocessing": p.plan.spec.preprocessing,
+        "resize": p.options.resize,
+        "params": trained.params,
+        "unfreeze_from": trained.unfreeze_from,
+        "source": str(p.source.resolve()),
+        "best_epoch": run.best["epoch"],
+        "best_val_loss": run.best["val_loss"],
+        "best_val_accuracy": run.best["val_accuracy"],
+        "test": trained.test.to_dict() if trained.test else None,
+    }
     export_classifier(trained.models.classifier, p.plan.size, path, sample, record, p.plan.opset)
     shutil.rmtree(p.out_dir / FEATURE_MAPS, ignore_errors=True)
     trained_rows = [r for r in run.rows if r["epoch"] > 0]
     return CustomModelResult(
-        out_dir=p.out_dir, classifier_path=path, history_path=run.history_path, curves_path=p.out_dir / "curves.png",
-        class_names=p.class_names, setup=p.split.description, layer=p.layer, new_layers=p.spec,
-        params=trained.params, best_epoch=run.best["epoch"], best_val_loss=run.best["val_loss"],
-        best_val_accuracy=run.best["val_accuracy"], epochs_run=run.state["epoch"],
-        epoch_seconds=[r["seconds"] for r in trained_rows], feature_maps_cached=p.cache_feature_maps,
-        feature_map_seconds=trained.feature_map_seconds, test=trained.test, unfreeze_from=trained.unfreeze_from,
-        resumed_from=trained.resumed_from, skipped=sorted(p.images.skipped + list(trained.failures.items())))
+        out_dir=p.out_dir,
+        classifier_path=path,
+        history_path=run.history_path,
+        curves_path=p.out_dir / "curves.png",
+        class_names=p.class_names,
+        setup=p.split.description,
+        layer=p.layer,
+        new_layers=p.spec,
+        params=trained.params,
+        best_epoch=run.best["epoch"],
+        best_val_loss=run.best["val_loss"],
+        best_val_accuracy=run.best["val_accuracy"],
+        epochs_run=run.state["epoch"],
+        epoch_seconds=[r["seconds"] for r in trained_rows],
+        feature_maps_cached=p.cache_feature_maps,
+        feature_map_seconds=trained.feature_map_seconds,
+        test=trained.test,
+        unfreeze_from=trained.unfreeze_from,
+        resumed_from=trained.resumed_from,
+        skipped=sorted(p.images.skipped + list(trained.failures.items())),
+    )
 
 
-def fit_custom_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone: str, layer: str,
-                     new_layers: str, weights: str | os.PathLike | None = "imagenet",
-                     weights_dir: str | os.PathLike | None = None, size: int | None = None, epochs: int = 20,
-                     batch_size: int = 32, learning_rate: float = 1e-3, augment: bool = False,
-                     class_weight: str | None = None, patience: int = 3, seed: int = 0, val_fraction: float = 0.2,
-                     unfreeze_from: str | None = None, unfreeze_last: int | None = None,
-                     unfreeze_epochs: int | None = None, backbone_learning_rate: float | None = None,
-                     cache_feature_maps: bool = True, resize: str = "squash",
-                     progress: bool = True) -> CustomModelResult:
+def fit_custom_model(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    backbone: str,
+    layer: str,
+    new_layers: str,
+    weights: str | os.PathLike | None = "imagenet",
+    weights_dir: str | os.PathLike | None = None,
+    size: int | None = None,
+    epochs: int = 20,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    augment: bool = False,
+    class_weight: str | None = None,
+    patience: int = 3,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    unfreeze_from: str | None = None,
+    unfreeze_last: int | None = None,
+    unfreeze_epochs: int | None = None,
+    backbone_learning_rate: float | None = None,
+    cache_feature_maps: bool = True,
+    resize: str = "squash",
+    progress: bool = True,
+) -> CustomModelResult:
     """Train new layers on ``backbone`` cut at ``layer`` (frozen) and export them as one ONNX classifier.
 
     Runs :func:`prepare_custom_model`, :func:`train_custom_model` and :func:`export_custom_model`. Writes
@@ -485,12 +657,32 @@ def fit_custom_model(source: str | os.PathLike, out_dir: str | os.PathLike, *, b
     VerificationError
         The ONNX classifier differs from Keras.
     """
-    options = TrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                              backbone_learning_rate=backbone_learning_rate, augment=augment,
-                              class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
-                              resize=resize, progress=progress, unfreeze_from=unfreeze_from,
-                              unfreeze_last=unfreeze_last)
-    prepared = prepare_custom_model(source, out_dir, backbone=backbone, layer=layer, new_layers=new_layers,
-                                    weights=weights, weights_dir=weights_dir, size=size, options=options,
-                                    unfreeze_epochs=unfreeze_epochs, cache_feature_maps=cache_feature_maps)
+    options = TrainingOptions(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        backbone_learning_rate=backbone_learning_rate,
+        augment=augment,
+        class_weight=class_weight,
+        patience=patience,
+        seed=seed,
+        val_fraction=val_fraction,
+        resize=resize,
+        progress=progress,
+        unfreeze_from=unfreeze_from,
+        unfreeze_last=unfreeze_last,
+    )
+    prepared = prepare_custom_model(
+        source,
+        out_dir,
+        backbone=backbone,
+        layer=layer,
+        new_layers=new_layers,
+        weights=weights,
+        weights_dir=weights_dir,
+        size=size,
+        options=options,
+        unfreeze_epochs=unfreeze_epochs,
+        cache_feature_maps=cache_feature_maps,
+    )
     return export_custom_model(prepared, train_custom_model(prepared))

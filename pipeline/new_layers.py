@@ -4,6 +4,7 @@ One spelling, comma-separated tokens in order (:data:`NEW_LAYERS_HELP`), e.g.
 ``conv:128,pool,conv:256,pool,gap,dense:64,bn,dropout:0.3``. Parsing needs no TensorFlow, so the CLI's
 help and its errors come from here; :mod:`tlpipe.pipeline.custom_model` builds the Keras layers.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,8 @@ NEW_LAYERS_HELP = (
     "pool (2x2 max pooling), gap | gmp | flatten (feature map -> vector: global average / max pooling, or "
     "flatten; exactly one, after every conv and pool and before every dense), dense:N (N units, ReLU), "
     "bn (batch normalisation), dropout:R (0 <= R < 1). The softmax over the classes is added at the end. "
-    "Example: conv:128,pool,conv:256,pool,gap,dense:64,bn,dropout:0.3")
+    "Example: conv:128,pool,conv:256,pool,gap,dense:64,bn,dropout:0.3"
+)
 SPATIAL, VECTOR = ("conv", "pool"), ("gap", "gmp", "flatten")
 
 
@@ -44,6 +46,7 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
     layers: list[NewLayer] = []
     vector_at = None
     for i, token in enumerate(tokens, 1):
+
         def bad(reason: str) -> ValueError:
             return ValueError(f"new layers {spec!r}: token {i} {token!r}: {reason}")
 
@@ -83,6 +86,7 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
             vector_at = i
         layers.append(layer)
     if vector_at is None:
-        raise ValueError(f"new layers {spec!r}: no gap, gmp or flatten: the feature map must become a vector "
-                         f"before the softmax")
+        raise ValueError(
+            f"new layers {spec!r}: no gap, gmp or flatten: the feature map must become a vector before the softmax"
+        )
     return layers

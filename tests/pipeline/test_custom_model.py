@@ -2,6 +2,7 @@
 in train/test split folders): the layer language and its errors, parameter counts (VGG16 up to block1_pool
 at 300 px as in the guides), frozen backbone, feature-map caching against end-to-end training, resume, the
 unfreeze phase, the test split and classifier.onnx scored by `tlpipe score`; plus ../shared cats_vs_dogs."""
+
 import csv
 import json
 
@@ -11,8 +12,13 @@ import pytest
 from tlpipe.backbones.export import INPUT_NAME, plan_export
 from tlpipe.features.images import load_image
 from tlpipe.features.sources import discover
-from tlpipe.pipeline.custom_model import (FEATURE_MAPS, build_custom_models, fit_custom_model, parameter_counts,
-                                          parse_new_layers)
+from tlpipe.pipeline.custom_model import (
+    FEATURE_MAPS,
+    build_custom_models,
+    fit_custom_model,
+    parameter_counts,
+    parse_new_layers,
+)
 from tlpipe.pipeline.finetune import LABEL_NAME, OUTPUT_NAME, read_history
 from tests.conftest import shared_path, write_photo_folder
 from tests.pipeline.test_cli import tlpipe
@@ -52,25 +58,43 @@ def onnx_run(path, images):
 def test_layer_language():
     layers = parse_new_layers("conv:128, pool,conv:256:5,pool,gap,dense:64,bn,dropout:0.3")
     assert [(l.kind, l.units, l.kernel, l.rate) for l in layers] == [
-        ("conv", 128, 3, 0.0), ("pool", 0, 3, 0.0), ("conv", 256, 5, 0.0), ("pool", 0, 3, 0.0), ("gap", 0, 3, 0.0),
-        ("dense", 64, 3, 0.0), ("bn", 0, 3, 0.0), ("dropout", 0, 3, 0.3)]
-    refused = {"conv:abc,gap": r"token 1 'conv:abc': the sizes must be whole numbers",
-               "conv:8,gap,pool": r"token 3 'pool': a pool needs a feature map, but token 2 already made it a vector",
-               "dense:8,gap": r"token 1 'dense:8': a dense layer needs a vector",
-               "conv:8,gap,flatten": r"token 3 'flatten': the feature map is already a vector",
-               "conv:8,maxpool,gap": r"token 2 'maxpool': unknown layer",
-               "gap,dropout:1.5": r"token 2 'dropout:1.5': write it as dropout:RATE",
-               "gap,bn:3": r"token 2 'bn:3': bn takes no argument",
-               "conv:0,gap": r"token 1 'conv:0': the sizes must be at least 1",
-               "conv:8,pool": r"no gap, gmp or flatten", "": "empty"}
+        ("conv", 128, 3, 0.0),
+        ("pool", 0, 3, 0.0),
+        ("conv", 256, 5, 0.0),
+        ("pool", 0, 3, 0.0),
+        ("gap", 0, 3, 0.0),
+        ("dense", 64, 3, 0.0),
+        ("bn", 0, 3, 0.0),
+        ("dropout", 0, 3, 0.3),
+    ]
+    refused = {
+        "conv:abc,gap": r"token 1 'conv:abc': the sizes must be whole numbers",
+        "conv:8,gap,pool": r"token 3 'pool': a pool needs a feature map, but token 2 already made it a vector",
+        "dense:8,gap": r"token 1 'dense:8': a dense layer needs a vector",
+        "conv:8,gap,flatten": r"token 3 'flatten': the feature map is already a vector",
+        "conv:8,maxpool,gap": r"token 2 'maxpool': unknown layer",
+        "gap,dropout:1.5": r"token 2 'dropout:1.5': write it as dropout:RATE",
+        "gap,bn:3": r"token 2 'bn:3': bn takes no argument",
+        "conv:0,gap": r"token 1 'conv:0': the sizes must be at least 1",
+        "conv:8,pool": r"no gap, gmp or flatten",
+        "": "empty",
+    }
     for spec, message in refused.items():
         with pytest.raises(ValueError, match=message):
             parse_new_layers(spec)
 
 
 def test_cli_names_the_bad_token(photos, tmp_path):
-    proc = tlpipe("custom-model", photos, "--out", tmp_path / "out", "--layer", "block_2_add",
-                  "--new-layers", "conv:8,pool,dense:4,gap")
+    proc = tlpipe(
+        "custom-model",
+        photos,
+        "--out",
+        tmp_path / "out",
+        "--layer",
+        "block_2_add",
+        "--new-layers",
+        "conv:8,pool,dense:4,gap",
+    )
     assert proc.returncode == 2 and "error: new layers 'conv:8,pool,dense:4,gap': token 3 'dense:4'" in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -79,7 +103,9 @@ def test_parameter_counts_as_the_guides_give_them():
     """VGG16 up to block1_pool at 300 px: 38,720 frozen parameters; conv:128,pool,conv:256,pool,gap,dense:64,bn
     and a 2-class softmax: 385,730 trainable (the guides' ~386 k) and 128 BatchNorm statistics."""
     plan = plan_export("vgg16", "none", 300)
-    models = build_custom_models(plan, "block1_pool", parse_new_layers("conv:128,pool,conv:256,pool,gap,dense:64,bn"), 2)
+    models = build_custom_models(
+        plan, "block1_pool", parse_new_layers("conv:128,pool,conv:256,pool,gap,dense:64,bn"), 2
+    )
     counts = parameter_counts(models)
     assert counts == {"frozen": 38_720, "trainable": 385_730, "non_trainable_new": 128}
     assert counts["frozen"] == models.base.count_params() and not models.base.trainable_weights
@@ -135,8 +161,9 @@ def test_feature_map_cache_trains_like_end_to_end(photos, cached):
     """The same run without the cache (every epoch through the frozen backbone) gives the same epoch 0 and,
     up to float summation order, the same epoch 1."""
     _, rows_cached, _ = cached
-    result = fit_custom_model(photos, photos.parent / "uncached", **TINY, new_layers=SPEC, epochs=1,
-                              cache_feature_maps=False, **FAST)
+    result = fit_custom_model(
+        photos, photos.parent / "uncached", **TINY, new_layers=SPEC, epochs=1, cache_feature_maps=False, **FAST
+    )
     rows = read_history(result.history_path)
     assert not result.feature_maps_cached and result.feature_map_seconds is None
     assert rows[0]["val_loss"] == pytest.approx(rows_cached[0]["val_loss"], rel=1e-5)
@@ -153,8 +180,17 @@ def test_unfreeze_phase_trains_only_the_last_block(photos):
     with pytest.raises(ValueError, match="unfreeze_last must be between 1 and 0"):  # no block ends before block_2_add
         fit_custom_model(photos, out, **TINY, new_layers=SPEC, epochs=1, unfreeze_last=1, **FAST)
     assert not (out / "history.csv").exists()  # refused before any training
-    result = fit_custom_model(photos, out, **TINY, new_layers=SPEC, epochs=1, unfreeze_from="block_2",
-                              unfreeze_epochs=1, backbone_learning_rate=1e-2, **FAST)
+    result = fit_custom_model(
+        photos,
+        out,
+        **TINY,
+        new_layers=SPEC,
+        epochs=1,
+        unfreeze_from="block_2",
+        unfreeze_epochs=1,
+        backbone_learning_rate=1e-2,
+        **FAST,
+    )
     rows = read_history(result.history_path)
     assert [(r["epoch"], r["phase"]) for r in rows] == [(0, "new-layers"), (1, "new-layers"), (2, "unfreeze")]
     assert result.unfreeze_from == "block_2_expand" and result.params["unfrozen_backbone"] > 0
@@ -185,9 +221,19 @@ def test_cats_vs_dogs_custom_model(tmp_path):
     on cached feature maps: well above chance on the 500 test photos."""
     manifest = shared_path("datasets", "cats_vs_dogs", "manifest.csv")
     weights = shared_path("weights", "mobilenet_v2_1.0_224_no_top.h5")
-    result = fit_custom_model(manifest, tmp_path / "run", backbone="mobilenet_v2", weights=weights, size=96,
-                              layer="block_13_expand_relu", new_layers="conv:64,gap,dense:32,dropout:0.3", epochs=2,
-                              progress=False)
-    print(f"\ncats_vs_dogs custom model: test accuracy {result.test.accuracy:.4f}, maps {result.feature_map_seconds:.1f} s, "
-          f"epochs {result.epoch_seconds} s, params {result.params}")
+    result = fit_custom_model(
+        manifest,
+        tmp_path / "run",
+        backbone="mobilenet_v2",
+        weights=weights,
+        size=96,
+        layer="block_13_expand_relu",
+        new_layers="conv:64,gap,dense:32,dropout:0.3",
+        epochs=2,
+        progress=False,
+    )
+    print(
+        f"\ncats_vs_dogs custom model: test accuracy {result.test.accuracy:.4f}, maps {result.feature_map_seconds:.1f} s, "
+        f"epochs {result.epoch_seconds} s, params {result.params}"
+    )
     assert result.test.images == 500 and result.test.accuracy > 0.8
