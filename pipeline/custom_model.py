@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 
 PHASE_NEW, PHASE_UNFREEZE = "new-layers", "unfreeze"
 FEATURE_MAPS = "feature-maps"
+# Keras' default 0.99 needs hundreds of steps before the moving statistics that inference (validation, the
+# export) uses match the batches; a small data set gives a dozen steps an epoch.
+BN_MOMENTUM = 0.9
 
 
 def _keras_layer(layer: NewLayer, index: int, seed: int):
@@ -93,7 +96,7 @@ def _keras_layer(layer: NewLayer, index: int, seed: int):
     if layer.kind == "dense":
         return keras.layers.Dense(layer.units, activation="relu", name=name)
     if layer.kind == "bn":
-        return keras.layers.BatchNormalization(name=name)
+        return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=name)
     return keras.layers.Dropout(layer.rate, seed=seed + index, name=name)
 
 

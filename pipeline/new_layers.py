@@ -14,7 +14,7 @@ NEW_LAYERS_HELP = (
     "comma-separated, in order: conv:F (F filters, 3x3, same padding, ReLU; conv:F:K for K x K), "
     "pool (2x2 max pooling), gap | gmp | flatten (feature map -> vector: global average / max pooling, or "
     "flatten; exactly one, after every conv and pool and before every dense), dense:N (N units, ReLU), "
-    "bn (batch normalisation), dropout:R (0 <= R < 1). The softmax over the classes is added at the end. "
+    "bn (batch normalisation, momentum 0.9), dropout:R (0 <= R < 1). The softmax over the classes is added at the end. "
     "Example: conv:128,pool,conv:256,pool,gap,dense:64,bn,dropout:0.3"
 )
 SPATIAL, VECTOR = ("conv", "pool"), ("gap", "gmp", "flatten")
