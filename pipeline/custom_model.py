@@ -27,6 +27,7 @@ model on decoded images.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -195,6 +196,7 @@ class FeatureMaps:
     def __init__(self, directory: Path, name: str):
         self.path = directory / f"{name}.npy"
         self.kept_path = directory / f"{name}.kept.npy"
+        self.identity_path = directory / f"{name}.json"  # written last: what the maps were computed from
 
     def compute(
         self,
@@ -204,10 +206,18 @@ class FeatureMaps:
         resize: str,
         batch_size: int,
         failures: dict[str, str],
+        identity: dict,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The maps (memory-mapped, read-only) and kept indices, computed unless a complete file exists."""
-        if self.path.is_file() and self.kept_path.is_file():
-            return np.load(self.path, mmap_mode="r"), np.load(self.kept_path)
+        """The maps (memory-mapped, read-only) and kept indices; reused only when a complete earlier
+        computation had the same ``identity`` (model settings) and the same records, else computed."""
+        expected = {"identity": identity, "records": records_digest(records)}
+        if self.identity_path.is_file() and self.path.is_file() and self.kept_path.is_file():
+            saved = json.loads(self.identity_path.read_text())
+            if {k: saved.get(k) for k in expected} == expected:
+                failures.update(saved.get("failures", {}))
+                return np.load(self.path, mmap_mode="r"), np.load(self.kept_path)
+        self.identity_path.unlink(missing_ok=True)
+        split_failures: dict[str, str] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".tmp.{self.path.name}")
         shape = tuple(int(d) for d in frozen.output.shape[1:])
@@ -220,7 +230,7 @@ class FeatureMaps:
                     pixels.append(load_image(records[i].abspath, size, resize)[0])
                     rows.append(i)
                 except ImageError as exc:
-                    failures[records[i].relpath] = exc.reason
+                    split_failures[records[i].relpath] = exc.reason
                     log.warning("skipping %s: %s", records[i].relpath, exc.reason)
             if rows:
                 out[len(kept) : len(kept) + len(rows)] = frozen.predict_on_batch(np.stack(pixels))
@@ -234,6 +244,8 @@ class FeatureMaps:
             os.replace(self.path.with_name(f".tmp2.{self.path.name}"), tmp)
         np.save(self.kept_path, np.asarray(kept, np.int64))
         os.replace(tmp, self.path)
+        self.identity_path.write_text(json.dumps({**expected, "failures": split_failures}))
+        failures.update(split_failures)
         return np.load(self.path, mmap_mode="r"), np.asarray(kept, np.int64)
 
 
@@ -448,11 +460,12 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     if p.cache_feature_maps and not phase_two_started:
         started = time.perf_counter()
         directory = p.out_dir / FEATURE_MAPS
+        identity = {k: config[k] for k in ("backbone", "size", "weights", "layer")} | {"resize": o.resize}
         for name in ("train", "val", "test"):
             records = getattr(p.split, name)
             if records:
                 maps[name] = FeatureMaps(directory, name).compute(
-                    models.frozen, records, p.plan.size, o.resize, o.batch_size, failures
+                    models.frozen, records, p.plan.size, o.resize, o.batch_size, failures, identity
                 )
         map_seconds = round(time.perf_counter() - started, 3)
         log.info("feature maps of the frozen part: %.1f s", map_seconds)

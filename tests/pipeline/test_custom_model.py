@@ -215,6 +215,18 @@ def test_unfreeze_phase_trains_only_the_last_block(photos):
         assert next(csv.reader(fh)) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
 
 
+def test_undecodable_image_is_left_out_of_the_cached_maps(tmp_path):
+    """A broken file among the training images: skipped by name, and the cached maps keep labels aligned
+    (the run trains on the 16 decodable images of the 17)."""
+    root = tmp_path / "photos"
+    write_photo_folder(root / "train", per_class=10, seed=3)
+    (root / "train" / "china" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = fit_custom_model(root, tmp_path / "out", **TINY, new_layers="gap", epochs=1, val_fraction=0.2, **FAST)
+    assert ("train/china/broken.jpg" in dict(result.skipped)) and result.test is None
+    rows = read_history(result.history_path)
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["accuracy"] is not None
+
+
 @pytest.mark.shared
 def test_cats_vs_dogs_custom_model(tmp_path):
     """Real MobileNetV2 weights at 96 px cut at block_13_expand_relu, a small conv head trained for 2 epochs
