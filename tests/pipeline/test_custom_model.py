@@ -248,4 +248,4 @@ def test_cats_vs_dogs_custom_model(tmp_path):
         f"\ncats_vs_dogs custom model: test accuracy {result.test.accuracy:.4f}, maps {result.feature_map_seconds:.1f} s, "
         f"epochs {result.epoch_seconds} s, params {result.params}"
     )
-    assert result.test.images == 500 and result.test.accuracy > 0.8
+    assert result.test.images == 500 and result.test.accuracy > 0.75  # 0.83 measured; chance is 0.5
