@@ -19,7 +19,8 @@ Shared machinery: :func:`split_records` (train / validation / test), :func:`imag
 :class:`TrainingRun` (history rows, early stopping on validation loss, per-epoch checkpoint and resume),
 :func:`fit_phase` (epoch 0 = the starting weights, a candidate for the best; then training),
 :func:`evaluate_split`, :func:`plot_curves` and :func:`export_classifier` (verified against Keras, written
-with the fused-classifier metadata that ``tlpipe score --model`` reads). TensorFlow is imported inside the
+with the fused-classifier metadata (:func:`tlpipe.backbones.onnx_metadata.write_metadata`, as
+:func:`tlpipe.pipeline.fuse.export_model` writes it) that ``tlpipe score --model`` reads). TensorFlow is imported inside the
 functions that need it.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ import numpy as np
 
 from tlpipe.backbones.export import (ExportPlan, INPUT_NAME, convert, export_plan, plan_export, rename_output,
                                      verify)
+from tlpipe.backbones.atomic import atomic_write
+from tlpipe.backbones.onnx_metadata import write_metadata
 from tlpipe.backbones.registry import BackboneSpec
 from tlpipe.backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry
 from tlpipe.features.images import RESIZE_MODES, ImageError, load_image
@@ -523,25 +526,11 @@ def read_history(path: Path) -> list[dict]:
         return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_history(path: Path, rows: list[dict]) -> None:
     lines = [",".join(HISTORY_FIELDS)]
     for row in rows:
         lines.append(",".join("" if row.get(k) is None else str(row[k]) for k in HISTORY_FIELDS))
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def plot_curves(rows: list[dict], path: Path, title: str = "fine-tuning") -> None:
@@ -643,7 +632,7 @@ class TrainingRun:
             self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
             write_history(self.history_path, self.rows)
         self.state = {"config": self.config, "epoch": epoch, "weights": name, "best": best, "wait": wait}
-        _atomic_write_text(self.checkpoints / STATE_FILE, json.dumps(self.state, indent=2))
+        atomic_write(self.checkpoints / STATE_FILE, json.dumps(self.state, indent=2))
         for path in self.checkpoints.glob("epoch_*.weights.h5"):
             if path.name not in (name, best["weights"]):
                 path.unlink()
@@ -764,8 +753,6 @@ def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndar
     """
     import onnx
 
-    from .fuse import add_classifier_metadata
-
     onnx_model = convert(model, size, opset)
     rename_output(onnx_model, OUTPUT_NAME)
     _add_label_output(onnx_model)
@@ -778,17 +765,8 @@ def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndar
                           LABEL_NAME: "int64 (N,), index into class_names"},
               "opset": opset, "verification": figures,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    add_classifier_metadata(onnx_model, record)
-    payload = onnx_model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_metadata(onnx_model, record, kind="classifier", class_names=list(record["class_names"]), input_size=size)
+    atomic_write(path, onnx_model.SerializeToString())
     return figures
 
 

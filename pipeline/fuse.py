@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.backbones.atomic import atomic_write
 from tlpipe.backbones.deps import distribution_version, require
+from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.store import ModelStore
 from tlpipe.features.images import load_image
 
-from .artifacts import _atomic_write, load_head
+from .artifacts import load_head
 from .score import PROBABILITIES, head_backbone
 
 FORMAT = 1
@@ -187,7 +189,7 @@ def fuse(backbone, head, n_classes: int):
     if PROBABILITIES not in [o.name for o in head.graph.output]:
         raise FuseError(f"the converted head has no {PROBABILITIES!r} output")
     for model in (backbone, head):
-        del model.metadata_props[:]
+        clear_metadata(model)
     del head.graph.value_info[:]  # skl2onnx's intermediate shape guesses (raw scores are (N, 2) for binary)
     head.ir_version = backbone.ir_version
     head = raise_default_opset(head, next(i.version for i in backbone.opset_import if i.domain in ("", "ai.onnx")))
@@ -224,20 +226,6 @@ def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndar
     return {"images": int(len(reference)), "max_abs_diff": diff, "tolerance": tolerance,
             "argmax_agree": int(np.sum(~differs)), "argmax_mismatch": int(np.sum(differs & ~near_tie)),
             "near_ties": int(np.sum(differs & near_tie))}
-
-
-def add_classifier_metadata(onnx_model, record: dict, **flat: str) -> None:
-    """The metadata every tlpipe classifier carries (``tlpipe score --model`` checks it): ``record`` as JSON
-    under ``tlpipe``, and the flat keys ``tlpipe.kind`` ("classifier"), ``tlpipe.class_names`` (JSON list, the
-    columns of ``probabilities``) and ``tlpipe.input_size``, read from ``record``; ``flat`` adds
-    ``tlpipe.<name>`` keys (e.g. ``key``, ``head``). Used by :func:`export_model` and by fine-tune's and the
-    custom model's exports."""
-    props = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
-             "tlpipe.class_names": json.dumps(record["class_names"]), "tlpipe.input_size": str(record["input_size"]),
-             **{f"tlpipe.{name}": value for name, value in flat.items()}}
-    for key, value in props.items():
-        prop = onnx_model.metadata_props.add()
-        prop.key, prop.value = key, value
 
 
 def _verification_pixels(paths, size: int) -> np.ndarray:
@@ -305,6 +293,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    add_classifier_metadata(fused, record, key=str(entry.key), head=head_name)
-    _atomic_write(out, lambda fh: fh.write(fused.SerializeToString()))
+    write_metadata(fused, record, kind="classifier", class_names=list(labels), input_size=entry.input_size,
+                   key=entry.key, head=head_name)
+    atomic_write(out, fused.SerializeToString())
     return record
