@@ -424,6 +424,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
              trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
              epochs: int = typer.Option(10, "--epochs", min=1), batch_size: int = typer.Option(32, "--batch-size", min=1),
              learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (keep it low)."),
+             backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", help="Learning rate of the unfrozen backbone layers \\[default: --lr]; lower than --lr to move them less than the classifier."),
              dropout: float = typer.Option(0.2, "--dropout"),
              augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training."),
              class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
@@ -437,15 +438,20 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
 
     result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
                  unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
-                 batch_size=batch_size, learning_rate=learning_rate, dropout=dropout, augment=augment,
+                 batch_size=batch_size, learning_rate=learning_rate, backbone_learning_rate=backbone_lr,
+                 dropout=dropout, augment=augment,
                  class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
                  store=_store(store), resize=resize, progress=not quiet)
     warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
-    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {result.setup}\n"
-              f"  validation accuracy: warm start {warm}, best {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
-              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n"
+    test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
+            if result.test else "")
+    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {escape(result.setup)}\n"
+              f"  validation: accuracy at the warm start {warm}; best (lowest loss {result.best_val_loss:.4f}) at epoch "
+              f"{result.best_epoch}{' = the start' if result.best_epoch == 0 else ''}, accuracy {result.best_val_accuracy:.4f} "
+              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n{test}"
               f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --model {out_dir})\n"
-              f"  classifier: {result.classifier_path}\n  history: {result.history_path}, curves: {result.curves_path}")
+              f"  classifier: {result.classifier_path} (use: tlpipe score DATA --model {result.classifier_path})\n"
+              f"  history: {result.history_path}, curves: {result.curves_path}")
 
 
 @app.command()
@@ -486,6 +492,56 @@ def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder
     from tlpipe.pipeline.demo import run_demo
 
     run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
+
+
+from tlpipe.pipeline.new_layers import NEW_LAYERS_HELP  # noqa: E402 (no TensorFlow: the option's help)
+
+
+@app.command("custom-model")
+def custom_model(source: Path = typer.Argument(..., help="Labelled images: class folders, split folders or a CSV manifest."),
+                 out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (history, curves, checkpoints, classifier.onnx)."),
+                 backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+                 size: Optional[int] = SizeOpt,
+                 layer: str = typer.Option(..., "--layer", help="Cut the backbone at this layer (a cut point, see `tlpipe backbones --cuts`, or any layer name of the Keras model); everything up to it is frozen."),
+                 new_layers: str = typer.Option(..., "--new-layers", help=f"The new layers, trained on the cut point's feature maps: {NEW_LAYERS_HELP}."),
+                 epochs: int = typer.Option(20, "--epochs", min=0), batch_size: int = typer.Option(32, "--batch-size", min=1),
+                 learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the new layers."),
+                 augment: bool = typer.Option(False, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training (off: the frozen part's feature maps are computed once and cached)."),
+                 class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
+                 seed: int = typer.Option(0, "--seed"), val_fraction: float = typer.Option(0.2, "--val-fraction"),
+                 unfreeze_from: Optional[str] = typer.Option(None, "--unfreeze-from", help="After the new layers converge, also train the backbone from this layer / block prefix on."),
+                 unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="... or its last N blocks (blocks end at cut points)."),
+                 unfreeze_epochs: Optional[int] = typer.Option(None, "--unfreeze-epochs", min=0, help="Epochs of that second phase \\[default: --epochs]."),
+                 backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", help="Learning rate of the unfrozen backbone layers \\[default: --lr / 10]."),
+                 cache: bool = typer.Option(True, "--cache-feature-maps/--no-cache-feature-maps", help="Without --augment, compute the frozen part once and train the new layers on its feature maps."),
+                 resize: str = typer.Option("squash", help="squash | crop."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Train new layers on a truncated, frozen backbone in TensorFlow; export one ONNX classifier for `tlpipe score`.
+
+    A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.pipeline.custom_model import fit_custom_model
+
+    result = fit_custom_model(source, out_dir, backbone=backbone, layer=layer, new_layers=new_layers, weights=weights,
+                              weights_dir=weights_dir, size=size, epochs=epochs, batch_size=batch_size,
+                              learning_rate=learning_rate, augment=augment, class_weight=class_weight,
+                              patience=patience, seed=seed, val_fraction=val_fraction, unfreeze_from=unfreeze_from,
+                              unfreeze_last=unfreeze_last, unfreeze_epochs=unfreeze_epochs,
+                              backbone_learning_rate=backbone_lr, cache_feature_maps=cache, resize=resize,
+                              progress=not quiet)
+    params = result.params
+    test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
+            if result.test else "")
+    maps = (f"feature maps cached ({result.feature_map_seconds:.1f} s once)" if result.feature_maps_cached
+            else "no feature-map cache")
+    unfrozen = f", {params['unfrozen_backbone']:,} backbone parameters unfrozen from {result.unfreeze_from}" \
+        if result.unfreeze_from else ""
+    out.print(f"[green]custom model[/] {escape(result.new_layers)} on {escape(backbone)} up to {escape(layer)} · {escape(result.setup)}\n"
+              f"  parameters: {params['frozen']:,} frozen, {params['trainable']:,} trainable, "
+              f"{params['non_trainable_new']:,} non-trainable in the new layers{unfrozen}\n"
+              f"  validation: best (lowest loss {result.best_val_loss:.4f}) at epoch {result.best_epoch}, accuracy "
+              f"{result.best_val_accuracy:.4f} ({result.epochs_run} epochs, {', '.join(f'{s:.1f}' for s in result.epoch_seconds)} s each; {maps})\n{test}"
+              f"  classifier: {result.classifier_path} (use: tlpipe score DATA --model {result.classifier_path})\n"
+              f"  history: {result.history_path}, curves: {result.curves_path}")
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)
