@@ -69,7 +69,9 @@ def test_export_npz_and_the_cli(cache, tmp_path):
 
 def test_hdf5_dimension_labels(cache):
     with h5py.File(cache, "r") as f:
-        assert [d.label for d in f["images/path"].dims] == ["image"]
+        assert [d.label for d in f["images/sha256"].dims] == ["image"]
+        assert [d.label for d in f["images/path_span"].dims] == ["image", "start_end"]
+        assert [d.label for d in f["images/path_utf8"].dims] == ["byte"]
         assert [d.label for d in f["images/size"].dims] == ["image", "width_height"]
         assert [d.label for d in f["failures/reason"].dims] == ["failure"]
         assert [d.label for d in f[f"features/{KEY}/embeddings"].dims] == ["row", "dimension"]
