@@ -394,13 +394,15 @@ class CacheWriter:
             # HDF5's own file lock (flock on the .h5, as the HDF5 library takes it): shared, so plain h5py readers
             # (which take it shared) go on, but a program holding the file open for writing (exclusive) is
             # detected here, and one that opens it for writing while this writer runs is refused by HDF5.
+            import fcntl  # POSIX only (imported here: the module stays importable on Windows, which has no flock)
+
             fcntl.flock(self._disk.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             self._disk.close()
             raise CacheLockedError(f"{self.path} is open for writing in another program (it holds HDF5's file lock, "
                                    "e.g. h5py.File(..., 'a') in a notebook); close the file there and run again") from None
-        except OSError:
-            pass  # a file system without flock: the .lock file still keeps tlpipe writers apart
+        except (OSError, ImportError):
+            pass  # no flock (Windows, some file systems): the .lock file still keeps tlpipe writers apart
         try:
             f = h5py.File(self._disk, "r+")
         except OSError as exc:
@@ -1146,7 +1148,8 @@ def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | Non
 
     Notes
     -----
-    Parquet: columns ``path``, ``label``, ``split``, ``sha256`` (strings, null when absent) and ``embedding``
+    Parquet: columns ``path``, ``source`` (the folder or manifest the path is relative to), ``label``, ``split``,
+    ``sha256`` (strings, null when absent) and ``embedding``
     (fixed-size list of float32, length D); the key and class names in the schema metadata.
     ``pandas.read_parquet`` reads it. npz: arrays ``embeddings`` (N, D) float32, ``label`` (N,) int32
     index into ``class_names`` (-1 unlabelled), ``path``, ``split``, ``sha256``, ``class_names`` (unicode
@@ -1175,8 +1178,12 @@ def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | Non
                                    f"(or export --format npz) ({exc})") from exc
             dim = fs.X.shape[1] if fs.X.ndim == 2 else 0
             names = [*fs.class_names, None]
-            table = pa.table({
-                "path": pa.array(fs.paths.tolist(), pa.string()),
+            columns = {"path": pa.array(fs.paths.tolist(), pa.string())}
+            if fs.source is not None:
+                roots = read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]")))
+                columns["source"] = pa.array([roots[i] if 0 <= i < len(roots) else None for i in fs.source.tolist()],
+                                             pa.string())
+            table = pa.table(columns | {
                 "label": pa.array([names[i] for i in fs.y.tolist()], pa.string()),
                 "split": pa.array([s or None for s in fs.split.tolist()], pa.string()),
                 "sha256": pa.array(fs.sha256.tolist(), pa.string()),

@@ -68,7 +68,7 @@ def test_readme_python_example_runs(workdir, tiny_entry):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["best"] in ("logreg", "svm", "mlp") and result["rows"] == 36
-    assert result["columns"] == ["path", "label", "split", "sha256", "embedding"]
+    assert result["columns"] == ["path", "source", "label", "split", "sha256", "embedding"]
     lines = (workdir / "predictions.csv").read_text().splitlines()
     assert len(lines) == 1 + 4 and lines[0].startswith("path,sha256,label,probability,top1_label")  # unlabelled
     if not has_predict:

@@ -19,10 +19,11 @@ def cache(tmp_path):
     """A real cache: 5 images (one unlabelled, one without a split) in one feature set of dimension 3."""
     path = tmp_path / "c.h5"
     labels, splits = ["cat", "dog", None, "cat", "dog"], ["train", "train", "test", "", "test"]
-    rows = [ImageRow(f"{label or 'x'}/{i}.jpg", f"{i:064x}", label, split or None, 10, 20)
-            for i, (label, split) in enumerate(zip(labels, splits))]
     X = np.arange(15, dtype=np.float32).reshape(5, 3)
     with CacheWriter(path) as writer:
+        source = writer.note_source("/data/photos")
+        rows = [ImageRow(f"{label or 'x'}/{i}.jpg", f"{i:064x}", label, split or None, 10, 20, source)
+                for i, (label, split) in enumerate(zip(labels, splits))]
         writer.ensure_feature_set(KEY, 3, metadata={"backbone": "tiny"})
         writer.add(KEY, rows, X)
     return path
@@ -31,7 +32,8 @@ def cache(tmp_path):
 def test_to_pandas(cache):
     pytest.importorskip("pandas")
     frame = to_pandas(cache, features="tiny")
-    assert list(frame.columns) == ["path", "label", "split", "sha256", "embedding"]
+    assert list(frame.columns) == ["path", "source", "label", "split", "sha256", "embedding"]
+    assert frame["source"].tolist() == ["/data/photos"] * 5
     assert frame["path"].tolist() == ["cat/0.jpg", "dog/1.jpg", "x/2.jpg", "cat/3.jpg", "dog/4.jpg"]
     pd = pytest.importorskip("pandas")
     values = lambda column: [None if pd.isna(v) else v for v in frame[column]]  # noqa: E731 - missing: NaN / NA
