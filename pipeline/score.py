@@ -27,6 +27,7 @@ columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and ``pandas.re
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -590,6 +591,16 @@ def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str 
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
+def true_labels(source: str | os.PathLike, allow_outside_root: bool = False) -> dict[str, str]:
+    """Label by relative path from a labelled listing of an image source (class folders, a manifest's label
+    column); empty when the source has no labels or a layout a labelled listing refuses."""
+    try:
+        listed = discover(source, allow_outside_root=allow_outside_root)
+    except (ValueError, OSError):
+        return {}
+    return {r.relpath: r.label for r in listed.records if r.label is not None}
+
+
 def cache_labels(path: str | os.PathLike) -> dict[str, str]:
     """Class name by content hash for the labelled images of a cache (unlabelled ones are absent)."""
 
@@ -719,6 +730,9 @@ def score(
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
     images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
+    if images is not None:  # the true label column: what a labelled listing of the same source says, where it can
+        truth = true_labels(source, allow_outside_root)
+        images.records = [dataclasses.replace(r, label=truth.get(r.relpath)) for r in images.records]
     if images is not None and not images.records:
         skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
         raise ScoreError(f"no images found in {source}{skipped}")

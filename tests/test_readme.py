@@ -18,7 +18,8 @@ TINY = "--backbone mobilenet_v2_0.35 --size 64 --weights none"
 SKIP = {
     "vgg16": "a VGG16 export takes ~20 s of TensorFlow (covered by tests/backbones/test_export.py)",
     "finetune": "TensorFlow training (covered by tests/pipeline/test_finetune.py)",
-    "--backbone ft/": "needs the fine-tune's output",
+    "ft/": "needs the fine-tune's output",
+    "custom-model": "TensorFlow training (covered by tests/pipeline/test_custom_model.py)",
     "--engine ray": "needs a Ray cluster (covered by tests/features/test_ray_engine.py)",
     "--precision": "int8 / fp16 variants (covered by tests/features/test_calibration.py and test_cli.py)",
     "tlpipe bench": "timings (covered by tests/pipeline/test_bench.py)",
