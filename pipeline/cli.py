@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from enum import Enum
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -24,9 +26,23 @@ WeightsOpt = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras d
 BackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="Registry name (see `tlpipe backbones`).")
 SizeOpt = typer.Option(None, "--size", help="Square input size \\[default: the backbone's].")
 LayerOpt = typer.Option(None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`).")
-PoolingOpt = typer.Option("avg", "--pooling", help="avg | max | none (flatten).")
-PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
-ResizeOpt = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop).")
+# Choices (Enums: typer turns them into click Choices) are checked before a command runs, so nothing is read or
+# written for a bad value, and --help lists them. Same values as the library's own lists (registry POOLINGS, runtime
+# DEVICES, quantize PRECISIONS, images RESIZE_MODES); tests/pipeline/test_cli.py checks they agree.
+Pooling = Enum("Pooling", {v: v for v in ("avg", "max", "none")}, type=str)
+Device = Enum("Device", {v: v for v in ("auto", "cpu", "cuda")}, type=str)
+Precision = Enum("Precision", {v: v for v in ("fp32", "int8", "fp16")}, type=str)
+Resize = Enum("Resize", {v: v for v in ("squash", "crop")}, type=str)
+Dtype = Enum("Dtype", {v: v for v in ("float32", "float16")}, type=str)
+
+
+def _value(choice):
+    """The plain string of a choice (None stays None)."""
+    return getattr(choice, "value", choice)
+
+PoolingOpt = typer.Option(Pooling.avg.value, "--pooling", help="avg | max | none (flatten).")
+PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
+ResizeOpt = typer.Option(Resize.squash.value, help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop). Part of the feature set's identity.")
 
 
 EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe\\[ray]).")
@@ -99,16 +115,17 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print the regi
 
 @app.command()
 def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-           size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+           size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: Pooling = PoolingOpt,
            opset: int = typer.Option(17, help="ONNX opset for tf2onnx."),
            seed: int = typer.Option(0, help="Seed for --weights none."),
            force: bool = typer.Option(False, "--force", help="Export again even when the store has it."),
-           precision: str = PrecisionOpt,
+           precision: Precision = PrecisionOpt,
            calibration: Optional[Path] = typer.Option(None, "--calibration", help="Your photos (folder or CSV) to calibrate int8 on and to check it against fp32."),
-           resize: str = ResizeOpt, store: Optional[Path] = StoreOpt):
+           resize: Resize = ResizeOpt, store: Optional[Path] = StoreOpt):
     """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
     With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry."""
+    pooling, precision, resize = _value(pooling), _value(precision), _value(resize)
     from tlpipe.backbones.export import export_backbone
     from tlpipe.backbones.quantize import check_precision
 
@@ -141,12 +158,12 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
 def extract(source: Path = typer.Argument(..., help="Folder (class folders, split folders or flat) or CSV manifest (path[,label][,split])."),
             out_path: Path = typer.Option(Path("cache.h5"), "--out", "-o", help="HDF5 cache to create or append to."),
             backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-            size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+            size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: Pooling = PoolingOpt,
             model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder, e.g. a fine-tune's output) instead of --backbone."),
-            device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
+            device: Device = typer.Option(Device.auto.value, help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
             batch_size: int = typer.Option(32, "--batch-size", min=1),
-            dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
-            resize: str = ResizeOpt, precision: str = PrecisionOpt,
+            dtype: Dtype = typer.Option(Dtype.float32.value, help="float32 | float16 storage of embeddings."),
+            resize: Resize = ResizeOpt, precision: Precision = PrecisionOpt,
             recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate int8 again on this source instead of reusing the stored variant."),
             workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
             threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per stream \\[default: the cores split between streams]."),
@@ -156,6 +173,7 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
             engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
+    pooling, precision, resize, device, dtype = map(_value, (pooling, precision, resize, device, dtype))
     _check_engine(engine)
     from tlpipe.backbones.choice import ModelChoice
 
@@ -172,37 +190,65 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             from tlpipe.features.extract import extract as run
 
             summary = run(source, out_path, workers=workers, streams=streams, progress=progress, **options)
+    # the warnings themselves (source layout, manifest, label conflicts) are logged by the library
+    if summary.label_conflicts:
+        for conflict in summary.label_conflicts[:10]:
+            console.print("  [yellow]conflict[/] " + escape(" vs ".join(
+                f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])), highlight=False)
     if not quiet:
-        out.print(f"[bold]{escape(summary.out)}[/] · feature set {summary.key} · {summary.provider}\n"
+        out.print(f"[bold]{escape(summary.out)}[/] · feature set {summary.key} (resize {summary.resize}) · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
-                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped\n"
-                  f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s")
-        for path, reason in summary.failures[:20]:
-            console.print(f"  [red]failed[/] {escape(path)}: {escape(reason)}")
-        if summary.failed > 20:
-            console.print(f"  … and {summary.failed - 20} more (tlpipe info {out_path})")
+                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped"
+                  + (f"; {summary.relabelled} cached rows updated (moved or relabelled, not re-embedded)"
+                     if summary.relabelled else "") + "\n"
+                  f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s", highlight=False)
+        for kind, items in (("failed", summary.failures), ("skipped", summary.skipped)):
+            for path, reason in items[:20]:
+                console.print(f"  [red]{kind}[/] {escape(path)}: {escape(reason)}", highlight=False)
+            if len(items) > 20:
+                console.print(f"  … and {len(items) - 20} more {kind} (tlpipe info {escape(str(out_path))})")
     if strict and summary.failed:
         raise typer.Exit(3)
 
 
 @app.command()
-def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json")):
-    """Show what a cache holds: images, classes, splits, feature sets, failures."""
+def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json"),
+         limit: int = typer.Option(20, "--limit", min=0, help="Failed/skipped inputs and label conflicts listed by name (--json lists all).")):
+    """Show what a cache holds: images, classes, splits, sources, feature sets (with resize mode), label conflicts,
+    failed and skipped inputs by name and reason."""
     from tlpipe.features.cache import describe
 
     d = describe(cache)
     if as_json:
         out.print_json(data=d)
         return
-    out.print(f"[bold]{escape(d['path'])}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
-    out.print(f"  classes: {', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none'}")
-    out.print(f"  splits: {', '.join(f'{k} {v}' for k, v in d['per_split'].items())}")
+    say = lambda text: out.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"[bold]{escape(d['path'])}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
+    say(f"  classes: {escape(', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none')}")
+    say(f"  splits: {escape(', '.join(f'{k} {v}' for k, v in d['per_split'].items()))}")
+    for i, source in enumerate(d["sources"]):
+        say(f"  source {i}: {escape(source['path'])} ({source['images']} images)")
     for key, fs in d["feature_sets"].items():
-        out.print(f"  feature set [cyan]{key}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
-                  f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, weights {fs['weights']})")
-    if d["failures"]:
-        first = d["failures"][0]
-        out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {escape(first['path'])}: {escape(first['reason'])}")
+        say(f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
+            f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
+            f"resize {fs['resize']}, weights {fs['weights']})")
+    conflicts = d["label_conflicts"]
+    if conflicts:
+        say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
+            "training and evaluation):")
+        for conflict in conflicts[:limit]:
+            say("    " + escape(" vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})"
+                                            for o in conflict["occurrences"])))
+        if len(conflicts) > limit:
+            say(f"    … and {len(conflicts) - limit} more (--json lists all)")
+    for stage, title in (("decode", "failed"), ("listing", "skipped")):
+        items = [f for f in d["failures"] if f["stage"] == stage]
+        if items:
+            say(f"  {len(items)} {title} inputs:")
+            for item in items[:limit]:
+                say(f"    {escape(item['path'])}: {escape(item['reason'])}")
+            if len(items) > limit:
+                say(f"    … and {len(items) - limit} more (--json lists all)")
 
 
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
@@ -311,9 +357,9 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           head: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head` (its backbone comes from the model store)."),
           model: Optional[Path] = typer.Option(None, "--model", help="A fused classifier from `tlpipe export-model` instead of --head."),
           cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse embeddings this cache already holds for the head's feature set."),
-          top_k: int = typer.Option(3, "--top-k", min=1), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
+          top_k: int = typer.Option(3, "--top-k", min=1), device: Device = typer.Option(Device.auto.value, help="auto | cpu | cuda (strict)."),
           batch_size: int = typer.Option(32, "--batch-size", min=1),
-          resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
+          resize: Optional[Resize] = typer.Option(None, help="squash | crop \\[default: the mode recorded with the head or fused model; a different one is refused]."),
           workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
           threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
           trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
@@ -321,6 +367,7 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
           engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
+    resize, device = _value(resize), _value(device)
     _check_engine(engine)
     if (head is None) == (model is None):
         raise ValueError("give exactly one of --head (a saved head) or --model (a fused classifier .onnx)")
@@ -340,6 +387,10 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
                   f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
                   f"(rows with an error), {len(summary.skipped)} inputs skipped\n  {summary.seconds:.1f} s, "
                   f"{summary.images_per_second:.1f} img/s")
+        for path, reason in summary.skipped[:20]:  # named, not only counted: they get no row
+            console.print(f"  [red]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
+        if len(summary.skipped) > 20:
+            console.print(f"  … and {len(summary.skipped) - 20} more skipped")
 
 
 @app.command("export-model")
@@ -405,7 +456,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
 
 @app.command()
 def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-          size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+          size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: Pooling = PoolingOpt,
           model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder) instead of --backbone."),
           images: Optional[Path] = typer.Option(None, "--images", help="Your photos (folder or CSV): timed, decoded, and used to calibrate int8 \\[default: scikit-learn's sample photos]."),
           precision: list[str] = typer.Option(["fp32"], "--precision", "-p", help="Also time this variant: int8 | fp16 (repeatable)."),
@@ -418,6 +469,7 @@ def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: O
           store: Optional[Path] = StoreOpt):
     """Time a backbone here: ONNX Runtime per precision, batch size and thread count (images/s, p50/p95 per
     batch) against Keras on the same images, and decoding on its own; says whether int8 pays off on this CPU."""
+    pooling = _value(pooling)
     from tlpipe.pipeline.bench import format_report, run_bench
 
     def say(message: str) -> None:
