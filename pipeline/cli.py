@@ -444,7 +444,7 @@ def audit(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe ext
           write_exclude: Optional[Path] = typer.Option(None, "--write-exclude", help="Write the flagged rows' sha256 here, for --exclude on compare / fit-head / evaluate."),
           exclude: Optional[Path] = ExcludeOpt,
           threshold: Optional[float] = typer.Option(None, "--threshold", help="Near-duplicate cosine similarity \\[default: 0.88, measured for MobileNetV2 on photos, see README]."),
-          neighbours: Optional[int] = typer.Option(None, "--neighbours", min=1, help="k of the nearest-neighbour graph \\[default: 10]."),
+          neighbours: Optional[int] = typer.Option(None, "--neighbours", min=1, help="k of the nearest-neighbour graph \\[default: 20]."),
           backend: str = typer.Option("auto", "--backend", help="auto | sklearn (exact) | usearch (approximate, large sets; tlpipe\\[audit])."),
           cv: int = typer.Option(5, "--cv", min=2, help="Folds of the label-error head's out-of-fold predictions."),
           seed: int = typer.Option(0, "--seed"),
