@@ -39,9 +39,10 @@ changes it.
 
 **Memory** for N rows x D dimensions: the feature set as float32 (N·D·4 bytes: 5.1 GB at 1 M x 1280,
 normalised in place), the neighbour search's working set (scikit-learn's ``working_memory`` chunks, 1 GiB
-by default, or a usearch index of N·D·2 bytes in float16 plus its graph), the head's input after PCA to
-at most :data:`HEAD_PCA` components (N·256·8 bytes in float64 at most) and O(N·k) neighbour lists: linear in N,
-with no N x N matrix anywhere.
+by default, or a usearch index of N·D·2 bytes in float16 plus its graph), above :data:`PCA_SAMPLE` rows the
+head's input projected blockwise on :data:`HEAD_PCA` principal components (N·256·4 bytes, and about three
+times that while a fold is fitted), and O(N·k) neighbour lists: linear in N, with no N x N matrix anywhere.
+At 1 M x 1280: about 5.1 + 2.6 (usearch) + 3 GB.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ NEAR_DUPLICATE_COSINE = 0.88  # measured: see the module docstring and benchmark
 # two of them fell to ranks 40-53 of 1,030 in the benchmark; with k = 20 to 13-60 (bench_audit.py).
 NEIGHBOURS = 20
 EXACT_SEARCH_ROWS = 50_000  # backend "auto": exact scikit-learn search up to this many rows, usearch above
-HEAD_PCA = 256  # the label-error head sees at most this many principal components (above 4 x this many rows)
+HEAD_PCA = 256  # above PCA_SAMPLE rows the label-error head sees this many principal components
+PCA_SAMPLE = 20_000  # rows the PCA is fitted on
 BLOCK_ROWS = 8192  # rows normalised / searched / added at a time
 # An outlier is flagged (for the exclude list) when its score is this many robust standard deviations
 # (1.4826 x MAD) above the median. In the benchmark the 10 planted foreign images scored 2.2-5.5 and the
@@ -433,16 +435,31 @@ def _clusters(fs: FeatureSet, indices: np.ndarray, cosines: np.ndarray, threshol
     return clusters
 
 
+def _reduce(X: np.ndarray, seed: int, block_rows: int = BLOCK_ROWS) -> tuple[np.ndarray, int | None]:
+    """``X`` projected on its first :data:`HEAD_PCA` principal components (fitted on at most
+    :data:`PCA_SAMPLE` rows, applied ``block_rows`` at a time) when it has more dimensions and more than
+    :data:`PCA_SAMPLE` rows; else ``X`` itself. Keeps the head's fold copies at N·256·4 bytes."""
+    if X.shape[1] <= HEAD_PCA or len(X) <= PCA_SAMPLE:
+        return X, None
+    from sklearn.decomposition import PCA
+
+    sample = np.random.default_rng(seed).choice(len(X), PCA_SAMPLE, replace=False)
+    pca = PCA(HEAD_PCA, svd_solver="covariance_eigh", random_state=seed).fit(X[np.sort(sample)])
+    Z = np.empty((len(X), HEAD_PCA), dtype=np.float32)
+    for start in range(0, len(X), block_rows):
+        Z[start:start + block_rows] = pca.transform(X[start:start + block_rows])
+    return Z, HEAD_PCA
+
+
 def _out_of_fold(X: np.ndarray, y: np.ndarray, cv: int, seed: int, n_jobs: int | None) -> tuple[np.ndarray, dict]:
     """Out-of-fold class probabilities of the ``logreg`` head (stratified ``cv``-fold, shuffled with ``seed``)."""
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     from tlpipe.pipeline.heads import make_head
 
-    pca = HEAD_PCA if X.shape[1] > HEAD_PCA and len(X) >= 4 * HEAD_PCA else None
-    head = make_head("logreg", seed=seed, pca=pca)
+    Z, pca = _reduce(X, seed)
     folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
-    proba = cross_val_predict(head, X, y, cv=folds, method="predict_proba", n_jobs=n_jobs)
+    proba = cross_val_predict(make_head("logreg", seed=seed), Z, y, cv=folds, method="predict_proba", n_jobs=n_jobs)
     accuracy = float(np.mean(proba.argmax(axis=1) == y))
     return proba, {"head": "logreg", "folds": cv, "pca": pca, "seed": seed, "rows": int(len(y)),
                    "out_of_fold_accuracy": accuracy}
@@ -802,7 +819,7 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
         for c in result.clusters:
             if len(dup_entries) >= SHEET_ENTRIES:
                 break
-            tag = "LEAK " if c.leak else "CONFLICT " if c.conflict else ""
+            tag = " ".join(t for t, on in (("LEAK", c.leak), ("CONFLICT", c.conflict)) if on) + " " * (c.leak or c.conflict)
             for m in c.members[:6]:
                 dup_entries.append((m.path, m.sha256, f"#{c.id} {tag}{m.label or '-'}/{m.split or '-'} {m.path}"))
         _contact_sheet(result, dup_entries[:SHEET_ENTRIES], paths["duplicates.png"],
