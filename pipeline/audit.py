@@ -19,11 +19,13 @@ Four lists, each with a contact sheet, written like ``compare``'s report (Markdo
 Nothing here needs TensorFlow or ONNX Runtime, and nothing is ever deleted: ``exclude_file`` writes the
 flagged rows' sha256 to a list that ``compare``, ``fit-head`` and ``evaluate`` accept as ``--exclude``.
 
-**Where exact duplicates come from.** The cache keeps one row per unique content (sha256), so extraction
-drops byte-identical copies after counting them: their paths and labels are not in the cache. The audit
-therefore lists the sources recorded in the cache (``sources`` attribute), compares file sizes, and hashes
-only files whose size another file shares (a byte-identical copy always does). A source that can no
-longer be read is named in the report's notes; the near-duplicate search still covers every cached row.
+**Where exact duplicates come from.** The cache keeps one row per unique content (sha256), and records
+the other paths of a content only when they carry another label (its label conflicts, with every path,
+label and split). Copies under the same label are dropped by extraction after counting them. The audit
+therefore uses the recorded conflicts and also lists the sources recorded in the cache again, compares
+file sizes, and hashes only files whose size another file shares (a byte-identical copy always does). A
+source that can no longer be read is named in the report's notes; the near-duplicate search still covers
+every cached row.
 
 **The near-duplicate threshold** (``benchmarks/bench_audit.py``, ``benchmarks/results/audit.json``):
 MobileNetV2 1.0 at 224 px with ImageNet weights, 100 cats_vs_dogs training photos (~480x375) each copied
@@ -536,10 +538,31 @@ def _flag(result_clusters: list[Cluster], issues: list[LabelIssue], outliers: li
     return dict(flagged)
 
 
-def _read_sources(cache: str | os.PathLike) -> list[str]:
+def _read_sources(cache: str | os.PathLike) -> tuple[list[str], list[dict]]:
+    """The cache's recorded sources (paths) and label conflicts (sha256 + every occurrence), tolerant of
+    caches that record sources as plain paths and of caches without a conflict list."""
     from tlpipe.features.cache import describe
 
-    return list(describe(cache).get("sources") or [])
+    info = describe(cache)
+    sources = [s["path"] if isinstance(s, dict) else str(s) for s in info.get("sources") or []]
+    return sources, list(info.get("label_conflicts") or [])
+
+
+def _recorded_copies(fs: FeatureSet, conflicts: list[dict], copies: dict[int, list[Copy]]) -> None:
+    """Add the occurrences the cache recorded for its label conflicts (same bytes under two labels) to
+    ``copies``, unless the source scan found them already."""
+    row_of = {s: i for i, s in enumerate(fs.sha256.tolist())}
+    for conflict in conflicts:
+        row = row_of.get(conflict.get("sha256"))
+        if row is None:
+            continue
+        known = {(c.path, c.source) for c in copies.get(row, [])} | {(c.path, "") for c in copies.get(row, [])}
+        for o in conflict.get("occurrences", []):
+            path, source = str(o.get("path")), str(o.get("source") or "")
+            if path == str(fs.paths[row]) or (path, source) in known or (path, "") in known:
+                continue
+            copies.setdefault(row, []).append(Copy(path, o.get("label"), o.get("split"), source))
+            known.add((path, source))
 
 
 def audit(cache: str | os.PathLike, features: str | None = None, *, report: str | os.PathLike | None = None,
@@ -594,10 +617,13 @@ def audit(cache: str | os.PathLike, features: str | None = None, *, report: str 
     _need_cleanlab()
     timings: dict[str, float] = {}
     t = perf_counter()
-    fs = read_feature_set(cache, features, exclude=exclude)
+    try:  # every row, those in a recorded label conflict too: the audit lists them
+        fs = read_feature_set(cache, features, exclude=exclude, exclude_conflicts=False)
+    except TypeError:  # a cache module without recorded conflicts
+        fs = read_feature_set(cache, features, exclude=exclude)
     if len(fs) == 0:
         raise AuditError(f"{cache}: feature set {fs.key} has no rows to audit")
-    sources = _read_sources(cache)
+    sources, recorded_conflicts = _read_sources(cache)
     timings["read_s"] = perf_counter() - t
     notes: list[str] = []
     t = perf_counter()
@@ -613,6 +639,7 @@ def audit(cache: str | os.PathLike, features: str | None = None, *, report: str 
         notes.append("the cache records no sources, so exact copies (which the cache stores once) are not known")
     else:
         notes.append("sources not scanned (scan_sources=False): exact copies are not known")
+    _recorded_copies(fs, recorded_conflicts, copies)
     timings["exact_s"] = perf_counter() - t
     t = perf_counter()
     clusters = _clusters(fs, indices, cosines, threshold, copies)
