@@ -214,3 +214,19 @@ def test_audit_runs_without_tensorflow_or_onnxruntime_and_names_the_missing_extr
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: cleanlab is not installed: pip install 'tlpipe[audit]'"
+
+
+def test_label_conflicts_recorded_by_the_cache_are_listed_without_scanning(tmp_path):
+    from tlpipe.pipeline.audit import audit
+
+    cache, planted = planted_cache(tmp_path)
+    row = planted["rows"][20]
+    other = "class_1" if row.label == "class_0" else "class_0"
+    with CacheWriter(cache) as writer:
+        _, conflicts = writer.reconcile(0, {row.sha256: [(row.path, row.label, row.split), ("elsewhere/same.png", other, "test")]})
+    assert len(conflicts) == 1
+    assert read_feature_set(cache).excluded_conflicts == 1  # training leaves it out; the audit lists it
+    result = audit(cache, scan_sources=False, cv=4)
+    cluster = next(c for c in result.clusters if any(m.path == "elsewhere/same.png" for m in c.members))
+    assert cluster.kind == "exact" and cluster.conflict and sorted(cluster.labels) == ["class_0", "class_1"]
+    assert row.sha256 in result.flagged and result.rows == len(planted["rows"])
