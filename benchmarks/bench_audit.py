@@ -22,6 +22,7 @@ neither). Caches are kept in --work (default /tmp/tlpipe-bench-audit) and reused
    each run; --only-scale adds them to an existing results file.
 Writes benchmarks/results/audit.json (--quick: audit_quick.json) and the planted run's report folder in --work.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,10 +77,17 @@ def mild_and_harsh():
         return im.crop((dx, dy, im.width - dx, im.height - dy))
 
     return {
-        "jpeg90": lambda im: jpeg(im, 90), "jpeg50": lambda im: jpeg(im, 50), "jpeg25": lambda im: jpeg(im, 25),
-        "png": lambda im: im, "resize50": lambda im: resize(im, 0.5), "resize25": lambda im: resize(im, 0.25),
-        "resize150": lambda im: resize(im, 1.5), "crop5": lambda im: crop(im, 0.05), "crop10": lambda im: crop(im, 0.10),
-        "crop15": lambda im: crop(im, 0.15), "crop10_resize50_jpeg50": lambda im: jpeg(resize(crop(im, 0.1), 0.5), 50),
+        "jpeg90": lambda im: jpeg(im, 90),
+        "jpeg50": lambda im: jpeg(im, 50),
+        "jpeg25": lambda im: jpeg(im, 25),
+        "png": lambda im: im,
+        "resize50": lambda im: resize(im, 0.5),
+        "resize25": lambda im: resize(im, 0.25),
+        "resize150": lambda im: resize(im, 1.5),
+        "crop5": lambda im: crop(im, 0.05),
+        "crop10": lambda im: crop(im, 0.10),
+        "crop15": lambda im: crop(im, 0.15),
+        "crop10_resize50_jpeg50": lambda im: jpeg(resize(crop(im, 0.1), 0.5), 50),
     }
 
 
@@ -136,16 +144,35 @@ def measure_threshold(work: Path, weights: Path, store: Path, base) -> dict:
     positive = np.sum(C * B[origin], axis=1)
     S = B @ B.T
     negative = S[np.triu_indices(len(B), 1)]
-    per_kind = {k: {"min": float(positive[kinds == k].min()), "p5": float(np.percentile(positive[kinds == k], 5)),
-                    "median": float(np.median(positive[kinds == k])), "n": int(np.sum(kinds == k))}
-                for k in transforms}
+    per_kind = {
+        k: {
+            "min": float(positive[kinds == k].min()),
+            "p5": float(np.percentile(positive[kinds == k], 5)),
+            "median": float(np.median(positive[kinds == k])),
+            "n": int(np.sum(kinds == k)),
+        }
+        for k in transforms
+    }
     mild = np.isin(kinds, MILD)
-    table = [{"threshold": t, "mild_recall": float(np.mean(positive[mild] >= t)), "all_recall": float(np.mean(positive >= t)),
-              "distinct_pairs_above": int(np.sum(negative >= t))} for t in (0.80, 0.83, 0.85, 0.87, 0.88, 0.90, 0.92, 0.95)]
-    return {"photos": len(pick), "copies": len(positive), "distinct_pairs": len(negative),
-            "distinct_max": float(negative.max()), "distinct_quantiles": {q: float(np.quantile(negative, float(q)))
-                                                                           for q in ("0.5", "0.99", "0.9999")},
-            "per_kind": per_kind, "table": table, "chosen": NEAR_DUPLICATE_COSINE}
+    table = [
+        {
+            "threshold": t,
+            "mild_recall": float(np.mean(positive[mild] >= t)),
+            "all_recall": float(np.mean(positive >= t)),
+            "distinct_pairs_above": int(np.sum(negative >= t)),
+        }
+        for t in (0.80, 0.83, 0.85, 0.87, 0.88, 0.90, 0.92, 0.95)
+    ]
+    return {
+        "photos": len(pick),
+        "copies": len(positive),
+        "distinct_pairs": len(negative),
+        "distinct_max": float(negative.max()),
+        "distinct_quantiles": {q: float(np.quantile(negative, float(q))) for q in ("0.5", "0.99", "0.9999")},
+        "per_kind": per_kind,
+        "table": table,
+        "chosen": NEAR_DUPLICATE_COSINE,
+    }
 
 
 def synthetic_screenshot(seed: int):
@@ -167,7 +194,9 @@ def synthetic_screenshot(seed: int):
         d.rectangle((0, 0, 160, 500), fill=(45, 45, 52))
         for y in range(10, 490, 16):
             x = 180 + 16 * rng.randint(0, 4)
-            d.text((x, y), words(rng.randint(10, 40)), fill=rng.choice([(200, 120, 220), (120, 200, 255), (230, 220, 140)]))
+            d.text(
+                (x, y), words(rng.randint(10, 40)), fill=rng.choice([(200, 120, 220), (120, 200, 255), (230, 220, 140)])
+            )
     else:
         im = Image.new("RGB", (700, 450), (255, 255, 255))
         d = ImageDraw.Draw(im)
@@ -199,8 +228,12 @@ def plant(work: Path, weights: Path, store: Path, base) -> tuple[Path, dict]:
     if not orig.exists():
         orig.symlink_to(CATS)
     transforms = mild_and_harsh()
-    kinds = (["jpeg50", "jpeg90", "png", "jpeg50", "jpeg90", "png", "jpeg50"] + ["resize50", "resize150"] * 3
-             + ["resize50"] + ["crop5"] * 6)
+    kinds = (
+        ["jpeg50", "jpeg90", "png", "jpeg50", "jpeg90", "png", "jpeg50"]
+        + ["resize50", "resize150"] * 3
+        + ["resize50"]
+        + ["crop5"] * 6
+    )
     new: list[tuple[str, str, str, str]] = []  # (path, label, split, role)
     truth = {"near": [], "exact": [], "flipped": [], "foreign": []}
     for i, (r, kind) in enumerate(zip(dup_sources, kinds)):
@@ -229,8 +262,10 @@ def plant(work: Path, weights: Path, store: Path, base) -> tuple[Path, dict]:
         if not (folder / rel).exists():
             save(synthetic_screenshot(i), folder / rel, "png")
         truth["foreign"].append(rel)
-    blank = [Image.new("RGB", (480, 360), (0, 0, 0)),
-             Image.fromarray((np.random.default_rng(4).normal(128, 6, (360, 480, 3))).clip(0, 255).astype(np.uint8))]
+    blank = [
+        Image.new("RGB", (480, 360), (0, 0, 0)),
+        Image.fromarray((np.random.default_rng(4).normal(128, 6, (360, 480, 3))).clip(0, 255).astype(np.uint8)),
+    ]
     for i, im in enumerate(blank):
         rel = f"foreign/blank_{i}.png"
         if not (folder / rel).exists():
@@ -285,8 +320,10 @@ def recall(result, truth: dict) -> dict:
     for c in result.clusters:
         for m in c.members:
             cluster_of.setdefault(m.path, c.id)
-    near_found = [cluster_of.get(t["copy"]) is not None and cluster_of.get(t["copy"]) == cluster_of.get(t["original"])
-                  for t in truth["near"]]
+    near_found = [
+        cluster_of.get(t["copy"]) is not None and cluster_of.get(t["copy"]) == cluster_of.get(t["original"])
+        for t in truth["near"]
+    ]
     planted_pairs = {frozenset((t["copy"], t["original"])) for t in truth["near"] + truth["exact"]}
     reported_pairs, false_pairs = 0, []
     for c in result.clusters:
@@ -303,22 +340,31 @@ def recall(result, truth: dict) -> dict:
     foreign_ranks = {o.path: o.rank for o in result.outliers if o.path in set(truth["foreign"])}
     flip_ranks = {i.path: i.rank for i in result.label_issues if i.path in set(truth["flipped"])}
     return {
-        "near_duplicates_found": int(sum(near_found)), "near_duplicates_planted": len(truth["near"]),
+        "near_duplicates_found": int(sum(near_found)),
+        "near_duplicates_planted": len(truth["near"]),
         "near_recall": float(np.mean(near_found)),
         "missed": [t for t, ok in zip(truth["near"], near_found) if not ok],
-        "reported_pairs": reported_pairs, "false_pairs": len(false_pairs),
-        "false_pair_rate": len(false_pairs) / reported_pairs if reported_pairs else 0.0, "false_pair_list": false_pairs[:20],
+        "reported_pairs": reported_pairs,
+        "false_pairs": len(false_pairs),
+        "false_pair_rate": len(false_pairs) / reported_pairs if reported_pairs else 0.0,
+        "false_pair_list": false_pairs[:20],
         "planted_leaks_found": int(sum(t["copy"] in leaks for t in truth["near"] if t["leak"])),
         "planted_leaks": int(sum(t["leak"] for t in truth["near"])),
-        "exact_conflicts_found": int(sum(t["copy"] in conflicts for t in truth["exact"])), "exact_planted": len(truth["exact"]),
-        "flipped_in_top40": int(sum(p in top40 for p in truth["flipped"])), "flipped": len(truth["flipped"]),
+        "exact_conflicts_found": int(sum(t["copy"] in conflicts for t in truth["exact"])),
+        "exact_planted": len(truth["exact"]),
+        "flipped_in_top40": int(sum(p in top40 for p in truth["flipped"])),
+        "flipped": len(truth["flipped"]),
         "flipped_recall_top40": float(np.mean([p in top40 for p in truth["flipped"]])),
-        "flipped_flagged_by_cleanlab": int(sum(i.flagged for i in result.label_issues if i.path in set(truth["flipped"]))),
+        "flipped_flagged_by_cleanlab": int(
+            sum(i.flagged for i in result.label_issues if i.path in set(truth["flipped"]))
+        ),
         "flagged_label_issues": int(sum(i.flagged for i in result.label_issues)),
         "flip_ranks": sorted(flip_ranks.values()),
-        "foreign_in_top20": int(sum(p in top20 for p in truth["foreign"])), "foreign": len(truth["foreign"]),
+        "foreign_in_top20": int(sum(p in top20 for p in truth["foreign"])),
+        "foreign": len(truth["foreign"]),
         "foreign_recall_top20": float(np.mean([p in top20 for p in truth["foreign"]])),
-        "foreign_ranks": foreign_ranks, "outliers_flagged": int(sum(o.flagged for o in result.outliers)),
+        "foreign_ranks": foreign_ranks,
+        "outliers_flagged": int(sum(o.flagged for o in result.outliers)),
         "foreign_flagged": int(sum(o.flagged for o in result.outliers if o.path in set(truth["foreign"]))),
     }
 
@@ -339,16 +385,29 @@ def synthetic_cache(path: Path, rows: int, dim: int = 1280, classes: int = 10) -
             n = min(10_000, rows - start)
             y = rng.integers(0, classes, n)
             X = np.maximum(centres[y] + rng.normal(0, 1.3, (n, dim)).astype(np.float32) - 0.2, 0)
-            batch = [ImageRow(f"synthetic/{start + i:07d}.jpg", f"{start + i:064x}", f"class_{y[i]}", "train" if i % 5 else "test",
-                              224, 224) for i in range(n)]
+            batch = [
+                ImageRow(
+                    f"synthetic/{start + i:07d}.jpg",
+                    f"{start + i:064x}",
+                    f"class_{y[i]}",
+                    "train" if i % 5 else "test",
+                    224,
+                    224,
+                )
+                for i in range(n)
+            ]
             writer.add("synthetic-1280", batch, X.astype(np.float32))
     tmp.rename(path)
     return path
 
 
 def run_child(cache: Path, report: Path, backend: str, sheets: bool) -> dict:
-    done = subprocess.run([sys.executable, "-c", AUDIT_CHILD, str(cache), str(report), backend, "1" if sheets else "0"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", AUDIT_CHILD, str(cache), str(report), backend, "1" if sheets else "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -361,7 +420,9 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--skip-scale", action="store_true", help="no timing runs")
-    parser.add_argument("--only-scale", action="store_true", help="keep the recall results already in --out; add the timing runs")
+    parser.add_argument(
+        "--only-scale", action="store_true", help="keep the recall results already in --out; add the timing runs"
+    )
     args = parser.parse_args()
     for needed in (CATS, FLOWERS, args.weights):
         if not needed.exists():
@@ -375,10 +436,16 @@ def main() -> None:
     if not base_cache.exists():
         extract(CATS / "manifest.csv", base_cache, args.weights, store)
     base = read_feature_set(base_cache)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                                 "load_average_at_start": os.getloadavg(),
-                                 "note": "2-core machine shared with other helpers' jobs; times are noisy"},
-                     "backbone": base.metadata.get("key")}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg(),
+            "note": "2-core machine shared with other helpers' jobs; times are noisy",
+        },
+        "backbone": base.metadata.get("key"),
+    }
     out = args.out or ROOT / "benchmarks" / "results" / ("audit_quick.json" if args.quick else "audit.json")
     if args.only_scale and out.exists():
         results = json.loads(out.read_text()) | {"machine": results["machine"]}
@@ -388,8 +455,15 @@ def main() -> None:
         planted, truth = plant(work, args.weights, store, base)
         started = time.perf_counter()
         result = audit(planted, report=work / "report", write_exclude=work / "exclude.txt")
-        results["planted"] = {"rows": result.rows, "seconds": time.perf_counter() - started, "timings": result.timings,
-                              "summary": result.summary(), "head": result.head, "notes": result.notes, **recall(result, truth)}
+        results["planted"] = {
+            "rows": result.rows,
+            "seconds": time.perf_counter() - started,
+            "timings": result.timings,
+            "summary": result.summary(),
+            "head": result.head,
+            "notes": result.notes,
+            **recall(result, truth),
+        }
         print(json.dumps({k: v for k, v in results["planted"].items() if not isinstance(v, (list, dict))}, indent=1))
         out.write_text(json.dumps(results, indent=1, default=str))
     if not args.skip_scale:
@@ -397,10 +471,12 @@ def main() -> None:
         # (the ratio), and the large size runs with the backend "auto" picks there (usearch).
         small, large = 20_000, (20_000 if args.quick else 100_000)
         results["scale"] = scale = results.get("scale", {})
-        runs = [("planted_1030_sklearn", work / "planted.h5", "sklearn", True),
-                (f"synthetic_{small}_sklearn", synthetic_cache(work / f"synthetic_{small}.h5", small), "sklearn", False),
-                (f"synthetic_{small}_usearch", work / f"synthetic_{small}.h5", "usearch", False),
-                (f"synthetic_{large}_usearch", synthetic_cache(work / f"synthetic_{large}.h5", large), "usearch", False)]
+        runs = [
+            ("planted_1030_sklearn", work / "planted.h5", "sklearn", True),
+            (f"synthetic_{small}_sklearn", synthetic_cache(work / f"synthetic_{small}.h5", small), "sklearn", False),
+            (f"synthetic_{small}_usearch", work / f"synthetic_{small}.h5", "usearch", False),
+            (f"synthetic_{large}_usearch", synthetic_cache(work / f"synthetic_{large}.h5", large), "usearch", False),
+        ]
         for name, cache, backend, sheets in runs:
             if name in scale:
                 continue
@@ -408,7 +484,9 @@ def main() -> None:
             print(name, json.dumps(scale[name]))
             out.write_text(json.dumps(results, indent=1, default=str))
         exact, approx = scale[f"synthetic_{small}_sklearn"], scale[f"synthetic_{small}_usearch"]
-        scale["neighbours_sklearn_over_usearch_at_small"] = exact["timings"]["neighbours_s"] / approx["timings"]["neighbours_s"]
+        scale["neighbours_sklearn_over_usearch_at_small"] = (
+            exact["timings"]["neighbours_s"] / approx["timings"]["neighbours_s"]
+        )
     results["load_average_at_end"] = os.getloadavg()
     out.write_text(json.dumps(results, indent=1, default=str))
     print(f"wrote {out}")

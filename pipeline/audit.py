@@ -46,6 +46,7 @@ head's input projected blockwise on :data:`HEAD_PCA` principal components (N·25
 times that while a fold is fitted), and O(N·k) neighbour lists: linear in N, with no N x N matrix anywhere.
 At 1 M x 1280: about 5.1 + 2.6 (usearch) + 3 GB.
 """
+
 from __future__ import annotations
 
 import csv
@@ -110,7 +111,7 @@ def normalise_rows(X: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
         ``X`` itself.
     """
     for start in range(0, len(X), block_rows):
-        block = X[start:start + block_rows]
+        block = X[start : start + block_rows]
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         block /= np.where(norms > 0, norms, 1)
     return X
@@ -137,8 +138,9 @@ def choose_backend(rows: int, backend: str = "auto") -> str:
     return backend
 
 
-def nearest_neighbours(X: np.ndarray, k: int = NEIGHBOURS, *, backend: str = "auto", block_rows: int = BLOCK_ROWS,
-                       threads: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+def nearest_neighbours(
+    X: np.ndarray, k: int = NEIGHBOURS, *, backend: str = "auto", block_rows: int = BLOCK_ROWS, threads: int = 0
+) -> tuple[np.ndarray, np.ndarray, str]:
     """The ``k`` nearest other rows of every row by cosine similarity.
 
     Parameters
@@ -230,7 +232,9 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def find_exact_copies(sources: list[str], sha256: np.ndarray, paths: np.ndarray) -> tuple[dict[int, list[Copy]], list[str]]:
+def find_exact_copies(
+    sources: list[str], sha256: np.ndarray, paths: np.ndarray
+) -> tuple[dict[int, list[Copy]], list[str]]:
     """Files in ``sources`` with the same bytes as a cached row, other than the row's own path.
 
     Parameters
@@ -288,7 +292,9 @@ def find_exact_copies(sources: list[str], sha256: np.ndarray, paths: np.ndarray)
         others = [files[i] for i in members]
         # the cached row is one of these files: the first with the row's path (same source order as extract)
         mine = next((j for j, (_, r, _) in enumerate(others) if r.relpath == own), None)
-        copies[row] = [Copy(r.relpath, r.label, r.split, source) for j, (_, r, source) in enumerate(others) if j != mine]
+        copies[row] = [
+            Copy(r.relpath, r.label, r.split, source) for j, (_, r, source) in enumerate(others) if j != mine
+        ]
     return copies, notes
 
 
@@ -386,18 +392,23 @@ class AuditResult:
 
     def summary(self) -> dict:
         return {
-            "rows": self.rows, "excluded": self.excluded, "clusters": len(self.clusters),
+            "rows": self.rows,
+            "excluded": self.excluded,
+            "clusters": len(self.clusters),
             "exact_clusters": sum("exact" in c.kind for c in self.clusters),
             "near_clusters": sum("near" in c.kind for c in self.clusters),
-            "split_leaks": len(self.leaks), "label_conflicts": len(self.conflicts),
+            "split_leaks": len(self.leaks),
+            "label_conflicts": len(self.conflicts),
             "label_issues_flagged": sum(i.flagged for i in self.label_issues),
-            "outliers_flagged": sum(o.flagged for o in self.outliers), "flagged_rows": len(self.flagged),
+            "outliers_flagged": sum(o.flagged for o in self.outliers),
+            "flagged_rows": len(self.flagged),
         }
 
 
 # -- the audit -----------------------------------------------------------------------------------------
-def _clusters(fs: FeatureSet, indices: np.ndarray, cosines: np.ndarray, threshold: float,
-              copies: dict[int, list[Copy]]) -> list[Cluster]:
+def _clusters(
+    fs: FeatureSet, indices: np.ndarray, cosines: np.ndarray, threshold: float, copies: dict[int, list[Copy]]
+) -> list[Cluster]:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -421,16 +432,26 @@ def _clusters(fs: FeatureSet, indices: np.ndarray, cosines: np.ndarray, threshol
         members = []
         for r in members_rows:
             members.append(Member(r, str(fs.paths[r]), str(fs.sha256[r]), label(int(fs.y[r])), str(fs.split[r])))
-            members += [Member(r, cp.path, str(fs.sha256[r]), cp.label, cp.split or "", exact_copy=True)
-                        for cp in copies.get(r, [])]
+            members += [
+                Member(r, cp.path, str(fs.sha256[r]), cp.label, cp.split or "", exact_copy=True)
+                for cp in copies.get(r, [])
+            ]
         near = len(members_rows) > 1
         exact = any(m.exact_copy for m in members)
         splits = sorted({m.split for m in members})
         labels = sorted({m.label for m in members if m.label is not None})
-        clusters.append(Cluster(
-            id=0, kind="exact+near" if exact and near else "exact" if exact else "near",
-            leak="train" in splits and any(s in splits for s in _EVALUATION_SPLITS), conflict=len(labels) > 1,
-            labels=labels, splits=splits, min_cosine=float(weakest.get(c, 1.0)), members=members))
+        clusters.append(
+            Cluster(
+                id=0,
+                kind="exact+near" if exact and near else "exact" if exact else "near",
+                leak="train" in splits and any(s in splits for s in _EVALUATION_SPLITS),
+                conflict=len(labels) > 1,
+                labels=labels,
+                splits=splits,
+                min_cosine=float(weakest.get(c, 1.0)),
+                members=members,
+            )
+        )
     clusters.sort(key=lambda c: (not c.leak, not c.conflict, c.min_cosine * -1, c.members[0].path))
     for i, cluster in enumerate(clusters):
         cluster.id = i + 1
@@ -449,7 +470,7 @@ def _reduce(X: np.ndarray, seed: int, block_rows: int = BLOCK_ROWS) -> tuple[np.
     pca = PCA(HEAD_PCA, svd_solver="covariance_eigh", random_state=seed).fit(X[np.sort(sample)])
     Z = np.empty((len(X), HEAD_PCA), dtype=np.float32)
     for start in range(0, len(X), block_rows):
-        Z[start:start + block_rows] = pca.transform(X[start:start + block_rows])
+        Z[start : start + block_rows] = pca.transform(X[start : start + block_rows])
     return Z, HEAD_PCA
 
 
@@ -463,18 +484,28 @@ def _out_of_fold(X: np.ndarray, y: np.ndarray, cv: int, seed: int, n_jobs: int |
     folds = StratifiedKFold(cv, shuffle=True, random_state=seed)
     proba = cross_val_predict(make_head("logreg", seed=seed), Z, y, cv=folds, method="predict_proba", n_jobs=n_jobs)
     accuracy = float(np.mean(proba.argmax(axis=1) == y))
-    return proba, {"head": "logreg", "folds": cv, "pca": pca, "seed": seed, "rows": int(len(y)),
-                   "out_of_fold_accuracy": accuracy}
+    return proba, {
+        "head": "logreg",
+        "folds": cv,
+        "pca": pca,
+        "seed": seed,
+        "rows": int(len(y)),
+        "out_of_fold_accuracy": accuracy,
+    }
 
 
-def _label_issues(fs: FeatureSet, cv: int, seed: int, n_jobs: int | None, notes: list[str]) -> tuple[list[LabelIssue], dict]:
+def _label_issues(
+    fs: FeatureSet, cv: int, seed: int, n_jobs: int | None, notes: list[str]
+) -> tuple[list[LabelIssue], dict]:
     cleanlab = _need_cleanlab()
     labelled = np.flatnonzero(fs.y >= 0)
     classes, counts = np.unique(fs.y[labelled], return_counts=True)
     small = classes[counts < cv]
     if len(small):
-        notes.append(f"label errors: classes with fewer than {cv} rows cannot be cross-validated and are left out: "
-                     + ", ".join(f"{fs.class_names[c]} ({n})" for c, n in zip(classes, counts) if c in small))
+        notes.append(
+            f"label errors: classes with fewer than {cv} rows cannot be cross-validated and are left out: "
+            + ", ".join(f"{fs.class_names[c]} ({n})" for c, n in zip(classes, counts) if c in small)
+        )
     rows = labelled[~np.isin(fs.y[labelled], small)]
     kept = np.setdiff1d(classes, small)
     if len(kept) < 2:
@@ -487,11 +518,21 @@ def _label_issues(fs: FeatureSet, cv: int, seed: int, n_jobs: int | None, notes:
     flagged[cleanlab.filter.find_label_issues(y, proba, n_jobs=1)] = True
     order = np.lexsort((np.arange(len(rows)), quality))
     suggested = proba.argmax(axis=1)
-    issues = [LabelIssue(rank=rank + 1, row=int(rows[i]), path=str(fs.paths[rows[i]]), sha256=str(fs.sha256[rows[i]]),
-                         split=str(fs.split[rows[i]]), given=fs.class_names[kept[y[i]]],
-                         suggested=fs.class_names[kept[suggested[i]]], quality=float(quality[i]),
-                         p_suggested=float(proba[i, suggested[i]]), flagged=bool(flagged[i]))
-              for rank, i in enumerate(order)]
+    issues = [
+        LabelIssue(
+            rank=rank + 1,
+            row=int(rows[i]),
+            path=str(fs.paths[rows[i]]),
+            sha256=str(fs.sha256[rows[i]]),
+            split=str(fs.split[rows[i]]),
+            given=fs.class_names[kept[y[i]]],
+            suggested=fs.class_names[kept[suggested[i]]],
+            quality=float(quality[i]),
+            p_suggested=float(proba[i, suggested[i]]),
+            flagged=bool(flagged[i]),
+        )
+        for rank, i in enumerate(order)
+    ]
     return issues, head
 
 
@@ -505,10 +546,20 @@ def _outliers(fs: FeatureSet, indices: np.ndarray, cosines: np.ndarray) -> list[
     cut = median + OUTLIER_MADS * mad if mad > 0 else np.inf
     order = np.lexsort((np.arange(len(score)), -score))
     nearest = cosines[:, 0] if cosines.shape[1] else np.full(len(fs), -np.inf)
-    return [Outlier(rank=rank + 1, row=int(i), path=str(fs.paths[i]), sha256=str(fs.sha256[i]),
-                    label=fs.class_names[fs.y[i]] if fs.y[i] >= 0 else None, split=str(fs.split[i]),
-                    score=float(score[i]), nearest_cosine=float(nearest[i]), flagged=bool(score[i] > cut))
-            for rank, i in enumerate(order)]
+    return [
+        Outlier(
+            rank=rank + 1,
+            row=int(i),
+            path=str(fs.paths[i]),
+            sha256=str(fs.sha256[i]),
+            label=fs.class_names[fs.y[i]] if fs.y[i] >= 0 else None,
+            split=str(fs.split[i]),
+            score=float(score[i]),
+            nearest_cosine=float(nearest[i]),
+            flagged=bool(score[i] > cut),
+        )
+        for rank, i in enumerate(order)
+    ]
 
 
 def _flag(result_clusters: list[Cluster], issues: list[LabelIssue], outliers: list[Outlier]) -> dict[str, list[str]]:
@@ -526,12 +577,15 @@ def _flag(result_clusters: list[Cluster], issues: list[LabelIssue], outliers: li
         keep = min(rows.values(), key=lambda m: (priority.get(m.split, 3), m.row))
         for m in rows.values():
             if m.row != keep.row:
-                flagged[m.sha256].append(f"duplicate of {keep.sha256[:12]} ({keep.path}), cluster {c.id}"
-                                         + (", split leak" if c.leak else ""))
+                flagged[m.sha256].append(
+                    f"duplicate of {keep.sha256[:12]} ({keep.path}), cluster {c.id}"
+                    + (", split leak" if c.leak else "")
+                )
     for i in issues:
         if i.flagged:
-            flagged[i.sha256].append(f"likely label error: given {i.given}, suggested {i.suggested} "
-                                     f"(p={i.p_suggested:.2f})")
+            flagged[i.sha256].append(
+                f"likely label error: given {i.given}, suggested {i.suggested} (p={i.p_suggested:.2f})"
+            )
     for o in outliers:
         if o.flagged:
             flagged[o.sha256].append(f"outlier (mean cosine distance {o.score:.3f} to its {NEIGHBOURS} nearest)")
@@ -565,11 +619,22 @@ def _recorded_copies(fs: FeatureSet, conflicts: list[dict], copies: dict[int, li
             known.add((path, source))
 
 
-def audit(cache: str | os.PathLike, features: str | None = None, *, report: str | os.PathLike | None = None,
-          write_exclude: str | os.PathLike | None = None, exclude: str | os.PathLike | None = None,
-          threshold: float = NEAR_DUPLICATE_COSINE, neighbours: int = NEIGHBOURS, backend: str = "auto",
-          cv: int = 5, seed: int = 0, n_jobs: int | None = None, scan_sources: bool = True,
-          sheets: bool = True) -> AuditResult:
+def audit(
+    cache: str | os.PathLike,
+    features: str | None = None,
+    *,
+    report: str | os.PathLike | None = None,
+    write_exclude: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    threshold: float = NEAR_DUPLICATE_COSINE,
+    neighbours: int = NEIGHBOURS,
+    backend: str = "auto",
+    cv: int = 5,
+    seed: int = 0,
+    n_jobs: int | None = None,
+    scan_sources: bool = True,
+    sheets: bool = True,
+) -> AuditResult:
     """Find duplicates, split leaks, label conflicts, likely label errors and outliers in a feature set.
 
     Parameters
@@ -651,12 +716,28 @@ def audit(cache: str | os.PathLike, features: str | None = None, *, report: str 
     if used == "usearch":
         notes.append("nearest neighbours by usearch (approximate HNSW search)")
     result = AuditResult(
-        cache=str(cache), feature_key=fs.key, backbone=dict(fs.metadata), cache_id=fs.cache_id, rows=len(fs),
-        excluded=fs.excluded, class_names=list(fs.class_names), threshold=threshold, neighbours=neighbours,
-        backend=used, clusters=clusters, label_issues=issues, outliers=outliers,
-        flagged=_flag(clusters, issues, outliers), notes=notes, head=head,
-        nearest_cosine=cosines[:, 0] if cosines.shape[1] else np.full(len(fs), -np.inf), sources=sources,
-        seconds=0.0, timings=timings, roots=[_root(s) for s in sources])
+        cache=str(cache),
+        feature_key=fs.key,
+        backbone=dict(fs.metadata),
+        cache_id=fs.cache_id,
+        rows=len(fs),
+        excluded=fs.excluded,
+        class_names=list(fs.class_names),
+        threshold=threshold,
+        neighbours=neighbours,
+        backend=used,
+        clusters=clusters,
+        label_issues=issues,
+        outliers=outliers,
+        flagged=_flag(clusters, issues, outliers),
+        notes=notes,
+        head=head,
+        nearest_cosine=cosines[:, 0] if cosines.shape[1] else np.full(len(fs), -np.inf),
+        sources=sources,
+        seconds=0.0,
+        timings=timings,
+        roots=[_root(s) for s in sources],
+    )
     if report is not None:
         t = perf_counter()
         write_report(result, report, sheets=sheets)
@@ -676,7 +757,8 @@ def write_exclude_file(result: AuditResult, path: str | os.PathLike) -> Path:
     lines = [
         "# tlpipe exclude list: one sha256 per line; '#' starts a comment",
         f"# written by tlpipe audit {datetime.now(timezone.utc).isoformat(timespec='seconds')} from {result.cache}",
-        f"# feature set {result.feature_key}, cache {result.cache_id}: {len(result.flagged)} of {result.rows} rows flagged",
+        f"# feature set {result.feature_key}, cache {result.cache_id}: "
+        f"{len(result.flagged)} of {result.rows} rows flagged",
         "# use: tlpipe compare CACHE --exclude THIS_FILE (also fit-head, evaluate); nothing is deleted",
     ]
     for sha, reasons in result.flagged.items():
@@ -715,12 +797,13 @@ def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[
     return None, reason
 
 
-def _contact_sheet(result: AuditResult, entries: list[tuple[str, str, str]], path: Path, title: str,
-                   columns: int = 6, size: int = 128) -> Path:
+def _contact_sheet(
+    result: AuditResult, entries: list[tuple[str, str, str]], path: Path, title: str, columns: int = 6, size: int = 128
+) -> Path:
     """entries: (relative path, sha256, caption). Unreadable images get a grey tile with the reason."""
-    from matplotlib.figure import Figure
-
     import textwrap
+
+    from matplotlib.figure import Figure
 
     rows = max(1, -(-len(entries) // columns))
     fig = Figure(figsize=(columns * 2.1, rows * 2.5 + 0.5))
@@ -733,8 +816,15 @@ def _contact_sheet(result: AuditResult, entries: list[tuple[str, str, str]], pat
         image, reason = _thumbnail(result, rel, sha, size)
         if image is None:
             ax.imshow(np.full((size, size, 3), 200, dtype=np.uint8))
-            ax.text(size / 2, size / 2, "\n".join(textwrap.wrap(reason, 18)), ha="center", va="center", fontsize=7,
-                    color="darkred")
+            ax.text(
+                size / 2,
+                size / 2,
+                "\n".join(textwrap.wrap(reason, 18)),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="darkred",
+            )
         else:
             ax.imshow(image)
         ax.set_title("\n".join(textwrap.wrap(caption, 26)[:4]), fontsize=7)
@@ -752,8 +842,12 @@ def _similarity_chart(result: AuditResult, path: Path) -> Path:
     values = result.nearest_cosine[np.isfinite(result.nearest_cosine)]
     ax.hist(values, bins=100, color="tab:blue")
     ax.axvline(result.threshold, color="tab:red", label=f"near-duplicate threshold {result.threshold}")
-    ax.set(xlabel="cosine similarity to the most similar other image", ylabel="images", yscale="log",
-           title=f"{result.feature_key}: nearest-neighbour similarity")
+    ax.set(
+        xlabel="cosine similarity to the most similar other image",
+        ylabel="images",
+        yscale="log",
+        title=f"{result.feature_key}: nearest-neighbour similarity",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -768,17 +862,23 @@ def _markdown(result: AuditResult) -> str:
     s = result.summary()
     meta = result.backbone
     lines = [
-        f"# Audit: {result.feature_key}", "",
+        f"# Audit: {result.feature_key}",
+        "",
         f"{result.rows} rows (cache `{result.cache_id}`, backbone {meta.get('backbone', '?')} @ "
-        f"{meta.get('input_size', '?')})" + (f"; {result.excluded} rows excluded by the exclude list" if result.excluded else "")
-        + f". {s['flagged_rows']} rows flagged.", "",
-        "| finding | count |", "|---|---|",
+        f"{meta.get('input_size', '?')})"
+        + (f"; {result.excluded} rows excluded by the exclude list" if result.excluded else "")
+        + f". {s['flagged_rows']} rows flagged.",
+        "",
+        "| finding | count |",
+        "|---|---|",
         f"| duplicate clusters (exact / near) | {s['clusters']} ({s['exact_clusters']} / {s['near_clusters']}) |",
         f"| split leaks (cluster spans train and val/test) | {s['split_leaks']} |",
         f"| label conflicts (cluster with more than one label) | {s['label_conflicts']} |",
         f"| likely label errors (cleanlab) | {s['label_issues_flagged']} |",
-        f"| outliers (score > median + {OUTLIER_MADS:g} MAD) | {s['outliers_flagged']} |", "",
-        "## Method", "",
+        f"| outliers (score > median + {OUTLIER_MADS:g} MAD) | {s['outliers_flagged']} |",
+        "",
+        "## Method",
+        "",
         f"- Near duplicates: cosine similarity ≥ {result.threshold} between L2-normalised embeddings, among each "
         f"row's {result.neighbours} nearest neighbours ({result.backend}); clusters are connected components. "
         "Exact copies: files of the recorded sources with the bytes of a cached row (the cache stores each "
@@ -788,30 +888,60 @@ def _markdown(result: AuditResult) -> str:
         f"{result.head.get('out_of_fold_accuracy', float('nan')):.4f}) ranked by cleanlab's self-confidence; "
         "flagged where cleanlab's find_label_issues says so.",
         f"- Outliers: mean cosine distance to the {result.neighbours} nearest neighbours.",
-        *(f"- Note: {n}" for n in result.notes), "",
-        "## Duplicate clusters (split leaks first, then label conflicts)", "",
-        "![duplicates](duplicates.png)", "",
-        "| cluster | kind | leak | conflict | labels | splits | min cosine | images |", "|---|---|---|---|---|---|---|---|",
+        *(f"- Note: {n}" for n in result.notes),
+        "",
+        "## Duplicate clusters (split leaks first, then label conflicts)",
+        "",
+        "![duplicates](duplicates.png)",
+        "",
+        "| cluster | kind | leak | conflict | labels | splits | min cosine | images |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in result.clusters[:200]:
-        images = "<br>".join(f"{_md_path(m.path)} ({m.label or '-'}, {m.split or '-'}{', exact copy' if m.exact_copy else ''})"
-                             for m in c.members[:8]) + (f"<br>… {len(c.members) - 8} more" if len(c.members) > 8 else "")
-        lines.append(f"| {c.id} | {c.kind} | {'**yes**' if c.leak else ''} | {'**yes**' if c.conflict else ''} | "
-                     f"{', '.join(c.labels)} | {', '.join(s or '-' for s in c.splits)} | {c.min_cosine:.3f} | {images} |")
+        images = "<br>".join(
+            f"{_md_path(m.path)} ({m.label or '-'}, {m.split or '-'}{', exact copy' if m.exact_copy else ''})"
+            for m in c.members[:8]
+        ) + (f"<br>… {len(c.members) - 8} more" if len(c.members) > 8 else "")
+        lines.append(
+            f"| {c.id} | {c.kind} | {'**yes**' if c.leak else ''} | {'**yes**' if c.conflict else ''} | "
+            f"{', '.join(c.labels)} | {', '.join(s or '-' for s in c.splits)} | {c.min_cosine:.3f} | {images} |"
+        )
     if len(result.clusters) > 200:
         lines.append(f"\n… {len(result.clusters) - 200} more clusters in duplicates.csv")
-    lines += ["", "## Likely label errors (worst first)", "", "![label issues](label_issues.png)", "",
-              "| rank | image | split | given | suggested | p(suggested) | quality | flagged |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Likely label errors (worst first)",
+        "",
+        "![label issues](label_issues.png)",
+        "",
+        "| rank | image | split | given | suggested | p(suggested) | quality | flagged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for i in result.label_issues[:50]:
-        lines.append(f"| {i.rank} | {_md_path(i.path)} | {i.split or '-'} | {i.given} | {i.suggested} | {i.p_suggested:.3f} | "
-                     f"{i.quality:.3f} | {'yes' if i.flagged else ''} |")
-    lines += ["", "## Outliers (most isolated first)", "", "![outliers](outliers.png)", "",
-              "| rank | image | label | split | score | nearest cosine | flagged |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {i.rank} | {_md_path(i.path)} | {i.split or '-'} | {i.given} | {i.suggested} | {i.p_suggested:.3f} | "
+            f"{i.quality:.3f} | {'yes' if i.flagged else ''} |"
+        )
+    lines += [
+        "",
+        "## Outliers (most isolated first)",
+        "",
+        "![outliers](outliers.png)",
+        "",
+        "| rank | image | label | split | score | nearest cosine | flagged |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for o in result.outliers[:50]:
-        lines.append(f"| {o.rank} | {_md_path(o.path)} | {o.label or '-'} | {o.split or '-'} | {o.score:.3f} | "
-                     f"{o.nearest_cosine:.3f} | {'yes' if o.flagged else ''} |")
-    lines += ["", "Acting on it: `tlpipe audit CACHE --write-exclude exclude.txt`, then `--exclude exclude.txt` on "
-              "compare, fit-head and evaluate. Nothing is deleted.", ""]
+        lines.append(
+            f"| {o.rank} | {_md_path(o.path)} | {o.label or '-'} | {o.split or '-'} | {o.score:.3f} | "
+            f"{o.nearest_cosine:.3f} | {'yes' if o.flagged else ''} |"
+        )
+    lines += [
+        "",
+        "Acting on it: `tlpipe audit CACHE --write-exclude exclude.txt`, then `--exclude exclude.txt` on "
+        "compare, fit-head and evaluate. Nothing is deleted.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -828,11 +958,38 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
     paths["audit.json"].write_text(json.dumps(result.to_dict(), indent=1, default=str), encoding="utf-8")
     with open(paths["duplicates.csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["cluster", "kind", "leak", "conflict", "min_cosine", "row", "path", "sha256", "label", "split", "exact_copy"])
+        w.writerow(
+            [
+                "cluster",
+                "kind",
+                "leak",
+                "conflict",
+                "min_cosine",
+                "row",
+                "path",
+                "sha256",
+                "label",
+                "split",
+                "exact_copy",
+            ]
+        )
         for c in result.clusters:
             for m in c.members:
-                w.writerow([c.id, c.kind, c.leak, c.conflict, f"{c.min_cosine:.4f}", m.row, m.path, m.sha256,
-                            m.label or "", m.split, m.exact_copy])
+                w.writerow(
+                    [
+                        c.id,
+                        c.kind,
+                        c.leak,
+                        c.conflict,
+                        f"{c.min_cosine:.4f}",
+                        m.row,
+                        m.path,
+                        m.sha256,
+                        m.label or "",
+                        m.split,
+                        m.exact_copy,
+                    ]
+                )
     for name, items in (("label_issues.csv", result.label_issues), ("outliers.csv", result.outliers)):
         with open(paths[name], "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
@@ -846,15 +1003,33 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
         for c in result.clusters:
             if len(dup_entries) >= SHEET_ENTRIES:
                 break
-            tag = " ".join(t for t, on in (("LEAK", c.leak), ("CONFLICT", c.conflict)) if on) + " " * (c.leak or c.conflict)
+            tag = " ".join(t for t, on in (("LEAK", c.leak), ("CONFLICT", c.conflict)) if on) + " " * (
+                c.leak or c.conflict
+            )
             for m in c.members[:6]:
                 dup_entries.append((m.path, m.sha256, f"#{c.id} {tag}{m.label or '-'}/{m.split or '-'} {m.path}"))
-        _contact_sheet(result, dup_entries[:SHEET_ENTRIES], paths["duplicates.png"],
-                       "Duplicate clusters (#cluster, label/split, path)")
-        _contact_sheet(result, [(i.path, i.sha256, f"{i.rank}. given {i.given} -> {i.suggested} ({i.p_suggested:.2f}) {i.path}")
-                                for i in result.label_issues[:SHEET_ENTRIES]], paths["label_issues.png"],
-                       "Likely label errors (given -> suggested, p)")
-        _contact_sheet(result, [(o.path, o.sha256, f"{o.rank}. {o.label or '-'} score {o.score:.3f} {o.path}")
-                                for o in result.outliers[:SHEET_ENTRIES]], paths["outliers.png"],
-                       "Outliers (mean cosine distance to nearest neighbours)")
+        _contact_sheet(
+            result,
+            dup_entries[:SHEET_ENTRIES],
+            paths["duplicates.png"],
+            "Duplicate clusters (#cluster, label/split, path)",
+        )
+        _contact_sheet(
+            result,
+            [
+                (i.path, i.sha256, f"{i.rank}. given {i.given} -> {i.suggested} ({i.p_suggested:.2f}) {i.path}")
+                for i in result.label_issues[:SHEET_ENTRIES]
+            ],
+            paths["label_issues.png"],
+            "Likely label errors (given -> suggested, p)",
+        )
+        _contact_sheet(
+            result,
+            [
+                (o.path, o.sha256, f"{o.rank}. {o.label or '-'} score {o.score:.3f} {o.path}")
+                for o in result.outliers[:SHEET_ENTRIES]
+            ],
+            paths["outliers.png"],
+            "Outliers (mean cosine distance to nearest neighbours)",
+        )
     return paths

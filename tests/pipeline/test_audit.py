@@ -1,6 +1,7 @@
 """`tlpipe audit` on real HDF5 caches whose rows point at real image files: planted duplicates, leaks,
 conflicts, flipped labels and an outlier must be found; the exclude list must round-trip through
 compare / fit-head / evaluate; TensorFlow and ONNX Runtime must never be imported."""
+
 from __future__ import annotations
 
 import hashlib
@@ -94,7 +95,9 @@ def test_audit_finds_planted_problems(tmp_path):
     assert conflict.conflict and not conflict.leak
     exact = by_rows[frozenset({rows[12].path, planted["exact"]})]
     assert exact.kind == "exact" and exact.conflict and exact.leak
-    assert result.clusters[0].leak and [c.leak for c in result.clusters] == sorted((c.leak for c in result.clusters), reverse=True)
+    assert result.clusters[0].leak and [c.leak for c in result.clusters] == sorted(
+        (c.leak for c in result.clusters), reverse=True
+    )
     assert len(result.clusters) == 3  # nothing else is that similar
     # flipped labels are the top suspects, with the other label suggested
     top = {i.row: i for i in result.label_issues[:4]}
@@ -170,8 +173,13 @@ def test_exclude_lists_are_checked_and_used_by_the_cli(tmp_path):
     assert read_exclude_list(good) == {rows[0].sha256, rows[1].sha256}
 
     def tlpipe(*args):
-        return subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], capture_output=True,
-                              text=True, env={**os.environ, "COLUMNS": "200"}, cwd=tmp_path)
+        return subprocess.run(
+            [sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "200"},
+            cwd=tmp_path,
+        )
 
     from tlpipe.pipeline.compare import compare_heads
 
@@ -193,8 +201,15 @@ def test_audit_runs_without_tensorflow_or_onnxruntime_and_names_the_missing_extr
     for module in ("tensorflow", "onnxruntime"):
         (blocked / module).mkdir(parents=True)
         (blocked / module / "__init__.py").write_text(
-            f"import os\nopen(os.environ['BLOCK_LOG'], 'a').write('{module}\\n')\nraise ImportError('blocked for test')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)]), "BLOCK_LOG": str(log), "COLUMNS": "200"}
+            f"import os\nopen(os.environ['BLOCK_LOG'], 'a').write('{module}\\n')\n"
+            "raise ImportError('blocked for test')\n"
+        )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)]),
+        "BLOCK_LOG": str(log),
+        "COLUMNS": "200",
+    }
     script = textwrap.dedent("""
         import sys
         import tlpipe
@@ -202,16 +217,28 @@ def test_audit_runs_without_tensorflow_or_onnxruntime_and_names_the_missing_extr
         print(result.summary())
         assert "tensorflow" not in sys.modules and "onnxruntime" not in sys.modules, "imported"
     """)
-    done = subprocess.run([sys.executable, "-c", script, str(cache), str(tmp_path / "r")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(cache), str(tmp_path / "r")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "'split_leaks': 2" in done.stdout and not log.exists()
     assert (tmp_path / "r" / "duplicates.png").exists()
     # without cleanlab: one line naming the extra, exit 2
     (blocked / "cleanlab").mkdir()
     (blocked / "cleanlab" / "__init__.py").write_text("raise ImportError('blocked for test')\n")
-    done = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", "audit", str(cache), "--report", str(tmp_path / "r2")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tlpipe.pipeline.cli", "audit", str(cache), "--report", str(tmp_path / "r2")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "error: cleanlab is not installed: pip install 'tlpipe[audit]'"
 
@@ -223,7 +250,9 @@ def test_label_conflicts_recorded_by_the_cache_are_listed_without_scanning(tmp_p
     row = planted["rows"][20]
     other = "class_1" if row.label == "class_0" else "class_0"
     with CacheWriter(cache) as writer:
-        _, conflicts = writer.reconcile(0, {row.sha256: [(row.path, row.label, row.split), ("elsewhere/same.png", other, "test")]})
+        _, conflicts = writer.reconcile(
+            0, {row.sha256: [(row.path, row.label, row.split), ("elsewhere/same.png", other, "test")]}
+        )
     assert len(conflicts) == 1
     assert read_feature_set(cache).excluded_conflicts == 1  # training leaves it out; the audit lists it
     result = audit(cache, scan_sources=False, cv=4)
