@@ -254,6 +254,7 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
 FeaturesOpt = typer.Option(None, "--features", help="Feature set key (or unique prefix) when the cache holds several.")
 ClassWeightOpt = typer.Option(None, "--class-weight", help="'balanced' to weight classes by inverse frequency.")
+ExcludeOpt = typer.Option(None, "--exclude", help="Leave out the rows of this exclude list (sha256 per line, e.g. from `tlpipe audit --write-exclude`).")
 
 
 def _print_balance(balance: dict) -> None:
@@ -271,7 +272,7 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
              seed: int = typer.Option(0, "--seed"), class_weight: Optional[str] = ClassWeightOpt,
              pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
-             engine: str = EngineOpt, address: Optional[str] = AddressOpt):
+             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
     from tlpipe.pipeline.engine import parallel_backend
     from tlpipe.pipeline.train import train_head
@@ -279,7 +280,7 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     pca_arg = int(pca) if pca is not None and pca >= 1 else pca
     with console.status(f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
-                            class_weight=class_weight, pca=pca_arg)
+                            class_weight=class_weight, pca=pca_arg, exclude=exclude)
     out.print(f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}")
     out.print(f"  {result.setup}")
     _print_balance(result.balance)
@@ -301,14 +302,14 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
             n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs \\[default: all cores]."),
-            engine: str = EngineOpt, address: Optional[str] = AddressOpt):
+            engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
     """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.compare import compare_heads, format_table, write_report
     from tlpipe.pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    fs = read_feature_set(cache, features)
+    fs = read_feature_set(cache, features, exclude=exclude)
     with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
                                holdout=not all_rows, n_jobs=n_jobs)
@@ -325,7 +326,8 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
              split: str = typer.Option("test", "--split", help="train | val | test | all."),
              features: Optional[str] = FeaturesOpt,
              report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
-             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code).")):
+             trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
+             exclude: Optional[Path] = ExcludeOpt):
     """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.artifacts import load_head
@@ -333,10 +335,11 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
 
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
-    result = evaluate_head(estimator, metadata, read_feature_set(cache, key), split=split)
+    fs = read_feature_set(cache, key, exclude=exclude)
+    result = evaluate_head(estimator, metadata, fs, split=split)
     loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
     out.print(f"[bold]{head}[/] on split {split} ({result.n} images): accuracy {result.accuracy:.4f}, "
-              f"macro-F1 {result.macro_f1:.4f}{loss}")
+              f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {fs.excluded} rows excluded by {exclude}" if exclude else ""))
     from rich.table import Table
 
     table = Table("class", "precision", "recall", "f1", "support")
@@ -346,7 +349,7 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
     out.print(table)
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
-        (report / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (report / "evaluation.json").write_text(json.dumps(result.to_dict() | {"excluded": fs.excluded}, indent=2))
         save_confusion_matrix(result.confusion, result.labels, report / "confusion_matrix.png", title=f"{head.name} on {split}")
         out.print(f"  wrote {report / 'evaluation.json'} and {report / 'confusion_matrix.png'}")
 
@@ -492,6 +495,41 @@ def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder
     from tlpipe.pipeline.demo import run_demo
 
     run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
+
+
+@app.command()
+def audit(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`."),
+          report: Path = typer.Option(..., "--report", help="Write the report folder here (Markdown, CSV, JSON, contact sheets)."),
+          features: Optional[str] = FeaturesOpt,
+          write_exclude: Optional[Path] = typer.Option(None, "--write-exclude", help="Write the flagged rows' sha256 here, for --exclude on compare / fit-head / evaluate."),
+          exclude: Optional[Path] = ExcludeOpt,
+          threshold: Optional[float] = typer.Option(None, "--threshold", help="Near-duplicate cosine similarity \\[default: 0.88, measured for MobileNetV2 on photos, see README]."),
+          neighbours: Optional[int] = typer.Option(None, "--neighbours", min=1, help="k of the nearest-neighbour graph \\[default: 20]."),
+          backend: str = typer.Option("auto", "--backend", help="auto | sklearn (exact) | usearch (approximate, large sets; tlpipe\\[audit])."),
+          cv: int = typer.Option(5, "--cv", min=2, help="Folds of the label-error head's out-of-fold predictions."),
+          seed: int = typer.Option(0, "--seed"),
+          scan_sources: bool = typer.Option(True, "--scan-sources/--no-scan-sources", help="Hash the cache's recorded sources for exact copies (stored once in the cache)."),
+          n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel folds \\[default: one].")):
+    """Find duplicates, split leaks, label conflicts, likely label errors and outliers on cached embeddings (CPU only)."""
+    from tlpipe.pipeline.audit import AuditError, audit as run
+
+    tuned = {k: v for k, v in (("threshold", threshold), ("neighbours", neighbours)) if v is not None}
+    try:
+        with console.status("auditing (neighbours, out-of-fold head, cleanlab, contact sheets)…"):
+            result = run(cache, features, report=report, write_exclude=write_exclude, exclude=exclude, backend=backend, cv=cv, seed=seed, n_jobs=n_jobs, scan_sources=scan_sources, **tuned)
+    except AuditError as exc:
+        raise ValueError(str(exc)) from None
+    s = result.summary()
+    out.print(f"[bold]{escape(str(cache))}[/] · feature set {result.feature_key} · {result.rows} rows"
+              + (f" ({result.excluded} excluded)" if result.excluded else "") + f" · {result.seconds:.1f} s")
+    out.print(f"  duplicate clusters: {s['clusters']} ({s['exact_clusters']} exact, {s['near_clusters']} near; cosine >= "
+              f"{result.threshold}); split leaks: {s['split_leaks']}; label conflicts: {s['label_conflicts']}")
+    out.print(f"  likely label errors: {s['label_issues_flagged']}; outliers: {s['outliers_flagged']}; flagged rows: {s['flagged_rows']}")
+    for note in result.notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
+    out.print(f"  report: {report / 'report.md'}")
+    if write_exclude is not None:
+        out.print(f"  exclude list: {write_exclude} (use --exclude {write_exclude} on compare, fit-head, evaluate)")
 
 
 from tlpipe.pipeline.new_layers import NEW_LAYERS_HELP  # noqa: E402 (no TensorFlow: the option's help)
