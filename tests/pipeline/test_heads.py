@@ -32,7 +32,7 @@ def test_head_is_a_real_estimator(name, separable):
     assert head_name(head) == name
     twin = clone(head)
     assert twin.get_params(deep=False).keys() == head.get_params(deep=False).keys()
-    key = {"logreg": "logreg__C", "svm": "svm__estimator__C", "rbf-svm": "rbf-svm__estimator__C",
+    key = {"logreg": "logreg__C", "svm": "svm__estimator__C", "rbf-svm": "rbf_svm__estimator__C",
            "mlp": "mlp__alpha"}[name]
     twin.set_params(**{key: 0.5})
     assert twin.get_params()[key] == 0.5 and head.get_params()[key] != 0.5
@@ -78,7 +78,7 @@ def test_search_picks_the_best_grid_point(separable, monkeypatch):
     monkeypatch.setattr(heads, "search_space", lambda name: {"C": [10.0], "gamma": [1000.0, "scale"]})
     estimator, info = fit_head(X, y, "rbf-svm", search=True, cv=3, n_jobs=1)
     assert info["params"] == {"C": 10.0, "gamma": "scale"}
-    assert estimator.get_params()["rbf-svm__estimator__gamma"] == "scale"
+    assert estimator.get_params()["rbf_svm__estimator__gamma"] == "scale"
     results = info["cv_results"]
     assert len(results) == 2 and results[0]["params"]["gamma"] == "scale"
     assert info["cv_accuracy"] == max(r["accuracy"] for r in results) >= 0.9
