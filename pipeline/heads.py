@@ -68,10 +68,10 @@ class MLPHead(MLPClassifier):
         early = self.early_stopping
         if early:
             _, counts = np.unique(np.asarray(y), return_counts=True)
-            held = int(np.floor(len(y) * self.validation_fraction))
-            if held < len(counts) or counts.min() < 2:
+            held = int(np.floor(counts.sum() * self.validation_fraction))
+            if len(counts) > 1 and (held < len(counts) or counts.min() < 2):
                 warnings.warn(f"mlp: early stopping off for this fit: a {self.validation_fraction:g} validation share "
-                              f"of {len(y)} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
+                              f"of {counts.sum()} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
                               f"one row)", UserWarning, stacklevel=2)
                 self.early_stopping = False
         try:
