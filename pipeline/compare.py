@@ -217,7 +217,7 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
     summary = summarize(scores)
     labels = np.unique(y)
     present = [fs.class_names[i] for i in labels]
-    heads, oof = [], {}
+    heads, oof, reliability = [], {}, {}
     for name in models:
         grid = [r for r in summary if r["head"] == name]
         best = grid[0]
@@ -229,14 +229,13 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
         oof[name] = (pred, proba, scored)
         report = classification_report(y[scored], pred[scored], labels=labels, target_names=present,
                                        output_dict=True, zero_division=0)
-        calibration = reliability_bins(y[scored], proba[scored], labels)
+        calibration = reliability[name] = reliability_bins(y[scored], proba[scored], labels)
         heads.append(HeadResult(name=name, params=best["params"], folds=best["folds"],
                                 pca=resolve_pca(name, pca, X.shape), grid=grid if search else [],
                                 per_class={c: report[c] for c in present}, ece=calibration["ece"],
                                 **{k: best[k] for k in best if k.startswith(_METRICS)}))
     winner, choice = choose_best(heads)
     y_pred, proba, scored = oof[winner.name]
-    reliability = {name: reliability_bins(y[sc], pr[sc], labels) for name, (_, pr, sc) in oof.items()}
     result = CompareResult(
         feature_key=fs.key, backbone=dict(fs.metadata), cache_id=fs.cache_id, rows=len(rows), setup=setup,
         class_names=present, balance=class_balance(y, fs.class_names), cv=cv, seed=seed, search=search,

@@ -189,3 +189,16 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     assert evaluate_head(loaded, meta, fs, split=None).accuracy == result.holdout["accuracy"]
     with pytest.raises(ValueError, match="no held-out rows"):
         save_best(compare_heads(fs, ("logreg",), cv=3, n_jobs=1, holdout=False), fs, tmp_path / "x.joblib")
+
+
+def test_umap_map_when_umap_learn_is_installed(synthetic):
+    pytest.importorskip("umap", reason="umap-learn is the optional extra tlpipe[umap]")
+    from tlpipe.pipeline.compare import _embedding_map
+
+    X, y = synthetic((40, 40, 40), dim=16, seed=1, spread=6.0)
+    maps = _embedding_map(X, seed=0)
+    assert set(maps) == {"pca", "umap"} and maps["umap"].shape == (120, 2)
+    # UMAP keeps well separated classes apart: each point's nearest neighbour in the map is of its class
+    d = ((maps["umap"][:, None] - maps["umap"][None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert np.mean(y[d.argmin(axis=1)] == y) > 0.9
