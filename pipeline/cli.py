@@ -281,7 +281,7 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
     with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca))
+                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None)
     out.print(format_table(result))
     out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s\n  why: {result.choice}")
     if result.holdout:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from time import perf_counter
 
@@ -83,7 +83,7 @@ class CompareResult:
 
     def to_dict(self) -> dict:
         skip = ("y_true", "y_pred", "confusion", "heads", "estimator", "train_rows", "holdout_rows", "embedding_map")
-        data = {k: v for k, v in asdict(self).items() if k not in skip}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}  # no deep copies
         heads = [asdict(h) | {"accuracy_se": h.accuracy_se} for h in self.heads]
         return data | {"heads": heads, "confusion": self.confusion.tolist()}
 

@@ -113,7 +113,7 @@ def _take(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
                                sha256=fs.sha256[rows])
 
 
-def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str | None = "test", *,
+def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str | None = None, *,
                   allow_train_rows: bool = False) -> EvalResult:
     """Accuracy, macro-F1, log-loss, per-class report and confusion matrix of a head on one split.
 
