@@ -77,12 +77,14 @@ class CompareResult:
     estimator: object = None  # the refitted best head (None without held-out rows)
     train_rows: np.ndarray | None = None  # feature-set rows the best head was refitted on
     holdout_rows: np.ndarray | None = None  # feature-set rows it was scored on
+    map_rows: np.ndarray | None = None  # (n, D) embeddings of the embedding map's points
 
     def head(self, name: str) -> HeadResult:
         return next(h for h in self.heads if h.name == name)
 
     def to_dict(self) -> dict:
-        skip = ("y_true", "y_pred", "confusion", "heads", "estimator", "train_rows", "holdout_rows", "embedding_map")
+        skip = ("y_true", "y_pred", "confusion", "heads", "estimator", "train_rows", "holdout_rows", "embedding_map",
+                "map_rows")
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}  # no deep copies
         heads = [asdict(h) | {"accuracy_se": h.accuracy_se} for h in self.heads]
         return data | {"heads": heads, "confusion": self.confusion.tolist()}
@@ -166,19 +168,23 @@ def _subsample(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _embedding_map(X: np.ndarray, seed: int) -> dict:
-    """2-D coordinates of ``X``: PCA always (after standardising), UMAP too when umap-learn is installed."""
+def _embedding_map(X: np.ndarray, seed: int, methods: tuple[str, ...] = ("pca", "umap")) -> dict:
+    """2-D coordinates of ``X`` (after standardising): PCA, and UMAP when umap-learn (the optional extra
+    ``tlpipe[umap]``) is installed (McInnes et al. 2018; numba compiles it on first use, seconds)."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
     Z = StandardScaler().fit_transform(X)
-    maps = {"pca": PCA(2, svd_solver="covariance_eigh" if Z.shape[0] > Z.shape[1] else "auto",
-                       random_state=seed).fit_transform(Z)}
-    try:
-        import umap  # optional extra tlpipe[umap]
-    except ImportError:
-        return maps
-    maps["umap"] = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(Z)
+    maps = {}
+    if "pca" in methods:
+        maps["pca"] = PCA(2, svd_solver="covariance_eigh" if Z.shape[0] > Z.shape[1] else "auto",
+                          random_state=seed).fit_transform(Z)
+    if "umap" in methods:
+        try:
+            import umap
+        except ImportError:
+            return maps
+        maps["umap"] = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(Z)
     return maps
 
 
@@ -283,7 +289,8 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
          "predicted": fs.class_names[w_pred[i]], "probability": float(confidence[i]),
          "probability_true": float(w_proba[i, np.searchsorted(labels, w_true[i])])
          if w_true[i] in labels else 0.0} for i in order]
-    maps = _embedding_map(fs.X[where], seed)
+    maps = _embedding_map(fs.X[where], seed, ("pca",))  # UMAP, slower, only when a report is written
+    result.map_rows = fs.X[where]
     mistaken = np.zeros(len(where), dtype=bool)
     mistaken[wrong] = True
     result.embedding_map = {"points": {k: v.tolist() for k, v in maps.items()},
@@ -517,6 +524,9 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *,
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    points = result.embedding_map.get("points", {})
+    if "umap" not in points and result.map_rows is not None:
+        points |= {k: v.tolist() for k, v in _embedding_map(result.map_rows, result.seed, ("umap",)).items()}
     names = ["report.md", "results.csv", "results.json", "per_class.csv", "misclassified.csv", "comparison.png",
              "confusion_matrix.png", "reliability.png", "misclassified.png",
              *(f"embedding_map_{k}.png" for k in result.embedding_map.get("points", {}))]
