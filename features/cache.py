@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
@@ -140,7 +140,7 @@ class _StagedFile(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         start, n = self.pos, len(view)
         got = os.preadv(self.fd, [view[: max(0, min(n, self.on_disk - start))]], start) if start < self.on_disk else 0
@@ -152,7 +152,7 @@ class _StagedFile(io.RawIOBase):
         self.pos += n
         return n
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
         data = bytes(data)
         start, end = self.pos, self.pos + len(data)
         self.pending = [(o, d) for o, d in self.pending if not (start <= o and o + len(d) <= end)]
@@ -620,3 +620,100 @@ def _describe(f: h5py.File, path) -> dict:
                                                               _text(_committed(failures["reason"], nf, path)))],
         "sources": json.loads(f.attrs.get("sources", "[]")),
     }
+
+
+class FeatureSetReader:
+    """One feature set of a cache, read in pieces: lookup by sha256 and batch iteration.
+
+    Only the sha256 -> position index is held in memory; embeddings are read per call, each read opening
+    the cache afresh through :func:`read_retrying` (committed rows only), so a reader may run while an
+    extract appends. Scoring reads caches only through this class.
+
+    Parameters
+    ----------
+    path : path
+        The cache.
+    key : str
+        The feature set (exact key).
+    model_sha256 : str, optional
+        The backbone model the caller's embeddings came from; a feature set recorded as made by another
+        model is refused.
+
+    Raises
+    ------
+    CacheError
+        No such feature set, made by another model, or a damaged file.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str | None, model_sha256: str | None = None):
+        self.path, self.key = Path(path), key
+
+        def read(f: h5py.File) -> tuple[np.ndarray, list[str]]:
+            features = f["features"]
+            if key not in features:
+                raise CacheError(f"{path} holds no feature set {key}; it holds: {', '.join(features) or 'none'}")
+            group, images = features[key], f["images"]
+            made_by = json.loads(group.attrs.get("metadata", "{}")).get("model_sha256")
+            if model_sha256 and made_by and made_by != model_sha256:
+                raise CacheError(f"{path}: feature set {key} was made by backbone model {made_by[:12]}, the head's "
+                                 f"embeddings by {model_sha256[:12]}")
+            count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
+            rows = _committed(group["image_row"], count, path)
+            if count and rows.max() >= n_images:
+                raise _Torn(f"{path}: feature set {key} points past the image table; the file is damaged")
+            shas = _committed(images["sha256"], n_images, path)
+            return rows, [shas[row].decode() for row in rows.tolist()]
+
+        self.image_rows, shas = read_retrying(path, read)
+        self.index: dict[str, int] = {sha: i for i, sha in enumerate(shas)}
+
+    def __len__(self) -> int:
+        return len(self.image_rows)
+
+    def __contains__(self, sha256: object) -> bool:
+        return sha256 in self.index
+
+    def get(self, sha256s: list[str]) -> np.ndarray:
+        """Embeddings for content hashes the feature set holds.
+
+        Parameters
+        ----------
+        sha256s : list of str
+            Hex digests, each in the feature set (repeats allowed).
+
+        Returns
+        -------
+        numpy.ndarray
+            (len(sha256s), D) float32, in the order asked.
+
+        Raises
+        ------
+        KeyError
+            A digest the feature set does not hold.
+        """
+        if not sha256s:
+            return np.empty((0, 0), np.float32)
+        rows, inverse = np.unique([self.index[s] for s in sha256s], return_inverse=True)
+        embeddings = read_retrying(self.path, lambda f: f["features"][self.key]["embeddings"][rows])
+        return embeddings[inverse].astype(np.float32, copy=False)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+        """The committed rows in cache order, ``batch_size`` at a time (one retried read each).
+
+        Yields
+        ------
+        tuple
+            (paths, sha256s, embeddings (n, D) float32).
+        """
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            rows, inverse = np.unique(self.image_rows[start:stop], return_inverse=True)
+
+            def read(f: h5py.File, rows=rows, inverse=inverse, start=start, stop=stop) -> tuple[list, list, np.ndarray]:
+                images = f["images"]
+                paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
+                shas = [s.decode() for s in images["sha256"][rows][inverse]]
+                X = f["features"][self.key]["embeddings"][start:stop]
+                return paths, shas, X.astype(np.float32, copy=False)
+
+            yield read_retrying(self.path, read)

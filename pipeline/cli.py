@@ -157,10 +157,12 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
     _check_engine(engine)
-    options = dict(backbone=None if model else backbone, weights=weights, size=size, layer=layer, pooling=pooling,
-                   model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
-                   dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root,
-                   precision=precision, recalibrate=recalibrate)
+    from tlpipe.backbones.choice import ModelChoice
+
+    choice = ModelChoice(None if model else backbone, weights, weights_dir, size, layer, pooling, precision, model,
+                         _store(store))
+    options = dict(choice=choice, device=device, batch_size=batch_size, dtype=dtype, resize=resize, threads=threads,
+                   allow_outside_root=allow_outside_root, recalibrate=recalibrate)
     with _progress(quiet, "extract") as progress:
         if engine == "ray":
             from tlpipe.features.ray_engine import extract_ray

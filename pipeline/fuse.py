@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.backbones.atomic import atomic_write
 from tlpipe.backbones.deps import distribution_version, require
+from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.store import ModelStore
 from tlpipe.features.images import load_image
 
-from .artifacts import _atomic_write, load_head
+from .artifacts import load_head
 from .score import PROBABILITIES, head_backbone
 
 FORMAT = 1
@@ -203,7 +205,7 @@ def fuse(backbone, head, n_classes: int):
     if PROBABILITIES not in [o.name for o in head.graph.output]:
         raise FuseError(f"the converted head has no {PROBABILITIES!r} output")
     for model in (backbone, head):
-        del model.metadata_props[:]
+        clear_metadata(model)
     del head.graph.value_info[:]  # skl2onnx's intermediate shape guesses (raw scores are (N, 2) for binary)
     head.ir_version = backbone.ir_version
     head = raise_default_opset(head, next(i.version for i in backbone.opset_import if i.domain in ("", "ai.onnx")))
@@ -307,11 +309,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    flat = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
-            "tlpipe.class_names": json.dumps(labels), "tlpipe.input_size": str(entry.input_size),
-            "tlpipe.key": str(entry.key), "tlpipe.head": head_name}
-    for key, value in flat.items():
-        prop = fused.metadata_props.add()
-        prop.key, prop.value = key, value
-    _atomic_write(out, lambda fh: fh.write(fused.SerializeToString()))
+    write_metadata(fused, record, kind="classifier", class_names=list(labels), input_size=entry.input_size,
+                   key=entry.key, head=head_name)
+    atomic_write(out, fused.SerializeToString())
     return record
