@@ -565,30 +565,14 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None) -> Feature
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
     """Embeddings of feature set ``key`` for the given content hashes that the cache holds.
 
-    Reads the hash column and the feature set's row index, then only the embedding rows asked for
-    (not the whole feature set): cheap for a few images in a large cache. A missing cache or feature
-    set gives ``{}``.
+    Through :class:`FeatureSetReader`: the hash index, then only the embedding rows asked for (not the
+    whole feature set). A missing cache or feature set gives ``{}``.
     """
-    if not Path(path).is_file():
+    if not Path(path).is_file() or key not in list_feature_sets(path):
         return {}
-
-    def read(f: h5py.File) -> dict[str, np.ndarray]:
-        if key not in f["features"]:
-            return {}
-        group, images = f["features"][key], f["images"]
-        count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
-        image_row = _committed(group["image_row"], count, path)
-        hashes = _committed(images["sha256"], n_images, path).astype(str)[image_row]
-        wanted = set(sha256s)
-        found = np.flatnonzero(np.fromiter((h in wanted for h in hashes), bool, len(hashes)))
-        if not len(found):
-            return {}
-        X = group["embeddings"][found]  # h5py reads increasing indices: only these rows
-        if len(X) != len(found):
-            raise _Torn(f"{path}: feature set {key} rows past its committed count")
-        return {hashes[i]: X[j].astype(np.float32, copy=False) for j, i in enumerate(found)}
-
-    return read_retrying(path, read)
+    reader = FeatureSetReader(path, key)
+    present = [s for s in dict.fromkeys(sha256s) if s in reader]
+    return dict(zip(present, reader.get(present))) if present else {}
 
 
 def describe(path: str | os.PathLike) -> dict:
