@@ -12,7 +12,6 @@ need stays in training (every fold's training rows), with a warning that names i
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 from itertools import product
 from time import perf_counter
@@ -265,7 +264,7 @@ def check_rows(y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None
                          + (f" ({_class_name(labels[0], class_names)})" if len(labels) else ""))
     if cv is not None and np.sum(counts >= cv) < 2:
         raise ValueError(f"{cv}-fold cross-validation needs at least two classes with {cv} rows each; rows per class: "
-                         + ", ".join(f"{_class_name(l, class_names)} {c}" for l, c in zip(labels, counts))
+                         + ", ".join(f"{_class_name(lab, class_names)} {c}" for lab, c in zip(labels, counts))
                          + " (lower cv)")
     # A class smaller than the folds is in every CV training fold, so it keeps all of its rows there.
     share = 1.0 if cv is None else (cv - 1) / cv
@@ -292,7 +291,7 @@ def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | Non
     always = np.flatnonzero(in_small)
     if len(small):
         warnings.warn(
-            "class(es) " + ", ".join(f"{_class_name(l, class_names)} ({int(c)} rows)" for l, c in zip(labels, counts)
+            "class(es) " + ", ".join(f"{_class_name(lab, class_names)} ({int(c)} rows)" for lab, c in zip(labels, counts)
                                      if c < cv)
             + f" have fewer rows than the {cv} folds: they stay in every training fold and are not scored",
             UserWarning, stacklevel=3)
