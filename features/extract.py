@@ -9,9 +9,10 @@ flight and a re-run resumes from the committed rows. The local engine is :class:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,16 @@ import numpy as np
 from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
-from .cache import CacheError, CacheWriter, ImageRow
+from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
 from .decoder import Decoded
+from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
 from .stream import LocalEngine, Progress, StageModel, StreamSummary, run_stream
 
-__all__ = ["CacheSink", "ExtractSummary", "extract", "extract_into", "open_source", "run_extraction"]
+__all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source",
+           "run_extraction"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +38,10 @@ class ExtractSummary(StreamSummary):
     """What an extract did (printed by the CLI, returned by :func:`extract`); ``key`` is the feature set."""
 
     key: str = ""
+    resize: str = "squash"
+    relabelled: int = 0  # cached rows whose path, label or split this run's listing changed (no re-embedding)
+    label_conflicts: list[dict] = field(default_factory=list)  # contents that carry two or more labels
+    warnings: list[str] = field(default_factory=list)  # about the source (layout, manifest)
 
     @property
     def embedded(self) -> int:
@@ -50,8 +58,9 @@ class CacheSink:
     """The HDF5 cache as the stage's sink: feature set ``key`` of ``writer``; content already in the
     feature set is known (not decoded); failures go to the cache's failure table."""
 
-    def __init__(self, writer: CacheWriter, key: str):
-        self.writer, self.key = writer, key
+    def __init__(self, writer: CacheWriter, key: str, source: int = -1):
+        self.writer, self.key, self.source = writer, key, source
+        self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def done(self, record: ImageRecord) -> bool:
         """Never by path: the cache is keyed by content."""
@@ -67,9 +76,13 @@ class CacheSink:
         return {sha for sha, row in self.writer.index.items() if row in covered}
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
-        """Commit the embeddings of the decoded ``items`` and the failures among them."""
+        """Commit the embeddings of the decoded ``items`` and the failures among them; note where every readable
+        content was seen (for :meth:`CacheWriter.reconcile`: label conflicts, moved or relabelled files)."""
+        for i in items:
+            if i.error is None and i.sha256:
+                self.seen.setdefault(i.sha256, []).append((i.record.relpath, i.record.label, i.record.split))
         rows = [
-            ImageRow(i.record.relpath, i.sha256, i.record.label, i.record.split, *i.size)
+            ImageRow(i.record.relpath, i.sha256, i.record.label, i.record.split, *i.size, self.source)
             for i in items
             if i.error is None and not i.known
         ]
@@ -77,7 +90,7 @@ class CacheSink:
             self.writer.add(self.key, rows, outputs)
         failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
         if failures:
-            self.writer.add_failures(failures)
+            self.writer.add_failures(failures, source=self.source)
 
     def close(self, finish: bool = True) -> None:
         """Nothing to do: the writer is closed by its owner."""
@@ -157,16 +170,21 @@ def extract_into(
     CacheError
         The cache is locked, damaged, of another version, or its feature set has another dimension / dtype.
     """
-    key = entry.key
+    key = feature_set_key(entry.key, resize)  # every setting that changes an embedding is part of its identity
+    for warning in images.warnings:
+        log.warning("%s", warning)
     with engine, CacheWriter(out) as writer:
-        writer.note_source(str(Path(source).resolve()))
+        source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
-        writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
-        summary = ExtractSummary(out=str(writer.path), key=key, skipped=list(images.skipped))
+        writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {
+            "key": entry.key, "feature_set_key": key, "resize": resize})
+        summary = ExtractSummary(out=str(writer.path), key=key, skipped=list(images.skipped), resize=resize,
+                                 warnings=list(images.warnings))
+        sink = CacheSink(writer, key, source_index)
         run_stream(
             images.records,
             StageModel(entry.model_path, entry.input_size, entry.embedding_dim),
-            CacheSink(writer, key),
+            sink,
             summary,
             engine=engine,
             batch_size=batch_size,
@@ -175,8 +193,39 @@ def extract_into(
             progress=progress,
         )
         if images.skipped:
-            writer.add_failures([(path, "", reason) for path, reason in images.skipped])
+            writer.add_failures([(path, "", reason) for path, reason in images.skipped], stage="listing",
+                                source=source_index)
+        summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, sink.seen)
+    if summary.label_conflicts:
+        log.warning("%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
+                    "the labels and run extract again): %s%s", len(summary.label_conflicts),
+                    "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
+                    " ..." if len(summary.label_conflicts) > 3 else "")
     return summary
+
+
+def _conflict_text(conflict: dict) -> str:
+    return " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])
+
+
+def check_extract_options(*, resize: str = "squash", dtype: str = "float32", device: str = "auto",
+                          precision: str = "fp32", pooling: str = "avg") -> None:
+    """Validate the options of :func:`extract` before anything is read, exported or written.
+
+    Raises
+    ------
+    ValueError
+        An option value that is not one of its choices, naming the choices.
+    """
+    from tlpipe.backbones.registry import POOLINGS
+    from tlpipe.backbones.runtime import DEVICES
+
+    choices = {"resize": (resize, RESIZE_MODES), "dtype": (dtype, ("float32", "float16")),
+               "device": (device, DEVICES), "precision": (precision, ("fp32", "int8", "fp16")),
+               "pooling": (pooling, POOLINGS)}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
 
 
 def run_extraction(
@@ -200,9 +249,10 @@ def run_extraction(
     -------
     ExtractSummary
     """
-    key = entry.key
-    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
-    summary = ExtractSummary(out=str(writer.path), key=key)
+    key = feature_set_key(entry.key, resize)
+    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {
+        "key": entry.key, "feature_set_key": key, "resize": resize})
+    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize)
     stage_progress = (lambda total, done: on_progress) if on_progress else None
     run_stream(
         list(records),
@@ -290,6 +340,7 @@ def extract(
     tlpipe.backbones.store.StoreError, tlpipe.backbones.deps.MissingExtra, ValueError
         The model cannot be had as asked.
     """
+    check_extract_options(resize=resize, dtype=dtype, device=device, precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
     entry = resolve_entry(choice, images.records, resize, recalibrate)

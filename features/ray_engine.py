@@ -37,7 +37,7 @@ from tlpipe.backbones.store import ModelStore
 
 from .calibration import resolve_entry
 from .decoder import Decoded, decode_record
-from .extract import ExtractSummary, extract_into, open_source
+from .extract import ExtractSummary, check_extract_options, extract_into, open_source
 from .sources import ImageRecord
 from .stream import Stage, StageModel
 
@@ -332,6 +332,7 @@ resize, allow_outside_root, precision, recalibrate, progress
     require("ray")  # before exporting a backbone, which can take minutes
     if min(batch_size, commit_rows) < 1:
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
+    check_extract_options(resize=resize, dtype=dtype, device=device, precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
     entry = resolve_entry(choice, images.records, resize, recalibrate)

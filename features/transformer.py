@@ -11,7 +11,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from tlpipe.backbones.export import obtain_backbone
 
-from .cache import CacheWriter, lookup_embeddings
+from .cache import CacheWriter, feature_set_key, lookup_embeddings
 from .sources import ImageRecord
 
 
@@ -42,7 +42,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         """Resolve the backbone (export it into the store if needed). ``X`` (paths) is only counted."""
         self.entry_ = obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling,
                                       store=self.store, model=self.model)
-        self.key_ = self.entry_.key
+        self.key_ = feature_set_key(self.entry_.key, self.resize)  # the resize mode is part of the identity
         self.n_features_out_ = self.entry_.embedding_dim
         self.n_features_in_ = 1  # one input column: the image path
         self._embedder = None  # the ONNX session of this fit, started on the first image not in the cache

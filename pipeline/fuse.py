@@ -275,6 +275,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     head_meta = metadata.get("head", {})
     head_name = head_meta.get("name") or type(estimator).__name__
     entry = head_backbone(metadata, store, str(head_path))
+    resize = metadata.get("feature_set", {}).get("resize") or "squash"  # part of the embeddings' identity
     labels = metadata.get("labels") or []
     n_classes = len(estimator.classes_)
     if len(labels) != n_classes:
@@ -304,12 +305,13 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         "head": {"name": head_name, "params": head_meta.get("params"), "path": str(Path(head_path).resolve()),
                  "joblib_sha256": metadata.get("joblib_sha256"), "metrics": metadata.get("metrics")},
         "backbone": {k: entry.metadata.get(k) for k in ("key", "backbone", "model_sha256", "input_size",
-                                                        "embedding_dim", "preprocessing", "pooling", "layer")},
+                                                        "embedding_dim", "preprocessing", "pooling", "layer")}
+        | {"resize": resize},
         "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import}, "verification": figures,
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_metadata(fused, record, kind="classifier", class_names=list(labels), input_size=entry.input_size,
-                   key=entry.key, head=head_name)
+                   key=entry.key, head=head_name, resize=resize)
     atomic_write(out, fused.SerializeToString())
     return record

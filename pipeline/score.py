@@ -29,6 +29,7 @@ import csv
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -51,6 +52,8 @@ from tlpipe.features.sources import ImageRecord, discover
 from tlpipe.features.stream import LocalEngine, StageModel, StreamSummary, run_stream
 
 from .artifacts import HeadError, load_head
+
+log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".csv", ".jsonl", ".parquet")
 PROBABILITIES = "probabilities"
@@ -107,6 +110,7 @@ class Predictor:
     from_embeddings: Callable[[np.ndarray], np.ndarray] | None = None
     key: str | None = None
     model_sha256: str | None = None
+    resize: str | None = None  # the resize mode its embeddings were made with, as recorded (None: not recorded)
 
     @property
     def input_size(self) -> int:
@@ -124,7 +128,7 @@ def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, 
     tlpipe.backbones.store.StoreError
         The entry is missing or corrupt.
     """
-    key = metadata.get("feature_set", {}).get("key")
+    key = metadata.get("feature_set", {}).get("model_key") or metadata.get("feature_set", {}).get("key")
     if not key:
         raise HeadError(f"{where}: its sidecar names no feature set, so the backbone it needs is unknown")
     store = store if isinstance(store, ModelStore) else ModelStore(store)
@@ -153,7 +157,7 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
     predictor = Predictor(labels, from_embeddings=estimator.predict_proba, key=feature_set.get("key"),
-                          model_sha256=feature_set.get("model_sha256"))
+                          model_sha256=feature_set.get("model_sha256"), resize=feature_set.get("resize"))
     if backbone:
         entry = head_backbone(metadata, store, str(head))
         predictor.model = StageModel(entry.model_path, entry.input_size, width=len(labels),
@@ -181,7 +185,7 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
     labels = json.loads(meta["tlpipe.class_names"])
     return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), width=len(labels),
                                         output=PROBABILITIES),
-                     key=meta.get("tlpipe.key"))
+                     key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"))
 
 
 def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
@@ -199,6 +203,29 @@ def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | Non
         return head_predictor(head, trust=trust, store=store, backbone=images)
     assert model is not None
     return fused_predictor(model)
+
+
+def settle_resize(asked: str | None, recorded: str | None, where: str) -> str:
+    """The resize mode to score with: the one the head's (or fused model's) embeddings were made with.
+
+    Raises
+    ------
+    ScoreError
+        ``asked`` (an explicit ``--resize``) disagrees with the recorded mode.
+    ValueError
+        ``asked`` is not a resize mode.
+
+    A model that records none (made before tlpipe recorded it) uses ``asked``, else squash, and says so.
+    """
+    if asked is not None and asked not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {asked!r}; expected one of {RESIZE_MODES}")
+    if recorded is None:
+        log.warning("%s does not record its resize mode; scoring with %s", where, asked or "squash")
+        return asked or "squash"
+    if asked is not None and asked != recorded:
+        raise ScoreError(f"--resize {asked} disagrees with {where}, whose embeddings were made with --resize "
+                         f"{recorded}; leave --resize out to use {recorded}")
+    return recorded
 
 
 # -- rows --------------------------------------------------------------------------------------------------
@@ -564,7 +591,7 @@ def score(
     batch_size: int = 32,
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
-    resize: str = "squash",
+    resize: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
     streams: int | None = None,
@@ -598,8 +625,9 @@ def score(
         Load a head whose checksum / metadata cannot be verified (runs its code).
     store : ModelStore or path, optional
         The model store.
-    resize : str
-        "squash" | "crop": the mode the head's embeddings were extracted with.
+    resize : str, optional
+        "squash" | "crop"; default the mode recorded with the head's feature set (or in the fused model); an
+        explicit one that disagrees is refused.
     workers, threads, streams
         Decode threads, ONNX Runtime threads per stream and concurrent sessions of the local engine
         (default: one session using all cores).
@@ -634,7 +662,7 @@ def score(
         raise ValueError(f"top_k must be at least 1, not {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if resize not in RESIZE_MODES:
+    if resize is not None and resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
@@ -644,13 +672,14 @@ def score(
         raise ValueError("cache reuse needs the head (model= runs the whole classifier on images)")
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
-    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root)
+    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
     if images is not None and not images.records:
         skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
         raise ScoreError(f"no images found in {source}{skipped}")
     predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache)
     scored_with = head if head is not None else model
     assert scored_with is not None
+    resize = settle_resize(resize, predictor.resize, str(scored_with))
     if images is None:
         sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize)
         summary = ScoreSummary(out=str(out))
@@ -747,7 +776,7 @@ def predict(
     store: ModelStore | str | os.PathLike | None = None,
     device: str = "auto",
     batch_size: int = 32,
-    resize: str = "squash",
+    resize: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
 ) -> Predictions:
@@ -769,8 +798,9 @@ def predict(
         "auto" | "cpu" | "cuda" (strict).
     batch_size : int
         Images per model call.
-    resize : str
-        "squash" | "crop": the mode the head's embeddings were extracted with.
+    resize : str, optional
+        "squash" | "crop"; default the mode recorded with the head's feature set (or in the fused model); an
+        explicit one that disagrees is refused.
     workers, threads
         Decode threads and ONNX Runtime threads (as in :func:`score`).
 
@@ -787,9 +817,8 @@ def predict(
     ScoreError, HeadError, tlpipe.backbones.store.StoreError
         The model cannot be used.
     """
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
     predictor = predictor_for(head, model, trust=trust, store=store)
+    resize = settle_resize(resize, predictor.resize, str(head if head is not None else model))
     assert predictor.model is not None
     names = [os.fspath(p) for p in paths]
     records = [ImageRecord(name, os.path.abspath(name), None, None) for name in names]

@@ -30,7 +30,7 @@ def score_ray(
     commit_rows: int = 256,
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
-    resize: str = "squash",
+    resize: str | None = None,
     threads: int | None = None,
     allow_outside_root: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
