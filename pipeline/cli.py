@@ -337,7 +337,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         out.print(f"  held-out: {h['head']} refitted on {h['train_rows']} training rows, accuracy {h['accuracy']:.4f}, "
                   f"macro-F1 {h['macro_f1']:.4f} on {h['rows']} held-out rows (chance {result.chance:.3f})")
     if report is not None:
-        written = write_report(result, report, image_roots=describe(cache)["sources"])
+        roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
+        written = write_report(result, report, image_roots=roots)
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
     if save_best is not None:
         save_best_head(result, fs, save_best, cache_path=cache.resolve())
