@@ -876,10 +876,16 @@ def exclude_rows(fs: FeatureSet, sha256s: set[str]) -> FeatureSet:
 
 
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
-    """Embeddings of feature set ``key`` for the given content hashes that the cache holds."""
-    fs = read_feature_set(path, key, exclude_conflicts=False)
-    wanted = set(sha256s)
-    return {s: fs.X[i] for i, s in enumerate(fs.sha256) if s in wanted}
+    """Embeddings of feature set ``key`` for the given content hashes that the cache holds.
+
+    Through :class:`FeatureSetReader`: the hash index, then only the embedding rows asked for (not the
+    whole feature set). A missing cache or feature set gives ``{}``.
+    """
+    if not Path(path).is_file() or key not in list_feature_sets(path):
+        return {}
+    reader = FeatureSetReader(path, key)
+    present = [s for s in dict.fromkeys(sha256s) if s in reader]
+    return dict(zip(present, reader.get(present))) if present else {}
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -251,6 +251,18 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
                 say(f"    … and {len(items) - limit} more (--json lists all)")
 
 
+def _pca(value: str):
+    """--pca: auto (the library's rule, heads.resolve_pca), none, components (int >= 1) or variance kept (0-1)."""
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"--pca must be auto, none, a number of components or a variance share in (0, 1), not {value!r}") from None
+    return int(number) if number >= 1 else number
+
+
+PcaOpt = typer.Option("auto", "--pca", help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (int) | variance kept (0-1).")
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
 FeaturesOpt = typer.Option(None, "--features", help="Feature set key (or unique prefix) when the cache holds several.")
 ClassWeightOpt = typer.Option(None, "--class-weight", help="'balanced' to weight classes by inverse frequency.")
@@ -271,13 +283,15 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              search: bool = typer.Option(False, "--search", help="Small hyperparameter search with stratified CV first."),
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
              seed: int = typer.Option(0, "--seed"), class_weight: Optional[str] = ClassWeightOpt,
-             pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
+             pca: str = PcaOpt,
              engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
-    """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
+    """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata.
+
+    The sidecar records the evaluation rows (by image sha256): `tlpipe evaluate HEAD CACHE` scores them."""
     from tlpipe.pipeline.engine import parallel_backend
     from tlpipe.pipeline.train import train_head
 
-    pca_arg = int(pca) if pca is not None and pca >= 1 else pca
+    pca_arg = _pca(pca)
     with console.status(f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
                             class_weight=class_weight, pca=pca_arg, exclude=exclude)
@@ -291,7 +305,7 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     if result.evaluation is not None:
         e = result.evaluation
         loss = f", log-loss {e.log_loss:.4f}" if e.log_loss is not None else ""
-        out.print(f"  held-out: accuracy {e.accuracy:.4f}, macro-F1 {e.macro_f1:.4f}{loss} on {e.n} images")
+        out.print(f"  held-out: accuracy {e.accuracy:.4f}, macro-F1 {e.macro_f1:.4f}{loss} on {e.rows_used}")
 
 
 @app.command()
@@ -302,33 +316,46 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
             n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="Parallel jobs \\[default: all cores]."),
+            pca: str = PcaOpt,
+            save_best: Optional[Path] = typer.Option(None, "--save-best", help="Save the best head, refitted with the parameters compare chose on all training rows (+ .json sidecar)."),
             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
-    """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
-    from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.compare import compare_heads, format_table, write_report
+    """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
+    from tlpipe.features.cache import describe, read_feature_set
+    from tlpipe.pipeline.compare import compare_heads, format_table, save_best as save_best_head, write_report
     from tlpipe.pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     fs = read_feature_set(cache, features, exclude=exclude)
+    if save_best is not None and all_rows:
+        raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
     with console.status(f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                               holdout=not all_rows, n_jobs=n_jobs)
+                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None)
     out.print(format_table(result))
-    out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s")
+    out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s\n  why: {result.choice}")
+    if result.holdout:
+        h = result.holdout
+        out.print(f"  held-out: {h['head']} refitted on {h['train_rows']} training rows, accuracy {h['accuracy']:.4f}, "
+                  f"macro-F1 {h['macro_f1']:.4f} on {h['rows']} held-out rows (chance {result.chance:.3f})")
     if report is not None:
-        written = write_report(result, report)
+        roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
+        written = write_report(result, report, image_roots=roots)
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
+    if save_best is not None:
+        save_best_head(result, fs, save_best, cache_path=cache.resolve())
+        out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
 
 
 @app.command()
 def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-head`."),
              cache: Path = typer.Argument(..., help="HDF5 cache holding the head's feature set."),
-             split: str = typer.Option("test", "--split", help="train | val | test | all."),
+             split: Optional[str] = typer.Option(None, "--split", help="train | val | test | all | holdout \\[default: test, else the head's recorded hold-out]."),
              features: Optional[str] = FeaturesOpt,
              report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
+             allow_train_rows: bool = typer.Option(False, "--allow-train-rows", help="Score rows the head was trained on too (an optimistic score)."),
              trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
              exclude: Optional[Path] = ExcludeOpt):
-    """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
+    """Metrics, per-class report and confusion matrix of one head on held-out rows of a cache."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.artifacts import load_head
     from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
@@ -336,9 +363,10 @@ def evaluate(head: Path = typer.Argument(..., help="A head saved by `tlpipe fit-
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
     fs = read_feature_set(cache, key, exclude=exclude)
-    result = evaluate_head(estimator, metadata, fs, split=split)
+    result = evaluate_head(estimator, metadata, fs, split=split, allow_train_rows=allow_train_rows)
+    split = result.split
     loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
-    out.print(f"[bold]{head}[/] on split {split} ({result.n} images): accuracy {result.accuracy:.4f}, "
+    out.print(f"[bold]{head}[/] on {result.rows_used}: accuracy {result.accuracy:.4f}, "
               f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {fs.excluded} rows excluded by {exclude}" if exclude else ""))
     from rich.table import Table
 
