@@ -838,6 +838,7 @@ class FeatureSet:
     class_names: list[str]
     metadata: dict = field(default_factory=dict)
     cache_id: str = ""
+    excluded: int = 0  # rows left out by an exclude list (read_feature_set(..., exclude=...))
     source: np.ndarray | None = None  # (N,) int32 index into the cache's sources
     label_conflicts: list[dict] = field(default_factory=list)  # every conflict recorded in the cache
     excluded_conflicts: int = 0  # rows left out because their content carries two labels
@@ -870,7 +871,8 @@ def choose_feature_set(keys: list[str], key: str | None, path) -> str:
     return matches[0]
 
 
-def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude_conflicts: bool = True) -> FeatureSet:
+def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude_conflicts: bool = True,
+                     exclude: str | os.PathLike | None = None) -> FeatureSet:
     """Load a feature set with labels, splits and paths (committed rows only; safe while a writer appends).
 
     Parameters
@@ -884,6 +886,9 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude
         :meth:`CacheWriter.reconcile`). True by default so that no head trains or is evaluated on a label
         decided by which copy was listed first; the count is in ``excluded_conflicts`` and the conflicts
         themselves in ``label_conflicts``. Pass False to score or inspect every row.
+    exclude : str or path, optional
+        An exclude list (:func:`read_exclude_list`, e.g. written by ``tlpipe audit --write-exclude``): its
+        rows are left out and counted in ``excluded``.
 
     Returns
     -------
@@ -924,14 +929,52 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude
             fs.excluded_conflicts = int((~keep).sum())
         return fs
 
-    return read_retrying(path, read)
+    fs = read_retrying(path, read)
+    return fs if exclude is None else exclude_rows(fs, read_exclude_list(exclude))
+
+
+def read_exclude_list(path: str | os.PathLike) -> set[str]:
+    """The sha256 digests of an exclude list: one per line, ``#`` starts a comment, blank lines ignored.
+
+    Raises CacheError naming the file and line for anything that is not a 64-digit hex digest."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CacheError(f"cannot read exclude list {path}: {exc.strerror or exc}") from exc
+    digests = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.split("#", 1)[0].strip().lower()
+        if not value:
+            continue
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise CacheError(f"{path}, line {number}: {value[:80]!r} is not a sha256 (64 hex digits)")
+        digests.add(value)
+    return digests
+
+
+def exclude_rows(fs: FeatureSet, sha256s: set[str]) -> FeatureSet:
+    """``fs`` without the rows whose content hash is in ``sha256s``; ``excluded`` counts them."""
+    keep = ~np.isin(fs.sha256, list(sha256s)) if sha256s else np.ones(len(fs), dtype=bool)
+    if keep.all():
+        return fs
+    import dataclasses
+
+    per_row = {f.name: getattr(fs, f.name)[keep] for f in dataclasses.fields(fs)
+               if isinstance(getattr(fs, f.name), np.ndarray) and len(getattr(fs, f.name)) == len(keep)}
+    return dataclasses.replace(fs, **per_row, excluded=fs.excluded + int((~keep).sum()))
 
 
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
-    """Embeddings of feature set ``key`` for the given content hashes that the cache holds."""
-    fs = read_feature_set(path, key, exclude_conflicts=False)
-    wanted = set(sha256s)
-    return {s: fs.X[i] for i, s in enumerate(fs.sha256) if s in wanted}
+    """Embeddings of feature set ``key`` for the given content hashes that the cache holds.
+
+    Through :class:`FeatureSetReader`: the hash index, then only the embedding rows asked for (not the
+    whole feature set). A missing cache or feature set gives ``{}``.
+    """
+    if not Path(path).is_file() or key not in list_feature_sets(path):
+        return {}
+    reader = FeatureSetReader(path, key)
+    present = [s for s in dict.fromkeys(sha256s) if s in reader]
+    return dict(zip(present, reader.get(present))) if present else {}
 
 
 def describe(path: str | os.PathLike) -> dict:

@@ -342,9 +342,22 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
                 say(f"    … and {len(items) - limit} more (--json lists all)")
 
 
+def _pca(value: str):
+    """--pca: auto (the library's rule, heads.resolve_pca), none, components (int >= 1) or variance kept (0-1)."""
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"--pca must be auto, none, a number of components or a variance share in (0, 1), not {value!r}") from None
+    return int(number) if number >= 1 else number
+
+
+PcaOpt = typer.Option("auto", "--pca", help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (int) | variance kept (0-1).")
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
 FeaturesOpt = typer.Option(None, "--features", help="Feature set key (or unique prefix) when the cache holds several.")
 ClassWeightOpt = typer.Option(None, "--class-weight", help="'balanced' to weight classes by inverse frequency.")
+ExcludeOpt = typer.Option(None, "--exclude", help="Leave out the rows of this exclude list (sha256 per line, e.g. from `tlpipe audit --write-exclude`).")
 
 
 def _print_balance(balance: dict) -> None:
@@ -361,17 +374,19 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              search: bool = typer.Option(False, "--search", help="Small hyperparameter search with stratified CV first."),
              cv: int = typer.Option(5, "--cv", min=2, help="Folds for --search."),
              seed: int = SeedOpt, class_weight: Optional[str] = ClassWeightOpt,
-             pca: Optional[float] = typer.Option(None, "--pca", help="PCA components (int) or variance kept (0-1) before the classifier."),
+             pca: str = PcaOpt,
              n_jobs: Optional[int] = NJobsOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt,
-             engine: str = EngineOpt, address: Optional[str] = AddressOpt):
-    """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata."""
+             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
+    """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata.
+
+    The sidecar records the evaluation rows (by image sha256): `tlpipe evaluate HEAD CACHE` scores them."""
     from tlpipe.pipeline.engine import parallel_backend
     from tlpipe.pipeline.train import train_head
 
-    pca_arg = int(pca) if pca is not None and pca >= 1 else pca
+    pca_arg = _pca(pca)
     with _status(quiet or as_json, f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
-                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs)
+                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs, exclude=exclude)
     if as_json:
         emit_json({"path": result.path, "sidecar": f"{result.path}.json", "setup": result.setup,
                    "balance": result.balance, "search": result.info,
@@ -392,7 +407,7 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     if result.evaluation is not None:
         e = result.evaluation
         loss = f", log-loss {e.log_loss:.4f}" if e.log_loss is not None else ""
-        out.print(f"  held-out: accuracy {e.accuracy:.4f}, macro-F1 {e.macro_f1:.4f}{loss} on {e.n} images")
+        out.print(f"  held-out: accuracy {e.accuracy:.4f}, macro-F1 {e.macro_f1:.4f}{loss} on {e.rows_used}")
 
 
 @app.command()
@@ -403,19 +418,28 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             class_weight: Optional[str] = ClassWeightOpt,
             all_rows: bool = typer.Option(False, "--all-rows", help="Cross-validate on every labelled row, test split included."),
             n_jobs: Optional[int] = NJobsOpt,
+            pca: str = PcaOpt,
+            save_best: Optional[Path] = typer.Option(None, "--save-best", help="Save the best head, refitted with the parameters compare chose on all training rows (+ .json sidecar)."),
             quiet: bool = QuietOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
-            address: Optional[str] = AddressOpt):
-    """Cross-validate several heads in parallel and print a comparison table (optionally a report folder)."""
-    from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.compare import _COLUMNS, _cells, compare_heads, write_report
+            address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
+    """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
+    from tlpipe.features.cache import describe, read_feature_set
+    from tlpipe.pipeline.compare import _COLUMNS, _cells, compare_heads, save_best as save_best_head, write_report
     from tlpipe.pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    fs = read_feature_set(cache, features)
+    fs = read_feature_set(cache, features, exclude=exclude)
+    if save_best is not None and all_rows:
+        raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
     with _status(quiet or as_json, f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                               holdout=not all_rows, n_jobs=n_jobs)
-    written = write_report(result, report) if report is not None else None
+                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None)
+    written = None
+    if report is not None:
+        roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
+        written = write_report(result, report, image_roots=roots)
+    if save_best is not None:
+        save_best_head(result, fs, save_best, cache_path=cache.resolve())
     if as_json:
         emit_json(result.to_dict() | ({"report": {k: str(v) for k, v in written.items()}} if written else {}))
         return
@@ -425,21 +449,28 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
     rows = [[(f"[bold green]{h.name} *[/]" if h.name == result.best else h.name), *_cells(h)[1:]] for h in heads]
     table(out, _COLUMNS, rows, title=f"{result.cv}-fold CV on {result.rows} rows of {result.feature_key}",
           right=[c for i, c in enumerate(_COLUMNS) if i not in (0, 6)])
-    out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s")
+    out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s\n  why: {result.choice}")
+    if result.holdout:
+        h = result.holdout
+        out.print(f"  held-out: {h['head']} refitted on {h['train_rows']} training rows, accuracy {h['accuracy']:.4f}, "
+                  f"macro-F1 {h['macro_f1']:.4f} on {h['rows']} held-out rows (chance {result.chance:.3f})")
     if written is not None:
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
+    if save_best is not None:
+        save_best_head(result, fs, save_best, cache_path=cache.resolve())
+        out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
 
 
 @app.command()
 def evaluate(first: Path = typer.Argument(..., metavar="HEAD", help="A head saved by `tlpipe fit-head` (or, with --head, the cache)."),
              second: Optional[Path] = typer.Argument(None, metavar="CACHE", help="HDF5 cache holding the head's feature set."),
              head_opt: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head`."),
-             split: str = typer.Option("test", "--split", help="train | val | test | all."),
+             split: Optional[str] = typer.Option(None, "--split", help="train | val | test | all | holdout [default: test, else the head's recorded hold-out]."),
              features: Optional[str] = FeaturesOpt,
              report: Optional[Path] = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
-             trust: bool = TrustOpt,
-             as_json: bool = JsonOpt):
-    """Metrics, per-class report and confusion matrix of one head on one split of a cache."""
+             allow_train_rows: bool = typer.Option(False, "--allow-train-rows", help="Score rows the head was trained on too (an optimistic score)."),
+             trust: bool = TrustOpt, exclude: Optional[Path] = ExcludeOpt, as_json: bool = JsonOpt):
+    """Metrics, per-class report and confusion matrix of one head on held-out rows of a cache."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.artifacts import load_head
     from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
@@ -451,17 +482,19 @@ def evaluate(first: Path = typer.Argument(..., metavar="HEAD", help="A head save
         raise typer.BadParameter("missing the cache: `evaluate HEAD CACHE` or `evaluate CACHE --head HEAD`")
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
-    result = evaluate_head(estimator, metadata, read_feature_set(cache, key), split=split)
+    fs = read_feature_set(cache, key, exclude=exclude)
+    result = evaluate_head(estimator, metadata, fs, split=split, allow_train_rows=allow_train_rows)
+    split = result.split
     if report is not None:
         report.mkdir(parents=True, exist_ok=True)
-        (report / "evaluation.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (report / "evaluation.json").write_text(json.dumps(result.to_dict() | {"excluded": fs.excluded}, indent=2))
         save_confusion_matrix(result.confusion, result.labels, report / "confusion_matrix.png", title=f"{head.name} on {split}")
     if as_json:
         emit_json({"head": head, "cache": cache} | result.to_dict())
         return
     loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
-    out.print(f"[bold]{head}[/] on split {split} ({result.n} images): accuracy {result.accuracy:.4f}, "
-              f"macro-F1 {result.macro_f1:.4f}{loss}")
+    out.print(f"[bold]{head}[/] on {result.rows_used}: accuracy {result.accuracy:.4f}, "
+              f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {fs.excluded} rows excluded by {exclude}" if exclude else ""))
     rows = [[escape(label), *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), int(r.get("support", 0))]
             for label in result.labels for r in [result.report.get(label, {})]]
     table(out, ("class", "precision", "recall", "f1", "support"), rows, right=("precision", "recall", "f1", "support"))
@@ -651,6 +684,41 @@ def export_cache(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlp
     else:
         out.print(f"[green]wrote[/] {escape(done['out'])} ({done['format']}): {done['rows']} rows x {done['dim']} "
                   f"of feature set {done['feature_set']}")
+
+@app.command()
+def audit(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`."),
+          report: Path = typer.Option(..., "--report", help="Write the report folder here (Markdown, CSV, JSON, contact sheets)."),
+          features: Optional[str] = FeaturesOpt,
+          write_exclude: Optional[Path] = typer.Option(None, "--write-exclude", help="Write the flagged rows' sha256 here, for --exclude on compare / fit-head / evaluate."),
+          exclude: Optional[Path] = ExcludeOpt,
+          threshold: Optional[float] = typer.Option(None, "--threshold", help="Near-duplicate cosine similarity [default: 0.88, measured for MobileNetV2 on photos, see README]."),
+          neighbours: Optional[int] = typer.Option(None, "--neighbours", min=1, help="k of the nearest-neighbour graph [default: 20]."),
+          backend: str = typer.Option("auto", "--backend", help="auto | sklearn (exact) | usearch (approximate, large sets; tlpipe[audit])."),
+          cv: int = typer.Option(5, "--cv", min=2, help="Folds of the label-error head's out-of-fold predictions."),
+          seed: int = SeedOpt,
+          scan_sources: bool = typer.Option(True, "--scan-sources/--no-scan-sources", help="Hash the cache's recorded sources for exact copies (stored once in the cache)."),
+          n_jobs: Optional[int] = typer.Option(None, "--n-jobs", "-j", help="Parallel folds [default: one].")):
+    """Find duplicates, split leaks, label conflicts, likely label errors and outliers on cached embeddings (CPU only)."""
+    from tlpipe.pipeline.audit import AuditError, audit as run
+
+    tuned = {k: v for k, v in (("threshold", threshold), ("neighbours", neighbours)) if v is not None}
+    try:
+        with console.status("auditing (neighbours, out-of-fold head, cleanlab, contact sheets)…"):
+            result = run(cache, features, report=report, write_exclude=write_exclude, exclude=exclude, backend=backend, cv=cv, seed=seed, n_jobs=n_jobs, scan_sources=scan_sources, **tuned)
+    except AuditError as exc:
+        raise ValueError(str(exc)) from None
+    s = result.summary()
+    out.print(f"[bold]{escape(str(cache))}[/] · feature set {result.feature_key} · {result.rows} rows"
+              + (f" ({result.excluded} excluded)" if result.excluded else "") + f" · {result.seconds:.1f} s")
+    out.print(f"  duplicate clusters: {s['clusters']} ({s['exact_clusters']} exact, {s['near_clusters']} near; cosine >= "
+              f"{result.threshold}); split leaks: {s['split_leaks']}; label conflicts: {s['label_conflicts']}")
+    out.print(f"  likely label errors: {s['label_issues_flagged']}; outliers: {s['outliers_flagged']}; flagged rows: {s['flagged_rows']}")
+    for note in result.notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
+    out.print(f"  report: {report / 'report.md'}")
+    if write_exclude is not None:
+        out.print(f"  exclude list: {write_exclude} (use --exclude {write_exclude} on compare, fit-head, evaluate)")
+
 
 from tlpipe.pipeline.new_layers import NEW_LAYERS_HELP  # noqa: E402 (no TensorFlow: the option's help)
 

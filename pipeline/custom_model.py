@@ -43,7 +43,6 @@ from tlpipe.backbones.export import INPUT_NAME, ExportPlan, plan_export
 from tlpipe.features.images import ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
-from .new_layers import NEW_LAYERS_HELP, NewLayer, parse_new_layers  # noqa: F401 (re-exported)
 from .finetune import (
     CLASSIFIER_FILE,
     VERIFY_IMAGES,
@@ -67,6 +66,7 @@ from .finetune import (
     set_trainable,
     split_records,
 )
+from .new_layers import NEW_LAYERS_HELP, NewLayer, parse_new_layers  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import keras
@@ -550,8 +550,8 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             test = evaluate_split(models.top, map_batches(array, y["test"][kept], o.batch_size), len(kept), verbose)
         else:
             data = image_batches(p.split.test, y["test"], p.plan.size, o.resize, o.batch_size, failures=failures)
-            kept = sum(r.relpath not in failures for r in p.split.test)
-            test = evaluate_split(models.train, data, kept, verbose)  # compiled; augmentation inactive here
+            decoded = sum(r.relpath not in failures for r in p.split.test)
+            test = evaluate_split(models.train, data, decoded, verbose)  # compiled; augmentation inactive here
     return TrainedCustomModel(models, run, params, unfreeze_from, resumed, test, failures, map_seconds)
 
 

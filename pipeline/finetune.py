@@ -19,9 +19,9 @@ Shared machinery: :func:`split_records` (train / validation / test), :func:`imag
 :class:`TrainingRun` (history rows, early stopping on validation loss, per-epoch checkpoint and resume),
 :func:`fit_phase` (epoch 0 = the starting weights, a candidate for the best; then training),
 :func:`evaluate_split`, :func:`plot_curves` and :func:`export_classifier` (verified against Keras, written
-with the fused-classifier metadata (:func:`tlpipe.backbones.onnx_metadata.write_metadata`, as
-:func:`tlpipe.pipeline.fuse.export_model` writes it) that ``tlpipe score --classifier`` reads). TensorFlow is imported inside the
-functions that need it.
+with the fused-classifier metadata that ``tlpipe score --classifier`` reads, through
+:func:`tlpipe.backbones.onnx_metadata.write_metadata` as :func:`tlpipe.pipeline.fuse.export_model` does).
+TensorFlow is imported inside the functions that need it.
 """
 from __future__ import annotations
 
@@ -35,16 +35,16 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tlpipe.backbones.export import (ExportPlan, INPUT_NAME, convert, export_plan, plan_export, rename_output,
-                                     verify)
 from tlpipe.backbones.atomic import atomic_write
+from tlpipe.backbones.export import INPUT_NAME, ExportPlan, convert, export_plan, plan_export, rename_output, verify
 from tlpipe.backbones.onnx_metadata import write_metadata
 from tlpipe.backbones.registry import BackboneSpec
 from tlpipe.backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry

@@ -37,6 +37,7 @@ _FACADE: dict[str, tuple[str, str]] = {
     "evaluate": ("tlpipe.pipeline.evaluate", "evaluate"),
     "score": ("tlpipe.pipeline.score", "score"),
     "predict": ("tlpipe.pipeline.score", "predict"),
+    "audit": ("tlpipe.pipeline.audit", "audit"),
 }
 
 __all__ = ["__version__", *_FACADE]

@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import shared_path, write_photo_folder
+from tests.pipeline.test_cli import tlpipe
 from tlpipe.backbones.export import INPUT_NAME, plan_export
 from tlpipe.features.images import load_image
 from tlpipe.features.sources import discover
@@ -20,8 +22,6 @@ from tlpipe.pipeline.custom_model import (
     parse_new_layers,
 )
 from tlpipe.pipeline.finetune import LABEL_NAME, OUTPUT_NAME, read_history
-from tests.conftest import shared_path, write_photo_folder
-from tests.pipeline.test_cli import tlpipe
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def onnx_run(path, images):
 
 def test_layer_language():
     layers = parse_new_layers("conv:128, pool,conv:256:5,pool,gap,dense:64,bn,dropout:0.3")
-    assert [(l.kind, l.units, l.kernel, l.rate) for l in layers] == [
+    assert [(x.kind, x.units, x.kernel, x.rate) for x in layers] == [
         ("conv", 128, 3, 0.0),
         ("pool", 0, 3, 0.0),
         ("conv", 256, 5, 0.0),
@@ -245,7 +245,8 @@ def test_cats_vs_dogs_custom_model(tmp_path):
         progress=False,
     )
     print(
-        f"\ncats_vs_dogs custom model: test accuracy {result.test.accuracy:.4f}, maps {result.feature_map_seconds:.1f} s, "
+        f"\ncats_vs_dogs custom model: test accuracy {result.test.accuracy:.4f}, "
+        f"maps {result.feature_map_seconds:.1f} s, "
         f"epochs {result.epoch_seconds} s, params {result.params}"
     )
     assert result.test.images == 500 and result.test.accuracy > 0.75  # 0.83 measured; chance is 0.5

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import shared_path, write_photo_folder
 from tlpipe.backbones.export import INPUT_NAME, plan_export, verification_images
 from tlpipe.backbones.weights import sha256_file
 from tlpipe.features.cache import read_feature_set
@@ -15,10 +16,19 @@ from tlpipe.features.extract import extract
 from tlpipe.features.images import load_image
 from tlpipe.features.sources import discover
 from tlpipe.pipeline.artifacts import load_head
-from tlpipe.pipeline.finetune import (LABEL_NAME, OUTPUT_NAME, TrainingOptions, build_models, compile_model,
-                                     finetune, fold_head, read_history, resolve_unfreeze, split_records)
+from tlpipe.pipeline.finetune import (
+    LABEL_NAME,
+    OUTPUT_NAME,
+    TrainingOptions,
+    build_models,
+    compile_model,
+    finetune,
+    fold_head,
+    read_history,
+    resolve_unfreeze,
+    split_records,
+)
 from tlpipe.pipeline.train import train_head
-from tests.conftest import shared_path, write_photo_folder
 
 pytestmark = pytest.mark.slow
 
@@ -178,7 +188,8 @@ def test_classifier_onnx_matches_keras(tiny, tuned):
     props = session.get_modelmeta().custom_metadata_map
     assert json.loads(props["tlpipe.class_names"]) == ["china", "flower"]
     record = json.loads(props["tlpipe"])
-    assert record["backbone_key"] == second.backbone_entry.key and record["kind"] == props["tlpipe.kind"] == "classifier"
+    assert record["backbone_key"] == second.backbone_entry.key
+    assert record["kind"] == props["tlpipe.kind"] == "classifier"
     assert record["verification"]["images"] == len(y) and record["test"] is None  # no test split in this folder
 
     out = tiny["root"] / "scored.csv"
@@ -276,7 +287,8 @@ def test_split_records():
     assert {r.split for r in only_test.val} == {"train"} and len(only_test.val) == 4 and len(only_test.train) == 16
     assert {r.split for r in only_test.test} == {"test"} and "'test' split (8 images)" in only_test.description
     held_out = split_records(records("none", 10), val_fraction=0.2, seed=0)
-    assert len(held_out.val) == 4 and not held_out.test and sorted(r.label for r in held_out.val) == ["a", "a", "b", "b"]
+    assert len(held_out.val) == 4 and not held_out.test
+    assert sorted(r.label for r in held_out.val) == ["a", "a", "b", "b"]
     assert not {r.relpath for r in held_out.val} & {r.relpath for r in held_out.train}
     with pytest.raises(ValueError, match="two classes"):
         split_records([r for r in records("train") if r.label == "a"] + records("val"))
