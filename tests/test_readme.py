@@ -24,6 +24,8 @@ SKIP = {
     "--precision": "int8 / fp16 variants (covered by tests/features/test_calibration.py and test_cli.py)",
     "tlpipe bench": "timings (covered by tests/pipeline/test_bench.py)",
     "tlpipe demo": "the demo's own run (make demo)",
+    "audit": "the audit's own tests (tests/pipeline/test_audit.py)",
+    "--exclude": "needs the audit's exclude list",
 }
 
 

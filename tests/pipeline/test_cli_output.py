@@ -84,8 +84,8 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path, cache, tiny_entr
                         "--backbone (a registry name, store key or folder)"]
     head = tmp_path / "h.joblib"
     tlpipe("fit-head", cache, "--out", head, check=True)
-    by_option = tlpipe("evaluate", cache, "--head", head, "--split", "all", "--json", check=True)
-    by_position = tlpipe("evaluate", head, cache, "--split", "all", "--json", check=True)
+    by_option = tlpipe("evaluate", cache, "--head", head, "--split", "all", "--allow-train-rows", "--json", check=True)
+    by_position = tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", "--json", check=True)
     assert json.loads(by_option.stdout)["accuracy"] == json.loads(by_position.stdout)["accuracy"]
     both = tlpipe("evaluate", head, cache, "--head", head)
     assert both.returncode == 2 and "give the head once" in both.stderr
@@ -159,7 +159,7 @@ def test_json_on_every_summarising_command(tmp_path, cache, tiny_entry):
     assert fitted["path"] == str(head) and 0 <= fitted["evaluation"]["accuracy"] <= 1
     compared = json.loads(tlpipe("compare", cache, "--models", "logreg,svm", "--cv", "2", "--json", check=True).stdout)
     assert {h["name"] for h in compared["heads"]} == {"logreg", "svm"} and compared["best"] in ("logreg", "svm")
-    evaluated = json.loads(tlpipe("evaluate", head, cache, "--split", "all", "--json", check=True).stdout)
+    evaluated = json.loads(tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", "--json", check=True).stdout)
     assert evaluated["n"] == 16 and evaluated["labels"] == ["china", "flower"]
     scored = json.loads(tlpipe("score", photos, "--head", head, "--out", tmp_path / "p.csv", "--store", store,
                                "--json", "-q", check=True).stdout)
@@ -177,7 +177,7 @@ def test_compare_and_evaluate_piped_are_tab_separated(tmp_path, cache):
     assert all(len(r.split("\t")) == len(header.split("\t")) for r in rows)
     head = tmp_path / "h.joblib"
     assert tlpipe("fit-head", cache, "--out", head, "-q", check=True).stdout == "" and head.exists()  # --quiet
-    evaluated = tlpipe("evaluate", head, cache, "--split", "all", check=True).stdout
+    evaluated = tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", check=True).stdout
     assert "class\tprecision\trecall\tf1\tsupport" in evaluated and not BOX.search(evaluated)
 
 
