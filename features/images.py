@@ -74,31 +74,58 @@ def decode_image(
     as TensorFlow's ``decode_image(channels=3)`` does. Raises :class:`ImageError` for anything
     that is not a usable image, and ``ValueError`` for a bad ``size`` or ``mode``.
     """
-    _check_resize_args(size, mode)
+    arrays, original = decode_image_sizes(data, (size,), mode, max_pixels=max_pixels)
+    return arrays[0], original
+
+
+def _draft_scale(width: int, height: int, size: int) -> int:
+    """The JPEG DCT scaling factor Pillow's ``draft`` picks for a square request of ``size`` (1, 2, 4 or 8)."""
+    scale = min(width // size, height // size)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def decode_image_sizes(
+    data: bytes, sizes: tuple[int, ...] | list[int], mode: str = "squash", *, max_pixels: int = MAX_PIXELS
+) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """:func:`decode_image` at several sizes from one read of ``data``: one ``(s, s, 3)`` array per size.
+
+    Each array is exactly what ``decode_image(data, s)`` returns. Sizes whose JPEG DCT scaling factor
+    agrees (every size when the photo is under twice the largest size) share one decode; others get their
+    own, so a size's pixels never depend on which other sizes were decoded with it.
+    """
+    for size in sizes:
+        _check_resize_args(size, mode)
     if not data:
         raise ImageError("empty file")
+    out: dict[int, np.ndarray] = {}
     try:
-        # Image.open parses the header only and leaves multi-frame files on frame 0.
-        with Image.open(io.BytesIO(data)) as im:
-            if im.format not in SUPPORTED_FORMATS:
-                raise ImageError(f"unsupported format: {im.format}")
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image too large: {width}x{height} exceeds {max_pixels} pixels"
-                )
-            orientation = _orientation(im)
-            if im.format in ("JPEG", "MPO"):
-                # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding. Pillow picks the largest
-                # factor that keeps both sides >= the request, and both modes need exactly that:
-                # squash needs each side >= size, crop needs the short side >= size. The request
-                # is square, so the EXIF rotation applied afterwards does not change it.
-                im.draft("RGB", (size, size))
-            im.load()
-            rgb = _to_rgb(im)
-            if orientation in _TRANSPOSE:
-                rgb = rgb.transpose(_TRANSPOSE[orientation])
-            array = np.array(resize_image(rgb, size, mode), dtype=np.uint8)
+        with Image.open(io.BytesIO(data)) as probe:
+            if probe.format not in SUPPORTED_FORMATS:
+                raise ImageError(f"unsupported format: {probe.format}")
+            width, height = probe.size
+            jpeg = probe.format in ("JPEG", "MPO")
+        if width * height > max_pixels:
+            raise ImageError(f"image too large: {width}x{height} exceeds {max_pixels} pixels")
+        groups: dict[int, list[int]] = {}
+        for size in sizes:
+            groups.setdefault(_draft_scale(width, height, size) if jpeg else 1, []).append(size)
+        for group in groups.values():
+            # Image.open parses the header only and leaves multi-frame files on frame 0.
+            with Image.open(io.BytesIO(data)) as im:
+                orientation = _orientation(im)
+                if jpeg:
+                    # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding. Pillow picks the largest
+                    # factor that keeps both sides >= the request, and both modes need exactly that:
+                    # squash needs each side >= size, crop needs the short side >= size. The request
+                    # is square, so the EXIF rotation applied afterwards does not change it. Every
+                    # size of the group has the same factor (by construction), so one decode serves all.
+                    im.draft("RGB", (max(group), max(group)))
+                im.load()
+                rgb = _to_rgb(im)
+                if orientation in _TRANSPOSE:
+                    rgb = rgb.transpose(_TRANSPOSE[orientation])
+                for size in group:
+                    out[size] = np.array(resize_image(rgb, size, mode), dtype=np.uint8)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -115,7 +142,7 @@ def decode_image(
         raise ImageError(f"cannot decode: {message}") from exc
     if orientation in _SWAPS_AXES:
         width, height = height, width
-    return array, (width, height)
+    return [out[size] for size in sizes], (width, height)
 
 
 def load_image(
