@@ -48,6 +48,9 @@ def _check_name(name: str) -> None:
 # default suits both a 2-class set of 1,000 photos and a 10-class set of 10,000.
 LOGREG_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
 LOGREG_CV_FOLDS = 3
+# The settings scikit-learn 1.9 asks for to silence its deprecation warnings (the new behaviour), where they exist.
+_LRCV_QUIET = {k: v for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
+               if k in LogisticRegressionCV().get_params()}
 
 
 def _classifier(name: str, seed: int, class_weight, params: dict):
@@ -59,9 +62,11 @@ def _classifier(name: str, seed: int, class_weight, params: dict):
             return LogisticRegression(**{**common, **params})
         # Log-loss (a proper scoring rule) rather than accuracy picks C: it is continuous, so 3 small
         # folds rank neighbouring Cs less noisily than by a few images more or less correctly classified.
+        # (scikit-learn itself makes neg_log_loss LogisticRegressionCV's default in 1.11.) Note that such a
+        # head's ``score()`` is therefore its negative log-loss; tlpipe's reports compute accuracy explicitly.
         folds = StratifiedKFold(LOGREG_CV_FOLDS, shuffle=True, random_state=seed)
-        return LogisticRegressionCV(**{**common, "Cs": list(LOGREG_CS), "cv": folds, "scoring": "neg_log_loss",
-                                       **params})
+        return LogisticRegressionCV(**{**common, **_LRCV_QUIET, "Cs": list(LOGREG_CS), "cv": folds,
+                                       "scoring": "neg_log_loss", **params})
     if name == "svm":
         # liblinear's LinearSVC instead of SVC(kernel="linear"): linear in the number of rows instead of
         # quadratic. Probabilities by temperature scaling of its decision values on held-out folds: one
@@ -307,7 +312,7 @@ def used_params(estimator: Pipeline) -> dict:
     name = head_name(estimator)
     clf = estimator[-1]
     if isinstance(clf, LogisticRegressionCV):
-        return {"C": float(clf.C_[0]), "Cs": [float(c) for c in clf.Cs_]}
+        return {"C": float(np.ravel(clf.C_)[0]), "Cs": [float(c) for c in clf.Cs_]}
     used = clf.get_params()
     return {k: used[_clf_prefix(name) + k] for k in search_space(name)}
 
