@@ -594,7 +594,9 @@ def _describe(f: h5py.File, path) -> dict:
         feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
                              "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),
                              "input_size": meta.get("input_size"), "layer": meta.get("layer"),
-                             "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source")}
+                             "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source"),
+                             "tta": meta.get("tta", "none"),
+                             "extraction": json.loads(group.attrs.get("extraction", "null"))}
     nf = int(failures.attrs["count"])
     return {
         "path": str(path), "version": int(f.attrs["tlpipe_cache_version"]), "cache_id": str(f.attrs["cache_id"]),

@@ -248,7 +248,9 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
     out.print(f"  splits: {', '.join(f'{k} {v}' for k, v in d['per_split'].items())}")
     for key, fs in d["feature_sets"].items():
         out.print(f"  feature set [cyan]{key}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
-                  f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, weights {fs['weights']})")
+                  f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, weights {fs['weights']}"
+                  f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
+                  f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''})")
     if d["failures"]:
         first = d["failures"][0]
         out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {escape(first['path'])}: {escape(first['reason'])}")
