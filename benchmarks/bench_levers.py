@@ -39,6 +39,10 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# BLAS single-threaded: on a loaded 2-core machine, BLAS threads waiting on each other made one logistic
+# regression fit take 25 s of wall time for 0.1 s of CPU (measured); ONNX Runtime keeps its own threads.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
@@ -140,11 +144,15 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
     from tlpipe.features.extract import extract
     from tlpipe.pipeline.compare import sweep
 
-    source = subset_manifest(SHARED / "datasets" / name, args.limit, work)
     cache = work / f"{name}.h5"
+    passes_file = work / f"{name}.passes.json"
+    source = work / f"{name}.csv" if passes_file.is_file() else subset_manifest(SHARED / "datasets" / name, args.limit, work)
     report: dict = {"dataset": name, "images": sum(1 for _ in open(source)) - 1, "passes": [], "levers": []}
     print(f"== {name}: {report['images']} images", flush=True)
-    for label, sizes, layers, tta in PASSES:
+    if passes_file.is_file():  # --work with the extraction stage done: its cache and timings are reused
+        report["passes"] = json.loads(passes_file.read_text())
+        report["passes_reused_from"] = str(passes_file)
+    for label, sizes, layers, tta in PASSES if not report["passes"] else []:
         for size in sizes:  # export first, outside the timed pass
             from tlpipe.backbones.export import obtain_layers
 
@@ -155,6 +163,7 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         report["passes"].append({"pass": label, "sizes": sizes, "layers": layers, "tta": tta, "keys": s.keys,
                                  "embedded": s.embedded, "seconds": s.seconds, "images_per_second": rate})
         print(f"  pass {label}: {s.embedded} images, {rate:.1f} img/s", flush=True)
+    passes_file.write_text(json.dumps(report["passes"], indent=2))
     base_rate = report["passes"][0]["images_per_second"]
     for p in report["passes"]:
         p["speed_vs_baseline"] = p["images_per_second"] / base_rate
@@ -175,7 +184,7 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         return 1 / sum(1 / smallest([k])["images_per_second"] for k in feature_keys)
 
     base_scores = None
-    for lever, parts in LEVERS:
+    for lever, parts in [x for x in LEVERS if args.levers is None or x[0] in args.levers or x is LEVERS[0]]:
         keys = [key(*part) for part in parts]
         X, y, _ = aligned(cache, keys)
         started = time.perf_counter()
@@ -191,8 +200,9 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
               f"{row['extraction_images_per_second']:.1f} img/s", flush=True)
     # tuned regularisation: the new default (internal CV over C) on the baseline and on the best feature lever
     best_lever = max(report["levers"][1:], key=lambda r: r["accuracy"])
-    for lever, keys in (("tuned C (logreg default: 3-fold internal CV)", report["levers"][0]["feature_sets"]),
-                        (f"tuned C on the best feature lever ({best_lever['lever']})", best_lever["feature_sets"])):
+    tuned = [("tuned C (logreg default: 3-fold internal CV)", report["levers"][0]["feature_sets"]),
+             (f"tuned C on the best feature lever ({best_lever['lever']})", best_lever["feature_sets"])]
+    for lever, keys in tuned[:args.tuned]:
         X, y, _ = aligned(cache, keys)
         started = time.perf_counter()
         scores = repeated_cv(X, y, {}, args.repeats)
@@ -202,9 +212,11 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         row["extraction_vs_baseline"] = row["extraction_images_per_second"] / base_rate
         report["levers"].append(row)
         print(f"  {lever}: {row['accuracy']:.4f} ({row['delta_points']:+.2f} pts)", flush=True)
+    if not args.heads:
+        return report
     # the sweep picks a pair on the training rows; the hold-out judges it against the baseline pair
     started = time.perf_counter()
-    result = sweep(cache, "all", args.heads, cv=5, seed=0, n_jobs=1)
+    result = sweep(cache, args.sweep_features, args.heads, cv=5, seed=0, n_jobs=1)
     best = result.best
     report["sweep"] = {"seconds": time.perf_counter() - started, "heads": list(args.heads),
                        "ranking": [{"feature_set": r.feature_key, "head": r.head, "cv_accuracy": r.accuracy,
@@ -230,26 +242,33 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--datasets", default="cats_vs_dogs,flowers5_128px")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--heads", default="logreg,svm")
+    parser.add_argument("--heads", default="logreg,svm", help="The sweep's heads ('' skips the sweep)")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"))
     parser.add_argument("--store", default=None, help="Model store (default: a temporary one)")
+    parser.add_argument("--work", default=None, help="Keep caches here; a dataset whose passes are recorded there "
+                                                      "skips extraction (its cache and timings are reused)")
+    parser.add_argument("--levers", default=None, help="Semicolon-separated lever names to score (default: all)")
+    parser.add_argument("--tuned", type=int, default=2, help="Tuned-C rows: 0, 1 (baseline) or 2 (+ best lever)")
+    parser.add_argument("--sweep-features", default="all", help="The sweep's --features (default: all)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
         args.limit, args.repeats = args.limit or 300, 2
     args.heads = tuple(h.strip() for h in args.heads.split(",") if h.strip())
+    args.levers = None if args.levers is None else [x.strip() for x in args.levers.split(";")]
     from tlpipe.backbones.store import ModelStore
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("levers_quick.json" if args.quick else "levers.json"))
     with tempfile.TemporaryDirectory(prefix="bench-levers-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         store = ModelStore(args.store or work / "store")
         started = time.perf_counter()
         results = [run_dataset(name.strip(), args, work, store) for name in args.datasets.split(",") if name.strip()]
     load = os.getloadavg()
     report = {
         "benchmark": "bench_levers", "quick": args.quick, "limit": args.limit, "repeats": args.repeats,
-        "backbone": "mobilenet_v2_1.0", "weights": args.weights, "seconds": time.perf_counter() - started,
+        "backbone": "mobilenet_v2_1.0", "weights": args.weights, "sweep_heads": list(args.heads), "seconds": time.perf_counter() - started,
         "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "load_average_at_end": load,
                     "note": "shared with other jobs; compare ratios and paired deltas within this run"},
