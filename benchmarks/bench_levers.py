@@ -199,7 +199,7 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         print(f"  {lever}: {row['accuracy']:.4f} ({row.get('delta_points', 0):+.2f} pts), "
               f"{row['extraction_images_per_second']:.1f} img/s", flush=True)
     # tuned regularisation: the new default (internal CV over C) on the baseline and on the best feature lever
-    best_lever = max(report["levers"][1:], key=lambda r: r["accuracy"])
+    best_lever = max(report["levers"][1:] or report["levers"], key=lambda r: r["accuracy"])
     tuned = [("tuned C (logreg default: 3-fold internal CV)", report["levers"][0]["feature_sets"]),
              (f"tuned C on the best feature lever ({best_lever['lever']})", best_lever["feature_sets"])]
     for lever, keys in tuned[:args.tuned]:

@@ -11,7 +11,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from tlpipe.backbones.export import obtain_backbone
 from tlpipe.backbones.runtime import OnnxEmbedder
 
-from .cache import CacheWriter, lookup_embeddings
+from .cache import CacheWriter, feature_set_key, lookup_embeddings
 from .extract import run_extraction
 from .sources import ImageRecord
 
@@ -34,7 +34,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     def fit(self, X=None, y=None):
         self.entry_ = obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling,
                                       store=self.store, model=self.model)
-        self.key_ = self.entry_.key
+        self.key_ = feature_set_key(self.entry_.key, self.resize)  # the resize mode is part of the identity
         self.n_features_out_ = self.entry_.embedding_dim
         return self
 

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+from enum import Enum
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -24,9 +26,23 @@ WeightsOpt = typer.Option("imagenet", "--weights", "-w", help="imagenet (Keras d
 BackboneOpt = typer.Option("mobilenet_v2", "--backbone", "-b", help="Registry name (see `tlpipe backbones`).")
 SizeOpt = typer.Option(None, "--size", help="Square input size \\[default: the backbone's].")
 LayerOpt = typer.Option(None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`).")
-PoolingOpt = typer.Option("avg", "--pooling", help="avg | max | none (flatten).")
-PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
-ResizeOpt = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop).")
+# Choices (Enums: typer turns them into click Choices) are checked before a command runs, so nothing is read or
+# written for a bad value, and --help lists them. Same values as the library's own lists (registry POOLINGS, runtime
+# DEVICES, quantize PRECISIONS, images RESIZE_MODES); tests/pipeline/test_cli.py checks they agree.
+Pooling = Enum("Pooling", {v: v for v in ("avg", "max", "none")}, type=str)
+Device = Enum("Device", {v: v for v in ("auto", "cpu", "cuda")}, type=str)
+Precision = Enum("Precision", {v: v for v in ("fp32", "int8", "fp16")}, type=str)
+Resize = Enum("Resize", {v: v for v in ("squash", "crop")}, type=str)
+Dtype = Enum("Dtype", {v: v for v in ("float32", "float16")}, type=str)
+
+
+def _value(choice):
+    """The plain string of a choice (None stays None)."""
+    return getattr(choice, "value", choice)
+
+PoolingOpt = typer.Option(Pooling.avg.value, "--pooling", help="avg | max | none (flatten).")
+PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
+ResizeOpt = typer.Option(Resize.squash.value, help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop). Part of the feature set's identity.")
 SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each, each image decoded once) \[default: the backbone's].")
 LayersOpt = typer.Option(None, "--layer", help="Cut point(s), comma-separated (see `tlpipe backbones --cuts`): one model per size with one output per layer \[default: the last layer].")
 TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation inside the model: none | flip (image + mirror) | flip+crops (5 crops of a 1/0.875 larger decode + mirrors); the mean embedding.")
@@ -120,18 +136,19 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print the regi
 
 @app.command()
 def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-           size: Optional[str] = SizesOpt, layer: Optional[str] = LayersOpt, pooling: str = PoolingOpt,
+           size: Optional[str] = SizesOpt, layer: Optional[str] = LayersOpt, pooling: Pooling = PoolingOpt,
            tta: str = TtaOpt,
            opset: int = typer.Option(17, help="ONNX opset for tf2onnx."),
            seed: int = typer.Option(0, help="Seed for --weights none."),
            force: bool = typer.Option(False, "--force", help="Export again even when the store has it."),
-           precision: str = PrecisionOpt,
+           precision: Precision = PrecisionOpt,
            calibration: Optional[Path] = typer.Option(None, "--calibration", help="Your photos (folder or CSV) to calibrate int8 on and to check it against fp32."),
-           resize: str = ResizeOpt, store: Optional[Path] = StoreOpt):
+           resize: Resize = ResizeOpt, store: Optional[Path] = StoreOpt):
     """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
     With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry.
     Several --layer values export one model per --size with one output per layer, each verified."""
+    pooling, precision, resize = _value(pooling), _value(precision), _value(resize)
     from tlpipe.backbones.export import export_backbone, export_layers
     from tlpipe.backbones.quantize import check_precision
     from tlpipe.backbones.tta import check_tta
@@ -181,13 +198,13 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
 def extract(source: Path = typer.Argument(..., help="Folder (class folders, split folders or flat) or CSV manifest (path[,label][,split])."),
             out_path: Path = typer.Option(Path("cache.h5"), "--out", "-o", help="HDF5 cache to create or append to."),
             backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-            size: Optional[str] = SizesOpt, layer: Optional[str] = LayersOpt, pooling: str = PoolingOpt,
+            size: Optional[str] = SizesOpt, layer: Optional[str] = LayersOpt, pooling: Pooling = PoolingOpt,
             tta: str = TtaOpt,
             model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder, e.g. a fine-tune's output) instead of --backbone."),
-            device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
+            device: Device = typer.Option(Device.auto.value, help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
             batch_size: int = typer.Option(32, "--batch-size", min=1),
-            dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
-            resize: str = ResizeOpt, precision: str = PrecisionOpt,
+            dtype: Dtype = typer.Option(Dtype.float32.value, help="float32 | float16 storage of embeddings."),
+            resize: Resize = ResizeOpt, precision: Precision = PrecisionOpt,
             recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate int8 again on this source instead of reusing the stored variant."),
             workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
             threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per stream \\[default: the cores split between streams]."),
@@ -197,19 +214,21 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
             engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
+    pooling, precision, resize, device, dtype = map(_value, (pooling, precision, resize, device, dtype))
+    _check_engine(engine)
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.backbones.tta import check_tta
 
-    _check_engine(engine)
     check_tta(tta)
     sizes, layers = _sizes(size), _layers(layer)
     several = len(sizes) > 1 or len(layers) > 1
     if engine == "ray" and (several or tta != "none"):
         raise ValueError("--engine ray extracts one feature set without TTA; use the local engine for --tta or "
                          "several --size/--layer values")
-    options = dict(backbone=None if model else backbone, weights=weights, size=sizes[0], layer=layers[0], pooling=pooling,
-                   model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
-                   dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root,
-                   precision=precision, recalibrate=recalibrate)
+    choice = ModelChoice(None if model else backbone, weights, weights_dir, sizes[0], layers[0], pooling, precision,
+                         model, _store(store), tta)
+    options = dict(choice=choice, device=device, batch_size=batch_size, dtype=dtype, resize=resize, threads=threads,
+                   allow_outside_root=allow_outside_root, recalibrate=recalibrate)
     with _progress(quiet, "extract") as progress:
         if engine == "ray":
             from tlpipe.features.ray_engine import extract_ray
@@ -218,42 +237,70 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
         else:
             from tlpipe.features.extract import extract as run
 
-            summary = run(source, out_path, workers=workers, streams=streams, progress=progress, tta=tta,
+            summary = run(source, out_path, workers=workers, streams=streams, progress=progress,
                           sizes=sizes if several else None, layers=layers if several else None, **options)
+    # the warnings themselves (source layout, manifest, label conflicts) are logged by the library
+    if summary.label_conflicts:
+        for conflict in summary.label_conflicts[:10]:
+            console.print("  [yellow]conflict[/] " + escape(" vs ".join(
+                f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])), highlight=False)
     if not quiet:
         sets = ", ".join(summary.keys) if len(summary.keys) > 1 else summary.key
-        out.print(f"[bold]{escape(summary.out)}[/] · feature set{'s' if len(summary.keys) > 1 else ''} {sets} · {summary.provider}\n"
+        out.print(f"[bold]{escape(summary.out)}[/] · feature set{'s' if len(summary.keys) > 1 else ''} {sets} (resize {summary.resize}) · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
-                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped\n"
-                  f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s")
-        for path, reason in summary.failures[:20]:
-            console.print(f"  [red]failed[/] {escape(path)}: {escape(reason)}")
-        if summary.failed > 20:
-            console.print(f"  … and {summary.failed - 20} more (tlpipe info {out_path})")
+                  f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped"
+                  + (f"; {summary.relabelled} cached rows updated (moved or relabelled, not re-embedded)"
+                     if summary.relabelled else "") + "\n"
+                  f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s", highlight=False)
+        for kind, items in (("failed", summary.failures), ("skipped", summary.skipped)):
+            for path, reason in items[:20]:
+                console.print(f"  [red]{kind}[/] {escape(path)}: {escape(reason)}", highlight=False)
+            if len(items) > 20:
+                console.print(f"  … and {len(items) - 20} more {kind} (tlpipe info {escape(str(out_path))})")
     if strict and summary.failed:
         raise typer.Exit(3)
 
 
 @app.command()
-def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json")):
-    """Show what a cache holds: images, classes, splits, feature sets, failures."""
+def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bool = typer.Option(False, "--json"),
+         limit: int = typer.Option(20, "--limit", min=0, help="Failed/skipped inputs and label conflicts listed by name (--json lists all).")):
+    """Show what a cache holds: images, classes, splits, sources, feature sets (with resize mode), label conflicts,
+    failed and skipped inputs by name and reason."""
     from tlpipe.features.cache import describe
 
     d = describe(cache)
     if as_json:
         out.print_json(data=d)
         return
-    out.print(f"[bold]{escape(d['path'])}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
-    out.print(f"  classes: {', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none'}")
-    out.print(f"  splits: {', '.join(f'{k} {v}' for k, v in d['per_split'].items())}")
+    say = lambda text: out.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    say(f"[bold]{escape(d['path'])}[/] (cache v{d['version']}, id {d['cache_id'][:8]}): {d['images']} images")
+    say(f"  classes: {escape(', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none')}")
+    say(f"  splits: {escape(', '.join(f'{k} {v}' for k, v in d['per_split'].items()))}")
+    for i, source in enumerate(d["sources"]):
+        say(f"  source {i}: {escape(source['path'])} ({source['images']} images)")
     for key, fs in d["feature_sets"].items():
-        out.print(f"  feature set [cyan]{key}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
-                  f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, weights {fs['weights']}"
-                  f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
-                  f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''})")
-    if d["failures"]:
-        first = d["failures"][0]
-        out.print(f"  {len(d['failures'])} failed / skipped inputs, e.g. {escape(first['path'])}: {escape(first['reason'])}")
+        say(f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
+            f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
+            f"resize {fs['resize']}, weights {fs['weights']}"
+            f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
+            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''})")
+    conflicts = d["label_conflicts"]
+    if conflicts:
+        say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
+            "training and evaluation):")
+        for conflict in conflicts[:limit]:
+            say("    " + escape(" vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})"
+                                            for o in conflict["occurrences"])))
+        if len(conflicts) > limit:
+            say(f"    … and {len(conflicts) - limit} more (--json lists all)")
+    for stage, title in (("decode", "failed"), ("listing", "skipped")):
+        items = [f for f in d["failures"] if f["stage"] == stage]
+        if items:
+            say(f"  {len(items)} {title} inputs:")
+            for item in items[:limit]:
+                say(f"    {escape(item['path'])}: {escape(item['reason'])}")
+            if len(items) > limit:
+                say(f"    … and {len(items) - limit} more (--json lists all)")
 
 
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
@@ -385,9 +432,9 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           head: Optional[Path] = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head` (its backbone comes from the model store)."),
           model: Optional[Path] = typer.Option(None, "--model", help="A fused classifier from `tlpipe export-model` instead of --head."),
           cache: Optional[Path] = typer.Option(None, "--cache", help="Reuse embeddings this cache already holds for the head's feature set."),
-          top_k: int = typer.Option(3, "--top-k", min=1), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
+          top_k: int = typer.Option(3, "--top-k", min=1), device: Device = typer.Option(Device.auto.value, help="auto | cpu | cuda (strict)."),
           batch_size: int = typer.Option(32, "--batch-size", min=1),
-          resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
+          resize: Optional[Resize] = typer.Option(None, help="squash | crop \\[default: the mode recorded with the head or fused model; a different one is refused]."),
           workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
           threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
           trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
@@ -395,6 +442,7 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt,
           engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
     """Predict a label for every image: one row each (path, sha256, label, probability, top-k, error); resumable."""
+    resize, device = _value(resize), _value(device)
     _check_engine(engine)
     if (head is None) == (model is None):
         raise ValueError("give exactly one of --head (a saved head) or --model (a fused classifier .onnx)")
@@ -414,6 +462,10 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
                   f"{summary.reused} from the cache, {summary.already_done} already in the output, {summary.failed} failed "
                   f"(rows with an error), {len(summary.skipped)} inputs skipped\n  {summary.seconds:.1f} s, "
                   f"{summary.images_per_second:.1f} img/s")
+        for path, reason in summary.skipped[:20]:  # named, not only counted: they get no row
+            console.print(f"  [red]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
+        if len(summary.skipped) > 20:
+            console.print(f"  … and {len(summary.skipped) - 20} more skipped")
 
 
 @app.command("export-model")
@@ -447,6 +499,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
              trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
              epochs: int = typer.Option(10, "--epochs", min=1), batch_size: int = typer.Option(32, "--batch-size", min=1),
              learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (keep it low)."),
+             backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", help="Learning rate of the unfrozen backbone layers \\[default: --lr]; lower than --lr to move them less than the classifier."),
              dropout: float = typer.Option(0.2, "--dropout"),
              augment: bool = typer.Option(True, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training."),
              class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
@@ -460,20 +513,25 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
 
     result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
                  unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
-                 batch_size=batch_size, learning_rate=learning_rate, dropout=dropout, augment=augment,
+                 batch_size=batch_size, learning_rate=learning_rate, backbone_learning_rate=backbone_lr,
+                 dropout=dropout, augment=augment,
                  class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
                  store=_store(store), resize=resize, progress=not quiet)
     warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
-    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {result.setup}\n"
-              f"  validation accuracy: warm start {warm}, best {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "
-              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n"
+    test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
+            if result.test else "")
+    out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {escape(result.setup)}\n"
+              f"  validation: accuracy at the warm start {warm}; best (lowest loss {result.best_val_loss:.4f}) at epoch "
+              f"{result.best_epoch}{' = the start' if result.best_epoch == 0 else ''}, accuracy {result.best_val_accuracy:.4f} "
+              f"({result.epochs_run} epochs run, {', '.join(f'{s:.0f}' for s in result.epoch_seconds)} s each)\n{test}"
               f"  backbone: {result.backbone_entry.key} (use: tlpipe extract DATA --model {out_dir})\n"
-              f"  classifier: {result.classifier_path}\n  history: {result.history_path}, curves: {result.curves_path}")
+              f"  classifier: {result.classifier_path} (use: tlpipe score DATA --model {result.classifier_path})\n"
+              f"  history: {result.history_path}, curves: {result.curves_path}")
 
 
 @app.command()
 def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-          size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: str = PoolingOpt,
+          size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: Pooling = PoolingOpt,
           model: Optional[str] = typer.Option(None, "--model", help="A stored export (key or folder) instead of --backbone."),
           images: Optional[Path] = typer.Option(None, "--images", help="Your photos (folder or CSV): timed, decoded, and used to calibrate int8 \\[default: scikit-learn's sample photos]."),
           precision: list[str] = typer.Option(["fp32"], "--precision", "-p", help="Also time this variant: int8 | fp16 (repeatable)."),
@@ -486,6 +544,7 @@ def bench(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: O
           store: Optional[Path] = StoreOpt):
     """Time a backbone here: ONNX Runtime per precision, batch size and thread count (images/s, p50/p95 per
     batch) against Keras on the same images, and decoding on its own; says whether int8 pays off on this CPU."""
+    pooling = _value(pooling)
     from tlpipe.pipeline.bench import format_report, run_bench
 
     def say(message: str) -> None:
@@ -508,6 +567,56 @@ def demo(out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Folder
     from tlpipe.pipeline.demo import run_demo
 
     run_demo(out_dir, backbone=backbone, weights_dir=weights_dir, store=_store(store), console=out)
+
+
+from tlpipe.pipeline.new_layers import NEW_LAYERS_HELP  # noqa: E402 (no TensorFlow: the option's help)
+
+
+@app.command("custom-model")
+def custom_model(source: Path = typer.Argument(..., help="Labelled images: class folders, split folders or a CSV manifest."),
+                 out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder (history, curves, checkpoints, classifier.onnx)."),
+                 backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
+                 size: Optional[int] = SizeOpt,
+                 layer: str = typer.Option(..., "--layer", help="Cut the backbone at this layer (a cut point, see `tlpipe backbones --cuts`, or any layer name of the Keras model); everything up to it is frozen."),
+                 new_layers: str = typer.Option(..., "--new-layers", help=f"The new layers, trained on the cut point's feature maps: {NEW_LAYERS_HELP}."),
+                 epochs: int = typer.Option(20, "--epochs", min=0), batch_size: int = typer.Option(32, "--batch-size", min=1),
+                 learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate of the new layers."),
+                 augment: bool = typer.Option(False, "--augment/--no-augment", help="Flip, rotation, zoom, contrast while training (off: the frozen part's feature maps are computed once and cached)."),
+                 class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
+                 seed: int = typer.Option(0, "--seed"), val_fraction: float = typer.Option(0.2, "--val-fraction"),
+                 unfreeze_from: Optional[str] = typer.Option(None, "--unfreeze-from", help="After the new layers converge, also train the backbone from this layer / block prefix on."),
+                 unfreeze_last: Optional[int] = typer.Option(None, "--unfreeze-last", help="... or its last N blocks (blocks end at cut points)."),
+                 unfreeze_epochs: Optional[int] = typer.Option(None, "--unfreeze-epochs", min=0, help="Epochs of that second phase \\[default: --epochs]."),
+                 backbone_lr: Optional[float] = typer.Option(None, "--backbone-lr", help="Learning rate of the unfrozen backbone layers \\[default: --lr / 10]."),
+                 cache: bool = typer.Option(True, "--cache-feature-maps/--no-cache-feature-maps", help="Without --augment, compute the frozen part once and train the new layers on its feature maps."),
+                 resize: str = typer.Option("squash", help="squash | crop."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Train new layers on a truncated, frozen backbone in TensorFlow; export one ONNX classifier for `tlpipe score`.
+
+    A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.pipeline.custom_model import fit_custom_model
+
+    result = fit_custom_model(source, out_dir, backbone=backbone, layer=layer, new_layers=new_layers, weights=weights,
+                              weights_dir=weights_dir, size=size, epochs=epochs, batch_size=batch_size,
+                              learning_rate=learning_rate, augment=augment, class_weight=class_weight,
+                              patience=patience, seed=seed, val_fraction=val_fraction, unfreeze_from=unfreeze_from,
+                              unfreeze_last=unfreeze_last, unfreeze_epochs=unfreeze_epochs,
+                              backbone_learning_rate=backbone_lr, cache_feature_maps=cache, resize=resize,
+                              progress=not quiet)
+    params = result.params
+    test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
+            if result.test else "")
+    maps = (f"feature maps cached ({result.feature_map_seconds:.1f} s once)" if result.feature_maps_cached
+            else "no feature-map cache")
+    unfrozen = f", {params['unfrozen_backbone']:,} backbone parameters unfrozen from {result.unfreeze_from}" \
+        if result.unfreeze_from else ""
+    out.print(f"[green]custom model[/] {escape(result.new_layers)} on {escape(backbone)} up to {escape(layer)} · {escape(result.setup)}\n"
+              f"  parameters: {params['frozen']:,} frozen, {params['trainable']:,} trainable, "
+              f"{params['non_trainable_new']:,} non-trainable in the new layers{unfrozen}\n"
+              f"  validation: best (lowest loss {result.best_val_loss:.4f}) at epoch {result.best_epoch}, accuracy "
+              f"{result.best_val_accuracy:.4f} ({result.epochs_run} epochs, {', '.join(f'{s:.1f}' for s in result.epoch_seconds)} s each; {maps})\n{test}"
+              f"  classifier: {result.classifier_path} (use: tlpipe score DATA --model {result.classifier_path})\n"
+              f"  history: {result.history_path}, curves: {result.curves_path}")
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)

@@ -8,6 +8,7 @@ fine-tuning, the CLI).
 This facade imports nothing heavy: each name is resolved on first use, so ``import tlpipe`` stays fast
 and works without TensorFlow or ONNX Runtime installed.
 """
+
 from __future__ import annotations
 
 from importlib import import_module

@@ -41,7 +41,7 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
     with h5py.File(cache, "r") as f:
         assert sorted(f["features"]) == sorted(expected)
         speed = json.loads(f["features"][expected[0]].attrs["extraction"])
-        assert speed["images"] == 12 and speed["feature_sets_in_pass"] == 4 and speed["images_per_second"] > 0
+        assert speed["images"] == 12 and speed["images_per_second"] > 0
     # a one-layer, one-size extract of the same (size, layer, TTA) is the same feature set: nothing to embed
     again = extract(photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", size=72, tta="flip",
                     store=model_store)
