@@ -61,7 +61,8 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
     assert np.abs(p.X[np.argsort(p.sha256)] - flip.X[np.argsort(flip.sha256)]).max() > 0.01 * np.abs(p.X).max()
 
     # the sweep: every head on every feature set, pairs ranked, extraction cost attached
-    from tlpipe.pipeline.compare import is_sweep, matching_feature_sets, sweep, write_sweep_report
+    from tlpipe.pipeline.compare import (extraction_records, is_sweep, matching_feature_sets, sweep,
+                                         write_sweep_report)
 
     assert is_sweep("all") and is_sweep("mobilenet*") and not is_sweep(expected[0])
     assert matching_feature_sets(cache, "*-72-*") == sorted(expected[2:])
@@ -69,9 +70,11 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
     assert len(result.rows) == 8 and result.images == 12
     accuracies = [r.accuracy for r in result.rows]
     assert accuracies == sorted(accuracies, reverse=True) and result.best.accuracy == max(accuracies)
+    speeds = extraction_records(cache)
     for r in result.rows:
         head = result.results[r.feature_key].head(r.head)
-        assert r.accuracy == head.accuracy and r.extraction_ms == pytest.approx(1000 / speed["images_per_second"])
+        assert r.accuracy == head.accuracy
+        assert r.extraction_ms == pytest.approx(1000 / speeds[r.feature_key]["images_per_second"])
     paths = write_sweep_report(result, tmp_path / "report")
     assert json.loads(paths["sweep.json"].read_text())["best"]["feature_key"] == result.best.feature_key
 
