@@ -531,6 +531,15 @@ class CacheWriter:
         group.attrs["count"] = 0
         self._flush()
 
+    def note_extraction(self, key: str, record: dict) -> None:
+        """Store how fast feature set ``key`` was extracted (JSON attribute ``extraction``); a figure from a
+        pass over more images is not replaced by one from a smaller pass (e.g. a resume)."""
+        group = self.file["features"][key]
+        old = json.loads(group.attrs.get("extraction", "{}"))
+        if old.get("images", 0) < record.get("images", 0):
+            group.attrs["extraction"] = json.dumps(record, sort_keys=True)
+            self._flush()
+
     def register_classes(self, names: list[str]) -> None:
         """Give these class names indices (in this order) unless they have one already."""
         for name in names:
@@ -997,7 +1006,9 @@ def _describe(f: h5py.File, path) -> dict:
                              "input_size": meta.get("input_size"), "layer": meta.get("layer"),
                              "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source"),
                              "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
-                             "model_key": meta.get("key")}
+                             "model_key": meta.get("key"),
+                             "tta": meta.get("tta", "none"),
+                             "extraction": json.loads(group.attrs.get("extraction", "null"))}
     nf = int(failures.attrs["count"])
     failure_sources = _committed(failures["source"], nf, path)
     stages = _text(_committed(failures["stage"], nf, path))

@@ -86,6 +86,27 @@ def _value(choice):
 PoolingOpt = typer.Option(Pooling.avg.value, "--pooling", help="avg | max | none (flatten).")
 PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
 ResizeOpt = typer.Option(Resize.squash.value, help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop). Part of the feature set's identity.")
+SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each) [default: the backbone's].")
+LayersOpt = typer.Option(None, "--layer", help="Cut point(s), comma-separated (see `tlpipe backbones --cuts`): one feature set per layer, from one verified multi-output export per size [default: the last layer].")
+TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation inside the model: none | flip (image + mirror) | flip+crops (5 crops of a 1/0.875 larger decode + mirrors); the mean embedding.")
+
+
+def _sizes(text: Optional[str]) -> list[Optional[int]]:
+    """--size 224 or 224,288 -> [224] / [224, 288]; absent -> [None] (the backbone's default)."""
+    if not text:
+        return [None]
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--size takes whole numbers separated by commas, not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"--size takes positive sizes, not {text!r}")
+    return sizes
+
+
+def _layers(text: Optional[str]) -> list[Optional[str]]:
+    """--layer a,b -> ['a', 'b']; absent -> [None] (the backbone's last output)."""
+    return [part.strip() for part in text.split(",") if part.strip()] if text else [None]
 
 
 EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe[ray]).")
@@ -197,7 +218,8 @@ def backbones(as_json: bool = typer.Option(False, "--json", help="Print the regi
 
 @app.command()
 def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-           size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: Pooling = PoolingOpt,
+           size: Optional[str] = SizesOpt, layer: Optional[str] = LayersOpt, pooling: Pooling = PoolingOpt,
+           tta: str = TtaOpt,
            opset: int = typer.Option(17, help="ONNX opset for tf2onnx."),
            seed: int = typer.Option(0, help="Seed for --weights none."),
            force: bool = typer.Option(False, "--force", help="Export again even when the store has it."),
@@ -207,18 +229,36 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
            resize: Resize = ResizeOpt, quiet: bool = QuietOpt, store: Optional[Path] = StoreOpt):
     """Export a backbone to ONNX (uint8 RGB images in, float32 embeddings out), verified against Keras.
 
-    With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry."""
+    With --precision int8|fp16, also make that variant of it, verified against fp32, as its own store entry.
+    Several --layer values export one model per --size with one output per layer, each verified."""
     pooling, precision, resize = _value(pooling), _value(precision), _value(resize)
-    from tlpipe.backbones.export import export_backbone
+    from tlpipe.backbones.export import export_backbone, export_layers
     from tlpipe.backbones.quantize import check_precision
+    from tlpipe.backbones.tta import check_tta
 
     check_precision(precision)
     if calibration is not None:
         _deprecated("--calibration", "--images", "export")
         images = images or calibration
     calibration = images
+    check_tta(tta)
+    sizes, layers = _sizes(size), _layers(layer)
+    if len(sizes) > 1 or len(layers) > 1:
+        if precision != "fp32":
+            raise ValueError("several sizes or layers export fp32 only; make int8/fp16 variants one at a time")
+        for one_size in sizes:
+            with _status(quiet, f"exporting {backbone} at {one_size or 'its default size'} with {len(layers)} outputs…"):
+                found = export_layers(backbone, layers, weights, one_size, pooling, weights_dir, _store(store), opset,
+                                      seed, force, tta)
+            out.print(f"[green]stored[/] {found.entry.key}\n  model: {found.entry.model_path}")
+            for name, single in found.outputs:
+                v = single.metadata["verification"]
+                out.print(f"  output {name} (N, {single.embedding_dim}) -> feature set {single.key}; "
+                          f"min cosine vs Keras {v['min_cosine']:.6f}")
+        return
     with _status(quiet, f"exporting {backbone} (build, convert with tf2onnx, verify against Keras)…"):
-        entry = export_backbone(backbone, weights, size, layer, pooling, weights_dir, _store(store), opset, seed, force)
+        entry = export_backbone(backbone, weights, sizes[0], layers[0], pooling, weights_dir, _store(store), opset,
+                                seed, force, tta)
     if precision != "fp32":
         from tlpipe.features.calibration import variant_for
         from tlpipe.features.sources import discover
@@ -247,7 +287,8 @@ def export(backbone: str = BackboneOpt, weights: str = WeightsOpt, weights_dir: 
 def extract(source: Path = typer.Argument(..., help="Folder (class folders, split folders or flat) or CSV manifest (path[,label][,split])."),
             out_path: Path = typer.Option(Path("cache.h5"), "--out", "-o", help="HDF5 cache to create or append to."),
             backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir: Optional[Path] = WeightsDirOpt,
-            size: Optional[int] = SizeOpt, layer: Optional[str] = LayerOpt, pooling: Pooling = PoolingOpt,
+            size: Optional[str] = SizesOpt, layer: Optional[str] = LayersOpt, pooling: Pooling = PoolingOpt,
+            tta: str = TtaOpt,
             model: Optional[str] = typer.Option(None, "--model", hidden=True, help="Deprecated: use --backbone."),
             device: Device = DeviceOpt,
             batch_size: int = BatchSizeOpt,
@@ -265,9 +306,16 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
     pooling, precision, resize, device, dtype = map(_value, (pooling, precision, resize, device, dtype))
     _check_engine(engine)
     from tlpipe.backbones.choice import ModelChoice
+    from tlpipe.backbones.tta import check_tta
 
+    check_tta(tta)
+    sizes, layers = _sizes(size), _layers(layer)
+    several = len(sizes) > 1 or len(layers) > 1
+    if engine == "ray" and (several or tta != "none"):
+        raise ValueError("--engine ray extracts one feature set without TTA; use the local engine for --tta or "
+                         "several --size/--layer values")
     backbone, model = _backbone_source(backbone, model, "extract")
-    choice = ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, _store(store))
+    choice = ModelChoice(backbone, weights, weights_dir, sizes[0], layers[0], pooling, precision, model, _store(store), tta)
     options = dict(choice=choice, device=device, batch_size=batch_size, dtype=dtype, resize=resize, threads=threads,
                    allow_outside_root=allow_outside_root, recalibrate=recalibrate)
     with _progress(quiet, "extract") as progress:
@@ -278,7 +326,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
         else:
             from tlpipe.features.extract import extract as run
 
-            summary = run(source, out_path, workers=workers, streams=streams, progress=progress, **options)
+            summary = run(source, out_path, workers=workers, streams=streams, progress=progress,
+                          sizes=sizes if several else None, layers=layers if several else None, **options)
     # the warnings themselves (source layout, manifest, label conflicts) are logged by the library
     if summary.label_conflicts and not as_json:
         for conflict in summary.label_conflicts[:10]:
@@ -287,7 +336,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
     if as_json:
         emit_json(summary_dict(summary))
     elif not quiet:
-        out.print(f"[bold]{escape(summary.out)}[/] · feature set {summary.key} (resize {summary.resize}) · {summary.provider}\n"
+        sets = ", ".join(summary.keys) if len(summary.keys) > 1 else summary.key
+        out.print(f"[bold]{escape(summary.out)}[/] · feature set{'s' if len(summary.keys) > 1 else ''} {sets} (resize {summary.resize}) · {summary.provider}\n"
                   f"  {summary.total} images: {summary.embedded} embedded, {summary.cached} already cached, "
                   f"{summary.duplicates} duplicate content, {summary.failed} failed; {len(summary.skipped)} inputs skipped"
                   + (f"; {summary.relabelled} cached rows updated (moved or relabelled, not re-embedded)"
@@ -322,7 +372,9 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
     for key, fs in d["feature_sets"].items():
         say(f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
             f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
-            f"resize {fs['resize']}, weights {fs['weights']})")
+            f"resize {fs['resize']}, weights {fs['weights']}"
+            f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
+            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''})")
     conflicts = d["label_conflicts"]
     if conflicts:
         say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
@@ -355,7 +407,7 @@ def _pca(value: str):
 
 PcaOpt = typer.Option("auto", "--pca", help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (int) | variance kept (0-1).")
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
-FeaturesOpt = typer.Option(None, "--features", help="Feature set key (or unique prefix) when the cache holds several.")
+FeaturesOpt = typer.Option(None, "--features", help="Feature set key (or unique prefix) when the cache holds several; for compare also 'all' or globs (comma-separated): a sweep of every head on each.")
 ClassWeightOpt = typer.Option(None, "--class-weight", help="'balanced' to weight classes by inverse frequency.")
 ExcludeOpt = typer.Option(None, "--exclude", help="Leave out the rows of this exclude list (sha256 per line, e.g. from `tlpipe audit --write-exclude`).")
 
@@ -428,6 +480,14 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
     from tlpipe.pipeline.engine import parallel_backend
 
     names = [m.strip() for m in models.split(",") if m.strip()]
+    from tlpipe.pipeline.compare import is_sweep
+
+    if is_sweep(features):
+        if save_best is not None or exclude is not None:
+            raise ValueError("--save-best and --exclude work on one feature set: pick it with --features KEY "
+                             "(the sweep prints the fit-head command for its best pair)")
+        _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report)
+        return
     fs = read_feature_set(cache, features, exclude=exclude)
     if save_best is not None and all_rows:
         raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
@@ -459,6 +519,24 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
     if save_best is not None:
         save_best_head(result, fs, save_best, cache_path=cache.resolve())
         out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
+
+
+def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report) -> None:
+    """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
+    from tlpipe.pipeline.compare import format_sweep_table, sweep, write_sweep_report
+    from tlpipe.pipeline.engine import parallel_backend
+
+    with console.status(f"cross-validating {', '.join(names)} on every feature set matching {features!r}…"), \
+            parallel_backend(engine, address):
+        result = sweep(cache, features, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
+                       holdout=not all_rows, n_jobs=n_jobs)
+    out.print(format_sweep_table(result))
+    best = result.best
+    out.print(f"  best pair: [bold]{best.head}[/] on {best.feature_key} · {result.seconds:.1f} s\n"
+              f"  fit it: tlpipe fit-head {cache} --features {best.feature_key} --model {best.head}")
+    if report is not None:
+        written = write_sweep_report(result, report)
+        out.print(f"  report: {report / 'sweep.md'} ({', '.join(p.name for p in written.values())})")
 
 
 @app.command()

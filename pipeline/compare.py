@@ -596,3 +596,193 @@ def save_best(result: CompareResult, fs: FeatureSet, path: str | os.PathLike, *,
     return save_head(result.estimator, path, feature_set=fs, metrics=metrics, params=params, cache_path=cache_path,
                      train_rows=result.train_rows, evaluation_rows=result.holdout_rows,
                      evaluation_setup=result.holdout["description"])
+
+
+# -- sweep: every head on every feature set ------------------------------------------------------------
+@dataclass
+class SweepRow:
+    """One (feature set, head) pair of a sweep: cross-validated figures and what extracting it costs."""
+
+    feature_key: str
+    head: str
+    params: dict
+    accuracy: float
+    accuracy_std: float
+    macro_f1: float
+    fit_s: float
+    predict_s: float
+    extraction_ms: float | None  # ms per image of the extraction pass that filled the feature set
+    feature_sets_in_pass: int | None  # feature sets that pass filled together (they share its cost)
+    input_size: int | None
+    tta: str
+    layer: str | None
+
+
+@dataclass
+class SweepResult:
+    cache: str
+    pattern: str
+    rows: list[SweepRow]  # ranked: accuracy, then macro-F1, then cheaper extraction
+    results: dict[str, CompareResult]
+    images: int  # images common to every feature set (the rows every pair is scored on)
+    cv: int
+    seed: int
+    seconds: float
+
+    @property
+    def best(self) -> SweepRow:
+        return self.rows[0]
+
+    def to_dict(self) -> dict:
+        return {"cache": self.cache, "pattern": self.pattern, "images": self.images, "cv": self.cv, "seed": self.seed,
+                "seconds": self.seconds, "best": asdict(self.best), "rows": [asdict(r) for r in self.rows],
+                "setups": {k: r.setup for k, r in self.results.items()}}
+
+
+def is_sweep(features: str | None) -> bool:
+    """Whether ``--features`` asks for a sweep: ``all``, a glob (``*?[``) or a comma-separated list."""
+    return features is not None and (features == "all" or any(c in features for c in "*?[,"))
+
+
+def matching_feature_sets(cache: str | os.PathLike, pattern: str) -> list[str]:
+    """Feature-set keys of ``cache`` that ``pattern`` names: ``all``, shell globs or exact keys, comma-separated."""
+    from fnmatch import fnmatchcase
+
+    from tlpipe.features.cache import CacheError, list_feature_sets
+
+    keys = list_feature_sets(cache)
+    if pattern == "all":
+        chosen = keys
+    else:
+        parts = [p.strip() for p in pattern.split(",") if p.strip()]
+        chosen = [k for k in keys if any(fnmatchcase(k, p) or k == p for p in parts)]
+    if not chosen:
+        raise CacheError(f"{cache}: no feature set matches {pattern!r}; it holds: {', '.join(keys) or 'none'}")
+    return chosen
+
+
+def extraction_records(cache: str | os.PathLike) -> dict[str, dict]:
+    """The ``extraction`` record (speed of the pass that filled it) of every feature set that has one."""
+    from tlpipe.features.cache import read_retrying
+
+    def read(f) -> dict[str, dict]:
+        return {k: json.loads(g.attrs["extraction"]) for k, g in f["features"].items() if "extraction" in g.attrs}
+
+    return read_retrying(cache, read)
+
+
+def _common_rows(sets: list[FeatureSet]) -> list[FeatureSet]:
+    """Each feature set cut to the images all of them hold, in one order (by content hash), so every pair
+    is scored on the same rows and the same folds."""
+    common = set(sets[0].sha256)
+    for fs in sets[1:]:
+        common &= set(fs.sha256)
+    order = sorted(common)
+    out = []
+    for fs in sets:
+        index = {s: i for i, s in enumerate(fs.sha256)}
+        rows = np.array([index[s] for s in order], dtype=np.int64)
+        out.append(FeatureSet(key=fs.key, X=fs.X[rows], y=fs.y[rows], split=fs.split[rows], paths=fs.paths[rows],
+                              sha256=fs.sha256[rows], class_names=fs.class_names, metadata=fs.metadata,
+                              cache_id=fs.cache_id))
+    return out
+
+
+def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...] | list[str] = HEADS, *, cv: int = 5,
+          seed: int = 0, n_jobs: int | None = None, class_weight: dict | str | None = None, search: bool = False,
+          holdout: bool = True, pca: int | float | str | None = "auto") -> SweepResult:
+    """Score every head on every feature set ``pattern`` names and rank the (feature set, head) pairs.
+
+    Parameters
+    ----------
+    cache : path
+        HDF5 cache made by ``tlpipe extract``.
+    pattern : str
+        ``all``, shell globs over feature-set keys, or keys, comma-separated (:func:`matching_feature_sets`).
+    models, cv, seed, n_jobs, class_weight, search, holdout, pca
+        As for :func:`compare_heads`, applied to each feature set.
+
+    Returns
+    -------
+    SweepResult
+        Pairs ranked by mean CV accuracy (ties: macro-F1, then the cheaper extraction), each with fit and
+        predict seconds per fold and the extraction cost in ms per image recorded by the extract that
+        filled the feature set (None for caches written before it was recorded). Every feature set is cut
+        to the images all of them hold, so all pairs see the same rows, the same hold-out and the same folds.
+    """
+    from tlpipe.features.cache import read_feature_set
+
+    started = perf_counter()
+    keys = matching_feature_sets(cache, pattern)
+    sets = _common_rows([read_feature_set(cache, k) for k in keys])
+    speeds = extraction_records(cache)
+    results, rows = {}, []
+    for fs in sets:
+        result = compare_heads(fs, models, cv=cv, seed=seed, n_jobs=n_jobs, class_weight=class_weight, search=search,
+                               holdout=holdout, pca=pca)
+        results[fs.key] = result
+        speed = speeds.get(fs.key, {})
+        rate = speed.get("images_per_second")
+        for h in result.heads:
+            rows.append(SweepRow(
+                feature_key=fs.key, head=h.name, params=h.params, accuracy=h.accuracy, accuracy_std=h.accuracy_std,
+                macro_f1=h.macro_f1, fit_s=h.fit_s, predict_s=h.predict_s,
+                extraction_ms=1000.0 / rate if rate else None, feature_sets_in_pass=speed.get("feature_sets_in_pass"),
+                input_size=fs.metadata.get("input_size"), tta=fs.metadata.get("tta", "none"),
+                layer=fs.metadata.get("layer")))
+    rows.sort(key=lambda r: (-r.accuracy, -r.macro_f1, r.extraction_ms if r.extraction_ms is not None else np.inf))
+    return SweepResult(cache=str(cache), pattern=pattern, rows=rows, results=results, images=len(sets[0]), cv=cv,
+                       seed=seed, seconds=perf_counter() - started)
+
+
+_SWEEP_COLUMNS = ["rank", "feature set", "head", "accuracy", "macro-F1", "fit s", "predict s", "extract ms/img"]
+
+
+def _sweep_cells(rank: int, r: SweepRow) -> list[str]:
+    cost = "?" if r.extraction_ms is None else f"{r.extraction_ms:.1f}" + (
+        f" (pass of {r.feature_sets_in_pass})" if (r.feature_sets_in_pass or 1) > 1 else "")
+    return [str(rank), r.feature_key, r.head, _pm(r.accuracy, r.accuracy_std), f"{r.macro_f1:.3f}",
+            f"{r.fit_s:.2f}", f"{r.predict_s:.3f}", cost]
+
+
+def format_sweep_table(result: SweepResult):
+    """A rich table of the ranked pairs (best marked), for the CLI."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.cv}-fold CV of every head on {len(result.results)} feature sets "
+                        f"({result.images} images each)")
+    for i, column in enumerate(_SWEEP_COLUMNS):
+        table.add_column(column, justify="left" if i in (1, 2) else "right")
+    for rank, r in enumerate(result.rows, 1):
+        cells = _sweep_cells(rank, r)
+        if rank == 1:
+            cells[2] = f"[bold green]{r.head} *[/]"
+        table.add_row(*cells)
+    return table
+
+
+def write_sweep_report(result: SweepResult, folder: str | os.PathLike) -> dict[str, Path]:
+    """Write sweep.md, sweep.csv and sweep.json into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in ("sweep.md", "sweep.csv", "sweep.json")}
+    best = result.best
+    lines = [f"# Sweep: every head on every feature set of `{result.cache}`", "",
+             f"Best pair: **{best.head}** on `{best.feature_key}` (highest mean accuracy; ties: macro-F1, then "
+             f"the cheaper extraction).", "",
+             "| " + " | ".join(_SWEEP_COLUMNS) + " |", "|" + "---|" * len(_SWEEP_COLUMNS),
+             *("| " + " | ".join(_sweep_cells(i, r)) + " |" for i, r in enumerate(result.rows, 1)), "",
+             f"{result.cv}-fold stratified CV (seed {result.seed}) on the same {result.images} images for every "
+             f"feature set; accuracy is mean ± standard deviation over folds; fit / predict seconds per fold; "
+             f"extraction ms per image of the extract pass that filled the feature set (a pass that filled "
+             f"several feature sets at once shares its cost among them).", "",
+             f"Rows: {next(iter(result.results.values())).setup}.", ""]
+    paths["sweep.md"].write_text("\n".join(lines))
+    with open(paths["sweep.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        fields = list(asdict(best))
+        writer.writerow(["rank", *fields])
+        for i, r in enumerate(result.rows, 1):
+            writer.writerow([i, *(json.dumps(v) if isinstance(v, dict) else v for v in asdict(r).values())])
+    paths["sweep.json"].write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return paths

@@ -20,7 +20,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.neural_network import MLPClassifier
@@ -81,12 +81,42 @@ class MLPHead(MLPClassifier):
             self.early_stopping = early
 
 
+# logreg without an explicit C picks it by an internal CV over this grid (LogisticRegressionCV: one
+# warm-started regularisation path per fold, then a refit on all rows at the C with the best mean
+# log-loss). The best C depends on rows per dimension and on how separable the classes are, so no single
+# default suits both a 2-class set of 1,000 photos and a 10-class set of 10,000.
+LOGREG_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
+LOGREG_CV_FOLDS = 3
+# The settings scikit-learn 1.9 asks for to silence its deprecation warnings (the new behaviour), where they exist.
+_LRCV_QUIET = {k: v for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
+               if k in LogisticRegressionCV().get_params()}
+
+
+class LogisticRegressionCVHead(LogisticRegressionCV):
+    """:class:`~sklearn.linear_model.LogisticRegressionCV` whose ``score`` is mean accuracy, as for every
+    scikit-learn classifier (``LogisticRegressionCV.score`` uses its ``scoring``, here log-loss, so
+    ``cross_val_score(head, X, y)`` would otherwise report a negative log-loss as if it were accuracy)."""
+
+    def score(self, X, y, sample_weight=None):
+        from sklearn.metrics import accuracy_score
+
+        return accuracy_score(y, self.predict(X), sample_weight=sample_weight)
+
+
 def _classifier(name: str, seed: int, class_weight, params: dict):
     if name == "logreg":
         # lbfgs on standardised inputs converges in tens of iterations; multinomial loss, so
         # predict_proba is a proper softmax.
-        return LogisticRegression(**{"C": 0.01, "max_iter": 1000, "random_state": seed, "class_weight": class_weight,
-                                     **params})
+        common = {"max_iter": 1000, "random_state": seed, "class_weight": class_weight}
+        if "C" in params:
+            return LogisticRegression(**{**common, **params})
+        # Log-loss (a proper scoring rule) rather than accuracy picks C: it is continuous, so 3 small
+        # folds rank neighbouring Cs less noisily than by a few images more or less correctly classified.
+        # (scikit-learn itself makes neg_log_loss LogisticRegressionCV's default in 1.11.) The head's
+        # ``score()`` stays accuracy, as for every scikit-learn classifier (LogisticRegressionCVHead).
+        folds = StratifiedKFold(LOGREG_CV_FOLDS, shuffle=True, random_state=seed)
+        return LogisticRegressionCVHead(**{**common, **_LRCV_QUIET, "Cs": list(LOGREG_CS), "cv": folds,
+                                           "scoring": "neg_log_loss", **params})
     if name == "svm":
         # liblinear's LinearSVC instead of SVC(kernel="linear"): linear in the number of rows instead of
         # quadratic. Probabilities by temperature scaling of its decision values on held-out folds: one
@@ -207,7 +237,8 @@ class FoldScore:
 
 def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weight, pca) -> list[FoldScore]:
     """Fit the preprocessing once on this fold's training rows, then each grid point's classifier."""
-    head = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca)
+    first = points[0] if name == "logreg" else {}  # a logreg grid point fixes C: plain LogisticRegression
+    head = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **first)
     prep, clf = head[:-1], head[-1]
     started = perf_counter()
     X_train = prep.fit_transform(X[train])
@@ -367,9 +398,20 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
                  "cv_macro_f1": rows[0]["macro_f1"], "cv_results": rows}
     estimator = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **params)
     fit(estimator, X, y, class_weight)
-    used = estimator[-1].get_params()
-    info["params"] = {k: used[_clf_prefix(name) + k] for k in sorted(set(search_space(name)) | set(params))}
+    info["params"] = used_params(estimator, extra=params)
     return estimator, info
+
+
+def used_params(estimator: Pipeline, extra: dict | None = None) -> dict:
+    """The classifier parameters a fitted head used, for the keys of its :func:`search_space` and of
+    ``extra`` (parameters set explicitly); for a logreg head that chose C by its internal CV, the chosen
+    ``C`` and the grid ``Cs`` it chose from."""
+    name = head_name(estimator)
+    clf = estimator[-1]
+    if isinstance(clf, LogisticRegressionCV):
+        return {"C": float(np.ravel(clf.C_)[0]), "Cs": [float(c) for c in clf.Cs_]}
+    used = clf.get_params()
+    return {k: used[_clf_prefix(name) + k] for k in sorted(set(search_space(name)) | set(extra or {}))}
 
 
 def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:

@@ -25,6 +25,8 @@ SKIP = {
     "tlpipe bench": "timings (covered by tests/pipeline/test_bench.py)",
     "tlpipe demo": "the demo's own run (make demo)",
     "audit": "the audit's own tests (tests/pipeline/test_audit.py)",
+    "--tta": "a TTA export needs TensorFlow (the TTA tests)",
+    "224,288": "four exports with TensorFlow (the multi-output tests)",
     "--exclude": "needs the audit's exclude list",
 }
 

@@ -32,10 +32,12 @@ def test_head_is_a_real_estimator(name, separable):
     assert head_name(head) == name
     twin = clone(head)
     assert twin.get_params(deep=False).keys() == head.get_params(deep=False).keys()
-    key = {"logreg": "logreg__C", "svm": "svm__estimator__C", "rbf-svm": "rbf_svm__estimator__C",
+    # logreg without an explicit C picks it from its grid Cs by internal CV (LogisticRegressionCV)
+    key = {"logreg": "logreg__Cs", "svm": "svm__estimator__C", "rbf-svm": "rbf_svm__estimator__C",
            "mlp": "mlp__alpha"}[name]
-    twin.set_params(**{key: 0.5})
-    assert twin.get_params()[key] == 0.5 and head.get_params()[key] != 0.5
+    value = [0.5] if name == "logreg" else 0.5
+    twin.set_params(**{key: value})
+    assert twin.get_params()[key] == value and head.get_params()[key] != value
     outer = Pipeline([("cast", FunctionTransformer(lambda a: a.astype(np.float64))), ("head", head)]).fit(X, y)
     proba = outer.predict_proba(X_test)
     assert proba.shape == (len(X_test), 3)
