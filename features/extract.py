@@ -21,8 +21,8 @@ import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.runtime import physical_cores
-from tlpipe.backbones.tta import check_tta
 from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.tta import check_tta
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
@@ -31,8 +31,15 @@ from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
 from .stream import LocalEngine, Progress, StageModel, StreamSummary, run_stream
 
-__all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source",
-           "run_extraction"]
+__all__ = [
+    "CacheSink",
+    "ExtractSummary",
+    "check_extract_options",
+    "extract",
+    "extract_into",
+    "open_source",
+    "run_extraction",
+]
 log = logging.getLogger(__name__)
 
 
@@ -180,10 +187,15 @@ def extract_into(
     with engine, CacheWriter(out) as writer:
         source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
-        writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {
-            "key": entry.key, "feature_set_key": key, "resize": resize})
-        summary = ExtractSummary(out=str(writer.path), key=key, skipped=list(images.skipped), resize=resize,
-                                 warnings=list(images.warnings))
+        writer.ensure_feature_set(
+            key,
+            entry.embedding_dim,
+            dtype,
+            metadata=entry.metadata | {"key": entry.key, "feature_set_key": key, "resize": resize},
+        )
+        summary = ExtractSummary(
+            out=str(writer.path), key=key, skipped=list(images.skipped), resize=resize, warnings=list(images.warnings)
+        )
         sink = CacheSink(writer, key, source_index)
         run_stream(
             images.records,
@@ -197,14 +209,18 @@ def extract_into(
             progress=progress,
         )
         if images.skipped:
-            writer.add_failures([(path, "", reason) for path, reason in images.skipped], stage="listing",
-                                source=source_index)
+            writer.add_failures(
+                [(path, "", reason) for path, reason in images.skipped], stage="listing", source=source_index
+            )
         summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, sink.seen)
     if summary.label_conflicts:
-        log.warning("%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
-                    "the labels and run extract again): %s%s", len(summary.label_conflicts),
-                    "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
-                    " ..." if len(summary.label_conflicts) > 3 else "")
+        log.warning(
+            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
+            "the labels and run extract again): %s%s",
+            len(summary.label_conflicts),
+            "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
+            " ..." if len(summary.label_conflicts) > 3 else "",
+        )
     return summary
 
 
@@ -212,8 +228,14 @@ def _conflict_text(conflict: dict) -> str:
     return " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])
 
 
-def check_extract_options(*, resize: str = "squash", dtype: str = "float32", device: str = "auto",
-                          precision: str = "fp32", pooling: str = "avg") -> None:
+def check_extract_options(
+    *,
+    resize: str = "squash",
+    dtype: str = "float32",
+    device: str = "auto",
+    precision: str = "fp32",
+    pooling: str = "avg",
+) -> None:
     """Validate the options of :func:`extract` before anything is read, exported or written.
 
     Raises
@@ -224,9 +246,13 @@ def check_extract_options(*, resize: str = "squash", dtype: str = "float32", dev
     from tlpipe.backbones.registry import POOLINGS
     from tlpipe.backbones.runtime import DEVICES
 
-    choices = {"resize": (resize, RESIZE_MODES), "dtype": (dtype, ("float32", "float16")),
-               "device": (device, DEVICES), "precision": (precision, ("fp32", "int8", "fp16")),
-               "pooling": (pooling, POOLINGS)}
+    choices = {
+        "resize": (resize, RESIZE_MODES),
+        "dtype": (dtype, ("float32", "float16")),
+        "device": (device, DEVICES),
+        "precision": (precision, ("fp32", "int8", "fp16")),
+        "pooling": (pooling, POOLINGS),
+    }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
@@ -254,8 +280,12 @@ def run_extraction(
     ExtractSummary
     """
     key = feature_set_key(entry.key, resize)
-    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {
-        "key": entry.key, "feature_set_key": key, "resize": resize})
+    writer.ensure_feature_set(
+        key,
+        entry.embedding_dim,
+        dtype,
+        metadata=entry.metadata | {"key": entry.key, "feature_set_key": key, "resize": resize},
+    )
     summary = ExtractSummary(out=str(writer.path), key=key, resize=resize)
     stage_progress = (lambda total, done: on_progress) if on_progress else None
     run_stream(
@@ -298,7 +328,7 @@ def extract(
     recalibrate: bool = False,
     progress: Progress | None = None,
     tta: str = "none",
-    sizes: list[int] | None = None,
+    sizes: list[int | None] | None = None,
     layers: list[str | None] | None = None,
 ) -> ExtractSummary:
     """Embed every image of ``source`` into the HDF5 cache ``out`` (created or appended to).
@@ -367,8 +397,9 @@ def extract(
     summaries = []
     for entry in entries:
         engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-        summary = extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
-                               progress=progress)
+        summary = extract_into(
+            images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize, progress=progress
+        )
         _note_speed(out, summary, entry)
         summaries.append(summary)
     first = summaries[0]
@@ -388,8 +419,16 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
         raise ValueError(f"a size is named twice in {sizes}")
     entries = []
     for size in sizes:
-        found = obtain_layers(choice.backbone, list(layers), choice.weights, size, choice.pooling, choice.weights_dir,
-                              choice.model_store, tta=choice.tta)
+        found = obtain_layers(
+            choice.backbone,
+            list(layers),
+            choice.weights,
+            size,
+            choice.pooling,
+            choice.weights_dir,
+            choice.model_store,
+            tta=choice.tta,
+        )
         entries += [entry for _, entry in found.outputs]
     return entries
 
@@ -399,9 +438,15 @@ def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
     embedded = summary.embedded
     if not embedded or not summary.seconds:
         return
-    record = {"images": embedded, "seconds": round(summary.seconds, 3),
-              "images_per_second": round(embedded / summary.seconds, 2), "feature_sets_in_pass": 1,
-              "input_size": entry.input_size, "provider": summary.provider, "cores": physical_cores(),
-              "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = {
+        "images": embedded,
+        "seconds": round(summary.seconds, 3),
+        "images_per_second": round(embedded / summary.seconds, 2),
+        "feature_sets_in_pass": 1,
+        "input_size": entry.input_size,
+        "provider": summary.provider,
+        "cores": physical_cores(),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with CacheWriter(out) as writer:
         writer.note_extraction(summary.key, record)
