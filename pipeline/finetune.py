@@ -310,7 +310,10 @@ def resolve_unfreeze(base: keras.Model, spec: BackboneSpec, unfreeze_from: str |
         raise ValueError("give unfreeze_from or unfreeze_last, not both")
     names = [layer.name for layer in base.layers]
     if unfreeze_from is None:
-        boundaries = [c.layer for c in spec.cut_points if c.layer != names[-1] and c.layer in names]
+        # Block ends only: a mid-block cut point (MobileNetV2's `block_N_expand_relu`, registered for feature
+        # extraction) would split a block's expand convolution from its depthwise and projection.
+        boundaries = [c.layer for c in spec.cut_points
+                      if c.layer != names[-1] and c.layer in names and not c.layer.endswith("_expand_relu")]
         n = 1 if unfreeze_last is None else unfreeze_last
         if not 1 <= n <= len(boundaries):
             ends = ", ".join(boundaries) or "no cut point before it"

@@ -134,18 +134,24 @@ def ml_opset_for(opset: int) -> int:
 
 
 def _register_mlp_head() -> None:
-    """skl2onnx finds converters by exact class: convert tlpipe's MLPHead (an MLPClassifier that also fits
-    tiny data; same fitted attributes) with the MLPClassifier converter."""
+    """skl2onnx finds converters by exact class: convert tlpipe's subclasses with their parent's converter —
+    MLPHead (an MLPClassifier that also fits tiny data) and LogisticRegressionCVHead (a LogisticRegressionCV
+    whose ``score`` is accuracy); both keep their parent's fitted attributes."""
     from skl2onnx import update_registered_converter
+    from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
     from skl2onnx.operator_converters.multilayer_perceptron import convert_sklearn_mlp_classifier
     from skl2onnx.shape_calculators.linear_classifier import calculate_linear_classifier_output_shapes
 
-    from tlpipe.pipeline.heads import MLPHead
+    from tlpipe.pipeline.heads import LogisticRegressionCVHead, MLPHead
 
     update_registered_converter(MLPHead, "TlpipeMLPHead", calculate_linear_classifier_output_shapes,
                                 convert_sklearn_mlp_classifier,
                                 options={"zipmap": [True, False, "columns"], "output_class_labels": [False, True],
                                          "nocl": [True, False]})
+    update_registered_converter(LogisticRegressionCVHead, "TlpipeLogisticRegressionCVHead",
+                                calculate_linear_classifier_output_shapes, convert_sklearn_linear_classifier,
+                                options={"zipmap": [True, False, "columns"], "nocl": [True, False],
+                                         "output_class_labels": [False, True], "raw_scores": [True, False]})
 
 
 def convert_head(estimator, dim: int, opset: int, ml_opset: int):

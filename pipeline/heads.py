@@ -102,6 +102,24 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
 
         return accuracy_score(y, self.predict(X), sample_weight=sample_weight)
 
+    def fit(self, X, y, sample_weight=None, **params):
+        """Fit as LogisticRegressionCV, with the log-loss of every fold computed over *all* classes: a
+        small class kept in training may be missing from a fold's validation rows, where a plain
+        ``"neg_log_loss"`` scorer fails on scikit-learn < 1.9 ("different number of classes")."""
+        if self.scoring != "neg_log_loss":
+            return super().fit(X, y, sample_weight=sample_weight, **params)
+        from functools import partial
+
+        from sklearn.metrics import log_loss, make_scorer
+
+        saved = self.scoring
+        self.scoring = make_scorer(partial(log_loss, labels=np.unique(np.asarray(y))), greater_is_better=False,
+                                   response_method="predict_proba")
+        try:
+            return super().fit(X, y, sample_weight=sample_weight, **params)
+        finally:
+            self.scoring = saved  # fit never changes a parameter (scikit-learn's rule)
+
 
 def _classifier(name: str, seed: int, class_weight, params: dict):
     if name == "logreg":

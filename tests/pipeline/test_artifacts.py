@@ -37,7 +37,10 @@ def test_roundtrip_and_metadata(saved):
     np.testing.assert_array_equal(loaded.predict_proba(fs.X[test]), estimator.predict_proba(fs.X[test]))
     assert meta == metadata == json.loads(sidecar_path(path).read_text())
     assert meta["format_version"] == FORMAT_VERSION
-    assert meta["head"]["name"] == "logreg" and meta["head"]["params"]["params"] == {"C": 0.01}
+    # logreg chose C from its grid by internal CV: the sidecar records the choice and the grid
+    chosen = meta["head"]["params"]["params"]
+    assert meta["head"]["name"] == "logreg" and set(chosen) == {"C", "Cs"} and chosen["C"] in chosen["Cs"]
+    assert chosen["C"] == float(np.ravel(estimator[-1].C_)[0])
     assert meta["feature_set"] == {"key": fs.key, "embedding_dim": 32, "backbone": "ResNet50",
                                    "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None,
                                    "resize": "squash", "model_key": fs.metadata.get("key") or fs.key}

@@ -63,7 +63,7 @@ def test_same_bytes_under_two_labels_is_a_conflict_recorded_warned_listed_and_ex
     assert info["per_class"] == {"china": 4, "flower": 3, "(label conflict)": 1}  # not counted under either label
     data = json.loads(cli("info", str(out), "--json").stdout)
     assert {o["label"] for o in data["label_conflicts"][0]["occurrences"]} == {"china", "flower"}
-    again = cli("extract", str(photos), "--model", str(tiny_entry.directory), "--out", str(out), "-q")
+    again = cli("extract", str(photos), "--backbone", str(tiny_entry.directory), "--out", str(out), "-q")
     assert again.returncode == 0 and "label conflicts" in again.stderr and "zz_copy.jpg" in again.stderr
     # fixing it (the copy removed) resolves it, and the row comes back
     (photos / "china" / "zz_copy.jpg").unlink()
@@ -250,7 +250,7 @@ def test_skipped_inputs_are_named_in_the_summary_and_info(tmp_path, tiny_entry):
     (photos / "china" / "notes.txt").write_text("a note")
     (photos / "stray.jpg").write_bytes((photos / "china").joinpath(next(iter(os.listdir(photos / "china")))).read_bytes())
     out = tmp_path / "c.h5"
-    done = cli("extract", str(photos), "--model", str(tiny_entry.directory), "--out", str(out), "--device", "cpu")
+    done = cli("extract", str(photos), "--backbone", str(tiny_entry.directory), "--out", str(out), "--device", "cpu")
     assert done.returncode == 0
     assert "skipped china/notes.txt: not an image file (.txt)" in done.stderr
     assert "skipped stray.jpg: outside the class folders" in done.stderr
@@ -303,8 +303,8 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
         paths.append(tmp_path / f"wide{i}.png")
         Image.fromarray(arr).save(paths[-1])
     cache = tmp_path / "c.h5"
-    squash = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu").transform(paths)
-    crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").transform(paths)
+    squash = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu").fit_transform(paths)
+    crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").fit_transform(paths)
     sets = describe(cache)["feature_sets"]
     assert sorted(fs["resize"] for fs in sets.values()) == ["crop", "squash"]
     for key, got in ((tiny_entry.key, squash), (tiny_entry.key + "-resize-crop", crop)):
@@ -320,7 +320,7 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
 def test_bad_option_values_fail_before_a_cache_is_created(tmp_path, tiny_entry, option):
     photos = write_photo_folder(tmp_path / "p", per_class=1)
     out = tmp_path / "c.h5"
-    done = cli("extract", str(photos), "--model", str(tiny_entry.directory), "--out", str(out), *option)
+    done = cli("extract", str(photos), "--backbone", str(tiny_entry.directory), "--out", str(out), *option)
     assert done.returncode == 2 and option[1] in done.stderr and not out.exists()
     assert not list(tmp_path.glob("*.h5*"))
     helptext = cli("extract", "--help").stdout
@@ -359,7 +359,7 @@ def test_a_cache_held_open_for_writing_by_another_program_is_refused(tmp_path, t
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(CacheLockedError, match="open for writing in another program"):
             run_extract(more, out, tiny_entry)
-        done = cli("extract", str(more), "--model", str(tiny_entry.directory), "--out", str(out), "-q")
+        done = cli("extract", str(more), "--backbone", str(tiny_entry.directory), "--out", str(out), "-q")
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and "another program" in done.stderr
     finally:
         holder.communicate("\n", timeout=30)
