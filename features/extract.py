@@ -28,6 +28,7 @@ from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cor
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
 from .cache import CacheError, CacheWriter, ImageRow
+from .fastdecode import DEFAULT_RESIZE_FILTER, check_resize_filter, feature_set_key
 from .images import ImageError, decode_image
 from .sources import ImageRecord, ImageSource, discover
 
@@ -79,7 +80,8 @@ def _read_file(path: str) -> bytes:
         return fh.read()
 
 
-def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable[[str], bool]) -> _Loaded:
+def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable[[str], bool],
+          resize_filter: str = DEFAULT_RESIZE_FILTER) -> _Loaded:
     """Read, hash and (unless cached) decode one image. Never raises for bad input."""
     try:
         data = _read_file(record.abspath)
@@ -91,7 +93,7 @@ def _load(record: ImageRecord, input_size: int, resize: str, is_cached: Callable
     if is_cached(sha):
         return _Loaded(record, sha, cached=True)
     try:
-        pixels, size = decode_image(data, input_size, resize)
+        pixels, size = decode_image(data, input_size, resize, resize_filter=resize_filter)
     except ImageError as exc:
         return _Loaded(record, sha, error=getattr(exc, "reason", str(exc)))
     return _Loaded(record, sha, pixels, size)
@@ -104,7 +106,8 @@ def decode_workers() -> int:
 
 
 def iter_loaded(records: Iterable[ImageRecord], input_size: int, resize: str, is_cached: Callable[[str], bool], *,
-                workers: int | None = None, prefetch: int | None = None) -> Iterator[_Loaded]:
+                workers: int | None = None, prefetch: int | None = None,
+                resize_filter: str = DEFAULT_RESIZE_FILTER) -> Iterator[_Loaded]:
     """Read, hash and decode ``records`` in worker threads, yielded in input order with at most
     ``prefetch`` in flight: the mapper stage shared by extraction and scoring."""
     workers = workers or decode_workers()
@@ -115,7 +118,7 @@ def iter_loaded(records: Iterable[ImageRecord], input_size: int, resize: str, is
 
         def fill() -> None:
             while len(pending) < prefetch and (record := next(source, None)) is not None:
-                pending.append(pool.submit(_load, record, input_size, resize, is_cached))
+                pending.append(pool.submit(_load, record, input_size, resize, is_cached, resize_filter))
 
         fill()
         while pending:
@@ -132,14 +135,17 @@ def run_extraction(
     *,
     batch_size: int = 32,
     resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
     workers: int | None = None,
     prefetch: int | None = None,
     dtype: str = "float32",
     on_progress: Callable[[int], None] | None = None,
 ) -> ExtractSummary:
-    """Embed ``records`` into ``writer``'s cache under ``entry.key``; returns the counts."""
-    key, size = entry.key, entry.input_size
-    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
+    """Embed ``records`` into ``writer``'s cache under feature set ``feature_set_key(entry.key, resize_filter)``
+    (the resize filter is part of the identity); returns the counts."""
+    key, size = feature_set_key(entry.key, resize_filter), entry.input_size
+    writer.ensure_feature_set(key, entry.embedding_dim, dtype,
+                              metadata=entry.metadata | {"key": entry.key, "resize_filter": resize_filter})
     summary = ExtractSummary(out=str(writer.path), key=key)
     prefetch = prefetch or max(2 * batch_size, 4 * (workers or decode_workers()))
     batch: list[_Loaded] = []
@@ -170,7 +176,7 @@ def run_extraction(
 
     with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
         for loaded in iter_loaded(records, size, resize, lambda s: writer.has(key, s), workers=workers,
-                                  prefetch=prefetch):
+                                  prefetch=prefetch, resize_filter=resize_filter):
             summary.total += 1
             if loaded.error is not None:
                 failures.append((loaded.record.relpath, loaded.sha256, loaded.error))
@@ -239,6 +245,7 @@ def extract(
     batch_size: int = 32,
     dtype: str = "float32",
     resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
     workers: int | None = None,
     threads: int | None = None,
     streams: int | None = None,
@@ -252,8 +259,11 @@ def extract(
     Re-running skips content already cached for this feature set and appends the rest. ``precision`` int8 or
     fp16 uses that variant of the backbone (its own feature set): the stored one, or one made now, calibrated
     on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32. ``progress``, if given,
-    is called with (total, already_done=0) and returns a per-image callback.
+    is called with (total, already_done=0) and returns a per-image callback. ``resize_filter`` (bilinear |
+    antialias, :mod:`features.fastdecode`) is part of the feature set's identity: its key is
+    ``feature_set_key(model key, resize_filter)``.
     """
+    check_resize_filter(resize_filter)
     images = open_source(source, out, allow_outside_root)
     out = Path(out)
     entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
@@ -264,7 +274,7 @@ def extract(
         writer.register_classes(images.class_names)
         callback = progress(len(images.records), 0) if progress else None
         summary = run_extraction(images.records, entry, writer, embedder, batch_size=batch_size, resize=resize,
-                                 workers=workers, dtype=dtype, on_progress=callback)
+                                 resize_filter=resize_filter, workers=workers, dtype=dtype, on_progress=callback)
         if images.skipped:
             writer.add_failures([(path, "", reason) for path, reason in images.skipped])
     summary.provider = embedder.provider

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
+from . import fastdecode
+from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, check_resize_filter  # noqa: F401
+
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO"})
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -44,8 +47,14 @@ class ImageError(Exception):
         self.reason = reason
 
 
-def resize_image(img: Image.Image, size: int, mode: str = "squash") -> Image.Image:
-    """Resize ``img`` to ``size`` x ``size`` with Pillow's bilinear filter.
+def resize_image(
+    img: Image.Image, size: int, mode: str = "squash", resize_filter: str = DEFAULT_RESIZE_FILTER
+) -> Image.Image:
+    """Resize ``img`` to ``size`` x ``size`` with ``resize_filter`` (:data:`RESIZE_FILTERS`).
+
+    ``"bilinear"`` is :func:`features.fastdecode.resize_bilinear` (Keras' non-antialiased bilinear, after
+    an integer box reduction of axes still >= 2x ``size``; ``crop`` at integer offsets). ``"antialias"``
+    is Pillow's bilinear filter, as described next.
 
     ``"squash"`` resizes straight to the square, ignoring the aspect ratio, as Keras'
     ``image_dataset_from_directory`` does. ``"crop"`` scales the short side to ``size`` and keeps
@@ -54,7 +63,9 @@ def resize_image(img: Image.Image, size: int, mode: str = "squash") -> Image.Ima
     non-antialiased bilinear, which samples 4 pixels and aliases. Palette and 1-bit images
     are resized with nearest neighbour by Pillow, so convert them to RGB first.
     """
-    _check_resize_args(size, mode)
+    _check_resize_args(size, mode, resize_filter)
+    if resize_filter == "bilinear":
+        return Image.fromarray(fastdecode.resize_bilinear(np.asarray(img.convert("RGB")), size, mode))
     if mode == "squash":
         return img.resize((size, size), Image.Resampling.BILINEAR)
     width, height = img.size
@@ -65,18 +76,29 @@ def resize_image(img: Image.Image, size: int, mode: str = "squash") -> Image.Ima
 
 
 def decode_image(
-    data: bytes, size: int, mode: str = "squash", *, max_pixels: int = MAX_PIXELS
+    data: bytes,
+    size: int,
+    mode: str = "squash",
+    *,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode image bytes to a ``(size, size, 3)`` uint8 RGB array.
+    """Decode image bytes to a ``(size, size, 3)`` uint8 RGB array, resized with ``resize_filter``.
+
+    Plain JPEGs go through :func:`features.fastdecode.decode_jpeg` (libjpeg-turbo, same pixels); every
+    other file, and any JPEG it declines, through Pillow here.
 
     Returns the array and the original ``(width, height)`` after EXIF orientation. Multi-frame
     files (animated GIF/WebP, multi-page TIFF, MPO) give their first frame; alpha is dropped
     as TensorFlow's ``decode_image(channels=3)`` does. Raises :class:`ImageError` for anything
     that is not a usable image, and ``ValueError`` for a bad ``size`` or ``mode``.
     """
-    _check_resize_args(size, mode)
+    _check_resize_args(size, mode, resize_filter)
     if not data:
         raise ImageError("empty file")
+    fast = fastdecode.decode_jpeg(data, size, max_pixels)
+    if fast is not None:
+        return _resize_array(fast[0], size, mode, resize_filter), fast[1]
     try:
         # Image.open parses the header only and leaves multi-frame files on frame 0.
         with Image.open(io.BytesIO(data)) as im:
@@ -98,7 +120,7 @@ def decode_image(
             rgb = _to_rgb(im)
             if orientation in _TRANSPOSE:
                 rgb = rgb.transpose(_TRANSPOSE[orientation])
-            array = np.array(resize_image(rgb, size, mode), dtype=np.uint8)
+            array = _resize_array(rgb, size, mode, resize_filter)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -123,19 +145,31 @@ def load_image(
     size: int,
     mode: str = "squash",
     *,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Read ``path`` and :func:`decode_image` it; unreadable files raise :class:`ImageError`."""
-    _check_resize_args(size, mode)
+    _check_resize_args(size, mode, resize_filter)
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         detail = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc)
         raise ImageError(f"cannot read: {detail}") from exc
-    return decode_image(data, size, mode, max_pixels=max_pixels)
+    return decode_image(data, size, mode, resize_filter=resize_filter, max_pixels=max_pixels)
 
 
-def _check_resize_args(size: int, mode: str) -> None:
+def _resize_array(
+    rgb: Image.Image | np.ndarray, size: int, mode: str, resize_filter: str
+) -> np.ndarray:
+    """``rgb`` (an RGB image or ``(H, W, 3)`` uint8 array) resized with ``resize_filter``, as an array."""
+    if resize_filter == "bilinear":
+        return fastdecode.resize_bilinear(np.asarray(rgb), size, mode)
+    img = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+    return np.array(resize_image(img, size, mode, resize_filter), dtype=np.uint8)
+
+
+def _check_resize_args(size: int, mode: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
+    check_resize_filter(resize_filter)
     if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     if size < 1:

@@ -35,6 +35,7 @@ from tlpipe.backbones.store import ModelStore
 
 from .cache import CacheWriter, ImageRow
 from .extract import ExtractSummary, _load, open_source, resolve_entry
+from .fastdecode import DEFAULT_RESIZE_FILTER, check_resize_filter, feature_set_key
 from .sources import ImageRecord
 
 OK, CACHED, FAILED = 0, 1, 2  # the ``status`` column of decoded rows
@@ -114,10 +115,11 @@ def _known_shas(ref) -> frozenset[str]:
     return _known[1]
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
+                 resize_filter: str = DEFAULT_RESIZE_FILTER) -> dict[str, np.ndarray]:
     """Ray Data task: extraction's ``_load`` on each path; pixels as raw bytes (empty unless decoded)."""
     cached = _known_shas(known)
-    loaded = [_load(ImageRecord("", str(path), None, None), size, resize, cached.__contains__)
+    loaded = [_load(ImageRecord("", str(path), None, None), size, resize, cached.__contains__, resize_filter)
               for path in batch["abspath"]]
     return {
         "i": batch["i"],
@@ -131,12 +133,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known)
 
 
 def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, resize: str, known_shas: set[str],
-                    batch_size: int):
+                    batch_size: int, resize_filter: str = DEFAULT_RESIZE_FILTER):
     """Ray Data rows ``i, sha256, status, error, width, height, pixels`` for ``records`` (row i = records[i])."""
     known = ray.put(frozenset(known_shas)) if known_shas else None
     items = [{"i": i, "abspath": r.abspath} for i, r in enumerate(records)]
     return map_stage(ray.data.from_items(items), decode_batch, batch_size=batch_size, num_cpus=1,
-                     max_retries=TASK_RETRIES, fn_kwargs={"size": size, "resize": resize, "known": known})
+                     max_retries=TASK_RETRIES, fn_kwargs={"size": size, "resize": resize, "known": known,
+                                                               "resize_filter": resize_filter})
 
 
 def pixels_of(batch: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,6 +210,7 @@ def extract_ray(
     device: str = "auto",
     dtype: str = "float32",
     resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
     threads: int | None = None,
     allow_outside_root: bool = False,
     precision: str = "fp32",
@@ -221,8 +225,9 @@ def extract_ray(
     on the driver (a driver kill loses at most that much finished work; larger commits raise the driver's
     ceiling). ``threads``: ONNX Runtime threads per actor (default: the cores of its node). The backbone is
     resolved (exported if needed) on the driver and shipped to the actors; image paths must be readable on
-    every node. ``ExtractSummary.seconds`` includes starting the actors.
+    every node. ``ExtractSummary.seconds`` includes starting the actors. ``resize_filter``: as in extract.
     """
+    check_resize_filter(resize_filter)
     require("ray")  # before exporting a backbone, which can take minutes
     if min(batch_size, commit_rows) < 1:
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
@@ -230,13 +235,13 @@ def extract_ray(
     out = Path(out)
     entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
                           resize, recalibrate)
-    key = entry.key
+    key = feature_set_key(entry.key, resize_filter)
     with ray_cluster(address) as ray:
         actors = plan_actors(ray, num_actors, actor_gpus)  # before the cache is touched
         with CacheWriter(out) as writer:
             writer.note_source(str(Path(source).resolve()))
             writer.register_classes(images.class_names)
-            writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": key})
+            writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": entry.key, "resize_filter": resize_filter})
             covered = writer.rows_with(key)
             known = {sha for sha, row in writer.index.items() if row in covered}
             summary = ExtractSummary(out=str(out), key=key, skipped=list(images.skipped))
@@ -244,7 +249,7 @@ def extract_ray(
             started = time.perf_counter()
             model_ref = ray.put(entry.model_path.read_bytes())
             decoded = decoded_dataset(ray, images.records, size=entry.input_size, resize=resize, known_shas=known,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, resize_filter=resize_filter)
             dataset = map_stage(decoded, EmbedActor, batch_size=batch_size, **actors.map_args(ray),
                                 fn_constructor_kwargs={"model": model_ref, "size": entry.input_size,
                                                        "dim": entry.embedding_dim, "device": device,

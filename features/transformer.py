@@ -13,6 +13,7 @@ from tlpipe.backbones.runtime import OnnxEmbedder
 
 from .cache import CacheWriter, lookup_embeddings
 from .extract import run_extraction
+from .fastdecode import DEFAULT_RESIZE_FILTER, feature_set_key
 from .sources import ImageRecord
 
 
@@ -21,20 +22,21 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
 
     Composes with heads: ``make_pipeline(EmbeddingTransformer(...), make_head("logreg"))`` fits on a
     list of paths. ``fit`` resolves (and if needed exports) the backbone; ``transform`` embeds what the
-    cache lacks and returns one row per path, in order.
+    cache lacks and returns one row per path, in order. ``resize_filter`` as in extract (part of the key).
     """
 
     def __init__(self, backbone: str | None = "mobilenet_v2", weights="imagenet", cache: str | os.PathLike = "embeddings.h5",
                  size: int | None = None, layer: str | None = None, pooling: str = "avg", model=None,
-                 device: str = "auto", batch_size: int = 32, store=None, resize: str = "squash"):
+                 device: str = "auto", batch_size: int = 32, store=None, resize: str = "squash",
+                 resize_filter: str = DEFAULT_RESIZE_FILTER):
         self.backbone, self.weights, self.cache, self.size, self.layer = backbone, weights, cache, size, layer
         self.pooling, self.model, self.device, self.batch_size, self.store = pooling, model, device, batch_size, store
-        self.resize = resize
+        self.resize, self.resize_filter = resize, resize_filter
 
     def fit(self, X=None, y=None):
         self.entry_ = obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling,
                                       store=self.store, model=self.model)
-        self.key_ = self.entry_.key
+        self.key_ = feature_set_key(self.entry_.key, self.resize_filter)
         self.n_features_out_ = self.entry_.embedding_dim
         return self
 
@@ -45,7 +47,8 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         records = [ImageRecord(str(p), str(p.resolve()), None, None) for p in paths]
         with CacheWriter(self.cache) as writer:
             summary = run_extraction(records, self.entry_, writer, OnnxEmbedder(self.entry_.model_path, self.device),
-                                     batch_size=self.batch_size, resize=self.resize)
+                                     batch_size=self.batch_size, resize=self.resize,
+                                     resize_filter=self.resize_filter)
         if summary.failures:
             details = "; ".join(f"{p}: {r}" for p, r in summary.failures[:5])
             raise ValueError(f"{summary.failed} of {len(paths)} images could not be embedded: {details}")

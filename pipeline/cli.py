@@ -29,6 +29,18 @@ PrecisionOpt = typer.Option("fp32", "--precision", help="fp32 | int8 (CPU; calib
 ResizeOpt = typer.Option("squash", help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop).")
 
 
+def _resize_filter_choice(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in ("bilinear", "antialias"):
+        raise typer.BadParameter(f"{value!r} is not one of bilinear, antialias")
+    return value
+
+
+ResizeFilterOpt = typer.Option("bilinear", "--resize-filter", callback=_resize_filter_choice,
+                               help="bilinear (Keras' resize, no antialiasing; the fast path) | antialias (Pillow's "
+                                    "antialiased bilinear, tlpipe's resize before this option). Part of the feature "
+                                    "set's identity.")
+
+
 EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe\\[ray]).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address ('auto' joins a running one) \\[default: start Ray here].")
 ActorsOpt = typer.Option(None, "--actors", help="Ray inference actors \\[default: one per GPU, else one per node].")
@@ -146,7 +158,7 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             device: str = typer.Option("auto", help="auto | cpu | cuda (strict: fails if CUDA does not attach)."),
             batch_size: int = typer.Option(32, "--batch-size", min=1),
             dtype: str = typer.Option("float32", help="float32 | float16 storage of embeddings."),
-            resize: str = ResizeOpt, precision: str = PrecisionOpt,
+            resize: str = ResizeOpt, resize_filter: str = ResizeFilterOpt, precision: str = PrecisionOpt,
             recalibrate: bool = typer.Option(False, "--recalibrate", help="Calibrate int8 again on this source instead of reusing the stored variant."),
             workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
             threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads per stream \\[default: the cores split between streams]."),
@@ -160,7 +172,7 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
     options = dict(backbone=None if model else backbone, weights=weights, size=size, layer=layer, pooling=pooling,
                    model=model, weights_dir=weights_dir, store=_store(store), device=device, batch_size=batch_size,
                    dtype=dtype, resize=resize, threads=threads, allow_outside_root=allow_outside_root,
-                   precision=precision, recalibrate=recalibrate)
+                   precision=precision, recalibrate=recalibrate, resize_filter=resize_filter)
     with _progress(quiet, "extract") as progress:
         if engine == "ray":
             from tlpipe.features.ray_engine import extract_ray
@@ -312,6 +324,8 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
           top_k: int = typer.Option(3, "--top-k", min=1), device: str = typer.Option("auto", help="auto | cpu | cuda (strict)."),
           batch_size: int = typer.Option(32, "--batch-size", min=1),
           resize: str = typer.Option("squash", help="squash | crop: use what the head's images were extracted with."),
+          resize_filter: Optional[str] = typer.Option(None, "--resize-filter", callback=_resize_filter_choice,
+                                                      help="bilinear | antialias \\[default: the one the head's or model's embeddings were made with; another is refused]."),
           workers: Optional[int] = typer.Option(None, help="Decode threads \\[default: cores + 1]."),
           threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads \\[default: cores]."),
           trust: bool = typer.Option(False, "--trust", help="Load a head whose checksum/metadata cannot be verified (runs its code)."),
@@ -323,7 +337,8 @@ def score(source: Path = typer.Argument(..., help="Folder, CSV manifest, or an H
     if (head is None) == (model is None):
         raise ValueError("give exactly one of --head (a saved head) or --model (a fused classifier .onnx)")
     options = dict(head=head, model=model, cache=cache, top_k=top_k, device=device, batch_size=batch_size, trust=trust,
-                   store=_store(store), resize=resize, threads=threads, allow_outside_root=allow_outside_root)
+                   store=_store(store), resize=resize, threads=threads, allow_outside_root=allow_outside_root,
+                   resize_filter=resize_filter)
     with _progress(quiet, "score") as progress:
         if engine == "ray":
             from tlpipe.pipeline.score_ray import score_ray
@@ -376,6 +391,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
              class_weight: Optional[str] = ClassWeightOpt, patience: int = typer.Option(3, "--patience", min=1),
              seed: int = typer.Option(0, "--seed"), val_fraction: float = typer.Option(0.2, "--val-fraction"),
              resize: str = typer.Option("squash", help="squash | crop (as used for extraction)."),
+             resize_filter: str = ResizeFilterOpt,
              quiet: bool = typer.Option(False, "--quiet", "-q"), store: Optional[Path] = StoreOpt):
     """Fine-tune the last blocks in TensorFlow, warm-started from a head; re-export the backbone to ONNX.
 
@@ -386,7 +402,7 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
                  unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
                  batch_size=batch_size, learning_rate=learning_rate, dropout=dropout, augment=augment,
                  class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
-                 store=_store(store), resize=resize, progress=not quiet)
+                 store=_store(store), resize=resize, progress=not quiet, resize_filter=resize_filter)
     warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
     out.print(f"[green]fine-tuned[/] from {result.unfreeze_from} · {result.setup}\n"
               f"  validation accuracy: warm start {warm}, best {result.best_val_accuracy:.4f} at epoch {result.best_epoch} "

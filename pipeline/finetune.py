@@ -36,6 +36,7 @@ from tlpipe.backbones.export import (ExportPlan, INPUT_NAME, convert, export_pla
                               verify)
 from tlpipe.backbones.registry import BackboneSpec
 from tlpipe.backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry
+from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER, check_resize_filter
 from tlpipe.features.images import ImageError, load_image
 from tlpipe.features.sources import ImageRecord, discover
 
@@ -283,7 +284,8 @@ def build_models(plan: ExportPlan, n_classes: int, *, unfreeze_from: str | None 
 
 def image_batches(records: list[ImageRecord], labels: np.ndarray, size: int, resize: str, batch_size: int, *,
                   shuffle_seed: int | None = None, first_epoch: int = 0, sample_weights: np.ndarray | None = None,
-                  failures: dict[str, str] | None = None) -> keras.utils.PyDataset:
+                  failures: dict[str, str] | None = None,
+                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> keras.utils.PyDataset:
     """A ``keras.utils.PyDataset`` decoding one batch at a time with :func:`features.images.load_image`.
 
     With ``shuffle_seed`` the order is a permutation drawn from (seed, epoch), so a resumed run sees the
@@ -309,7 +311,7 @@ def image_batches(records: list[ImageRecord], labels: np.ndarray, size: int, res
             rows, pixels = [], []
             for i in self.order[index * batch_size:(index + 1) * batch_size]:
                 try:
-                    pixels.append(load_image(records[i].abspath, size, resize)[0])
+                    pixels.append(load_image(records[i].abspath, size, resize, resize_filter=resize_filter)[0])
                     rows.append(i)
                 except ImageError as exc:
                     if failures is not None:
@@ -484,12 +486,13 @@ def _copy_entry(entry: StoreEntry, destination: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _decodable(records: list[ImageRecord], size: int, resize: str, count: int) -> np.ndarray:
+def _decodable(records: list[ImageRecord], size: int, resize: str, count: int,
+               resize_filter: str = DEFAULT_RESIZE_FILTER) -> np.ndarray:
     """The first ``count`` of ``records`` that decode, as a uint8 batch."""
     pixels: list[np.ndarray] = []
     for record in records:
         try:
-            pixels.append(load_image(record.abspath, size, resize)[0])
+            pixels.append(load_image(record.abspath, size, resize, resize_filter=resize_filter)[0])
         except ImageError:
             continue
         if len(pixels) == count:
@@ -506,7 +509,7 @@ def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndar
     figures = verify(onnx_model.SerializeToString(), images, reference)
     props = {"tlpipe": json.dumps({**metadata, "output": OUTPUT_NAME, "verification": figures}, sort_keys=True),
              "tlpipe.class_names": json.dumps(metadata["class_names"]), "tlpipe.output": OUTPUT_NAME,
-             "tlpipe.input_size": str(size)}
+             "tlpipe.input_size": str(size), "tlpipe.resize_filter": metadata.get("resize_filter", "")}
     for key, value in props.items():
         prop = onnx_model.metadata_props.add()
         prop.key, prop.value = key, value
@@ -528,15 +531,18 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
              epochs: int = 10, batch_size: int = 32, learning_rate: float = 1e-4, dropout: float = 0.2,
              augment: bool = True, class_weight: str | None = None, patience: int = 3, seed: int = 0,
              val_fraction: float = 0.2, store: ModelStore | None = None, resize: str = "squash",
-             progress: bool = True) -> FinetuneResult:
+             progress: bool = True, resize_filter: str = DEFAULT_RESIZE_FILTER) -> FinetuneResult:
     """Fine-tune ``backbone`` on the labelled images of ``source`` (folder or CSV manifest) into ``out_dir``.
 
     Writes ``history.csv``, ``curves.png``, ``checkpoints/`` (resume point), ``backbone.weights.h5`` (the
     fine-tuned backbone's Keras weights), ``backbone/`` (its verified ONNX export, also stored in ``store``
     under a key made from those weights' sha256) and ``classifier.onnx`` (uint8 images -> probabilities).
     ``head``: a saved logreg head (fitted on this backbone's embeddings) that warm-starts the Dense layer.
-    Early stopping keeps the best validation accuracy, epoch 0 (before training) included.
+    Early stopping keeps the best validation accuracy, epoch 0 (before training) included. Images are
+    resized with ``resize`` and ``resize_filter`` (recorded in the classifier; extract the fine-tuned backbone
+    with the same filter).
     """
+    check_resize_filter(resize_filter)
     if epochs < 0 or batch_size < 1 or patience < 1:
         raise ValueError("epochs must be >= 0, batch_size and patience >= 1")
     if class_weight not in (None, "balanced"):
@@ -573,7 +579,8 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
     model.optimizer.build(model.trainable_variables)  # so every checkpoint holds the optimizer state
     config = {"backbone": plan.spec.name, "size": plan.size, "pooling": pooling, "weights": plan.weights.identity,
               "unfreeze_from": models.unfreeze_from, "class_names": class_names, "augment": augment,
-              "head": hashlib.sha256(Path(head).read_bytes()).hexdigest() if head is not None else None}
+              "head": hashlib.sha256(Path(head).read_bytes()).hexdigest() if head is not None else None,
+              "resize_filter": resize_filter}
     run = _Run(out_dir, model, config, patience)
     resumed_from = run.resume()
     if resumed_from:
@@ -583,7 +590,8 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
     y_train = np.array([index[r.label] for r in split.train], np.int32)
     y_val = np.array([index[r.label] for r in split.val], np.int32)
     failures: dict[str, str] = {}
-    val_data = image_batches(split.val, y_val, plan.size, resize, batch_size, failures=failures)
+    val_data = image_batches(split.val, y_val, plan.size, resize, batch_size, failures=failures,
+                             resize_filter=resize_filter)
     verbose = 1 if progress else 0
     if run.state is None:
         started = time.perf_counter()
@@ -591,7 +599,7 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
         run.commit(0, {"val_loss": loss, "val_accuracy": accuracy}, time.perf_counter() - started)
     if run.done < epochs and not run.stopped:
         train_data = image_batches(split.train, y_train, plan.size, resize, batch_size, shuffle_seed=seed,
-                                   first_epoch=run.done, failures=failures,
+                                   first_epoch=run.done, failures=failures, resize_filter=resize_filter,
                                    sample_weights=balanced_weights(y_train) if class_weight else None)
         model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=run.done, shuffle=False,
                   callbacks=[run.callback()], verbose=verbose)
@@ -613,10 +621,10 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
     _copy_entry(entry, out_dir / "backbone")
 
     classifier_path = out_dir / CLASSIFIER_FILE
-    sample = _decodable(split.val, plan.size, resize, VERIFY_IMAGES)
+    sample = _decodable(split.val, plan.size, resize, VERIFY_IMAGES, resize_filter)
     export_classifier(models.classifier, plan.size, classifier_path, sample,
                       {"backbone_key": entry.key, "backbone": plan.spec.name, "class_names": class_names,
-                       "preprocessing": plan.spec.preprocessing, "resize": resize, **provenance}, plan.opset)
+                       "preprocessing": plan.spec.preprocessing, "resize": resize, "resize_filter": resize_filter, **provenance}, plan.opset)
 
     trained = [r for r in history if r["epoch"] > 0]
     return FinetuneResult(

@@ -29,6 +29,7 @@ import numpy as np
 from tlpipe.backbones.deps import distribution_version, require
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.store import ModelStore
+from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
 
 from .artifacts import _atomic_write, load_head
@@ -226,10 +227,10 @@ def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndar
             "near_ties": int(np.sum(differs & near_tie))}
 
 
-def _verification_pixels(paths, size: int) -> np.ndarray:
+def _verification_pixels(paths, size: int, resize_filter: str) -> np.ndarray:
     if not paths:
         return verification_images(size)
-    return np.stack([load_image(p, size)[0] for p in paths])
+    return np.stack([load_image(p, size, resize_filter=resize_filter)[0] for p in paths])
 
 
 def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust: bool = False,
@@ -267,7 +268,8 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     fused = fuse(backbone, head_model, n_classes)
     onnx.checker.check_model(fused)
 
-    pixels = _verification_pixels(verify_images, entry.input_size)
+    resize_filter = recorded_resize_filter(metadata.get("feature_set", {}))  # scoring resizes as extract did
+    pixels = _verification_pixels(verify_images, entry.input_size, resize_filter)
     reference = estimator.predict_proba(OnnxEmbedder(entry.model_path, device="cpu")(pixels))
     try:
         session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -280,6 +282,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
 
     record = {
         "format": FORMAT, "kind": "classifier", "class_names": labels, "input_size": entry.input_size,
+        "resize_filter": resize_filter,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "outputs": {PROBABILITIES: "float32 (N, C), columns in class_names order",
                     LABEL: "int64 (N,), index into class_names"},
@@ -293,7 +296,8 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     }
     flat = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
             "tlpipe.class_names": json.dumps(labels), "tlpipe.input_size": str(entry.input_size),
-            "tlpipe.key": str(entry.key), "tlpipe.head": head_name}
+            "tlpipe.key": str(entry.key), "tlpipe.head": head_name,
+            "tlpipe.resize_filter": resize_filter}
     for key, value in flat.items():
         prop = fused.metadata_props.add()
         prop.key, prop.value = key, value

@@ -43,6 +43,7 @@ from tlpipe.backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_sessi
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.features.cache import CacheError, read_retrying
 from tlpipe.features.extract import _Loaded, decode_workers, iter_loaded
+from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
 from tlpipe.features.images import RESIZE_MODES
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
@@ -92,6 +93,7 @@ class Predictor:
     key: str | None = None  # the head's feature set
     model_sha256: str | None = None  # of the backbone the head was trained on
     provider: str = ""
+    resize_filter: str = LEGACY_RESIZE_FILTER  # what its embeddings were extracted with (recorded)
 
 
 def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, where: str) -> StoreEntry:
@@ -100,6 +102,7 @@ def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, 
     if not key:
         raise HeadError(f"{where}: its sidecar names no feature set, so the backbone it needs is unknown")
     store = store if isinstance(store, ModelStore) else ModelStore(store)
+    key = metadata["feature_set"].get("model_key") or key  # a feature-set key names its model and filter
     entry = store.resolve(key)
     entry.verify()
     recorded, actual = metadata["feature_set"].get("model_sha256"), entry.metadata.get("model_sha256")
@@ -119,7 +122,8 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
     predictor = Predictor(labels, from_embeddings=estimator.predict_proba, key=feature_set.get("key"),
-                          model_sha256=feature_set.get("model_sha256"))
+                          model_sha256=feature_set.get("model_sha256"),
+                          resize_filter=recorded_resize_filter(feature_set))
     if backbone:
         entry = head_backbone(metadata, store, str(head))
         embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
@@ -146,7 +150,8 @@ def fused_predictor(model: str | os.PathLike, *, device: str = "auto", threads: 
 
     return Predictor(json.loads(meta["tlpipe.class_names"]), int(meta["tlpipe.input_size"]),
                      from_pixels=from_pixels,
-                     key=meta.get("tlpipe.key"), provider=session.get_providers()[0])
+                     key=meta.get("tlpipe.key"), provider=session.get_providers()[0],
+                     resize_filter=recorded_resize_filter({"resize_filter": meta.get("tlpipe.resize_filter")}))
 
 
 # -- rows --------------------------------------------------------------------------------------------------
@@ -474,7 +479,8 @@ def _score_images(records: list[ImageRecord], predictor: Predictor, output, summ
         batch.clear()
 
     is_cached = (lambda sha: sha in cached) if cached is not None else (lambda sha: False)
-    for loaded in iter_loaded(records, predictor.input_size, resize, is_cached, workers=workers, prefetch=prefetch):
+    for loaded in iter_loaded(records, predictor.input_size, resize, is_cached, workers=workers, prefetch=prefetch,
+                              resize_filter=predictor.resize_filter):
         batch.append(loaded)
         if len(batch) >= batch_size:
             commit()
@@ -527,6 +533,7 @@ def score(
     threads: int | None = None,
     allow_outside_root: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    resize_filter: str | None = None,
 ) -> ScoreSummary:
     """Predict a class for every image of ``source`` and write one row per image to ``out``.
 
@@ -535,7 +542,8 @@ def score(
     its backbone comes from the model store ``store``) or ``model`` (a fused classifier from
     :func:`pipeline.fuse.export_model`). ``cache``: images whose content it already embedded for the
     head's feature set reuse that embedding. ``resize`` must be the mode the head's embeddings were
-    extracted with. ``out``'s extension picks the format (.csv, .jsonl, .parquet); rows already there
+    extracted with. ``resize_filter`` is taken from the head's (or fused model's) record (``antialias`` for
+    those made before it was recorded); an explicit value that disagrees is refused. ``out``'s extension picks the format (.csv, .jsonl, .parquet); rows already there
     (by path) are kept and not scored again. Unreadable images get a row with the reason in ``error``.
     ``workers`` decode threads and ``threads`` ONNX Runtime threads default to the cores, as in extract.
     ``progress``, if given, is called with (total, already_done) and returns a per-image callback.
@@ -567,8 +575,10 @@ def score(
                                    backbone=not from_cache)
     else:
         predictor = fused_predictor(model, device=device, threads=threads)
+    check_filter(predictor, resize_filter)
     k = min(top_k, len(predictor.labels))
-    check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize})
+    check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize}
+                 | ({} if predictor.resize_filter == LEGACY_RESIZE_FILTER else {"resize_filter": predictor.resize_filter}))
     summary = ScoreSummary(out=str(out), provider=predictor.provider)
     cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
     output = open_output(out, k)
@@ -582,6 +592,16 @@ def score(
     output.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def check_filter(predictor: Predictor, resize_filter: str | None) -> None:
+    """Refuse an explicit ``resize_filter`` other than the one the predictor's embeddings were made with."""
+    if resize_filter is None:
+        return
+    check_resize_filter(resize_filter)
+    if resize_filter != predictor.resize_filter:
+        raise ScoreError(f"--resize-filter {resize_filter}: this head's embeddings were extracted with the "
+                         f"{predictor.resize_filter} filter; scoring must resize the same way (omit the option)")
 
 
 def check_resume(out: Path, identity: dict) -> None:

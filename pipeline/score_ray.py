@@ -26,7 +26,7 @@ from tlpipe.features.ray_engine import (CACHED, FAILED, OK, decoded_dataset, map
 from tlpipe.features.sources import discover
 
 from .artifacts import load_head
-from .score import (CachedEmbeddings, Predictor, ScoreError, ScoreSummary, display_path, error_row, fused_predictor,
+from .score import (CachedEmbeddings, check_filter, Predictor, ScoreError, ScoreSummary, display_path, error_row, fused_predictor,
                     head_backbone, head_predictor, open_output, prediction_rows, score)
 
 
@@ -74,6 +74,7 @@ def score_ray(
     address: str | None = None,
     num_actors: int | None = None,
     actor_gpus: float | None = None,
+    resize_filter: str | None = None,
 ) -> ScoreSummary:
     """:func:`pipeline.score.score` with the Ray engine: same arguments, same output rows, same resume.
 
@@ -88,7 +89,8 @@ def score_ray(
     source = Path(source)
     if source.suffix.lower() in (".h5", ".hdf5"):  # embeddings only: nothing for the cluster to decode
         return score(source, out, head=head, model=model, cache=cache, top_k=top_k, device=device,
-                     batch_size=batch_size, trust=trust, store=store, progress=progress)
+                     batch_size=batch_size, trust=trust, store=store, progress=progress,
+                     resize_filter=resize_filter)
     if min(top_k, batch_size, commit_rows) < 1:
         raise ValueError(f"top_k, batch_size and commit_rows must be at least 1, not {top_k}, {batch_size}, "
                          f"{commit_rows}")
@@ -107,6 +109,7 @@ def score_ray(
     else:
         predictor = fused_predictor(model, device="cpu", threads=1)  # the labels, input size and checks
         model_bytes, size = Path(model).read_bytes(), predictor.input_size
+    check_filter(predictor, resize_filter)
     k = min(top_k, len(predictor.labels))
     summary = ScoreSummary(out=str(out))
     cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
@@ -121,6 +124,7 @@ def score_ray(
             with ray_cluster(address) as ray:
                 actors = plan_actors(ray, num_actors, actor_gpus)
                 decoded = decoded_dataset(ray, todo, size=size, resize=resize, batch_size=batch_size,
+                                          resize_filter=predictor.resize_filter,
                                           known_shas=set(cached.index) if cached is not None else set())
                 dataset = map_stage(
                     decoded, PredictActor, batch_size=batch_size, **actors.map_args(ray),

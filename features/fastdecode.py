@@ -1,0 +1,208 @@
+"""The fast decode path: plain JPEGs through libjpeg-turbo (``simplejpeg``), resize through OpenCV.
+
+:func:`features.images.decode_image` calls :func:`decode_jpeg` first; whatever it declines (returns
+``None``) goes through the Pillow path unchanged, so this module never decides what an image *is* — it
+only takes the common case that it can decode to exactly the pixels the Pillow path gives:
+
+- baseline or progressive JPEG (not MPO), 3-component YCbCr, no ICC profile, within ``max_pixels``;
+- the EXIF orientation (read by Pillow, as the Pillow path reads it) applied here on the array;
+- DCT-domain downscaling by 1/2, 1/4 or 1/8 chosen by Pillow's own ``draft`` rule (the largest factor that
+  keeps both sides >= the target), so both paths decode at the same scale with the same libjpeg-turbo IDCT.
+
+Anything else — PNG, WebP, TIFF, GIF, BMP, MPO, grey, CMYK/YCCK, an ICC profile, unreadable EXIF, a
+file libjpeg-turbo reports damaged — returns ``None`` and takes the Pillow path.
+
+The resize filters (:data:`RESIZE_FILTERS`) are part of a feature set's identity:
+
+``bilinear``
+    Keras' resize: after the DCT-domain scale, a box reduction by an integer factor on each axis while that
+    axis is still >= 2x the target (so very large images do not alias), then OpenCV's bilinear
+    interpolation (``INTER_LINEAR``, half-pixel centres, no antialiasing) — the filter TensorFlow's
+    ``image_dataset_from_directory`` uses. ``crop`` takes the centre square at integer offsets first.
+``antialias``
+    Pillow's bilinear filter, antialiased (its footprint widens with the downscale factor). tlpipe's
+    resize before the filter was explicit: feature sets made then hold this.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import ExifTags, Image
+
+RESIZE_FILTERS = ("bilinear", "antialias")
+DEFAULT_RESIZE_FILTER = "bilinear"
+LEGACY_RESIZE_FILTER = "antialias"  # what feature sets without a recorded filter were made with
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _modules():
+    """simplejpeg and cv2, or None when either is missing (then every image takes the Pillow path)."""
+    global _MODULES
+    if _MODULES is None:
+        try:
+            import cv2
+            import simplejpeg
+
+            _MODULES = (simplejpeg, cv2)
+        except ImportError:
+            _MODULES = ()
+    return _MODULES or None
+
+
+_MODULES: tuple | None = None
+
+
+def available() -> bool:
+    """Whether the fast path is installed (``simplejpeg`` and ``opencv-python-headless``)."""
+    return _modules() is not None
+
+
+def check_resize_filter(resize_filter: str) -> None:
+    """Raise ``ValueError`` unless ``resize_filter`` is one of :data:`RESIZE_FILTERS`."""
+    if resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f"unknown resize filter {resize_filter!r}; expected one of {RESIZE_FILTERS}")
+
+
+def dct_scale(width: int, height: int, size: int) -> int:
+    """The DCT-domain scale denominator (1, 2, 4 or 8) for a ``width`` x ``height`` JPEG resized to ``size``.
+
+    Pillow's ``JpegImageFile.draft`` rule: the largest power of two <= ``min(width // size, height // size)``,
+    so both decoded sides stay >= ``size`` (what ``squash`` needs, and ``crop`` needs for the short side).
+    """
+    scale = min(width // size, height // size)
+    return next((s for s in (8, 4, 2) if scale >= s), 1)
+
+
+def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply EXIF ``orientation`` (1-8) to an ``(H, W, C)`` array as Pillow's ``Image.transpose`` would.
+
+    Returns a C-contiguous array; orientation 1 returns ``pixels`` itself.
+    """
+    ops = {
+        2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: lambda a: a[::-1, ::-1],  # ROTATE_180
+        4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+        5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+        6: lambda a: a.transpose(1, 0, 2)[:, ::-1],  # ROTATE_270 (90 degrees clockwise)
+        7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
+        8: lambda a: a.transpose(1, 0, 2)[::-1],  # ROTATE_90 (90 degrees counter-clockwise)
+    }
+    if orientation not in ops:
+        return pixels
+    return np.ascontiguousarray(ops[orientation](pixels))
+
+
+def decode_jpeg(
+    data: bytes, size: int, max_pixels: int
+) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Decode a plain JPEG through libjpeg-turbo, upright and DCT-downscaled for ``size``.
+
+    Parameters
+    ----------
+    data : bytes
+        The file's bytes.
+    size : int
+        The target side in pixels; sets the DCT-domain scale (:func:`dct_scale`).
+    max_pixels : int
+        Larger images are declined (the Pillow path refuses them with its reason).
+
+    Returns
+    -------
+    (pixels, (width, height)) or None
+        ``pixels``: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied, at 1/1, 1/2, 1/4 or 1/8 of the full
+        size; ``(width, height)``: the full size after orientation. ``None`` when the fast path does not
+        handle this file (see the module docstring) or is not installed.
+    """
+    modules = _modules()
+    if modules is None or not data.startswith(_JPEG_MAGIC):
+        return None
+    simplejpeg, _ = modules
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # markers only: format, mode, EXIF, ICC
+            if im.format != "JPEG" or im.mode != "RGB" or im.info.get("icc_profile"):
+                return None
+            width, height = im.size
+            orientation = int(im.getexif().get(ExifTags.Base.Orientation, 1))
+        if orientation not in range(1, 9) or width * height > max_pixels:
+            return None
+        if simplejpeg.decode_jpeg_header(data)[2] != "YCbCr":
+            return None
+        scale = dct_scale(width, height, size)
+        # simplejpeg picks the smallest M/8 factor keeping both sides >= the minimum; ceil(side / scale)
+        # is exactly libjpeg's output size at 1/scale, and no smaller factor reaches it.
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_width=-(-width // scale), min_height=-(-height // scale), strict=True
+        )
+    except Exception:  # damaged, unusual or unsupported: the Pillow path decides and gives the reason
+        return None
+    if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
+        return None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return orient(pixels, orientation), (width, height)
+
+
+def resize_bilinear(pixels: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:
+    """The ``bilinear`` filter: ``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8.
+
+    ``crop`` first keeps the centre square (integer offsets, as Keras' ``crop_to_aspect_ratio``). Each axis
+    still >= 2x ``size`` is box-reduced by the integer factor ``extent // size`` (OpenCV ``INTER_AREA``),
+    then OpenCV's ``INTER_LINEAR`` (half-pixel centres, not antialiased) resizes to ``size``. Without
+    OpenCV installed, Pillow's ``reduce`` and a non-antialiased bilinear through numpy give the same picture
+    (within a grey level).
+    """
+    height, width = pixels.shape[:2]
+    if mode == "crop":
+        side = min(width, height)
+        top, left = (height - side) // 2, (width - side) // 2
+        pixels = pixels[top : top + side, left : left + side]
+        height = width = side
+    fx, fy = max(1, width // size), max(1, height // size)
+    modules = _modules()
+    if modules is None:
+        return _resize_bilinear_numpy(pixels, size, fx, fy)
+    cv2 = modules[1]
+    pixels = np.ascontiguousarray(pixels)
+    if fx > 1 or fy > 1:
+        pixels = cv2.resize(pixels, (width // fx, height // fy), interpolation=cv2.INTER_AREA)
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _resize_bilinear_numpy(pixels: np.ndarray, size: int, fx: int, fy: int) -> np.ndarray:
+    """The same filter without OpenCV (slow; used only when ``opencv-python-headless`` is missing)."""
+    if fx > 1 or fy > 1:
+        pixels = np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).reduce((fx, fy)))
+    src = pixels.astype(np.float32)
+    height, width = src.shape[:2]
+
+    def taps(n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.clip((np.arange(size) + 0.5) * n_in / size - 0.5, 0, n_in - 1)
+        lo = np.floor(x).astype(np.int64)
+        return lo, np.minimum(lo + 1, n_in - 1), (x - lo).astype(np.float32)
+
+    y0, y1, wy = taps(height)
+    x0, x1, wx = taps(width)
+    rows = src[y0] * (1 - wy)[:, None, None] + src[y1] * wy[:, None, None]
+    out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def feature_set_key(model_key: str, resize_filter: str) -> str:
+    """The cache's feature-set key for embeddings of model ``model_key`` made with ``resize_filter``.
+
+    ``antialias`` keeps the bare model key: every feature set written before the filter was recorded holds
+    antialiased pixels under that key, so old caches and heads keep their meaning. Any other filter is a
+    different feature set, ``<model_key>.<filter>``, so its rows are never mixed with those.
+    """
+    check_resize_filter(resize_filter)
+    return model_key if resize_filter == LEGACY_RESIZE_FILTER else f"{model_key}.{resize_filter}"
+
+
+def recorded_resize_filter(metadata: dict) -> str:
+    """The resize filter a feature set's, head's or fused model's ``metadata`` records (``antialias`` when
+    absent: it was made before the filter was recorded)."""
+    return str(metadata.get("resize_filter") or LEGACY_RESIZE_FILTER)
