@@ -12,7 +12,7 @@ rounds (medians of the per-round ratios are reported):
 and, before the rounds:
   decode     ms.core per image (thread CPU time, robust to a loaded machine) of decode + resize to 224:
              before (Pillow decode + antialiased resize) and after (libjpeg-turbo + OpenCV bilinear), and the
-             fast decode with the antialias filter;
+             bilinear filter without the libraries (Pillow decode + numpy);
   threads    read + hash + decode img/s with 1 and 2 threads (extract's mapper), the serial fraction this
              implies (Amdahl) and the decode ceiling it predicts for 16 cores;
   quality    (fp32 only) embeddings of each resize filter against the old path and against Keras'
@@ -84,8 +84,9 @@ def decode_costs(datas: list[bytes], size: int = 224, passes: int = 3) -> dict[s
 
     with fastdecode.disabled():
         before = cost("antialias")  # the path before this change: Pillow decode + antialiased resize
-    return {"before_pillow_antialias": before, "fast_antialias": cost("antialias"),
-            "after_fast_bilinear": cost("bilinear")}
+        pillow_bilinear = cost("bilinear")  # Pillow decode + bilinear in numpy: without the libraries
+    return {"before_pillow_antialias": before, "after_fast_bilinear": cost("bilinear"),
+            "pillow_decode_numpy_bilinear": pillow_bilinear}
 
 
 def thread_scaling(records, size: int = 224, threads=(1, 2), rounds: int = 2) -> dict:
@@ -106,11 +107,48 @@ def thread_scaling(records, size: int = 224, threads=(1, 2), rounds: int = 2) ->
     one, two = out["img_s"][threads[0]], out["img_s"][threads[-1]]
     speedup = two / one
     serial = min(1.0, max(0.0, (threads[-1] / speedup - 1) / (threads[-1] - 1)))
+    out.update(gil_held_ms(records[:200], size))
+    # The decode ceiling on n cores: n / (CPU per image), unless the GIL-held part saturates first.
+    out["model_img_s_16_cores"] = min(16e3 / out["worker_ms_core"], 1e3 / max(out["gil_held_ms"], 1e-9))
     out["speedup_2_threads"] = speedup
     out["serial_fraction"] = serial
     out["predicted_img_s_16_cores"] = one / (serial + (1 - serial) / 16)
     out["ideal_img_s_16_cores"] = 16 * 1e3 / out["cpu_ms_per_image"][threads[0]]
     return out
+
+
+def gil_held_ms(records, size: int = 224, passes: int = 3) -> dict[str, float]:
+    """ms per image that extract's decode worker holds the GIL (the part that cannot run in parallel):
+    thread CPU time of the whole worker (read, sha256, decode, resize) minus that of the calls that release
+    the GIL (file read, hashlib on large buffers, simplejpeg's decode, OpenCV's resize), on one thread."""
+    import hashlib
+
+    import cv2
+    import simplejpeg
+
+    from tlpipe.features.extract import _load
+    from tlpipe.features.fastdecode import dct_scale
+
+    def best(fn) -> float:
+        least = float("inf")
+        for _ in range(passes):
+            started = time.thread_time()
+            for r in records:
+                fn(r)
+            least = min(least, (time.thread_time() - started) / len(records) * 1e3)
+        return least
+
+    def free_calls(r) -> None:
+        data = Path(r.abspath).read_bytes()
+        hashlib.sha256(data).hexdigest()
+        height, width = simplejpeg.decode_jpeg_header(data)[:2]
+        k = dct_scale(width, height, size)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-width // k), min_height=-(-height // k))
+        cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
+
+    total = best(lambda r: _load(r, size, "squash", lambda sha: False))
+    free = best(free_calls)
+    return {"worker_ms_core": total, "gil_released_ms_core": free, "gil_held_ms": max(0.0, total - free)}
 
 
 def keras_pixels(data: Path, size: int = 224):

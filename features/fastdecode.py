@@ -1,6 +1,6 @@
 """The fast decode path: plain JPEGs through libjpeg-turbo (``simplejpeg``), resize through OpenCV.
 
-:func:`features.images.decode_image` calls :func:`decode_jpeg` first; whatever it declines (returns
+:func:`features.images.decode_image` calls :func:`decode_jpeg` first (``bilinear`` filter); whatever it declines (returns
 ``None``) goes through the Pillow path unchanged, so this module never decides what an image *is* — it
 only takes the common case that it can decode to exactly the pixels the Pillow path gives:
 
@@ -20,7 +20,7 @@ The resize filters (:data:`RESIZE_FILTERS`) are part of a feature set's identity
 ``bilinear``
     Keras' resize, after a reduction by the largest integer factor that keeps both sides >= the target
     (for JPEG the DCT-domain 1/2, 1/4, 1/8 Pillow's ``draft`` also picks, then a box filter for any factor
-    left): OpenCV's bilinear interpolation (``INTER_LINEAR``, half-pixel centres, no antialiasing), the
+    left, an area average): OpenCV's bilinear interpolation (``INTER_LINEAR``, half-pixel centres, no antialiasing), the
     filter TensorFlow's ``image_dataset_from_directory`` uses. For photos less than twice the target on
     their short side no reduction happens, and the pixels are Keras' (within a grey level of rounding).
     ``crop`` takes the centre square at integer offsets first.
@@ -170,7 +170,7 @@ def resize_bilinear(pixels: np.ndarray, size: int, mode: str = "squash") -> np.n
     """The ``bilinear`` filter: ``(H, W, 3)`` uint8 -> ``(size, size, 3)`` uint8.
 
     ``crop`` first keeps the centre square (integer offsets, as Keras' ``crop_to_aspect_ratio``). An image
-    whose both sides are still >= 2x ``size`` is box-reduced by ``min(width, height) // size`` (OpenCV
+    whose both sides are still >= 2x ``size`` is area-averaged down by ``min(width, height) // size`` (OpenCV
     ``INTER_AREA``; both sides stay >= ``size``), then OpenCV's ``INTER_LINEAR`` (half-pixel centres, not
     antialiased) resizes to ``size``. Without OpenCV installed, Pillow's ``reduce`` and a non-antialiased
     bilinear through numpy give the same picture (within a grey level).
@@ -187,10 +187,9 @@ def resize_bilinear(pixels: np.ndarray, size: int, mode: str = "squash") -> np.n
         return _resize_bilinear_numpy(pixels, size, factor)
     cv2 = modules[1]
     pixels = np.ascontiguousarray(pixels)
-    if factor > 1:  # an exact box mean: the edge rows and columns that do not fill a box are left out
-        height, width = height // factor, width // factor
-        pixels = np.ascontiguousarray(pixels[: height * factor, : width * factor])
-        pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
+    if factor > 1:  # area averaging over boxes of ~factor pixels (fractional at the edges: nothing cut off)
+        target = (round(width / factor), round(height / factor))
+        pixels = cv2.resize(pixels, target, interpolation=cv2.INTER_AREA)
     if pixels.shape[:2] == (size, size):
         return pixels
     return cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
@@ -198,10 +197,10 @@ def resize_bilinear(pixels: np.ndarray, size: int, mode: str = "squash") -> np.n
 
 def _resize_bilinear_numpy(pixels: np.ndarray, size: int, factor: int) -> np.ndarray:
     """The same filter without OpenCV (slow; used only when ``opencv-python-headless`` is missing)."""
-    if factor > 1:
+    if factor > 1:  # Pillow's BOX filter is the same area average as OpenCV's INTER_AREA
         image = Image.fromarray(np.ascontiguousarray(pixels))
-        box = (0, 0, image.width // factor * factor, image.height // factor * factor)
-        pixels = np.asarray(image.reduce(factor, box))
+        target = (round(image.width / factor), round(image.height / factor))
+        pixels = np.asarray(image.resize(target, Image.Resampling.BOX))
     src = pixels.astype(np.float32)
     height, width = src.shape[:2]
 
