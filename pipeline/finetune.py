@@ -179,9 +179,10 @@ def fold_head(estimator, metadata: dict, class_names: list[str], embedding_dim: 
 def _check_head_features(metadata: dict, plan: ExportPlan, store: ModelStore, name: str) -> None:
     """The head must have been fitted on this backbone's embeddings (same key; converter versions may differ)."""
     saved = metadata.get("feature_set", {})
-    if saved.get("key") == plan.key:
+    model_key = saved.get("model_key") or saved.get("key")  # a feature-set key also names the resize filter
+    if model_key == plan.key:
         return
-    entry = store.get(saved["key"]) if saved.get("key") else None
+    entry = store.get(model_key) if model_key else None
     if entry is not None:
         def unversioned(fields: dict) -> dict:
             return {k: v for k, v in fields.items() if k != "versions"}
