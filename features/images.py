@@ -53,8 +53,8 @@ def resize_image(
     """Resize ``img`` to ``size`` x ``size`` with ``resize_filter`` (:data:`RESIZE_FILTERS`).
 
     ``"bilinear"`` is :func:`features.fastdecode.resize_bilinear` (Keras' non-antialiased bilinear, after
-    an integer box reduction of axes still >= 2x ``size``; ``crop`` at integer offsets). ``"antialias"``
-    is Pillow's bilinear filter, as described next.
+    an area-average reduction by ``min(width, height) // size`` when that is >= 2; ``crop`` at integer
+    offsets). ``"antialias"`` is Pillow's bilinear filter, as described next.
 
     ``"squash"`` resizes straight to the square, ignoring the aspect ratio, as Keras'
     ``image_dataset_from_directory`` does. ``"crop"`` scales the short side to ``size`` and keeps

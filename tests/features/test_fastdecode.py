@@ -201,10 +201,11 @@ def test_filter_is_part_of_the_feature_set_identity(tmp_path, tiny_entry, model_
     assert extract(photos, cache, **run).cached == 6
 
 
-def test_score_uses_the_heads_filter_and_refuses_another(tmp_path, tiny_entry, model_store):
+def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path, tiny_entry, model_store):
     from tlpipe.pipeline.artifacts import save_head
     from tlpipe.pipeline.heads import make_head
-    from tlpipe.pipeline.score import ScoreError, score
+    from tlpipe.pipeline.fuse import export_model
+    from tlpipe.pipeline.score import ScoreError, fused_predictor, score
 
     photos = write_photo_folder(tmp_path / "photos", per_class=3)
     for resize_filter in fastdecode.RESIZE_FILTERS:
@@ -225,3 +226,15 @@ def test_score_uses_the_heads_filter_and_refuses_another(tmp_path, tiny_entry, m
         proba = estimator.predict_proba(fs.X)
         for sha, p in zip(fs.sha256, proba):
             assert abs(rows[sha]["probability"] - p.max()) < 1e-4, resize_filter
+        # the fused model carries the filter too, and scoring with it resizes the same way
+        fused = tmp_path / f"{resize_filter}.onnx"
+        assert export_model(head, fused, store=model_store)["resize_filter"] == resize_filter
+        assert fused_predictor(fused, device="cpu").resize_filter == resize_filter
+        with pytest.raises(ScoreError, match="resize-filter"):
+            score(photos, tmp_path / f"refused-{resize_filter}-fused.csv", model=fused, device="cpu",
+                  resize_filter=other)
+        out = tmp_path / f"{resize_filter}-fused.jsonl"
+        score(photos, out, model=fused, device="cpu")
+        fused_rows = {r["sha256"]: r for r in map(json.loads, out.read_text().splitlines())}
+        for sha, p in zip(fs.sha256, proba):
+            assert abs(fused_rows[sha]["probability"] - p.max()) < 1e-4, resize_filter
