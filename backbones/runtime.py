@@ -18,13 +18,58 @@ class ProviderError(RuntimeError):
     """The requested execution provider is not available or did not attach."""
 
 
+MIXED_BUILDS_ENV = "TLPIPE_ALLOW_MIXED_ONNXRUNTIME"
+
+
 def _onnxruntime():
+    """The ``onnxruntime`` module, refusing an install where several ONNX Runtime builds share it.
+
+    Two builds installed into one environment overwrite each other's files, so which one runs is an
+    accident. Setting ``TLPIPE_ALLOW_MIXED_ONNXRUNTIME=1`` is the documented override for a deliberate
+    layout where one build *shadows* the other on ``sys.path`` (e.g. ``onnxruntime-gpu`` unpacked into a
+    folder that ``PYTHONPATH`` puts before the image's CPU build, as on the lent GPU machines): tlpipe then
+    logs which file the module was loaded from and carries on.
+
+    Raises
+    ------
+    ProviderError
+        Several builds are installed and the override is not set.
+    MissingExtra
+        No ONNX Runtime is installed.
+    """
     builds = installed_onnxruntime_distributions()
-    if len(builds) > 1:
+    allowed = os.environ.get(MIXED_BUILDS_ENV, "").strip().lower() in ("1", "true", "yes")
+    if len(builds) > 1 and not allowed:
         raise ProviderError(f"several ONNX Runtime builds are installed together ({', '.join(builds)}); they share "
                             f"the `onnxruntime` module and break each other: pip uninstall all but one "
-                            f"(tlpipe[cpu] or tlpipe[gpu])")
-    return require("onnxruntime")
+                            f"(tlpipe[cpu] or tlpipe[gpu]), or set {MIXED_BUILDS_ENV}=1 if one shadows the "
+                            f"other on purpose")
+    ort = require("onnxruntime")
+    if len(builds) > 1:
+        log.info("%s=1: %s installed together; using onnxruntime %s from %s", MIXED_BUILDS_ENV, ", ".join(builds),
+                 getattr(ort, "__version__", "?"), getattr(ort, "__file__", "?"))
+    return ort
+
+
+_CUDA_LIBRARIES_LOADED = False
+
+
+def _preload_cuda_libraries(ort) -> None:
+    """Load the CUDA / cuDNN libraries of pip's ``nvidia-*`` packages before a CUDA session is made.
+
+    onnxruntime-gpu >= 1.21 does not find those libraries on its own unless PyTorch was imported first;
+    ``onnxruntime.preload_dlls()`` loads them (ONNX Runtime's CUDA EP documentation, "Preload DLLs").
+    Called once per process, only when the CUDA provider is present; a failure is logged, and the
+    provider check after session creation then reports whether CUDA attached.
+    """
+    global _CUDA_LIBRARIES_LOADED
+    if _CUDA_LIBRARIES_LOADED or not hasattr(ort, "preload_dlls"):
+        return
+    _CUDA_LIBRARIES_LOADED = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # a missing library shows up as CUDA not attaching, reported by create_session
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
 def physical_cores() -> int:
@@ -58,15 +103,26 @@ def create_session(model_path: str | Path, device: str = "auto", threads: int | 
                             f"install tlpipe[gpu] (onnxruntime-gpu) and the CUDA libraries it needs")
     providers = ["CPUExecutionProvider"]
     if wants_cuda and "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries(ort)
         providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=providers)
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=session_options(threads), providers=providers)
+    except Exception as exc:  # some builds raise, rather than fall back, when the CUDA provider cannot start
+        if providers[0] != "CUDAExecutionProvider":
+            raise
+        if device == "cuda":
+            raise ProviderError(f"--device cuda: the CUDA provider failed to start ({' '.join(str(exc).split())[:300]})") from exc
+        log.warning("--device auto: the CUDA provider failed to start (%s); running on the CPU", " ".join(str(exc).split())[:300])
+        session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
+                                       providers=["CPUExecutionProvider"])
     attached = session.get_providers()
     if wants_cuda and "CUDAExecutionProvider" not in attached:
         if device == "cuda":
             raise ProviderError("--device cuda: the CUDA provider did not attach (missing CUDA/cuDNN libraries?); "
                                 f"the session runs on {', '.join(attached)}")
         if "CUDAExecutionProvider" in available:
-            log.warning("CUDA is available but did not attach; running on the CPU")
+            log.warning("--device auto: CUDA is available but did not attach (no GPU visible, or CUDA/cuDNN "
+                        "libraries missing); running on the CPU")
     return session
 
 

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
+
+# Run from a source checkout that was never installed (``PYTHONPATH=checkout python -m tlpipe.pipeline.cli``,
+# as on a machine without network to install it): the three packages are the checkout's top-level folders,
+# so they are found beside this one. An installed tlpipe maps them through setuptools' package-dir instead,
+# and there is no `backbones` folder beside the installed `tlpipe`, so this changes nothing there.
+_checkout = Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "backbones" / "registry.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821 - a package's __path__
 
 try:
     __version__ = version("tlpipe")

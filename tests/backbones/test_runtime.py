@@ -72,3 +72,38 @@ def test_micro_batches_give_the_whole_batch_result(tiny_entry):
     np.testing.assert_allclose(chunked(images), whole(images), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="micro_batch"):
         OnnxEmbedder(tiny_entry.model_path, device="cpu", micro_batch=0)
+
+
+MIXED_CHILD = """
+import sys
+from tlpipe.backbones.runtime import ProviderError, create_session
+try:
+    print(create_session(sys.argv[1], device="cpu").get_providers()[0])
+except ProviderError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_mixed_builds_override_for_a_deliberate_shadowing_layout(tiny_entry, tmp_path):
+    """The lent GPU machines put onnxruntime-gpu on PYTHONPATH before the image's CPU build, so both
+    distributions are visible to importlib.metadata: refused by default, accepted with the documented override."""
+    import os
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "site"
+    info = shadow / "onnxruntime_gpu-1.31.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")])}
+    env.pop(runtime.MIXED_BUILDS_ENV, None)
+
+    def run(**extra: str) -> str:
+        done = subprocess.run([sys.executable, "-c", MIXED_CHILD, str(tiny_entry.model_path)], env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    refused = run()
+    assert refused.startswith("refused:") and "onnxruntime-gpu" in refused and runtime.MIXED_BUILDS_ENV in refused
+    assert run(**{runtime.MIXED_BUILDS_ENV: "1"}) == "CPUExecutionProvider"
