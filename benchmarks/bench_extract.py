@@ -192,7 +192,7 @@ def quality(entry, datasets: dict[str, Path], limit: int | None = None) -> dict:
         records = records[:: max(1, len(records) // limit)][:limit] if limit else records  # every class
         index = {r.relpath: i for i, r in enumerate(records)}
         X: dict[str, np.ndarray] = {}
-        for variant in ("old", "antialias", "bilinear"):
+        for variant in ("old", "bilinear"):  # old: the path before (Pillow decode + antialias, = --resize-filter antialias)
             chunks = []
             for start in range(0, len(records), 64):
                 chunk = records[start:start + 64]

@@ -31,6 +31,7 @@ The resize filters (:data:`RESIZE_FILTERS`) are part of a feature set's identity
 
 from __future__ import annotations
 
+import importlib
 import io
 from contextlib import contextmanager
 from typing import Iterator
@@ -44,41 +45,41 @@ LEGACY_RESIZE_FILTER = "antialias"  # what feature sets without a recorded filte
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _modules():
-    """simplejpeg and cv2, or None when either is missing (then every image takes the Pillow path)."""
-    global _MODULES
-    if _MODULES is None:
+def _lib(name: str):
+    """The module ``simplejpeg`` or ``cv2``, or None when it is not installed (imported once)."""
+    if name not in _LIBS:
         try:
-            import cv2
-            import simplejpeg
-
+            module = importlib.import_module(name)
+        except ImportError:
+            module = None
+        if name == "cv2" and module is not None:
             # tlpipe decodes images in parallel threads; OpenCV's own pool on top of them only adds
             # hand-offs (measured: ms.core per image 1.17-1.30 vs 0.95-1.07 with 2 decode threads).
-            cv2.setNumThreads(1)
-            _MODULES = (simplejpeg, cv2)
-        except ImportError:
-            _MODULES = ()
-    return _MODULES or None
+            module.setNumThreads(1)
+        _LIBS[name] = module
+    return _LIBS[name]
 
 
-_MODULES: tuple | None = None
+_LIBS: dict[str, object] = {}
 
 
 @contextmanager
 def disabled() -> Iterator[None]:
     """Inside, every image takes the Pillow path (and the ``bilinear`` filter its numpy form), as without
     the libraries installed: for benchmarks and checks that compare the two paths. Not thread-safe."""
-    global _MODULES
-    saved, _MODULES = _modules(), ()
+    saved = dict(_LIBS)
+    _LIBS.update(simplejpeg=None, cv2=None)
     try:
         yield
     finally:
-        _MODULES = saved
+        _LIBS.clear()
+        _LIBS.update(saved)
 
 
 def available() -> bool:
-    """Whether the fast path is installed (``simplejpeg`` and ``opencv-python-headless``)."""
-    return _modules() is not None
+    """Whether the whole fast path is installed (``simplejpeg`` and ``opencv-python-headless``); each one
+    alone still serves its half (libjpeg-turbo decoding, or OpenCV's resize)."""
+    return _lib("simplejpeg") is not None and _lib("cv2") is not None
 
 
 def check_resize_filter(resize_filter: str) -> None:
@@ -137,10 +138,9 @@ def decode_jpeg(
         size; ``(width, height)``: the full size after orientation. ``None`` when the fast path does not
         handle this file (see the module docstring) or is not installed.
     """
-    modules = _modules()
-    if modules is None or not data.startswith(_JPEG_MAGIC):
+    simplejpeg = _lib("simplejpeg")
+    if simplejpeg is None or not data.startswith(_JPEG_MAGIC):
         return None
-    simplejpeg, _ = modules
     try:
         with Image.open(io.BytesIO(data)) as im:  # markers only: format, mode, EXIF, ICC
             if im.format != "JPEG" or im.mode != "RGB" or im.info.get("icc_profile"):
@@ -182,10 +182,9 @@ def resize_bilinear(pixels: np.ndarray, size: int, mode: str = "squash") -> np.n
         pixels = pixels[top : top + side, left : left + side]
         height = width = side
     factor = max(1, min(width, height) // size)
-    modules = _modules()
-    if modules is None:
+    cv2 = _lib("cv2")
+    if cv2 is None:
         return _resize_bilinear_numpy(pixels, size, factor)
-    cv2 = modules[1]
     pixels = np.ascontiguousarray(pixels)
     if factor > 1:  # area averaging over boxes of ~factor pixels (fractional at the edges: nothing cut off)
         target = (round(width / factor), round(height / factor))
