@@ -117,9 +117,7 @@ def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](pixels))
 
 
-def decode_jpeg(
-    data: bytes, size: int, max_pixels: int
-) -> tuple[np.ndarray, tuple[int, int]] | None:
+def decode_jpeg(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]] | None:
     """Decode a plain JPEG through libjpeg-turbo, upright and DCT-downscaled for ``size``.
 
     Parameters

@@ -22,7 +22,9 @@ from tlpipe.features.images import MAX_PIXELS, ImageError, _TRANSPOSE, decode_im
 
 from .test_images import GREEN, RED, close, encode, photo
 
-pytestmark = pytest.mark.skipif(not fastdecode.available(), reason="simplejpeg / opencv-python-headless missing")
+pytestmark = pytest.mark.skipif(
+    not fastdecode.available(), reason="simplejpeg / opencv-python-headless missing"
+)
 
 
 def pillow_reference(data: bytes, size: int, mode: str, resize_filter: str) -> np.ndarray:
@@ -40,7 +42,9 @@ def pillow_reference(data: bytes, size: int, mode: str, resize_filter: str) -> n
     ("width", "height", "size", "scale"),
     [(480, 375, 224, 1), (900, 700, 224, 2), (1000, 1800, 224, 4), (1900, 1800, 224, 8), (2600, 900, 100, 8)],
 )
-@pytest.mark.parametrize("options", [{"subsampling": 2}, {"subsampling": 0}, {"subsampling": 1, "progressive": True}])
+@pytest.mark.parametrize(
+    "options", [{"subsampling": 2}, {"subsampling": 0}, {"subsampling": 1, "progressive": True}]
+)
 def test_fast_path_decodes_the_pillow_pixels(width, height, size, scale, options):
     data = encode(photo(width, height), "JPEG", quality=88, **options)
     assert fastdecode.dct_scale(width, height, size) == scale
@@ -56,7 +60,9 @@ def test_fast_path_decodes_the_pillow_pixels(width, height, size, scale, options
         for resize_filter in fastdecode.RESIZE_FILTERS:
             pixels, original = decode_image(data, size, mode, resize_filter=resize_filter)
             expected = pillow_reference(data, size, mode, resize_filter)
-            assert pixels.shape == (size, size, 3) and pixels.dtype == np.uint8 and original == (width, height)
+            assert (
+                pixels.shape == (size, size, 3) and pixels.dtype == np.uint8 and original == (width, height)
+            )
             assert np.abs(pixels.astype(int) - expected).max() <= 1, (mode, resize_filter)
 
 
@@ -150,10 +156,14 @@ def test_bilinear_is_tensorflows_resize_without_antialiasing():
     pixels = np.asarray(photo(437, 311, seed=3))
     for size in (224, 250):  # downscale factors below 2: no box reduction, plain bilinear
         ours = fastdecode.resize_bilinear(pixels, size)
-        theirs = tf.image.resize(pixels[None].astype(np.float32), (size, size), "bilinear", antialias=False)[0]
+        theirs = tf.image.resize(pixels[None].astype(np.float32), (size, size), "bilinear", antialias=False)[
+            0
+        ]
         assert np.abs(ours.astype(float) - np.round(theirs.numpy())).max() <= 1
     antialiased = np.asarray(resize_image(Image.fromarray(pixels), 150, resize_filter="antialias"))
-    assert np.abs(antialiased.astype(int) - fastdecode.resize_bilinear(pixels, 150)).mean() > 0.5  # two filters
+    assert (
+        np.abs(antialiased.astype(int) - fastdecode.resize_bilinear(pixels, 150)).mean() > 0.5
+    )  # two filters
 
 
 def test_bilinear_box_reduces_large_images_so_they_do_not_alias():
@@ -210,16 +220,28 @@ def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path,
     photos = write_photo_folder(tmp_path / "photos", per_class=3)
     for resize_filter in fastdecode.RESIZE_FILTERS:
         cache = tmp_path / f"{resize_filter}.h5"
-        extract(photos, cache, model=str(tiny_entry.directory), store=model_store, device="cpu",
-                resize_filter=resize_filter)
+        extract(
+            photos,
+            cache,
+            model=str(tiny_entry.directory),
+            store=model_store,
+            device="cpu",
+            resize_filter=resize_filter,
+        )
         fs = read_feature_set(cache)
         head = tmp_path / f"{resize_filter}.joblib"
         estimator = make_head("logreg").fit(fs.X, fs.y)
         save_head(estimator, head, feature_set=fs, metrics={}, params={})
         other = next(f for f in fastdecode.RESIZE_FILTERS if f != resize_filter)
         with pytest.raises(ScoreError, match="resize-filter"):
-            score(photos, tmp_path / f"refused-{resize_filter}.csv", head=head, store=model_store, device="cpu",
-                  resize_filter=other)
+            score(
+                photos,
+                tmp_path / f"refused-{resize_filter}.csv",
+                head=head,
+                store=model_store,
+                device="cpu",
+                resize_filter=other,
+            )
         out = tmp_path / f"{resize_filter}.jsonl"
         score(photos, out, head=head, store=model_store, device="cpu")  # decodes with the head's filter
         rows = {r["sha256"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -231,8 +253,13 @@ def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path,
         assert export_model(head, fused, store=model_store)["resize_filter"] == resize_filter
         assert fused_predictor(fused, device="cpu").resize_filter == resize_filter
         with pytest.raises(ScoreError, match="resize-filter"):
-            score(photos, tmp_path / f"refused-{resize_filter}-fused.csv", model=fused, device="cpu",
-                  resize_filter=other)
+            score(
+                photos,
+                tmp_path / f"refused-{resize_filter}-fused.csv",
+                model=fused,
+                device="cpu",
+                resize_filter=other,
+            )
         out = tmp_path / f"{resize_filter}-fused.jsonl"
         score(photos, out, model=fused, device="cpu")
         fused_rows = {r["sha256"]: r for r in map(json.loads, out.read_text().splitlines())}
