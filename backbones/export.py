@@ -150,12 +150,10 @@ def rename_output(onnx_model, name: str) -> None:
 
 def add_metadata(onnx_model, metadata: dict) -> None:
     """Flat keys for quick reading plus the whole record as JSON under ``tlpipe``."""
-    flat = {"tlpipe": json.dumps(metadata, sort_keys=True)}
-    for k in ("key", "backbone", "input_size", "embedding_dim", "preprocessing", "pooling", "layer"):
-        flat[f"tlpipe.{k}"] = str(metadata.get(k))
-    for k, v in flat.items():
-        prop = onnx_model.metadata_props.add()
-        prop.key, prop.value = k, v
+    from .onnx_metadata import write_metadata
+
+    keys = ("key", "backbone", "input_size", "embedding_dim", "preprocessing", "pooling", "layer")
+    write_metadata(onnx_model, metadata, **{k: str(metadata.get(k)) for k in keys})
 
 
 def verification_images(size: int, count: int = 8) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .onnx_metadata import clear_metadata
 from .deps import distribution_version, require
 from .export import INPUT_NAME, VerificationError, add_metadata, cosine_similarities
 from .store import ModelStore, StoreEntry, make_key
@@ -206,7 +207,7 @@ def quantize_int8(fp32_path: Path, calibration: np.ndarray, gptq: bool = True) -
                        + (", GPTQ weight rounding" if gptq else ""),
              "gptq_layers": layers, "timings_s": {"calibrate": round(calibrated - started, 2),
                                                   "gptq": round(time.perf_counter() - calibrated, 2)}}
-    del model.metadata_props[:]
+    clear_metadata(model)
     return model.SerializeToString(), facts
 
 
@@ -219,7 +220,7 @@ def convert_fp16(fp32_path: Path) -> tuple[bytes, dict]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    del model.metadata_props[:]
+    clear_metadata(model)
     return model.SerializeToString(), {"method": "onnxruntime.transformers.float16, io types kept"}
 
 

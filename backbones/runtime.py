@@ -145,7 +145,7 @@ class OnnxEmbedder:
     @224 end to end, 196-201 img/s against 179-185 for whole batches of 32 (fp32; int8 +5 %)."""
 
     def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None, streams: int = 1,
-                 micro_batch: int | None = None):
+                 micro_batch: int | None = None, output: str | None = None):
         if streams < 1:
             raise ValueError(f"streams must be at least 1, not {streams}")
         if micro_batch is not None and micro_batch < 1:
@@ -162,7 +162,7 @@ class OnnxEmbedder:
         for _ in range(streams - 1):
             self._free.put(create_session(model_path, device="cpu", threads=per_stream))
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = output or self.session.get_outputs()[0].name  # e.g. a fused classifier's probabilities
         shape = self.session.get_inputs()[0].shape
         self.input_size = int(shape[1]) if isinstance(shape[1], int) else None
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_folder
 from .weights import sha256_file
 
 STORE_ENV = "TLPIPE_MODEL_STORE"
@@ -83,23 +82,10 @@ class ModelStore:
 
     def put(self, key: str, model_bytes: bytes, metadata: dict) -> StoreEntry:
         """Write an entry atomically; if another process won the race, keep theirs."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
-        try:
-            tmp.chmod(0o755)
+        with atomic_folder(self.root / key, keep_existing=True) as tmp:
             (tmp / MODEL_FILE).write_bytes(model_bytes)
             meta = {**metadata, "key": key, "model_sha256": hashlib.sha256(model_bytes).hexdigest()}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            for path in (tmp / MODEL_FILE, tmp / META_FILE):
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-            try:
-                os.rename(tmp, self.root / key)
-            except OSError:
-                if self.get(key) is None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         entry = self.get(key)
         assert entry is not None
         return entry

@@ -10,7 +10,7 @@ photos and random weights (weights="none"). Measures:
   ray              `features.ray_engine.extract_ray` on `ray.init(num_cpus=--cpus)`, end to end (actor start
                    included), on half and all of the images: seconds = fixed + images / marginal rate
   overhead         local images/s over ray's, end to end and marginal
-  decode_1core     extraction's `_load` (read, sha256, decode, resize) in one thread: images/s per core
+  decode_1core     the decoder's `decode_record` (read, sha256, decode, resize) in one thread: images/s per core
   inference        the ONNX session on decoded batches of 32, all cores and one thread: images/s
   bytes_per_row    Arrow bytes per row moved from the decode tasks to the actors, and from the actors back to
                    the driver (measured with Dataset.size_bytes on materialized stages)
@@ -59,11 +59,11 @@ def image_folder(data: Path, target: Path, limit: int) -> Path:
 
 
 def decode_rate(records, size: int) -> float:
-    from tlpipe.features.extract import _load
+    from tlpipe.features.decoder import decode_record
 
     started = time.perf_counter()
     for r in records:
-        _load(r, size, "squash", lambda sha: False)
+        decode_record(r, size, "squash")
     return len(records) / (time.perf_counter() - started)
 
 

@@ -1,19 +1,26 @@
 """The HDF5 embedding cache: one row per unique image (by sha256), several feature sets per file.
 
-Schema (version 1; readable with plain h5py, see README):
+Schema (version 2; readable with plain h5py, see README):
 
-    /                      attrs: tlpipe_cache_version, cache_id, created
-    /images/               attrs: count (committed rows), class_names (JSON list)
-        path    (N,)   S512    UTF-8 path relative to the source it came from
+    /                      attrs: tlpipe_cache_version, cache_id, created, sources (JSON list of source roots)
+    /images/               attrs: count (committed rows), class_names (JSON list), path_bytes (committed blob bytes)
+        path_utf8 (B,)   uint8    UTF-8 paths, concatenated (no length limit, no HDF5 heap)
+        path_span (N,2)  int64    [start, end) of each row's path in path_utf8, relative to its source
+        source  (N,)   int32    index into the root attr ``sources``
         sha256  (N,)   S64      hex digest of the file's bytes
         label   (N,)   int32    index into class_names, -1 = unlabelled
         split   (N,)   S32      "train" | "val" | "test" | "" ...
         size    (N,2)  int32    original width, height (after EXIF orientation)
-    /features/<key>/       attrs: count, dim, dtype, metadata (JSON), backbone, input_size
+    /features/<key>/       attrs: count, dim, dtype, resize, metadata (JSON), backbone, input_size
         embeddings (K,D) float32|float16
         image_row  (K,)  int64  row in /images
-    /failures/             attrs: count
-        path, sha256, reason   (F,) S512, S64, S256
+    /failures/             attrs: count, path_bytes
+        path_utf8, path_span, source, sha256, reason, stage   inputs skipped ("listing") or failed ("decode")
+    /label_conflicts/      attrs: current ("a" | "b" | ""), length
+        a, b  (L,) uint8   JSON of the label conflicts, written to the idle buffer and then switched to
+
+Version 1 caches (paths cut at 512 bytes, feature sets that do not record their resize mode) are refused with a
+message: migrating them would have to guess which resize mode made their embeddings.
 
 Crash safety: rows past a dataset's committed ``count`` are not part of the cache. A writer appends,
 flushes, and only then advances ``count`` (and flushes again); on open it cuts every dataset back to
@@ -36,20 +43,26 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
 
-CACHE_VERSION = 1
+from .fastdecode import DEFAULT_RESIZE_FILTER, LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
+
+CACHE_VERSION = 2
 CHUNK_ROWS = 256
+BLOB_CHUNK = 1 << 16
 # Fixed-length strings and no compression filters: variable-length data lives in HDF5's global heap and
 # compressed chunks move when rewritten; a kill during a flush corrupted both beyond what the committed
 # counts protect (seen in the SIGKILL test). Uncompressed chunks are rewritten in place.
-PATH_BYTES, SPLIT_BYTES, REASON_BYTES = 512, 32, 256
-_IMAGE_COLUMNS = {"path": f"S{PATH_BYTES}", "sha256": "S64", "label": np.int32, "split": f"S{SPLIT_BYTES}",
-                  "size": (np.int32, 2)}
-_FAILURE_COLUMNS = {"path": f"S{PATH_BYTES}", "sha256": "S64", "reason": f"S{REASON_BYTES}"}
+# Paths have no fixed width: each is a span of one growing uint8 blob (``path_utf8``), so nothing is cut.
+SPLIT_BYTES, REASON_BYTES, STAGE_BYTES = 32, 256, 16
+_IMAGE_COLUMNS = {"path_span": (np.int64, 2), "source": np.int32, "sha256": "S64", "label": np.int32,
+                  "split": f"S{SPLIT_BYTES}", "size": (np.int32, 2)}
+_FAILURE_COLUMNS = {"path_span": (np.int64, 2), "source": np.int32, "sha256": "S64", "reason": f"S{REASON_BYTES}",
+                    "stage": f"S{STAGE_BYTES}"}
+RESIZE_DEFAULT = "squash"
 READ_ATTEMPTS = 6  # a reader that catches a writer mid-commit tries again, after 10, 20, 40, 80 and 160 ms
 T = TypeVar("T")
 
@@ -74,15 +87,54 @@ class ImageRow:
     split: str | None
     width: int
     height: int
+    source: int = -1  # index into the cache's sources (CacheWriter.note_source)
 
 
-def _storable(text: str, limit: int = PATH_BYTES) -> bytes:
-    """UTF-8 bytes that fit a fixed-length column; names that are not valid UTF-8 keep backslash escapes."""
+def feature_set_key(model_key: str, resize: str = RESIZE_DEFAULT, resize_filter: str = DEFAULT_RESIZE_FILTER) -> str:
+    """The cache key of a feature set: the model-store key plus every setting that changes an embedding.
+
+    The one place the key grammar lives::
+
+        <model_key>[-resize-<mode>][-filter-<filter>]
+
+    Each setting adds its suffix only when it differs from the value feature sets were made with before it was
+    recorded, so keys written then keep their meaning: ``squash`` (the default mode) and ``antialias`` (Pillow's
+    filter, tlpipe's only one before the filter was a choice) add nothing. So the key of the default
+    (``squash``, ``bilinear``) is ``<model_key>-filter-bilinear``, and two settings never share a key.
+
+    Parameters
+    ----------
+    model_key : str
+        Key of the model-store entry that computes the embeddings.
+    resize : str
+        Resize mode of the images (``squash`` | ``crop``). ``squash``, the default, adds nothing; any other mode
+        adds ``-resize-<mode>``.
+    resize_filter : str
+        Resize filter (:data:`tlpipe.features.fastdecode.RESIZE_FILTERS`: ``bilinear``, the default, | ``antialias``).
+        ``antialias`` adds nothing; ``bilinear`` adds ``-filter-bilinear``.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        An unknown ``resize_filter``.
+    """
+    check_resize_filter(resize_filter)
+    key = model_key if resize == RESIZE_DEFAULT else f"{model_key}-resize-{resize}"
+    return key if resize_filter == LEGACY_RESIZE_FILTER else f"{key}-filter-{resize_filter}"
+
+
+def _storable(text: str, limit: int | None = None) -> bytes:
+    """UTF-8 bytes; names that are not valid UTF-8 keep backslash escapes. Only ``limit``-byte columns (reasons,
+    splits) are cut, at a character boundary; paths never are."""
     data = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").encode("utf-8")
-    return data if len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode("utf-8")
+    return data if limit is None or len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
-def _strings(values, limit: int = PATH_BYTES) -> np.ndarray:
+def _strings(values, limit: int) -> np.ndarray:
     return np.array([_storable(v, limit) for v in values], dtype=f"S{limit}")
 
 
@@ -92,7 +144,56 @@ def _create_columns(group: h5py.Group, columns: dict) -> None:
             group.create_dataset(name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1]))
         else:
             group.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(CHUNK_ROWS,))
+    if "path_span" in columns:
+        group.create_dataset("path_utf8", (0,), dtype=np.uint8, maxshape=(None,), chunks=(BLOB_CHUNK,))
+        group.attrs["path_bytes"] = 0
     group.attrs["count"] = 0
+
+
+def _append_paths(group: h5py.Group, row: int, paths) -> int:
+    """Write ``paths`` into ``group``'s blob after its committed bytes and their spans at ``row``; returns the blob's
+    new length (to commit as ``path_bytes`` together with the count)."""
+    encoded = [_storable(p) for p in paths]
+    start = int(group.attrs["path_bytes"])
+    ends = start + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+    spans = np.stack([ends - [len(e) for e in encoded], ends], axis=1) if encoded else np.zeros((0, 2), np.int64)
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    _append(group["path_utf8"], start, blob)
+    _append(group["path_span"], row, spans)
+    return int(ends[-1]) if encoded else start
+
+
+def _decode_paths(group: h5py.Group, spans: np.ndarray, path) -> list[str]:
+    """The paths of ``spans`` (rows of ``path_span``), read from the blob."""
+    if not len(spans):
+        return []
+    end = int(spans[:, 1].max())
+    blob = group["path_utf8"][:end].tobytes()
+    if len(blob) < end:
+        raise _Torn(f"{path}: {group.name}/path_utf8 holds {len(blob)} bytes, its paths need {end}; the file is damaged")
+    return [blob[a:b].decode("utf-8", "replace") for a, b in spans.tolist()]
+
+
+def read_paths(group: h5py.Group, rows=None, path="cache") -> list[str]:
+    """Paths of the committed rows of an open ``/images`` or ``/failures`` group (all, or the given ``rows``).
+
+    Parameters
+    ----------
+    group : h5py.Group
+        ``f["images"]`` or ``f["failures"]`` of a cache opened with :func:`open_for_read`.
+    rows : array of int, optional
+        Row numbers (any order, repeats allowed); default all committed rows.
+    path : str
+        The file, for error messages.
+
+    Returns
+    -------
+    list of str
+        UTF-8 paths relative to their source (backslash escapes for names that were not UTF-8).
+    """
+    n = int(group.attrs["count"])
+    spans = _committed(group["path_span"], n, path)
+    return _decode_paths(group, spans if rows is None else spans[np.asarray(rows, dtype=np.int64)], path)
 
 
 def _append(dataset: h5py.Dataset, start: int, values) -> None:
@@ -140,7 +241,7 @@ class _StagedFile(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         start, n = self.pos, len(view)
         got = os.preadv(self.fd, [view[: max(0, min(n, self.on_disk - start))]], start) if start < self.on_disk else 0
@@ -152,7 +253,7 @@ class _StagedFile(io.RawIOBase):
         self.pos += n
         return n
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
         data = bytes(data)
         start, end = self.pos, self.pos + len(data)
         self.pending = [(o, d) for o, d in self.pending if not (start <= o and o + len(d) <= end)]
@@ -224,6 +325,17 @@ class CacheWriter:
         except OSError as exc:
             raise CacheError(f"cannot open {self.path} for writing: {exc.strerror or exc}") from exc
         try:
+            # HDF5's own file lock (flock on the .h5, as the HDF5 library takes it): shared, so plain h5py readers
+            # (which take it shared) go on, but a program holding the file open for writing (exclusive) is
+            # detected here, and one that opens it for writing while this writer runs is refused by HDF5.
+            fcntl.flock(self._disk.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._disk.close()
+            raise CacheLockedError(f"{self.path} is open for writing in another program (it holds HDF5's file lock, "
+                                   "e.g. h5py.File(..., 'a') in a notebook); close the file there and run again") from None
+        except OSError:
+            pass  # a file system without flock: the .lock file still keeps tlpipe writers apart
+        try:
             f = h5py.File(self._disk, "r+")
         except OSError as exc:
             self._disk.close()
@@ -253,6 +365,10 @@ class CacheWriter:
                     images.attrs["class_names"] = "[]"
                     _create_columns(f.create_group("failures"), _FAILURE_COLUMNS)
                     f.create_group("features")
+                    conflicts = f.create_group("label_conflicts")
+                    for name in ("a", "b"):
+                        conflicts.create_dataset(name, (0,), dtype=np.uint8, maxshape=(None,), chunks=(BLOB_CHUNK,))
+                    conflicts.attrs.update({"current": "", "length": 0})
                 disk.commit()
             os.replace(tmp, self.path)
         except OSError as exc:
@@ -283,9 +399,10 @@ class CacheWriter:
         groups = [f["images"], f["failures"], *f["features"].values()]
         for group in groups:
             count = int(group.attrs["count"])
-            for dataset in group.values():
-                if dataset.shape[0] != count:
-                    dataset.resize(count, axis=0)
+            for name, dataset in group.items():
+                rows = int(group.attrs["path_bytes"]) if name == "path_utf8" else count
+                if dataset.shape[0] != rows:
+                    dataset.resize(rows, axis=0)
         f.flush()
 
     # -- reading what is there -------------------------------------------------------------------
@@ -336,7 +453,9 @@ class CacheWriter:
         group.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk, dim))
         group.create_dataset("image_row", (0,), dtype=np.int64, maxshape=(None,), chunks=(CHUNK_ROWS,))
         metadata = metadata or {}
-        group.attrs.update({"dim": dim, "dtype": dtype, "metadata": json.dumps(metadata, sort_keys=True)})
+        group.attrs.update({"dim": dim, "dtype": dtype, "metadata": json.dumps(metadata, sort_keys=True),
+                            "resize": metadata.get("resize") or RESIZE_DEFAULT,
+                            "resize_filter": recorded_resize_filter(metadata)})
         for name in ("backbone", "input_size", "pooling", "preprocessing"):
             if metadata.get(name) is not None:
                 group.attrs[name] = metadata[name]
@@ -375,8 +494,10 @@ class CacheWriter:
         new = [r for r in dict((r.sha256, r) for r in rows if r.sha256 not in index).values()]
         for offset, row in enumerate(new):
             index[row.sha256] = start + offset
+        path_bytes = int(images.attrs["path_bytes"])
         if new:
-            _append(images["path"], start, _strings([r.path for r in new]))
+            path_bytes = _append_paths(images, start, [r.path for r in new])
+            _append(images["source"], start, np.array([r.source for r in new], dtype=np.int32))
             _append(images["sha256"], start, np.array([r.sha256 for r in new], dtype="S64"))
             _append(images["label"], start, np.array([self._label_index(r.label) for r in new], dtype=np.int32))
             _append(images["split"], start, _strings([r.split or "" for r in new], SPLIT_BYTES))
@@ -385,31 +506,148 @@ class CacheWriter:
         _append(group["embeddings"], done, embeddings.astype(group.attrs["dtype"], copy=False))
         _append(group["image_row"], done, np.array([index[r.sha256] for r in rows], dtype=np.int64))
         self._flush()
+        images.attrs["path_bytes"] = path_bytes
         images.attrs["count"] = start + len(new)
         group.attrs["count"] = done + len(rows)
         self._flush()
         self._committed = self.image_count
         self.rows_with(key).update(index[r.sha256] for r in rows)
 
-    def add_failures(self, failures: list[tuple[str, str, str]]) -> None:
-        """Record (path, sha256 or "", reason) for inputs that could not be used; one row per path."""
+    def add_failures(self, failures: list[tuple[str, str, str]], *, stage: str = "decode", source: int = -1) -> None:
+        """Record (path, sha256 or "", reason) for inputs that could not be used; one row per (source, full path).
+
+        ``stage`` is ``"listing"`` for inputs skipped while listing the source, ``"decode"`` for files that failed
+        to read or decode."""
         group = self.file["failures"]
         count = int(group.attrs["count"])
-        known = set(group["path"][:count].tolist()) if count else set()
-        fresh = [f for f in dict((_storable(p), (s, r)) for p, s, r in failures).items() if f[0] not in known]
+        known = set(zip(_committed(group["source"], count, self.path).tolist(), read_paths(group, None, self.path))) \
+            if count else set()
+        fresh = [(p, v) for p, v in dict(((p, (s, r)) for p, s, r in failures)).items()
+                 if (source, _storable(p).decode("utf-8")) not in known]
         if not fresh:
             return
-        _append(group["path"], count, np.array([p for p, _ in fresh], dtype=f"S{PATH_BYTES}"))
+        path_bytes = _append_paths(group, count, [p for p, _ in fresh])
+        _append(group["source"], count, np.full(len(fresh), source, dtype=np.int32))
         _append(group["sha256"], count, np.array([s for _, (s, _) in fresh], dtype="S64"))
         _append(group["reason"], count, _strings([r for _, (_, r) in fresh], REASON_BYTES))
+        _append(group["stage"], count, _strings([stage] * len(fresh), STAGE_BYTES))
         self._flush()
+        group.attrs["path_bytes"] = path_bytes
         group.attrs["count"] = count + len(fresh)
         self._flush()
 
-    def note_source(self, source: str) -> None:
+    def note_source(self, source: str) -> int:
+        """Record a source (folder or manifest) and return its index (the rows' ``source`` column)."""
         sources = json.loads(self.file.attrs.get("sources", "[]"))
         if source not in sources:
-            self.file.attrs["sources"] = json.dumps([*sources, source])
+            sources.append(source)
+            self.file.attrs["sources"] = json.dumps(sources)
+        return sources.index(source)
+
+    # -- labels: conflicts and fixes --------------------------------------------------------------------
+    def label_conflicts(self) -> dict[str, dict]:
+        """sha256 -> {"row", "occurrences": [{"source", "path", "label", "split"}, ...]} as last written."""
+        return {c["sha256"]: c for c in _read_conflicts(self.file, self.path)}
+
+    def _write_conflicts(self, conflicts: list[dict]) -> None:
+        """Write the conflict list into the idle buffer, commit, then switch to it (a kill keeps the old list)."""
+        group = self.file["label_conflicts"]
+        idle = "b" if group.attrs["current"] == "a" else "a"
+        data = np.frombuffer(json.dumps(conflicts, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        dataset = group[idle]
+        dataset.resize(len(data), axis=0)
+        dataset[:] = data
+        self._flush()
+        group.attrs.update({"current": idle, "length": len(data)})
+        self._flush()
+
+    def reconcile(self, source: int, seen: dict[str, list[tuple[str, str | None, str | None]]]) -> tuple[int, list[dict]]:
+        """Bring the image table in line with what a complete listing of ``source`` found, without re-embedding.
+
+        Parameters
+        ----------
+        source : int
+            The source's index (:meth:`note_source`).
+        seen : dict
+            sha256 -> [(path, label, split), ...]: every readable file of the source, by content.
+
+        Returns
+        -------
+        changed : int
+            Rows of this source whose path, label or split changed (a file moved, or was relabelled).
+        conflicts : list of dict
+            Every content that now carries two or more different labels, with all its occurrences (this source's
+            and other sources'); such rows are left out of training and evaluation by :func:`read_feature_set`.
+            A conflict is never settled by which path sorts first.
+        """
+        images = self.file["images"]
+        n = self.image_count
+        if not n:
+            return 0, []
+        sources = _committed(images["source"], n, self.path)
+        labels = _committed(images["label"], n, self.path)
+        splits = _text(_committed(images["split"], n, self.path))
+        paths = read_paths(images, None, self.path)
+        names = self.class_names
+        index = self.index
+        previous = self.label_conflicts()
+        conflicts: dict[str, dict] = {}
+        updates: list[tuple[int, str, str | None, str | None]] = []
+
+        def occurrence(src: int, path: str, label: str | None, split: str | None) -> dict:
+            return {"source": int(src), "path": path, "label": label, "split": split or None}
+
+        for sha, found in seen.items():
+            row = index.get(sha)
+            if row is None:
+                continue
+            here = [occurrence(source, *item) for item in sorted(found, key=lambda item: item[0])]
+            others = [o for o in previous.get(sha, {}).get("occurrences", []) if o["source"] != source]
+            if sources[row] != source and not any(o["source"] == sources[row] for o in others):
+                label = names[labels[row]] if labels[row] >= 0 else None
+                others.append(occurrence(sources[row], paths[row], label, splits[row]))
+            everywhere = others + here
+            if len({o["label"] for o in everywhere if o["label"] is not None}) > 1:
+                conflicts[sha] = {"sha256": sha, "row": int(row), "occurrences": everywhere}
+            if sources[row] in (source, -1):
+                first = here[0]
+                label = names[labels[row]] if labels[row] >= 0 else None
+                if (first["path"], first["label"], first["split"] or "") != (paths[row], label, splits[row]) \
+                        or sources[row] != source:
+                    updates.append((int(row), first["path"], first["label"], first["split"]))
+        for sha, record in previous.items():  # conflicts this listing did not see: its files are gone from it
+            if sha in seen:
+                continue
+            rest = [o for o in record["occurrences"] if o["source"] != source]
+            if len({o["label"] for o in rest if o["label"] is not None}) > 1:
+                conflicts[sha] = record | {"occurrences": rest}
+        changed = sum(1 for row, *_ in updates if sources[row] == source)
+        if updates:
+            self._update_rows(source, updates)
+        ordered = sorted(conflicts.values(), key=lambda c: c["row"])
+        if ordered or previous:
+            self._write_conflicts(ordered)
+        return changed, ordered
+
+    def _update_rows(self, source: int, updates: list[tuple[int, str, str | None, str | None]]) -> None:
+        """Rewrite path, label, split and source of committed rows in place. The new paths are appended to the
+        blob and committed first, so a reader (or a kill) sees each row's old or new span, both whole."""
+        images = self.file["images"]
+        start = int(images.attrs["path_bytes"])
+        encoded = [_storable(path) for _, path, _, _ in updates]
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        _append(images["path_utf8"], start, blob)
+        self._flush()
+        images.attrs["path_bytes"] = start + len(blob)
+        self._flush()
+        offset = start
+        for (row, _, label, split), data in zip(updates, encoded):
+            images["path_span"][row] = (offset, offset + len(data))
+            images["label"][row] = self._label_index(label)
+            images["split"][row] = _storable(split or "", SPLIT_BYTES)
+            images["source"][row] = source
+            offset += len(data)
+        self._flush()
 
     def close(self) -> None:
         """Write HDF5's last changes (unless a write failed) and release the lock."""
@@ -447,8 +685,27 @@ def check_version(f: h5py.File, path) -> None:
     version = f.attrs.get("tlpipe_cache_version")
     if version is None:
         raise CacheError(f"{path} is not a tlpipe cache")
+    if int(version) == 1:
+        raise CacheError(f"{path} is a version 1 cache, which this tlpipe cannot use: its feature sets do not record "
+                         "the resize mode that made them and its paths were cut at 512 bytes; extract into a new cache "
+                         "file (the model store keeps the exports, so only embedding is redone)")
     if int(version) != CACHE_VERSION:
         raise CacheError(f"{path} has cache version {version}; this tlpipe reads version {CACHE_VERSION}")
+
+
+def _read_conflicts(f: h5py.File, path) -> list[dict]:
+    """The label conflicts recorded in an open cache (the buffer ``current`` points at)."""
+    group = f["label_conflicts"]
+    current, length = str(group.attrs["current"]), int(group.attrs["length"])
+    if not current or not length:
+        return []
+    data = group[current][:length].tobytes()
+    if len(data) != length:
+        raise _Torn(f"{path}: the label conflict list holds {len(data)} bytes, not {length}; the file is damaged")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise _Torn(f"{path}: the label conflict list cannot be read ({exc}); the file is damaged") from exc
 
 
 def open_for_read(path: str | os.PathLike) -> h5py.File:
@@ -514,9 +771,24 @@ class FeatureSet:
     class_names: list[str]
     metadata: dict = field(default_factory=dict)
     cache_id: str = ""
+    excluded: int = 0  # rows left out by an exclude list (read_feature_set(..., exclude=...))
+    source: np.ndarray | None = None  # (N,) int32 index into the cache's sources
+    label_conflicts: list[dict] = field(default_factory=list)  # every conflict recorded in the cache
+    excluded_conflicts: int = 0  # rows left out because their content carries two labels
 
     def __len__(self) -> int:
         return len(self.X)
+
+    @property
+    def resize(self) -> str:
+        """The resize mode the embeddings were made with (part of the feature set's identity)."""
+        return str(self.metadata.get("resize") or RESIZE_DEFAULT)
+
+    @property
+    def resize_filter(self) -> str:
+        """The resize filter the embeddings were made with (part of the identity; ``antialias`` when not recorded:
+        made before the filter was a choice)."""
+        return recorded_resize_filter(self.metadata)
 
 
 def list_feature_sets(path: str | os.PathLike) -> list[str]:
@@ -538,8 +810,36 @@ def choose_feature_set(keys: list[str], key: str | None, path) -> str:
     return matches[0]
 
 
-def read_feature_set(path: str | os.PathLike, key: str | None = None) -> FeatureSet:
-    """Load a feature set with labels, splits and paths (committed rows only; safe while a writer appends)."""
+def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude_conflicts: bool = True,
+                     exclude: str | os.PathLike | None = None) -> FeatureSet:
+    """Load a feature set with labels, splits and paths (committed rows only; safe while a writer appends).
+
+    Parameters
+    ----------
+    path : str or path
+        The cache.
+    key : str, optional
+        Feature set key or a unique prefix; default the only one.
+    exclude_conflicts : bool
+        Leave out rows whose content carries two or more labels (a label conflict, see
+        :meth:`CacheWriter.reconcile`). True by default so that no head trains or is evaluated on a label
+        decided by which copy was listed first; the count is in ``excluded_conflicts`` and the conflicts
+        themselves in ``label_conflicts``. Pass False to score or inspect every row.
+    exclude : str or path, optional
+        An exclude list (:func:`read_exclude_list`, e.g. written by ``tlpipe audit --write-exclude``): its
+        rows are left out and counted in ``excluded``.
+
+    Returns
+    -------
+    FeatureSet
+        ``X`` (N, D) float32, ``y`` (N,) int32 label index (-1 unlabelled), ``split``, ``paths``, ``sha256`` (N,) str,
+        ``source`` (N,) int32.
+
+    Raises
+    ------
+    CacheError
+        No such feature set, several without ``key``, a damaged or foreign file.
+    """
 
     def read(f: h5py.File) -> FeatureSet:
         name = choose_feature_set(sorted(f["features"].keys()), key, path)
@@ -553,18 +853,59 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None) -> Feature
         y, class_names = take("label"), json.loads(images.attrs["class_names"])
         if count and y.max() >= len(class_names):
             raise _Torn(f"{path}: labels past the class names; the file is damaged")
-        return FeatureSet(
-            key=name, X=X, y=y, split=_text(take("split")), paths=_text(take("path")),
+        conflicts = _read_conflicts(f, path)
+        fs = FeatureSet(
+            key=name, X=X, y=y, split=_text(take("split")), paths=np.array(read_paths(images, rows, path), dtype=object)
+            .astype(str) if count else np.array([], dtype=str),
             sha256=take("sha256").astype(str), class_names=class_names,
             metadata=json.loads(group.attrs.get("metadata", "{}")), cache_id=str(f.attrs["cache_id"]),
+            source=take("source"), label_conflicts=conflicts,
         )
+        if exclude_conflicts and conflicts:
+            keep = ~np.isin(rows, [c["row"] for c in conflicts])
+            for column in ("X", "y", "split", "paths", "sha256", "source"):
+                setattr(fs, column, getattr(fs, column)[keep])
+            fs.excluded_conflicts = int((~keep).sum())
+        return fs
 
-    return read_retrying(path, read)
+    fs = read_retrying(path, read)
+    return fs if exclude is None else exclude_rows(fs, read_exclude_list(exclude))
+
+
+def read_exclude_list(path: str | os.PathLike) -> set[str]:
+    """The sha256 digests of an exclude list: one per line, ``#`` starts a comment, blank lines ignored.
+
+    Raises CacheError naming the file and line for anything that is not a 64-digit hex digest."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CacheError(f"cannot read exclude list {path}: {exc.strerror or exc}") from exc
+    digests = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.split("#", 1)[0].strip().lower()
+        if not value:
+            continue
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise CacheError(f"{path}, line {number}: {value[:80]!r} is not a sha256 (64 hex digits)")
+        digests.add(value)
+    return digests
+
+
+def exclude_rows(fs: FeatureSet, sha256s: set[str]) -> FeatureSet:
+    """``fs`` without the rows whose content hash is in ``sha256s``; ``excluded`` counts them."""
+    keep = ~np.isin(fs.sha256, list(sha256s)) if sha256s else np.ones(len(fs), dtype=bool)
+    if keep.all():
+        return fs
+    import dataclasses
+
+    per_row = {f.name: getattr(fs, f.name)[keep] for f in dataclasses.fields(fs)
+               if isinstance(getattr(fs, f.name), np.ndarray) and len(getattr(fs, f.name)) == len(keep)}
+    return dataclasses.replace(fs, **per_row, excluded=fs.excluded + int((~keep).sum()))
 
 
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
     """Embeddings of feature set ``key`` for the given content hashes that the cache holds."""
-    fs = read_feature_set(path, key)
+    fs = read_feature_set(path, key, exclude_conflicts=False)
     wanted = set(sha256s)
     return {s: fs.X[i] for i, s in enumerate(fs.sha256) if s in wanted}
 
@@ -578,23 +919,137 @@ def _describe(f: h5py.File, path) -> dict:
     images, failures = f["images"], f["failures"]
     n = int(images.attrs["count"])
     labels, splits = _committed(images["label"], n, path), _text(_committed(images["split"], n, path))
+    row_sources = _committed(images["source"], n, path)
     class_names = json.loads(images.attrs["class_names"])
+    sources = json.loads(f.attrs.get("sources", "[]"))
     feature_sets = {}
     for key, group in f["features"].items():
         meta = json.loads(group.attrs.get("metadata", "{}"))
         feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
                              "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),
                              "input_size": meta.get("input_size"), "layer": meta.get("layer"),
-                             "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source")}
+                             "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source"),
+                             "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
+                             "resize_filter": str(group.attrs.get("resize_filter", recorded_resize_filter(meta))),
+                             "model_key": meta.get("key")}
     nf = int(failures.attrs["count"])
+    failure_sources = _committed(failures["source"], nf, path)
+    stages = _text(_committed(failures["stage"], nf, path))
+    conflicts = _read_conflicts(f, path)
+    name = lambda i: sources[i] if 0 <= i < len(sources) else None  # noqa: E731
+    in_conflict = np.zeros(n, dtype=bool)
+    in_conflict[[c["row"] for c in conflicts if c["row"] < n]] = True
+    counted = np.where(in_conflict, -2, labels)  # a row in conflict has no label to count
     return {
         "path": str(path), "version": int(f.attrs["tlpipe_cache_version"]), "cache_id": str(f.attrs["cache_id"]),
         "images": n, "class_names": class_names,
-        "per_class": {c: int(np.sum(labels == i)) for i, c in enumerate(class_names)} | (
-            {"(unlabelled)": int(np.sum(labels < 0))} if np.any(labels < 0) else {}),
+        "per_class": {c: int(np.sum(counted == i)) for i, c in enumerate(class_names)} | (
+            {"(unlabelled)": int(np.sum(counted == -1))} if np.any(counted == -1) else {}) | (
+            {"(label conflict)": int(in_conflict.sum())} if in_conflict.any() else {}),
         "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
         "feature_sets": feature_sets,
-        "failures": [{"path": p, "reason": r} for p, r in zip(_text(_committed(failures["path"], nf, path)),
-                                                              _text(_committed(failures["reason"], nf, path)))],
-        "sources": json.loads(f.attrs.get("sources", "[]")),
+        "failures": [{"path": p, "reason": r, "stage": st, "source": name(int(src))}
+                     for p, r, st, src in zip(read_paths(failures, None, path),
+                                              _text(_committed(failures["reason"], nf, path)), stages,
+                                              failure_sources.tolist())],
+        "sources": [{"path": src, "images": int(np.sum(row_sources == i))} for i, src in enumerate(sources)],
+        "label_conflicts": [{"sha256": c["sha256"], "occurrences": [o | {"source": name(o["source"])}
+                                                                    for o in c["occurrences"]]} for c in conflicts],
     }
+
+
+class FeatureSetReader:
+    """One feature set of a cache, read in pieces: lookup by sha256 and batch iteration.
+
+    Only the sha256 -> position index is held in memory; embeddings are read per call, each read opening
+    the cache afresh through :func:`read_retrying` (committed rows only), so a reader may run while an
+    extract appends. Scoring reads caches only through this class.
+
+    Parameters
+    ----------
+    path : path
+        The cache.
+    key : str
+        The feature set (exact key).
+    model_sha256 : str, optional
+        The backbone model the caller's embeddings came from; a feature set recorded as made by another
+        model is refused.
+
+    Raises
+    ------
+    CacheError
+        No such feature set, made by another model, or a damaged file.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str | None, model_sha256: str | None = None):
+        self.path, self.key = Path(path), key
+
+        def read(f: h5py.File) -> tuple[np.ndarray, list[str]]:
+            features = f["features"]
+            if key not in features:
+                raise CacheError(f"{path} holds no feature set {key}; it holds: {', '.join(features) or 'none'}")
+            group, images = features[key], f["images"]
+            made_by = json.loads(group.attrs.get("metadata", "{}")).get("model_sha256")
+            if model_sha256 and made_by and made_by != model_sha256:
+                raise CacheError(f"{path}: feature set {key} was made by backbone model {made_by[:12]}, the head's "
+                                 f"embeddings by {model_sha256[:12]}")
+            count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
+            rows = _committed(group["image_row"], count, path)
+            if count and rows.max() >= n_images:
+                raise _Torn(f"{path}: feature set {key} points past the image table; the file is damaged")
+            shas = _committed(images["sha256"], n_images, path)
+            return rows, [shas[row].decode() for row in rows.tolist()]
+
+        self.image_rows, shas = read_retrying(path, read)
+        self.index: dict[str, int] = {sha: i for i, sha in enumerate(shas)}
+
+    def __len__(self) -> int:
+        return len(self.image_rows)
+
+    def __contains__(self, sha256: object) -> bool:
+        return sha256 in self.index
+
+    def get(self, sha256s: list[str]) -> np.ndarray:
+        """Embeddings for content hashes the feature set holds.
+
+        Parameters
+        ----------
+        sha256s : list of str
+            Hex digests, each in the feature set (repeats allowed).
+
+        Returns
+        -------
+        numpy.ndarray
+            (len(sha256s), D) float32, in the order asked.
+
+        Raises
+        ------
+        KeyError
+            A digest the feature set does not hold.
+        """
+        if not sha256s:
+            return np.empty((0, 0), np.float32)
+        rows, inverse = np.unique([self.index[s] for s in sha256s], return_inverse=True)
+        embeddings = read_retrying(self.path, lambda f: f["features"][self.key]["embeddings"][rows])
+        return embeddings[inverse].astype(np.float32, copy=False)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+        """The committed rows in cache order, ``batch_size`` at a time (one retried read each).
+
+        Yields
+        ------
+        tuple
+            (paths, sha256s, embeddings (n, D) float32).
+        """
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            rows, inverse = np.unique(self.image_rows[start:stop], return_inverse=True)
+
+            def read(f: h5py.File, rows=rows, inverse=inverse, start=start, stop=stop) -> tuple[list, list, np.ndarray]:
+                images = f["images"]
+                paths = read_paths(images, rows[inverse], self.path)
+                shas = [s.decode() for s in images["sha256"][rows][inverse]]
+                X = f["features"][self.key]["embeddings"][start:stop]
+                return paths, shas, X.astype(np.float32, copy=False)
+
+            yield read_retrying(self.path, read)

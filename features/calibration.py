@@ -6,14 +6,15 @@ through the same resize path as extraction; a disjoint sample checks the result 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
+from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.quantize import check_precision, find_variant, make_variant
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
-from .extract import iter_loaded
+from .decoder import iter_decoded
 from .sources import ImageRecord
 
 CALIBRATION_IMAGES = 64
@@ -38,7 +39,7 @@ def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squa
     seen: set[str] = set()
     for start in range(0, len(order), wanted):
         chunk = [records[i] for i in order[start:start + wanted]]
-        for loaded in iter_loaded(chunk, size, resize, lambda sha: False):
+        for loaded in iter_decoded(chunk, size, resize):
             if loaded.pixels is not None and loaded.sha256 not in seen:
                 seen.add(loaded.sha256)
                 decoded.append((loaded.sha256, loaded.pixels))
@@ -74,3 +75,36 @@ def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Se
     sample = sample_images(records, base.input_size, resize)
     return make_variant(base, precision, store, held=sample.held, calibration=sample.calibration,
                         calibration_id=sample.identity)
+
+
+def resolve_entry(choice: ModelChoice, records: Sequence[ImageRecord] | None = None, resize: str = "squash",
+                  recalibrate: bool = False) -> StoreEntry:
+    """The model-store entry a run uses: ``choice``'s fp32 export, or its int8 / fp16 variant.
+
+    Parameters
+    ----------
+    choice : ModelChoice
+        Which model, at which precision.
+    records : sequence of ImageRecord, optional
+        The user's photos: int8 is calibrated (and a variant checked) on a sample of them.
+    resize : str
+        "squash" | "crop", as the run decodes.
+    recalibrate : bool
+        Make the variant again even when the store holds one.
+
+    Returns
+    -------
+    StoreEntry
+
+    Raises
+    ------
+    ValueError
+        Unknown precision; int8 without ``records``; fewer than :data:`MIN_IMAGES` readable photos.
+    tlpipe.backbones.export.VerificationError
+        The variant does not match fp32 closely enough.
+    """
+    check_precision(choice.precision)
+    entry = choice.obtain()
+    if choice.precision == "fp32":
+        return entry
+    return variant_for(entry, choice.precision, choice.model_store, records, resize, recalibrate)

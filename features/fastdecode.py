@@ -1,7 +1,7 @@
 """The fast decode path: plain JPEGs through libjpeg-turbo (``simplejpeg``), resize through OpenCV.
 
-:func:`features.images.decode_image` calls :func:`decode_jpeg` first (``bilinear`` filter); whatever it declines (returns
-``None``) goes through the Pillow path unchanged, so this module never decides what an image *is* — it
+:func:`features.images.decode_image` calls :func:`decode_jpeg` first (``bilinear`` filter); whatever it
+declines (returns ``None``) goes through the Pillow path unchanged, so this module never decides what an image *is* — it
 only takes the common case that it can decode to exactly the pixels the Pillow path gives:
 
 - baseline or progressive JPEG (not MPO), 3-component YCbCr, no ICC profile, within ``max_pixels``;
@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import importlib
 import io
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -211,17 +211,6 @@ def _resize_bilinear_numpy(pixels: np.ndarray, size: int, factor: int) -> np.nda
     rows = src[y0] * (1 - wy)[:, None, None] + src[y1] * wy[:, None, None]
     out = rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def feature_set_key(model_key: str, resize_filter: str) -> str:
-    """The cache's feature-set key for embeddings of model ``model_key`` made with ``resize_filter``.
-
-    ``antialias`` keeps the bare model key: every feature set written before the filter was recorded holds
-    antialiased pixels under that key, so old caches and heads keep their meaning. Any other filter is a
-    different feature set, ``<model_key>.<filter>``, so its rows are never mixed with those.
-    """
-    check_resize_filter(resize_filter)
-    return model_key if resize_filter == LEGACY_RESIZE_FILTER else f"{model_key}.{resize_filter}"
 
 
 def recorded_resize_filter(metadata: dict) -> str:

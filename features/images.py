@@ -2,7 +2,8 @@
 
 Everything here is thread-friendly: Pillow releases the GIL while decoding and resizing,
 and no global Pillow state is changed (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False so
-truncated files fail instead of decoding to grey).
+truncated files fail instead of decoding to grey) except that the optional pillow-heif opener is
+registered the first time a HEIF file arrives.
 """
 
 from __future__ import annotations
@@ -17,10 +18,29 @@ from PIL import ExifTags, Image
 from . import fastdecode
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, check_resize_filter  # noqa: F401
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO"})
+# Formats Pillow identifies by content but tlpipe does not decode: EPS/PS would run Ghostscript on the file,
+# and the others are not pictures Pillow can load (stubs, or vector formats that need Windows).
+REFUSED_FORMATS = {
+    "EPS": "EPS is not decoded: it would run Ghostscript on the file",
+    "PDF": "PDF is not an image Pillow can decode",
+    "MPEG": "MPEG video is not decoded",
+    "WMF": "WMF/EMF vector images are not decoded",
+    "BUFR": "BUFR is not decoded", "GRIB": "GRIB is not decoded", "HDF5": "HDF5 is not an image",
+}
+# Extensions taken as images when listing a folder without reading the file. Any other file is sniffed by its
+# content (:func:`sniff_image`), so a JPEG named .dat is still found: the extension never decides alone.
+_NOT_IMAGE_EXTENSIONS = frozenset({".h5", ".hdf", ".bufr", ".grib", ".pdf", ".ps", ".eps", ".mpeg", ".mpg",
+                                   ".wmf", ".emf"})
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".heics", ".heifs", ".avci"})
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    {ext for ext in Image.registered_extensions() if ext not in _NOT_IMAGE_EXTENSIONS}
+    | {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif"}
+    | HEIF_EXTENSIONS
 )
+# ISO base media (HEIF) brands that need the pillow-heif plugin (AVIF brands are Pillow's own).
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
+                          b"msf1", b"mif2", b"avci"})
+HEIF_EXTRA_MESSAGE = "HEIF/HEIC image: install the optional extra to decode it: pip install 'tlpipe[heif]'"
 # Pillow's default Image.MAX_IMAGE_PIXELS. Pillow itself still refuses images over twice its own
 # limit (and warns above it) while opening, so a larger max_pixels cannot lift that cap.
 MAX_PIXELS = 89_478_485
@@ -83,16 +103,50 @@ def decode_image(
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode image bytes to a ``(size, size, 3)`` uint8 RGB array, resized with ``resize_filter``.
+    """Decode image bytes to a ``(size, size, 3)`` uint8 RGB array: the picture as a viewer shows it, resized
+    with ``resize_filter``.
 
     With the ``bilinear`` filter, plain JPEGs go through :func:`features.fastdecode.decode_jpeg`
     (libjpeg-turbo, the same pixels as Pillow's decode); every other file, any JPEG it declines, and the
     ``antialias`` filter go through Pillow here.
 
-    Returns the array and the original ``(width, height)`` after EXIF orientation. Multi-frame
-    files (animated GIF/WebP, multi-page TIFF, MPO) give their first frame; alpha is dropped
-    as TensorFlow's ``decode_image(channels=3)`` does. Raises :class:`ImageError` for anything
-    that is not a usable image, and ``ValueError`` for a bad ``size`` or ``mode``.
+    Parameters
+    ----------
+    data : bytes
+        The file's bytes. The format is recognised by content (any format Pillow decodes, HEIF/HEIC
+        through the optional ``pillow-heif`` plugin); the file name plays no part.
+    size : int
+        Side of the square output, pixels.
+    mode : str
+        Resize mode, one of :data:`RESIZE_MODES` (see :func:`resize_image`).
+    resize_filter : str
+        ``bilinear`` (default; Keras' non-antialiased bilinear, fast path) or ``antialias`` (Pillow's bilinear
+        filter), :data:`RESIZE_FILTERS`. Part of a feature set's identity (:func:`features.cache.feature_set_key`).
+    max_pixels : int
+        Images whose header declares more pixels are refused before decoding.
+
+    Returns
+    -------
+    pixels : numpy.ndarray
+        ``(size, size, 3)`` uint8 RGB.
+    original_size : tuple of int
+        ``(width, height)`` of the full picture after EXIF orientation.
+
+    Raises
+    ------
+    ImageError
+        Anything that is not a usable image, with a reason: empty, truncated, not an image, too large, a pixel
+        mode whose white level cannot be told (the reason names the mode), HEIF without its extra, ...
+    ValueError
+        A bad ``size``, ``mode`` or ``resize_filter``.
+
+    Notes
+    -----
+    EXIF orientation is applied exactly once whatever the container: the tag is read *after* Pillow loads
+    the pixels, because some decoders apply it themselves and then drop the tag (Pillow's TIFF, pillow-heif).
+    Multi-frame files (animated GIF/WebP, multi-page TIFF, MPO) give their first frame; alpha is dropped as
+    TensorFlow's ``decode_image(channels=3)`` does. Non-8-bit modes are scaled to 8 bits by their white
+    level (:func:`_to_rgb`), never clipped or truncated.
     """
     _check_resize_args(size, mode, resize_filter)
     if not data:
@@ -102,17 +156,18 @@ def decode_image(
     fast = fastdecode.decode_jpeg(data, size, max_pixels) if resize_filter == "bilinear" else None
     if fast is not None:
         return fastdecode.resize_bilinear(fast[0], size, mode), fast[1]
+    if _is_heif(data):
+        _register_heif()
     try:
         # Image.open parses the header only and leaves multi-frame files on frame 0.
         with Image.open(io.BytesIO(data)) as im:
-            if im.format not in SUPPORTED_FORMATS:
-                raise ImageError(f"unsupported format: {im.format}")
+            if im.format in REFUSED_FORMATS:
+                raise ImageError(f"unsupported format: {REFUSED_FORMATS[im.format]}")
             width, height = im.size
             if width * height > max_pixels:
                 raise ImageError(
                     f"image too large: {width}x{height} exceeds {max_pixels} pixels"
                 )
-            orientation = _orientation(im)
             if im.format in ("JPEG", "MPO"):
                 # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding. Pillow picks the largest
                 # factor that keeps both sides >= the request, and both modes need exactly that:
@@ -120,6 +175,8 @@ def decode_image(
                 # is square, so the EXIF rotation applied afterwards does not change it.
                 im.draft("RGB", (size, size))
             im.load()
+            # After load: a decoder that applied the orientation itself has removed the tag by now.
+            orientation = _orientation(im)
             rgb = _to_rgb(im)
             if orientation in _TRANSPOSE:
                 rgb = rgb.transpose(_TRANSPOSE[orientation])
@@ -129,6 +186,11 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
+        if _is_heif(data) and not _heif_available():
+            raise ImageError(HEIF_EXTRA_MESSAGE) from exc
+        unsupported = _describe_tiff(data)
+        if unsupported:
+            raise ImageError(f"unsupported pixel format: {unsupported}") from exc
         known = data.startswith(_MAGIC) or data[8:12] == b"WEBP"
         raise ImageError("corrupt image header" if known else "not an image") from exc
     except MemoryError:
@@ -141,6 +203,30 @@ def decode_image(
     if orientation in _SWAPS_AXES:
         width, height = height, width
     return array, (width, height)
+
+
+def sniff_image(path: str | os.PathLike[str], limit: int = 1 << 16) -> bool:
+    """Whether the file's first ``limit`` bytes are recognised as an image (by content, not by name).
+
+    Used when listing folders for files whose extension is not an image extension. A file that cannot be
+    read counts as an image here, so that the decoder reports why it cannot be read.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(limit)
+    except OSError:
+        return True
+    if not head:
+        return False
+    if _is_heif(head):
+        return True
+    try:
+        with Image.open(io.BytesIO(head)) as im:
+            return im.format not in REFUSED_FORMATS
+    except Image.UnidentifiedImageError:
+        return False
+    except Exception:  # identified, but the header is cut at ``limit`` or damaged: the decoder will say
+        return True
 
 
 def load_image(
@@ -182,16 +268,136 @@ def _check_resize_args(size: int, mode: str, resize_filter: str = DEFAULT_RESIZE
 def _orientation(im: Image.Image) -> int:
     """The EXIF orientation tag; 1 when absent or unreadable (bad EXIF must not lose the image)."""
     try:
-        return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+        value = int(im.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:
         return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def _is_heif(data: bytes) -> bool:
+    """An ISO base media file whose brand is HEIF's (HEIC, HEIF image/sequence)."""
+    return data[4:8] == b"ftyp" and (data[8:12] in _HEIF_BRANDS or any(
+        data[i:i + 4] in _HEIF_BRANDS - {b"mif1", b"msf1"} for i in range(16, min(len(data), 64), 4)))
+
+
+_heif_state: list[bool] = []
+
+
+def _heif_available() -> bool:
+    return bool(_heif_state and _heif_state[0])
+
+
+def _register_heif() -> None:
+    """Register pillow-heif's opener once (the optional ``heif`` extra); nothing when it is not installed."""
+    if _heif_state:
+        return
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        _heif_state.append(False)
+        return
+    register_heif_opener()
+    _heif_state.append(True)
+
+
+_TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "float", 4: "undefined", 5: "complex integer",
+                        6: "complex float"}
+
+
+def _describe_tiff(data: bytes) -> str | None:
+    """For a TIFF Pillow cannot open: its samples in words (e.g. '3 x 32-bit float samples per pixel'), else None."""
+    if data[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    try:
+        from PIL import TiffImagePlugin
+
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        stream = io.BytesIO(data)
+        stream.seek(int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big"))
+        ifd.load(stream)
+        bits = ifd.get(258, (1,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        samples = int(ifd.get(277, len(bits)))
+        kind = ifd.get(339, (1,))
+        kind = kind[0] if isinstance(kind, tuple) else kind
+        return f"TIFF with {samples} x {bits[0]}-bit {_TIFF_SAMPLE_FORMATS.get(int(kind), 'unknown')} samples per pixel"
+    except Exception:
+        return None
+
+
+def _declared_bits(im: Image.Image) -> int | None:
+    """Bits per sample the container declares for a mode I image, when it says: PNG and PGM store at most 16
+    (Pillow widens them to I), TIFF says in BitsPerSample. None when unknown (then the values' range decides)."""
+    if im.format in ("PNG", "PPM"):
+        return 16
+    if im.format == "TIFF":
+        try:
+            bits = im.tag_v2.get(258)
+            bits = bits[0] if isinstance(bits, tuple) else bits
+            return int(bits) if bits else None
+        except Exception:
+            return None
+    return None
+
+
+def _white_level(mode: str, values: np.ndarray, bits: int | None = None) -> float:
+    """The value that means white for a single-channel non-8-bit image, or raise ImageError naming the mode.
+
+    16-bit modes (I;16, I;16B, I;16L, I;16N), and I from a container that declares 16 bits (PNG, PGM, a 16-bit
+    TIFF): 65535. 32-bit integer (I) and 32-bit float (F) carry no white level,
+    so it is inferred from the range the values use: floats within 0..1 are 0..1 images, values within 0..255
+    8-bit data widened, within 0..65535 16-bit data. Negative, non-finite or larger values are refused: any
+    scaling would be a guess that could give a black or saturated picture.
+    """
+    if mode.startswith("I;16") or (mode == "I" and bits == 16):
+        return 65535.0
+    if mode == "I" and bits == 8:
+        return 255.0
+    kind = "32-bit float" if mode == "F" else "32-bit integer"
+    if not values.size:
+        return 255.0
+    if mode == "F" and not np.all(np.isfinite(values)):
+        raise ImageError(f"unsupported pixel mode {mode} ({kind}): values that are not finite (NaN or infinity)")
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        raise ImageError(f"unsupported pixel mode {mode} ({kind}): negative values ({low:g}); "
+                         "the white level cannot be told: save as 8- or 16-bit")
+    if mode == "F" and high <= 1.0:
+        return 1.0
+    if high <= 255:
+        return 255.0
+    if high <= 65535:
+        return 65535.0
+    raise ImageError(f"unsupported pixel mode {mode} ({kind}): values up to {high:g}; "
+                     "the white level cannot be told: save as 8- or 16-bit")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB; 16-bit data is scaled by 1/257, not clipped."""
-    if im.mode == "RGB":
+    """Convert any Pillow mode to 8-bit RGB, scaled by the mode's white level (never clipped or truncated).
+
+    Raises :class:`ImageError` naming the mode when that cannot be done right.
+    """
+    mode = im.mode
+    if mode == "RGB":
         return im
-    if im.mode == "I" or im.mode.startswith("I;16"):
-        wide = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
-        return Image.fromarray(((wide + 128) // 257).astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        values = np.asarray(im)
+        if values.ndim != 2:
+            raise ImageError(f"unsupported pixel mode {mode}")
+        values = values.astype(np.float64)
+        scaled = values * (255.0 / _white_level(mode, values, _declared_bits(im) if mode == "I" else None))
+        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("RGBa", "La"):  # premultiplied alpha: undo it before dropping alpha
+        im = im.convert(mode.upper())
+        mode = im.mode
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
+                                            "LAB", "RGB")
+        return ImageCms.applyTransform(im, transform)
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"unsupported pixel mode {mode}: {exc}") from exc

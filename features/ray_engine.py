@@ -1,17 +1,18 @@
-"""Extraction on a Ray cluster (``--engine ray``): the same cache and guarantees as :mod:`features.extract`.
+"""The Ray engine of the streaming stage (``--engine ray``): the same stage, sink and guarantees as
+:class:`tlpipe.features.stream.LocalEngine`, on a Ray cluster.
 
-- reader: the driver lists the inputs (:func:`features.sources.discover`) and hands Ray Data one row per
-  image (its index and absolute path; the files must be readable at that path on every node);
-- decode tasks (Ray Data ``map_batches`` tasks, one CPU each): extraction's own ``_load`` reads, hashes
-  and decodes each image; content the feature set already holds (a set of sha256s broadcast through the
-  object store) is marked cached and not decoded;
-- inference: an actor pool (one actor per GPU where the cluster has GPUs, else one CPU actor per node)
-  each holding an :class:`~backbones.runtime.OnnxEmbedder` built from model bytes shipped through the
-  object store; actors are restarted and their tasks retried when a worker dies;
-- writer: results stream back to the driver in order (``iter_batches``), the single
-  :class:`~features.cache.CacheWriter`, which commits every ``commit_rows`` results before taking more.
-  Rows delivered twice by a retried task are dropped by image index, content already committed by sha256,
-  so neither a worker nor a driver failure leaves duplicates, and a re-run resumes from the committed rows.
+- reader: the driver lists the inputs, drops those the sink already holds, and hands Ray Data one row
+  per image (its index and absolute path; the files must be readable at that path on every node);
+- decode tasks (Ray Data ``map_batches`` tasks, one CPU each): :func:`tlpipe.features.decoder.decode_record`
+  on each path; content the sink already knows (a set of sha256s broadcast through the object store) is
+  hashed but not decoded;
+- model: an actor pool (one actor per GPU where the cluster has GPUs, else one CPU actor per node), each
+  loading the :class:`~tlpipe.features.stream.StageModel` from model bytes shipped through the object
+  store; actors are restarted and their tasks retried when a worker dies;
+- sink: results stream back to the driver in input order (``iter_batches``), the only writer, which
+  commits every ``commit_rows`` results through :meth:`Stage.commit` before taking more. Rows delivered
+  twice by a retried task are dropped by input index, so neither a worker nor a driver failure leaves
+  duplicates, and a re-run resumes from what was committed.
 
 Ray is imported lazily; without it these functions raise ``MissingExtra`` naming ``pip install 'tlpipe[ray]'``.
 """
@@ -21,22 +22,25 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
+from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.deps import require
-from tlpipe.backbones.runtime import OnnxEmbedder
 from tlpipe.backbones.store import ModelStore
 
-from .cache import CacheWriter, ImageRow
-from .extract import ExtractSummary, _load, open_source, resolve_entry
-from .fastdecode import DEFAULT_RESIZE_FILTER, check_resize_filter, feature_set_key
+from .calibration import resolve_entry
+from .decoder import Decoded, decode_record
+from .extract import ExtractSummary, check_extract_options, extract_into, open_source
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
+from .stream import Stage, StageModel
 
 OK, CACHED, FAILED = 0, 1, 2  # the ``status`` column of decoded rows
 TASK_RETRIES = 3  # decode task retries after a worker dies
@@ -117,14 +121,15 @@ def _known_shas(ref) -> frozenset[str]:
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> dict[str, np.ndarray]:
-    """Ray Data task: extraction's ``_load`` on each path; pixels as raw bytes (empty unless decoded)."""
+    """Ray Data task: :func:`~tlpipe.features.decoder.decode_record` on each path; pixels as raw bytes (empty
+    unless decoded)."""
     cached = _known_shas(known)
-    loaded = [_load(ImageRecord("", str(path), None, None), size, resize, cached.__contains__, resize_filter)
+    loaded = [decode_record(ImageRecord("", str(path), None, None), size, resize, cached.__contains__, resize_filter)
               for path in batch["abspath"]]
     return {
         "i": batch["i"],
         "sha256": np.array([x.sha256 for x in loaded], dtype=object),
-        "status": np.array([FAILED if x.error is not None else CACHED if x.cached else OK for x in loaded], np.int8),
+        "status": np.array([FAILED if x.error is not None else CACHED if x.known else OK for x in loaded], np.int8),
         "error": np.array([x.error or "" for x in loaded], dtype=object),
         "width": np.array([x.size[0] for x in loaded], np.int32),
         "height": np.array([x.size[1] for x in loaded], np.int32),
@@ -158,21 +163,22 @@ def model_file(ref) -> Iterator[Path]:
         yield path
 
 
-class EmbedActor:
-    """Ray Data actor: decoded rows in, embeddings out (zeros for rows not decoded); pixels are dropped."""
+class ModelActor:
+    """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped."""
 
-    def __init__(self, model, size: int, dim: int, device: str, threads: int | None):
-        with model_file(model) as path:
-            self.embedder = OnnxEmbedder(path, device=device, threads=threads)
-        self.size, self.dim = size, dim
+    def __init__(self, model_ref: Any, model: StageModel, device: str, threads: int | None):
+        with model_file(model_ref) as path:
+            self.runner = model.load(device, threads, 1, path=path)
+        self.size, self.width = model.input_size, model.width
+        self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok, pixels = pixels_of(batch, self.size)
-        embeddings = np.zeros((len(ok), self.dim), np.float32)
+        outputs = np.zeros((len(ok), self.width), self.dtype)
         if len(pixels):
-            embeddings[ok] = self.embedder(pixels)
-        return {**{k: v for k, v in batch.items() if k != "pixels"}, "embedding": embeddings,
-                "provider": np.full(len(ok), self.embedder.provider, dtype=object)}
+            outputs[ok] = self.runner(pixels)
+        return {**{k: v for k, v in batch.items() if k != "pixels"}, "output": outputs,
+                "provider": np.full(len(ok), self.runner.provider, dtype=object)}
 
 
 def ordered_batches(dataset, rows: int) -> Iterator[dict[str, np.ndarray]]:
@@ -189,23 +195,107 @@ def ordered_batches(dataset, rows: int) -> Iterator[dict[str, np.ndarray]]:
             yield {k: v[fresh] for k, v in batch.items()}
 
 
+@dataclass
+class RayEngine:
+    """The stage on a Ray cluster. Use as a context manager (connects and plans the actors), then :meth:`run`.
+
+    Attributes
+    ----------
+    address : str, optional
+        None starts Ray on this machine (or uses the Ray this process already initialised); "auto" or
+        "host:port" joins a running cluster.
+    num_actors, actor_gpus
+        See :func:`plan_actors`.
+    commit_rows : int
+        Results per commit on the driver (a driver kill loses at most that much finished work).
+    device : str
+        "auto" | "cpu" | "cuda" for the actors' sessions.
+    threads : int, optional
+        ONNX Runtime threads per actor (default: the cores of its node).
+    """
+
+    address: str | None = None
+    num_actors: int | None = None
+    actor_gpus: float | None = None
+    commit_rows: int = 256
+    device: str = "auto"
+    threads: int | None = None
+    _stack: ExitStack | None = field(default=None, repr=False)
+    _ray: Any = field(default=None, repr=False)
+    _plan: ActorPlan | None = field(default=None, repr=False)
+
+    def __enter__(self) -> RayEngine:
+        if self.commit_rows < 1:
+            raise ValueError(f"commit_rows must be at least 1, not {self.commit_rows}")
+        self._stack = ExitStack()
+        try:
+            self._ray = self._stack.enter_context(ray_cluster(self.address))
+            self._plan = plan_actors(self._ray, self.num_actors, self.actor_gpus)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack = self._ray = self._plan = None
+
+    def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
+            resize: str, input_size: int | None = None, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
+        """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
+        if self._ray is None or self._plan is None:
+            raise RuntimeError("enter the RayEngine (with engine: ...) before running it")
+        if not isinstance(model, StageModel):
+            raise TypeError("the Ray engine runs a StageModel (a model file), not a loaded session")
+        ray, todo = self._ray, stage.todo(records)
+        started = time.perf_counter()
+        if todo:
+            known = stage.sink.known_shas()
+            decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=known,
+                                      batch_size=batch_size, resize_filter=resize_filter)
+            dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._plan.map_args(ray),
+                                fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()),
+                                                       "model": replace(model, path=Path(model.path.name)),
+                                                       "device": self.device,
+                                                       "threads": self.threads})
+            for batch in ordered_batches(dataset, self.commit_rows):
+                _commit(stage, batch, todo)
+        stage.summary.seconds += time.perf_counter() - started
+
+
+def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageRecord]) -> None:
+    """One batch of actor results as decoded items, committed through the stage like the local engine's."""
+    items, keep = [], []
+    for j, (i, sha, status) in enumerate(zip(batch["i"], batch["sha256"], batch["status"])):
+        item = Decoded(todo[int(i)], str(sha), size=(int(batch["width"][j]), int(batch["height"][j])),
+                       error=str(batch["error"][j]) if status == FAILED else None, known=status == CACHED)
+        admitted = stage.admit(item)
+        if status == OK and admitted:
+            keep.append(j)
+        items.append(item)
+    stage.summary.provider = stage.summary.provider or str(batch["provider"][0])
+    stage.commit(items, np.asarray(batch["output"])[keep])
+
+
 # -- extraction ------------------------------------------------------------------------------------------
 def extract_ray(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
     address: str | None = None,
     num_actors: int | None = None,
     actor_gpus: float | None = None,
     batch_size: int = 32,
     commit_rows: int = 256,
+    choice: ModelChoice | None = None,
     backbone: str | None = "mobilenet_v2",
-    weights: str | os.PathLike | None = "imagenet",
+    weights: str | os.PathLike[str] | None = "imagenet",
     size: int | None = None,
     layer: str | None = None,
     pooling: str = "avg",
-    model: str | os.PathLike | None = None,
-    weights_dir: str | os.PathLike | None = None,
+    model: str | os.PathLike[str] | None = None,
+    weights_dir: str | os.PathLike[str] | None = None,
     store: ModelStore | None = None,
     device: str = "auto",
     dtype: str = "float32",
@@ -217,75 +307,40 @@ def extract_ray(
     recalibrate: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
 ) -> ExtractSummary:
-    """:func:`features.extract.extract` on a Ray cluster: same cache, same counts, same resume.
+    """:func:`tlpipe.features.extract.extract` with the Ray engine: same cache, same counts, same resume.
 
-    ``address``: None starts Ray on this machine (or uses the Ray this process already initialised);
-    "auto" / "host:port" joins a running cluster. ``num_actors`` / ``actor_gpus``: see :func:`plan_actors`.
-    ``batch_size``: images per decode task and per inference call. ``commit_rows``: results per cache commit
-    on the driver (a driver kill loses at most that much finished work; larger commits raise the driver's
-    ceiling). ``threads``: ONNX Runtime threads per actor (default: the cores of its node). The backbone is
-    resolved (exported if needed) on the driver and shipped to the actors; image paths must be readable on
-    every node. ``ExtractSummary.seconds`` includes starting the actors. ``resize_filter``: as in extract.
+    Parameters
+    ----------
+    source, out, choice, backbone, weights, size, layer, pooling, model, weights_dir, store, device, dtype, \
+resize, resize_filter, allow_outside_root, precision, recalibrate, progress
+        As for :func:`~tlpipe.features.extract.extract`.
+    address, num_actors, actor_gpus, commit_rows, threads
+        See :class:`RayEngine` (``threads`` per actor).
+    batch_size : int
+        Images per decode task and per inference call.
+
+    Returns
+    -------
+    ExtractSummary
+        ``seconds`` includes starting the actors.
+
+    Raises
+    ------
+    tlpipe.backbones.deps.MissingExtra
+        Ray is not installed (checked before any export).
+    ValueError
+        ``batch_size`` or ``commit_rows`` below 1; an impossible actor plan.
+    CacheError
+        As for :func:`~tlpipe.features.extract.extract`.
     """
-    check_resize_filter(resize_filter)
     require("ray")  # before exporting a backbone, which can take minutes
     if min(batch_size, commit_rows) < 1:
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
+    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype, device=device,
+                          precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
-    out = Path(out)
-    entry = resolve_entry(images, backbone, weights, size, layer, pooling, weights_dir, store, model, precision,
-                          resize, recalibrate)
-    key = feature_set_key(entry.key, resize_filter)
-    with ray_cluster(address) as ray:
-        actors = plan_actors(ray, num_actors, actor_gpus)  # before the cache is touched
-        with CacheWriter(out) as writer:
-            writer.note_source(str(Path(source).resolve()))
-            writer.register_classes(images.class_names)
-            writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | {"key": entry.key, "resize_filter": resize_filter})
-            covered = writer.rows_with(key)
-            known = {sha for sha, row in writer.index.items() if row in covered}
-            summary = ExtractSummary(out=str(out), key=key, skipped=list(images.skipped))
-            advance = progress(len(images.records), 0) if progress else None
-            started = time.perf_counter()
-            model_ref = ray.put(entry.model_path.read_bytes())
-            decoded = decoded_dataset(ray, images.records, size=entry.input_size, resize=resize, known_shas=known,
-                                      batch_size=batch_size, resize_filter=resize_filter)
-            dataset = map_stage(decoded, EmbedActor, batch_size=batch_size, **actors.map_args(ray),
-                                fn_constructor_kwargs={"model": model_ref, "size": entry.input_size,
-                                                       "dim": entry.embedding_dim, "device": device,
-                                                       "threads": threads})
-            for batch in ordered_batches(dataset, commit_rows):
-                _commit(batch, images.records, key, writer, summary)
-                if advance:
-                    advance(len(batch["i"]))
-            if images.skipped:
-                writer.add_failures([(path, "", reason) for path, reason in images.skipped])
-    summary.seconds = time.perf_counter() - started
-    return summary
-
-
-def _commit(batch: dict[str, np.ndarray], records: list[ImageRecord], key: str, writer: CacheWriter,
-            summary: ExtractSummary) -> None:
-    """Count one batch of results and commit its new embeddings and failures, as the local engine does."""
-    keep, rows, failures, in_batch = [], [], [], set()
-    for j, (i, sha, status) in enumerate(zip(batch["i"], batch["sha256"], batch["status"])):
-        record = records[int(i)]
-        summary.total += 1
-        if status == FAILED:
-            failures.append((record.relpath, sha, batch["error"][j]))
-            summary.failures.append((record.relpath, batch["error"][j]))
-        elif status == CACHED:
-            summary.cached += 1
-        elif sha in in_batch or writer.has(key, sha):
-            summary.duplicates += 1
-        else:
-            in_batch.add(sha)
-            keep.append(j)
-            rows.append(ImageRow(record.relpath, sha, record.label, record.split,
-                                 int(batch["width"][j]), int(batch["height"][j])))
-    if rows:
-        writer.add(key, rows, batch["embedding"][keep])
-        summary.embedded += len(rows)
-    if failures:
-        writer.add_failures(failures)
-    summary.provider = summary.provider or str(batch["provider"][0])
+    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
+    entry = resolve_entry(choice, images.records, resize, recalibrate)
+    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
+    return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
+                        resize_filter=resize_filter, progress=progress)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import os
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePath
 
-from .images import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, sniff_image
 
 SPLIT_ALIASES: dict[str, str] = {
     alias: split
@@ -23,7 +26,11 @@ SPLITS = frozenset(SPLIT_ALIASES.values())
 PATH_COLUMNS = ("path", "file", "filename", "image", "filepath")
 LABEL_COLUMNS = ("label", "class", "cls", "category")
 SPLIT_COLUMN = "split"
-_ESCAPES = "path escapes the data root (use allow_outside_root)"
+_ESCAPES = "path escapes the data root (use --allow-outside-root / allow_outside_root)"
+
+
+class LayoutError(ValueError):
+    """A folder whose layout cannot be told apart (which folders are classes, which are splits)."""
 
 
 def normalize_split(name: str) -> str:
@@ -51,6 +58,7 @@ class ImageSource:
     records: list[ImageRecord]
     class_names: list[str]
     skipped: list[tuple[str, str]]
+    warnings: list[str] = field(default_factory=list)  # things the user must hear about (printed by the CLI)
 
     @cached_property
     def _label_index(self) -> dict[str, int]:
@@ -61,53 +69,135 @@ class ImageSource:
         return -1 if record.label is None else self._label_index[record.label]
 
 
-def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False) -> ImageSource:
-    """Find the images of a directory (class, split or flat layout) or a ``.csv`` manifest.
+def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False, labelled: bool = True) -> ImageSource:
+    """Find the images of a directory or a ``.csv`` manifest, and what they are labelled.
 
-    Directories: when every immediate subdirectory holding images is a split name (train, val,
-    test or an alias), the layout is ``split_folders`` and each split holds class folders or
-    bare (unlabelled) images; otherwise subdirectories holding images are class folders;
-    otherwise the images are ``flat`` and unlabelled. Hidden entries are ignored; symlinks are
-    followed once. Manifests: see :func:`_read_manifest`. Existence of the listed files is not
-    checked; the decoder reports those.
+    Parameters
+    ----------
+    source : str or path
+        A folder or a CSV manifest.
+    allow_outside_root : bool
+        Accept manifest paths that are absolute or leave the manifest's folder with ``..``.
+    labelled : bool
+        False when labels do not matter (scoring): a folder's images are all listed, unlabelled, whatever its
+        layout, and no layout is refused as ambiguous.
+
+    Returns
+    -------
+    ImageSource
+        Records (relative path, absolute path, label, split), class names, skipped inputs with their
+        reasons, and warnings (a single class, refused manifest paths, a manifest that is not UTF-8).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``source`` does not exist.
+    LayoutError
+        A folder whose layout is ambiguous; the message says what was found and suggests a manifest.
+    ValueError
+        Not a folder or ``.csv``; a manifest without a path column.
+
+    Notes
+    -----
+    Folders are read by structure, not by folder names alone (:func:`_layout`): a single wrapper folder
+    is seen through; folders whose children are the same class folders as their siblings' children are
+    split folders (whatever their names), and a folder of bare images beside them is an unlabelled
+    split; folders of bare images are classes; a folder of bare images only is ``flat`` (unlabelled).
+    Files are images by extension or, failing that, by content. Hidden entries are ignored; symlinks
+    are followed once. Manifests: see :func:`_read_manifest`.
     """
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"image source not found: {path}")
     if path.is_dir():
-        return _discover_dir(path)
-    if path.suffix.lower() == ".csv":
-        return _read_manifest(path, allow_outside_root)
-    raise ValueError(f"{path} is neither a directory nor a .csv manifest")
+        images = _discover_dir(path, labelled)
+    elif path.suffix.lower() == ".csv":
+        images = _read_manifest(path, allow_outside_root)
+    else:
+        raise ValueError(f"{path} is neither a directory nor a .csv manifest")
+    if len(images.class_names) == 1:
+        images.warnings.append(f"{path} yields a single class ({images.class_names[0]!r}): a classifier needs two or "
+                               "more; is the folder one level too deep, or is a manifest needed?")
+    return images
 
 
-def _discover_dir(path: Path) -> ImageSource:
+def _discover_dir(path: Path, labelled: bool = True) -> ImageSource:
     root = os.path.abspath(path)
     files, skipped = _walk(root)
     images = []
     for parts, abspath in files:
         ext = os.path.splitext(parts[-1])[1].lower()
-        if ext in IMAGE_EXTENSIONS:
+        if ext in IMAGE_EXTENSIONS or sniff_image(abspath):
             images.append((parts, abspath))
         else:
             skipped.append(("/".join(parts), f"not an image file ({ext or 'no extension'})"))
-    top = sorted({parts[0] for parts, _ in images if len(parts) > 1})
     records: list[ImageRecord] = []
-    if top and all(normalize_split(name) in SPLITS for name in top):
-        layout = "split_folders"
+    if not labelled:
+        records = sorted((ImageRecord("/".join(parts), abspath, None, None) for parts, abspath in images),
+                         key=lambda r: r.relpath)
+        return ImageSource(root, "flat", records, [], sorted(skipped))
+    layout, base, splits = _layout(images, path)
+    if layout == "split_folders":
         for parts, _ in images:
-            if len(parts) == 1:
-                skipped.append((parts[0], "outside the split folders"))
-        for name in top:
-            group = [item for item in images if len(item[0]) > 1 and item[0][0] == name]
-            _assign(group, 1, normalize_split(name), records, skipped)
+            if len(parts) <= base + 1:
+                skipped.append(("/".join(parts), "outside the split folders"))
+        for name, labelled in splits.items():
+            group = [item for item in images if len(item[0]) > base + 1 and item[0][base] == name]
+            _assign(group, base + 1, normalize_split(name), records, skipped, labelled)
     else:
-        layout = "class_folders" if top else "flat"
-        _assign(images, 0, None, records, skipped)
+        _assign([item for item in images if len(item[0]) > base], base, None, records, skipped)
     records.sort(key=lambda r: r.relpath)
     skipped.sort()
     class_names = sorted({r.label for r in records if r.label is not None})
     return ImageSource(root, layout, records, class_names, skipped)
+
+
+def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str, int, dict[str, bool]]:
+    """(layout, depth of the folder that holds the classes or splits, {split folder: labelled}).
+
+    Raises :class:`LayoutError` when the structure does not say which folders are classes."""
+    base = 0
+    while True:  # see through single wrapper folders (no images of their own, one sub-folder)
+        here = [parts for parts, _ in images if len(parts) > base]
+        children = {parts[base] for parts in here if len(parts) > base + 1}
+        if len(children) == 1 and all(len(parts) > base + 1 for parts in here) and \
+                any(len(parts) > base + 2 for parts in here):
+            base += 1
+            continue
+        break
+    here = [parts for parts, _ in images if len(parts) > base]
+    children = sorted({parts[base] for parts in here if len(parts) > base + 1})
+    if not children:
+        return "flat", base, {}
+    # A child "groups" when images sit in folders below it: its class set is those folders.
+    classes = {c: frozenset(p[base + 1] for p in here if len(p) > base + 2 and p[base] == c) for c in children}
+    loose = {p[base] for p in here if len(p) == base + 2}
+    # A folder with images of its own beside sub-folders is a class folder with nested folders, unless it is
+    # named like a split (test_set/x.jpg beside test_set/cats/).
+    grouping = [c for c in children if classes[c] and (c not in loose or normalize_split(c) in SPLITS)]
+    bare = [c for c in children if c not in grouping]
+    if not grouping:
+        aliases = [c for c in children if normalize_split(c) in SPLITS and not classes[c]]
+        if not aliases:
+            return "class_folders", base, {}
+        if len(aliases) == len(children):
+            return "split_folders", base, {c: False for c in children}
+        raise LayoutError(_ambiguous(path, f"folders of bare images, some named like splits ({', '.join(aliases)}) "
+                                     f"and some not ({', '.join(c for c in children if c not in aliases)})"))
+    sets = [classes[c] for c in grouping]
+    same_classes = len(grouping) >= 2 and all(s == sets[0] for s in sets)
+    named_splits = all(normalize_split(c) in SPLITS for c in grouping)
+    if same_classes or named_splits:
+        return "split_folders", base, {c: c in grouping for c in children}
+    found = "; ".join(f"{c}/ holds folders {', '.join(sorted(classes[c])[:4])}" for c in grouping[:3])
+    if bare:
+        found += f"; {', '.join(c + '/' for c in bare[:3])} hold{'s' if len(bare) == 1 else ''} bare images"
+    raise LayoutError(_ambiguous(path, found))
+
+
+def _ambiguous(path: Path, found: str) -> str:
+    return (f"cannot tell which folders of {path} are classes and which are splits ({found}); "
+            "list the images in a CSV manifest with columns path,label[,split] and pass that instead")
 
 
 def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, str]]]:
@@ -157,9 +247,11 @@ def _assign(
     split: str | None,
     records: list[ImageRecord],
     skipped: list[tuple[str, str]],
+    labelled: bool | None = None,
 ) -> None:
     """Label images by their folder at ``depth`` if any sits in one, else leave them unlabelled."""
-    labelled = any(len(parts) > depth + 1 for parts, _ in images)
+    if labelled is None:
+        labelled = any(len(parts) > depth + 1 for parts, _ in images)
     for parts, abspath in images:
         relpath = "/".join(parts)
         if not labelled:
@@ -170,71 +262,129 @@ def _assign(
             skipped.append((relpath, "outside the class folders"))
 
 
+def _manifest_text(csv_path: Path) -> tuple[str, str | None]:
+    """The manifest's text and, when it is not UTF-8, a one-line hint.
+
+    UTF-8 (with or without BOM) and UTF-16/32 with a BOM are read as such. Any other bytes are kept as surrogate
+    escapes, so a name written in the file system's own bytes (e.g. Latin-1) still names its file, and the hint
+    asks for the manifest to be saved as UTF-8."""
+    raw = csv_path.read_bytes()
+    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom) and not (encoding == "utf-16" and raw.startswith(codecs.BOM_UTF32_LE)):
+            return raw.decode(encoding), None
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return (raw.decode("utf-8-sig", "surrogateescape"),
+                f"{csv_path} is not UTF-8 (first at line {line}): names were kept byte for byte, labels may be "
+                "garbled; save the manifest as UTF-8")
+
+
+def _find_normalised(abspath: str) -> str:
+    """``abspath`` itself if it exists, else the entry of its folder whose name differs only in Unicode
+    normalisation (NFC vs NFD: macOS writes NFD names, most editors NFC)."""
+    if os.path.lexists(abspath):
+        return abspath
+    folder, name = os.path.split(abspath)
+    for form in ("NFC", "NFD"):
+        candidate = os.path.join(folder, unicodedata.normalize(form, name))
+        if os.path.lexists(candidate):
+            return candidate
+    if not os.path.isdir(folder):
+        folder = _find_normalised(folder) if folder not in ("", os.sep) and folder != abspath else folder
+        if not os.path.isdir(folder):
+            return abspath
+    wanted = unicodedata.normalize("NFC", name)
+    try:
+        for entry in os.listdir(folder):
+            if unicodedata.normalize("NFC", entry) == wanted:
+                return os.path.join(folder, entry)
+    except OSError:
+        pass
+    return abspath
+
+
 def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
     """Read a CSV with a header row; rows keep their file order.
 
     The path column is the first of PATH_COLUMNS present (case-insensitive), the label column
     the first of LABEL_COLUMNS, the split column ``split``; other columns are ignored. Relative
-    paths are relative to the CSV's directory; paths leaving it are refused unless
-    ``allow_outside_root``. The CSV is UTF-8; other bytes are kept as they are (surrogate escapes),
-    so a name that is not UTF-8 still names its file. A path with a NUL byte is refused.
+    paths are relative to the CSV's directory, with ``/`` or Windows ``\\`` separators; absolute paths and paths
+    leaving it with ``..`` are refused (counted in a warning naming ``--allow-outside-root``) unless
+    ``allow_outside_root``. Names that differ from the file's only in Unicode normalisation are found. The CSV
+    is UTF-8, or UTF-16/32 with a BOM; other bytes are kept as they are (surrogate escapes) with a hint to save it
+    as UTF-8. A path with a NUL byte is refused.
     """
     root = os.path.dirname(os.path.abspath(csv_path))
     records: list[ImageRecord] = []
     skipped: list[tuple[str, str]] = []
+    warnings: list[str] = []
     seen: set[str] = set()
-    with open(csv_path, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
-        rows = csv.reader(fh)
-        header = next(rows, None)
-        if header is None:
-            raise ValueError(f"{csv_path}: empty manifest, a header row is required")
-        columns: dict[str, int] = {}
-        for i, name in enumerate(header):
-            columns.setdefault(name.strip().lower(), i)
-        path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
-        if path_col is None:
-            raise ValueError(
-                f"{csv_path}: no path column; name one of {', '.join(PATH_COLUMNS)} "
-                f"(found: {', '.join(header)})"
-            )
-        label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
-        split_col = columns.get(SPLIT_COLUMN)
-        for row in rows:
-            value = _cell(row, path_col)
-            if not value:
-                if any(cell.strip() for cell in row):
-                    skipped.append((f"line {rows.line_num}", "empty path"))
+    outside = 0
+    text, hint = _manifest_text(csv_path)
+    if hint:
+        warnings.append(hint)
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if header is None:
+        raise ValueError(f"{csv_path}: empty manifest, a header row is required")
+    columns: dict[str, int] = {}
+    for i, name in enumerate(header):
+        columns.setdefault(name.strip().lower(), i)
+    path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
+    if path_col is None:
+        raise ValueError(
+            f"{csv_path}: no path column; name one of {', '.join(PATH_COLUMNS)} "
+            f"(found: {', '.join(header)})"
+        )
+    label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
+    split_col = columns.get(SPLIT_COLUMN)
+    for row in rows:
+        value = _cell(row, path_col)
+        if not value:
+            if any(cell.strip() for cell in row):
+                skipped.append((f"line {rows.line_num}", "empty path"))
+            continue
+        if "\0" in value:
+            skipped.append((f"line {rows.line_num}", "path contains a NUL byte"))
+            continue
+        windows_absolute = len(value) > 2 and value[1] == ":" and value[2] in "\\/" and value[0].isalpha()
+        if "\\" in value and os.sep == "/" and not os.path.lexists(os.path.join(root, value)):
+            value = value.replace("\\", "/")
+        abspath = os.path.normpath(os.path.join(root, value))
+        inside = os.path.relpath(abspath, root)
+        if windows_absolute or inside == os.pardir or inside.startswith(os.pardir + os.sep):
+            if not allow_outside_root or windows_absolute:
+                skipped.append((value, _ESCAPES))
+                outside += 1
                 continue
-            if "\0" in value:
-                skipped.append((f"line {rows.line_num}", "path contains a NUL byte"))
-                continue
-            abspath = os.path.normpath(os.path.join(root, value))
-            inside = os.path.relpath(abspath, root)
-            if inside == os.pardir or inside.startswith(os.pardir + os.sep):
-                if not allow_outside_root:
-                    skipped.append((value, _ESCAPES))
-                    continue
-                relpath = PurePath(os.path.normpath(value)).as_posix()
-            else:
-                relpath = PurePath(inside).as_posix()
-            ext = os.path.splitext(relpath)[1].lower()
-            if ext not in IMAGE_EXTENSIONS:
-                skipped.append((relpath, f"not an image file ({ext or 'no extension'})"))
-            elif relpath in seen:
-                skipped.append((relpath, f"listed again on line {rows.line_num}"))
-            else:
-                seen.add(relpath)
-                split = _cell(row, split_col)
-                records.append(
-                    ImageRecord(
-                        relpath,
-                        abspath,
-                        _cell(row, label_col) or None,
-                        normalize_split(split) if split else None,
-                    )
+            relpath = PurePath(os.path.normpath(value)).as_posix()
+        else:
+            relpath = PurePath(inside).as_posix()
+        abspath = _find_normalised(abspath)
+        ext = os.path.splitext(relpath)[1].lower()
+        if ext not in IMAGE_EXTENSIONS and not (os.path.isfile(abspath) and sniff_image(abspath)):
+            skipped.append((relpath, f"not an image file ({ext or 'no extension'})"))
+        elif relpath in seen:
+            skipped.append((relpath, f"listed again on line {rows.line_num}"))
+        else:
+            seen.add(relpath)
+            split = _cell(row, split_col)
+            records.append(
+                ImageRecord(
+                    relpath,
+                    abspath,
+                    _cell(row, label_col) or None,
+                    normalize_split(split) if split else None,
                 )
+            )
+    if outside:
+        warnings.append(f"{outside} manifest path{'s' if outside > 1 else ''} outside {root} (absolute or with ..) "
+                        "refused: pass --allow-outside-root to read them")
     class_names = sorted({r.label for r in records if r.label is not None})
-    return ImageSource(root, "manifest", records, class_names, skipped)
+    return ImageSource(root, "manifest", records, class_names, skipped, warnings)
 
 
 def _cell(row: list[str], index: int | None) -> str:

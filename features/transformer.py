@@ -11,9 +11,9 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from tlpipe.backbones.export import obtain_backbone
 from tlpipe.backbones.runtime import OnnxEmbedder
 
-from .cache import CacheWriter, lookup_embeddings
+from .cache import CacheWriter, feature_set_key, lookup_embeddings
 from .extract import run_extraction
-from .fastdecode import DEFAULT_RESIZE_FILTER, feature_set_key
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
 
@@ -22,7 +22,8 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
 
     Composes with heads: ``make_pipeline(EmbeddingTransformer(...), make_head("logreg"))`` fits on a
     list of paths. ``fit`` resolves (and if needed exports) the backbone; ``transform`` embeds what the
-    cache lacks and returns one row per path, in order. ``resize_filter`` as in extract (part of the key).
+    cache lacks and returns one row per path, in order. ``resize`` and ``resize_filter`` as in extract (both
+    part of the feature set's key).
     """
 
     def __init__(self, backbone: str | None = "mobilenet_v2", weights="imagenet", cache: str | os.PathLike = "embeddings.h5",
@@ -36,7 +37,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     def fit(self, X=None, y=None):
         self.entry_ = obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling,
                                       store=self.store, model=self.model)
-        self.key_ = feature_set_key(self.entry_.key, self.resize_filter)
+        self.key_ = feature_set_key(self.entry_.key, self.resize, self.resize_filter)  # part of the identity
         self.n_features_out_ = self.entry_.embedding_dim
         return self
 

@@ -19,7 +19,6 @@ import joblib
 import numpy as np
 import sklearn
 
-from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.cache import FeatureSet
 
 FORMAT_VERSION = 1
@@ -80,8 +79,9 @@ def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, me
         "feature_set": {"key": feature_set.key, "embedding_dim": int(feature_set.X.shape[1]),
                         "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
                         "input_size": meta.get("input_size"), "pooling": meta.get("pooling"),
-                        "layer": meta.get("layer"), "model_key": meta.get("key"),
-                        "resize_filter": recorded_resize_filter(meta)},
+                        "layer": meta.get("layer"), "resize": feature_set.resize,
+                        "model_key": meta.get("key") or feature_set.key,
+                        "resize_filter": feature_set.resize_filter},
         "class_names": list(feature_set.class_names),
         "classes": classes,
         "labels": [feature_set.class_names[c] for c in classes],

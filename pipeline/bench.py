@@ -116,12 +116,12 @@ def time_batches(run: Callable[[np.ndarray], object], images: np.ndarray, batch:
 def decode_throughput(files: Sequence[Path], size: int, workers: int) -> tuple[float, np.ndarray]:
     """Images/s for read + decode + resize of ``files`` with ``workers`` threads (the extraction mapper), and
     the decoded images (unreadable files left out)."""
-    from tlpipe.features.extract import iter_loaded
+    from tlpipe.features.decoder import iter_decoded
     from tlpipe.features.sources import ImageRecord
 
     records = [ImageRecord(p.name, str(p), None, None) for p in files]
     started = time.perf_counter()
-    pixels = [x.pixels for x in iter_loaded(records, size, "squash", lambda sha: False, workers=workers)
+    pixels = [x.pixels for x in iter_decoded(records, size, "squash", workers=workers)
               if x.pixels is not None]
     rate = len(pixels) / (time.perf_counter() - started)
     if not pixels:

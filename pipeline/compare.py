@@ -88,6 +88,8 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
         rows = np.flatnonzero(fs.y >= 0)
         setup = f"cross-validation on all {len(rows)} labelled rows" + (
             f" ({int(np.sum(fs.y < 0))} unlabelled rows excluded)" if np.any(fs.y < 0) else "")
+    if fs.excluded:
+        setup += f"; {fs.excluded} rows left out by an exclude list"
     X, y = fs.X[rows], fs.y[rows]
     scores = cross_validate(X, y, list(models), cv=cv, seed=seed, search=search, class_weight=class_weight,
                             n_jobs=n_jobs, pca=pca)

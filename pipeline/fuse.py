@@ -26,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.backbones.atomic import atomic_write
 from tlpipe.backbones.deps import distribution_version, require
+from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.store import ModelStore
 from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
 
-from .artifacts import _atomic_write, load_head
+from .artifacts import load_head
 from .score import PROBABILITIES, head_backbone
 
 FORMAT = 1
@@ -188,7 +190,7 @@ def fuse(backbone, head, n_classes: int):
     if PROBABILITIES not in [o.name for o in head.graph.output]:
         raise FuseError(f"the converted head has no {PROBABILITIES!r} output")
     for model in (backbone, head):
-        del model.metadata_props[:]
+        clear_metadata(model)
     del head.graph.value_info[:]  # skl2onnx's intermediate shape guesses (raw scores are (N, 2) for binary)
     head.ir_version = backbone.ir_version
     head = raise_default_opset(head, next(i.version for i in backbone.opset_import if i.domain in ("", "ai.onnx")))
@@ -227,10 +229,10 @@ def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndar
             "near_ties": int(np.sum(differs & near_tie))}
 
 
-def _verification_pixels(paths, size: int, resize_filter: str) -> np.ndarray:
+def _verification_pixels(paths, size: int, resize: str, resize_filter: str) -> np.ndarray:
     if not paths:
         return verification_images(size)
-    return np.stack([load_image(p, size, resize_filter=resize_filter)[0] for p in paths])
+    return np.stack([load_image(p, size, resize, resize_filter=resize_filter)[0] for p in paths])
 
 
 def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust: bool = False,
@@ -258,6 +260,8 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     head_meta = metadata.get("head", {})
     head_name = head_meta.get("name") or type(estimator).__name__
     entry = head_backbone(metadata, store, str(head_path))
+    resize = metadata.get("feature_set", {}).get("resize") or "squash"  # part of the embeddings' identity
+    resize_filter = recorded_resize_filter(metadata.get("feature_set", {}))  # so is the filter (antialias: before)
     labels = metadata.get("labels") or []
     n_classes = len(estimator.classes_)
     if len(labels) != n_classes:
@@ -268,8 +272,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     fused = fuse(backbone, head_model, n_classes)
     onnx.checker.check_model(fused)
 
-    resize_filter = recorded_resize_filter(metadata.get("feature_set", {}))  # scoring resizes as extract did
-    pixels = _verification_pixels(verify_images, entry.input_size, resize_filter)
+    pixels = _verification_pixels(verify_images, entry.input_size, resize, resize_filter)
     reference = estimator.predict_proba(OnnxEmbedder(entry.model_path, device="cpu")(pixels))
     try:
         session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -289,17 +292,14 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         "head": {"name": head_name, "params": head_meta.get("params"), "path": str(Path(head_path).resolve()),
                  "joblib_sha256": metadata.get("joblib_sha256"), "metrics": metadata.get("metrics")},
         "backbone": {k: entry.metadata.get(k) for k in ("key", "backbone", "model_sha256", "input_size",
-                                                        "embedding_dim", "preprocessing", "pooling", "layer")},
+                                                        "embedding_dim", "preprocessing", "pooling", "layer")}
+        | {"resize": resize, "resize_filter": resize_filter},
         "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import}, "verification": figures,
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    flat = {"tlpipe": json.dumps(record, sort_keys=True), "tlpipe.kind": "classifier",
-            "tlpipe.class_names": json.dumps(labels), "tlpipe.input_size": str(entry.input_size),
-            "tlpipe.key": str(entry.key), "tlpipe.head": head_name,
-            "tlpipe.resize_filter": resize_filter}
-    for key, value in flat.items():
-        prop = fused.metadata_props.add()
-        prop.key, prop.value = key, value
-    _atomic_write(out, lambda fh: fh.write(fused.SerializeToString()))
+    write_metadata(fused, record, kind="classifier", class_names=list(labels), input_size=entry.input_size,
+                   key=entry.key, head=head_name, resize=resize,
+                   resize_filter=resize_filter)
+    atomic_write(out, fused.SerializeToString())
     return record

@@ -1,19 +1,22 @@
-"""Batch scoring: images (folder or CSV manifest) or an embedding cache -> one prediction row per image.
+"""Batch scoring: images (folder or CSV manifest) or an embedding cache -> one prediction row per image;
+and :func:`predict`, the same predictions in memory.
 
 Two predictors:
 
 - a saved head (``head=``): the model-store backbone named by the head's feature-set key embeds the
-  images with extraction's own decode/resize and ONNX session, then the head's ``predict_proba`` runs;
-  with ``cache=``, images whose content that cache already embedded for the feature set skip the backbone;
-- a fused classifier (``model=``, written by :func:`pipeline.fuse.export_model`): one ONNX session from
-  uint8 images to probabilities, with the class names in its metadata.
+  images, then the head's ``predict_proba`` runs; with ``cache=``, images whose content that cache already
+  embedded for the feature set skip the backbone (read through :class:`tlpipe.features.cache.FeatureSetReader`);
+- a fused classifier (``model=``, written by :func:`tlpipe.pipeline.fuse.export_model`): one ONNX model
+  from uint8 images to probabilities, with the class names in its metadata.
 
-Images are read, hashed and decoded by extraction's ``iter_loaded`` in worker threads, at most ``prefetch`` in
-flight, while the main thread runs inference on full batches. Each batch's rows are appended to the
-output and made durable before the next batch (CSV / JSON Lines: append, flush, fsync; Parquet: one part
-file per batch in ``<out>.parts/``, assembled into ``out`` atomically at the end). A re-run reads the
-paths already in the output (dropping a row cut short by a kill) and scores only the rest, so after any
-number of interruptions the output holds every image exactly once.
+Scoring images is a run of the streaming stage (:mod:`tlpipe.features.stream`) into a
+:class:`PredictionSink`: the local engine here, the Ray engine through
+:func:`tlpipe.pipeline.score_ray.score_ray`. Each batch's rows are appended to the output and made durable
+before the next (CSV / JSON Lines: append, flush, fsync; Parquet: one part file per batch in
+``<out>.parts/``, assembled into ``out`` atomically at the end). A re-run reads the paths already in the
+output (dropping a row cut short by a kill) and scores only the rest, so after any number of interruptions
+the output holds every image exactly once; ``<out>.tlpipe.json`` records the model, and a re-run with
+another model or options is refused (:func:`check_resume`), on either engine.
 
 Columns: ``path``, ``sha256``, ``label`` (predicted class name), ``probability`` (its probability), the
 ``top_k`` best classes and ``error`` (why an image has no prediction; empty otherwise). CSV spells the
@@ -26,28 +29,32 @@ import csv
 import fcntl
 import io
 import json
+import logging
 import os
 import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
+from tlpipe.backbones.atomic import atomic_file, atomic_write
 from tlpipe.backbones.deps import MissingExtra
-from tlpipe.backbones.export import INPUT_NAME
-from tlpipe.backbones.weights import sha256_file
-from tlpipe.backbones.runtime import CPU_MICRO_BATCH, OnnxEmbedder, create_session
+from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
-from tlpipe.features.cache import CacheError, read_retrying
-from tlpipe.features.extract import _Loaded, decode_workers, iter_loaded
-from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
+from tlpipe.backbones.weights import sha256_file
+from tlpipe.features.cache import FeatureSetReader
+from tlpipe.features.decoder import Decoded
+from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, RESIZE_FILTERS, recorded_resize_filter
 from tlpipe.features.images import RESIZE_MODES
-from tlpipe.features.sources import ImageRecord, ImageSource, discover
+from tlpipe.features.sources import ImageRecord, discover
+from tlpipe.features.stream import LocalEngine, StageModel, StreamSummary, run_stream
 
 from .artifacts import HeadError, load_head
+
+log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = (".csv", ".jsonl", ".parquet")
 PROBABILITIES = "probabilities"
@@ -58,51 +65,75 @@ class ScoreError(RuntimeError):
 
 
 @dataclass
-class ScoreSummary:
-    """What a scoring run did."""
+class ScoreSummary(StreamSummary):
+    """What a scoring run did: ``total`` images in the source (rows, for a cache source), ``already_done``
+    in the output before this run, ``failures`` written as error rows, ``skipped`` inputs that are not
+    images (no row)."""
 
-    out: str
-    total: int = 0  # images in the source (rows, for a cache source)
-    scored: int = 0  # predicted after running the backbone / fused model
-    reused: int = 0  # predicted from an embedding read from a cache
-    failed: int = 0  # error rows written
-    already_done: int = 0  # in the output before this run
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # inputs that are not images (no row)
-    seconds: float = 0.0
-    provider: str = ""
+    @property
+    def scored(self) -> int:
+        """Predicted after running the backbone / fused model."""
+        return self.processed
+
+    @property
+    def reused(self) -> int:
+        """Predicted from an embedding read from a cache."""
+        return self.known
 
     @property
     def written(self) -> int:
+        """Rows written this run."""
         return self.scored + self.reused + self.failed
-
-    @property
-    def images_per_second(self) -> float:
-        return self.written / self.seconds if self.seconds else 0.0
 
 
 # -- predictors ------------------------------------------------------------------------------------------
 @dataclass
 class Predictor:
-    """Probabilities for uint8 image batches (and, for a head, for embeddings), with the column names."""
+    """What predicts: the class names, the stage model on images (None when only embeddings are scored)
+    and, for a head, the function on embeddings.
+
+    Attributes
+    ----------
+    labels : list of str
+        Class names, in the order of the probability columns.
+    model : StageModel or None
+        uint8 (N, size, size, 3) -> float (N, len(labels)) probabilities.
+    from_embeddings : callable or None
+        float32 (N, D) embeddings -> (N, len(labels)) probabilities (a head only).
+    key : str or None
+        The head's feature set.
+    model_sha256 : str or None
+        Of the backbone the head was trained on.
+    """
 
     labels: list[str]
-    input_size: int = 0
-    from_pixels: Callable[[np.ndarray], np.ndarray] | None = None
+    model: StageModel | None = None
     from_embeddings: Callable[[np.ndarray], np.ndarray] | None = None
-    key: str | None = None  # the head's feature set
-    model_sha256: str | None = None  # of the backbone the head was trained on
-    provider: str = ""
-    resize_filter: str = LEGACY_RESIZE_FILTER  # what its embeddings were extracted with (recorded)
+    key: str | None = None
+    model_sha256: str | None = None
+    resize: str | None = None  # the resize mode its embeddings were made with, as recorded (None: not recorded)
+    resize_filter: str = LEGACY_RESIZE_FILTER  # the resize filter, as recorded (antialias: made before it was)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square input (0 without an image model)."""
+        return self.model.input_size if self.model is not None else 0
 
 
 def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, where: str) -> StoreEntry:
-    """The model-store entry a saved head's embeddings came from, checked against the head's record."""
-    key = metadata.get("feature_set", {}).get("key")
+    """The model-store entry a saved head's embeddings came from, checked against the head's record.
+
+    Raises
+    ------
+    HeadError
+        The sidecar names no feature set, or the stored model differs from the one the head was trained on.
+    tlpipe.backbones.store.StoreError
+        The entry is missing or corrupt.
+    """
+    key = metadata.get("feature_set", {}).get("model_key") or metadata.get("feature_set", {}).get("key")
     if not key:
         raise HeadError(f"{where}: its sidecar names no feature set, so the backbone it needs is unknown")
     store = store if isinstance(store, ModelStore) else ModelStore(store)
-    key = metadata["feature_set"].get("model_key") or key  # a feature-set key names its model and filter
     entry = store.resolve(key)
     entry.verify()
     recorded, actual = metadata["feature_set"].get("model_sha256"), entry.metadata.get("model_sha256")
@@ -113,45 +144,124 @@ def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, 
 
 
 def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: ModelStore | str | os.PathLike | None = None,
-                   device: str = "auto",
-                   threads: int | None = None, backbone: bool = True) -> Predictor:
-    """A saved head; with ``backbone`` (needed for images) its backbone session too."""
+                   backbone: bool = True) -> Predictor:
+    """A saved head (unpickled once, here); with ``backbone`` (needed for images) its backbone as the stage model.
+
+    Raises
+    ------
+    HeadError
+        The head or its sidecar cannot be trusted or used (see :func:`tlpipe.pipeline.artifacts.load_head`).
+    """
+    estimator: Any
     estimator, metadata = load_head(head, trust=trust)
     labels = metadata.get("labels")
     if not labels or len(labels) != len(estimator.classes_):
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
     predictor = Predictor(labels, from_embeddings=estimator.predict_proba, key=feature_set.get("key"),
-                          model_sha256=feature_set.get("model_sha256"),
+                          model_sha256=feature_set.get("model_sha256"), resize=feature_set.get("resize"),
                           resize_filter=recorded_resize_filter(feature_set))
     if backbone:
         entry = head_backbone(metadata, store, str(head))
-        embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)
-        predictor.input_size = entry.input_size
-        predictor.from_pixels = lambda pixels: estimator.predict_proba(embedder(pixels))
-        predictor.provider = embedder.provider
+        predictor.model = StageModel(entry.model_path, entry.input_size, width=len(labels),
+                                     then=estimator.predict_proba)
     return predictor
 
 
-def fused_predictor(model: str | os.PathLike, *, device: str = "auto", threads: int | None = None) -> Predictor:
-    """A fused classifier written by :func:`pipeline.fuse.export_model`."""
+def fused_predictor(model: str | os.PathLike) -> Predictor:
+    """A fused classifier written by :func:`tlpipe.pipeline.fuse.export_model` (its metadata is read; no session).
+
+    Raises
+    ------
+    ScoreError
+        The file does not exist or is not a tlpipe classifier.
+    """
     if not Path(model).is_file():
         raise ScoreError(f"{model} does not exist")
-    session = create_session(model, device=device, threads=threads)
-    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        meta = read_metadata(model)
+    except ValueError as exc:
+        raise ScoreError(str(exc)) from None
     if meta.get("tlpipe.kind") != "classifier" or "tlpipe.class_names" not in meta:
         raise ScoreError(f"{model} is not a tlpipe classifier (write one with export-model); a backbone alone "
                          f"gives embeddings, not predictions: score with its head instead")
-    step = CPU_MICRO_BATCH if session.get_providers()[0] == "CPUExecutionProvider" else None
+    labels = json.loads(meta["tlpipe.class_names"])
+    return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), width=len(labels),
+                                        output=PROBABILITIES),
+                     key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"),
+                     resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER)
 
-    def from_pixels(pixels: np.ndarray) -> np.ndarray:  # CPU: chunks whose activations stay in cache
-        chunks = [pixels[i:i + step] for i in range(0, len(pixels), step)] if step and len(pixels) else [pixels]
-        return np.concatenate([session.run([PROBABILITIES], {INPUT_NAME: chunk})[0] for chunk in chunks])
 
-    return Predictor(json.loads(meta["tlpipe.class_names"]), int(meta["tlpipe.input_size"]),
-                     from_pixels=from_pixels,
-                     key=meta.get("tlpipe.key"), provider=session.get_providers()[0],
-                     resize_filter=recorded_resize_filter({"resize_filter": meta.get("tlpipe.resize_filter")}))
+def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
+                  store: ModelStore | str | os.PathLike | None = None, images: bool = True) -> Predictor:
+    """:func:`head_predictor` or :func:`fused_predictor`, whichever of ``head`` / ``model`` is given.
+
+    Raises
+    ------
+    ValueError
+        Both or neither given.
+    """
+    if (head is None) == (model is None):
+        raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
+    if head is not None:
+        return head_predictor(head, trust=trust, store=store, backbone=images)
+    assert model is not None
+    return fused_predictor(model)
+
+
+def settle_setting(option: str, asked: str | None, recorded: str | None, where: str, *, choices: tuple[str, ...],
+                   unrecorded: str) -> str:
+    """The value of a pixel setting (``resize``, ``resize_filter``) to score with: the one the head's (or fused
+    model's) embeddings were made with. The one check for every setting that is part of a feature set's identity.
+
+    Parameters
+    ----------
+    option : str
+        The setting's name as the CLI spells it without dashes (``resize``, ``resize-filter``).
+    asked : str or None
+        The explicit value (None: not given).
+    recorded : str or None
+        The value recorded with the head or fused model (None: not recorded).
+    where : str
+        The head or model, for messages.
+    choices : tuple of str
+        The allowed values.
+    unrecorded : str
+        The value used when none is recorded and none asked (what tlpipe made before recording it).
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ScoreError
+        ``asked`` disagrees with the recorded value.
+    ValueError
+        ``asked`` is not one of ``choices``.
+
+    A model that records none (made before tlpipe recorded it) uses ``asked``, else ``unrecorded``, and says so.
+    """
+    if asked is not None and asked not in choices:
+        raise ValueError(f"--{option} must be one of {', '.join(choices)}, not {asked!r}")
+    if recorded is None:
+        log.warning("%s does not record its %s; scoring with %s", where, option, asked or unrecorded)
+        return asked or unrecorded
+    if asked is not None and asked != recorded:
+        raise ScoreError(f"--{option} {asked} disagrees with {where}, whose embeddings were made with --{option} "
+                         f"{recorded}; leave --{option} out to use {recorded}")
+    return recorded
+
+
+def settle_resize(asked: str | None, recorded: str | None, where: str) -> str:
+    """:func:`settle_setting` for the resize mode (unrecorded: squash)."""
+    return settle_setting("resize", asked, recorded, where, choices=RESIZE_MODES, unrecorded="squash")
+
+
+def settle_resize_filter(asked: str | None, recorded: str | None, where: str) -> str:
+    """:func:`settle_setting` for the resize filter (unrecorded: antialias, tlpipe's only filter before)."""
+    return settle_setting("resize-filter", asked, recorded, where, choices=RESIZE_FILTERS,
+                          unrecorded=LEGACY_RESIZE_FILTER)
 
 
 # -- rows --------------------------------------------------------------------------------------------------
@@ -349,14 +459,10 @@ class ParquetOutput:
 
     def append(self, rows: list[dict]) -> None:
         target = self.parts / f"part-{self.next_part:06d}.parquet"
-        tmp = self.parts / f".{target.name}.tmp"
         try:
-            self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            with atomic_file(target) as tmp:
+                self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise _write_failed(self.path, exc) from exc
         self.next_part += 1
 
@@ -371,20 +477,12 @@ class ParquetOutput:
     def _assemble(self) -> None:
         files = self._files()
         if files != [self.path]:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-            os.close(fd)
             try:
-                with self.pq.ParquetWriter(tmp, self.schema) as writer:
+                with atomic_file(self.path) as tmp, self.pq.ParquetWriter(tmp, self.schema) as writer:
                     for file in files:
                         writer.write_table(self.pq.read_table(file, schema=self.schema))
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException as exc:
-                Path(tmp).unlink(missing_ok=True)
-                if isinstance(exc, OSError):
-                    raise _write_failed(self.path, exc) from exc
-                raise
+            except OSError as exc:
+                raise _write_failed(self.path, exc) from exc
         shutil.rmtree(self.parts)
 
 
@@ -404,114 +502,119 @@ def open_output(out: str | os.PathLike, top_k: int):
     return _OUTPUTS[suffix](out, top_k)
 
 
-# -- embeddings already in a cache -------------------------------------------------------------------------
-def head_feature_set(f, path, key: str | None, model_sha256: str | None):
-    """The head's feature set in an open cache: (group, image group, committed image row of each embedding)."""
-    features = f["features"]
-    if key not in features:
-        raise CacheError(f"{path} holds no feature set {key} (the head's); it holds: {', '.join(features) or 'none'}")
-    group, images = features[key], f["images"]
-    made_by = json.loads(group.attrs.get("metadata", "{}")).get("model_sha256")
-    if model_sha256 and made_by and made_by != model_sha256:
-        raise CacheError(f"{path}: feature set {key} was made by backbone model {made_by[:12]}, the head's "
-                         f"embeddings by {model_sha256[:12]}")
-    count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
-    rows = group["image_row"][:count]
-    if count and rows.max() >= n_images:
-        raise CacheError(f"{path}: feature set {key} points past the image table; the file is damaged")
-    return group, images, rows
+# -- the sink --------------------------------------------------------------------------------------------
+class PredictionSink:
+    """A score output as the stage's sink: a row per input (error rows for failures), in input order.
+
+    Content that ``cached`` holds for the head's feature set is known: not decoded, predicted here from its
+    stored embedding.
+    """
+
+    def __init__(self, output: Any, predictor: Predictor, top_k: int, cached: FeatureSetReader | None = None):
+        self.output, self.predictor, self.top_k, self.cached = output, predictor, top_k, cached
+
+    def done(self, record: ImageRecord) -> bool:
+        """Whether the output already has this path's row."""
+        return display_path(record.relpath) in self.output.paths
+
+    def known(self, sha256: str) -> bool:
+        """Whether the reused cache holds this content."""
+        return self.cached is not None and sha256 in self.cached
+
+    def known_shas(self) -> set[str]:
+        """The content the reused cache holds."""
+        return set(self.cached.index) if self.cached is not None else set()
+
+    def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
+        """Append one row per item (probabilities from ``outputs``, from the cache, or an error) durably."""
+        proba: dict[int, np.ndarray] = {}
+        decoded = [j for j, item in enumerate(items) if item.error is None and not item.known]
+        proba.update(zip(decoded, outputs))
+        reused = [j for j, item in enumerate(items) if item.known]
+        if reused:
+            assert self.cached is not None and self.predictor.from_embeddings is not None
+            embeddings = self.cached.get([items[j].sha256 for j in reused])
+            proba.update(zip(reused, self.predictor.from_embeddings(embeddings)))
+        rows = []
+        for j, item in enumerate(items):
+            path = display_path(item.record.relpath)
+            if j in proba:
+                rows += prediction_rows([path], [item.sha256], proba[j][None], self.predictor.labels, self.top_k)
+            else:
+                rows.append(error_row(path, item.sha256, item.error or ""))
+        self.output.append(rows)
+
+    def close(self, finish: bool = True) -> None:
+        """Close the output (Parquet: assemble it, unless ``finish`` is False)."""
+        self.output.close(finish=finish)
 
 
-class CachedEmbeddings:
-    """Embeddings of one feature set of a cache, looked up by content hash.
+def check_resume(out: str | os.PathLike, identity: dict) -> None:
+    """Resume only what this same model wrote.
 
-    Only the sha256 -> row index is held in memory; embeddings are read per batch. Every read opens the
-    cache afresh through :func:`features.cache.read_retrying`, so scoring may run while an extract appends."""
+    ``<out>.tlpipe.json`` records the head / model file hash and the options that shape rows; an existing
+    output written by another model or options, or a file tlpipe did not write, is refused.
 
-    def __init__(self, path: str | os.PathLike, key: str | None, model_sha256: str | None):
-        def index(f) -> dict[str, int]:
-            _, images, rows = head_feature_set(f, path, key, model_sha256)
-            shas = images["sha256"][: int(images.attrs["count"])]
-            return {shas[row].decode(): i for i, row in enumerate(rows.tolist())}
+    Raises
+    ------
+    ScoreError
+        As said, or the record cannot be written.
+    """
+    sidecar = Path(str(out) + ".tlpipe.json")
+    if Path(out).exists() or Path(str(out) + ".parts").exists():
+        try:
+            recorded = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            raise ScoreError(f"{out} exists and was not written by tlpipe score (no readable {sidecar.name}); "
+                             f"choose another --out or remove it") from None
+        if recorded != identity:
+            raise ScoreError(f"{out} was written by another model or options ({recorded}); a re-run resumes only "
+                             f"the same scoring: choose another --out or remove it")
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write(sidecar, json.dumps(identity))
+    except OSError as exc:
+        raise ScoreError(f"cannot write {sidecar}: {exc.strerror or exc}") from exc
 
-        self.path, self.key = path, key
-        self.index = read_retrying(path, index)
 
-    def __contains__(self, sha256: str) -> bool:
-        return sha256 in self.index
+def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str | os.PathLike, top_k: int,
+              resize: str, resize_filter: str = LEGACY_RESIZE_FILTER,
+              cache: str | os.PathLike | None = None) -> PredictionSink:
+    """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here).
 
-    def get(self, sha256s: list[str]) -> np.ndarray:
-        rows, inverse = np.unique([self.index[s] for s in sha256s], return_inverse=True)
-        embeddings = read_retrying(self.path, lambda f: f["features"][self.key]["embeddings"][rows])
-        return embeddings[inverse].astype(np.float32, copy=False)
+    Raises
+    ------
+    ScoreError
+        Another model or options wrote ``out``; a bad output path or extension.
+    tlpipe.features.cache.CacheError
+        ``cache`` lacks the head's feature set, or it was made by another backbone.
+    """
+    k = min(top_k, len(predictor.labels))
+    identity: dict[str, object] = {"scored_with": sha256_file(scored_with), "top_k": k, "resize": resize}
+    if resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
+        identity["resize_filter"] = resize_filter
+    check_resume(out, identity)
+    cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
+    return PredictionSink(open_output(out, k), predictor, k, cached)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
-def _score_images(records: list[ImageRecord], predictor: Predictor, output, summary: ScoreSummary,
-                  cached: CachedEmbeddings | None, *, top_k: int, batch_size: int, resize: str, workers: int,
-                  prefetch: int, advance: Callable[[int], None] | None) -> None:
-    batch: list[_Loaded] = []
-
-    def commit() -> None:
-        proba: dict[int, np.ndarray] = {}
-        decoded_rows = [i for i, b in enumerate(batch) if b.pixels is not None]
-        if decoded_rows:
-            pixels = np.stack([batch[i].pixels for i in decoded_rows])
-            proba.update(zip(decoded_rows, predictor.from_pixels(pixels)))
-        reused_rows = [i for i, b in enumerate(batch) if b.cached]
-        if reused_rows:
-            embeddings = cached.get([batch[i].sha256 for i in reused_rows])
-            proba.update(zip(reused_rows, predictor.from_embeddings(embeddings)))
-        rows = []
-        for i, b in enumerate(batch):
-            path = display_path(b.record.relpath)
-            if i in proba:
-                rows += prediction_rows([path], [b.sha256], proba[i][None], predictor.labels, top_k)
-            else:
-                rows.append(error_row(path, b.sha256, b.error))
-                summary.failures.append((path, b.error))
-        output.append(rows)
-        summary.failed += sum(b.error is not None for b in batch)
-        summary.reused += sum(b.cached for b in batch)
-        summary.scored += sum(b.pixels is not None for b in batch)
-        if advance:
-            advance(len(batch))
-        batch.clear()
-
-    is_cached = (lambda sha: sha in cached) if cached is not None else (lambda sha: False)
-    for loaded in iter_loaded(records, predictor.input_size, resize, is_cached, workers=workers, prefetch=prefetch,
-                              resize_filter=predictor.resize_filter):
-        batch.append(loaded)
-        if len(batch) >= batch_size:
-            commit()
-    if batch:
-        commit()
-
-
-def _score_cache(path: Path, predictor: Predictor, output, summary: ScoreSummary, *, top_k: int, batch_size: int,
-                 progress: Callable[[int, int], Callable[[int], None]] | None) -> None:
+def _score_cache(path: Path, predictor: Predictor, sink: PredictionSink, summary: ScoreSummary, *,
+                 batch_size: int, progress: Callable[[int, int], Callable[[int], None]] | None) -> None:
     """Score the committed rows of the head's feature set, a batch per (retried) read of the cache."""
-    image_rows = read_retrying(path, lambda f: head_feature_set(f, path, predictor.key, predictor.model_sha256)[2])
-    count = len(image_rows)
-    summary.total = count
-    advance = progress(count, 0) if progress else None
-
-    def batch(f, start: int):
-        rows, inverse = np.unique(image_rows[start:start + batch_size], return_inverse=True)
-        images = f["images"]
-        paths = [p.decode("utf-8", "replace") for p in images["path"][rows][inverse]]
-        shas = [s.decode() for s in images["sha256"][rows][inverse]]
-        return paths, shas, f["features"][predictor.key]["embeddings"][start:start + batch_size]
-
-    for start in range(0, count, batch_size):
-        paths, shas, X = read_retrying(path, lambda f: batch(f, start))
-        todo = [i for i, p in enumerate(paths) if p not in output.paths]
+    reader = FeatureSetReader(path, predictor.key, predictor.model_sha256)
+    summary.total = len(reader)
+    advance = progress(len(reader), 0) if progress else None
+    assert predictor.from_embeddings is not None
+    for paths, shas, X in reader.batches(batch_size):
+        todo = [i for i, p in enumerate(paths) if p not in sink.output.paths]
         summary.already_done += len(paths) - len(todo)
         if todo:
-            proba = predictor.from_embeddings(X[todo].astype(np.float32, copy=False))
-            output.append(prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba,
-                                          predictor.labels, top_k))
-            summary.reused += len(todo)
+            proba = predictor.from_embeddings(X[todo])
+            sink.output.append(prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba,
+                                               predictor.labels, sink.top_k))
+            summary.known += len(todo)
         if advance:
             advance(len(paths))
 
@@ -528,26 +631,74 @@ def score(
     batch_size: int = 32,
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
-    resize: str = "squash",
+    resize: str | None = None,
+    resize_filter: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
+    streams: int | None = None,
     allow_outside_root: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    resize_filter: str | None = None,
+    engine: Any = None,
 ) -> ScoreSummary:
     """Predict a class for every image of ``source`` and write one row per image to ``out``.
 
-    ``source`` is a folder or CSV manifest of images, or (with ``head``) an HDF5 cache whose rows for the
-    head's feature set are scored without decoding anything. Give exactly one of ``head`` (a saved head;
-    its backbone comes from the model store ``store``) or ``model`` (a fused classifier from
-    :func:`pipeline.fuse.export_model`). ``cache``: images whose content it already embedded for the
-    head's feature set reuse that embedding. ``resize`` must be the mode the head's embeddings were
-    extracted with. ``resize_filter`` is taken from the head's (or fused model's) record (``antialias`` for
-    those made before it was recorded); an explicit value that disagrees is refused. ``out``'s extension picks the format (.csv, .jsonl, .parquet); rows already there
-    (by path) are kept and not scored again. Unreadable images get a row with the reason in ``error``.
-    ``workers`` decode threads and ``threads`` ONNX Runtime threads default to the cores, as in extract.
-    ``progress``, if given, is called with (total, already_done) and returns a per-image callback.
-    ``ScoreSummary.seconds`` times the stream (after the sessions are created), as extract's does.
+    Parameters
+    ----------
+    source : path
+        A folder or CSV manifest of images, or (with ``head``) an HDF5 cache whose rows for the head's
+        feature set are scored without decoding anything.
+    out : path
+        .csv, .jsonl or .parquet (the extension picks the format). Rows already there (by path) are kept
+        and not scored again; an output written by another model or options is refused.
+    head : path, optional
+        A saved head (its backbone comes from the model store ``store``).
+    model : path, optional
+        A fused classifier from :func:`tlpipe.pipeline.fuse.export_model`. Give exactly one of the two.
+    cache : path, optional
+        Images whose content it already embedded for the head's feature set reuse that embedding.
+    top_k : int
+        Best classes per row.
+    device : str
+        "auto" | "cpu" | "cuda" (strict).
+    batch_size : int
+        Images per model call and per durable append.
+    trust : bool
+        Load a head whose checksum / metadata cannot be verified (runs its code).
+    store : ModelStore or path, optional
+        The model store.
+    resize : str, optional
+        "squash" | "crop"; default the mode recorded with the head's feature set (or in the fused model); an
+        explicit one that disagrees is refused.
+    resize_filter : str, optional
+        "bilinear" | "antialias"; default the filter recorded with the head's feature set (or in the fused
+        model; antialias for those made before it was recorded); an explicit one that disagrees is refused.
+    workers, threads, streams
+        Decode threads, ONNX Runtime threads per stream and concurrent sessions of the local engine
+        (default: one session using all cores).
+    allow_outside_root : bool
+        Accept manifest paths outside the manifest's folder.
+    progress : callable, optional
+        ``(total, already_done) -> advance(n)``.
+    engine : LocalEngine or RayEngine, optional
+        How images are scored (default: a :class:`~tlpipe.features.stream.LocalEngine` from ``device``,
+        ``workers``, ``threads``, ``streams``); a cache source always runs here.
+
+    Returns
+    -------
+    ScoreSummary
+        ``seconds`` times the stream (after the sessions are created), as extract's does.
+
+    Raises
+    ------
+    ValueError
+        Both or neither of ``head`` / ``model``; a bad ``top_k``, ``batch_size`` or ``resize``; ``model`` or
+        ``cache`` with a cache source.
+    FileNotFoundError
+        The cache source does not exist.
+    ScoreError
+        No images; a bad output; an output written by another model or options.
+    HeadError, tlpipe.features.cache.CacheError, tlpipe.backbones.store.StoreError
+        The head, its backbone or the cache cannot be used.
     """
     if (head is None) == (model is None):
         raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
@@ -555,8 +706,10 @@ def score(
         raise ValueError(f"top_k must be at least 1, not {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if resize not in RESIZE_MODES:
+    if resize is not None and resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
+    if resize_filter is not None and resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f"--resize-filter must be one of {', '.join(RESIZE_FILTERS)}, not {resize_filter!r}")
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
     if from_cache and model is not None:
@@ -565,76 +718,167 @@ def score(
         raise ValueError("cache reuse needs the head (model= runs the whole classifier on images)")
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
-    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root)
+    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
     if images is not None and not images.records:
         skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
         raise ScoreError(f"no images found in {source}{skipped}")
-
-    if head is not None:
-        predictor = head_predictor(head, trust=trust, store=store, device=device, threads=threads,
-                                   backbone=not from_cache)
-    else:
-        predictor = fused_predictor(model, device=device, threads=threads)
-    check_filter(predictor, resize_filter)
-    k = min(top_k, len(predictor.labels))
-    check_resume(out, {"scored_with": sha256_file(head if head is not None else model), "top_k": k, "resize": resize}
-                 | ({} if predictor.resize_filter == LEGACY_RESIZE_FILTER else {"resize_filter": predictor.resize_filter}))
-    summary = ScoreSummary(out=str(out), provider=predictor.provider)
-    cached = CachedEmbeddings(cache, predictor.key, predictor.model_sha256) if cache is not None else None
-    output = open_output(out, k)
-    started = time.perf_counter()  # as extract's: the stream, not the session start
-    try:
-        _run(source, images, predictor, output, summary, cached, top_k=k, batch_size=batch_size, resize=resize,
-             workers=workers, progress=progress)
-    except BaseException:
-        output.close(finish=False)
-        raise
-    output.close()
-    summary.seconds = time.perf_counter() - started
+    predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache)
+    scored_with = head if head is not None else model
+    assert scored_with is not None
+    resize = settle_resize(resize, predictor.resize, str(scored_with))
+    resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, str(scored_with))
+    if images is None:
+        sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
+                         resize_filter=resize_filter)
+        summary = ScoreSummary(out=str(out))
+        try:
+            started = time.perf_counter()
+            _score_cache(source, predictor, sink, summary, batch_size=batch_size, progress=progress)
+            summary.seconds = time.perf_counter() - started
+        except BaseException:
+            sink.close(finish=False)
+            raise
+        sink.close()
+        return summary
+    assert predictor.model is not None
+    if engine is None:
+        # one session unless asked: as scoring always ran (two streams measured no faster here, and cost ~80 MB)
+        engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
+    with engine:
+        sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
+                         resize_filter=resize_filter, cache=cache)
+        summary = ScoreSummary(out=str(out), skipped=list(images.skipped))
+        run_stream(images.records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
+                   resize=resize, resize_filter=resize_filter, progress=progress)
     return summary
 
 
-def check_filter(predictor: Predictor, resize_filter: str | None) -> None:
-    """Refuse an explicit ``resize_filter`` other than the one the predictor's embeddings were made with."""
-    if resize_filter is None:
-        return
-    check_resize_filter(resize_filter)
-    if resize_filter != predictor.resize_filter:
-        raise ScoreError(f"--resize-filter {resize_filter}: this head's embeddings were extracted with the "
-                         f"{predictor.resize_filter} filter; scoring must resize the same way (omit the option)")
+@dataclass
+class Predictions:
+    """Predictions in memory, in input order.
+
+    Attributes
+    ----------
+    paths : list of str
+        The inputs, as given.
+    labels : list of str
+        Class names: the columns of ``probabilities``.
+    probabilities : numpy.ndarray
+        (N, len(labels)) float32; a row of NaN where the image failed.
+    errors : list of (str or None)
+        Per input: None, or why it has no prediction (unreadable, not an image, too large...).
+    sha256 : list of str
+        Hex digest of each file's bytes ("" when unreadable).
+    """
+
+    paths: list[str]
+    labels: list[str]
+    probabilities: np.ndarray
+    errors: list[str | None]
+    sha256: list[str]
+
+    @property
+    def predicted(self) -> list[str | None]:
+        """The most probable class name per input (None where it failed)."""
+        best = np.argmax(np.nan_to_num(self.probabilities, nan=-1.0), axis=1) if len(self.paths) else []
+        return [None if e is not None else self.labels[int(b)] for b, e in zip(best, self.errors)]
 
 
-def check_resume(out: Path, identity: dict) -> None:
-    """Resume only what this same model wrote: ``<out>.tlpipe.json`` records the head/model file hash and
-    the options that shape rows; another model, or a file tlpipe did not write, is refused."""
-    sidecar = Path(str(out) + ".tlpipe.json")
-    if Path(out).exists() or Path(str(out) + ".parts").exists():
-        try:
-            recorded = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            raise ScoreError(f"{out} exists and was not written by tlpipe score (no readable {sidecar.name}); "
-                             f"choose another --out or remove it") from None
-        if recorded != identity:
-            raise ScoreError(f"{out} was written by another model or options ({recorded}); a re-run resumes only "
-                             f"the same scoring: choose another --out or remove it")
-        return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        sidecar.write_text(json.dumps(identity))
-    except OSError as exc:
-        raise ScoreError(f"cannot write {sidecar}: {exc.strerror or exc}") from exc
+class _MemorySink:
+    """The stage's sink for :func:`predict`: rows into arrays, nothing written."""
+
+    def __init__(self, n: int, classes: int):
+        self.probabilities = np.full((n, classes), np.nan, np.float32)
+        self.errors: list[str | None] = [None] * n
+        self.sha256 = [""] * n
+        self.position: dict[int, int] = {}
+
+    def done(self, record: ImageRecord) -> bool:
+        return False
+
+    def known(self, sha256: str) -> bool:
+        return False
+
+    def known_shas(self) -> set[str]:
+        return set()
+
+    def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
+        rows = iter(outputs)
+        for item in items:
+            i = self.position[id(item.record)]
+            self.sha256[i] = item.sha256
+            if item.error is not None:
+                self.errors[i] = item.error
+            else:
+                self.probabilities[i] = next(rows)
+
+    def close(self, finish: bool = True) -> None:
+        pass
 
 
-def _run(source: Path, images: ImageSource | None, predictor: Predictor, output, summary: ScoreSummary,
-         cached: CachedEmbeddings | None, *, top_k: int, batch_size: int, resize: str, workers: int | None,
-         progress: Callable[[int, int], Callable[[int], None]] | None) -> None:
-    if images is None:
-        _score_cache(source, predictor, output, summary, top_k=top_k, batch_size=batch_size, progress=progress)
-        return
-    todo = [r for r in images.records if display_path(r.relpath) not in output.paths]
-    summary.total, summary.already_done = len(images.records), len(images.records) - len(todo)
-    summary.skipped = list(images.skipped)
-    workers = workers or decode_workers()
-    _score_images(todo, predictor, output, summary, cached, top_k=top_k, batch_size=batch_size, resize=resize,
-                  workers=workers, prefetch=max(2 * batch_size, 4 * workers),
-                  advance=progress(summary.total, summary.already_done) if progress else None)
+def predict(
+    paths: Sequence[str | os.PathLike],
+    *,
+    head: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    trust: bool = False,
+    store: ModelStore | str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    resize: str | None = None,
+    resize_filter: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> Predictions:
+    """Class probabilities for image files, in memory (no output file), in input order.
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Image files (any order; repeats allowed). A file that cannot be read or decoded gets an error.
+    head : path, optional
+        A saved head (``*.joblib`` from ``tlpipe fit-head``); its backbone comes from the model store.
+    model : path, optional
+        A fused classifier ``.onnx`` from ``tlpipe export-model``. Give exactly one of the two.
+    trust : bool
+        Load a head whose checksum / metadata cannot be verified (runs its code).
+    store : ModelStore or path, optional
+        The model store holding the head's backbone.
+    device : str
+        "auto" | "cpu" | "cuda" (strict).
+    batch_size : int
+        Images per model call.
+    resize : str, optional
+        "squash" | "crop"; default the mode recorded with the head's feature set (or in the fused model); an
+        explicit one that disagrees is refused.
+    resize_filter : str, optional
+        As in :func:`score`.
+    workers, threads
+        Decode threads and ONNX Runtime threads (as in :func:`score`).
+
+    Returns
+    -------
+    Predictions
+        ``labels``; ``probabilities`` (N, classes) float32 (NaN rows where an image failed); ``errors``
+        (None or the reason per image); ``sha256``; all in the order of ``paths``.
+
+    Raises
+    ------
+    ValueError
+        Both or neither of ``head`` / ``model``; a bad ``resize``.
+    ScoreError, HeadError, tlpipe.backbones.store.StoreError
+        The model cannot be used.
+    """
+    predictor = predictor_for(head, model, trust=trust, store=store)
+    where = str(head if head is not None else model)
+    resize = settle_resize(resize, predictor.resize, where)
+    resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, where)
+    assert predictor.model is not None
+    names = [os.fspath(p) for p in paths]
+    records = [ImageRecord(name, os.path.abspath(name), None, None) for name in names]
+    sink = _MemorySink(len(records), len(predictor.labels))
+    sink.position = {id(r): i for i, r in enumerate(records)}
+    run_stream(records, predictor.model, sink, StreamSummary(out=""), batch_size=batch_size, resize=resize,
+               resize_filter=resize_filter,
+               engine=LocalEngine(device=device, workers=workers, threads=threads, streams=1))
+    return Predictions(names, list(predictor.labels), sink.probabilities, sink.errors, sink.sha256)

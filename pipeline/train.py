@@ -40,11 +40,15 @@ def subset(fs: FeatureSet, rows: np.ndarray, split: str) -> FeatureSet:
 
 def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.PathLike = "head.joblib", *,
                features: str | None = None, search: bool = False, cv: int = 5, seed: int = 0,
-               class_weight: str | None = None, pca: int | float | None = None, n_jobs: int | None = None) -> TrainResult:
+               class_weight: str | None = None, pca: int | float | None = None, n_jobs: int | None = None,
+               exclude: str | os.PathLike | None = None) -> TrainResult:
     """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
-    (the cache's test/val split, else a stratified hold-out) and save it with its metadata."""
-    fs = read_feature_set(cache, features)
+    (the cache's test/val split, else a stratified hold-out) and save it with its metadata. ``exclude``: an
+    exclude list (``tlpipe audit --write-exclude``) whose rows are left out of both."""
+    fs = read_feature_set(cache, features, exclude=exclude)
     train, test, setup = select_split(fs, seed=seed)
+    if fs.excluded:
+        setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
     if len(np.unique(fs.y[train])) < 2:
         raise ValueError(f"{cache}: a head needs labelled training images of at least two classes")
     estimator, info = fit_head(fs.X[train], fs.y[train], model, search=search, cv=cv, seed=seed,

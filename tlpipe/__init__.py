@@ -8,6 +8,7 @@ fine-tuning, the CLI).
 This facade imports nothing heavy: each name is resolved on first use, so ``import tlpipe`` stays fast
 and works without TensorFlow or ONNX Runtime installed.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -36,6 +37,7 @@ _FACADE: dict[str, tuple[str, str]] = {
     "evaluate": ("tlpipe.pipeline.evaluate", "evaluate"),
     "score": ("tlpipe.pipeline.score", "score"),
     "predict": ("tlpipe.pipeline.score", "predict"),
+    "audit": ("tlpipe.pipeline.audit", "audit"),
 }
 
 __all__ = ["__version__", *_FACADE]

@@ -28,7 +28,10 @@ def test_plain_h5py_reads_the_schema(tmp_path):
         assert n == 4 and f["images/sha256"][0] == b"0" * 64
         g = f["features/k"]
         emb, image_row = g["embeddings"][: g.attrs["count"]], g["image_row"][: g.attrs["count"]]
-        assert emb.shape == (4, 3) and list(f["images/path"].asstr()[image_row]) == [f"a/{i}.jpg" for i in range(4)]
+        span = f["images/path_span"][:n]
+        blob = f["images/path_utf8"][: f["images"].attrs["path_bytes"]].tobytes()
+        paths = [blob[a:b].decode("utf-8") for a, b in span]
+        assert emb.shape == (4, 3) and [paths[r] for r in image_row] == [f"a/{i}.jpg" for i in range(4)]
         assert json.loads(f["images"].attrs["class_names"]) == ["a"]
         assert f["images/split"].asstr()[0] == "train"
         assert tuple(f["images/size"][1]) == (11, 20)
@@ -53,8 +56,9 @@ def test_uncommitted_tail_is_cut_on_open(tmp_path):
     path = tmp_path / "c.h5"
     write(path, n=3)
     with h5py.File(path, "a") as f:  # what a writer killed before advancing the counts leaves behind
-        for name in ("path", "sha256", "label", "split", "size"):
+        for name in ("path_span", "source", "sha256", "label", "split", "size"):
             f["images"][name].resize(5, axis=0)
+        f["images/path_utf8"].resize(f["images"].attrs["path_bytes"] + 40, axis=0)
         f["features/k/embeddings"].resize(5, axis=0)
     assert len(read_feature_set(path)) == 3
     write(path, n=5)
@@ -96,3 +100,16 @@ def test_not_a_cache(tmp_path):
         read_feature_set(path)
     with pytest.raises(CacheError, match="does not exist"):
         read_feature_set(tmp_path / "missing.h5")
+
+
+def test_a_version_1_cache_is_refused_with_a_reason(tmp_path):
+    """Schema 2 changed the layout (whole paths, source, resize in the identity): a v1 file is refused, not guessed."""
+    path = tmp_path / "old.h5"
+    write(path, n=2)
+    with h5py.File(path, "a") as f:
+        f.attrs["tlpipe_cache_version"] = 1
+    before = path.read_bytes()
+    for attempt in (lambda: read_feature_set(path), lambda: describe(path), lambda: CacheWriter(path)):
+        with pytest.raises(CacheError, match="version 1 cache.*resize mode.*extract into a new cache file"):
+            attempt()
+    assert path.read_bytes() == before

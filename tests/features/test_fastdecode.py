@@ -22,9 +22,7 @@ from tlpipe.features.images import MAX_PIXELS, ImageError, _TRANSPOSE, decode_im
 
 from .test_images import GREEN, RED, close, encode, photo
 
-pytestmark = pytest.mark.skipif(
-    not fastdecode.available(), reason="simplejpeg / opencv-python-headless missing"
-)
+pytestmark = pytest.mark.skipif(not fastdecode.available(), reason="simplejpeg / opencv-python-headless missing")
 
 
 def pillow_reference(data: bytes, size: int, mode: str, resize_filter: str) -> np.ndarray:
@@ -42,9 +40,7 @@ def pillow_reference(data: bytes, size: int, mode: str, resize_filter: str) -> n
     ("width", "height", "size", "scale"),
     [(480, 375, 224, 1), (900, 700, 224, 2), (1000, 1800, 224, 4), (1900, 1800, 224, 8), (2600, 900, 100, 8)],
 )
-@pytest.mark.parametrize(
-    "options", [{"subsampling": 2}, {"subsampling": 0}, {"subsampling": 1, "progressive": True}]
-)
+@pytest.mark.parametrize("options", [{"subsampling": 2}, {"subsampling": 0}, {"subsampling": 1, "progressive": True}])
 def test_fast_path_decodes_the_pillow_pixels(width, height, size, scale, options):
     data = encode(photo(width, height), "JPEG", quality=88, **options)
     assert fastdecode.dct_scale(width, height, size) == scale
@@ -60,9 +56,7 @@ def test_fast_path_decodes_the_pillow_pixels(width, height, size, scale, options
         for resize_filter in fastdecode.RESIZE_FILTERS:
             pixels, original = decode_image(data, size, mode, resize_filter=resize_filter)
             expected = pillow_reference(data, size, mode, resize_filter)
-            assert (
-                pixels.shape == (size, size, 3) and pixels.dtype == np.uint8 and original == (width, height)
-            )
+            assert pixels.shape == (size, size, 3) and pixels.dtype == np.uint8 and original == (width, height)
             assert np.abs(pixels.astype(int) - expected).max() <= 1, (mode, resize_filter)
 
 
@@ -156,14 +150,10 @@ def test_bilinear_is_tensorflows_resize_without_antialiasing():
     pixels = np.asarray(photo(437, 311, seed=3))
     for size in (224, 250):  # downscale factors below 2: no box reduction, plain bilinear
         ours = fastdecode.resize_bilinear(pixels, size)
-        theirs = tf.image.resize(pixels[None].astype(np.float32), (size, size), "bilinear", antialias=False)[
-            0
-        ]
+        theirs = tf.image.resize(pixels[None].astype(np.float32), (size, size), "bilinear", antialias=False)[0]
         assert np.abs(ours.astype(float) - np.round(theirs.numpy())).max() <= 1
     antialiased = np.asarray(resize_image(Image.fromarray(pixels), 150, resize_filter="antialias"))
-    assert (
-        np.abs(antialiased.astype(int) - fastdecode.resize_bilinear(pixels, 150)).mean() > 0.5
-    )  # two filters
+    assert np.abs(antialiased.astype(int) - fastdecode.resize_bilinear(pixels, 150)).mean() > 0.5  # two filters
 
 
 def test_bilinear_box_reduces_large_images_so_they_do_not_alias():
@@ -176,7 +166,7 @@ def test_bilinear_box_reduces_large_images_so_they_do_not_alias():
 def test_unknown_filter_is_refused():
     with pytest.raises(ValueError, match="resize filter"):
         decode_image(encode(Image.new("RGB", (8, 8)), "PNG"), 8, resize_filter="bicubic")
-    with pytest.raises(ValueError, match="resize filter"):
+    with pytest.raises(ValueError, match="resize.filter"):
         extract("/nonexistent", "/nonexistent/cache.h5", resize_filter="Bilinear")
 
 
@@ -198,7 +188,7 @@ def test_filter_is_part_of_the_feature_set_identity(tmp_path, tiny_entry, model_
     assert fastdecode.recorded_resize_filter(legacy.metadata) == "antialias"
 
     new = extract(photos, cache, **run)  # the default filter: a new feature set, every image embedded again
-    assert new.key == f"{tiny_entry.key}.bilinear" and new.embedded == 6 and new.cached == 0
+    assert new.key == f"{tiny_entry.key}-filter-bilinear" and new.embedded == 6 and new.cached == 0
     fresh = read_feature_set(cache, new.key)
     assert fresh.metadata["resize_filter"] == "bilinear" and fresh.metadata["key"] == tiny_entry.key
     again = read_feature_set(cache, tiny_entry.key)
@@ -251,7 +241,7 @@ def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path,
         # the fused model carries the filter too, and scoring with it resizes the same way
         fused = tmp_path / f"{resize_filter}.onnx"
         assert export_model(head, fused, store=model_store)["resize_filter"] == resize_filter
-        assert fused_predictor(fused, device="cpu").resize_filter == resize_filter
+        assert fused_predictor(fused).resize_filter == resize_filter
         with pytest.raises(ScoreError, match="resize-filter"):
             score(
                 photos,
@@ -265,3 +255,16 @@ def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path,
         fused_rows = {r["sha256"]: r for r in map(json.loads, out.read_text().splitlines())}
         for sha, p in zip(fs.sha256, proba):
             assert abs(fused_rows[sha]["probability"] - p.max()) < 1e-4, resize_filter
+
+
+def test_feature_set_key_grammar_composes_resize_mode_and_filter():
+    from tlpipe.features.cache import feature_set_key
+
+    # <model key>[-resize-<mode>][-filter-<filter>]: the settings caches were made with before (squash,
+    # antialias) add nothing, so those keys keep their meaning
+    assert feature_set_key("m", "squash", "antialias") == "m"
+    assert feature_set_key("m", "crop", "antialias") == "m-resize-crop"
+    assert feature_set_key("m") == feature_set_key("m", "squash", "bilinear") == "m-filter-bilinear"
+    assert feature_set_key("m", "crop", "bilinear") == "m-resize-crop-filter-bilinear"
+    with pytest.raises(ValueError, match="resize filter"):
+        feature_set_key("m", "squash", "bicubic")

@@ -24,7 +24,7 @@ from tlpipe.pipeline.artifacts import save_head  # noqa: E402
 from tlpipe.pipeline.compare import compare_heads  # noqa: E402
 from tlpipe.pipeline.engine import parallel_backend  # noqa: E402
 from tlpipe.pipeline.heads import make_head  # noqa: E402
-from tlpipe.pipeline.score import score  # noqa: E402
+from tlpipe.pipeline.score import ScoreError, score  # noqa: E402
 from tlpipe.pipeline.score_ray import score_ray  # noqa: E402
 from tests.conftest import ROOT, write_photo_folder  # noqa: E402
 
@@ -108,7 +108,7 @@ def _embed_workers() -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"MapBatches(EmbedActor)" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and b"MapBatches(ModelActor)" in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
         except OSError:  # exited meanwhile
             continue
@@ -207,9 +207,48 @@ def test_score_via_ray_writes_the_local_engines_rows(cluster, tmp_path, photos, 
     assert_same_rows(tmp_path / "ray.csv", tmp_path / "local.csv")
     again = score_ray(photos, tmp_path / "ray.csv", **kw)
     assert (again.already_done, again.scored) == (GOOD + 4, 0)
+    other = tmp_path / "other.joblib"  # another head: a re-run onto ray.csv with it is refused, as locally
+    save_head(make_head("logreg").fit(fs.X, 1 - fs.y), other, feature_set=fs, metrics={}, params={})
+    with pytest.raises(ScoreError, match="another model"):
+        score_ray(photos, tmp_path / "ray.csv", **{**kw, "head": other})
+    assert_same_rows(tmp_path / "ray.csv", tmp_path / "local.csv")
     reused = score_ray(photos, tmp_path / "reused.csv", cache=reference[0], **kw)
     assert (reused.reused, reused.scored, reused.failed) == (GOOD + 1, 0, 3)
     assert_same_rows(tmp_path / "reused.csv", tmp_path / "local.csv")
+
+
+SCORE_KILL_SCRIPT = """
+import sys
+from tlpipe.pipeline.score_ray import score_ray
+score_ray(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], address=sys.argv[5], batch_size=2,
+          commit_rows=2, device="cpu")
+"""
+
+
+@pytest.mark.slow
+def test_score_with_its_driver_killed_mid_run_then_rerun_gives_the_local_rows(cluster, tmp_path, photos, reference,
+                                                                             model_store):
+    fs = read_feature_set(reference[0])
+    head = tmp_path / "logreg.joblib"
+    save_head(make_head("logreg").fit(fs.X, fs.y), head, feature_set=fs, metrics={}, params={})
+    kw = {"head": head, "store": model_store, "device": "cpu", "batch_size": 4}
+    score(photos, tmp_path / "local.csv", **kw)
+    out = tmp_path / "killed.csv"
+    rows = lambda: out.read_bytes().count(b"\n") - 1 if out.exists() else -1  # noqa: E731
+    proc = subprocess.Popen([sys.executable, "-c", SCORE_KILL_SCRIPT, str(photos), str(out), str(head),
+                             str(model_store.root), cluster], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline and rows() < 4:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = rows()
+    assert 0 < written < GOOD + 4, f"the kill did not land mid-run ({written} rows)"
+    summary = score_ray(photos, out, **kw)
+    assert summary.already_done in (written, written - 1)  # a record cut by the kill is scored again
+    assert summary.already_done + summary.scored + summary.failed == GOOD + 4
+    assert_same_rows(out, tmp_path / "local.csv")
 
 
 def test_compare_under_the_ray_joblib_backend_equals_local(cluster, reference):

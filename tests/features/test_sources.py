@@ -134,7 +134,7 @@ def test_manifest_paths_outside_the_root(tmp_path):
     )
     src = discover(data / "m.csv")
     assert [(r.relpath, r.abspath) for r in src.records] == [("in/a.jpg", str(inside))]
-    reason = "path escapes the data root (use allow_outside_root)"
+    reason = "path escapes the data root (use --allow-outside-root / allow_outside_root)"
     assert src.skipped == [("../outside.jpg", reason), (str(tmp_path / "abs.jpg"), reason)]
 
     allowed = discover(data / "m.csv", allow_outside_root=True)

@@ -39,7 +39,8 @@ def test_roundtrip_and_metadata(saved):
     assert meta["format_version"] == FORMAT_VERSION
     assert meta["head"]["name"] == "logreg" and meta["head"]["params"]["params"] == {"C": 0.01}
     assert meta["feature_set"] == {"key": fs.key, "embedding_dim": 32, "backbone": "ResNet50",
-                                   "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None}
+                                   "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None,
+                                   "resize": "squash", "model_key": fs.metadata.get("key") or fs.key}
     assert meta["class_names"] == fs.class_names and meta["labels"] == [fs.class_names[c] for c in meta["classes"]]
     assert meta["training"] == {"cache_id": fs.cache_id, "cache_path": "cache.h5", "rows": len(fs) - len(test)}
     assert meta["metrics"] == {"accuracy": 0.97}

@@ -73,7 +73,7 @@ def test_manifest_paths_outside_the_data_root_are_refused_unless_allowed(tmp_pat
     manifest.write_text("path,label\ninside.jpg,a\n" + "".join(f"{p},b\n" for p in escaping))
     model = str(tiny_entry.directory)
     summary = extract(manifest, tmp_path / "refused.h5", model=model)
-    refused = {p: "path escapes the data root (use allow_outside_root)" for p in escaping}
+    refused = {p: "path escapes the data root (use --allow-outside-root / allow_outside_root)" for p in escaping}
     assert summary.embedded == 1 and dict(summary.skipped) == refused
     assert {f["path"]: f["reason"] for f in describe(tmp_path / "refused.h5")["failures"]} == refused
     scored = score(manifest, tmp_path / "refused.csv", head=head.path, store=head.store, device="cpu")

@@ -1,0 +1,186 @@
+"""The decoder of the streaming stage: read a file's bytes, hash them, and (unless its content is already
+known) decode and resize it to the model's square uint8 RGB input.
+
+Used by both engines of :mod:`tlpipe.features.stream` (local threads, Ray Data tasks), by int8
+calibration and by the benchmarks: one read / hash / decode path, so a cache, a score and a calibration
+sample see the same pixels for the same file. Pixels come from :func:`tlpipe.features.images.decode_image`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from tlpipe.backbones.runtime import physical_cores
+
+from .fastdecode import DEFAULT_RESIZE_FILTER
+from .images import ImageError, decode_image
+from .sources import ImageRecord
+
+__all__ = ["Decoded", "decode_record", "decode_workers", "iter_decoded", "read_file"]
+
+
+@dataclass
+class Decoded:
+    """One input after the decoder.
+
+    Attributes
+    ----------
+    record : ImageRecord
+        The input it came from.
+    sha256 : str
+        Hex digest of the file's bytes ("" when it could not be read).
+    pixels : numpy.ndarray or None
+        (size, size, 3) uint8 RGB, or None when the image failed or its content was known.
+    size : tuple of int
+        Original (width, height) after EXIF orientation; (0, 0) when not decoded.
+    error : str or None
+        Why the input has no pixels (unreadable, not an image, too large...), else None.
+    known : bool
+        Its content was already known to the sink, so it was not decoded (or its pixels were dropped).
+    duplicate : bool
+        Set by the stage: another input of the same run brought this content first (``known`` is set too).
+    """
+
+    record: ImageRecord
+    sha256: str = ""
+    pixels: np.ndarray | None = None
+    size: tuple[int, int] = (0, 0)
+    error: str | None = None
+    known: bool = False
+    duplicate: bool = False
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a regular file, without blocking on anything else.
+
+    Parameters
+    ----------
+    path : str
+        File to read.
+
+    Returns
+    -------
+    bytes
+        Its whole content.
+
+    Raises
+    ------
+    OSError
+        When it cannot be opened, or is a folder, a FIFO or a device (e.g. /dev/zero, which would never end).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", closefd=True) as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'})")
+        return fh.read()
+
+
+def decode_record(
+    record: ImageRecord,
+    input_size: int,
+    resize: str,
+    is_known: Callable[[str], bool] = lambda sha: False,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+) -> Decoded:
+    """Read, hash and (unless ``is_known(sha256)``) decode one input. Never raises for a bad input.
+
+    Parameters
+    ----------
+    record : ImageRecord
+        The input (its ``abspath`` is read).
+    input_size : int
+        Side of the square output, in pixels.
+    resize : str
+        "squash" or "crop" (see :func:`tlpipe.features.images.decode_image`).
+    is_known : callable, optional
+        sha256 -> whether the sink already holds this content; such inputs are not decoded.
+    resize_filter : str, optional
+        "bilinear" (default, the fast path) | "antialias" (see :func:`tlpipe.features.images.decode_image`).
+
+    Returns
+    -------
+    Decoded
+        With ``pixels`` (size, size, 3) uint8, or ``known``, or ``error`` set.
+    """
+    try:
+        data = read_file(record.abspath)
+    except OSError as exc:
+        return Decoded(record, error=f"cannot read: {exc.strerror or exc}")
+    except ValueError as exc:  # a path with a NUL byte
+        return Decoded(record, error=f"cannot read: {exc}")
+    sha = hashlib.sha256(data).hexdigest()
+    if is_known(sha):
+        return Decoded(record, sha, known=True)
+    try:
+        pixels, size = decode_image(data, input_size, resize, resize_filter=resize_filter)
+    except ImageError as exc:
+        return Decoded(record, sha, error=getattr(exc, "reason", str(exc)))
+    return Decoded(record, sha, pixels, size)
+
+
+def decode_workers() -> int:
+    """Decode threads by default: one more than the cores.
+
+    A thread waiting on disk or the GIL then leaves no core idle (measured: 0.86 of pure inference vs 0.79
+    with one per core, MobileNetV2 @224, 2 cores).
+
+    Returns
+    -------
+    int
+        ``physical_cores() + 1``.
+    """
+    return physical_cores() + 1
+
+
+def iter_decoded(
+    records: Iterable[ImageRecord],
+    input_size: int,
+    resize: str,
+    is_known: Callable[[str], bool] = lambda sha: False,
+    *,
+    workers: int | None = None,
+    prefetch: int | None = None,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+) -> Iterator[Decoded]:
+    """:func:`decode_record` over ``records`` in worker threads (PIL releases the GIL), in input order.
+
+    Parameters
+    ----------
+    records : iterable of ImageRecord
+        Inputs, consumed lazily.
+    input_size, resize, is_known, resize_filter
+        As for :func:`decode_record`.
+    workers : int, optional
+        Decode threads (default :func:`decode_workers`).
+    prefetch : int, optional
+        Most inputs in flight (default 4 per worker): bounds the memory held by decoded pixels.
+
+    Yields
+    ------
+    Decoded
+        One per record, in the order of ``records``.
+    """
+    workers = workers or decode_workers()
+    prefetch = prefetch or 4 * workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: deque[Future[Decoded]] = deque()
+        source = iter(records)
+
+        def fill() -> None:
+            while len(pending) < prefetch and (record := next(source, None)) is not None:
+                pending.append(pool.submit(decode_record, record, input_size, resize, is_known, resize_filter))
+
+        fill()
+        while pending:
+            decoded = pending.popleft().result()
+            fill()
+            yield decoded

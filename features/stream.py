@@ -1,0 +1,396 @@
+"""The streaming stage shared by extraction and scoring: reader -> decoder -> model -> sink.
+
+- reader: the inputs (:func:`tlpipe.features.sources.discover`), less those the sink already holds
+  (:meth:`Sink.done`, e.g. a score output's paths);
+- decoder (:mod:`tlpipe.features.decoder`): read, sha256, decode + resize; content the sink already
+  holds (:meth:`Sink.known`, e.g. a cache's feature set) is hashed but not decoded;
+- model (:class:`StageModel`): anything called on a uint8 NHWC batch — a backbone (embeddings), a
+  backbone followed by a head (probabilities), or a fused classifier;
+- sink (:class:`Sink`): commits each batch in input order and durably (the HDF5 cache writer, the
+  CSV / JSON Lines / Parquet score outputs), so a kill loses at most the batches in flight and a re-run
+  resumes from what was committed.
+
+Batching, in-order commits, progress, failure records and the counts of the closing summary live here
+(:class:`Stage`) once. Engines are strategies over it: :class:`LocalEngine` (decode threads overlapping
+``streams`` ONNX Runtime sessions) and :class:`tlpipe.features.ray_engine.RayEngine` (Ray Data decode
+tasks and an actor pool, the driver the only writer). Both hand their batches to :meth:`Stage.commit`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .decoder import Decoded, decode_workers, iter_decoded
+from .fastdecode import DEFAULT_RESIZE_FILTER
+from .sources import ImageRecord
+
+__all__ = ["LocalEngine", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
+
+Progress = Callable[[int, int], Callable[[int], None]]
+
+
+class Sink(Protocol):
+    """Where the stage commits its results, batch by batch, in input order."""
+
+    def done(self, record: ImageRecord) -> bool:
+        """Whether the output already holds this input (it is then not read at all)."""
+        ...
+
+    def known(self, sha256: str) -> bool:
+        """Whether this content needs no model run (held already, or resolved by the sink itself)."""
+        ...
+
+    def known_shas(self) -> set[str]:
+        """Every sha256 :meth:`known` accepts (shipped to the Ray engine's decode tasks)."""
+        ...
+
+    def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
+        """Commit a batch durably.
+
+        ``items``: consecutive inputs, each failed (``error``), known (``known``) or decoded; ``outputs``:
+        the model's rows for the decoded ones, in order, shape (n_decoded, D).
+        """
+        ...
+
+    def close(self, finish: bool = True) -> None:
+        """Release the output; ``finish`` False after an error (leave it resumable)."""
+        ...
+
+
+@dataclass
+class StreamSummary:
+    """The counts of one run of the stage (the closing summary).
+
+    Attributes
+    ----------
+    out : str
+        The sink's path.
+    total : int
+        Inputs listed (images found in the source).
+    processed : int
+        Inputs the model ran on and the sink committed.
+    known : int
+        Inputs whose content the sink knew (not decoded, no model run).
+    duplicates : int
+        Inputs whose content another input of the same run already brought (unique sinks only).
+    already_done : int
+        Inputs the output held before the run (not read).
+    failures : list of (str, str)
+        (path, reason) of inputs that could not be used, in input order.
+    skipped : list of (str, str)
+        (path, reason) of files refused while listing (not images, links out of the source...).
+    seconds : float
+        Wall time of the stream (after the model sessions are created; Ray: including the actors' start).
+    provider : str
+        Execution provider the model ran on.
+    """
+
+    out: str
+    total: int = 0
+    processed: int = 0
+    known: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    provider: str = ""
+
+    @property
+    def failed(self) -> int:
+        """Inputs that failed (each with a failure record)."""
+        return len(self.failures)
+
+    @property
+    def images_per_second(self) -> float:
+        """Inputs handled this run per second of :attr:`seconds`."""
+        handled = self.processed + self.known + self.duplicates + self.failed
+        return handled / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """The model of the stage: an ONNX file from uint8 (N, size, size, 3) RGB to float32 rows, optionally
+    followed by ``then`` (e.g. a head's ``predict_proba``) on its output.
+
+    It is a recipe, not a session: each engine builds its sessions (:meth:`load`) where they run —
+    the local engine in this process, the Ray engine inside each actor from the file's bytes.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The ONNX model.
+    input_size : int
+        Side of the square input, in pixels.
+    output : str, optional
+        Output to read (default: the first).
+    width : int
+        Columns of the final output (embedding dimension, or classes).
+    then : callable, optional
+        Applied to the output, float32 (N, D) -> (N, K); must be picklable for the Ray engine.
+    """
+
+    path: Path
+    input_size: int
+    width: int = 0
+    output: str | None = None
+    then: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def load(
+        self, device: str = "auto", threads: int | None = None, streams: int = 1, path: Path | None = None
+    ) -> Runner:
+        """Sessions for this model (``path`` overrides where the file is, e.g. a copy on a Ray node).
+
+        Returns
+        -------
+        Runner
+            Callable on uint8 (N, size, size, 3) batches, with ``streams`` and ``provider``.
+
+        Raises
+        ------
+        tlpipe.backbones.runtime.ProviderError
+            When ``device`` "cuda" cannot be had.
+        """
+        from tlpipe.backbones.runtime import OnnxEmbedder
+
+        embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams, output=self.output)
+        return Runner(embedder, self.then)
+
+
+class Runner:
+    """A loaded :class:`StageModel`: ``runner(pixels)`` -> output rows; thread-safe up to ``streams`` calls."""
+
+    def __init__(self, embedder: Any, then: Callable[[np.ndarray], np.ndarray] | None):
+        self.embedder, self.then = embedder, then
+        self.streams: int = embedder.streams
+        self.provider: str = embedder.provider
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.embedder(pixels)
+        return self.then(out) if self.then is not None else out
+
+
+class Stage:
+    """One run of the stream into ``sink``: the per-item bookkeeping and the commits both engines share.
+
+    Parameters
+    ----------
+    sink : Sink
+        Where results go.
+    summary : StreamSummary
+        Filled in as batches commit.
+    unique : bool
+        Content is committed once: inputs whose sha256 another input of this run already brought are
+        counted as duplicates and not passed on (the cache); otherwise every input reaches the sink
+        (a score output has a row per path).
+    progress : callable, optional
+        ``(total, already_done) -> advance(n)``, called once the inputs are known.
+    """
+
+    def __init__(self, sink: Sink, summary: StreamSummary, *, unique: bool = False, progress: Progress | None = None):
+        self.sink, self.summary, self.unique, self.progress = sink, summary, unique, progress
+        self.pending: set[str] = set()  # content passed on but not yet committed (unique sinks)
+        self.advance: Callable[[int], None] | None = None
+
+    def todo(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        """The inputs the sink does not hold yet; starts the progress bar."""
+        todo = [r for r in records if not self.sink.done(r)]
+        self.summary.total += len(records)
+        self.summary.already_done += len(records) - len(todo)
+        if self.progress:
+            self.advance = self.progress(self.summary.total, self.summary.already_done)
+        return todo
+
+    def admit(self, item: Decoded) -> bool:
+        """Whether ``item`` goes to the model (decoded, not a duplicate); marks duplicates."""
+        if item.error is not None or item.known:
+            return False
+        if self.unique and (item.sha256 in self.pending or self.sink.known(item.sha256)):
+            item.known = item.duplicate = True
+            item.pixels = None
+            return False
+        if self.unique:
+            self.pending.add(item.sha256)
+        return True
+
+    def commit(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
+        """Hand one batch (``outputs``: rows of the admitted items, in order) to the sink and count it."""
+        summary = self.summary
+        self.sink.append(items, outputs)
+        for item in items:
+            if item.error is not None:
+                summary.failures.append((item.record.relpath, item.error))
+            elif item.duplicate:
+                summary.duplicates += 1
+            elif item.known:
+                summary.known += 1
+        summary.processed += len(outputs)
+        if self.unique:
+            self.pending.difference_update(i.sha256 for i in items)
+        if self.advance:
+            self.advance(len(items))
+
+
+@dataclass
+class LocalEngine:
+    """Decode threads overlapping inference streams in this process.
+
+    ``workers`` decode threads (default cores + 1) keep at most ``prefetch`` decoded images in flight
+    (default ``max(2 * batch_size, 4 * workers)``); full batches run in ``streams`` ONNX Runtime sessions
+    (default :func:`~tlpipe.backbones.runtime.default_streams`) of ``threads`` threads each; batches commit
+    in input order as their results arrive, at most ``streams`` + 1 batches held in memory.
+    """
+
+    device: str = "auto"
+    workers: int | None = None
+    prefetch: int | None = None
+    threads: int | None = None
+    streams: int | None = None
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(
+        self,
+        stage: Stage,
+        records: Sequence[ImageRecord],
+        model: StageModel | Callable[[np.ndarray], np.ndarray],
+        *,
+        batch_size: int,
+        resize: str,
+        input_size: int | None = None,
+        resize_filter: str = DEFAULT_RESIZE_FILTER,
+    ) -> None:
+        """Stream ``records`` through ``model`` into ``stage``'s sink.
+
+        ``model``: a :class:`StageModel` (loaded here) or an already loaded callable (with ``input_size``).
+        """
+        from tlpipe.backbones.runtime import default_streams
+
+        runner: Callable[[np.ndarray], np.ndarray]
+        if isinstance(model, StageModel):
+            input_size = model.input_size
+            runner = model.load(self.device, self.threads, self.streams or default_streams())
+        else:
+            runner = model
+        if input_size is None:
+            raise ValueError("input_size is needed with a loaded model")
+        stage.summary.provider = str(getattr(runner, "provider", ""))
+        todo = stage.todo(records)
+        started = time.perf_counter()
+        workers = self.workers or decode_workers()
+        prefetch = self.prefetch or max(2 * batch_size, 4 * workers)
+        streams = max(1, int(getattr(runner, "streams", 1)))
+        inflight: deque[tuple[list[Decoded], Future[np.ndarray] | None]] = deque()
+        batch: list[Decoded] = []
+
+        def finish_oldest() -> None:
+            items, future = inflight.popleft()
+            stage.commit(items, future.result() if future is not None else np.empty((0, 0), np.float32))
+
+        def submit(pool: ThreadPoolExecutor) -> None:
+            while len(inflight) >= streams:
+                finish_oldest()
+            pixels = [b.pixels for b in batch if b.pixels is not None]
+            future = pool.submit(runner, np.stack(pixels)) if pixels else None
+            inflight.append((list(batch), future))
+            batch.clear()
+
+        with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
+            for item in iter_decoded(
+                todo,
+                input_size,
+                resize,
+                stage.sink.known,
+                workers=workers,
+                prefetch=prefetch,
+                resize_filter=resize_filter,
+            ):
+                stage.admit(item)
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    submit(pool)
+            if batch:
+                submit(pool)
+            while inflight:
+                finish_oldest()
+        stage.summary.seconds += time.perf_counter() - started
+
+
+def run_stream(
+    records: Sequence[ImageRecord],
+    model: StageModel | Callable[[np.ndarray], np.ndarray],
+    sink: Sink,
+    summary: StreamSummary,
+    *,
+    engine: Any = None,
+    batch_size: int = 32,
+    resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+    unique: bool = False,
+    progress: Progress | None = None,
+    input_size: int | None = None,
+) -> StreamSummary:
+    """Run the stage: ``records`` -> decoder -> ``model`` -> ``sink`` with ``engine``, then close the sink.
+
+    Parameters
+    ----------
+    records : sequence of ImageRecord
+        The inputs, in the order their results are committed.
+    model : StageModel or callable
+        What runs on each batch; a loaded callable (local engine only) needs ``input_size``.
+    sink : Sink
+        Where results are committed; closed here (``finish=False`` when the run raised).
+    summary : StreamSummary
+        Filled in and returned.
+    engine : LocalEngine or RayEngine, optional
+        Default: ``LocalEngine()``.
+    batch_size : int
+        Inputs per batch (per model call; per commit on the local engine).
+    resize : str
+        "squash" | "crop".
+    resize_filter : str
+        "bilinear" (default) | "antialias" (:data:`tlpipe.features.fastdecode.RESIZE_FILTERS`).
+    unique, progress
+        See :class:`Stage`.
+
+    Returns
+    -------
+    StreamSummary
+        ``summary``, filled in.
+
+    Raises
+    ------
+    ValueError
+        ``batch_size`` below 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    engine = engine or LocalEngine()
+    stage = Stage(sink, summary, unique=unique, progress=progress)
+    try:
+        engine.run(
+            stage,
+            records,
+            model,
+            batch_size=batch_size,
+            resize=resize,
+            input_size=input_size,
+            resize_filter=resize_filter,
+        )
+    except BaseException:
+        sink.close(finish=False)
+        raise
+    sink.close()
+    return summary
