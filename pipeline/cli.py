@@ -240,7 +240,7 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
     for key, fs in d["feature_sets"].items():
         say(f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
             f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
-            f"resize {fs['resize']}, weights {fs['weights']})")
+            f"resize {fs['resize']}, filter {fs.get('resize_filter', 'antialias')}, weights {fs['weights']})")
     conflicts = d["label_conflicts"]
     if conflicts:
         say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
