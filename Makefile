@@ -1,12 +1,13 @@
 # Two commands on a fresh machine:
 #   make demo   - the main job on built-in data (export -> extract -> compare -> fit-head -> score)
 #   make test   - the test suite (this is what .ci/run calls)
+#   make test-min - the head tests on the lowest versions pyproject.toml allows (core deps only)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv bench clean lint
+.PHONY: test test-min demo venv bench clean lint
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,27 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The dependency floors, proved: every core dependency at the lowest version pyproject.toml allows
+# (`>=X` -> `==X`), plus pytest, in a separate venv; then the head tests. pip's wheel cache makes a rerun
+# quick and the venv is kept until pyproject.toml changes. No extras: the head tests need none.
+MIN_VENV  ?= .venv-min
+MIN_BIN   := $(MIN_VENV)/bin
+MIN_STAMP := $(MIN_VENV)/.installed
+MIN_TESTS ?= tests/pipeline/test_heads.py tests/pipeline/test_compare.py tests/pipeline/test_evaluate.py tests/pipeline/test_artifacts.py
+
+$(MIN_STAMP): pyproject.toml
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(PYTHON) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+		print("\n".join(re.sub(r"\s*>=\s*", "==", d) for d in deps))' > $(MIN_VENV)/floors.txt
+	$(MIN_BIN)/python -m pip install -q --only-binary=:all: -r $(MIN_VENV)/floors.txt "pytest>=8"
+	$(MIN_BIN)/python -m pip install -q --no-deps -e .
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_BIN)/python -m pip list --format=freeze | grep -iE '^(numpy|h5py|scikit-learn|scipy|joblib)=='
+	$(MIN_BIN)/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 # Lint + types on the public modules (widen LINTED / TYPED module by module as they are cleaned up).
 LINTED := tlpipe backbones/choice.py backbones/atomic.py backbones/onnx_metadata.py features/stream.py \
@@ -55,4 +77,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ray.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy-src .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy-src .mypy_cache .ruff_cache

@@ -36,6 +36,8 @@ class ModelChoice:
         A stored export (store key or folder, e.g. a fine-tune's output); wins over ``backbone``.
     store : ModelStore, optional
         The model store (default: ``~/.cache/tlpipe/models`` or ``$TLPIPE_MODEL_STORE``).
+    tta : str
+        "none" | "flip" | "flip+crops": test-time views made inside the exported model (:mod:`backbones.tta`).
     """
 
     backbone: str | None = "mobilenet_v2"
@@ -47,6 +49,7 @@ class ModelChoice:
     precision: str = "fp32"
     model: str | os.PathLike[str] | None = None
     store: ModelStore | None = None
+    tta: str = "none"
 
     @classmethod
     def of(cls, **options: Any) -> ModelChoice:
@@ -98,4 +101,5 @@ class ModelChoice:
             self.weights_dir,
             self.model_store,
             self.model,
+            tta=self.tta,
         )

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from .registry import BackboneSpec  # noqa: E402
+from .tta import check_tta, crop_offsets, decode_size, view_count  # noqa: E402
 from .weights import ResolvedWeights, WeightsUnavailable, offline_hint  # noqa: E402
 
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -49,11 +50,58 @@ class ImagePreprocessing(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_base(spec: BackboneSpec, size: int, weights: ResolvedWeights, layer: str | None = None) -> keras.Model:
-    """The Keras Applications model (include_top=False), truncated at ``layer`` when given."""
+@keras.saving.register_keras_serializable(package="tlpipe")
+class TestTimeViews(keras.layers.Layer):
+    """(N, R, R, C) -> (V * N, size, size, C): the TTA views of :mod:`backbones.tta`, view-major
+    (all images' first view, then all images' second view...). Slices and a reverse along the width only."""
+
+    def __init__(self, mode: str, size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.mode, self.size = check_tta(mode), int(size)
+
+    def call(self, images):
+        s = self.size
+        views = [images[:, t:t + s, left:left + s, :] for t, left in crop_offsets(s, self.mode)]
+        if self.mode != "none":
+            views += [ops.flip(v, axis=2) for v in views]
+        return views[0] if len(views) == 1 else ops.concatenate(views, axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None, self.size, self.size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode, "size": self.size}
+
+
+@keras.saving.register_keras_serializable(package="tlpipe")
+class ViewMean(keras.layers.Layer):
+    """(V * N, D) view-major embeddings -> (N, D), the mean over each image's ``views`` views."""
+
+    def __init__(self, views: int, **kwargs):
+        super().__init__(**kwargs)
+        self.views = int(views)
+
+    def call(self, x):
+        return ops.mean(ops.reshape(x, (self.views, -1, x.shape[-1])), axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return (None, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "views": self.views}
+
+
+def build_base(spec: BackboneSpec, size: int, weights: ResolvedWeights, layer: str | None = None,
+               layers: list[str | None] | None = None) -> keras.Model:
+    """The Keras Applications model (include_top=False), truncated at ``layer`` when given.
+
+    ``layers`` instead of ``layer``: one output per entry (a cut point, or None for the model's last
+    output), in that order.
+    """
     spec.check_size(size, pretrained=weights.source == "imagenet")
-    if layer is not None:
-        spec.cut_point(layer)  # validates the name
+    for name in [layer, *(layers or [])]:
+        if name is not None:
+            spec.cut_point(name)  # validates the name
     keras.utils.set_random_seed(weights.seed)
     constructor = getattr(keras.applications, spec.constructor)
     try:
@@ -64,18 +112,21 @@ def build_base(spec: BackboneSpec, size: int, weights: ResolvedWeights, layer: s
         if weights.source == "file":
             raise WeightsUnavailable(f"{weights.path} does not fit {spec.name}: {exc}") from exc
         raise
+    if layers is not None:
+        outputs = [base.output if name is None else base.get_layer(name).output for name in layers]
+        return keras.Model(base.inputs, outputs, name=f"{base.name}_{len(layers)}_outputs")
     if layer is not None:
         base = keras.Model(base.inputs, base.get_layer(layer).output, name=f"{base.name}_{layer}")
     return base
 
 
-def add_pooling(features, pooling: str):
+def add_pooling(features, pooling: str, suffix: str = ""):
     if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+        return keras.layers.GlobalAveragePooling2D(name="avg_pool" + suffix)(features)
     if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
+        return keras.layers.GlobalMaxPooling2D(name="max_pool" + suffix)(features)
     if pooling == "none":
-        return keras.layers.Flatten(name="flatten")(features)
+        return keras.layers.Flatten(name="flatten" + suffix)(features)
     raise ValueError(f"pooling must be avg, max or none, not {pooling!r}")
 
 
@@ -86,13 +137,39 @@ def build_embedding_model(
     layer: str | None = None,
     pooling: str = "avg",
     base: keras.Model | None = None,
+    tta: str = "none",
 ) -> keras.Model:
-    """uint8 (N, size, size, 3) -> float32 (N, D): preprocessing, backbone, pooling in one graph."""
-    base = base if base is not None else build_base(spec, size, weights, layer)
-    images = keras.Input((size, size, 3), dtype="uint8", name="images")
-    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(images)
-    embeddings = add_pooling(base(x), pooling)
-    return keras.Model(images, embeddings, name=f"tlpipe_{spec.name}")
+    """uint8 (N, R, R, 3) -> float32 (N, D): TTA views, preprocessing, backbone, pooling, view mean in one graph.
+
+    ``R`` is ``size`` except for ``tta="flip+crops"`` (:func:`backbones.tta.decode_size`). With
+    ``tta="none"`` the graph is exactly input -> preprocessing -> backbone -> pooling.
+    """
+    return build_multi_output_model(spec, size, weights, [layer], pooling, base=base, tta=tta, single=True)
+
+
+def build_multi_output_model(spec: BackboneSpec, size: int, weights: ResolvedWeights, layers: list[str | None],
+                             pooling: str = "avg", base: keras.Model | None = None, tta: str = "none",
+                             single: bool = False) -> keras.Model:
+    """One graph with one embedding output per entry of ``layers`` (cut point names; None = the last
+    output), sharing the decode, the views and the backbone trunk. ``single`` (one layer): a plain
+    one-output model, as :func:`build_embedding_model` makes."""
+    if single and len(layers) != 1:
+        raise ValueError("single=True takes exactly one layer")
+    if base is None:
+        base = build_base(spec, size, weights, layers[0]) if single else build_base(spec, size, weights, layers=layers)
+    images = keras.Input((decode_size(size, tta), decode_size(size, tta), 3), dtype="uint8", name="images")
+    x = images if tta == "none" else TestTimeViews(tta, size, name="tta_views")(images)
+    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(x)
+    features = base(x)
+    features = [features] if single else list(features)
+    outputs = []
+    for i, feature in enumerate(features):
+        suffix = "" if single else f"_{i}"
+        embedding = add_pooling(feature, pooling, suffix)
+        if tta != "none":
+            embedding = ViewMean(view_count(tta), name="tta_mean" + suffix)(embedding)
+        outputs.append(embedding)
+    return keras.Model(images, outputs[0] if single else outputs, name=f"tlpipe_{spec.name}")
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -163,6 +163,7 @@ class OnnxEmbedder:
             self._free.put(create_session(model_path, device="cpu", threads=per_stream))
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = output or self.session.get_outputs()[0].name  # e.g. a fused classifier's probabilities
+        self.output_names = [o.name for o in self.session.get_outputs()]
         shape = self.session.get_inputs()[0].shape
         self.input_size = int(shape[1]) if isinstance(shape[1], int) else None
 
@@ -171,14 +172,21 @@ class OnnxEmbedder:
         return self.session.get_providers()[0]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        """The first output (``embeddings``) for a uint8 (N, H, W, 3) batch."""
+        return self.run_outputs(images, [self.output_name])[0]
+
+    def run_outputs(self, images: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+        """Outputs ``names`` (default: all, in the model's order) for a uint8 (N, H, W, 3) batch, e.g. the
+        per-layer embeddings of a multi-output export."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        names = names or self.output_names
         session = self._free.get()
         try:
             step = self.micro_batch or len(images)
             if len(images) <= step:
-                return session.run([self.output_name], {self.input_name: images})[0]
-            return np.concatenate([session.run([self.output_name], {self.input_name: images[i:i + step]})[0]
-                                   for i in range(0, len(images), step)])
+                return session.run(names, {self.input_name: images})
+            parts = [session.run(names, {self.input_name: images[i:i + step]}) for i in range(0, len(images), step)]
+            return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
         finally:
             self._free.put(session)

@@ -24,7 +24,8 @@ message: migrating them would have to guess which resize mode made their embeddi
 
 Crash safety: rows past a dataset's committed ``count`` are not part of the cache. A writer appends,
 flushes, and only then advances ``count`` (and flushes again); on open it cuts every dataset back to
-its committed count. One writer at a time: an exclusive ``flock`` on ``<cache>.lock``.
+its committed count. One writer at a time: an exclusive lock on ``<cache>.lock`` (:func:`exclusive_lock`:
+``filelock``, so flock on POSIX and LockFileEx on Windows), removed again when the writer closes.
 
 Full disk: HDF5 does not survive a failed write (the file it leaves may not open again, and the library
 can crash at exit), so the writer never lets HDF5 see one. HDF5 writes into :class:`_StagedFile`, which
@@ -34,7 +35,6 @@ committed rows.
 """
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
@@ -43,7 +43,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import h5py
 import numpy as np
@@ -73,6 +73,94 @@ class CacheError(RuntimeError):
 
 class CacheLockedError(CacheError):
     """Another process is writing the cache."""
+
+
+class _StaleLock(OSError):
+    """The lock file was removed by the holder that released it just as this process opened it."""
+
+
+def exclusive_lock(path: str | os.PathLike, target: str | os.PathLike, error: type[Exception] = CacheLockedError):
+    """Hold an exclusive, non-blocking lock on the lock file ``path`` that guards ``target``; release it with
+    :func:`release_lock`, which also removes the lock file.
+
+    The lock is ``filelock``'s (``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows: released by the
+    kernel if the holder dies, so a killed run never leaves a stale lock). The holder writes ``pid N`` into
+    the file, so a second writer is refused with ``<target> is being written by pid N; wait for it to finish``.
+    A lock file removed by a releasing holder between this process's open and lock is detected (its inode is
+    no longer the path's) and the lock is taken again on the new file.
+
+    Parameters
+    ----------
+    path : path-like
+        The lock file, e.g. ``cache.h5.lock``.
+    target : path-like
+        What it guards, for the message.
+    error : exception class
+        Raised (with the message above) when another process holds the lock.
+
+    Returns
+    -------
+    filelock.BaseFileLock
+        The held lock.
+
+    Raises
+    ------
+    error
+        Another process holds the lock.
+    CacheError
+        The lock file cannot be created (e.g. a read-only folder).
+    """
+    from filelock import FileLock, Timeout
+
+    path = os.fspath(path)
+
+    def claim(fd: int) -> None:
+        held, now = os.fstat(fd), os.stat(path) if os.path.exists(path) else None
+        if now is None or (now.st_ino, now.st_dev) != (held.st_ino, held.st_dev):
+            raise _StaleLock(path)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()}".encode())
+
+    for _ in range(10):
+        lock = FileLock(path, timeout=0, thread_local=False, on_acquired=claim)
+        try:
+            lock.acquire()
+            return lock
+        except _StaleLock:
+            continue
+        except Timeout:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    holder = fh.read().strip()
+            except OSError:  # Windows: the holder's locked byte cannot be read
+                holder = ""
+            raise error(f"{target} is being written by {holder or 'another process'}; wait for it to finish") from None
+        except OSError as exc:
+            raise CacheError(f"cannot write next to {target}: {exc.strerror or exc}") from exc
+    raise error(f"{target} is being written by another process; wait for it to finish")
+
+
+def release_lock(lock) -> None:
+    """Remove the lock file and release the lock taken by :func:`exclusive_lock` (no-op when not held).
+
+    On POSIX the file is removed while still locked, so a process that opened it meanwhile sees a removed
+    inode and retries; Windows cannot remove an open file, so there it is removed after the release when
+    no one else holds it."""
+    if lock is None or not lock.is_locked:
+        return
+    if os.name != "nt":
+        try:
+            os.unlink(lock.lock_file)
+        except OSError:
+            pass
+        lock.release()
+        return
+    lock.release()
+    try:
+        os.unlink(lock.lock_file)
+    except OSError:
+        pass
 
 
 class _Torn(CacheError):
@@ -138,14 +226,27 @@ def _strings(values, limit: int) -> np.ndarray:
     return np.array([_storable(v, limit) for v in values], dtype=f"S{limit}")
 
 
+# HDF5 dimension labels (h5py ``dataset.dims[i].label``; shown by h5dump, xarray, HDFView)
+DIMENSION_LABELS = {"images": ("image",), "images/size": ("image", "width_height"), "failures": ("failure",),
+                    "images/path_span": ("image", "start_end"), "failures/path_span": ("failure", "start_end"),
+                    "embeddings": ("row", "dimension"), "image_row": ("row",)}
+
+
+def _label_dims(dataset: h5py.Dataset, labels: tuple[str, ...]) -> None:
+    for dim, label in zip(dataset.dims, labels):
+        dim.label = label
+
+
 def _create_columns(group: h5py.Group, columns: dict) -> None:
     for name, dtype in columns.items():
         if isinstance(dtype, tuple):
-            group.create_dataset(name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1]))
+            dataset = group.create_dataset(name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1]))
         else:
-            group.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(CHUNK_ROWS,))
+            dataset = group.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        _label_dims(dataset, DIMENSION_LABELS.get(f"{group.name.strip('/')}/{name}", DIMENSION_LABELS[group.name.strip("/")]))
     if "path_span" in columns:
-        group.create_dataset("path_utf8", (0,), dtype=np.uint8, maxshape=(None,), chunks=(BLOB_CHUNK,))
+        blob = group.create_dataset("path_utf8", (0,), dtype=np.uint8, maxshape=(None,), chunks=(BLOB_CHUNK,))
+        _label_dims(blob, ("byte",))
         group.attrs["path_bytes"] = 0
     group.attrs["count"] = 0
 
@@ -292,21 +393,7 @@ class CacheWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        try:
-            self._lock = open(self.lock_path, "a+")
-        except OSError as exc:
-            raise CacheError(f"cannot write next to {self.path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
-            raise CacheLockedError(f"{self.path} is being written by {holder}; wait for it to finish") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(f"pid {os.getpid()}")
-        self._lock.flush()
+        self._lock = exclusive_lock(self.lock_path, self.path)
         self._failed: str | None = None  # why the last write failed; nothing is written after one
         try:
             self.file = self._open()
@@ -328,13 +415,15 @@ class CacheWriter:
             # HDF5's own file lock (flock on the .h5, as the HDF5 library takes it): shared, so plain h5py readers
             # (which take it shared) go on, but a program holding the file open for writing (exclusive) is
             # detected here, and one that opens it for writing while this writer runs is refused by HDF5.
+            import fcntl  # POSIX only (imported here: the module stays importable on Windows, which has no flock)
+
             fcntl.flock(self._disk.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             self._disk.close()
             raise CacheLockedError(f"{self.path} is open for writing in another program (it holds HDF5's file lock, "
                                    "e.g. h5py.File(..., 'a') in a notebook); close the file there and run again") from None
-        except OSError:
-            pass  # a file system without flock: the .lock file still keeps tlpipe writers apart
+        except (OSError, ImportError):
+            pass  # no flock (Windows, some file systems): the .lock file still keeps tlpipe writers apart
         try:
             f = h5py.File(self._disk, "r+")
         except OSError as exc:
@@ -452,6 +541,8 @@ class CacheWriter:
         chunk = max(1, min(CHUNK_ROWS, (1 << 20) // (dim * np.dtype(dtype).itemsize)))
         group.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk, dim))
         group.create_dataset("image_row", (0,), dtype=np.int64, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        _label_dims(group["embeddings"], DIMENSION_LABELS["embeddings"])
+        _label_dims(group["image_row"], DIMENSION_LABELS["image_row"])
         metadata = metadata or {}
         group.attrs.update({"dim": dim, "dtype": dtype, "metadata": json.dumps(metadata, sort_keys=True),
                             "resize": metadata.get("resize") or RESIZE_DEFAULT,
@@ -461,6 +552,15 @@ class CacheWriter:
                 group.attrs[name] = metadata[name]
         group.attrs["count"] = 0
         self._flush()
+
+    def note_extraction(self, key: str, record: dict) -> None:
+        """Store how fast feature set ``key`` was extracted (JSON attribute ``extraction``); a figure from a
+        pass over more images is not replaced by one from a smaller pass (e.g. a resume)."""
+        group = self.file["features"][key]
+        old = json.loads(group.attrs.get("extraction", "{}"))
+        if old.get("images", 0) < record.get("images", 0):
+            group.attrs["extraction"] = json.dumps(record, sort_keys=True)
+            self._flush()
 
     def register_classes(self, names: list[str]) -> None:
         """Give these class names indices (in this order) unless they have one already."""
@@ -664,9 +764,7 @@ class CacheWriter:
             self._release()
 
     def _release(self) -> None:
-        if not self._lock.closed:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
+        release_lock(self._lock)
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -904,10 +1002,16 @@ def exclude_rows(fs: FeatureSet, sha256s: set[str]) -> FeatureSet:
 
 
 def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> dict[str, np.ndarray]:
-    """Embeddings of feature set ``key`` for the given content hashes that the cache holds."""
-    fs = read_feature_set(path, key, exclude_conflicts=False)
-    wanted = set(sha256s)
-    return {s: fs.X[i] for i, s in enumerate(fs.sha256) if s in wanted}
+    """Embeddings of feature set ``key`` for the given content hashes that the cache holds.
+
+    Through :class:`FeatureSetReader`: the hash index, then only the embedding rows asked for (not the
+    whole feature set). A missing cache or feature set gives ``{}``.
+    """
+    if not Path(path).is_file() or key not in list_feature_sets(path):
+        return {}
+    reader = FeatureSetReader(path, key)
+    present = [s for s in dict.fromkeys(sha256s) if s in reader]
+    return dict(zip(present, reader.get(present))) if present else {}
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -931,7 +1035,9 @@ def _describe(f: h5py.File, path) -> dict:
                              "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source"),
                              "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
                              "resize_filter": str(group.attrs.get("resize_filter", recorded_resize_filter(meta))),
-                             "model_key": meta.get("key")}
+                             "model_key": meta.get("key"),
+                             "tta": meta.get("tta", "none"),
+                             "extraction": json.loads(group.attrs.get("extraction", "null"))}
     nf = int(failures.attrs["count"])
     failure_sources = _committed(failures["source"], nf, path)
     stages = _text(_committed(failures["stage"], nf, path))
@@ -1053,3 +1159,125 @@ class FeatureSetReader:
                 return paths, shas, X.astype(np.float32, copy=False)
 
             yield read_retrying(self.path, read)
+
+
+# -- the cache in other tools ------------------------------------------------------------------------------
+def to_pandas(path: str | os.PathLike, features: str | None = None):
+    """One feature set of a cache as a pandas DataFrame, one row per embedded image.
+
+    Parameters
+    ----------
+    path : path-like
+        The HDF5 cache.
+    features : str, optional
+        Feature set key (or unique prefix); may be omitted when the cache holds one.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``path`` (relative to its source), ``source`` (only when the cache records per-image
+        sources), ``label`` (class name, None when unlabelled), ``split`` (None when not given), ``sha256``
+        (hex of the file's bytes) and ``embedding`` (a float32 numpy array of shape (D,) per row), in the
+        cache's row order. ``DataFrame.attrs`` holds ``feature_set``, ``class_names`` and ``cache_id``.
+
+    Raises
+    ------
+    MissingExtra
+        pandas is not installed (``pip install 'tlpipe[pandas]'``).
+    CacheError
+        No such cache or feature set.
+    """
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        from tlpipe.backbones.deps import MissingExtra
+
+        raise MissingExtra(f"to_pandas needs pandas, which is not installed: pip install 'tlpipe[pandas]' ({exc})") from exc
+    fs = read_feature_set(path, features)
+    names = np.array([*fs.class_names, None], dtype=object)
+    columns: dict[str, Any] = {"path": fs.paths.astype(object)}
+    if fs.source is not None:  # the source root (folder or manifest) each path is relative to
+        roots = np.array([*read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]"))), None], dtype=object)
+        columns["source"] = roots[np.where(fs.source >= 0, fs.source, -1)]
+    columns |= {"label": names[fs.y], "split": [s or None for s in fs.split.tolist()],
+                "sha256": fs.sha256.astype(object), "embedding": list(fs.X)}
+    frame = pd.DataFrame(columns)
+    frame.attrs.update(feature_set=fs.key, class_names=fs.class_names, cache_id=fs.cache_id)
+    return frame
+
+
+EXPORT_FORMATS = ("parquet", "npz")
+
+
+def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | None = None,
+                 features: str | None = None) -> dict:
+    """Write one feature set of a cache as Parquet or NumPy ``.npz``, for tools that do not read HDF5.
+
+    Parameters
+    ----------
+    path : path-like
+        The HDF5 cache.
+    out : path-like
+        The file to write (replaced atomically if it exists).
+    fmt : {"parquet", "npz"}, optional
+        Default: from ``out``'s extension.
+    features : str, optional
+        Feature set key (or unique prefix).
+
+    Returns
+    -------
+    dict
+        ``out``, ``format``, ``feature_set``, ``rows``, ``dim``.
+
+    Notes
+    -----
+    Parquet: columns ``path``, ``source`` (the folder or manifest the path is relative to), ``label``, ``split``,
+    ``sha256`` (strings, null when absent) and ``embedding``
+    (fixed-size list of float32, length D); the key and class names in the schema metadata.
+    ``pandas.read_parquet`` reads it. npz: arrays ``embeddings`` (N, D) float32, ``label`` (N,) int32
+    index into ``class_names`` (-1 unlabelled), ``path``, ``split``, ``sha256``, ``class_names`` (unicode
+    arrays, no pickles: ``numpy.load(out)`` needs no ``allow_pickle``) and ``feature_set``.
+    """
+    out = Path(out)
+    fmt = (fmt or out.suffix.lstrip(".")).lower()
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)} (or an --out ending in one), not {fmt!r}")
+    fs = read_feature_set(path, features)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "npz":
+            with open(tmp, "wb") as fh:
+                np.savez(fh, embeddings=fs.X, label=fs.y.astype(np.int32), path=fs.paths.astype(str),
+                         split=fs.split.astype(str), sha256=fs.sha256.astype(str),
+                         class_names=np.array(fs.class_names, dtype=str), feature_set=np.array(fs.key))
+        else:
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError as exc:
+                from tlpipe.backbones.deps import MissingExtra
+
+                raise MissingExtra(f"Parquet needs pyarrow, which is not installed: pip install 'tlpipe[parquet]' "
+                                   f"(or export --format npz) ({exc})") from exc
+            dim = fs.X.shape[1] if fs.X.ndim == 2 else 0
+            names = [*fs.class_names, None]
+            columns = {"path": pa.array(fs.paths.tolist(), pa.string())}
+            if fs.source is not None:
+                roots = read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]")))
+                columns["source"] = pa.array([roots[i] if 0 <= i < len(roots) else None for i in fs.source.tolist()],
+                                             pa.string())
+            table = pa.table(columns | {
+                "label": pa.array([names[i] for i in fs.y.tolist()], pa.string()),
+                "split": pa.array([s or None for s in fs.split.tolist()], pa.string()),
+                "sha256": pa.array(fs.sha256.tolist(), pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(fs.X.reshape(-1), pa.float32()), dim),
+            }).replace_schema_metadata({"tlpipe.feature_set": fs.key, "tlpipe.class_names": json.dumps(fs.class_names),
+                                        "tlpipe.cache_id": fs.cache_id})
+            pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CacheError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"out": str(out), "format": fmt, "feature_set": fs.key, "rows": len(fs), "dim": int(fs.X.shape[1])}

@@ -1,6 +1,6 @@
 """Calibration and held-out images for reduced-precision backbones, taken from the user's own photos.
 
-int8 is calibrated on a deterministic sample of the images being extracted (or of ``--calibration``), decoded
+int8 is calibrated on a deterministic sample of the images being extracted (or of ``--images``), decoded
 through the same resize path as extraction; a disjoint sample checks the result against fp32.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Se
         return found
     if not records:
         if precision == "int8":
-            raise ValueError("int8 is calibrated on your own photos: give a folder or manifest of them (--calibration)")
+            raise ValueError("int8 is calibrated on your own photos: give a folder or manifest of them (--images)")
         from tlpipe.backbones.export import verification_images
 
         return make_variant(base, precision, store, held=verification_images(base.input_size, 16))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
+from tlpipe.backbones.runtime import physical_cores
 from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.tta import check_tta
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
@@ -51,6 +54,7 @@ class ExtractSummary(StreamSummary):
     relabelled: int = 0  # cached rows whose path, label or split this run's listing changed (no re-embedding)
     label_conflicts: list[dict] = field(default_factory=list)  # contents that carry two or more labels
     warnings: list[str] = field(default_factory=list)  # about the source (layout, manifest)
+    keys: list[str] = field(default_factory=list)  # every feature set this extract filled (key is the first)
 
     @property
     def embedded(self) -> int:
@@ -341,6 +345,9 @@ def extract(
     precision: str = "fp32",
     recalibrate: bool = False,
     progress: Progress | None = None,
+    tta: str = "none",
+    sizes: list[int | None] | None = None,
+    layers: list[str | None] | None = None,
 ) -> ExtractSummary:
     """Embed every image of ``source`` into the HDF5 cache ``out`` (created or appended to).
 
@@ -380,11 +387,19 @@ def extract(
         Calibrate int8 again on this source.
     progress : callable, optional
         ``(total, already_done) -> advance(n)``.
+    tta : str
+        "none" | "flip" | "flip+crops": the export whose graph averages the embeddings of those views
+        (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
+    sizes, layers : list, optional
+        Several sizes and/or cut points instead of ``size`` / ``layer``: one feature set per (size, layer),
+        keyed as a one-size, one-layer extract would key it. The models come from one multi-output export
+        per size (:func:`tlpipe.backbones.export.obtain_layers`); the stage runs one pass per feature set.
 
     Returns
     -------
     ExtractSummary
-        Counts (embedded, cached, duplicates, failures, skipped), seconds of the stream, the provider.
+        Counts (embedded, cached, duplicates, failures, skipped), seconds of the stream, the provider. With
+        several feature sets, the first one's, with ``keys`` naming all of them.
 
     Raises
     ------
@@ -396,19 +411,76 @@ def extract(
     check_extract_options(
         resize=resize, resize_filter=resize_filter, dtype=dtype, device=device, precision=precision, pooling=pooling
     )
+    check_tta(tta)
     images = open_source(source, out, allow_outside_root)
-    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
-    entry = resolve_entry(choice, images.records, resize, recalibrate)
-    engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-    return extract_into(
-        images,
-        source,
-        out,
-        entry,
-        engine,
-        batch_size=batch_size,
-        dtype=dtype,
-        resize=resize,
-        resize_filter=resize_filter,
-        progress=progress,
-    )
+    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store, tta)
+    sizes, layers = sizes or [choice.size], layers or [choice.layer]
+    if len(sizes) > 1 or len(layers) > 1:
+        entries = _several_entries(choice, sizes, layers)
+    else:
+        entries = [resolve_entry(choice, images.records, resize, recalibrate)]
+    summaries = []
+    for entry in entries:
+        engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
+        summary = extract_into(
+            images,
+            source,
+            out,
+            entry,
+            engine,
+            batch_size=batch_size,
+            dtype=dtype,
+            resize=resize,
+            resize_filter=resize_filter,
+            progress=progress,
+        )
+        _note_speed(out, summary, entry)
+        summaries.append(summary)
+    first = summaries[0]
+    first.keys = [s.key for s in summaries]
+    return first
+
+
+def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[StoreEntry]:
+    """The one-output store entries of every (size, layer), from one verified multi-output export per size."""
+    from tlpipe.backbones.export import obtain_layers
+
+    if choice.model is not None or choice.backbone is None:
+        raise ValueError("several sizes or layers need --backbone (a stored --model has one size and one output)")
+    if choice.precision != "fp32":
+        raise ValueError("several sizes or layers are fp32 only; extract int8/fp16 one feature set at a time")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"a size is named twice in {sizes}")
+    entries = []
+    for size in sizes:
+        found = obtain_layers(
+            choice.backbone,
+            list(layers),
+            choice.weights,
+            size,
+            choice.pooling,
+            choice.weights_dir,
+            choice.model_store,
+            tta=choice.tta,
+        )
+        entries += [entry for _, entry in found.outputs]
+    return entries
+
+
+def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
+    """Record this pass's extraction speed on the feature set it filled (kept from the largest pass)."""
+    embedded = summary.embedded
+    if not embedded or not summary.seconds:
+        return
+    record = {
+        "images": embedded,
+        "seconds": round(summary.seconds, 3),
+        "images_per_second": round(embedded / summary.seconds, 2),
+        "feature_sets_in_pass": 1,
+        "input_size": entry.input_size,
+        "provider": summary.provider,
+        "cores": physical_cores(),
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with CacheWriter(out) as writer:
+        writer.note_extraction(summary.key, record)

@@ -401,3 +401,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageError(f"unsupported pixel mode {mode}: {exc}") from exc
+
+
+def decode_image_sizes(
+    data: bytes,
+    sizes: tuple[int, ...] | list[int],
+    mode: str = "squash",
+    *,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """:func:`decode_image` of one file's bytes at several sizes: one ``(s, s, 3)`` array per size.
+
+    The bytes are read and hashed once by the caller; each size is decoded by :func:`decode_image`
+    itself, so each array is exactly what a one-size extract would decode (a JPEG's DCT downscaling
+    factor depends on the size asked for). Returns the arrays in ``sizes`` order and the original
+    ``(width, height)``; raises as :func:`decode_image` does.
+    """
+    arrays, original = [], (0, 0)
+    for size in sizes:
+        array, original = decode_image(data, size, mode, resize_filter=resize_filter, max_pixels=max_pixels)
+        arrays.append(array)
+    return arrays, original

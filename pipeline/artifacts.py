@@ -58,13 +58,29 @@ def _jsonable(value):
     return value
 
 
+def _head_name(estimator) -> str:
+    from tlpipe.pipeline.heads import head_name
+
+    return head_name(estimator) if hasattr(estimator, "steps") else type(estimator).__name__
+
+
 def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, metrics: dict, params: dict,
-              cache_path: str | os.PathLike | None = None, rows: int | None = None) -> dict:
+              cache_path: str | os.PathLike | None = None, rows: int | None = None,
+              train_rows: np.ndarray | None = None, evaluation_rows: np.ndarray | None = None,
+              evaluation_setup: str | None = None) -> dict:
     """Write a fitted head to ``path`` (joblib) and its metadata to ``path + ".json"``; return the metadata.
 
-    ``params`` are the head's parameters (``fit_head``'s info), ``metrics`` its evaluation figures;
-    ``cache_path`` and ``rows`` (training rows used) record where it was trained.
+    Parameters
+    ----------
+    params : the head's parameters (``fit_head``'s info); metrics : its evaluation figures.
+    cache_path, rows : where it was trained and how many training rows (``len(train_rows)`` when given).
+    train_rows, evaluation_rows : (n,) int row indices into ``feature_set``. Their image sha256s are
+        recorded (``training.sha256``, ``evaluation.sha256``), so :func:`~tlpipe.pipeline.evaluate.evaluate_head`
+        can score the same hold-out later and refuse rows the head was trained on.
+    evaluation_setup : how the evaluation rows were chosen, in words.
     """
+    if train_rows is not None:
+        rows = int(len(train_rows))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -74,7 +90,7 @@ def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, me
     classes = [int(c) for c in estimator.classes_]
     metadata = _jsonable({
         "format_version": FORMAT_VERSION,
-        "head": {"name": estimator.steps[-1][0] if hasattr(estimator, "steps") else type(estimator).__name__,
+        "head": {"name": _head_name(estimator),
                  "params": params},
         "feature_set": {"key": feature_set.key, "embedding_dim": int(feature_set.X.shape[1]),
                         "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
@@ -86,7 +102,11 @@ def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, me
         "classes": classes,
         "labels": [feature_set.class_names[c] for c in classes],
         "training": {"cache_id": feature_set.cache_id, "cache_path": str(cache_path) if cache_path else None,
-                     "rows": rows},
+                     "rows": rows,
+                     "sha256": None if train_rows is None else sorted(feature_set.sha256[train_rows].tolist())},
+        "evaluation": None if evaluation_rows is None else {
+            "rows": int(len(evaluation_rows)), "setup": evaluation_setup,
+            "sha256": sorted(feature_set.sha256[evaluation_rows].tolist())},
         "metrics": metrics,
         "versions": {"sklearn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
                      "python": platform.python_version()},

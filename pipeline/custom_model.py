@@ -16,7 +16,7 @@ Training reuses the fine-tune stage's machinery (:mod:`tlpipe.pipeline.finetune`
 (the source's 'val', else a stratified hold-out of the training images), early stopping on validation loss
 with the starting weights as epoch 0, per-epoch checkpoints and resume, ``history.csv`` and ``curves.png``,
 the test split scored once with the best weights, and the verified classifier export that ``tlpipe score
---model`` takes. Optionally a second phase unfreezes the backbone's last blocks (``unfreeze_from`` /
+--classifier`` takes. Optionally a second phase unfreezes the backbone's last blocks (``unfreeze_from`` /
 ``unfreeze_last``, as fine-tune) once the new layers have converged, at a lower backbone learning rate.
 
 Feature-map caching: without augmentation the frozen part computes the same maps every epoch, so they are
@@ -649,7 +649,7 @@ def fit_custom_model(
     ``out_dir/history.csv`` (epoch 0: the untrained new layers; a ``phase`` column), ``curves.png``,
     ``checkpoints/`` (a re-run with the same settings resumes after the last committed epoch) and
     ``classifier.onnx`` (input ``images`` uint8 (N, S, S, 3) RGB, outputs ``probabilities`` float32 (N, C)
-    and ``label`` int64 (N,); class names in the metadata), which ``tlpipe score --model`` takes.
+    and ``label`` int64 (N,); class names in the metadata), which ``tlpipe score --classifier`` takes.
 
     Parameters
     ----------

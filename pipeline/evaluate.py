@@ -14,7 +14,7 @@ from tlpipe.pipeline.artifacts import check_compatible
 
 @dataclass
 class EvalResult:
-    split: str
+    split: str  # the split scored, or "holdout" for the head's recorded evaluation rows
     n: int
     accuracy: float
     macro_f1: float
@@ -22,9 +22,12 @@ class EvalResult:
     report: dict  # classification_report(output_dict=True): per-class precision/recall/f1-score/support
     confusion: np.ndarray  # rows: true class, columns: predicted class, in the order of ``labels``
     labels: list[str]
+    rows_used: str = ""  # which rows were scored and why, in words (every report states it)
+    train_rows_included: int = 0  # rows the head was trained on among them (only with allow_train_rows)
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "n": self.n, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
+        return {"split": self.split, "rows_used": self.rows_used, "train_rows_included": self.train_rows_included,
+                "n": self.n, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
                 "log_loss": self.log_loss, "per_class": self.report, "confusion": self.confusion.tolist(),
                 "labels": self.labels}
 
@@ -41,16 +44,88 @@ def split_rows(fs: FeatureSet, split: str) -> np.ndarray:
     return rows
 
 
-def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str = "test") -> EvalResult:
+class LeakError(ValueError):
+    """Evaluation rows include rows the head was trained on."""
+
+
+def _sha_rows(fs: FeatureSet, hashes) -> np.ndarray:
+    wanted = set(hashes)
+    return np.flatnonzero(np.fromiter((h in wanted for h in fs.sha256), bool, len(fs.sha256)) & (fs.y >= 0))
+
+
+def evaluation_rows(metadata: dict, fs: FeatureSet, split: str | None = None, *,
+                    allow_train_rows: bool = False) -> tuple[np.ndarray, str, str, int]:
+    """The rows of ``fs`` to score a head on, and why.
+
+    ``split=None``: the cache's labelled ``test`` rows when it has them, else the head's recorded
+    evaluation rows (its sidecar's ``evaluation.sha256``, written by ``fit-head`` / ``compare
+    --save-best``). Any split name (or ``"all"``) picks those rows. Rows whose image sha256 the head was
+    trained on (sidecar ``training.sha256``) are refused unless ``allow_train_rows``.
+
+    Returns
+    -------
+    rows : (n,) int row indices; split : the split name used (``"holdout"`` for recorded rows);
+    rows_used : a sentence for reports; train_rows : how many of the rows the head was trained on.
+
+    Raises
+    ------
+    LeakError
+        When rows the head was trained on would be scored and ``allow_train_rows`` is False.
+    ValueError
+        When no rows qualify.
+    """
+    recorded = (metadata.get("evaluation") or {}).get("sha256")
+    if split is None:
+        has_test = bool(np.any((fs.y >= 0) & (fs.split == "test")))
+        split = "test" if has_test or not recorded else "holdout"
+    if split == "holdout":
+        if not recorded:
+            raise ValueError("the head's sidecar records no evaluation rows (a head saved before tlpipe recorded "
+                             "them, or without a hold-out); choose a split with --split")
+        rows = _sha_rows(fs, recorded)
+        if not len(rows):
+            raise ValueError(f"none of the head's {len(recorded)} recorded evaluation rows is in feature set {fs.key}")
+        missing = len(set(recorded)) - len(set(fs.sha256[rows].tolist()))
+        rows_used = (f"the head's recorded hold-out: {len(rows)} rows ({metadata['evaluation'].get('setup') or 'fit-head'})"
+                     + (f"; {missing} recorded rows are not in this cache" if missing else ""))
+    else:
+        rows = split_rows(fs, split)
+        rows_used = f"{len(rows)} labelled rows of split {split!r}" if split != "all" else f"all {len(rows)} labelled rows"
+    trained = (metadata.get("training") or {}).get("sha256")
+    overlap = 0
+    if trained:
+        overlap = int(len(_sha_rows(_take(fs, rows), trained)))
+    if overlap and not allow_train_rows:
+        raise LeakError(f"{overlap} of the {len(rows)} rows of {rows_used.split(':')[0] if split == 'holdout' else repr(split)} "
+                        f"were used to train this head: its score on them would be optimistic (a leak); evaluate on "
+                        f"held-out rows, or pass --allow-train-rows (allow_train_rows=True) to score them anyway")
+    if overlap:
+        rows_used += f", {overlap} of which the head was trained on (allowed: the score is optimistic)"
+    elif not trained and metadata:
+        rows_used += " (the sidecar records no training rows: a leak cannot be ruled out)"
+    return rows, split, rows_used, overlap
+
+
+def _take(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
+    import dataclasses
+
+    return dataclasses.replace(fs, X=fs.X[rows], y=fs.y[rows], split=fs.split[rows], paths=fs.paths[rows],
+                               sha256=fs.sha256[rows])
+
+
+def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str | None = None, *,
+                  allow_train_rows: bool = False) -> EvalResult:
     """Accuracy, macro-F1, log-loss, per-class report and confusion matrix of a head on one split.
 
     Labels are matched by class name, so a cache whose classes were numbered differently still scores
     correctly. ``metadata`` is the head's sidecar (``{}`` for a trusted head without one: the feature
-    set's class names are then assumed).
+    set's class names are then assumed). Which rows: :func:`evaluation_rows` (``split=None``: the test
+    split, else the head's recorded hold-out); rows the head was trained on are refused unless
+    ``allow_train_rows``. The result's ``rows_used`` says which rows were scored.
     """
     if metadata:
         check_compatible(metadata, fs)
-    rows = split_rows(fs, split)
+    rows, split, rows_used, overlap = evaluation_rows(metadata, fs, split, allow_train_rows=allow_train_rows)
     head_names = metadata.get("class_names", fs.class_names)
     head_labels = [head_names[int(c)] for c in estimator.classes_]
     proba = estimator.predict_proba(fs.X[rows])
@@ -65,7 +140,8 @@ def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str = "test"
         split=split, n=len(rows), accuracy=float(accuracy_score(true, pred)),
         macro_f1=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)), log_loss=loss,
         report=classification_report(true, pred, labels=labels, output_dict=True, zero_division=0),
-        confusion=confusion_matrix(true, pred, labels=labels), labels=labels)
+        confusion=confusion_matrix(true, pred, labels=labels), labels=labels, rows_used=rows_used,
+        train_rows_included=overlap)
 
 
 def save_confusion_matrix(confusion: np.ndarray, labels: list[str], path: str | os.PathLike, *,

@@ -19,7 +19,7 @@ Shared machinery: :func:`split_records` (train / validation / test), :func:`imag
 :class:`TrainingRun` (history rows, early stopping on validation loss, per-epoch checkpoint and resume),
 :func:`fit_phase` (epoch 0 = the starting weights, a candidate for the best; then training),
 :func:`evaluate_split`, :func:`plot_curves` and :func:`export_classifier` (verified against Keras, written
-with the fused-classifier metadata that ``tlpipe score --model`` reads, through
+with the fused-classifier metadata that ``tlpipe score --classifier`` reads, through
 :func:`tlpipe.backbones.onnx_metadata.write_metadata` as :func:`tlpipe.pipeline.fuse.export_model` does).
 TensorFlow is imported inside the functions that need it.
 """
@@ -736,7 +736,7 @@ def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndar
 
     The ONNX model has input ``images`` (N, size, size, 3) uint8 RGB and outputs ``probabilities`` (N, C)
     float32 and ``label`` (N,) int64; it carries the fused-classifier metadata (``record`` with the class
-    names, input size, outputs and verification figures) that ``tlpipe score --model`` reads.
+    names, input size, outputs and verification figures) that ``tlpipe score --classifier`` reads.
 
     Parameters
     ----------
@@ -970,7 +970,7 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
     ``history.csv``, ``curves.png``, ``checkpoints/`` (resume point), ``backbone.weights.h5`` (the
     fine-tuned backbone's Keras weights), ``backbone/`` (its verified ONNX export, also stored in ``store``
     under a key made from those weights' sha256) and ``classifier.onnx`` (uint8 images -> probabilities,
-    a fused classifier that ``tlpipe score --model`` takes).
+    a fused classifier that ``tlpipe score --classifier`` takes).
 
     Parameters
     ----------

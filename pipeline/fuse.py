@@ -134,6 +134,30 @@ def ml_opset_for(opset: int) -> int:
     return max(versions)
 
 
+def _register_mlp_head() -> None:
+    """skl2onnx finds converters by exact class: convert tlpipe's MLPHead (an MLPClassifier that also fits
+    tiny data; same fitted attributes) with the MLPClassifier converter."""
+    from skl2onnx import update_registered_converter
+    from skl2onnx.operator_converters.multilayer_perceptron import convert_sklearn_mlp_classifier
+    from skl2onnx.shape_calculators.linear_classifier import calculate_linear_classifier_output_shapes
+
+    from tlpipe.pipeline.heads import MLPHead
+
+    update_registered_converter(MLPHead, "TlpipeMLPHead", calculate_linear_classifier_output_shapes,
+                                convert_sklearn_mlp_classifier,
+                                options={"zipmap": [True, False, "columns"], "output_class_labels": [False, True],
+                                         "nocl": [True, False]})
+    # the logreg head is a LogisticRegressionCV subclass (C chosen by internal CV): a linear classifier once fitted
+    from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
+
+    from tlpipe.pipeline.heads import LogisticRegressionCVHead
+
+    update_registered_converter(LogisticRegressionCVHead, "TlpipeLogisticRegressionCVHead",
+                                calculate_linear_classifier_output_shapes, convert_sklearn_linear_classifier,
+                                options={"zipmap": [True, False, "columns"], "output_class_labels": [False, True],
+                                         "nocl": [True, False], "raw_scores": [True, False]})
+
+
 def convert_head(estimator, dim: int, opset: int, ml_opset: int):
     """skl2onnx conversion of a fitted head: input ``embeddings`` (N, dim) float32, outputs label + probabilities."""
     from skl2onnx import convert_sklearn
@@ -143,6 +167,7 @@ def convert_head(estimator, dim: int, opset: int, ml_opset: int):
 
     classifier = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
     head = estimator.steps[-1][0] if hasattr(estimator, "steps") else type(estimator).__name__
+    _register_mlp_head()
     try:
         with warnings.catch_warnings():  # skl2onnx's SVC converter reads SVC.probA_, deprecated in scikit-learn 1.9
             warnings.filterwarnings("ignore", message="Attribute `prob[AB]_` was deprecated", category=FutureWarning)

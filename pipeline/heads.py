@@ -1,11 +1,17 @@
 """Classifier heads on cached embeddings: real scikit-learn pipelines, hyperparameter search, splits.
 
-Every head is a :class:`sklearn.pipeline.Pipeline` whose last step is named after the head (``"logreg"``,
-``"svm"``, ``"rbf-svm"``, ``"mlp"``), so a fitted estimator says what it is; all of them have
-``predict_proba`` and ``classes_``. Class labels are the cache's label indices (``FeatureSet.y``).
+Every head is a :class:`sklearn.pipeline.Pipeline` whose last step is named after the head, with
+underscores so that step names work as keyword parameters (``"logreg"``, ``"svm"``, ``"rbf_svm"``,
+``"mlp"``; :func:`head_name` maps them back), so a fitted estimator says what it is; all of them have
+``predict_proba`` and ``classes_``. Class labels are whatever ``y`` held at fit time: the cache's label
+indices (``FeatureSet.y``) for heads saved by ``fit-head``, class names when fitted on names.
+
+Small classes are never dropped silently: a class with fewer rows than the hold-out or the CV folds
+need stays in training (every fold's training rows), with a warning that names it.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from itertools import product
 from time import perf_counter
@@ -14,7 +20,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.neural_network import MLPClassifier
@@ -42,12 +48,75 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
 
 
+def step_name(name: str) -> str:
+    """The pipeline step of head ``name``: hyphens become underscores (``rbf-svm`` -> ``rbf_svm``), so
+    ``set_params(rbf_svm__estimator__C=...)`` works as a keyword argument."""
+    return name.replace("-", "_")
+
+
+class MLPHead(MLPClassifier):
+    """:class:`~sklearn.neural_network.MLPClassifier` that also fits tiny data.
+
+    Early stopping holds out ``validation_fraction`` of the rows (stratified); when that share would
+    hold fewer rows than there are classes, or a class has a single row, it cannot be split, so this
+    fit turns early stopping off (with a warning) and trains for ``max_iter`` epochs instead. The
+    parameter itself is left as set (scikit-learn's rule: ``fit`` never changes parameters).
+    """
+
+    def fit(self, X, y, sample_weight=None):
+        early = self.early_stopping
+        if early:
+            _, counts = np.unique(np.asarray(y), return_counts=True)
+            held = int(np.floor(counts.sum() * self.validation_fraction))
+            if len(counts) > 1 and (held < len(counts) or counts.min() < 2):
+                warnings.warn(f"mlp: early stopping off for this fit: a {self.validation_fraction:g} validation share "
+                              f"of {counts.sum()} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
+                              f"one row)", UserWarning, stacklevel=2)
+                self.early_stopping = False
+        try:
+            if sample_weight is None:  # keeps scikit-learn versions without MLP sample weights working
+                return super().fit(X, y)
+            return super().fit(X, y, sample_weight=sample_weight)
+        finally:
+            self.early_stopping = early
+
+
+# logreg without an explicit C picks it by an internal CV over this grid (LogisticRegressionCV: one
+# warm-started regularisation path per fold, then a refit on all rows at the C with the best mean
+# log-loss). The best C depends on rows per dimension and on how separable the classes are, so no single
+# default suits both a 2-class set of 1,000 photos and a 10-class set of 10,000.
+LOGREG_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
+LOGREG_CV_FOLDS = 3
+# The settings scikit-learn 1.9 asks for to silence its deprecation warnings (the new behaviour), where they exist.
+_LRCV_QUIET = {k: v for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
+               if k in LogisticRegressionCV().get_params()}
+
+
+class LogisticRegressionCVHead(LogisticRegressionCV):
+    """:class:`~sklearn.linear_model.LogisticRegressionCV` whose ``score`` is mean accuracy, as for every
+    scikit-learn classifier (``LogisticRegressionCV.score`` uses its ``scoring``, here log-loss, so
+    ``cross_val_score(head, X, y)`` would otherwise report a negative log-loss as if it were accuracy)."""
+
+    def score(self, X, y, sample_weight=None):
+        from sklearn.metrics import accuracy_score
+
+        return accuracy_score(y, self.predict(X), sample_weight=sample_weight)
+
+
 def _classifier(name: str, seed: int, class_weight, params: dict):
     if name == "logreg":
         # lbfgs on standardised inputs converges in tens of iterations; multinomial loss, so
         # predict_proba is a proper softmax.
-        return LogisticRegression(**{"C": 0.01, "max_iter": 1000, "random_state": seed, "class_weight": class_weight,
-                                     **params})
+        common = {"max_iter": 1000, "random_state": seed, "class_weight": class_weight}
+        if "C" in params:
+            return LogisticRegression(**{**common, **params})
+        # Log-loss (a proper scoring rule) rather than accuracy picks C: it is continuous, so 3 small
+        # folds rank neighbouring Cs less noisily than by a few images more or less correctly classified.
+        # (scikit-learn itself makes neg_log_loss LogisticRegressionCV's default in 1.11.) The head's
+        # ``score()`` stays accuracy, as for every scikit-learn classifier (LogisticRegressionCVHead).
+        folds = StratifiedKFold(LOGREG_CV_FOLDS, shuffle=True, random_state=seed)
+        return LogisticRegressionCVHead(**{**common, **_LRCV_QUIET, "Cs": list(LOGREG_CS), "cv": folds,
+                                           "scoring": "neg_log_loss", **params})
     if name == "svm":
         # liblinear's LinearSVC instead of SVC(kernel="linear"): linear in the number of rows instead of
         # quadratic. Probabilities by temperature scaling of its decision values on held-out folds: one
@@ -68,8 +137,8 @@ def _classifier(name: str, seed: int, class_weight, params: dict):
         raise ValueError("MLPClassifier has no class_weight; fit_head and compare_heads apply it as sample "
                          "weights (see fit)")
     # Early stopping on a 10% validation split: training stops when validation accuracy stalls instead
-    # of running max_iter epochs on a training loss that keeps falling.
-    return MLPClassifier(**{"hidden_layer_sizes": (256,), "alpha": 1e-3, "early_stopping": True,
+    # of running max_iter epochs on a training loss that keeps falling (off on tiny data, see MLPHead).
+    return MLPHead(**{"hidden_layer_sizes": (256,), "alpha": 1e-3, "early_stopping": True,
                             "n_iter_no_change": 10, "max_iter": 300, "random_state": seed, **params})
 
 
@@ -96,13 +165,14 @@ def make_head(name: str, *, seed: int = 0, class_weight: dict | str | None = Non
     if pca is not None:
         # covariance_eigh: one D x D eigendecomposition, fast for the usual rows >> dims.
         steps.append(("pca", PCA(n_components=pca, svd_solver="covariance_eigh", random_state=seed)))
-    steps.append((name, _classifier(name, seed, class_weight, params)))
+    steps.append((step_name(name), _classifier(name, seed, class_weight, params)))
     return Pipeline(steps)
 
 
 def head_name(estimator: Pipeline) -> str:
-    """The head a pipeline made by :func:`make_head` is (its last step's name)."""
-    return estimator.steps[-1][0]
+    """The head a pipeline made by :func:`make_head` is (its last step's name, ``rbf_svm`` -> ``rbf-svm``)."""
+    step = estimator.steps[-1][0]
+    return step.replace("_", "-") if step.replace("_", "-") in HEADS else step
 
 
 def _clf_prefix(name: str) -> str:
@@ -144,7 +214,7 @@ def fit(estimator: Pipeline, X: np.ndarray, y: np.ndarray, class_weight: dict | 
     """Fit a head; for the MLP, ``class_weight`` becomes sample weights (other heads carry their own)."""
     name = head_name(estimator)
     if name == "mlp" and class_weight is not None:
-        return estimator.fit(X, y, **{f"{name}__sample_weight": compute_sample_weight(class_weight, y)})
+        return estimator.fit(X, y, **{f"{estimator.steps[-1][0]}__sample_weight": compute_sample_weight(class_weight, y)})
     return estimator.fit(X, y)
 
 
@@ -162,11 +232,13 @@ class FoldScore:
     predict_s: float
     test_idx: np.ndarray
     pred: np.ndarray  # predicted labels of the rows test_idx
+    proba: np.ndarray | None = None  # (len(test_idx), n_labels) float64 class probabilities, label order
 
 
 def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weight, pca) -> list[FoldScore]:
     """Fit the preprocessing once on this fold's training rows, then each grid point's classifier."""
-    head = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca)
+    first = points[0] if name == "logreg" else {}  # a logreg grid point fixes C: plain LogisticRegression
+    head = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **first)
     prep, clf = head[:-1], head[-1]
     started = perf_counter()
     X_train = prep.fit_transform(X[train])
@@ -179,11 +251,14 @@ def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weigh
     fit_params = {"sample_weight": compute_sample_weight(class_weight, y[train])} if (
         name == "mlp" and class_weight is not None) else {}
     prefix = _clf_prefix(name)
+    scored = np.unique(y[test])  # classes too small for the folds are never in a test fold
     scores = []
     for params in points:
         clf.set_params(**{prefix + k: v for k, v in params.items()})
         started = perf_counter()
-        clf.fit(X_train, y[train], **fit_params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # MLPHead's tiny-data note, once per fold otherwise
+            clf.fit(X_train, y[train], **fit_params)
         fit_s = perf_counter() - started + prep_fit
         started = perf_counter()
         proba = np.zeros((len(test), len(labels)))
@@ -193,49 +268,84 @@ def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weigh
         pred = labels[proba.argmax(axis=1)]
         scores.append(FoldScore(
             head=name, params=params, fold=fold, accuracy=accuracy_score(y[test], pred),
-            macro_f1=f1_score(y[test], pred, average="macro", labels=labels, zero_division=0),
+            macro_f1=f1_score(y[test], pred, average="macro", labels=scored, zero_division=0),
             log_loss=log_loss(y[test], proba, labels=labels), fit_s=fit_s, predict_s=predict_s,
-            test_idx=test, pred=pred))
+            test_idx=test, pred=pred, proba=proba))
     return scores
 
 
-def check_rows(y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None = None) -> None:
-    """Raise ValueError unless every head can be trained on ``y`` (after a ``cv``-fold CV split, if given):
-    two classes, ``cv`` rows per class, enough per class for the SVMs' calibration folds and enough rows
-    for the MLP's stratified 10% early-stopping split."""
+def _class_name(label, class_names) -> str:
+    """A label as people know it: its class name when known (``'cat' (label 0)``), else the label."""
+    if class_names is not None and isinstance(label, (int, np.integer)) and 0 <= int(label) < len(class_names):
+        return repr(class_names[int(label)])
+    return repr(label.item() if isinstance(label, np.generic) else label)
+
+
+def check_rows(y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None = None,
+               class_names: list[str] | None = None) -> None:
+    """Raise ValueError unless every head can be trained on ``y`` (in a ``cv``-fold CV, if given).
+
+    Needs two classes, enough rows per class for the SVMs' calibration folds and, for ``cv``, two classes
+    with at least ``cv`` rows (smaller classes stay in every training fold, see :func:`cv_folds`).
+    Errors name the class (``class_names[label]`` when given).
+    """
     labels, counts = np.unique(y, return_counts=True)
     if len(labels) < 2:
-        raise ValueError(f"training needs at least two classes; the labelled rows have {len(labels)}")
-    smallest, label = int(counts.min()), labels[counts.argmin()]
-    if cv is not None and smallest < cv:
-        raise ValueError(f"label {label} has only {smallest} labelled rows; {cv}-fold cross-validation needs "
-                         f"at least {cv} of every class (lower cv)")
-    share = 1.0 if cv is None else (cv - 1) / cv  # of the rows a CV training fold holds
+        raise ValueError(f"training needs at least two classes; the labelled rows have {len(labels)}"
+                         + (f" ({_class_name(labels[0], class_names)})" if len(labels) else ""))
+    if cv is not None and np.sum(counts >= cv) < 2:
+        raise ValueError(f"{cv}-fold cross-validation needs at least two classes with {cv} rows each; rows per class: "
+                         + ", ".join(f"{_class_name(lab, class_names)} {c}" for lab, c in zip(labels, counts))
+                         + " (lower cv)")
+    # A class smaller than the folds is in every CV training fold, so it keeps all of its rows there.
+    share = 1.0 if cv is None else (cv - 1) / cv
+    kept = np.where(counts >= (cv or 0), np.floor(counts * share + 1e-9), counts)
     calibrated = [n for n in names if n in _CALIBRATED]
-    if calibrated and np.floor(smallest * share + 1e-9) < CALIBRATION_FOLDS:
-        raise ValueError(f"label {label} has only {smallest} labelled rows: {', '.join(calibrated)} calibrate(s) "
-                         f"probabilities on {CALIBRATION_FOLDS} folds of the training rows and need at least "
-                         f"{CALIBRATION_FOLDS} of every class there")
-    if "mlp" in names and np.floor(len(y) * share * 0.1) < len(labels):
-        raise ValueError(f"mlp holds out 10% of the training rows for early stopping: with {len(labels)} classes "
-                         f"it needs at least {10 * len(labels)} training rows")
+    if calibrated and kept.min() < CALIBRATION_FOLDS:
+        i = int(kept.argmin())
+        raise ValueError(f"class {_class_name(labels[i], class_names)} has only {int(counts[i])} labelled rows: "
+                         f"{', '.join(calibrated)} calibrate(s) probabilities on {CALIBRATION_FOLDS} folds of the training "
+                         f"rows and need at least {CALIBRATION_FOLDS} of every class there (leave them out, or add images)")
+
+
+def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | None = None,
+             ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified ``cv``-fold splits (shuffled with ``seed``) as (train, test) row indices.
+
+    A class with fewer than ``cv`` rows cannot appear in every test fold: its rows go into every training
+    fold and are never scored, with a warning that names the class (never dropped silently).
+    """
+    labels, counts = np.unique(y, return_counts=True)
+    small = labels[counts < cv]
+    in_small = np.isin(y, small)
+    regular = np.flatnonzero(~in_small)
+    always = np.flatnonzero(in_small)
+    if len(small):
+        warnings.warn(
+            "class(es) " + ", ".join(f"{_class_name(lab, class_names)} ({int(c)} rows)" for lab, c in zip(labels, counts)
+                                     if c < cv)
+            + f" have fewer rows than the {cv} folds: they stay in every training fold and are not scored",
+            UserWarning, stacklevel=3)
+    folds = StratifiedKFold(cv, shuffle=True, random_state=seed).split(regular, y[regular])
+    return [(np.sort(np.concatenate([regular[tr], always])), regular[te]) for tr, te in folds]
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[str], *, cv: int = 5, seed: int = 0,
                    search: bool = False, class_weight: dict | str | None = None, n_jobs: int | None = None,
-                   pca: int | float | str | None = "auto") -> list[FoldScore]:
+                   pca: int | float | str | None = "auto", class_names: list[str] | None = None) -> list[FoldScore]:
     """Score heads with stratified ``cv``-fold CV (shuffled with ``seed``), in parallel over (head, fold).
 
     ``search=True`` scores every point of each head's :func:`search_space`, otherwise the defaults only.
     Within a fold the preprocessing is fitted once and shared by all grid points (it does not depend on
     them); logistic regression warm-starts along its C path. ``pca`` as in :func:`resolve_pca`;
-    ``n_jobs=None`` uses every core.
+    ``n_jobs=None`` uses every core. Classes smaller than ``cv`` stay in training (:func:`cv_folds`);
+    ``class_names`` name classes in warnings and errors.
     """
     for name in names:
         _check_name(name)
-    check_rows(y, names, cv)
+    check_rows(y, names, cv, class_names)
     labels = np.unique(y)
-    folds = list(StratifiedKFold(cv, shuffle=True, random_state=seed).split(X, y))
+    folds = cv_folds(y, cv, seed, class_names)
     jobs = sorted(((name, i) for name in names for i in range(cv)), key=lambda job: _COST_ORDER[job[0]])
     results = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
         delayed(_score_fold)(X, y, *folds[i], name, grid_points(name) if search else [{}], i, labels, seed,
@@ -261,8 +371,14 @@ def summarize(scores: list[FoldScore]) -> list[dict]:
 
 def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, cv: int = 5, seed: int = 0,
              class_weight: dict | str | None = None, n_jobs: int | None = None,
-             pca: int | float | str | None = "auto") -> tuple[Pipeline, dict]:
+             pca: int | float | str | None = "auto", params: dict | None = None,
+             class_names: list[str] | None = None) -> tuple[Pipeline, dict]:
     """Fit head ``name`` on all of ``X, y``; with ``search`` pick its parameters by CV first.
+
+    The defaults are the library's (``pca="auto"``, :func:`make_head`'s classifier settings), the same
+    ones ``compare`` scores and the CLI uses. ``params`` fixes classifier parameters instead of
+    searching (``compare --save-best`` passes the ones compare chose). ``class_names`` name classes in
+    errors and warnings.
 
     Returns the fitted pipeline and an info dict: ``head``, ``params`` (classifier parameters used),
     ``search``, ``seed``, ``class_weight``, ``pca`` (as resolved by :func:`resolve_pca`) and, when
@@ -270,29 +386,46 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
     grid point, best first).
     """
     _check_name(name)
-    check_rows(y, [name], cv if search else None)
+    check_rows(y, [name], cv if search else None, class_names)
     pca = resolve_pca(name, pca, X.shape)
     info: dict = {"head": name, "search": search, "seed": seed, "class_weight": class_weight, "pca": pca}
-    params: dict = {}
+    params = dict(params or {})
     if search:
         rows = summarize(cross_validate(X, y, [name], cv=cv, seed=seed, search=True, class_weight=class_weight,
-                                        n_jobs=n_jobs, pca=pca))
+                                        n_jobs=n_jobs, pca=pca, class_names=class_names))
         params = rows[0]["params"]
         info |= {"cv": cv, "cv_accuracy": rows[0]["accuracy"], "cv_accuracy_std": rows[0]["accuracy_std"],
                  "cv_macro_f1": rows[0]["macro_f1"], "cv_results": rows}
     estimator = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **params)
     fit(estimator, X, y, class_weight)
-    used = estimator[-1].get_params()
-    info["params"] = {k: used[_clf_prefix(name) + k] for k in search_space(name)}
+    info["params"] = used_params(estimator, extra=params)
     return estimator, info
+
+
+def used_params(estimator: Pipeline, extra: dict | None = None) -> dict:
+    """The classifier parameters a fitted head used, for the keys of its :func:`search_space` and of
+    ``extra`` (parameters set explicitly); for a logreg head that chose C by its internal CV, the chosen
+    ``C`` and the grid ``Cs`` it chose from."""
+    name = head_name(estimator)
+    clf = estimator[-1]
+    if isinstance(clf, LogisticRegressionCV):
+        return {"C": float(np.ravel(clf.C_)[0]), "Cs": [float(c) for c in clf.Cs_]}
+    used = clf.get_params()
+    return {k: used[_clf_prefix(name) + k] for k in sorted(set(search_space(name)) | set(extra or {}))}
 
 
 def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """Training and evaluation rows of a feature set, with a sentence saying how they were chosen.
 
     The cache's split column wins when it has labelled ``train`` rows and ``test`` (or, lacking test,
-    ``val``) rows; otherwise a stratified ``test_size`` hold-out of the labelled rows (seeded).
-    Unlabelled rows (``y == -1``) are never used.
+    ``val``) rows; otherwise a stratified ``test_size`` hold-out of the labelled rows (seeded), in
+    which a class with fewer than 2 rows stays in training whole (warned by name: it is then never
+    evaluated). Unlabelled rows (``y == -1``) are never used.
+
+    Raises
+    ------
+    ValueError
+        When a class has evaluation rows but no training rows (named), or there is nothing to split.
     """
     labelled = fs.y >= 0
     notes = [f"{int((~labelled).sum())} unlabelled rows excluded"] if not labelled.all() else []
@@ -307,15 +440,33 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
         unused = int(labelled.sum()) - len(train) - len(test)
         if unused:
             notes.append(f"{unused} labelled rows in other splits not used")
+        untrained = sorted(set(fs.y[test].tolist()) - set(fs.y[train].tolist()))
+        if untrained:
+            raise ValueError(f"feature set {fs.key}: class(es) {', '.join(repr(fs.class_names[c]) for c in untrained)} "
+                             f"have '{evaluate_on}' rows but no 'train' rows: a head cannot learn them; add training "
+                             f"images of them or leave them out")
     else:
         rows = np.flatnonzero(labelled)
         if len(rows) < 2:
             raise ValueError(f"feature set {fs.key} has {len(rows)} labelled rows: nothing to train and evaluate on")
-        counts = np.bincount(fs.y[rows])
-        stratify = fs.y[rows] if counts[counts > 0].min() >= 2 else None
-        train, test = train_test_split(rows, test_size=test_size, random_state=seed, stratify=stratify)
-        train, test = np.sort(train), np.sort(test)
-        description = (f"{'stratified' if stratify is not None else 'random (a class has a single row)'} hold-out "
+        counts = np.bincount(fs.y[rows], minlength=len(fs.class_names))
+        tiny = np.flatnonzero((counts > 0) & (counts < 2))
+        keep = rows[np.isin(fs.y[rows], tiny)]
+        rest = rows[~np.isin(fs.y[rows], tiny)]
+        if len(tiny):
+            named = ", ".join(f"{fs.class_names[c]!r} ({counts[c]} row)" for c in tiny)
+            message = f"class(es) {named} too small for the hold-out: kept in training, never evaluated"
+            warnings.warn(message, UserWarning, stacklevel=2)
+            notes.append(message)
+        if len(rest) < 2:
+            raise ValueError(f"feature set {fs.key}: no class has 2 labelled rows; nothing to evaluate on")
+        n_classes = len(np.unique(fs.y[rest]))
+        n_test = max(int(np.ceil(test_size * len(rest))), n_classes)
+        stratify = fs.y[rest] if len(rest) - n_test >= n_classes else None
+        train, test = train_test_split(rest, test_size=n_test if stratify is not None else test_size,
+                                       random_state=seed, stratify=stratify)
+        train, test = np.sort(np.concatenate([train, keep])), np.sort(test)
+        description = (f"{'stratified' if stratify is not None else 'random'} hold-out "
                        f"of the labelled rows (no usable split column): {len(train)} train, {len(test)} evaluation "
                        f"(test_size {test_size}, seed {seed})")
     return train, test, "; ".join([description, *notes])

@@ -18,15 +18,16 @@ output (dropping a row cut short by a kill) and scores only the rest, so after a
 the output holds every image exactly once; ``<out>.tlpipe.json`` records the model, and a re-run with
 another model or options is refused (:func:`check_resume`), on either engine.
 
-Columns: ``path``, ``sha256``, ``label`` (predicted class name), ``probability`` (its probability), the
-``top_k`` best classes and ``error`` (why an image has no prediction; empty otherwise). CSV spells the
-top classes as ``top1_label, top1_prob, top2_label, ...``; JSON Lines and Parquet as the lists
-``top_labels`` and ``top_probs``.
+Columns, the same in all three formats (:func:`output_columns`): ``path``, ``sha256``, ``true_label`` (only
+when the source is labelled: class folders, a manifest's label column, a cache's labels), ``label``
+(predicted class name), ``probability`` (its probability), the ``top_k`` best classes as ``top1_label,
+top1_prob, top2_label, ...`` and ``error`` (why an image has no prediction; empty / null otherwise). Flat
+columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and ``pandas.read_parquet`` see one table.
 """
 from __future__ import annotations
 
 import csv
-import fcntl
+import dataclasses
 import io
 import json
 import logging
@@ -45,7 +46,7 @@ from tlpipe.backbones.deps import MissingExtra
 from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
-from tlpipe.features.cache import FeatureSetReader
+from tlpipe.features.cache import FeatureSetReader, exclusive_lock, read_retrying, release_lock
 from tlpipe.features.decoder import Decoded
 from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, RESIZE_FILTERS, recorded_resize_filter
 from tlpipe.features.images import RESIZE_MODES
@@ -286,6 +287,28 @@ def prediction_rows(paths: list[str], shas: list[str], proba: np.ndarray, labels
     return rows
 
 
+def output_columns(top_k: int, labelled: bool = False) -> list[str]:
+    """The columns of a score output, in order (the same for CSV, JSON Lines and Parquet)."""
+    return ["path", "sha256", *(["true_label"] if labelled else []), "label", "probability",
+            *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
+
+
+def flat_row(row: dict, top_k: int, labelled: bool = False) -> dict:
+    """A row of :func:`prediction_rows` / :func:`error_row` with its top-k lists spread over ``top{i}_label``
+    and ``top{i}_prob`` (None past the classes it has)."""
+    flat = {"path": row["path"], "sha256": row["sha256"]}
+    if labelled:
+        label = row.get("true_label")
+        flat["true_label"] = display_path(label) if label is not None else None
+    flat |= {"label": row["label"], "probability": row["probability"]}
+    for i in range(top_k):
+        has = i < len(row["top_labels"])
+        flat[f"top{i + 1}_label"] = row["top_labels"][i] if has else None
+        flat[f"top{i + 1}_prob"] = row["top_probs"][i] if has else None
+    flat["error"] = row["error"]
+    return flat
+
+
 def error_row(path: str, sha: str, reason: str) -> dict:
     return {"path": path, "sha256": sha, "label": None, "probability": None, "top_labels": [], "top_probs": [],
             "error": reason}
@@ -311,13 +334,10 @@ def _append_bytes(fh: io.RawIOBase, path: Path, data: bytes) -> None:
         raise _write_failed(path, exc) from exc
 
 
-def _lock(handle, path: Path) -> None:
-    """One writer per output: an exclusive ``flock`` held until ``handle`` (file object or descriptor) closes."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close() if hasattr(handle, "close") else os.close(handle)
-        raise ScoreError(f"{path} is being written by another scoring run; wait for it to finish") from None
+def _lock(path: Path):
+    """One writer per output: an exclusive lock on ``<out>.lock`` (removed on release); a second scoring run
+    is refused with ``<out> is being written by pid N; wait for it to finish``."""
+    return exclusive_lock(Path(str(path) + ".lock"), path, ScoreError)
 
 
 def _truncate(path: Path, size: int) -> None:
@@ -328,19 +348,18 @@ def _truncate(path: Path, size: int) -> None:
 class CsvOutput:
     """CSV with flat top-k columns. A record cut short by a kill is cut off on open."""
 
-    def __init__(self, path: Path, top_k: int):
-        self.path = path
-        self.columns = ["path", "sha256", "label", "probability",
-                        *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
-        self.fh = open(path, "ab", buffering=0)
-        _lock(self.fh, path)
-        self.paths = self._recover()
-        if not path.stat().st_size:
-            try:
+    def __init__(self, path: Path, top_k: int, labelled: bool = False):
+        self.path, self.top_k, self.labelled = path, top_k, labelled
+        self.columns = output_columns(top_k, labelled)
+        self.lock = _lock(path)
+        try:
+            self.fh = open(path, "ab", buffering=0)
+            self.paths = self._recover()
+            if not path.stat().st_size:
                 self._write([self.columns])
-            except ScoreError:
-                self.fh.close()
-                raise
+        except BaseException:
+            self.close()
+            raise
 
     def _recover(self) -> set[str]:
         """Paths of the complete records; the file is cut after the last of them."""
@@ -360,7 +379,6 @@ class CsvOutput:
             header = next(records, None)
             good = consumed if header == self.columns else 0
             if header not in (None, self.columns) and next(records, None) is not None:
-                self.fh.close()
                 raise ScoreError(f"{self.path} has the columns {','.join(header)}; this run writes "
                                  f"{','.join(self.columns)} (another top_k?): choose another output")
             for record in records if good else ():
@@ -379,27 +397,29 @@ class CsvOutput:
         _append_bytes(self.fh, self.path, buffer.getvalue().encode("utf-8"))
 
     def append(self, rows: list[dict]) -> None:
-        width = len(self.columns) - 5  # the top-k columns
-        records = []
-        for row in rows:
-            top = [v for pair in zip(row["top_labels"], row["top_probs"]) for v in pair]
-            probability = "" if row["probability"] is None else row["probability"]
-            records.append([row["path"], row["sha256"], row["label"] or "", probability,
-                            *top, *[""] * (width - len(top)), row["error"] or ""])
+        records = [["" if v is None else v for v in flat_row(row, self.top_k, self.labelled).values()] for row in rows]
         self._write(records)
 
     def close(self, finish: bool = True) -> None:
-        self.fh.close()
+        try:
+            if getattr(self, "fh", None) is not None:
+                self.fh.close()
+        finally:
+            release_lock(self.lock)
 
 
 class JsonlOutput:
     """JSON Lines, one object per image. A line cut short by a kill is cut off on open."""
 
-    def __init__(self, path: Path, top_k: int):
-        self.path = path
-        self.fh = open(path, "ab", buffering=0)
-        _lock(self.fh, path)
-        self.paths = self._recover()
+    def __init__(self, path: Path, top_k: int, labelled: bool = False):
+        self.path, self.top_k, self.labelled = path, top_k, labelled
+        self.lock = _lock(path)
+        try:
+            self.fh = open(path, "ab", buffering=0)
+            self.paths = self._recover()
+        except BaseException:
+            self.close()
+            raise
 
     def _recover(self) -> set[str]:
         good, paths = 0, set()
@@ -416,11 +436,16 @@ class JsonlOutput:
         return paths
 
     def append(self, rows: list[dict]) -> None:
-        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        data = "".join(json.dumps(flat_row(row, self.top_k, self.labelled), ensure_ascii=False) + "\n"
+                       for row in rows).encode("utf-8")
         _append_bytes(self.fh, self.path, data)
 
     def close(self, finish: bool = True) -> None:
-        self.fh.close()
+        try:
+            if getattr(self, "fh", None) is not None:
+                self.fh.close()
+        finally:
+            release_lock(self.lock)
 
 
 def _pyarrow():
@@ -437,22 +462,26 @@ class ParquetOutput:
     """Parquet: each batch is a part file in ``<out>.parts/`` (written atomically); finishing assembles
     the previous ``out`` and the parts into a new ``out``, which replaces it atomically."""
 
-    def __init__(self, path: Path, top_k: int):
+    def __init__(self, path: Path, top_k: int, labelled: bool = False):
         pa = _pyarrow()
         self.pa, self.pq = pa, pa.parquet
         self.path, self.parts = path, Path(str(path) + ".parts")
-        self.schema = pa.schema([("path", pa.string()), ("sha256", pa.string()), ("label", pa.string()),
-                                 ("probability", pa.float64()), ("top_labels", pa.list_(pa.string())),
-                                 ("top_probs", pa.list_(pa.float64())), ("error", pa.string())])
-        self.parts.mkdir(exist_ok=True)
-        self.lock = os.open(self.parts, os.O_RDONLY)
-        _lock(self.lock, path)
-        for leftover in self.parts.glob(".*.tmp"):
-            leftover.unlink()
-        self.paths: set[str] = set()
-        for file in self._files():
-            self.paths.update(self.pq.read_table(file, columns=["path"]).column("path").to_pylist())
-        self.next_part = len(list(self.parts.glob("part-*.parquet")))
+        self.top_k, self.labelled = top_k, labelled
+        numeric = lambda name: name == "probability" or name.endswith("_prob")  # noqa: E731
+        self.schema = pa.schema([(name, pa.float64() if numeric(name) else pa.string())
+                                 for name in output_columns(top_k, labelled)])
+        self.lock = _lock(path)
+        try:
+            self.parts.mkdir(exist_ok=True)
+            for leftover in self.parts.glob(".*.tmp"):
+                leftover.unlink()
+            self.paths: set[str] = set()
+            for file in self._files():
+                self.paths.update(self.pq.read_table(file, columns=["path"]).column("path").to_pylist())
+            self.next_part = len(list(self.parts.glob("part-*.parquet")))
+        except BaseException:
+            release_lock(self.lock)
+            raise
 
     def _files(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + sorted(self.parts.glob("part-*.parquet"))
@@ -460,8 +489,9 @@ class ParquetOutput:
     def append(self, rows: list[dict]) -> None:
         target = self.parts / f"part-{self.next_part:06d}.parquet"
         try:
+            flat = [flat_row(row, self.top_k, self.labelled) for row in rows]
             with atomic_file(target) as tmp:
-                self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
+                self.pq.write_table(self.pa.Table.from_pylist(flat, schema=self.schema), tmp)
         except OSError as exc:
             raise _write_failed(self.path, exc) from exc
         self.next_part += 1
@@ -472,7 +502,7 @@ class ParquetOutput:
             if finish:
                 self._assemble()
         finally:
-            os.close(self.lock)
+            release_lock(self.lock)
 
     def _assemble(self) -> None:
         files = self._files()
@@ -489,8 +519,8 @@ class ParquetOutput:
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
 
 
-def open_output(out: str | os.PathLike, top_k: int):
-    """The writer for ``out``'s extension, holding the paths already in it."""
+def open_output(out: str | os.PathLike, top_k: int, labelled: bool = False):
+    """The writer for ``out``'s extension, holding the paths already in it; ``labelled`` adds ``true_label``."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in _OUTPUTS:
@@ -499,7 +529,7 @@ def open_output(out: str | os.PathLike, top_k: int):
         raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + suffix)}")
     if not out.parent.is_dir():
         raise ScoreError(f"cannot write {out}: folder {out.parent} does not exist")
-    return _OUTPUTS[suffix](out, top_k)
+    return _OUTPUTS[suffix](out, top_k, labelled)
 
 
 # -- the sink --------------------------------------------------------------------------------------------
@@ -542,6 +572,7 @@ class PredictionSink:
                 rows += prediction_rows([path], [item.sha256], proba[j][None], self.predictor.labels, self.top_k)
             else:
                 rows.append(error_row(path, item.sha256, item.error or ""))
+            rows[-1]["true_label"] = item.record.label
         self.output.append(rows)
 
     def close(self, finish: bool = True) -> None:
@@ -580,7 +611,7 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
 
 def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str | os.PathLike, top_k: int,
               resize: str, resize_filter: str = LEGACY_RESIZE_FILTER,
-              cache: str | os.PathLike | None = None) -> PredictionSink:
+              cache: str | os.PathLike | None = None, labelled: bool = False) -> PredictionSink:
     """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here).
 
     Raises
@@ -591,15 +622,38 @@ def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str 
         ``cache`` lacks the head's feature set, or it was made by another backbone.
     """
     k = min(top_k, len(predictor.labels))
-    identity: dict[str, object] = {"scored_with": sha256_file(scored_with), "top_k": k, "resize": resize}
+    identity: dict[str, object] = {"scored_with": sha256_file(scored_with), "top_k": k, "resize": resize,
+                                   "true_label": labelled}
     if resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
         identity["resize_filter"] = resize_filter
     check_resume(out, identity)
     cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
-    return PredictionSink(open_output(out, k), predictor, k, cached)
+    return PredictionSink(open_output(out, k, labelled), predictor, k, cached)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
+def true_labels(source: str | os.PathLike, allow_outside_root: bool = False) -> dict[str, str]:
+    """Label by relative path from a labelled listing of an image source (class folders, a manifest's label
+    column); empty when the source has no labels or a layout a labelled listing refuses."""
+    try:
+        listed = discover(source, allow_outside_root=allow_outside_root)
+    except (ValueError, OSError):
+        return {}
+    return {r.relpath: r.label for r in listed.records if r.label is not None}
+
+
+def cache_labels(path: str | os.PathLike) -> dict[str, str]:
+    """Class name by content hash for the labelled images of a cache (unlabelled ones are absent)."""
+
+    def read(f) -> dict[str, str]:
+        images = f["images"]
+        n, names = int(images.attrs["count"]), json.loads(images.attrs["class_names"])
+        return {s.decode(): names[i] for s, i in zip(images["sha256"][:n], images["label"][:n].tolist())
+                if 0 <= i < len(names)}
+
+    return read_retrying(path, read)
+
+
 def _score_cache(path: Path, predictor: Predictor, sink: PredictionSink, summary: ScoreSummary, *,
                  batch_size: int, progress: Callable[[int, int], Callable[[int], None]] | None) -> None:
     """Score the committed rows of the head's feature set, a batch per (retried) read of the cache."""
@@ -607,13 +661,17 @@ def _score_cache(path: Path, predictor: Predictor, sink: PredictionSink, summary
     summary.total = len(reader)
     advance = progress(len(reader), 0) if progress else None
     assert predictor.from_embeddings is not None
+    truth = cache_labels(path)
     for paths, shas, X in reader.batches(batch_size):
         todo = [i for i, p in enumerate(paths) if p not in sink.output.paths]
         summary.already_done += len(paths) - len(todo)
         if todo:
             proba = predictor.from_embeddings(X[todo])
-            sink.output.append(prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba,
-                                               predictor.labels, sink.top_k))
+            rows = prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba, predictor.labels,
+                                   sink.top_k)
+            for i, row in zip(todo, rows):
+                row["true_label"] = truth.get(shas[i])
+            sink.output.append(rows)
             summary.known += len(todo)
         if advance:
             advance(len(paths))
@@ -719,6 +777,9 @@ def score(
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
     images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
+    if images is not None:  # the true label column: what a labelled listing of the same source says, where it can
+        truth = true_labels(source, allow_outside_root)
+        images.records = [dataclasses.replace(r, label=truth.get(r.relpath)) for r in images.records]
     if images is not None and not images.records:
         skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
         raise ScoreError(f"no images found in {source}{skipped}")
@@ -729,7 +790,7 @@ def score(
     resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, str(scored_with))
     if images is None:
         sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
-                         resize_filter=resize_filter)
+                         resize_filter=resize_filter, labelled=bool(cache_labels(source)))
         summary = ScoreSummary(out=str(out))
         try:
             started = time.perf_counter()
@@ -746,7 +807,8 @@ def score(
         engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
     with engine:
         sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
-                         resize_filter=resize_filter, cache=cache)
+                         resize_filter=resize_filter, cache=cache,
+                         labelled=any(r.label is not None for r in images.records))
         summary = ScoreSummary(out=str(out), skipped=list(images.skipped))
         run_stream(images.records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
                    resize=resize, resize_filter=resize_filter, progress=progress)

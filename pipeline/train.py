@@ -40,11 +40,16 @@ def subset(fs: FeatureSet, rows: np.ndarray, split: str) -> FeatureSet:
 
 def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.PathLike = "head.joblib", *,
                features: str | None = None, search: bool = False, cv: int = 5, seed: int = 0,
-               class_weight: str | None = None, pca: int | float | None = None, n_jobs: int | None = None,
-               exclude: str | os.PathLike | None = None) -> TrainResult:
+               class_weight: str | None = None, pca: int | float | str | None = "auto",
+               n_jobs: int | None = None, exclude: str | os.PathLike | None = None) -> TrainResult:
     """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
-    (the cache's test/val split, else a stratified hold-out) and save it with its metadata. ``exclude``: an
-    exclude list (``tlpipe audit --write-exclude``) whose rows are left out of both."""
+    (the cache's test/val split, else a stratified hold-out) and save it with its metadata.
+
+    The defaults (``pca="auto"``...) are :func:`~tlpipe.pipeline.heads.fit_head`'s, the ones ``compare``
+    scores. The sidecar records the sha256 of every training and evaluation row, so ``tlpipe evaluate``
+    later scores the same hold-out and refuses training rows. ``exclude``: an exclude list
+    (``tlpipe audit --write-exclude``) whose rows are left out of both.
+    """
     fs = read_feature_set(cache, features, exclude=exclude)
     train, test, setup = select_split(fs, seed=seed)
     if fs.excluded:
@@ -52,8 +57,10 @@ def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.Pa
     if len(np.unique(fs.y[train])) < 2:
         raise ValueError(f"{cache}: a head needs labelled training images of at least two classes")
     estimator, info = fit_head(fs.X[train], fs.y[train], model, search=search, cv=cv, seed=seed,
-                               class_weight=class_weight, n_jobs=n_jobs, pca=pca)
+                               class_weight=class_weight, n_jobs=n_jobs, pca=pca, class_names=fs.class_names)
     evaluation = evaluate_head(estimator, {}, subset(fs, test, "evaluation"), split="evaluation") if len(test) else None
+    if evaluation is not None:
+        evaluation.rows_used = f"{len(test)} held-out rows: {setup.split(';')[0]}"
     metrics = {"setup": setup}
     if evaluation is not None:
         metrics |= {k: v for k, v in evaluation.to_dict().items() if k in ("n", "accuracy", "macro_f1", "log_loss")}
@@ -61,5 +68,5 @@ def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.Pa
         metrics |= {k: info[k] for k in ("cv", "cv_accuracy", "cv_accuracy_std", "cv_macro_f1")}
     params = {k: v for k, v in info.items() if k != "cv_results"}
     metadata = save_head(estimator, out, feature_set=fs, metrics=metrics, params=params, cache_path=Path(cache).resolve(),
-                         rows=int(len(train)))
+                         train_rows=train, evaluation_rows=test, evaluation_setup=setup.split(";")[0])
     return TrainResult(Path(out), metadata, evaluation, setup, class_balance(fs.y[train], fs.class_names), info)

@@ -42,7 +42,9 @@ def test_roundtrip_and_metadata(saved):
                                    "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None,
                                    "resize": "squash", "model_key": fs.metadata.get("key") or fs.key}
     assert meta["class_names"] == fs.class_names and meta["labels"] == [fs.class_names[c] for c in meta["classes"]]
-    assert meta["training"] == {"cache_id": fs.cache_id, "cache_path": "cache.h5", "rows": len(fs) - len(test)}
+    assert meta["training"] == {"cache_id": fs.cache_id, "cache_path": "cache.h5", "rows": len(fs) - len(test),
+                                "sha256": None}
+    assert meta["evaluation"] is None  # rows not given: nothing recorded (evaluate then cannot rule out a leak)
     assert meta["metrics"] == {"accuracy": 0.97}
     assert set(meta["versions"]) == {"sklearn", "numpy", "joblib", "python"}
     assert meta["joblib_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -102,3 +104,14 @@ def test_damaged_or_future_sidecar_is_refused(saved):
     sidecar_path(path).write_text("{not json")
     with pytest.raises(HeadError, match="cannot read"):
         load_head(path)
+
+
+def test_training_and_evaluation_rows_are_recorded_by_sha256(synthetic_cache, tmp_path):
+    fs = synthetic_cache(n_per_class=(20, 20), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train"))
+    train, test, setup = select_split(fs)
+    estimator, info = fit_head(fs.X[train], fs.y[train], "logreg")
+    meta = save_head(estimator, tmp_path / "h.joblib", feature_set=fs, metrics={}, params=info, train_rows=train,
+                     evaluation_rows=test, evaluation_setup=setup)
+    assert meta["training"]["rows"] == len(train) and meta["training"]["sha256"] == sorted(fs.sha256[train])
+    assert meta["evaluation"] == {"rows": len(test), "setup": setup, "sha256": sorted(fs.sha256[test])}
+    assert load_head(tmp_path / "h.joblib")[1] == meta

@@ -187,8 +187,11 @@ def test_exclude_lists_are_checked_and_used_by_the_cli(tmp_path):
     assert "2 rows left out by an exclude list" in compare_heads(fs, ["logreg"], cv=3, n_jobs=1).setup
     done = tlpipe("fit-head", cache, "--out", tmp_path / "h.joblib", "--exclude", good)
     assert done.returncode == 0 and "2 rows left out by the exclude list" in done.stdout, done.stdout + done.stderr
+    # every labelled row but the 2 excluded ones, training rows allowed explicitly (evaluate refuses them otherwise)
+    done = tlpipe("evaluate", tmp_path / "h.joblib", cache, "--exclude", good, "--split", "all", "--allow-train-rows")
+    assert done.returncode == 0 and "78 " in done.stdout and "2 rows excluded" in done.stdout, done.stdout
     done = tlpipe("evaluate", tmp_path / "h.joblib", cache, "--exclude", good, "--split", "all")
-    assert done.returncode == 0 and "(78 images)" in done.stdout and "2 rows excluded" in done.stdout, done.stdout
+    assert done.returncode == 2 and "--allow-train-rows" in done.stderr, done.stderr
     done = tlpipe("compare", cache, "--models", "logreg", "--exclude", bad)
     assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "line 3" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -55,10 +55,24 @@ def test_heads_commands_run_without_tensorflow_or_onnxruntime(tmp_path, cache):
     head = tmp_path / "svm.joblib"
     fitted = tlpipe("fit-head", cache, "--model", "svm", "--out", head, env=env, check=True)
     assert "held-out: accuracy" in fitted.stdout and head.exists() and (tmp_path / "svm.joblib.json").exists()
-    compared = tlpipe("compare", cache, "--models", "logreg,svm", "--cv", "3", "--report", tmp_path / "report", env=env, check=True)
-    assert "best:" in compared.stdout and (tmp_path / "report" / "report.md").exists()
-    evaluated = tlpipe("evaluate", head, cache, "--split", "all", env=env, check=True)
-    assert "accuracy" in evaluated.stdout and "china" in evaluated.stdout
+    best = tmp_path / "best.joblib"
+    compared = tlpipe("compare", cache, "--models", "logreg,svm", "--cv", "3", "--report", tmp_path / "report",
+                      "--save-best", best, env=env, check=True)
+    assert "best:" in compared.stdout and "why:" in compared.stdout and (tmp_path / "report" / "report.md").exists()
+    assert "held-out:" in compared.stdout and (tmp_path / "report" / "misclassified.png").exists()
+    sidecar = json.loads((tmp_path / "best.joblib.json").read_text())
+    assert sidecar["head"]["params"]["trained_by"] == "compare --save-best"
+    # no test split in this cache: evaluate scores the head's recorded hold-out by default
+    evaluated = tlpipe("evaluate", head, cache, env=env, check=True)
+    rows = json.loads((tmp_path / "svm.joblib.json").read_text())["evaluation"]["rows"]
+    assert f"the head's recorded hold-out: {rows} rows" in evaluated.stdout and "china" in evaluated.stdout
+    assert "recorded hold-out" in tlpipe("evaluate", best, cache, env=env, check=True).stdout
+    # rows the head was trained on: refused in one line, unless asked for
+    leaked = tlpipe("evaluate", head, cache, "--split", "all", env=env)
+    assert leaked.returncode == 2 and leaked.stderr.startswith("error:") and "were used to train this head" in leaked.stderr
+    allowed = tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", env=env, check=True)
+    trained = json.loads((tmp_path / "svm.joblib.json").read_text())["training"]["rows"]
+    assert f"{trained} of which the head was trained on" in allowed.stdout
     # and extract, which needs ONNX Runtime, says which extra to install
     failed = tlpipe("extract", cache.parent, "--out", tmp_path / "x.h5", "--model", "whatever", env=env)
     assert failed.returncode == 2
@@ -88,7 +102,7 @@ def test_strict_exit_code(tmp_path, tiny_entry, photo_folder):
     (photo_folder / "china" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     proc = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory, "--strict", "--quiet")
     assert proc.returncode == 3
-    ok = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory)
+    ok = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--backbone", tiny_entry.directory)
     assert ok.returncode == 0 and "1 failed" in ok.stdout and "broken.jpg" in ok.stderr
 
 
@@ -101,9 +115,9 @@ def test_export_precision_variants(tmp_path, tiny_entry):
     shutil.copytree(tiny_entry.directory, store / tiny_entry.key)
     base = ("export", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--store", store)
     missing = tlpipe(*base, "--precision", "int8")
-    assert missing.returncode == 2 and "--calibration" in missing.stderr
+    assert missing.returncode == 2 and "--images" in missing.stderr
     photos = write_photo_folder(tmp_path / "photos", per_class=12, seed=7)
-    done = tlpipe(*base, "--precision", "int8", "--calibration", photos, check=True)
+    done = tlpipe(*base, "--precision", "int8", "--images", photos, check=True)
     assert "int8 of " + tiny_entry.key in done.stdout and "mean cosine" in done.stdout
     fp16 = tlpipe(*base, "--precision", "fp16", check=True)
     assert "fp16 of " + tiny_entry.key in fp16.stdout

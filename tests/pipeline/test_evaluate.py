@@ -3,7 +3,7 @@ import pytest
 
 from tlpipe.features.cache import read_feature_set
 from tlpipe.pipeline.artifacts import HeadError, load_head, save_head
-from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
+from tlpipe.pipeline.evaluate import LeakError, evaluate_head, save_confusion_matrix
 from tlpipe.pipeline.heads import fit_head, select_split
 
 
@@ -63,3 +63,48 @@ def test_confusion_matrix_png(trained, tmp_path):
     result = evaluate_head(estimator, metadata, fs)
     path = save_confusion_matrix(result.confusion, result.labels, tmp_path / "plots" / "cm.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_recorded_hold_out_is_the_default_and_training_rows_are_refused(synthetic, cache_writer, tmp_path):
+    from tlpipe.pipeline.train import train_head
+
+    X, y = synthetic((30, 30, 30), 32, 3)
+    path = cache_writer(tmp_path / "flat.h5", X, y)  # no split column: fit-head makes a stratified hold-out
+    result = train_head(path, "logreg", tmp_path / "head.joblib")
+    estimator, metadata = load_head(tmp_path / "head.joblib")
+    fs = read_feature_set(path)
+    # no test split in the cache: evaluate scores the recorded hold-out, the very rows fit-head scored
+    scored = evaluate_head(estimator, metadata, fs, split=None)
+    assert scored.split == "holdout" and scored.n == result.evaluation.n == metadata["evaluation"]["rows"]
+    assert scored.accuracy == result.evaluation.accuracy and "the head's recorded hold-out: 18 rows" in scored.rows_used
+    assert "stratified hold-out" in scored.rows_used and scored.train_rows_included == 0
+    # rows the head was trained on: refused (a leak), unless asked for, and then the report says so
+    with pytest.raises(LeakError, match=r"72 of the 90 rows of 'all' were used to train this head.*--allow-train-rows"):
+        evaluate_head(estimator, metadata, fs, split="all")
+    leaky = evaluate_head(estimator, metadata, fs, split="all", allow_train_rows=True)
+    assert leaky.n == 90 and leaky.train_rows_included == 72 and "72 of which the head was trained on" in leaky.rows_used
+    assert leaky.to_dict()["rows_used"] == leaky.rows_used
+    # a cache with a test split: that split is the default
+    test_cache = read_feature_set(cache_writer(tmp_path / "split.h5", X, y, splits=_splits(y)))
+    with pytest.raises(LeakError):  # same images, now labelled test: 54 of its test rows were training rows
+        evaluate_head(estimator, metadata, test_cache, split=None)
+    assert evaluate_head(estimator, metadata, test_cache, split=None, allow_train_rows=True).split == "test"
+
+
+def test_singleton_class_stays_in_training_and_an_untrained_class_is_refused(synthetic, cache_writer, tmp_path):
+    from tlpipe.pipeline.train import train_head
+
+    X, y = synthetic((30, 30, 1), 32, 5)
+    path = cache_writer(tmp_path / "single.h5", X, y, class_names=["cat", "dog", "lynx"])
+    with pytest.warns(UserWarning, match=r"'lynx' \(1 row\) too small for the hold-out: kept in training"):
+        result = train_head(path, "logreg", tmp_path / "head.joblib")
+    estimator, metadata = load_head(tmp_path / "head.joblib")
+    assert metadata["labels"] == ["cat", "dog", "lynx"] and len(estimator.classes_) == 3
+    assert "'lynx' (1 row) too small" in result.setup
+    lynx = read_feature_set(path).sha256[y == 2][0]
+    assert lynx in metadata["training"]["sha256"] and lynx not in metadata["evaluation"]["sha256"]
+    # a class that only has test rows: refused by name
+    splits = np.where(y == 2, "test", _splits(y))
+    no_train = cache_writer(tmp_path / "untrained.h5", X, y, class_names=["cat", "dog", "lynx"], splits=splits)
+    with pytest.raises(ValueError, match=r"class\(es\) 'lynx' have 'test' rows but no 'train' rows"):
+        train_head(no_train, "logreg", tmp_path / "x.joblib")

@@ -32,10 +32,12 @@ def test_head_is_a_real_estimator(name, separable):
     assert head_name(head) == name
     twin = clone(head)
     assert twin.get_params(deep=False).keys() == head.get_params(deep=False).keys()
-    key = {"logreg": "logreg__C", "svm": "svm__estimator__C", "rbf-svm": "rbf-svm__estimator__C",
+    # logreg without an explicit C picks it from its grid Cs by internal CV (LogisticRegressionCV)
+    key = {"logreg": "logreg__Cs", "svm": "svm__estimator__C", "rbf-svm": "rbf_svm__estimator__C",
            "mlp": "mlp__alpha"}[name]
-    twin.set_params(**{key: 0.5})
-    assert twin.get_params()[key] == 0.5 and head.get_params()[key] != 0.5
+    value = [0.5] if name == "logreg" else 0.5
+    twin.set_params(**{key: value})
+    assert twin.get_params()[key] == value and head.get_params()[key] != value
     outer = Pipeline([("cast", FunctionTransformer(lambda a: a.astype(np.float64))), ("head", head)]).fit(X, y)
     proba = outer.predict_proba(X_test)
     assert proba.shape == (len(X_test), 3)
@@ -78,7 +80,7 @@ def test_search_picks_the_best_grid_point(separable, monkeypatch):
     monkeypatch.setattr(heads, "search_space", lambda name: {"C": [10.0], "gamma": [1000.0, "scale"]})
     estimator, info = fit_head(X, y, "rbf-svm", search=True, cv=3, n_jobs=1)
     assert info["params"] == {"C": 10.0, "gamma": "scale"}
-    assert estimator.get_params()["rbf-svm__estimator__gamma"] == "scale"
+    assert estimator.get_params()["rbf_svm__estimator__gamma"] == "scale"
     results = info["cv_results"]
     assert len(results) == 2 and results[0]["params"]["gamma"] == "scale"
     assert info["cv_accuracy"] == max(r["accuracy"] for r in results) >= 0.9
@@ -193,3 +195,107 @@ def test_core_modules_never_import_tensorflow_or_onnxruntime(tmp_path):
     # the blocker itself works: importing tensorflow there fails and is recorded
     probe = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True)
     assert "blocked for test" in probe.stderr and log.read_text() == "tensorflow\n"
+
+
+# Checks of scikit-learn's check_estimator that the heads fail, each because a plain scikit-learn Pipeline of
+# the same steps (with scikit-learn's own classifier) fails it too; test_heads_pass_check_estimator proves that.
+PIPELINE_FAILURES = {
+    "check_estimators_overwrite_params": "Pipeline.fit fits the estimators held in its `steps` parameter in place, "
+                                         "so that parameter holds fitted objects afterwards",
+    "check_dont_overwrite_parameters": "same cause: `steps` (a public attribute) changes during fit",
+}
+MLP_FAILURES = {
+    "check_classifiers_one_label": "MLPClassifier with early stopping first makes a stratified validation split; "
+                                   "with one class that split's error is raised, not the 'one class' message the "
+                                   "check looks for",
+}
+if tuple(int(v) for v in __import__("sklearn").__version__.split(".")[:2]) < (1, 9):
+    MLP_FAILURES["check_classifiers_classes"] = ("scikit-learn 1.8's MLPClassifier early stopping scores string labels "
+                                                 "with np.isnan (TypeError); fixed in 1.9")
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_heads_pass_check_estimator(name):
+    import warnings
+
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.utils import estimator_checks
+    from sklearn.utils.estimator_checks import check_estimator
+
+    expected = PIPELINE_FAILURES | (MLP_FAILURES if name == "mlp" else {})
+    head = make_head(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(head, expected_failed_checks=expected, on_fail=None)
+    failed = {r["check_name"] for r in results if r["status"] == "failed"}
+    assert failed == set(), failed  # everything else passes
+    assert {r["check_name"] for r in results if r["status"] == "xfail"} == set(expected)  # and these really fail
+    # ... and fail for the plain Pipeline of the same steps with scikit-learn's own classifier too
+    plain = Pipeline([(k, MLPClassifier(**v.get_params()) if isinstance(v, heads.MLPHead) else v) for k, v in head.steps])
+    for check in expected:
+        with warnings.catch_warnings(), pytest.raises((AssertionError, ValueError, TypeError)):
+            warnings.simplefilter("ignore")
+            getattr(estimator_checks, check)("plain", clone(plain))
+
+
+def test_step_names_work_as_keyword_parameters_and_map_back(separable):
+    X, y, _, _ = separable
+    head = make_head("rbf-svm")
+    assert [s for s, _ in head.steps] == ["l2", "scale", "rbf_svm"] and head_name(head) == "rbf-svm"
+    head.set_params(rbf_svm__estimator__C=2.0)
+    assert head.get_params()["rbf_svm__estimator__C"] == 2.0
+    assert all("-" not in step for name in HEADS for step, _ in make_head(name).steps)
+
+
+def test_mlp_fits_tiny_data_and_says_so():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 6)) + np.repeat(np.eye(3, 6) * 4, 4, axis=0)
+    y = np.repeat([0, 1, 2], 4)  # 10% of 12 rows is 1 row: fewer than 3 classes
+    head = make_head("mlp")
+    with pytest.warns(UserWarning, match="early stopping off for this fit"):
+        head.fit(X, y)
+    assert head[-1].early_stopping is True  # the parameter is left as set
+    assert np.mean(head.predict(X) == y) == 1.0
+    with pytest.warns(UserWarning, match="or a class has one row"):  # a singleton class cannot be stratified
+        make_head("mlp").fit(np.vstack([X] * 10 + [X[:1]]), np.concatenate([np.tile(y, 10) % 2, [2]]))
+
+
+def test_predict_returns_class_names_when_fitted_on_them(separable):
+    X, y, X_test, y_test = separable
+    names = np.array(["cat", "dog", "lynx"])
+    for name in ("logreg", "svm"):
+        head = make_head(name).fit(X, names[y])
+        assert list(head.classes_) == ["cat", "dog", "lynx"]
+        assert np.mean(head.predict(X_test) == names[y_test]) >= 0.9
+
+
+def test_cli_defaults_are_the_library_defaults():
+    import inspect
+
+    from tlpipe.pipeline import cli, train
+
+    # one source of truth: fit-head / compare default to the library's pca="auto" (rbf-svm gets PCA-256 on
+    # large sets in both), so the head fit-head saves is the head compare measured
+    library = inspect.signature(fit_head).parameters["pca"].default
+    assert library == "auto" == inspect.signature(train.train_head).parameters["pca"].default
+    for command in (cli.fit_head, cli.compare):
+        option = inspect.signature(command).parameters["pca"].default
+        assert cli._pca(option.default) == library
+    assert cli._pca("none") is None and cli._pca("32") == 32 and cli._pca("0.9") == 0.9
+    X = np.random.default_rng(0).normal(size=(1100, 300)).astype(np.float32)
+    y = np.arange(1100) % 2
+    estimator, info = fit_head(X, y, "rbf-svm")
+    assert info["pca"] == 256 == estimator.named_steps["pca"].n_components
+
+
+def test_small_classes_stay_in_every_training_fold(synthetic):
+    X, y = synthetic((30, 30, 2), dim=16, seed=2)
+    with pytest.warns(UserWarning, match=r"class\(es\) 'lynx' \(2 rows\) have fewer rows than the 5 folds"):
+        folds = heads.cv_folds(y, 5, class_names=["cat", "dog", "lynx"])
+    small = np.flatnonzero(y == 2)
+    for train, test in folds:
+        assert set(small) <= set(train) and not set(small) & set(test)
+        assert not set(train) & set(test)
+    assert sorted(np.concatenate([test for _, test in folds])) == sorted(np.flatnonzero(y != 2))
+    with pytest.raises(ValueError, match="class 'lynx' has only 2 labelled rows: svm calibrate"):
+        heads.check_rows(y, ["svm"], 5, ["cat", "dog", "lynx"])

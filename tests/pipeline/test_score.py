@@ -51,7 +51,7 @@ def read_jsonl(path) -> list[dict]:
 
 def distribution(row: dict) -> dict[str, float]:
     """label -> probability of a JSON Lines row."""
-    return dict(zip(row["top_labels"], row["top_probs"]))
+    return {row[f"top{i}_label"]: row[f"top{i}_prob"] for i in range(1, 10) if row.get(f"top{i}_label")}
 
 
 def test_csv_has_one_row_per_image_and_error_rows(tmp_path, trained):
@@ -64,8 +64,9 @@ def test_csv_has_one_row_per_image_and_error_rows(tmp_path, trained):
     assert (summary.total, summary.scored, summary.failed, summary.already_done) == (14, 12, 2, 0)
     assert summary.images_per_second > 0
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "sha256", "label", "probability", "top1_label", "top1_prob", "top2_label",
-                             "top2_prob", "error"]  # top_k 3 of 2 classes: two
+    assert list(rows[0]) == ["path", "sha256", "true_label", "label", "probability", "top1_label", "top1_prob",
+                             "top2_label", "top2_prob", "error"]  # top_k 3 of 2 classes: two
+    assert all(r["true_label"] == r["path"].split("/")[0] for r in rows)  # class folders: labelled
     assert len(rows) == 14 and len({r["path"] for r in rows}) == 14
     errors = {r["path"]: r for r in rows if r["error"]}
     assert set(errors) == {"flower/truncated.jpg", "china/empty.jpg"}
@@ -81,14 +82,19 @@ def test_csv_has_one_row_per_image_and_error_rows(tmp_path, trained):
     assert len(read_csv(out)) == 14
 
 
-def test_jsonl_has_list_columns(tmp_path, trained):
-    out = tmp_path / "scores.jsonl"
-    run(trained.photos, out, trained, top_k=1)
-    rows = read_jsonl(out)
-    assert len(rows) == 12
-    assert set(rows[0]) == {"path", "sha256", "label", "probability", "top_labels", "top_probs", "error"}
-    assert all(r["error"] is None and r["top_labels"] == [r["label"]] and r["top_probs"] == [r["probability"]]
-               for r in rows)
+def test_csv_jsonl_and_parquet_have_the_same_columns(tmp_path, trained):
+    pq = pytest.importorskip("pyarrow.parquet")
+    for suffix in ("csv", "jsonl", "parquet"):
+        run(trained.photos, tmp_path / f"scores.{suffix}", trained, top_k=1)
+    csv_rows, jsonl_rows = read_csv(tmp_path / "scores.csv"), read_jsonl(tmp_path / "scores.jsonl")
+    parquet_rows = pq.read_table(tmp_path / "scores.parquet").to_pylist()
+    columns = ["path", "sha256", "true_label", "label", "probability", "top1_label", "top1_prob", "error"]
+    assert list(csv_rows[0]) == list(jsonl_rows[0]) == list(parquet_rows[0]) == columns
+    assert len(jsonl_rows) == 12 and all(r["error"] is None and r["top1_label"] == r["label"] and
+                                         r["top1_prob"] == r["probability"] for r in jsonl_rows)
+    by_path = {r["path"]: r for r in parquet_rows}
+    for r in jsonl_rows:
+        assert by_path[r["path"]] == r and r["true_label"] == r["path"].split("/")[0]
 
 
 def test_scoring_an_image_equals_the_head_on_its_cached_embedding(tmp_path, trained):
@@ -118,7 +124,7 @@ def test_cache_reuse_skips_the_backbone_and_predicts_the_same(tmp_path, trained)
     assert a.keys() == b.keys()
     for path in a:
         assert a[path]["label"] == b[path]["label"]
-        assert np.allclose(a[path]["top_probs"], b[path]["top_probs"], atol=1e-5)
+        assert distribution(a[path]) == pytest.approx(distribution(b[path]), abs=1e-5)
 
 
 def test_scoring_a_cache_uses_its_embeddings(tmp_path, trained):
@@ -216,7 +222,7 @@ def test_parquet_round_trip(tmp_path, trained):
     out = tmp_path / "scores.parquet"
     assert run(trained.photos, out, trained).scored == 12
     rows = pq.read_table(out).to_pylist()
-    assert len(rows) == 12 and rows[0]["top_labels"] and not Path(str(out) + ".parts").exists()
+    assert len(rows) == 12 and rows[0]["top1_label"] and not Path(str(out) + ".parts").exists()
     assert run(trained.photos, out, trained).already_done == 12 and pq.read_table(out).num_rows == 12
 
 
@@ -246,10 +252,11 @@ def test_clear_errors(tmp_path, trained):
     shutil.copy(tmp_path / "s.csv.tlpipe.json", tmp_path / "held.csv.tlpipe.json")  # a same-model run holds it
     held = CsvOutput(tmp_path / "held.csv", 1)
     try:
-        with pytest.raises(ScoreError, match="another scoring run"):
+        with pytest.raises(ScoreError, match=f"held.csv is being written by pid {os.getpid()}; wait"):
             run(trained.photos, tmp_path / "held.csv", trained, top_k=1)
     finally:
         held.close()
+    assert not (tmp_path / "held.csv.lock").exists() and not (tmp_path / "s.csv.lock").exists()  # cleaned up
 
 
 def test_resume_refuses_another_model_or_a_foreign_file(tmp_path, trained):

@@ -124,11 +124,11 @@ def test_the_cli_reports_bad_inputs_and_exits_by_strictness(tmp_path, tiny_entry
     expected.pop(VANISHING)
     embedded, failed = by_outcome(expected, "embedded"), by_outcome(expected, "failed")
     cache = tmp_path / "cache.h5"
-    proc = tlpipe("extract", tmp_path / "corpus", "--out", cache, "--model", tiny_entry.directory, "--batch-size", "2")
+    proc = tlpipe("extract", tmp_path / "corpus", "--out", cache, "--backbone", tiny_entry.directory, "--batch-size", "2")
     assert proc.returncode == 0, proc.stderr
     assert f"{len(embedded)} embedded" in proc.stdout and f"{len(failed)} failed" in proc.stdout
     assert all(f"failed {path}: " in proc.stderr for path in failed)
-    strict = tlpipe("extract", tmp_path / "corpus", "--out", cache, "--model", tiny_entry.directory, "--strict", "-q")
+    strict = tlpipe("extract", tmp_path / "corpus", "--out", cache, "--backbone", tiny_entry.directory, "--strict", "-q")
     assert strict.returncode == 3
     scored = tlpipe("score", tmp_path / "corpus", "--out", tmp_path / "scores.csv", "--head", head.path,
                     "--store", head.store.root, "--device", "cpu")
@@ -142,5 +142,5 @@ def test_the_cli_prints_a_failed_path_that_looks_like_markup(tmp_path, tiny_entr
     folder.mkdir(parents=True)
     (folder / "good.jpg").write_bytes(encoded(noise(50), "JPEG"))
     (folder / "broken.jpg").write_bytes(b"not an image")
-    proc = tlpipe("extract", tmp_path / "data", "--out", tmp_path / "cache.h5", "--model", tiny_entry.directory)
+    proc = tlpipe("extract", tmp_path / "data", "--out", tmp_path / "cache.h5", "--backbone", tiny_entry.directory)
     assert proc.returncode == 0 and "failed x[/y]/broken.jpg: not an image" in proc.stderr, proc.stderr

@@ -60,7 +60,7 @@ def test_a_second_extract_on_the_same_cache_is_refused(tmp_path, tiny_entry):
     writer = python(SLOW_EXTRACT, photos, out, tiny_entry.directory, gate, 0)
     try:
         wait_for(lambda: committed(out) >= 1, writer)  # the first writer holds the cache and has committed
-        second = tlpipe("extract", photos, "--out", out, "--model", tiny_entry.directory, "--quiet")
+        second = tlpipe("extract", photos, "--out", out, "--backbone", tiny_entry.directory, "--quiet")
         assert f"is being written by pid {writer.pid}; wait for it to finish" in one_line_error(second)
         assert writer.poll() is None and committed(out) == 1
     finally:
@@ -68,7 +68,8 @@ def test_a_second_extract_on_the_same_cache_is_refused(tmp_path, tiny_entry):
         assert writer.wait(timeout=120) == 0
     got, want = read_feature_set(out), read_feature_set(reference)
     assert list(got.sha256) == list(want.sha256) and np.allclose(got.X, want.X, atol=1e-5)
-    assert tlpipe("extract", photos, "--out", out, "--model", tiny_entry.directory, "--quiet").returncode == 0
+    assert tlpipe("extract", photos, "--out", out, "--backbone", tiny_entry.directory, "--quiet").returncode == 0
+    assert not Path(str(out) + ".lock").exists()  # the lock file goes with its writer
 
 
 def test_reads_while_extract_appends_are_consistent_growing_prefixes(tmp_path, tiny_entry):

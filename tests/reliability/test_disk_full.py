@@ -56,7 +56,7 @@ def test_extract_on_a_full_disk_fails_cleanly_and_resumes(tmp_path, tiny_entry, 
     else:
         limit = {"creating": 4_000, "first batch": 100_000}[when]
     out = tmp_path / "cache.h5"
-    proc = tlpipe("extract", photos, "--out", out, "--model", model, "--batch-size", "2", "--quiet",
+    proc = tlpipe("extract", photos, "--out", out, "--backbone", model, "--batch-size", "2", "--quiet",
                   file_size_limit=limit)
     error = one_line_error(proc)
     if when == "creating":
@@ -79,7 +79,7 @@ def test_extract_on_a_full_tmpfs_fails_cleanly_and_resumes(tmp_path, tiny_entry,
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        proc = tlpipe("extract", photos, "--out", disk / "cache.h5", "--model", model, "--batch-size", "2", "-q")
+        proc = tlpipe("extract", photos, "--out", disk / "cache.h5", "--backbone", model, "--batch-size", "2", "-q")
         assert "No space left on device; the cache keeps its last committed rows (10 images)" in one_line_error(proc)
         assert assert_prefix(disk / "cache.h5", content(reference)) == 10
         shutil.copy(disk / "cache.h5", tmp_path / "cache.h5")

@@ -80,7 +80,7 @@ def test_manifest_paths_outside_the_data_root_are_refused_unless_allowed(tmp_pat
     assert (scored.total, scored.scored) == (1, 1) and dict(scored.skipped) == refused
     assert [r["path"] for r in parse_output(tmp_path / "refused.csv")] == ["inside.jpg"]
 
-    proc = tlpipe("extract", manifest, "--out", tmp_path / "allowed.h5", "--model", model, "--allow-outside-root")
+    proc = tlpipe("extract", manifest, "--out", tmp_path / "allowed.h5", "--backbone", model, "--allow-outside-root")
     assert proc.returncode == 0, proc.stderr
     fs = read_feature_set(tmp_path / "allowed.h5")
     assert len(fs) == 2 and "inside.jpg" in fs.paths  # the outside photo, listed three ways, is one image
@@ -106,7 +106,7 @@ def test_a_tampered_model_store_entry_is_refused(tmp_path, tiny_entry, head, pho
         extract(photo_folder, tmp_path / "a.h5", model=tiny_entry.key, store=store)
     with pytest.raises(StoreError, match=corrupt):
         score(photo_folder, tmp_path / "a.csv", head=head.path, store=store, device="cpu")
-    proc = tlpipe("extract", photo_folder, "--out", tmp_path / "b.h5", "--model", entry)
+    proc = tlpipe("extract", photo_folder, "--out", tmp_path / "b.h5", "--backbone", entry)
     assert corrupt in one_line_error(proc)
     proc = tlpipe("score", photo_folder, "--out", tmp_path / "b.csv", "--head", head.path, "--store", store.root)
     assert corrupt in one_line_error(proc)
