@@ -303,8 +303,9 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
         paths.append(tmp_path / f"wide{i}.png")
         Image.fromarray(arr).save(paths[-1])
     cache = tmp_path / "c.h5"
-    squash = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu").transform(paths)
-    crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").transform(paths)
+    squash = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu").fit().transform(paths)
+    crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").fit().transform(
+        paths)
     sets = describe(cache)["feature_sets"]
     assert sorted(fs["resize"] for fs in sets.values()) == ["crop", "squash"]
     # the key grammar: <model key>[-resize-<mode>][-filter-<filter>] (bilinear is the default filter)
