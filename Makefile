@@ -44,13 +44,14 @@ test-min: $(MIN_STAMP)
 # Lint + types on the public modules (widen LINTED / TYPED module by module as they are cleaned up).
 LINTED := tlpipe backbones/choice.py backbones/atomic.py backbones/onnx_metadata.py features/stream.py \
           features/decoder.py features/extract.py pipeline/score_ray.py pipeline/score.py features/ray_engine.py \
-          features/calibration.py
+          features/calibration.py features/fastdecode.py
 # New modules are ruff-formatted; older ones are not reformatted (it would conflict with every merge).
 FORMATTED := tlpipe backbones/choice.py backbones/atomic.py backbones/onnx_metadata.py features/stream.py \
-             features/decoder.py features/extract.py pipeline/score_ray.py
+             features/decoder.py features/extract.py pipeline/score_ray.py features/fastdecode.py
 TYPED  := tlpipe tlpipe.backbones.choice tlpipe.backbones.atomic tlpipe.backbones.onnx_metadata \
           tlpipe.features.stream tlpipe.features.decoder tlpipe.features.cache tlpipe.features.extract \
-          tlpipe.pipeline.score_ray tlpipe.pipeline.score tlpipe.features.ray_engine tlpipe.features.calibration
+          tlpipe.pipeline.score_ray tlpipe.pipeline.score tlpipe.features.ray_engine tlpipe.features.calibration \
+          tlpipe.features.fastdecode
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(FORMATTED)

@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import h5py
 import numpy as np
 
+from .fastdecode import DEFAULT_RESIZE_FILTER, LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
+
 CACHE_VERSION = 2
 CHUNK_ROWS = 256
 BLOB_CHUNK = 1 << 16
@@ -176,22 +178,41 @@ class ImageRow:
     source: int = -1  # index into the cache's sources (CacheWriter.note_source)
 
 
-def feature_set_key(model_key: str, resize: str = RESIZE_DEFAULT) -> str:
+def feature_set_key(model_key: str, resize: str = RESIZE_DEFAULT, resize_filter: str = DEFAULT_RESIZE_FILTER) -> str:
     """The cache key of a feature set: the model-store key plus every setting that changes an embedding.
+
+    The one place the key grammar lives::
+
+        <model_key>[-resize-<mode>][-filter-<filter>]
+
+    Each setting adds its suffix only when it differs from the value feature sets were made with before it was
+    recorded, so keys written then keep their meaning: ``squash`` (the default mode) and ``antialias`` (Pillow's
+    filter, tlpipe's only one before the filter was a choice) add nothing. So the key of the default
+    (``squash``, ``bilinear``) is ``<model_key>-filter-bilinear``, and two settings never share a key.
 
     Parameters
     ----------
     model_key : str
         Key of the model-store entry that computes the embeddings.
     resize : str
-        Resize mode of the images (``squash`` | ``crop``). ``squash``, the default, adds nothing (so the key of
-        a squash feature set is the model key); any other mode is appended, so two modes never share a key.
+        Resize mode of the images (``squash`` | ``crop``). ``squash``, the default, adds nothing; any other mode
+        adds ``-resize-<mode>``.
+    resize_filter : str
+        Resize filter (:data:`tlpipe.features.fastdecode.RESIZE_FILTERS`: ``bilinear``, the default, | ``antialias``).
+        ``antialias`` adds nothing; ``bilinear`` adds ``-filter-bilinear``.
 
     Returns
     -------
     str
+
+    Raises
+    ------
+    ValueError
+        An unknown ``resize_filter``.
     """
-    return model_key if resize == RESIZE_DEFAULT else f"{model_key}-resize-{resize}"
+    check_resize_filter(resize_filter)
+    key = model_key if resize == RESIZE_DEFAULT else f"{model_key}-resize-{resize}"
+    return key if resize_filter == LEGACY_RESIZE_FILTER else f"{key}-filter-{resize_filter}"
 
 
 def _storable(text: str, limit: int | None = None) -> bytes:
@@ -524,7 +545,8 @@ class CacheWriter:
         _label_dims(group["image_row"], DIMENSION_LABELS["image_row"])
         metadata = metadata or {}
         group.attrs.update({"dim": dim, "dtype": dtype, "metadata": json.dumps(metadata, sort_keys=True),
-                            "resize": metadata.get("resize") or RESIZE_DEFAULT})
+                            "resize": metadata.get("resize") or RESIZE_DEFAULT,
+                            "resize_filter": recorded_resize_filter(metadata)})
         for name in ("backbone", "input_size", "pooling", "preprocessing"):
             if metadata.get(name) is not None:
                 group.attrs[name] = metadata[name]
@@ -860,6 +882,12 @@ class FeatureSet:
         """The resize mode the embeddings were made with (part of the feature set's identity)."""
         return str(self.metadata.get("resize") or RESIZE_DEFAULT)
 
+    @property
+    def resize_filter(self) -> str:
+        """The resize filter the embeddings were made with (part of the identity; ``antialias`` when not recorded:
+        made before the filter was a choice)."""
+        return recorded_resize_filter(self.metadata)
+
 
 def list_feature_sets(path: str | os.PathLike) -> list[str]:
     return read_retrying(path, lambda f: sorted(f["features"].keys()))
@@ -1006,6 +1034,7 @@ def _describe(f: h5py.File, path) -> dict:
                              "input_size": meta.get("input_size"), "layer": meta.get("layer"),
                              "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source"),
                              "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
+                             "resize_filter": str(group.attrs.get("resize_filter", recorded_resize_filter(meta))),
                              "model_key": meta.get("key"),
                              "tta": meta.get("tta", "none"),
                              "extraction": json.loads(group.attrs.get("extraction", "null"))}

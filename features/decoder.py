@@ -20,6 +20,7 @@ import numpy as np
 
 from tlpipe.backbones.runtime import physical_cores
 
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .images import ImageError, decode_image
 from .sources import ImageRecord
 
@@ -84,7 +85,11 @@ def read_file(path: str) -> bytes:
 
 
 def decode_record(
-    record: ImageRecord, input_size: int, resize: str, is_known: Callable[[str], bool] = lambda sha: False
+    record: ImageRecord,
+    input_size: int,
+    resize: str,
+    is_known: Callable[[str], bool] = lambda sha: False,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
 ) -> Decoded:
     """Read, hash and (unless ``is_known(sha256)``) decode one input. Never raises for a bad input.
 
@@ -98,6 +103,8 @@ def decode_record(
         "squash" or "crop" (see :func:`tlpipe.features.images.decode_image`).
     is_known : callable, optional
         sha256 -> whether the sink already holds this content; such inputs are not decoded.
+    resize_filter : str, optional
+        "bilinear" (default, the fast path) | "antialias" (see :func:`tlpipe.features.images.decode_image`).
 
     Returns
     -------
@@ -114,7 +121,7 @@ def decode_record(
     if is_known(sha):
         return Decoded(record, sha, known=True)
     try:
-        pixels, size = decode_image(data, input_size, resize)
+        pixels, size = decode_image(data, input_size, resize, resize_filter=resize_filter)
     except ImageError as exc:
         return Decoded(record, sha, error=getattr(exc, "reason", str(exc)))
     return Decoded(record, sha, pixels, size)
@@ -142,6 +149,7 @@ def iter_decoded(
     *,
     workers: int | None = None,
     prefetch: int | None = None,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
 ) -> Iterator[Decoded]:
     """:func:`decode_record` over ``records`` in worker threads (PIL releases the GIL), in input order.
 
@@ -149,7 +157,7 @@ def iter_decoded(
     ----------
     records : iterable of ImageRecord
         Inputs, consumed lazily.
-    input_size, resize, is_known
+    input_size, resize, is_known, resize_filter
         As for :func:`decode_record`.
     workers : int, optional
         Decode threads (default :func:`decode_workers`).
@@ -169,7 +177,7 @@ def iter_decoded(
 
         def fill() -> None:
             while len(pending) < prefetch and (record := next(source, None)) is not None:
-                pending.append(pool.submit(decode_record, record, input_size, resize, is_known))
+                pending.append(pool.submit(decode_record, record, input_size, resize, is_known, resize_filter))
 
         fill()
         while pending:

@@ -38,6 +38,7 @@ from tlpipe.backbones.store import ModelStore
 from .calibration import resolve_entry
 from .decoder import Decoded, decode_record
 from .extract import ExtractSummary, check_extract_options, extract_into, open_source
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 from .stream import Stage, StageModel
 
@@ -118,11 +119,12 @@ def _known_shas(ref) -> frozenset[str]:
     return _known[1]
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
+                 resize_filter: str = DEFAULT_RESIZE_FILTER) -> dict[str, np.ndarray]:
     """Ray Data task: :func:`~tlpipe.features.decoder.decode_record` on each path; pixels as raw bytes (empty
     unless decoded)."""
     cached = _known_shas(known)
-    loaded = [decode_record(ImageRecord("", str(path), None, None), size, resize, cached.__contains__)
+    loaded = [decode_record(ImageRecord("", str(path), None, None), size, resize, cached.__contains__, resize_filter)
               for path in batch["abspath"]]
     return {
         "i": batch["i"],
@@ -136,12 +138,13 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known)
 
 
 def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, resize: str, known_shas: set[str],
-                    batch_size: int):
+                    batch_size: int, resize_filter: str = DEFAULT_RESIZE_FILTER):
     """Ray Data rows ``i, sha256, status, error, width, height, pixels`` for ``records`` (row i = records[i])."""
     known = ray.put(frozenset(known_shas)) if known_shas else None
     items = [{"i": i, "abspath": r.abspath} for i, r in enumerate(records)]
     return map_stage(ray.data.from_items(items), decode_batch, batch_size=batch_size, num_cpus=1,
-                     max_retries=TASK_RETRIES, fn_kwargs={"size": size, "resize": resize, "known": known})
+                     max_retries=TASK_RETRIES, fn_kwargs={"size": size, "resize": resize, "known": known,
+                                                               "resize_filter": resize_filter})
 
 
 def pixels_of(batch: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +242,7 @@ class RayEngine:
         self._stack = self._ray = self._plan = None
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
-            resize: str, input_size: int | None = None) -> None:
+            resize: str, input_size: int | None = None, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
         """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
         if self._ray is None or self._plan is None:
             raise RuntimeError("enter the RayEngine (with engine: ...) before running it")
@@ -250,7 +253,7 @@ class RayEngine:
         if todo:
             known = stage.sink.known_shas()
             decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=known,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, resize_filter=resize_filter)
             dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._plan.map_args(ray),
                                 fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()),
                                                        "model": replace(model, path=Path(model.path.name)),
@@ -297,6 +300,7 @@ def extract_ray(
     device: str = "auto",
     dtype: str = "float32",
     resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
     threads: int | None = None,
     allow_outside_root: bool = False,
     precision: str = "fp32",
@@ -308,7 +312,7 @@ def extract_ray(
     Parameters
     ----------
     source, out, choice, backbone, weights, size, layer, pooling, model, weights_dir, store, device, dtype, \
-resize, allow_outside_root, precision, recalibrate, progress
+resize, resize_filter, allow_outside_root, precision, recalibrate, progress
         As for :func:`~tlpipe.features.extract.extract`.
     address, num_actors, actor_gpus, commit_rows, threads
         See :class:`RayEngine` (``threads`` per actor).
@@ -332,10 +336,11 @@ resize, allow_outside_root, precision, recalibrate, progress
     require("ray")  # before exporting a backbone, which can take minutes
     if min(batch_size, commit_rows) < 1:
         raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
-    check_extract_options(resize=resize, dtype=dtype, device=device, precision=precision, pooling=pooling)
+    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype, device=device,
+                          precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
     entry = resolve_entry(choice, images.records, resize, recalibrate)
     engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
     return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
-                        progress=progress)
+                        resize_filter=resize_filter, progress=progress)

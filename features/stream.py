@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .decoder import Decoded, decode_workers, iter_decoded
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
 __all__ = ["LocalEngine", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
@@ -269,6 +270,7 @@ class LocalEngine:
         batch_size: int,
         resize: str,
         input_size: int | None = None,
+        resize_filter: str = DEFAULT_RESIZE_FILTER,
     ) -> None:
         """Stream ``records`` through ``model`` into ``stage``'s sink.
 
@@ -306,7 +308,15 @@ class LocalEngine:
             batch.clear()
 
         with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
-            for item in iter_decoded(todo, input_size, resize, stage.sink.known, workers=workers, prefetch=prefetch):
+            for item in iter_decoded(
+                todo,
+                input_size,
+                resize,
+                stage.sink.known,
+                workers=workers,
+                prefetch=prefetch,
+                resize_filter=resize_filter,
+            ):
                 stage.admit(item)
                 batch.append(item)
                 if len(batch) >= batch_size:
@@ -327,6 +337,7 @@ def run_stream(
     engine: Any = None,
     batch_size: int = 32,
     resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
     unique: bool = False,
     progress: Progress | None = None,
     input_size: int | None = None,
@@ -349,6 +360,8 @@ def run_stream(
         Inputs per batch (per model call; per commit on the local engine).
     resize : str
         "squash" | "crop".
+    resize_filter : str
+        "bilinear" (default) | "antialias" (:data:`tlpipe.features.fastdecode.RESIZE_FILTERS`).
     unique, progress
         See :class:`Stage`.
 
@@ -367,7 +380,15 @@ def run_stream(
     engine = engine or LocalEngine()
     stage = Stage(sink, summary, unique=unique, progress=progress)
     try:
-        engine.run(stage, records, model, batch_size=batch_size, resize=resize, input_size=input_size)
+        engine.run(
+            stage,
+            records,
+            model,
+            batch_size=batch_size,
+            resize=resize,
+            input_size=input_size,
+            resize_filter=resize_filter,
+        )
     except BaseException:
         sink.close(finish=False)
         raise

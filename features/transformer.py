@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 from tlpipe.backbones.export import obtain_backbone
 
 from .cache import CacheWriter, feature_set_key, lookup_embeddings
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
 
@@ -23,7 +24,8 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     per path, in order. Images already in the cache are looked up by sha256 (only their rows are read)
     with the cache opened read-only, so any number of processes can transform cached images at once
     (``cross_val_score(..., n_jobs=2)``); only missing images open the cache for writing (its lock)
-    and start the ONNX session, one per fit, reused by later ``transform`` calls.
+    and start the ONNX session, one per fit, reused by later ``transform`` calls. ``resize`` and
+    ``resize_filter`` as in extract (both part of the feature set's key).
 
     Attributes
     ----------
@@ -33,16 +35,17 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone: str | None = "mobilenet_v2", weights="imagenet", cache: str | os.PathLike = "embeddings.h5",
                  size: int | None = None, layer: str | None = None, pooling: str = "avg", model=None,
-                 device: str = "auto", batch_size: int = 32, store=None, resize: str = "squash"):
+                 device: str = "auto", batch_size: int = 32, store=None, resize: str = "squash",
+                 resize_filter: str = DEFAULT_RESIZE_FILTER):
         self.backbone, self.weights, self.cache, self.size, self.layer = backbone, weights, cache, size, layer
         self.pooling, self.model, self.device, self.batch_size, self.store = pooling, model, device, batch_size, store
-        self.resize = resize
+        self.resize, self.resize_filter = resize, resize_filter
 
     def fit(self, X=None, y=None):
         """Resolve the backbone (export it into the store if needed). ``X`` (paths) is only counted."""
         self.entry_ = obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling,
                                       store=self.store, model=self.model)
-        self.key_ = feature_set_key(self.entry_.key, self.resize)  # the resize mode is part of the identity
+        self.key_ = feature_set_key(self.entry_.key, self.resize, self.resize_filter)  # part of the identity
         self.n_features_out_ = self.entry_.embedding_dim
         self.n_features_in_ = 1  # one input column: the image path
         self._embedder = None  # the ONNX session of this fit, started on the first image not in the cache
@@ -78,7 +81,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         records = [ImageRecord(str(p), str(p.resolve()), None, None) for p in paths]
         with CacheWriter(self.cache) as writer:
             summary = run_extraction(records, self.entry_, writer, self._embedder, batch_size=self.batch_size,
-                                     resize=self.resize)
+                                     resize=self.resize, resize_filter=self.resize_filter)
         if summary.failures:
             details = "; ".join(f"{p}: {r}" for p, r in summary.failures[:5])
             raise ValueError(f"{summary.failed} of {len(paths)} images could not be embedded: {details}")

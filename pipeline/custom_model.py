@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tlpipe.backbones.export import INPUT_NAME, ExportPlan, plan_export
+from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER
 from tlpipe.features.images import ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
@@ -207,6 +208,7 @@ class FeatureMaps:
         batch_size: int,
         failures: dict[str, str],
         identity: dict,
+        resize_filter: str = DEFAULT_RESIZE_FILTER,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The maps (memory-mapped, read-only) and kept indices; reused only when a complete earlier
         computation had the same ``identity`` (model settings) and the same records, else computed."""
@@ -227,7 +229,7 @@ class FeatureMaps:
             pixels, rows = [], []
             for i in range(start, min(start + batch_size, len(records))):
                 try:
-                    pixels.append(load_image(records[i].abspath, size, resize)[0])
+                    pixels.append(load_image(records[i].abspath, size, resize, resize_filter=resize_filter)[0])
                     rows.append(i)
                 except ImageError as exc:
                     split_failures[records[i].relpath] = exc.reason
@@ -441,6 +443,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
         "seed": o.seed,
         "validation": records_digest(p.split.val),
         "feature_maps": p.cache_feature_maps,
+        "resize_filter": o.resize_filter,
     }
 
     # phase 1: the new layers on the frozen backbone
@@ -460,12 +463,12 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     if p.cache_feature_maps and not phase_two_started:
         started = time.perf_counter()
         directory = p.out_dir / FEATURE_MAPS
-        identity = {k: config[k] for k in ("backbone", "size", "weights", "layer")} | {"resize": o.resize}
+        identity = {k: config[k] for k in ("backbone", "size", "weights", "layer")} | {"resize": o.resize, "resize_filter": o.resize_filter}
         for name in ("train", "val", "test"):
             records = getattr(p.split, name)
             if records:
                 maps[name] = FeatureMaps(directory, name).compute(
-                    models.frozen, records, p.plan.size, o.resize, o.batch_size, failures, identity
+                    models.frozen, records, p.plan.size, o.resize, o.batch_size, failures, identity, o.resize_filter
                 )
         map_seconds = round(time.perf_counter() - started, 3)
         log.info("feature maps of the frozen part: %.1f s", map_seconds)
@@ -491,10 +494,13 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             first_epoch=first_epoch,
             failures=failures,
             sample_weights=weights,
+            resize_filter=o.resize_filter,
         )
 
     def val_images():
-        return image_batches(p.split.val, y["val"], p.plan.size, o.resize, o.batch_size, failures=failures)
+        return image_batches(
+            p.split.val, y["val"], p.plan.size, o.resize, o.batch_size, failures=failures, resize_filter=o.resize_filter
+        )
 
     if phase_two_started:
         resumed = first.resume()
@@ -537,6 +543,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
                 first_epoch=first_epoch,
                 failures=failures,
                 sample_weights=weights,
+                resize_filter=o.resize_filter,
             )
 
         resumed += fit_phase(second, second_train, val_images(), p.unfreeze_epochs, verbose=verbose, start=first.best)
@@ -549,7 +556,10 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             array, kept = maps["test"]
             test = evaluate_split(models.top, map_batches(array, y["test"][kept], o.batch_size), len(kept), verbose)
         else:
-            data = image_batches(p.split.test, y["test"], p.plan.size, o.resize, o.batch_size, failures=failures)
+            data = image_batches(
+                p.split.test, y["test"], p.plan.size, o.resize, o.batch_size, failures=failures,
+                resize_filter=o.resize_filter,
+            )
             decoded = sum(r.relpath not in failures for r in p.split.test)
             test = evaluate_split(models.train, data, decoded, verbose)  # compiled; augmentation inactive here
     return TrainedCustomModel(models, run, params, unfreeze_from, resumed, test, failures, map_seconds)
@@ -560,7 +570,7 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
     fused-classifier metadata) and drop the cached feature maps."""
     p, run = prepared, trained.run
     path = p.out_dir / CLASSIFIER_FILE
-    sample = decodable(p.split.val, p.plan.size, p.options.resize, VERIFY_IMAGES)
+    sample = decodable(p.split.val, p.plan.size, p.options.resize, VERIFY_IMAGES, p.options.resize_filter)
     record = {
         "made_by": "custom-model",
         "class_names": p.class_names,
@@ -570,6 +580,7 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
         "weights": p.plan.weights.identity,
         "preprocessing": p.plan.spec.preprocessing,
         "resize": p.options.resize,
+        "resize_filter": p.options.resize_filter,
         "params": trained.params,
         "unfreeze_from": trained.unfreeze_from,
         "source": str(p.source.resolve()),
@@ -630,6 +641,7 @@ def fit_custom_model(
     cache_feature_maps: bool = True,
     resize: str = "squash",
     progress: bool = True,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
 ) -> CustomModelResult:
     """Train new layers on ``backbone`` cut at ``layer`` (frozen) and export them as one ONNX classifier.
 
@@ -659,6 +671,9 @@ def fit_custom_model(
         ``unfreeze_from``, or the last ``unfreeze_last`` blocks, as fine-tune) together with them for up to
         ``unfreeze_epochs`` (default ``epochs``) more epochs, the backbone at ``backbone_learning_rate``
         (default ``learning_rate / 10``). BatchNormalization stays frozen.
+    resize, resize_filter : str
+        How images are resized ("squash" | "crop"; "bilinear" | "antialias", as in extract); recorded in the
+        classifier, which ``tlpipe score --model`` then resizes with.
 
     Returns
     -------
@@ -684,6 +699,7 @@ def fit_custom_model(
         seed=seed,
         val_fraction=val_fraction,
         resize=resize,
+        resize_filter=resize_filter,
         progress=progress,
         unfreeze_from=unfreeze_from,
         unfreeze_last=unfreeze_last,

@@ -83,7 +83,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     say(f"extract: {summary.embedded} embedded, {summary.cached} already cached, {summary.failed} failed "
         f"({summary.images_per_second:.0f} img/s) -> {cache}")
 
-    fs = read_feature_set(cache, entry.key)
+    fs = read_feature_set(cache, summary.key)
     with console.status("compare: cross-validating logreg, svm, rbf-svm, mlp…"):
         result = compare_heads(fs, ("logreg", "svm", "rbf-svm", "mlp"), cv=5)
     console.print(format_table(result))
@@ -91,7 +91,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     write_report(result, report)
 
     head_path = out / f"{result.best}.joblib"
-    trained = train_head(cache, result.best, head_path, features=entry.key)
+    trained = train_head(cache, result.best, head_path, features=summary.key)
     e = trained.evaluation
     say(f"fit-head: {result.best} saved to {head_path}; on the held-out test split: accuracy {e.accuracy:.4f}, "
         f"macro-F1 {e.macro_f1:.4f} ({e.n} images)")

@@ -48,6 +48,7 @@ from tlpipe.backbones.export import INPUT_NAME, ExportPlan, convert, export_plan
 from tlpipe.backbones.onnx_metadata import write_metadata
 from tlpipe.backbones.registry import BackboneSpec
 from tlpipe.backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry
+from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER, check_resize_filter
 from tlpipe.features.images import RESIZE_MODES, ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 
@@ -89,6 +90,7 @@ class TrainingOptions:
     seed: int = 0
     val_fraction: float = 0.2
     resize: str = "squash"
+    resize_filter: str = DEFAULT_RESIZE_FILTER
     progress: bool = True
     unfreeze_from: str | None = None
     unfreeze_last: int | None = None
@@ -105,6 +107,7 @@ class TrainingOptions:
             raise ValueError(f"backbone_learning_rate must be >= 0, not {self.backbone_learning_rate}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {self.resize!r}; expected one of {RESIZE_MODES}")
+        check_resize_filter(self.resize_filter)
         if self.unfreeze_from is not None and self.unfreeze_last is not None:
             raise ValueError("give unfreeze_from or unfreeze_last, not both")
 
@@ -268,9 +271,10 @@ def fold_head(estimator, metadata: dict, class_names: list[str], embedding_dim: 
 def _check_head_features(metadata: dict, plan: ExportPlan, store: ModelStore, name: str) -> None:
     """The head must have been fitted on this backbone's embeddings (same key; converter versions may differ)."""
     saved = metadata.get("feature_set", {})
-    if saved.get("key") == plan.key:
+    model_key = saved.get("model_key") or saved.get("key")  # a feature-set key also names resize mode and filter
+    if model_key == plan.key:
         return
-    entry = store.get(saved["key"]) if saved.get("key") else None
+    entry = store.get(model_key) if model_key else None
     if entry is not None:
         def unversioned(fields: dict) -> dict:
             return {k: v for k, v in fields.items() if k != "versions"}
@@ -476,7 +480,8 @@ def batches(n: int, load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
 
 def image_batches(records: list[ImageRecord], labels: np.ndarray, size: int, resize: str, batch_size: int, *,
                   shuffle_seed: int | None = None, first_epoch: int = 0, sample_weights: np.ndarray | None = None,
-                  failures: dict[str, str] | None = None) -> keras.utils.PyDataset:
+                  failures: dict[str, str] | None = None,
+                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> keras.utils.PyDataset:
     """Batches of uint8 (N, size, size, 3) images decoded with :func:`features.images.load_image`.
 
     Undecodable images are left out of their batch and noted in ``failures`` (relpath -> reason).
@@ -485,7 +490,7 @@ def image_batches(records: list[ImageRecord], labels: np.ndarray, size: int, res
         rows, pixels = [], []
         for i in indices:
             try:
-                pixels.append(load_image(records[i].abspath, size, resize)[0])
+                pixels.append(load_image(records[i].abspath, size, resize, resize_filter=resize_filter)[0])
                 rows.append(int(i))
             except ImageError as exc:
                 if failures is not None:
@@ -704,12 +709,13 @@ def _copy_entry(entry: StoreEntry, destination: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def decodable(records: list[ImageRecord], size: int, resize: str, count: int) -> np.ndarray:
+def decodable(records: list[ImageRecord], size: int, resize: str, count: int,
+              resize_filter: str = DEFAULT_RESIZE_FILTER) -> np.ndarray:
     """The first ``count`` of ``records`` that decode, as a uint8 batch."""
     pixels: list[np.ndarray] = []
     for record in records:
         try:
-            pixels.append(load_image(record.abspath, size, resize)[0])
+            pixels.append(load_image(record.abspath, size, resize, resize_filter=resize_filter)[0])
         except ImageError:
             continue
         if len(pixels) == count:
@@ -768,7 +774,9 @@ def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndar
                           LABEL_NAME: "int64 (N,), index into class_names"},
               "opset": opset, "verification": figures,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_metadata(onnx_model, record, kind="classifier", class_names=list(record["class_names"]), input_size=size)
+    pixel_settings = {k: record[k] for k in ("resize", "resize_filter") if record.get(k)}  # score reads them
+    write_metadata(onnx_model, record, kind="classifier", class_names=list(record["class_names"]), input_size=size,
+                   **pixel_settings)
     atomic_write(path, onnx_model.SerializeToString())
     return figures
 
@@ -875,7 +883,7 @@ def train_finetune(prepared: PreparedFinetune) -> tuple[FinetuneModels, TrainedM
               "weights": p.plan.weights.identity, "unfreeze_from": models.unfreeze_from,
               "class_names": p.class_names, "augment": o.augment, "selection": "val_loss",
               "learning_rate": o.learning_rate, "backbone_learning_rate": o.backbone_learning_rate,
-              "validation": records_digest(p.split.val),
+              "validation": records_digest(p.split.val), "resize_filter": o.resize_filter,
               "head": hashlib.sha256(p.head.read_bytes()).hexdigest() if p.head is not None else None}
     run = TrainingRun(p.out_dir, models.train, config, o.patience, phase="finetune")
     trained = train_keras(run, p.split, p.class_names, o, pixels=p.plan.size)
@@ -890,12 +898,14 @@ def train_keras(run: TrainingRun, split: DataSplit, class_names: list[str], opti
     o = options
     y_train, y_val = label_indices(split.train, class_names), label_indices(split.val, class_names)
     failures: dict[str, str] = {}
-    val_data = image_batches(split.val, y_val, pixels, o.resize, o.batch_size, failures=failures)
+    val_data = image_batches(split.val, y_val, pixels, o.resize, o.batch_size, failures=failures,
+                             resize_filter=o.resize_filter)
     weights = balanced_weights(y_train) if o.class_weight else None
 
     def train_data(first_epoch: int):
         return image_batches(split.train, y_train, pixels, o.resize, o.batch_size, shuffle_seed=o.seed,
-                             first_epoch=first_epoch, failures=failures, sample_weights=weights)
+                             first_epoch=first_epoch, failures=failures, sample_weights=weights,
+                             resize_filter=o.resize_filter)
 
     resumed = fit_phase(run, train_data, val_data, o.epochs, verbose=1 if o.progress else 0)
     if resumed:
@@ -903,7 +913,7 @@ def train_keras(run: TrainingRun, split: DataSplit, class_names: list[str], opti
     test = None
     if split.test:
         data = image_batches(split.test, label_indices(split.test, class_names), pixels, o.resize, o.batch_size,
-                             failures=failures)
+                             failures=failures, resize_filter=o.resize_filter)
         kept = sum(r.relpath not in failures for r in split.test)
         test = evaluate_split(run.model, data, kept, verbose=1 if o.progress else 0)
     return TrainedModel(run, resumed, test, failures)
@@ -929,9 +939,10 @@ def export_finetune(prepared: PreparedFinetune, models: FinetuneModels, trained:
     _copy_entry(entry, out_dir / "backbone")
 
     classifier_path = out_dir / CLASSIFIER_FILE
-    sample = decodable(p.split.val, plan.size, p.options.resize, VERIFY_IMAGES)
+    sample = decodable(p.split.val, plan.size, p.options.resize, VERIFY_IMAGES, p.options.resize_filter)
     record = {"made_by": "finetune", "class_names": p.class_names, "backbone_key": entry.key,
               "backbone": plan.spec.name, "preprocessing": plan.spec.preprocessing, "resize": p.options.resize,
+              "resize_filter": p.options.resize_filter,
               "test": trained.test.to_dict() if trained.test else None, **provenance}
     export_classifier(models.classifier, plan.size, classifier_path, sample, record, plan.opset)
 
@@ -954,7 +965,8 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
              epochs: int = 10, batch_size: int = 32, learning_rate: float = 1e-4,
              backbone_learning_rate: float | None = None, dropout: float = 0.2, augment: bool = True,
              class_weight: str | None = None, patience: int = 3, seed: int = 0, val_fraction: float = 0.2,
-             store: ModelStore | None = None, resize: str = "squash", progress: bool = True) -> FinetuneResult:
+             store: ModelStore | None = None, resize: str = "squash", progress: bool = True,
+             resize_filter: str = DEFAULT_RESIZE_FILTER) -> FinetuneResult:
     """Fine-tune ``backbone`` on the labelled images of ``source`` (folder or CSV manifest) into ``out_dir``.
 
     Runs :func:`prepare_finetune`, :func:`train_finetune` and :func:`export_finetune`. Writes
@@ -973,6 +985,9 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
         At most ``epochs`` epochs; stop after ``patience`` without a lower validation loss. The weights of
         the lowest validation loss are kept, epoch 0 (the starting weights) included, so the result is never
         worse on the validation images than the start.
+    resize, resize_filter : str
+        How images are resized ("squash" | "crop"; "bilinear" | "antialias", as in extract), recorded in the
+        classifier: extract with the fine-tuned backbone using the same ones.
 
     Returns
     -------
@@ -991,7 +1006,8 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
     options = TrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                               backbone_learning_rate=backbone_learning_rate, augment=augment,
                               class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
-                              resize=resize, progress=progress, unfreeze_from=unfreeze_from,
+                              resize=resize, resize_filter=resize_filter, progress=progress,
+                              unfreeze_from=unfreeze_from,
                               unfreeze_last=unfreeze_last)
     prepared = prepare_finetune(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir,
                                 size=size, pooling=pooling, head=head, trust=trust, dropout=dropout, store=store,

@@ -31,6 +31,7 @@ from tlpipe.backbones.deps import distribution_version, require
 from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.store import ModelStore
+from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
 
 from .artifacts import load_head
@@ -250,10 +251,10 @@ def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndar
             "near_ties": int(np.sum(differs & near_tie))}
 
 
-def _verification_pixels(paths, size: int) -> np.ndarray:
+def _verification_pixels(paths, size: int, resize: str, resize_filter: str) -> np.ndarray:
     if not paths:
         return verification_images(size)
-    return np.stack([load_image(p, size)[0] for p in paths])
+    return np.stack([load_image(p, size, resize, resize_filter=resize_filter)[0] for p in paths])
 
 
 def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust: bool = False,
@@ -282,6 +283,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     head_name = head_meta.get("name") or type(estimator).__name__
     entry = head_backbone(metadata, store, str(head_path))
     resize = metadata.get("feature_set", {}).get("resize") or "squash"  # part of the embeddings' identity
+    resize_filter = recorded_resize_filter(metadata.get("feature_set", {}))  # so is the filter (antialias: before)
     labels = metadata.get("labels") or []
     n_classes = len(estimator.classes_)
     if len(labels) != n_classes:
@@ -292,7 +294,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
     fused = fuse(backbone, head_model, n_classes)
     onnx.checker.check_model(fused)
 
-    pixels = _verification_pixels(verify_images, entry.input_size)
+    pixels = _verification_pixels(verify_images, entry.input_size, resize, resize_filter)
     reference = estimator.predict_proba(OnnxEmbedder(entry.model_path, device="cpu")(pixels))
     try:
         session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -305,6 +307,7 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
 
     record = {
         "format": FORMAT, "kind": "classifier", "class_names": labels, "input_size": entry.input_size,
+        "resize_filter": resize_filter,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "outputs": {PROBABILITIES: "float32 (N, C), columns in class_names order",
                     LABEL: "int64 (N,), index into class_names"},
@@ -312,12 +315,13 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
                  "joblib_sha256": metadata.get("joblib_sha256"), "metrics": metadata.get("metrics")},
         "backbone": {k: entry.metadata.get(k) for k in ("key", "backbone", "model_sha256", "input_size",
                                                         "embedding_dim", "preprocessing", "pooling", "layer")}
-        | {"resize": resize},
+        | {"resize": resize, "resize_filter": resize_filter},
         "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import}, "verification": figures,
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_metadata(fused, record, kind="classifier", class_names=list(labels), input_size=entry.input_size,
-                   key=entry.key, head=head_name, resize=resize)
+                   key=entry.key, head=head_name, resize=resize,
+                   resize_filter=resize_filter)
     atomic_write(out, fused.SerializeToString())
     return record

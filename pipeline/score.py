@@ -48,6 +48,7 @@ from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
 from tlpipe.features.cache import FeatureSetReader, exclusive_lock, read_retrying, release_lock
 from tlpipe.features.decoder import Decoded
+from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, RESIZE_FILTERS, recorded_resize_filter
 from tlpipe.features.images import RESIZE_MODES
 from tlpipe.features.sources import ImageRecord, discover
 from tlpipe.features.stream import LocalEngine, StageModel, StreamSummary, run_stream
@@ -112,6 +113,7 @@ class Predictor:
     key: str | None = None
     model_sha256: str | None = None
     resize: str | None = None  # the resize mode its embeddings were made with, as recorded (None: not recorded)
+    resize_filter: str = LEGACY_RESIZE_FILTER  # the resize filter, as recorded (antialias: made before it was)
 
     @property
     def input_size(self) -> int:
@@ -158,7 +160,8 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
     predictor = Predictor(labels, from_embeddings=estimator.predict_proba, key=feature_set.get("key"),
-                          model_sha256=feature_set.get("model_sha256"), resize=feature_set.get("resize"))
+                          model_sha256=feature_set.get("model_sha256"), resize=feature_set.get("resize"),
+                          resize_filter=recorded_resize_filter(feature_set))
     if backbone:
         entry = head_backbone(metadata, store, str(head))
         predictor.model = StageModel(entry.model_path, entry.input_size, width=len(labels),
@@ -186,7 +189,8 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
     labels = json.loads(meta["tlpipe.class_names"])
     return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), width=len(labels),
                                         output=PROBABILITIES),
-                     key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"))
+                     key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"),
+                     resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER)
 
 
 def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
@@ -206,27 +210,59 @@ def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | Non
     return fused_predictor(model)
 
 
-def settle_resize(asked: str | None, recorded: str | None, where: str) -> str:
-    """The resize mode to score with: the one the head's (or fused model's) embeddings were made with.
+def settle_setting(option: str, asked: str | None, recorded: str | None, where: str, *, choices: tuple[str, ...],
+                   unrecorded: str) -> str:
+    """The value of a pixel setting (``resize``, ``resize_filter``) to score with: the one the head's (or fused
+    model's) embeddings were made with. The one check for every setting that is part of a feature set's identity.
+
+    Parameters
+    ----------
+    option : str
+        The setting's name as the CLI spells it without dashes (``resize``, ``resize-filter``).
+    asked : str or None
+        The explicit value (None: not given).
+    recorded : str or None
+        The value recorded with the head or fused model (None: not recorded).
+    where : str
+        The head or model, for messages.
+    choices : tuple of str
+        The allowed values.
+    unrecorded : str
+        The value used when none is recorded and none asked (what tlpipe made before recording it).
+
+    Returns
+    -------
+    str
 
     Raises
     ------
     ScoreError
-        ``asked`` (an explicit ``--resize``) disagrees with the recorded mode.
+        ``asked`` disagrees with the recorded value.
     ValueError
-        ``asked`` is not a resize mode.
+        ``asked`` is not one of ``choices``.
 
-    A model that records none (made before tlpipe recorded it) uses ``asked``, else squash, and says so.
+    A model that records none (made before tlpipe recorded it) uses ``asked``, else ``unrecorded``, and says so.
     """
-    if asked is not None and asked not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {asked!r}; expected one of {RESIZE_MODES}")
+    if asked is not None and asked not in choices:
+        raise ValueError(f"--{option} must be one of {', '.join(choices)}, not {asked!r}")
     if recorded is None:
-        log.warning("%s does not record its resize mode; scoring with %s", where, asked or "squash")
-        return asked or "squash"
+        log.warning("%s does not record its %s; scoring with %s", where, option, asked or unrecorded)
+        return asked or unrecorded
     if asked is not None and asked != recorded:
-        raise ScoreError(f"--resize {asked} disagrees with {where}, whose embeddings were made with --resize "
-                         f"{recorded}; leave --resize out to use {recorded}")
+        raise ScoreError(f"--{option} {asked} disagrees with {where}, whose embeddings were made with --{option} "
+                         f"{recorded}; leave --{option} out to use {recorded}")
     return recorded
+
+
+def settle_resize(asked: str | None, recorded: str | None, where: str) -> str:
+    """:func:`settle_setting` for the resize mode (unrecorded: squash)."""
+    return settle_setting("resize", asked, recorded, where, choices=RESIZE_MODES, unrecorded="squash")
+
+
+def settle_resize_filter(asked: str | None, recorded: str | None, where: str) -> str:
+    """:func:`settle_setting` for the resize filter (unrecorded: antialias, tlpipe's only filter before)."""
+    return settle_setting("resize-filter", asked, recorded, where, choices=RESIZE_FILTERS,
+                          unrecorded=LEGACY_RESIZE_FILTER)
 
 
 # -- rows --------------------------------------------------------------------------------------------------
@@ -574,7 +610,8 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
 
 
 def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str | os.PathLike, top_k: int,
-              resize: str, cache: str | os.PathLike | None = None, labelled: bool = False) -> PredictionSink:
+              resize: str, resize_filter: str = LEGACY_RESIZE_FILTER,
+              cache: str | os.PathLike | None = None, labelled: bool = False) -> PredictionSink:
     """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here).
 
     Raises
@@ -585,7 +622,11 @@ def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str 
         ``cache`` lacks the head's feature set, or it was made by another backbone.
     """
     k = min(top_k, len(predictor.labels))
-    check_resume(out, {"scored_with": sha256_file(scored_with), "top_k": k, "resize": resize, "true_label": labelled})
+    identity: dict[str, object] = {"scored_with": sha256_file(scored_with), "top_k": k, "resize": resize,
+                                   "true_label": labelled}
+    if resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
+        identity["resize_filter"] = resize_filter
+    check_resume(out, identity)
     cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
     return PredictionSink(open_output(out, k, labelled), predictor, k, cached)
 
@@ -649,6 +690,7 @@ def score(
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
     resize: str | None = None,
+    resize_filter: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
     streams: int | None = None,
@@ -685,6 +727,9 @@ def score(
     resize : str, optional
         "squash" | "crop"; default the mode recorded with the head's feature set (or in the fused model); an
         explicit one that disagrees is refused.
+    resize_filter : str, optional
+        "bilinear" | "antialias"; default the filter recorded with the head's feature set (or in the fused
+        model; antialias for those made before it was recorded); an explicit one that disagrees is refused.
     workers, threads, streams
         Decode threads, ONNX Runtime threads per stream and concurrent sessions of the local engine
         (default: one session using all cores).
@@ -721,6 +766,8 @@ def score(
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if resize is not None and resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
+    if resize_filter is not None and resize_filter not in RESIZE_FILTERS:
+        raise ValueError(f"--resize-filter must be one of {', '.join(RESIZE_FILTERS)}, not {resize_filter!r}")
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
     if from_cache and model is not None:
@@ -740,9 +787,10 @@ def score(
     scored_with = head if head is not None else model
     assert scored_with is not None
     resize = settle_resize(resize, predictor.resize, str(scored_with))
+    resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, str(scored_with))
     if images is None:
         sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
-                         labelled=bool(cache_labels(source)))
+                         resize_filter=resize_filter, labelled=bool(cache_labels(source)))
         summary = ScoreSummary(out=str(out))
         try:
             started = time.perf_counter()
@@ -758,11 +806,12 @@ def score(
         # one session unless asked: as scoring always ran (two streams measured no faster here, and cost ~80 MB)
         engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
     with engine:
-        sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize, cache=cache,
+        sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
+                         resize_filter=resize_filter, cache=cache,
                          labelled=any(r.label is not None for r in images.records))
         summary = ScoreSummary(out=str(out), skipped=list(images.skipped))
         run_stream(images.records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
-                   resize=resize, progress=progress)
+                   resize=resize, resize_filter=resize_filter, progress=progress)
     return summary
 
 
@@ -839,6 +888,7 @@ def predict(
     device: str = "auto",
     batch_size: int = 32,
     resize: str | None = None,
+    resize_filter: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
 ) -> Predictions:
@@ -863,6 +913,8 @@ def predict(
     resize : str, optional
         "squash" | "crop"; default the mode recorded with the head's feature set (or in the fused model); an
         explicit one that disagrees is refused.
+    resize_filter : str, optional
+        As in :func:`score`.
     workers, threads
         Decode threads and ONNX Runtime threads (as in :func:`score`).
 
@@ -880,12 +932,15 @@ def predict(
         The model cannot be used.
     """
     predictor = predictor_for(head, model, trust=trust, store=store)
-    resize = settle_resize(resize, predictor.resize, str(head if head is not None else model))
+    where = str(head if head is not None else model)
+    resize = settle_resize(resize, predictor.resize, where)
+    resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, where)
     assert predictor.model is not None
     names = [os.fspath(p) for p in paths]
     records = [ImageRecord(name, os.path.abspath(name), None, None) for name in names]
     sink = _MemorySink(len(records), len(predictor.labels))
     sink.position = {id(r): i for i, r in enumerate(records)}
     run_stream(records, predictor.model, sink, StreamSummary(out=""), batch_size=batch_size, resize=resize,
+               resize_filter=resize_filter,
                engine=LocalEngine(device=device, workers=workers, threads=threads, streams=1))
     return Predictions(names, list(predictor.labels), sink.probabilities, sink.errors, sink.sha256)

@@ -31,6 +31,7 @@ def score_ray(
     trust: bool = False,
     store: ModelStore | str | os.PathLike | None = None,
     resize: str | None = None,
+    resize_filter: str | None = None,
     threads: int | None = None,
     allow_outside_root: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
@@ -42,7 +43,8 @@ def score_ray(
 
     Parameters
     ----------
-    source, out, head, model, cache, top_k, device, batch_size, trust, store, resize, allow_outside_root, progress
+    source, out, head, model, cache, top_k, device, batch_size, trust, store, resize, resize_filter, \
+allow_outside_root, progress
         As for :func:`~tlpipe.pipeline.score.score`.
     commit_rows : int
         Rows per durable append on the driver.
@@ -79,6 +81,7 @@ def score_ray(
         trust=trust,
         store=store,
         resize=resize,
+        resize_filter=resize_filter,
         allow_outside_root=allow_outside_root,
         progress=progress,
         engine=engine,

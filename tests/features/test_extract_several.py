@@ -29,13 +29,13 @@ def test_decode_sizes_equals_decode_per_size(shape):
 @pytest.mark.slow
 def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folder, model_store, tiny_entry):
     from tlpipe.backbones.export import plan_export
-    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.cache import feature_set_key, read_feature_set
     from tlpipe.features.extract import extract
 
     cache = tmp_path / "cache.h5"
     summary = extract(photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", sizes=[64, 72],
                       layers=["block_12_add", None], tta="flip", store=model_store, batch_size=5)
-    expected = [plan_export("mobilenet_v2_0.35", "none", size, layer, tta="flip").key
+    expected = [feature_set_key(plan_export("mobilenet_v2_0.35", "none", size, layer, tta="flip").key)
                 for size in (64, 72) for layer in ("block_12_add", None)]
     assert summary.keys == expected and summary.embedded == 12
     with h5py.File(cache, "r") as f:

@@ -165,7 +165,7 @@ def test_reexported_backbone_extracts(tiny, tuned, model_store, tiny_entry):
     assert plan_export(**{**TINY, "weights": weights}).key == entry.key  # what `tlpipe export --weights` would key
     summary = extract(tiny["photos"], tiny["root"] / "tuned.h5", model=str(second.out_dir), store=model_store,
                       device="cpu")
-    assert summary.key == entry.key and summary.embedded == 24 and not summary.failures
+    assert summary.key == f"{entry.key}-filter-bilinear" and summary.embedded == 24 and not summary.failures
     assert read_feature_set(tiny["root"] / "tuned.h5").metadata["finetuned_from"]["key"] == tiny_entry.key
 
 

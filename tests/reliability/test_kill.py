@@ -94,7 +94,7 @@ def test_extract_killed_20_times_then_rerun_equals_uninterrupted(tmp_path, tiny_
             return 0
         paths, sha, X, y = snapshot(out)
         n = len(paths)
-        assert info["images"] == n and info["feature_sets"][tiny_entry.key]["rows"] == n  # counts == readable rows
+        assert info["images"] == n and info["feature_sets"][f"{tiny_entry.key}-filter-bilinear"]["rows"] == n  # counts == readable rows
         assert list(paths) == list(ref_paths[:n]) and list(sha) == list(ref_sha[:n]) and np.array_equal(y, ref_y[:n])
         assert np.allclose(X, ref_X[:n], atol=1e-5)
         assert info["failures"] == ref_failures[: len(info["failures"])]

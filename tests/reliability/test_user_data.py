@@ -307,7 +307,9 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
     crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").fit_transform(paths)
     sets = describe(cache)["feature_sets"]
     assert sorted(fs["resize"] for fs in sets.values()) == ["crop", "squash"]
-    for key, got in ((tiny_entry.key, squash), (tiny_entry.key + "-resize-crop", crop)):
+    # the key grammar: <model key>[-resize-<mode>][-filter-<filter>] (bilinear is the default filter)
+    keys = (tiny_entry.key + "-filter-bilinear", tiny_entry.key + "-resize-crop-filter-bilinear")
+    for key, got in zip(keys, (squash, crop)):
         fs = read_feature_set(cache, key)
         order = [list(fs.sha256).index(sha(p)) for p in paths]
         np.testing.assert_array_equal(fs.X[order], got)
@@ -316,7 +318,7 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
 
 # -- 5. bad options fail before anything is written ------------------------------------------------------------
 @pytest.mark.parametrize("option", [("--resize", "Crop"), ("--dtype", "float64"), ("--device", "gpu"),
-                                    ("--precision", "int4"), ("--pooling", "mean")])
+                                    ("--precision", "int4"), ("--pooling", "mean"), ("--resize-filter", "Bilinear")])
 def test_bad_option_values_fail_before_a_cache_is_created(tmp_path, tiny_entry, option):
     photos = write_photo_folder(tmp_path / "p", per_class=1)
     out = tmp_path / "c.h5"
