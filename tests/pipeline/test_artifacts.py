@@ -43,7 +43,8 @@ def test_roundtrip_and_metadata(saved):
     assert chosen["C"] == float(np.ravel(estimator[-1].C_)[0])
     assert meta["feature_set"] == {"key": fs.key, "embedding_dim": 32, "backbone": "ResNet50",
                                    "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None,
-                                   "resize": "squash", "model_key": fs.metadata.get("key") or fs.key}
+                                   "resize": "squash", "resize_filter": "antialias",
+                                   "model_key": fs.metadata.get("key") or fs.key}
     assert meta["class_names"] == fs.class_names and meta["labels"] == [fs.class_names[c] for c in meta["classes"]]
     assert meta["training"] == {"cache_id": fs.cache_id, "cache_path": "cache.h5", "rows": len(fs) - len(test),
                                 "sha256": None}

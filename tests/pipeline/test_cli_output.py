@@ -153,7 +153,7 @@ def test_json_on_every_summarising_command(tmp_path, cache, tiny_entry):
     assert info["images"] == 16 and len(info["failures"]) == 1
     ran = json.loads(tlpipe("extract", photos, "--out", tmp_path / "c.h5", "--backbone", tiny_entry.directory,
                             "--json", "-q", check=True).stdout)
-    assert ran["total"] == 17 and ran["embedded"] == 16 and ran["failed"] == 1 and ran["key"] == tiny_entry.key
+    assert ran["total"] == 17 and ran["embedded"] == 16 and ran["failed"] == 1 and ran["key"] == tiny_entry.key + "-filter-bilinear"
     head = tmp_path / "h.joblib"
     fitted = json.loads(tlpipe("fit-head", cache, "--model", "logreg", "--out", head, "--json", check=True).stdout)
     assert fitted["path"] == str(head) and 0 <= fitted["evaluation"]["accuracy"] <= 1
