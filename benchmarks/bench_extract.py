@@ -97,17 +97,17 @@ def decode_costs(datas: list[bytes], size: int = 224, passes: int = 3) -> dict[s
 
 
 def thread_scaling(records, size: int = 224, threads=(1, 2), rounds: int = 2) -> dict:
-    """Read + hash + decode img/s through extract's mapper (:func:`iter_loaded`) with 1 and 2 threads, CPU per
+    """Read + hash + decode img/s through extract's mapper (:func:`~tlpipe.features.decoder.iter_decoded`) with 1 and 2 threads, CPU per
     image, the serial fraction ``s`` implied by the 2-thread speed-up (Amdahl: speedup(n) = 1 / (s + (1-s)/n))
     and the decode ceiling it predicts for 16 cores."""
-    from tlpipe.features.extract import iter_loaded
+    from tlpipe.features.decoder import iter_decoded
 
     out: dict = {"img_s": {}, "cpu_ms_per_image": {}}
     for n in threads:
         best, cpu = 0.0, float("inf")
         for _ in range(rounds):
             wall, clock = time.perf_counter(), time.process_time()
-            count = sum(1 for _ in iter_loaded(records, size, "squash", lambda sha: False, workers=n))
+            count = sum(1 for _ in iter_decoded(records, size, "squash", lambda sha: False, workers=n))
             best = max(best, count / (time.perf_counter() - wall))
             cpu = min(cpu, (time.process_time() - clock) / count * 1e3)
         out["img_s"][n], out["cpu_ms_per_image"][n] = best, cpu
@@ -133,7 +133,7 @@ def gil_held_ms(records, size: int = 224, passes: int = 3) -> dict[str, float]:
     import cv2
     import simplejpeg
 
-    from tlpipe.features.extract import _load
+    from tlpipe.features.decoder import decode_record
     from tlpipe.features.fastdecode import dct_scale
 
     def best(fn) -> float:
@@ -153,7 +153,7 @@ def gil_held_ms(records, size: int = 224, passes: int = 3) -> dict[str, float]:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-width // k), min_height=-(-height // k))
         cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
 
-    total = best(lambda r: _load(r, size, "squash", lambda sha: False))
+    total = best(lambda r: decode_record(r, size, "squash", lambda sha: False))
     free = best(free_calls)
     return {"worker_ms_core": total, "gil_released_ms_core": free, "gil_held_ms": max(0.0, total - free)}
 

@@ -110,10 +110,11 @@ def main() -> None:
     from tlpipe.backbones.export import export_backbone
     from tlpipe.backbones.store import ModelStore
     from tlpipe.features.cache import CacheWriter
-    from tlpipe.features.extract import ExtractSummary, extract
+    from tlpipe.features.extract import CacheSink, extract
     from tlpipe.features.images import decode_image
-    from tlpipe.features.ray_engine import (EmbedActor, _commit, decoded_dataset, extract_ray, map_stage, ordered_batches,
-                                     plan_actors)
+    from tlpipe.features.ray_engine import (ModelActor, _commit, decoded_dataset, extract_ray, map_stage,
+                                            ordered_batches, plan_actors)
+    from tlpipe.features.stream import Stage, StageModel, StreamSummary
     from tlpipe.features.sources import discover
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-ray-"))
@@ -173,8 +174,10 @@ def main() -> None:
         model_ref = ray.put(entry.model_path.read_bytes())
         decoded = decoded_dataset(ray, records, size=size, resize="squash", known_shas=set(),
                                   batch_size=args.batch_size).materialize()
-        embedded = map_stage(decoded, EmbedActor, batch_size=args.batch_size, **plan_actors(ray).map_args(ray),
-                             fn_constructor_kwargs={"model": model_ref, "size": size, "dim": dim, "device": "cpu",
+        # as RayEngine.run builds its actors: the model file's bytes travel, the recipe names the file
+        recipe = StageModel(Path(entry.model_path.name), size, dim)
+        embedded = map_stage(decoded, ModelActor, batch_size=args.batch_size, **plan_actors(ray).map_args(ray),
+                             fn_constructor_kwargs={"model_ref": model_ref, "model": recipe, "device": "cpu",
                                                     "threads": None}).materialize()
         results["bytes_per_row"] = {"decoded_to_actor": decoded.size_bytes() / decoded.count(),
                                     "pixels_only": size * size * 3,
@@ -182,13 +185,15 @@ def main() -> None:
                                     "embedding_only": dim * 4}
         results["driver_ceiling_rows_s"] = {}
         for rows in (32, 256):
-            summary = ExtractSummary(out=str(work / f"driver{rows}.h5"), key=entry.key)
             with CacheWriter(work / f"driver{rows}.h5") as writer:
                 writer.ensure_feature_set(entry.key, dim, metadata=entry.metadata | {"key": entry.key})
+                stage = Stage(CacheSink(writer, entry.key), StreamSummary(out=str(work / f"driver{rows}.h5")),
+                              unique=True)
+                todo = stage.todo(records)
                 started = time.perf_counter()
                 for batch in ordered_batches(embedded, rows):
-                    _commit(batch, records, entry.key, writer, summary)
-                results["driver_ceiling_rows_s"][str(rows)] = summary.embedded / (time.perf_counter() - started)
+                    _commit(stage, batch, todo)
+                results["driver_ceiling_rows_s"][str(rows)] = stage.summary.processed / (time.perf_counter() - started)
         ray.shutdown()
         results["load_average_at_end"] = os.getloadavg()
     finally:
