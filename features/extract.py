@@ -145,6 +145,23 @@ def open_source(
     return images
 
 
+def open_feature_set(writer: CacheWriter, entry: StoreEntry, resize: str, resize_filter: str, dtype: str) -> str:
+    """Create (or check) the feature set of ``entry`` under these settings; returns its key.
+
+    Every setting that changes an embedding is part of the key and the metadata
+    (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are never mixed into it.
+    """
+    key = feature_set_key(entry.key, resize, resize_filter)
+    writer.ensure_feature_set(
+        key,
+        entry.embedding_dim,
+        dtype,
+        metadata=entry.metadata
+        | {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter},
+    )
+    return key
+
+
 def extract_into(
     images: ImageSource,
     source: str | os.PathLike[str],
@@ -184,20 +201,12 @@ def extract_into(
     CacheError
         The cache is locked, damaged, of another version, or its feature set has another dimension / dtype.
     """
-    # every setting that changes an embedding is part of its identity
-    key = feature_set_key(entry.key, resize, resize_filter)
     for warning in images.warnings:
         log.warning("%s", warning)
     with engine, CacheWriter(out) as writer:
         source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
-        writer.ensure_feature_set(
-            key,
-            entry.embedding_dim,
-            dtype,
-            metadata=entry.metadata
-            | {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter},
-        )
+        key = open_feature_set(writer, entry, resize, resize_filter, dtype)
         summary = ExtractSummary(
             out=str(writer.path),
             key=key,
@@ -294,14 +303,7 @@ def run_extraction(
     ExtractSummary
     """
     check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    key = feature_set_key(entry.key, resize, resize_filter)
-    writer.ensure_feature_set(
-        key,
-        entry.embedding_dim,
-        dtype,
-        metadata=entry.metadata
-        | {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter},
-    )
+    key = open_feature_set(writer, entry, resize, resize_filter, dtype)
     summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
     stage_progress = (lambda total, done: on_progress) if on_progress else None
     run_stream(
