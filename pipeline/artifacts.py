@@ -64,6 +64,29 @@ def _head_name(estimator) -> str:
     return head_name(estimator) if hasattr(estimator, "steps") else type(estimator).__name__
 
 
+def head_labels(estimator, metadata: dict | None = None, class_names: list[str] | None = None) -> list[str]:
+    """The class names of a fitted head's ``classes_``, in that order (= its ``predict_proba`` columns).
+
+    Heads fitted by tlpipe since issue 15 know their classes by name (``classes_`` holds the names,
+    ``predict`` returns them); heads saved before were fitted on the cache's label indices, which the
+    sidecar's ``class_names`` (or ``class_names`` given here, e.g. the feature set's) map to names.
+
+    Raises
+    ------
+    HeadError
+        When the head predicts label indices and no class names are known for them.
+    """
+    classes = np.asarray(estimator.classes_)
+    if not np.issubdtype(classes.dtype, np.integer):
+        return [str(c) for c in classes]
+    names = (metadata or {}).get("class_names") or class_names
+    if not names:
+        raise HeadError("the head predicts label indices and nothing names them (no sidecar class_names)")
+    if classes.min() < 0 or classes.max() >= len(names):
+        raise HeadError(f"the head predicts label indices {classes.tolist()}, its sidecar names {len(names)} classes")
+    return [str(names[int(c)]) for c in classes]
+
+
 def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, metrics: dict, params: dict,
               cache_path: str | os.PathLike | None = None, rows: int | None = None,
               train_rows: np.ndarray | None = None, evaluation_rows: np.ndarray | None = None,
@@ -87,11 +110,18 @@ def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, me
     joblib.dump(estimator, buffer)
     payload = buffer.getvalue()
     meta = feature_set.metadata
-    classes = [int(c) for c in estimator.classes_]
+    labels = head_labels(estimator, class_names=list(feature_set.class_names))
+    unknown = sorted(set(labels) - set(feature_set.class_names))
+    if unknown:
+        raise HeadError(f"the head predicts class(es) {unknown} that feature set {feature_set.key} does not have")
+    classes = [list(feature_set.class_names).index(name) for name in labels]  # label indices, as before
     metadata = _jsonable({
         "format_version": FORMAT_VERSION,
         "head": {"name": _head_name(estimator),
-                 "params": params},
+                 "params": params,
+                 # what predict() returns: class names (fitted on names) or the cache's label indices (older heads)
+                 "predicts": "label indices" if np.issubdtype(np.asarray(estimator.classes_).dtype, np.integer)
+                 else "class names"},
         "feature_set": {"key": feature_set.key, "embedding_dim": int(feature_set.X.shape[1]),
                         "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
                         "input_size": meta.get("input_size"), "pooling": meta.get("pooling"),
@@ -100,7 +130,7 @@ def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, me
                         "resize_filter": feature_set.resize_filter},
         "class_names": list(feature_set.class_names),
         "classes": classes,
-        "labels": [feature_set.class_names[c] for c in classes],
+        "labels": labels,
         "training": {"cache_id": feature_set.cache_id, "cache_path": str(cache_path) if cache_path else None,
                      "rows": rows,
                      "sha256": None if train_rows is None else sorted(feature_set.sha256[train_rows].tolist())},

@@ -482,7 +482,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             pca: str = PcaOpt,
             save_best: Optional[Path] = typer.Option(None, "--save-best", help="Save the best head, refitted with the parameters compare chose on all training rows (+ .json sidecar)."),
             quiet: bool = QuietOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
-            address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
+            address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt,
+            umap: bool = typer.Option(False, "--umap", help="Add a UMAP map of the embeddings to the --report (needs tlpipe[umap]; ~10 s of numba compilation).")):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
     from tlpipe.features.cache import describe, read_feature_set
     from tlpipe.pipeline.compare import _COLUMNS, _cells, compare_heads, save_best as save_best_head, write_report
@@ -497,6 +498,15 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
                              "(the sweep prints the fit-head command for its best pair)")
         _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report)
         return
+    if umap and report is None:
+        raise ValueError("--umap draws a map in the report: give --report DIR too")
+    if umap:
+        from tlpipe.pipeline.compare import _import_umap
+
+        try:
+            _import_umap()
+        except ImportError:
+            raise ValueError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
     fs = read_feature_set(cache, features, exclude=exclude)
     if save_best is not None and all_rows:
         raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
@@ -506,7 +516,7 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
     written = None
     if report is not None:
         roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
-        written = write_report(result, report, image_roots=roots)
+        written = write_report(result, report, image_roots=roots, umap=umap)
     if save_best is not None:
         save_best_head(result, fs, save_best, cache_path=cache.resolve())
     if as_json:
@@ -526,7 +536,6 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
     if written is not None:
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
     if save_best is not None:
-        save_best_head(result, fs, save_best, cache_path=cache.resolve())
         out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
 
 

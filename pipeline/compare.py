@@ -142,18 +142,20 @@ def choose_best(heads: list[HeadResult]) -> tuple[HeadResult, str]:
     return winner, why + f"{winner.name} has the lowest log-loss ({winner.log_loss:.4f}, better probabilities)"
 
 
-def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels):
-    """Fit the head on rows ``train`` and return it with its probabilities on rows ``test`` (label order)."""
+def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names):
+    """Fit the head on rows ``train`` (on class names, so it predicts names, as ``fit-head``'s heads do) and
+    return it with its probabilities on rows ``test`` in ``labels`` (label index) order."""
     import warnings
 
-    from tlpipe.pipeline.heads import fit_head
+    from tlpipe.pipeline.heads import fit_head, name_labels
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        estimator, _ = fit_head(X[train], y[train], name, seed=seed, class_weight=class_weight, pca=pca,
-                                params=params)
+        estimator, _ = fit_head(X[train], name_labels(y[train], class_names), name, seed=seed,
+                                class_weight=class_weight, pca=pca, params=params)
+    index = {c: i for i, c in enumerate(class_names)}
     proba = np.zeros((len(test), len(labels)))
-    proba[:, np.searchsorted(labels, estimator.classes_)] = estimator.predict_proba(X[test])
+    proba[:, np.searchsorted(labels, [index[c] for c in estimator.classes_])] = estimator.predict_proba(X[test])
     return estimator, proba / proba.sum(axis=1, keepdims=True)
 
 
@@ -168,9 +170,41 @@ def _subsample(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _embedding_map(X: np.ndarray, seed: int, methods: tuple[str, ...] = ("pca", "umap")) -> dict:
-    """2-D coordinates of ``X`` (after standardising): PCA, and UMAP when umap-learn (the optional extra
-    ``tlpipe[umap]``) is installed (McInnes et al. 2018; numba compiles it on first use, seconds)."""
+UMAP_COST = "about 10 s of numba compilation in each new process, whatever the data size"
+
+
+def _import_umap():
+    """``umap`` (umap-learn) imported without TensorFlow: umap's ``__init__`` imports its ParametricUMAP,
+    which imports TensorFlow when it is installed (seconds, and unused here); a ``None`` entry in
+    ``sys.modules`` makes that import fail, which umap handles, and is removed afterwards."""
+    import sys
+
+    if "umap" in sys.modules or "tensorflow" in sys.modules:
+        import umap
+
+        return umap
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImportWarning)
+            import umap
+    finally:
+        if sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+    return umap
+
+
+def _embedding_map(X: np.ndarray, seed: int, methods: tuple[str, ...] = ("pca",)) -> dict:
+    """2-D coordinates of ``X`` (after standardising): PCA and, when asked, UMAP (McInnes et al. 2018; the
+    optional extra ``tlpipe[umap]``; numba compiles it in each new process: :data:`UMAP_COST`).
+
+    Raises
+    ------
+    ImportError
+        When UMAP is asked for and umap-learn is not installed (named, with the extra to install).
+    """
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
@@ -181,9 +215,10 @@ def _embedding_map(X: np.ndarray, seed: int, methods: tuple[str, ...] = ("pca", 
                           random_state=seed).fit_transform(Z)
     if "umap" in methods:
         try:
-            import umap
-        except ImportError:
-            return maps
+            umap = _import_umap()
+        except ImportError as exc:
+            raise ImportError(f"a UMAP map needs umap-learn, which is not installed ({exc}): "
+                              f"pip install 'tlpipe[umap]', or leave out --umap") from None
         maps["umap"] = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(Z)
     return maps
 
@@ -260,7 +295,7 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
         X_all, y_all = fs.X, fs.y
         fits = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
             delayed(_fit_score)(X_all, y_all, rows[sub], test, winner.name, winner.params, winner.pca, seed,
-                                class_weight, labels) for sub in subsets)
+                                class_weight, labels, list(fs.class_names)) for sub in subsets)
         estimator, held = fits[0]
         true = fs.y[test]
         pred = labels[held.argmax(axis=1)]
@@ -291,7 +326,7 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
          "predicted": fs.class_names[w_pred[i]], "probability": float(confidence[i]),
          "probability_true": float(w_proba[i, np.searchsorted(labels, w_true[i])])
          if w_true[i] in labels else 0.0} for i in order]
-    maps = _embedding_map(fs.X[where], seed, ("pca",))  # UMAP, slower, only when a report is written
+    maps = _embedding_map(fs.X[where], seed, ("pca",))  # UMAP, slower, only when a report asks for it
     result.map_rows = fs.X[where]
     mistaken = np.zeros(len(where), dtype=bool)
     mistaken[wrong] = True
@@ -334,7 +369,10 @@ def format_table(result: CompareResult):
 def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) -> str:
     meta = result.backbone
     tuning = ("best point of each head's search grid (slightly optimistic, like GridSearchCV's best_score_)"
-              if result.search else "defaults (the same as `tlpipe fit-head`'s)")
+              if result.search else "defaults (the same as `tlpipe fit-head`'s)" + (
+                  "; logreg's C picked once by its internal 3-fold CV on all the cross-validated rows, as fit-head "
+                  "picks it, then every fold scored at that C (its CV figures are slightly optimistic; the held-out "
+                  "score is not)" if any(h.name == "logreg" for h in result.heads) else ""))
     heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
     lines = [
         f"# Head comparison: {result.feature_key}", "",
@@ -377,7 +415,7 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
                   "on the same held-out rows. Still rising at the right end: more photos would likely help.", ""]
     maps = ", ".join(f"![{k} map of the embeddings](embedding_map_{k}.png)" for k in result.embedding_map["points"])
     lines += [maps, "", f"Embedding map ({', '.join(k.upper() for k in result.embedding_map['points'])}"
-              f"{'' if 'umap' in result.embedding_map['points'] else '; UMAP when umap-learn is installed: tlpipe[umap]'}): "
+              f"{'' if 'umap' in result.embedding_map['points'] else '; a UMAP map too with --umap (tlpipe[umap])'}): "
               f"{result.embedding_map['source']}, coloured by true class, misclassified marked ×.", "",
               "## Setup", "",
               f"- Feature set: `{result.feature_key}` (backbone {meta.get('backbone', '?')}, input size "
@@ -515,20 +553,26 @@ def _gallery(result: CompareResult, roots: list[str], path: Path) -> str:
 
 
 def write_report(result: CompareResult, folder: str | os.PathLike, *,
-                 image_roots: list[str] | None = None) -> dict[str, Path]:
+                 image_roots: list[str] | None = None, umap: bool = False) -> dict[str, Path]:
     """Write the report folder.
 
     Files: report.md, results.csv, results.json, per_class.csv, misclassified.csv, comparison.png (with
     the chance level), confusion_matrix.png, reliability.png, misclassified.png (thumbnail gallery;
     images found by their cached path, relative to one of ``image_roots``, the cache's sources),
-    embedding_map_pca.png (and embedding_map_umap.png with umap-learn) and, with held-out rows,
+    embedding_map_pca.png, with ``umap`` embedding_map_umap.png too (umap-learn, ``tlpipe[umap]``: it
+    costs :data:`UMAP_COST`, so it is asked for, not drawn whenever installed) and, with held-out rows,
     learning_curve.png. Returns file name -> path.
+
+    Raises
+    ------
+    ImportError
+        ``umap=True`` without umap-learn installed (before anything is written).
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     points = result.embedding_map.get("points", {})
-    if "umap" not in points and result.map_rows is not None:
+    if umap and "umap" not in points and result.map_rows is not None:
         points |= {k: v.tolist() for k, v in _embedding_map(result.map_rows, result.seed, ("umap",)).items()}
+    folder.mkdir(parents=True, exist_ok=True)
     names = ["report.md", "results.csv", "results.json", "per_class.csv", "misclassified.csv", "comparison.png",
              "confusion_matrix.png", "reliability.png", "misclassified.png",
              *(f"embedding_map_{k}.png" for k in result.embedding_map.get("points", {}))]

@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
 from tlpipe.features.cache import FeatureSet
-from tlpipe.pipeline.artifacts import check_compatible
+from tlpipe.pipeline.artifacts import check_compatible, head_labels
 
 
 @dataclass
@@ -126,16 +126,15 @@ def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str | None =
     if metadata:
         check_compatible(metadata, fs)
     rows, split, rows_used, overlap = evaluation_rows(metadata, fs, split, allow_train_rows=allow_train_rows)
-    head_names = metadata.get("class_names", fs.class_names)
-    head_labels = [head_names[int(c)] for c in estimator.classes_]
+    labels_of_head = head_labels(estimator, metadata, list(fs.class_names))  # names; older heads: mapped indices
     proba = estimator.predict_proba(fs.X[rows])
     true = np.array([fs.class_names[i] for i in fs.y[rows]], dtype=object)
-    pred = np.array(head_labels, dtype=object)[proba.argmax(axis=1)]
-    labels = head_labels + sorted(set(true) - set(head_labels))
-    index = {name: i for i, name in enumerate(head_labels)}
+    pred = np.array(labels_of_head, dtype=object)[proba.argmax(axis=1)]
+    labels = labels_of_head + sorted(set(true) - set(labels_of_head))
+    index = {name: i for i, name in enumerate(labels_of_head)}
     loss = None
-    if set(true) <= set(head_labels):
-        loss = float(log_loss([index[t] for t in true], proba, labels=list(range(len(head_labels)))))
+    if set(true) <= set(labels_of_head):
+        loss = float(log_loss([index[t] for t in true], proba, labels=list(range(len(labels_of_head)))))
     return EvalResult(
         split=split, n=len(rows), accuracy=float(accuracy_score(true, pred)),
         macro_f1=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)), log_loss=loss,

@@ -258,10 +258,12 @@ def fold_head(estimator, metadata: dict, class_names: list[str], embedding_dim: 
     bias = intercept - kernel @ mu
     if len(clf.classes_) == 2:
         kernel, bias = np.vstack([np.zeros_like(kernel), kernel]), np.concatenate([[0.0], bias])
-    saved_names = metadata.get("class_names")
-    if not saved_names:
-        raise ValueError(f"{name} has no class names in its sidecar: cannot tell which output is which class")
-    labels = [saved_names[int(c)] for c in clf.classes_]
+    from tlpipe.pipeline.artifacts import HeadError, head_labels
+
+    try:  # heads fitted on class names know them; older ones map label indices through the sidecar
+        labels = head_labels(clf, metadata)
+    except HeadError:
+        raise ValueError(f"{name} has no class names in its sidecar: cannot tell which output is which class") from None
     if sorted(labels) != sorted(class_names):
         raise ValueError(f"{name} was trained on classes {sorted(labels)}, the images have {sorted(class_names)}")
     order = [labels.index(c) for c in class_names]

@@ -82,7 +82,7 @@ def _convert_calibrated(scope, operator, container) -> None:
     """CalibratedClassifierCV; temperature scaling here, sigmoid and isotonic by skl2onnx's converter."""
     from onnx import TensorProto
     from skl2onnx._supported_operators import sklearn_operator_name_map
-    from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
+    from skl2onnx.common.data_types import FloatTensorType, Int64TensorType, StringTensorType
     from skl2onnx.operator_converters.calibrated_classifier_cv import convert_sklearn_calibrated_classifier_cv
 
     model = operator.raw_operator
@@ -90,8 +90,11 @@ def _convert_calibrated(scope, operator, container) -> None:
         convert_sklearn_calibrated_classifier_cv(scope, operator, container)
         return
     classes = np.asarray(model.classes_)
-    if not np.issubdtype(classes.dtype, np.integer):
-        raise FuseError(f"CalibratedClassifierCV with {classes.dtype} classes: the heads use integer label indices")
+    # Heads fitted on class names (fit-head, compare --save-best) have string classes; older heads label indices.
+    strings = classes.dtype.kind in "UO"
+    if not strings and not np.issubdtype(classes.dtype, np.integer):
+        raise FuseError(f"CalibratedClassifierCV with {classes.dtype} classes: the heads use class names or "
+                        f"integer label indices")
     name = scope.get_unique_variable_name
     fold_probs = []
     for calibrated in model.calibrated_classifiers_:
@@ -106,7 +109,8 @@ def _convert_calibrated(scope, operator, container) -> None:
         scope.add_options(id(base), {"raw_scores": True})
         sub.inputs = operator.inputs
         scores = scope.declare_local_variable("fold_scores", FloatTensorType())
-        sub.outputs.extend([scope.declare_local_variable("fold_label", Int64TensorType()), scores])
+        label_type = StringTensorType() if strings else Int64TensorType()
+        sub.outputs.extend([scope.declare_local_variable("fold_label", label_type), scores])
         beta, scaled, proba = name("beta"), name("scaled_scores"), name("fold_proba")
         container.add_initializer(beta, TensorProto.FLOAT, [], [float(calibrated.calibrators[0].beta_)])
         container.add_node("Mul", [scores.full_name, beta], [scaled], name=scope.get_unique_operator_name("Mul"))
@@ -119,7 +123,11 @@ def _convert_calibrated(scope, operator, container) -> None:
     container.add_node("Div", [total, folds], [probabilities], name=scope.get_unique_operator_name("Div"))
     container.add_node("ArgMax", [probabilities], [index], axis=1, keepdims=0,
                        name=scope.get_unique_operator_name("ArgMax"))
-    container.add_initializer(class_values, TensorProto.INT64, [len(classes)], classes.astype(np.int64).tolist())
+    if strings:
+        container.add_initializer(class_values, TensorProto.STRING, [len(classes)],
+                                  [str(c).encode() for c in classes])
+    else:
+        container.add_initializer(class_values, TensorProto.INT64, [len(classes)], classes.astype(np.int64).tolist())
     container.add_node("Gather", [class_values, index], [operator.outputs[0].full_name],
                        name=scope.get_unique_operator_name("Gather"))
 

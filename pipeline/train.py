@@ -12,7 +12,7 @@ from tlpipe.features.cache import FeatureSet, read_feature_set
 
 from .artifacts import save_head
 from .evaluate import EvalResult, evaluate_head
-from .heads import class_balance, fit_head, select_split
+from .heads import class_balance, fit_head, name_labels, select_split
 
 IMBALANCE_WARNING = 3.0  # largest / smallest class above this: suggest --class-weight balanced
 
@@ -56,7 +56,8 @@ def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.Pa
         setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
     if len(np.unique(fs.y[train])) < 2:
         raise ValueError(f"{cache}: a head needs labelled training images of at least two classes")
-    estimator, info = fit_head(fs.X[train], fs.y[train], model, search=search, cv=cv, seed=seed,
+    # Fitted on class names: the saved head's predict() returns them (its sidecar still records the indices).
+    estimator, info = fit_head(fs.X[train], name_labels(fs.y[train], fs.class_names), model, search=search, cv=cv, seed=seed,
                                class_weight=class_weight, n_jobs=n_jobs, pca=pca, class_names=fs.class_names)
     evaluation = evaluate_head(estimator, {}, subset(fs, test, "evaluation"), split="evaluation") if len(test) else None
     if evaluation is not None:

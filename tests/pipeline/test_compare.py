@@ -43,11 +43,8 @@ REPORT_FILES = ["report.md", "results.csv", "results.json", "per_class.csv", "mi
 
 def test_report_files(compared, tmp_path):
     fs, result = compared
-    paths = write_report(result, tmp_path / "report")
-    from importlib.util import find_spec
-
-    expected = REPORT_FILES + (["embedding_map_umap.png"] if find_spec("umap") else [])  # UMAP: tlpipe[umap]
-    assert sorted(p.name for p in paths.values()) == sorted(expected)  # no learning curve without a hold-out
+    paths = write_report(result, tmp_path / "report")  # UMAP only when asked for (umap=True)
+    assert sorted(p.name for p in paths.values()) == sorted(REPORT_FILES)  # no learning curve without a hold-out
     report = paths["report.md"].read_text()
     assert f"Best head: **{result.best}**. Why: {result.choice}" in report and "Class balance" in report
     assert all(f"| {name} |" in report for name in HEADS)
@@ -193,13 +190,23 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
         save_best(compare_heads(fs, ("logreg",), cv=3, n_jobs=1, holdout=False), fs, tmp_path / "x.joblib")
 
 
-def test_umap_map_when_umap_learn_is_installed(synthetic):
+def test_umap_map_when_asked_for_and_umap_learn_is_installed(synthetic, compared, tmp_path):
     pytest.importorskip("umap", reason="umap-learn is the optional extra tlpipe[umap]")
+    import subprocess
+    import sys
+
     from tlpipe.pipeline.compare import _embedding_map
 
     X, y = synthetic((40, 40, 40), dim=16, seed=1, spread=6.0)
-    maps = _embedding_map(X, seed=0)  # compare_heads draws PCA; write_report adds UMAP
+    maps = _embedding_map(X, seed=0, methods=("pca", "umap"))  # compare_heads draws PCA; write_report(umap=True) adds UMAP
     assert set(maps) == {"pca", "umap"} and maps["umap"].shape == (120, 2)
+    paths = write_report(compared[1], tmp_path / "report", umap=True)
+    assert sorted(p.name for p in paths.values()) == sorted(REPORT_FILES + ["embedding_map_umap.png"])
+    # umap-learn's import of its TensorFlow-based ParametricUMAP is skipped (seconds, unused)
+    code = ("import sys; from tlpipe.pipeline.compare import _import_umap; _import_umap(); "
+            "print('tensorflow' in sys.modules, 'umap' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
+        "False", "True"]
     # UMAP keeps well separated classes apart: each point's nearest neighbour in the map is of its class
     d = ((maps["umap"][:, None] - maps["umap"][None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
