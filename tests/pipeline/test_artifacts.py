@@ -119,3 +119,41 @@ def test_training_and_evaluation_rows_are_recorded_by_sha256(synthetic_cache, tm
     assert meta["training"]["rows"] == len(train) and meta["training"]["sha256"] == sorted(fs.sha256[train])
     assert meta["evaluation"] == {"rows": len(test), "setup": setup, "sha256": sorted(fs.sha256[test])}
     assert load_head(tmp_path / "h.joblib")[1] == meta
+
+
+def test_fit_head_saves_a_head_that_predicts_class_names_and_older_index_heads_still_work(synthetic, cache_writer,
+                                                                                         tmp_path):
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.pipeline.artifacts import head_labels
+    from tlpipe.pipeline.evaluate import evaluate_head
+    from tlpipe.pipeline.score import head_predictor
+    from tlpipe.pipeline.train import train_head
+
+    X, y = synthetic((30, 30, 30), dim=16, seed=2, spread=5.0)
+    # class names whose alphabetical order is not the label order: names must be mapped, not assumed sorted
+    names = ["zebra", "ant", "moth"]
+    cache = cache_writer(tmp_path / "c.h5", X, y, class_names=names)
+    fs = read_feature_set(cache)
+    trained = train_head(cache, "svm", tmp_path / "svm.joblib")
+    head, meta = load_head(tmp_path / "svm.joblib")
+    assert sorted(head.classes_) == sorted(fs.class_names) and meta["head"]["predicts"] == "class names"
+    assert meta["labels"] == list(head.classes_) and meta["classes"] == [fs.class_names.index(c) for c in head.classes_]
+    predicted = head.predict(fs.X)
+    truth = np.asarray(fs.class_names)[fs.y]
+    assert predicted.dtype.kind == "U" and np.mean(predicted == truth) > 0.9
+    result = evaluate_head(head, meta, fs)  # the recorded hold-out
+    assert result.accuracy == pytest.approx(trained.evaluation.accuracy) and result.accuracy > 0.9
+    # score's predictor labels columns by the sidecar: the same names, in the head's column order
+    predictor = head_predictor(tmp_path / "svm.joblib", backbone=False)
+    assert list(predictor.labels) == list(head.classes_)
+    # a head saved before (fitted on label indices) loads and is named through its sidecar
+    train = np.flatnonzero(np.isin(fs.sha256, meta["training"]["sha256"]))
+    old, _ = fit_head(fs.X[train], fs.y[train], "svm")
+    old_meta = save_head(old, tmp_path / "old.joblib", feature_set=fs, metrics={}, params={}, train_rows=train,
+                         evaluation_rows=np.setdiff1d(np.arange(len(fs)), train))
+    loaded, old_meta = load_head(tmp_path / "old.joblib")
+    assert old_meta["head"]["predicts"] == "label indices" and list(loaded.classes_) == [0, 1, 2]
+    assert head_labels(loaded, old_meta) == list(fs.class_names) == old_meta["labels"]
+    assert evaluate_head(loaded, old_meta, fs).accuracy == pytest.approx(result.accuracy, abs=0.05)
+    with pytest.raises(HeadError, match="nothing names them"):
+        head_labels(loaded, {})

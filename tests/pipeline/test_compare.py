@@ -24,8 +24,12 @@ def test_compare_scores_every_head(compared):
     fs, result = compared
     assert [h.name for h in result.heads] == list(HEADS)
     assert result.rows == 194 and "6 unlabelled rows excluded" in result.setup
+    from tlpipe.pipeline.heads import choose_logreg_c
+
+    rows = fs.y >= 0
     for h in result.heads:
-        assert h.folds == 3 and h.params == {}
+        # logreg's C is picked once on the cross-validated rows, as fit-head picks it; the others use defaults
+        assert h.folds == 3 and h.params == ({"C": choose_logreg_c(fs.X[rows], fs.y[rows])} if h.name == "logreg" else {})
         assert 0.8 <= h.accuracy <= 1 and 0 <= h.accuracy_std < 0.2 and 0.7 <= h.macro_f1 <= 1
         assert 0 < h.log_loss < 1.5 and h.fit_s > 0 and h.predict_s > 0
     assert result.best == choose_best(result.heads)[0].name and result.best in result.choice
@@ -80,7 +84,7 @@ def test_report_files(compared, tmp_path):
     # the 2-D map: every scored row once, misclassified ones flagged
     assert len(result.embedding_map["points"]["pca"]) == result.rows
     assert sum(result.embedding_map["misclassified"]) == len(wrong)
-    for name in expected:
+    for name in REPORT_FILES:
         if name.endswith(".png"):
             assert paths[name].read_bytes()[:4] == b"\x89PNG" and paths[name].stat().st_size > 1000
 
@@ -156,7 +160,10 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     train, test = np.flatnonzero(fs.split == "train"), np.flatnonzero(fs.split == "test")
     # CV on the training rows only; the winner refitted on all of them and scored once on the test rows
     assert result.rows == len(train) and result.holdout["rows"] == len(test) and result.holdout["head"] == result.best
-    assert result.holdout["accuracy"] == pytest.approx(np.mean(result.estimator.predict(fs.X[test]) == fs.y[test]))
+    # the refitted head knows its classes by name (as fit-head's do): predict returns names
+    names = np.asarray(fs.class_names)[fs.y[test]]
+    assert set(result.estimator.classes_) == set(fs.class_names)
+    assert result.holdout["accuracy"] == pytest.approx(np.mean(result.estimator.predict(fs.X[test]) == names))
     np.testing.assert_array_equal(result.train_rows, train)
     best = result.head(result.best)
     estimator_params = result.estimator[-1].get_params()
@@ -166,7 +173,7 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     assert [p["rows"] for p in curve] == sorted(p["rows"] for p in curve) and curve[-1]["rows"] == len(train)
     assert curve[-1]["accuracy"] == result.holdout["accuracy"] and len(curve) == 3
     # the mistakes come from the hold-out; thumbnails read from the image paths when they exist
-    wrong = np.flatnonzero(result.estimator.predict(fs.X[test]) != fs.y[test])
+    wrong = np.flatnonzero(result.estimator.predict(fs.X[test]) != names)
     assert len(result.misclassified) == len(wrong) and "held-out rows" in result.misclassified_source
     root = tmp_path / "images"
     for item in result.misclassified:
@@ -185,6 +192,8 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     assert metadata["evaluation"]["sha256"] == sorted(fs.sha256[test].tolist())
     assert metadata["training"]["sha256"] == sorted(fs.sha256[train].tolist())
     loaded, meta = load_head(tmp_path / "best.joblib")
+    assert meta["labels"] == list(loaded.classes_) and meta["head"]["predicts"] == "class names"
+    assert meta["classes"] == [fs.class_names.index(c) for c in loaded.classes_]
     assert evaluate_head(loaded, meta, fs, split=None).accuracy == result.holdout["accuracy"]
     with pytest.raises(ValueError, match="no held-out rows"):
         save_best(compare_heads(fs, ("logreg",), cv=3, n_jobs=1, holdout=False), fs, tmp_path / "x.joblib")

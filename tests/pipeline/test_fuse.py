@@ -105,3 +105,28 @@ def test_a_head_skl2onnx_cannot_convert_is_refused_clearly(tmp_path, setup):
     with pytest.raises(FuseError, match="skl2onnx cannot convert head 'labelspreading' .LabelSpreading."):
         export_model(head_path, tmp_path / "m.onnx", store=setup.store)
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Got `batch_size`:UserWarning")  # MLPClassifier on 18 rows
+@pytest.mark.parametrize("name", HEADS)
+def test_a_head_fitted_on_class_names_fuses_with_label_indices_into_its_names(tmp_path, setup, name):
+    # fit-head and compare --save-best fit on class names: predict returns names; the fused model's label
+    # output stays an index into the class names of its metadata
+    fs = setup.fs[3]
+    named = make_head(name).fit(fs.X, np.asarray(fs.class_names)[fs.y])
+    head_path, estimator = saved_head(setup, f"{name}-named", 3, estimator=named)
+    assert estimator.classes_.dtype.kind == "U"
+    out = tmp_path / "classifier.onnx"
+    photos = sorted(setup.photos.rglob("*.jpg"))
+    record = export_model(head_path, out, store=setup.store, verify_images=photos)
+    assert record["verification"]["argmax_mismatch"] == 0 and record["verification"]["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    labels = json.loads(session.get_modelmeta().custom_metadata_map["tlpipe.class_names"])
+    assert labels == list(estimator.classes_)
+    from tlpipe.backbones.runtime import OnnxEmbedder
+    from tlpipe.features.images import load_image
+
+    pixels = np.stack([load_image(p, setup.entry.input_size, "squash")[0] for p in photos])
+    _, label = session.run(["probabilities", "label"], {"images": pixels})
+    python = estimator.predict(OnnxEmbedder(setup.entry.model_path, device="cpu")(pixels))
+    assert [labels[i] for i in label] == list(python)
