@@ -142,7 +142,7 @@ def choose_best(heads: list[HeadResult]) -> tuple[HeadResult, str]:
     return winner, why + f"{winner.name} has the lowest log-loss ({winner.log_loss:.4f}, better probabilities)"
 
 
-def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names):
+def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names, n_jobs=1):
     """Fit the head on rows ``train`` (on class names, so it predicts names, as ``fit-head``'s heads do) and
     return it with its probabilities on rows ``test`` in ``labels`` (label index) order."""
     import warnings
@@ -152,7 +152,7 @@ def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         estimator, _ = fit_head(X[train], name_labels(y[train], class_names), name, seed=seed,
-                                class_weight=class_weight, pca=pca, params=params)
+                                class_weight=class_weight, pca=pca, params=params, n_jobs=n_jobs)
     index = {c: i for i, c in enumerate(class_names)}
     proba = np.zeros((len(test), len(labels)))
     proba[:, np.searchsorted(labels, [index[c] for c in estimator.classes_])] = estimator.predict_proba(X[test])
@@ -293,9 +293,13 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
         subsets = [train_pos] + ([_subsample(y, f, seed) for f in LEARNING_FRACTIONS if f * len(y) >= 3 * len(labels)]
                                  if learning_curve else [])
         X_all, y_all = fs.X, fs.y
-        fits = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
-            delayed(_fit_score)(X_all, y_all, rows[sub], test, winner.name, winner.params, winner.pca, seed,
-                                class_weight, labels, list(fs.class_names)) for sub in subsets)
+        if len(subsets) == 1:  # the refit alone: here, its SVM calibration folds (if any) on every core
+            fits = [_fit_score(X_all, y_all, rows, test, winner.name, winner.params, winner.pca, seed, class_weight,
+                               labels, list(fs.class_names), n_jobs=n_jobs)]
+        else:
+            fits = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
+                delayed(_fit_score)(X_all, y_all, rows[sub], test, winner.name, winner.params, winner.pca, seed,
+                                    class_weight, labels, list(fs.class_names)) for sub in subsets)
         estimator, held = fits[0]
         true = fs.y[test]
         pred = labels[held.argmax(axis=1)]

@@ -486,7 +486,8 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
     """Fit head ``name`` on all of ``X, y``; with ``search`` pick its parameters by CV first.
 
     The defaults are the library's (``pca="auto"``, :func:`make_head`'s classifier settings), the same
-    ones ``compare`` scores and the CLI uses. ``params`` fixes classifier parameters instead of
+    ones ``compare`` scores and the CLI uses. ``n_jobs`` (None: every core) runs the search CV and the SVM
+    heads' calibration folds in parallel. ``params`` fixes classifier parameters instead of
     searching (``compare --save-best`` passes the ones compare chose). ``class_names`` name classes in
     errors and warnings.
 
@@ -507,7 +508,14 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
         info |= {"cv": cv, "cv_accuracy": rows[0]["accuracy"], "cv_accuracy_std": rows[0]["accuracy_std"],
                  "cv_macro_f1": rows[0]["macro_f1"], "cv_results": rows}
     estimator = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **params)
-    fit(estimator, X, y, class_weight)
+    if name in _CALIBRATED and n_jobs != 1:
+        # the calibration folds' SVMs fit in parallel (the saved head keeps n_jobs=None: it is not a setting of it)
+        estimator[-1].set_params(n_jobs=-1 if n_jobs is None else n_jobs)
+    try:
+        fit(estimator, X, y, class_weight)
+    finally:
+        if name in _CALIBRATED:
+            estimator[-1].set_params(n_jobs=None)
     info["params"] = used_params(estimator, extra=params)
     return estimator, info
 
