@@ -420,7 +420,7 @@ def extract(
     if len(sizes) > 1 or len(layers) > 1:
         entries = _several_entries(choice, sizes, layers)
     else:
-        entries = [resolve_entry(choice, images.records, resize, recalibrate)]
+        entries = [resolve_entry(choice, images.records, resize, recalibrate, resize_filter)]
     summaries = []
     for entry in entries:
         engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)

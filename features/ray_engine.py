@@ -340,7 +340,7 @@ resize, resize_filter, allow_outside_root, precision, recalibrate, progress
                           precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
-    entry = resolve_entry(choice, images.records, resize, recalibrate)
+    entry = resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
     engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
     return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
                         resize_filter=resize_filter, progress=progress)
