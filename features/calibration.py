@@ -43,7 +43,7 @@ def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squa
     for start in range(0, len(order), wanted):
         chunk = [records[i] for i in order[start:start + wanted]]
         for loaded in iter_decoded(chunk, size, resize, resize_filter=resize_filter):
-            if loaded.pixels is not None and loaded.sha256 not in seen:
+            if isinstance(loaded.pixels, np.ndarray) and loaded.sha256 not in seen:
                 seen.add(loaded.sha256)
                 decoded.append((loaded.sha256, loaded.pixels))
         if len(decoded) >= wanted:
