@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,7 +30,10 @@ from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
-from .stream import LocalEngine, Progress, StageModel, StreamSummary, run_stream
+from .stream import LocalEngine, MultiSizeModel, Progress, StageModel, StreamSummary, run_stream
+
+if TYPE_CHECKING:
+    from tlpipe.backbones.export import FeatureModel
 
 __all__ = [
     "CacheSink",
@@ -69,10 +72,23 @@ class ExtractSummary(StreamSummary):
 
 class CacheSink:
     """The HDF5 cache as the stage's sink: feature set ``key`` of ``writer``; content already in the
-    feature set is known (not decoded); failures go to the cache's failure table."""
+    feature set is known (not decoded); failures go to the cache's failure table.
 
-    def __init__(self, writer: CacheWriter, key: str, source: int = -1):
-        self.writer, self.key, self.source = writer, key, source
+    ``key`` may name several feature sets filled by one model (a multi-output export: one pass decodes and
+    runs each image once for all its layers); ``widths`` then gives each one's columns of the model's
+    output, in order. Content is known when every one of them holds it; a feature set that already holds
+    a row keeps it (:meth:`CacheWriter.add` drops repeats), so a pass killed between two of them resumes.
+    """
+
+    def __init__(
+        self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] | None = None
+    ):
+        self.keys = [key] if isinstance(key, str) else list(key)
+        if len(self.keys) > 1 and (widths is None or len(widths) != len(self.keys)):
+            raise ValueError("several feature sets need one width each")
+        self.writer, self.key, self.source = writer, self.keys[0], source
+        edges = np.cumsum([0, *(widths or [])])
+        self.columns = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def done(self, record: ImageRecord) -> bool:
@@ -80,12 +96,12 @@ class CacheSink:
         return False
 
     def known(self, sha256: str) -> bool:
-        """Whether feature set ``key`` holds this content."""
-        return self.writer.has(self.key, sha256)
+        """Whether every feature set of this sink holds this content."""
+        return all(self.writer.has(key, sha256) for key in self.keys)
 
     def known_shas(self) -> set[str]:
-        """All content feature set ``key`` holds (broadcast to the Ray engine's decode tasks)."""
-        covered = self.writer.rows_with(self.key)
+        """All content every feature set of this sink holds (broadcast to the Ray engine's decode tasks)."""
+        covered = set.intersection(*(set(self.writer.rows_with(key)) for key in self.keys))
         return {sha for sha, row in self.writer.index.items() if row in covered}
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
@@ -100,7 +116,8 @@ class CacheSink:
             if i.error is None and not i.known
         ]
         if rows:
-            self.writer.add(self.key, rows, outputs)
+            for key, columns in zip(self.keys, self.columns):
+                self.writer.add(key, rows, outputs[:, columns])
         failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
         if failures:
             self.writer.add_failures(failures, source=self.source)
@@ -166,7 +183,7 @@ def extract_into(
     images: ImageSource,
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    entry: StoreEntry,
+    entry: StoreEntry | Sequence[FeatureModel],
     engine: Any,
     *,
     batch_size: int = 32,
@@ -175,7 +192,8 @@ def extract_into(
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     progress: Progress | None = None,
 ) -> ExtractSummary:
-    """Open the cache ``out`` and run the stage with ``engine`` (local or Ray) into feature set ``entry.key``.
+    """Open the cache ``out`` and run the stage with ``engine`` (local or Ray) into feature set ``entry.key``,
+    or into the feature set of every output of several models in one pass.
 
     Parameters
     ----------
@@ -185,8 +203,11 @@ def extract_into(
         Recorded in the cache's sources.
     out : path
         The cache.
-    entry : StoreEntry
-        The backbone (see :func:`tlpipe.features.calibration.resolve_entry`).
+    entry : StoreEntry or sequence of FeatureModel
+        The backbone (see :func:`tlpipe.features.calibration.resolve_entry`); or models of distinct input
+        sizes, each with one or more outputs (:func:`tlpipe.backbones.export.obtain_layers`), each output
+        filling the feature set of its one-output entry: every image is read, hashed and decoded once
+        and run once through each model (local engine only).
     engine : LocalEngine or RayEngine
         How the stage runs; entered (a Ray engine connects and plans its actors) before the cache is opened.
     batch_size, dtype, resize, resize_filter, progress
@@ -206,19 +227,23 @@ def extract_into(
     with engine, CacheWriter(out) as writer:
         source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
-        key = open_feature_set(writer, entry, resize, resize_filter, dtype)
+        models: list[StoreEntry | FeatureModel] = [entry] if isinstance(entry, StoreEntry) else list(entry)
+        targets = [t for m in models for _, t in (((None, m),) if isinstance(m, StoreEntry) else m.outputs)]
+        keys = [open_feature_set(writer, target, resize, resize_filter, dtype) for target in targets]
+        widths = [target.embedding_dim for target in targets]
         summary = ExtractSummary(
             out=str(writer.path),
-            key=key,
+            key=keys[0],
+            keys=keys,
             skipped=list(images.skipped),
             resize=resize,
             resize_filter=resize_filter,
             warnings=list(images.warnings),
         )
-        sink = CacheSink(writer, key, source_index)
+        sink = CacheSink(writer, keys, source_index, widths)
         run_stream(
             images.records,
-            StageModel(entry.model_path, entry.input_size, entry.embedding_dim),
+            _stage_model(models),
             sink,
             summary,
             engine=engine,
@@ -242,6 +267,22 @@ def extract_into(
             " ..." if len(summary.label_conflicts) > 3 else "",
         )
     return summary
+
+
+def _stage_model(models: list[StoreEntry | FeatureModel]) -> StageModel | MultiSizeModel:
+    """The stage's model for one backbone entry, or for models of several sizes and outputs."""
+    stage = [
+        StageModel(m.model_path, m.input_size, m.embedding_dim)
+        if isinstance(m, StoreEntry)
+        else StageModel(
+            m.entry.model_path,
+            m.input_size,
+            sum(t.embedding_dim for _, t in m.outputs),
+            outputs=tuple(name for name, _ in m.outputs),
+        )
+        for m in models
+    ]
+    return stage[0] if len(stage) == 1 else MultiSizeModel(tuple(stage))
 
 
 def _conflict_text(conflict: dict) -> str:
@@ -395,7 +436,8 @@ def extract(
     sizes, layers : list, optional
         Several sizes and/or cut points instead of ``size`` / ``layer``: one feature set per (size, layer),
         keyed as a one-size, one-layer extract would key it. The models come from one multi-output export
-        per size (:func:`tlpipe.backbones.export.obtain_layers`); the stage runs one pass per feature set.
+        per size (:func:`tlpipe.backbones.export.obtain_layers`); one pass reads, hashes and decodes each
+        image once and runs it through each size's model once for all its layers.
 
     Returns
     -------
@@ -417,34 +459,32 @@ def extract(
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store, tta)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
-    if len(sizes) > 1 or len(layers) > 1:
-        entries = _several_entries(choice, sizes, layers)
-    else:
-        entries = [resolve_entry(choice, images.records, resize, recalibrate)]
-    summaries = []
-    for entry in entries:
-        engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-        summary = extract_into(
-            images,
-            source,
-            out,
-            entry,
-            engine,
-            batch_size=batch_size,
-            dtype=dtype,
-            resize=resize,
-            resize_filter=resize_filter,
-            progress=progress,
-        )
-        _note_speed(out, summary, entry)
-        summaries.append(summary)
-    first = summaries[0]
-    first.keys = [s.key for s in summaries]
-    return first
+    several = len(sizes) > 1 or len(layers) > 1
+    entry = (
+        _several_models(choice, sizes, layers)
+        if several
+        else resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
+    )
+    engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
+    summary = extract_into(
+        images,
+        source,
+        out,
+        entry,
+        engine,
+        batch_size=batch_size,
+        dtype=dtype,
+        resize=resize,
+        resize_filter=resize_filter,
+        progress=progress,
+    )
+    _note_speed(out, summary, entry)
+    return summary
 
 
-def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[StoreEntry]:
-    """The one-output store entries of every (size, layer), from one verified multi-output export per size."""
+def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[FeatureModel]:
+    """Per size, the verified multi-output model of every layer and each output's one-output store entry
+    (the feature set's identity); one pass runs them all."""
     from tlpipe.backbones.export import obtain_layers
 
     if choice.model is not None or choice.backbone is None:
@@ -453,9 +493,8 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
         raise ValueError("several sizes or layers are fp32 only; extract int8/fp16 one feature set at a time")
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"a size is named twice in {sizes}")
-    entries = []
-    for size in sizes:
-        found = obtain_layers(
+    return [
+        obtain_layers(
             choice.backbone,
             list(layers),
             choice.weights,
@@ -465,12 +504,12 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
             choice.model_store,
             tta=choice.tta,
         )
-        entries += [entry for _, entry in found.outputs]
-    return entries
+        for size in sizes
+    ]
 
 
-def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
-    """Record this pass's extraction speed on the feature set it filled (kept from the largest pass)."""
+def _note_speed(out, summary: ExtractSummary, entry: StoreEntry | list[FeatureModel]) -> None:
+    """Record this pass's extraction speed on each feature set it filled (kept from the largest pass)."""
     embedded = summary.embedded
     if not embedded or not summary.seconds:
         return
@@ -478,11 +517,12 @@ def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
         "images": embedded,
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(embedded / summary.seconds, 2),
-        "feature_sets_in_pass": 1,
-        "input_size": entry.input_size,
+        "feature_sets_in_pass": len(summary.keys),
+        "input_size": entry.input_size if isinstance(entry, StoreEntry) else [m.input_size for m in entry],
         "provider": summary.provider,
         "cores": physical_cores(),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     with CacheWriter(out) as writer:
-        writer.note_extraction(summary.key, record)
+        for key in summary.keys:
+            writer.note_extraction(key, record)

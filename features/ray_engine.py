@@ -133,7 +133,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
         "error": np.array([x.error or "" for x in loaded], dtype=object),
         "width": np.array([x.size[0] for x in loaded], np.int32),
         "height": np.array([x.size[1] for x in loaded], np.int32),
-        "pixels": np.array([x.pixels.tobytes() if x.pixels is not None else b"" for x in loaded], dtype=object),
+        "pixels": np.array([x.pixels.tobytes() if isinstance(x.pixels, np.ndarray) else b"" for x in loaded],
+                           dtype=object),
     }
 
 
@@ -340,7 +341,7 @@ resize, resize_filter, allow_outside_root, precision, recalibrate, progress
                           precision=precision, pooling=pooling)
     images = open_source(source, out, allow_outside_root)
     choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
-    entry = resolve_entry(choice, images.records, resize, recalibrate)
+    entry = resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
     engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
     return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
                         resize_filter=resize_filter, progress=progress)
