@@ -15,7 +15,7 @@ from tlpipe.features.cache import read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.features.images import load_image
 from tlpipe.features.sources import discover
-from tlpipe.pipeline.artifacts import load_head
+from tlpipe.pipeline.artifacts import head_labels, load_head
 from tlpipe.pipeline.finetune import (
     LABEL_NAME,
     OUTPUT_NAME,
@@ -111,7 +111,7 @@ def test_warm_start_reproduces_the_head(tiny, tuned):
     split = split_records(discover(tiny["photos"]).records, 0.2, 0)
     row_of = {path: i for i, path in enumerate(fs.paths)}
     estimator, metadata = load_head(tiny["head"])
-    labels = [metadata["class_names"][c] for c in estimator.classes_]
+    labels = head_labels(estimator, metadata)  # fit-head's heads know their class names (older: via the sidecar)
     y = np.array([labels.index(r.label) for r in split.val])
     proba = estimator.predict_proba(fs.X[[row_of[r.relpath] for r in split.val]])
     accuracy = float(np.mean(proba.argmax(axis=1) == y))
@@ -232,7 +232,7 @@ def test_warm_start_kept_when_training_makes_it_worse(tiny, model_store, tiny_en
     images = np.stack([load_image(r.abspath, 64)[0] for r in test])
     y = np.array([result.class_names.index(r.label) for r in test])
     estimator, metadata = load_head(tiny["head"])
-    labels = [metadata["class_names"][c] for c in estimator.classes_]
+    labels = head_labels(estimator, metadata)  # fit-head's heads know their class names (older: via the sidecar)
     expected = estimator.predict_proba(OnnxEmbedder(tiny_entry.model_path, device="cpu")(images))
     expected = expected[:, [labels.index(c) for c in result.class_names]]
     _, proba = onnx_run(result.classifier_path, images)
