@@ -22,10 +22,8 @@ What it does:
    joblib workers it waited for: steadier on a loaded machine, blind to a core left idle).
 
 The four default heads, 5-fold CV, seed 0, every core (the defaults of both versions). The new report
-also draws the UMAP map when ``umap-learn`` is installed (``tlpipe[umap]``, in the ``dev`` extra): the
-old report had no map at all, so ``--no-umap`` hides umap-learn from the new compare (a
-``sitecustomize`` that makes ``import umap`` fail) to time the same report without it; both figures
-are worth knowing.
+draws a UMAP map only when asked (``compare --umap``; the old report had no map at all); ``--umap`` here
+passes it to the new ``compare --report`` to time what it adds (~10 s of numba compilation).
 
 Run on a quiet machine (the figure that counts):
 
@@ -34,6 +32,7 @@ Run on a quiet machine (the figure that counts):
 ``--quick``: one round, cats_vs_dogs only (a smoke run, a few minutes). Writes
 benchmarks/results/compare.json (``--quick``: compare_quick.json); ``--out`` overrides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,21 +68,9 @@ def run(cmd: list[str], env: dict, cwd: Path, what: str) -> subprocess.Completed
     return done
 
 
-def environment(source: Path, no_umap: bool, work: Path) -> dict:
+def environment(source: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TLPIPE_MODEL_STORE")}
-    paths = [str(source)]
-    if no_umap:
-        hide = work / "no-umap"
-        hide.mkdir(exist_ok=True)
-        (hide / "sitecustomize.py").write_text(
-            "import sys\n"
-            "class _NoUmap:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'umap' or name.startswith('umap.'):\n"
-            "            raise ImportError('umap-learn hidden by bench_compare --no-umap')\n"
-            "sys.meta_path.insert(0, _NoUmap())\n")
-        paths.insert(0, str(hide))
-    env |= {"PYTHONPATH": os.pathsep.join(paths), "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
+    env |= {"PYTHONPATH": str(source), "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
     return env
 
 
@@ -110,28 +97,41 @@ def extract(version: str, source: Path, work: Path, dataset: str, weights: Path)
     if cache.is_file() and done.is_file():
         return cache
     cache.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "tlpipe.pipeline.cli", "extract", str(DATASETS[dataset]), "--out", str(cache),
-           "--weights", str(weights), "--store", str(folder / "store"), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tlpipe.pipeline.cli",
+        "extract",
+        str(DATASETS[dataset]),
+        "--out",
+        str(cache),
+        "--weights",
+        str(weights),
+        "--store",
+        str(folder / "store"),
+        "--device",
+        "cpu",
+    ]
     if version == "new":
         cmd += ["--resize-filter", "antialias"]  # the old code's resize: the same embeddings for both
     print(f"  extracting {dataset} with the {version} code…", flush=True)
     started = time.perf_counter()
-    run(cmd, environment(source, False, work), folder, f"{version} extract of {dataset}")
+    run(cmd, environment(source), folder, f"{version} extract of {dataset}")
     print(f"    {time.perf_counter() - started:.0f} s", flush=True)
     done.write_text("ok")
     return cache
 
 
-def time_compare(version: str, source: Path, cache: Path, mode: str, work: Path, no_umap: bool) -> dict:
+def time_compare(version: str, source: Path, cache: Path, mode: str, work: Path, umap: bool) -> dict:
     cmd = [sys.executable, "-m", "tlpipe.pipeline.cli", "compare", str(cache)]
     report = None
     if mode == "report":
         report = Path(tempfile.mkdtemp(prefix=f"report-{version}-", dir=work))
-        cmd += ["--report", str(report)]
+        cmd += ["--report", str(report)] + (["--umap"] if umap and version == "new" else [])
     load = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = run(cmd, environment(source, no_umap and version == "new", work), work, f"{version} compare")
+    done = run(cmd, environment(source), work, f"{version} compare")
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU seconds of the command and every process it waited for (joblib's workers): steadier than wall time
@@ -141,7 +141,13 @@ def time_compare(version: str, source: Path, cache: Path, mode: str, work: Path,
     files = sorted(p.name for p in report.iterdir()) if report else []
     if report:
         shutil.rmtree(report, ignore_errors=True)
-    return {"seconds": seconds, "cpu_seconds": cpu, "load_1min_before": load, "best": best.split("·")[0].strip(), "report_files": files}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "load_1min_before": load,
+        "best": best.split("·")[0].strip(),
+        "report_files": files,
+    }
 
 
 def main() -> None:
@@ -151,17 +157,26 @@ def main() -> None:
     parser.add_argument("--datasets", default=None, help=f"comma-separated, of {', '.join(DATASETS)} (default: both)")
     parser.add_argument("--modes", default="plain,report", help="plain (no report), report (--report DIR), or both")
     parser.add_argument("--old", default=OLD_COMMIT, help=f"commit of the code before issue 15 (default {OLD_COMMIT})")
-    parser.add_argument("--new", type=Path, default=ROOT,
-                        help="source checkout of the new code (default: this one; give a copy when editing this one "
-                             "while the benchmark runs, since each compare imports it afresh)")
+    parser.add_argument(
+        "--new",
+        type=Path,
+        default=ROOT,
+        help="source checkout of the new code (default: this one; give a copy when editing this one "
+        "while the benchmark runs, since each compare imports it afresh)",
+    )
     parser.add_argument("--weights", type=Path, default=WEIGHTS)
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tlpipe-bench-compare",
-                        help="caches, model stores and the old source (kept between runs)")
-    parser.add_argument("--no-umap", action="store_true",
-                        help="hide umap-learn from the new compare (the old report drew no map)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "tlpipe-bench-compare",
+        help="caches, model stores and the old source (kept between runs)",
+    )
+    parser.add_argument(
+        "--umap", action="store_true", help="pass --umap to the new compare --report (the old report drew no map)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    datasets = (args.datasets.split(",") if args.datasets else ["cats_vs_dogs"] if args.quick else list(DATASETS))
+    datasets = args.datasets.split(",") if args.datasets else ["cats_vs_dogs"] if args.quick else list(DATASETS)
     rounds = 1 if args.quick else args.rounds
     modes = [m for m in args.modes.split(",") if m]
     for needed in [args.weights, *(DATASETS[d] for d in datasets)]:
@@ -177,11 +192,14 @@ def main() -> None:
         for d in datasets:
             for m in modes:
                 for v in order:
-                    t = time_compare(v, sources[v], caches[(v, d)], m, args.work, args.no_umap)
+                    t = time_compare(v, sources[v], caches[(v, d)], m, args.work, args.umap)
                     times[f"{d}/{m}"][v].append(t)
-                    print(f"  round {r + 1}/{rounds} {d:15s} {m:6s} {v}: {t['seconds']:6.1f} s, "
-                          f"{t['cpu_seconds']:6.1f} cpu-s "
-                          f"(load {t['load_1min_before']:.1f}, best {t['best']})", flush=True)
+                    print(
+                        f"  round {r + 1}/{rounds} {d:15s} {m:6s} {v}: {t['seconds']:6.1f} s, "
+                        f"{t['cpu_seconds']:6.1f} cpu-s "
+                        f"(load {t['load_1min_before']:.1f}, best {t['best']})",
+                        flush=True,
+                    )
 
     summary = {}
     for key, pair in times.items():
@@ -189,46 +207,67 @@ def main() -> None:
         new = [t["seconds"] for t in pair["new"]]
         old_cpu = [t["cpu_seconds"] for t in pair["old"]]
         new_cpu = [t["cpu_seconds"] for t in pair["new"]]
-        summary[key] = {"old_median_s": statistics.median(old), "new_median_s": statistics.median(new),
-                        "ratio_of_medians": statistics.median(new) / statistics.median(old),
-                        "old_median_cpu_s": statistics.median(old_cpu), "new_median_cpu_s": statistics.median(new_cpu),
-                        "cpu_ratio_of_medians": statistics.median(new_cpu) / statistics.median(old_cpu),
-                        "pair_ratios": [n / o for n, o in zip(new, old)], "old_s": old, "new_s": new,
-                        "new_report_files": pair["new"][0]["report_files"],
-                        "old_report_files": pair["old"][0]["report_files"]}
+        summary[key] = {
+            "old_median_s": statistics.median(old),
+            "new_median_s": statistics.median(new),
+            "ratio_of_medians": statistics.median(new) / statistics.median(old),
+            "old_median_cpu_s": statistics.median(old_cpu),
+            "new_median_cpu_s": statistics.median(new_cpu),
+            "cpu_ratio_of_medians": statistics.median(new_cpu) / statistics.median(old_cpu),
+            "pair_ratios": [n / o for n, o in zip(new, old)],
+            "old_s": old,
+            "new_s": new,
+            "new_report_files": pair["new"][0]["report_files"],
+            "old_report_files": pair["old"][0]["report_files"],
+        }
     try:
-        new_commit = subprocess.run(["git", "-C", str(sources["new"]), "rev-parse", "--short", "HEAD"],
-                                    capture_output=True, text=True).stdout.strip() or "?"
-        dirty = bool(subprocess.run(["git", "-C", str(sources["new"]), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True).stdout.strip())
+        new_commit = (
+            subprocess.run(
+                ["git", "-C", str(sources["new"]), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or "?"
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(sources["new"]), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
     except OSError:
         new_commit, dirty = "?", False
-    try:
-        import umap  # noqa: F401
-
-        umap_installed = True
-    except ImportError:
-        umap_installed = False
     results = {
         "what": "wall-clock seconds of `python -m tlpipe.pipeline.cli compare CACHE [--report DIR]` (process start-up "
-                "included), default heads logreg, svm, rbf-svm, mlp, 5-fold CV, every core; old = "
-                f"{args.old} (before issue 15), new = this checkout; interleaved rounds",
-        "old_commit": args.old, "new_source": str(sources["new"]), "new_commit": new_commit + ("-dirty" if dirty else ""),
-        "umap_in_new_report": umap_installed and not args.no_umap, "rounds": rounds,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
-        "results": summary, "runs": times,
+        "included), default heads logreg, svm, rbf-svm, mlp, 5-fold CV, every core; old = "
+        f"{args.old} (before issue 15), new = this checkout; interleaved rounds",
+        "old_commit": args.old,
+        "new_source": str(sources["new"]),
+        "new_commit": new_commit + ("-dirty" if dirty else ""),
+        "umap_in_new_report": args.umap,
+        "rounds": rounds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "results": summary,
+        "runs": times,
     }
     out = args.out or ROOT / "benchmarks" / "results" / ("compare_quick.json" if args.quick else "compare.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nmedians; wall = wall-clock seconds, cpu = CPU seconds of the process and its workers")
-    print(f"{'data set / mode':24s} {'old wall':>8s} {'new wall':>8s} {'new/old':>8s} {'old cpu':>8s} {'new cpu':>8s} "
-          f"{'new/old':>8s}  wall ratio per pair")
+    print("\nmedians; wall = wall-clock seconds, cpu = CPU seconds of the process and its workers")
+    print(
+        f"{'data set / mode':24s} {'old wall':>8s} {'new wall':>8s} {'new/old':>8s} {'old cpu':>8s} {'new cpu':>8s} "
+        f"{'new/old':>8s}  wall ratio per pair"
+    )
     for key, s in summary.items():
-        print(f"{key:24s} {s['old_median_s']:8.1f} {s['new_median_s']:8.1f} {s['ratio_of_medians']:8.3f} "
-              f"{s['old_median_cpu_s']:8.1f} {s['new_median_cpu_s']:8.1f} {s['cpu_ratio_of_medians']:8.3f}  "
-              + ", ".join(f"{r:.2f}" for r in s["pair_ratios"]))
+        print(
+            f"{key:24s} {s['old_median_s']:8.1f} {s['new_median_s']:8.1f} {s['ratio_of_medians']:8.3f} "
+            f"{s['old_median_cpu_s']:8.1f} {s['new_median_cpu_s']:8.1f} {s['cpu_ratio_of_medians']:8.3f}  "
+            + ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
+        )
     print(f"wrote {out}")
 
 
