@@ -55,6 +55,7 @@ class ExtractSummary(StreamSummary):
     label_conflicts: list[dict] = field(default_factory=list)  # contents that carry two or more labels
     warnings: list[str] = field(default_factory=list)  # about the source (layout, manifest)
     keys: list[str] = field(default_factory=list)  # every feature set this extract filled (key is the first)
+    augmented: list[Any] = field(default_factory=list)  # AugmentSummary per feature set (extract --augment N)
 
     @property
     def embedded(self) -> int:
@@ -350,6 +351,8 @@ def extract(
     tta: str = "none",
     sizes: list[int | None] | None = None,
     layers: list[str | None] | None = None,
+    augment: int = 0,
+    augment_seed: int = 0,
 ) -> ExtractSummary:
     """Embed every image of ``source`` into the HDF5 cache ``out`` (created or appended to).
 
@@ -396,6 +399,12 @@ def extract(
         Several sizes and/or cut points instead of ``size`` / ``layer``: one feature set per (size, layer),
         keyed as a one-size, one-layer extract would key it. The models come from one multi-output export
         per size (:func:`tlpipe.backbones.export.obtain_layers`); the stage runs one pass per feature set.
+        A layer ``a+b`` is one feature set of both cut points, pooled and concatenated in the model.
+    augment : int
+        Also embed this many augmented views of every image per feature set
+        (:func:`tlpipe.features.augment.extract_augmented`), stored beside it as training rows; 0: none.
+    augment_seed : int
+        Seed of the augmented views (a view depends on it, the image's sha256 and the view index only).
 
     Returns
     -------
@@ -419,7 +428,8 @@ def extract(
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
     if len(sizes) > 1 or len(layers) > 1:
         entries = _several_entries(choice, sizes, layers)
-    else:
+    else:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer
+        choice = choice.with_(size=sizes[0], layer=layers[0])
         entries = [resolve_entry(choice, images.records, resize, recalibrate)]
     summaries = []
     for entry in entries:
@@ -437,9 +447,17 @@ def extract(
             progress=progress,
         )
         _note_speed(out, summary, entry)
+        if augment:
+            from .augment import extract_augmented
+
+            summary.augmented.append(extract_augmented(
+                images.records, out, entry, summary.key, views=augment, seed=augment_seed, resize=resize,
+                resize_filter=resize_filter, batch_size=batch_size, dtype=dtype, device=device, threads=threads,
+                workers=workers))
         summaries.append(summary)
     first = summaries[0]
     first.keys = [s.key for s in summaries]
+    first.augmented = [a for s in summaries for a in s.augmented]
     return first
 
 

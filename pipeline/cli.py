@@ -116,6 +116,7 @@ def _layers(text: Optional[str]) -> list[Optional[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else [None]
 
 
+UseAugmentedOpt = typer.Option(False, "--use-augmented", help="Also train on the feature set's augmented views (extract --augment N) of the training images only; evaluation rows stay the originals.")
 EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe[ray]).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address ('auto' joins a running one) [default: start Ray here].")
 ActorsOpt = typer.Option(None, "--actors", help="Ray inference actors [default: one per GPU, else one per node].")
@@ -309,7 +310,9 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
             allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
             quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt,
-            engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
+            engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt,
+            augment: int = typer.Option(0, "--augment", min=0, help="Also embed N augmented views per image (crop, rotation, flip, colour jitter; seeded by content) as extra training rows for compare/fit-head --use-augmented."),
+            augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the --augment views.")):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
     pooling, precision, resize, device, dtype = map(_value, (pooling, precision, resize, device, dtype))
     resize_filter = _value(resize_filter)
@@ -320,6 +323,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
     check_tta(tta)
     sizes, layers = _sizes(size), _layers(layer)
     several = len(sizes) > 1 or len(layers) > 1
+    if engine == "ray" and augment:
+        raise ValueError("--augment runs on the local engine")
     if engine == "ray" and (several or tta != "none"):
         raise ValueError("--engine ray extracts one feature set without TTA; use the local engine for --tta or "
                          "several --size/--layer values")
@@ -336,7 +341,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             from tlpipe.features.extract import extract as run
 
             summary = run(source, out_path, workers=workers, streams=streams, progress=progress,
-                          sizes=sizes if several else None, layers=layers if several else None, **options)
+                          sizes=sizes if several else None, layers=layers if several else None, augment=augment,
+                          augment_seed=augment_seed, **options)
     # the warnings themselves (source layout, manifest, label conflicts) are logged by the library
     if summary.label_conflicts and not as_json:
         for conflict in summary.label_conflicts[:10]:
@@ -437,7 +443,8 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              seed: int = SeedOpt, class_weight: Optional[str] = ClassWeightOpt,
              pca: str = PcaOpt,
              n_jobs: Optional[int] = NJobsOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt,
-             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
+             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt,
+             use_augmented: bool = UseAugmentedOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata.
 
     The sidecar records the evaluation rows (by image sha256): `tlpipe evaluate HEAD CACHE` scores them."""
@@ -447,7 +454,8 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     pca_arg = _pca(pca)
     with _status(quiet or as_json, f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
-                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs, exclude=exclude)
+                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs, exclude=exclude,
+                            use_augmented=use_augmented)
     if as_json:
         emit_json({"path": result.path, "sidecar": f"{result.path}.json", "setup": result.setup,
                    "balance": result.balance, "search": result.info,
@@ -482,7 +490,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             pca: str = PcaOpt,
             save_best: Optional[Path] = typer.Option(None, "--save-best", help="Save the best head, refitted with the parameters compare chose on all training rows (+ .json sidecar)."),
             quiet: bool = QuietOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
-            address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
+            address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt,
+            use_augmented: bool = UseAugmentedOpt):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
     from tlpipe.features.cache import describe, read_feature_set
     from tlpipe.pipeline.compare import _COLUMNS, _cells, compare_heads, save_best as save_best_head, write_report
@@ -495,14 +504,23 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         if save_best is not None or exclude is not None:
             raise ValueError("--save-best and --exclude work on one feature set: pick it with --features KEY "
                              "(the sweep prints the fit-head command for its best pair)")
-        _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report)
+        _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report,
+               use_augmented)
         return
     fs = read_feature_set(cache, features, exclude=exclude)
+    views = None
+    if use_augmented:
+        from tlpipe.features.cache import CacheError, read_views
+
+        views = read_views(cache, fs)
+        if views is None:
+            raise CacheError(f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N first")
     if save_best is not None and all_rows:
         raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
     with _status(quiet or as_json, f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None)
+                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None,
+                               views=views)
     written = None
     if report is not None:
         roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
@@ -530,7 +548,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
 
 
-def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report) -> None:
+def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report,
+           use_augmented=False) -> None:
     """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
     from tlpipe.pipeline.compare import format_sweep_table, sweep, write_sweep_report
     from tlpipe.pipeline.engine import parallel_backend
@@ -538,7 +557,7 @@ def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_j
     with console.status(f"cross-validating {', '.join(names)} on every feature set matching {features!r}…"), \
             parallel_backend(engine, address):
         result = sweep(cache, features, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                       holdout=not all_rows, n_jobs=n_jobs)
+                       holdout=not all_rows, n_jobs=n_jobs, use_augmented=use_augmented)
     out.print(format_sweep_table(result))
     best = result.best
     out.print(f"  best pair: [bold]{best.head}[/] on {best.feature_key} · {result.seconds:.1f} s\n"
