@@ -1,28 +1,31 @@
-"""Feature levers on one frozen backbone: input size, flip TTA, ten-crop TTA, a mid-level layer, tuned C.
+"""Feature levers on one frozen backbone: input size, flip TTA, ten-crop TTA, concatenated layers, tuned C,
+augmented training views, and the feature set + head that the sweep picks, judged on a fixed hold-out.
 
-    python benchmarks/bench_levers.py [--quick] [--limit N] [--datasets cats_vs_dogs,flowers5_128px]
-                                      [--repeats 5] [--weights FILE] [--store DIR] [--out FILE]
+    python benchmarks/bench_levers.py [--quick] [--limit N] [--datasets flowers5_128px,cats_vs_dogs]
+                                      [--repeats 5] [--heads logreg] [--work DIR] [--store DIR] [--out FILE]
 
-For each dataset of ../shared/datasets (cats_vs_dogs: its manifest, with its train/test split; flowers5_128px:
-no split column, so the sweep holds out a stratified 20 %), with MobileNetV2 1.0 and the real ImageNet
-weights of ../shared/weights (the 224 px weights at 288 px too: the network is fully convolutional and the
-weights file loads by layer name at any input size), everything through tlpipe's own library calls:
+For each dataset of ../shared/datasets (all photos unless --limit; a fixed seeded stratified 25 % of them is
+marked ``test``, the rest ``train``, in the manifest the bench writes), with MobileNetV2 1.0 and the real
+ImageNet weights of ../shared/weights (the 224 px weights at 288 px too: the network is fully convolutional
+and the weights file loads by layer name at any input size), everything through tlpipe's own library calls:
 
 1. extraction passes into one cache (``features.extract``), each timed: the baseline (224 px, no TTA, last
-   layer, one output), then 224 and 288 px with and without flip TTA with two outputs each (``out_relu`` and
-   ``block_13_expand_relu``, the last 14x14 map), and 224 px ten-crop TTA (flip+crops); img/s per pass and
-   its ratio to the baseline pass of the same run;
-2. each lever's accuracy by 5 x repeated stratified 5-fold CV (the same folds for every lever, so deltas
-   are paired), logistic regression at the old fixed C=0.01 for the feature levers; for the regularisation
-   lever, the new default (C picked by a 3-fold internal CV) against C=0.01 on the same features;
-3. the sweep ``compare --features all`` (``pipeline.compare.sweep``, logreg and svm heads, 5-fold CV on the
-   training rows only) picks the best (feature set, head); that pair and the baseline pair (224 / none /
-   last layer + default logreg) are then fitted on the training rows and scored on the hold-out rows no
-   choice has seen.
+   layer), 288 px, flip TTA at 224 and 288, ``out_relu+block_13_expand_relu`` (one concatenated feature
+   set), ten-crop TTA (flip+crops), and ``--augment 4`` (four augmented views per image of the baseline
+   feature set, ``features.augment.extract_augmented``); img/s per pass and its ratio to a baseline pass
+   timed in the same process (into a scratch cache). With ``--work``, passes and lever scores already
+   recorded there are reused (the cache keeps the features between runs);
+2. each lever's accuracy by ``--repeats`` x repeated stratified 5-fold CV on all photos (the same folds for
+   every lever, so deltas are paired), logistic regression at a fixed C = 0.01 for the feature levers; the
+   regularisation lever is the logreg default (C by a 3-fold internal CV); the augment lever trains each
+   fold on its training photos plus their 4 views (``heads.add_views``) and scores original test photos;
+3. the sweep ``compare --features all`` (``pipeline.compare.sweep``, ``--heads``, 5-fold CV on the ``train``
+   rows only) picks the best (feature set, head); that pair and the baseline pair (224 / none / last layer
+   + default logreg) are then fitted on the ``train`` rows and scored once on the ``test`` rows.
 
 --quick: 300 images per dataset, 2 repeats. --limit N: a stratified sample of N images per dataset (seeded).
-Writes benchmarks/results/levers.json (--quick: levers_quick.json). The machine may be shared: figures
-are ratios and paired deltas within one run.
+Writes benchmarks/results/levers.json (--quick: levers_quick.json). The machine may be shared: accuracy is
+unaffected; img/s figures are ratios within one run.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ PASSES = [
     ("224 flip+crops [last]", [224], [None], "flip+crops"),
 ]
 AUGMENT_PASS = f"224 none [last] + {AUGMENT} augmented views"
+BLOCK_L2 = "last+mid concatenated, each block L2-normalised before concatenating"
 # (lever, feature sets concatenated: (size, layer, tta))
 LEVERS = [
     ("baseline: 224 px, no TTA, last layer", [(224, None, "none")]),
@@ -167,6 +171,46 @@ def timed_pass(source: Path, cache: Path, sizes, layers, tta, args, store) -> di
             "seconds": s.seconds, "images_per_second": s.embedded / s.seconds if s.seconds else 0.0}
 
 
+def interleaved_speed(source: Path, work: Path, args, store, images: int) -> dict:
+    """img/s of every pass on the first ``images`` photos of ``source``, each timed between two baseline passes
+    on the same photos (fresh scratch caches), so a change of the machine's load between passes cancels out of
+    the ratio: ``speed_vs_baseline`` = the pass's img/s / the mean of the two baselines around it."""
+    from tlpipe.backbones.export import obtain_backbone
+    from tlpipe.features.augment import extract_augmented
+    from tlpipe.features.cache import feature_set_key
+
+    lines = open(source).read().splitlines()
+    sample = work / f"{source.stem}.speed.csv"
+    sample.write_text("\n".join(lines[:images + 1]) + "\n")
+    scratch = work / f"{source.stem}.speed.h5"
+
+    def one(sizes, layers, tta, augment=False) -> float:
+        scratch.unlink(missing_ok=True)
+        row = timed_pass(sample, scratch, sizes, layers, tta, args, store)
+        if not augment:
+            return row["images_per_second"]
+        entry = obtain_backbone("mobilenet_v2", args.weights, 224, store=store)
+        from tlpipe.features.sources import discover
+
+        a = extract_augmented(discover(sample, allow_outside_root=True).records, scratch, entry,
+                              feature_set_key(entry.key), views=AUGMENT)
+        return images / (row["seconds"] + a.seconds)  # the extract and its augmented views, per photo
+
+    out = {}
+    one([224], [None], "none")  # warm-up (sessions, file cache)
+    before = one([224], [None], "none")
+    for label, sizes, layers, tta in [*PASSES[1:], (AUGMENT_PASS, [224], [None], "none")]:
+        rate = one(sizes, layers, tta, augment=label == AUGMENT_PASS)
+        after = one([224], [None], "none")
+        out[label] = {"images": images, "images_per_second": rate, "baseline_before": before, "baseline_after": after,
+                      "speed_vs_baseline": rate / ((before + after) / 2)}
+        print(f"  speed {label}: {rate:.1f} img/s, {out[label]['speed_vs_baseline']:.3f} x baseline "
+              f"({before:.1f} / {after:.1f})", flush=True)
+        before = after
+    scratch.unlink(missing_ok=True)
+    return out
+
+
 def run_dataset(name: str, args, work: Path, store) -> dict:
     from tlpipe.backbones.export import obtain_backbone, plan_export
     from tlpipe.features.augment import extract_augmented
@@ -211,6 +255,11 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
             print(f"  pass {label}: {row['embedded']} images, {row['images_per_second']:.1f} img/s "
                   f"({row['speed_vs_baseline']:.2f} x baseline)", flush=True)
     report["passes"] = [{"pass": k, **v} for k, v in passes.items()]
+    speed_file = work / f"{name}.speed.json"
+    if args.speed_images and not speed_file.is_file():
+        speed_file.write_text(json.dumps(interleaved_speed(source, work, args, store, args.speed_images), indent=2))
+    interleaved = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
+    report["interleaved_speed"] = interleaved
 
     def key(size, layer, tta):
         return feature_set_key(plan_export("mobilenet_v2", args.weights, size, layer, "avg", tta=tta).key)
@@ -219,6 +268,10 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         fitting = [(k, p) for k, p in passes.items() if set(keys) <= set(p["keys"]) and
                    (k == AUGMENT_PASS) == augmented]
         label, p = min(fitting, key=lambda kp: len(kp[1]["keys"]))
+        if label == PASSES[0][0]:
+            return p["images_per_second"], 1.0
+        if label in interleaved:  # the interleaved ratio: robust to the load changing between whole passes
+            return p["images_per_second"], interleaved[label]["speed_vs_baseline"]
         return p["images_per_second"], p["speed_vs_baseline"]
 
     levers = json.loads(levers_file.read_text()) if levers_file.is_file() else {}
@@ -227,6 +280,9 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
     base_keys = rows[0][1]
     rows.append(("tuned C (logreg default: C by 3-fold internal CV)", base_keys, {}, False,
                  "logreg (LogisticRegressionCV)"))
+    concat_keys = [key(224, CONCAT, "none")]
+    rows.append((BLOCK_L2, concat_keys, {"C": 0.01}, False, "logreg C=0.01, each block L2-normalised first"))
+    rows.append(("last+mid concatenated + tuned C", concat_keys, {}, False, "logreg (LogisticRegressionCV)"))
     if args.augment:
         rows.append((f"augment N={AUGMENT} (training rows only)", base_keys, {"C": 0.01}, True,
                      f"logreg C=0.01 + {AUGMENT} views per training image"))
@@ -238,6 +294,10 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
             row = levers[lever]
         else:
             X, y, common = aligned(cache, keys)
+            if lever == BLOCK_L2:  # does a per-block normalisation before concatenating matter? (heads standardise)
+                last = X[:, :1280] / np.maximum(np.linalg.norm(X[:, :1280], axis=1, keepdims=True), 1e-12)
+                mid = X[:, 1280:] / np.maximum(np.linalg.norm(X[:, 1280:], axis=1, keepdims=True), 1e-12)
+                X = np.hstack([last, mid])
             views = None
             if augmented:
                 fs = read_feature_set(cache, keys[0])
@@ -262,20 +322,26 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
     if not args.heads:
         return report
     # the sweep picks a pair on the training rows; the fixed hold-out judges it against the baseline pair
-    started = time.perf_counter()
-    result = sweep(cache, args.sweep_features, args.heads, cv=5, seed=0, n_jobs=args.n_jobs)
-    best = result.best
-    report["sweep"] = {"seconds": time.perf_counter() - started, "heads": list(args.heads),
-                       "setup": next(iter(result.results.values())).setup,
-                       "ranking": [{"feature_set": r.feature_key, "head": r.head, "cv_accuracy": r.accuracy,
-                                    "cv_accuracy_std": r.accuracy_std, "fit_s": r.fit_s,
-                                    "extraction_ms": r.extraction_ms} for r in result.rows]}
-    report["holdout"] = {"best_pair": holdout_pair(cache, best.feature_key, best.head),
-                         "baseline_pair": holdout_pair(cache, base_keys[0], "logreg")}
+    sweep_file = work / f"{name}.sweep.json"
+    if sweep_file.is_file():
+        report["sweep"], report["holdout"] = json.loads(sweep_file.read_text())
+    else:
+        started = time.perf_counter()
+        result = sweep(cache, args.sweep_features, args.heads, cv=5, seed=0, n_jobs=args.n_jobs)
+        report["sweep"] = {"seconds": time.perf_counter() - started, "heads": list(args.heads),
+                           "setup": next(iter(result.results.values())).setup,
+                           "ranking": [{"feature_set": r.feature_key, "head": r.head, "cv_accuracy": r.accuracy,
+                                        "cv_accuracy_std": r.accuracy_std, "fit_s": r.fit_s,
+                                        "extraction_ms": r.extraction_ms} for r in result.rows]}
+        best = report["sweep"]["ranking"][0]
+        report["holdout"] = {"best_pair": holdout_pair(cache, best["feature_set"], best["head"]),
+                             "baseline_pair": holdout_pair(cache, base_keys[0], "logreg")}
+        sweep_file.write_text(json.dumps([report["sweep"], report["holdout"]], indent=2))
+    best = report["sweep"]["ranking"][0]
     h = report["holdout"]
     h["delta_points"] = 100 * (h["best_pair"]["holdout_accuracy"] - h["baseline_pair"]["holdout_accuracy"])
-    h["best_pair_extraction_images_per_second"], h["best_pair_extraction_vs_baseline"] = speed([best.feature_key])
-    print(f"  sweep best: {best.head} on {best.feature_key} (CV {best.accuracy:.4f}); hold-out "
+    h["best_pair_extraction_images_per_second"], h["best_pair_extraction_vs_baseline"] = speed([best["feature_set"]])
+    print(f"  sweep best: {best['head']} on {best['feature_set']} (CV {best['cv_accuracy']:.4f}); hold-out "
           f"{h['best_pair']['holdout_accuracy']:.4f} vs baseline {h['baseline_pair']['holdout_accuracy']:.4f} "
           f"({h['delta_points']:+.2f} pts)", flush=True)
     return report
@@ -297,6 +363,8 @@ def main() -> None:
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help=f"Skip the augment N={AUGMENT} pass and lever")
     parser.add_argument("--n-jobs", type=int, default=2, help="The sweep's joblib workers")
+    parser.add_argument("--speed-images", type=int, default=300,
+                        help="Photos of the interleaved speed measurement (each pass between two baselines); 0: none")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:

@@ -358,6 +358,9 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
                   + (f"; {summary.relabelled} cached rows updated (moved or relabelled, not re-embedded)"
                      if summary.relabelled else "") + "\n"
                   f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s", highlight=False)
+        for a in summary.augmented:
+            out.print(f"  augmented views of {a.key}: {a.embedded} embedded for {a.images} images ({a.views} per image, "
+                      f"seed {a.seed}), {a.cached} images had them all; {a.seconds:.1f} s", highlight=False)
         for kind, items in (("failed", summary.failures), ("skipped", summary.skipped)):
             for path, reason in items[:20]:
                 console.print(f"  [red]{kind}[/] {escape(path)}: {escape(reason)}", highlight=False)
@@ -389,7 +392,8 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
             f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
             f"resize {fs['resize']}, filter {fs.get('resize_filter', 'antialias')}, weights {fs['weights']}"
             f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
-            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''})")
+            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''}"
+            f"{', %d augmented views (%d per image)' % (fs['augmented']['rows'], fs['augmented']['views']) if fs.get('augmented') else ''})")
     conflicts = d["label_conflicts"]
     if conflicts:
         say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
