@@ -134,3 +134,29 @@ def test_extract_augment_stores_seeded_views_beside_the_feature_set(tmp_path, mo
     result = train_head(cache, "logreg", tmp_path / "head.joblib", use_augmented=True)
     train, _, _ = select_split(fs, seed=0)
     assert result.info["augmented_views"] == 3 * len(train) and "augmented views" in result.setup
+
+
+def test_augmented_rows_past_the_committed_count_are_cut_on_open(tmp_path):
+    """A writer killed between appending views and advancing the count leaves a tail: not part of the cache."""
+    from tlpipe.features.augment import AUGMENT_RECIPE
+    from tlpipe.features.cache import CacheWriter, ImageRow, describe
+
+    cache = tmp_path / "cache.h5"
+    rows = [ImageRow(f"{i}.jpg", f"{i:064x}", "a" if i % 2 else "b", "train", 8, 8) for i in range(4)]
+    with CacheWriter(cache) as writer:
+        writer.ensure_feature_set("k", 3)
+        writer.add("k", rows, np.arange(12, dtype=np.float32).reshape(4, 3))
+        writer.ensure_augmented("k", 2, 0, AUGMENT_RECIPE)
+        writer.add_augmented("k", [0, 0, 1], [0, 1, 0], np.ones((3, 3), np.float32))
+    with h5py.File(cache, "r+") as f:  # the tail of an append whose count was never advanced
+        group = f["augmented/k"]
+        for name in ("embeddings", "image_row", "view"):
+            group[name].resize(5, axis=0)
+        group["image_row"][3:] = [2, 3]
+    fs = read_feature_set(cache)
+    assert len(read_views(cache, fs)) == 3  # readers stop at the committed count
+    with CacheWriter(cache) as writer:  # a writer cuts the tail back
+        assert writer.augmented_views("k") == {0: {0, 1}, 1: {0}}
+    with h5py.File(cache, "r") as f:
+        assert f["augmented/k/view"].shape == (3,)
+    assert describe(cache)["feature_sets"]["k"]["augmented"] == {"rows": 3, "views": 2, "seed": 0}
