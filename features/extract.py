@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.runtime import physical_cores
-from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
@@ -32,15 +32,7 @@ from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
 from .stream import LocalEngine, Progress, StageModel, StreamSummary, run_stream
 
-__all__ = [
-    "CacheSink",
-    "ExtractSummary",
-    "check_extract_options",
-    "extract",
-    "extract_into",
-    "open_source",
-    "run_extraction",
-]
+__all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
 log = logging.getLogger(__name__)
 
 
@@ -145,50 +137,42 @@ def open_source(
     return images
 
 
-def open_feature_set(writer: CacheWriter, entry: StoreEntry, resize: str, resize_filter: str, dtype: str) -> str:
-    """Create (or check) the feature set of ``entry`` under these settings; returns its key.
-
-    Every setting that changes an embedding is part of the key and the metadata
-    (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are never mixed into it.
-    """
-    key = feature_set_key(entry.key, resize, resize_filter)
-    writer.ensure_feature_set(
-        key,
-        entry.embedding_dim,
-        dtype,
-        metadata=entry.metadata
-        | {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter},
-    )
-    return key
-
-
 def extract_into(
-    images: ImageSource,
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    writer: CacheWriter,
+    records: Sequence[ImageRecord],
     entry: StoreEntry,
     engine: Any,
     *,
+    model: Callable[[np.ndarray], np.ndarray] | None = None,
+    source: int = -1,
     batch_size: int = 32,
     dtype: str = "float32",
     resize: str = "squash",
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     progress: Progress | None = None,
 ) -> ExtractSummary:
-    """Open the cache ``out`` and run the stage with ``engine`` (local or Ray) into feature set ``entry.key``.
+    """Run the stage with ``engine`` (local or Ray) into the feature set of ``entry`` in the open cache ``writer``.
+
+    The feature set is created (or checked) under these settings: every setting that changes an embedding is
+    part of its key and metadata (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are
+    never mixed into it.
 
     Parameters
     ----------
-    images : ImageSource
-        From :func:`open_source`.
-    source : path
-        Recorded in the cache's sources.
-    out : path
-        The cache.
+    writer : CacheWriter
+        The open cache.
+    records : sequence of ImageRecord
+        The inputs.
     entry : StoreEntry
         The backbone (see :func:`tlpipe.features.calibration.resolve_entry`).
     engine : LocalEngine or RayEngine
-        How the stage runs; entered (a Ray engine connects and plans its actors) before the cache is opened.
+        How the stage runs (entered by the caller).
+    model : callable, optional
+        An already loaded session of ``entry`` (local engine only; e.g. the one an
+        :class:`~tlpipe.features.transformer.EmbeddingTransformer` keeps); default: ``entry``'s model file.
+    source : int
+        The source's index (:meth:`CacheWriter.note_source`); with one (``records`` its complete listing), the
+        image table is then reconciled with the listing (moved or relabelled files, label conflicts).
     batch_size, dtype, resize, resize_filter, progress
         As for :func:`extract`.
 
@@ -199,53 +183,22 @@ def extract_into(
     Raises
     ------
     CacheError
-        The cache is locked, damaged, of another version, or its feature set has another dimension / dtype.
+        The feature set has another dimension / dtype.
+    ValueError
+        A setting that is not one of its choices.
     """
-    for warning in images.warnings:
-        log.warning("%s", warning)
-    with engine, CacheWriter(out) as writer:
-        source_index = writer.note_source(str(Path(source).resolve()))
-        writer.register_classes(images.class_names)
-        key = open_feature_set(writer, entry, resize, resize_filter, dtype)
-        summary = ExtractSummary(
-            out=str(writer.path),
-            key=key,
-            skipped=list(images.skipped),
-            resize=resize,
-            resize_filter=resize_filter,
-            warnings=list(images.warnings),
-        )
-        sink = CacheSink(writer, key, source_index)
-        run_stream(
-            images.records,
-            StageModel(entry.model_path, entry.input_size, entry.embedding_dim),
-            sink,
-            summary,
-            engine=engine,
-            batch_size=batch_size,
-            resize=resize,
-            resize_filter=resize_filter,
-            unique=True,
-            progress=progress,
-        )
-        if images.skipped:
-            writer.add_failures(
-                [(path, "", reason) for path, reason in images.skipped], stage="listing", source=source_index
-            )
-        summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, sink.seen)
-    if summary.label_conflicts:
-        log.warning(
-            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
-            "the labels and run extract again): %s%s",
-            len(summary.label_conflicts),
-            "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
-            " ..." if len(summary.label_conflicts) > 3 else "",
-        )
+    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
+    key = feature_set_key(entry.key, resize, resize_filter)
+    settings = {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
+    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | settings)
+    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
+    sink = CacheSink(writer, key, source)
+    stage_model = model or StageModel(entry.model_path, entry.input_size, entry.embedding_dim)
+    options: dict[str, Any] = dict(resize=resize, resize_filter=resize_filter, input_size=entry.input_size)
+    run_stream(records, stage_model, sink, summary, engine=engine, batch_size=batch_size, unique=True, **options)
+    if source >= 0:
+        summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
-
-
-def _conflict_text(conflict: dict) -> str:
-    return " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])
 
 
 def check_extract_options(
@@ -280,61 +233,11 @@ def check_extract_options(
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
 
 
-def run_extraction(
-    records: Iterable[ImageRecord],
-    entry: StoreEntry,
-    writer: CacheWriter,
-    embedder: Callable[[np.ndarray], np.ndarray],
-    *,
-    batch_size: int = 32,
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    workers: int | None = None,
-    prefetch: int | None = None,
-    dtype: str = "float32",
-    on_progress: Callable[[int], None] | None = None,
-) -> ExtractSummary:
-    """Embed ``records`` with an already loaded ``embedder`` into an open ``writer`` (feature set ``entry.key``).
-
-    For callers that hold their own session (:class:`tlpipe.features.transformer.EmbeddingTransformer`).
-
-    Returns
-    -------
-    ExtractSummary
-    """
-    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    key = open_feature_set(writer, entry, resize, resize_filter, dtype)
-    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
-    stage_progress = (lambda total, done: on_progress) if on_progress else None
-    run_stream(
-        list(records),
-        embedder,
-        CacheSink(writer, key),
-        summary,
-        engine=LocalEngine(workers=workers, prefetch=prefetch),
-        input_size=entry.input_size,
-        batch_size=batch_size,
-        resize=resize,
-        resize_filter=resize_filter,
-        unique=True,
-        progress=stage_progress,
-    )
-    return summary
-
-
 def extract(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     choice: ModelChoice | None = None,
-    backbone: str | None = "mobilenet_v2",
-    weights: str | os.PathLike[str] | None = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    model: str | os.PathLike[str] | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-    store: ModelStore | None = None,
     device: str = "auto",
     batch_size: int = 32,
     dtype: str = "float32",
@@ -344,12 +247,12 @@ def extract(
     threads: int | None = None,
     streams: int | None = None,
     allow_outside_root: bool = False,
-    precision: str = "fp32",
     recalibrate: bool = False,
     progress: Progress | None = None,
-    tta: str = "none",
     sizes: list[int | None] | None = None,
     layers: list[str | None] | None = None,
+    engine: Any = None,
+    **choice_fields: Any,
 ) -> ExtractSummary:
     """Embed every image of ``source`` into the HDF5 cache ``out`` (created or appended to).
 
@@ -363,11 +266,11 @@ def extract(
     out : path
         The cache file.
     choice : ModelChoice, optional
-        Which backbone; when given, ``backbone`` ... ``store`` and ``precision`` are ignored.
-    backbone, weights, size, layer, pooling, model, weights_dir, store, precision
-        The fields of a :class:`~tlpipe.backbones.choice.ModelChoice` (used when ``choice`` is None).
-        ``precision`` int8 / fp16 uses that variant (its own feature set): the stored one, or one made now,
-        calibrated on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32.
+        Which backbone (default: ``ModelChoice(**choice_fields)``, the registry's mobilenet_v2 with ImageNet
+        weights). Its ``precision`` int8 / fp16 uses that variant (its own feature set): the stored one, or one
+        made now, calibrated on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32.
+        Its ``tta`` ("none" | "flip" | "flip+crops") is the export whose graph averages the embeddings of those
+        views (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
     device : str
         "auto" | "cpu" | "cuda" (strict).
     batch_size : int
@@ -389,13 +292,16 @@ def extract(
         Calibrate int8 again on this source.
     progress : callable, optional
         ``(total, already_done) -> advance(n)``.
-    tta : str
-        "none" | "flip" | "flip+crops": the export whose graph averages the embeddings of those views
-        (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
     sizes, layers : list, optional
         Several sizes and/or cut points instead of ``size`` / ``layer``: one feature set per (size, layer),
         keyed as a one-size, one-layer extract would key it. The models come from one multi-output export
         per size (:func:`tlpipe.backbones.export.obtain_layers`); the stage runs one pass per feature set.
+    engine : LocalEngine or RayEngine, optional
+        How the stage runs (default: a :class:`~.stream.LocalEngine` from ``device``, ``workers``, ``threads``,
+        ``streams``); entered (a Ray engine connects and plans its actors) before the cache is opened.
+    **choice_fields
+        Without ``choice``: its fields by name (``backbone``, ``weights``, ``weights_dir``, ``size``, ``layer``,
+        ``pooling``, ``precision``, ``model``, ``store``, ``tta``; see :class:`~tlpipe.backbones.choice.ModelChoice`).
 
     Returns
     -------
@@ -409,37 +315,54 @@ def extract(
         No images, a bad ``out``, a locked or incompatible cache.
     tlpipe.backbones.store.StoreError, tlpipe.backbones.deps.MissingExtra, ValueError
         The model cannot be had as asked.
+    TypeError
+        ``choice`` and some of its fields, or a keyword that is not one of them.
     """
+    if choice is not None and choice_fields:
+        raise TypeError(f"give choice or its fields ({', '.join(choice_fields)}), not both")
+    choice = choice or ModelChoice(**choice_fields)
     check_extract_options(
-        resize=resize, resize_filter=resize_filter, dtype=dtype, device=device, precision=precision, pooling=pooling
+        resize=resize,
+        resize_filter=resize_filter,
+        dtype=dtype,
+        device=device,
+        precision=choice.precision,
+        pooling=choice.pooling,
     )
-    check_tta(tta)
+    check_tta(choice.tta)
     images = open_source(source, out, allow_outside_root)
-    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store, tta)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
     if len(sizes) > 1 or len(layers) > 1:
         entries = _several_entries(choice, sizes, layers)
     else:
         entries = [resolve_entry(choice, images.records, resize, recalibrate)]
-    summaries = []
-    for entry in entries:
-        engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-        summary = extract_into(
-            images,
-            source,
-            out,
-            entry,
-            engine,
-            batch_size=batch_size,
-            dtype=dtype,
-            resize=resize,
-            resize_filter=resize_filter,
-            progress=progress,
-        )
-        _note_speed(out, summary, entry)
-        summaries.append(summary)
+    for warning in images.warnings:
+        log.warning("%s", warning)
+    options: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, resize=resize, resize_filter=resize_filter)
+    options |= dict(source=-1, progress=progress)
+    engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
+    with engine, CacheWriter(out) as writer:
+        options["source"] = source_index = writer.note_source(str(Path(source).resolve()))
+        writer.register_classes(images.class_names)
+        summaries = [extract_into(writer, images.records, e, engine, **options) for e in entries]
+        for summary, entry in zip(summaries, entries):
+            _note_speed(writer, summary, entry)
+        if images.skipped:
+            failures = [(path, "", reason) for path, reason in images.skipped]
+            writer.add_failures(failures, stage="listing", source=source_index)
     first = summaries[0]
-    first.keys = [s.key for s in summaries]
+    first.keys, first.skipped, first.warnings = [s.key for s in summaries], list(images.skipped), images.warnings
+    if first.label_conflicts:
+        log.warning(
+            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
+            "the labels and run extract again): %s%s",
+            len(first.label_conflicts),
+            "; ".join(
+                " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in c["occurrences"])
+                for c in first.label_conflicts[:3]
+            ),
+            " ..." if len(first.label_conflicts) > 3 else "",
+        )
     return first
 
 
@@ -469,7 +392,7 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
     return entries
 
 
-def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
+def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry) -> None:
     """Record this pass's extraction speed on the feature set it filled (kept from the largest pass)."""
     embedded = summary.embedded
     if not embedded or not summary.seconds:
@@ -484,5 +407,4 @@ def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
         "cores": physical_cores(),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with CacheWriter(out) as writer:
-        writer.note_extraction(summary.key, record)
+    writer.note_extraction(summary.key, record)

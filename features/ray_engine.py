@@ -31,13 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.deps import require
-from tlpipe.backbones.store import ModelStore
 
-from .calibration import resolve_entry
 from .decoder import Decoded, decode_record
-from .extract import ExtractSummary, check_extract_options, extract_into, open_source
+from .extract import ExtractSummary, extract
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 from .stream import Stage, StageModel
@@ -278,46 +275,60 @@ def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageReco
     stage.commit(items, np.asarray(batch["output"])[keep])
 
 
-# -- extraction ------------------------------------------------------------------------------------------
-def extract_ray(
+# -- the commands on Ray ---------------------------------------------------------------------------------
+def run_on_ray(
+    command: Callable[..., Any],
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     address: str | None = None,
     num_actors: int | None = None,
     actor_gpus: float | None = None,
-    batch_size: int = 32,
     commit_rows: int = 256,
-    choice: ModelChoice | None = None,
-    backbone: str | None = "mobilenet_v2",
-    weights: str | os.PathLike[str] | None = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    model: str | os.PathLike[str] | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-    store: ModelStore | None = None,
     device: str = "auto",
-    dtype: str = "float32",
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
     threads: int | None = None,
-    allow_outside_root: bool = False,
-    precision: str = "fp32",
-    recalibrate: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-) -> ExtractSummary:
+    **options: Any,
+) -> Any:
+    """``command(source, out, **options)`` (extract or score) with a :class:`RayEngine` as its engine.
+
+    Parameters
+    ----------
+    command : callable
+        :func:`tlpipe.features.extract.extract` or :func:`tlpipe.pipeline.score.score`.
+    source, out, device, **options
+        As for ``command``; ``batch_size`` is the images per decode task and per inference call. The local
+        engine's ``workers`` and ``streams`` do not apply.
+    address, num_actors, actor_gpus, commit_rows, threads
+        See :class:`RayEngine` (``commit_rows``: results per durable commit on the driver; ``threads``: ONNX
+        Runtime threads per actor).
+
+    Returns
+    -------
+    ExtractSummary or ScoreSummary
+        ``command``'s; ``seconds`` includes starting the actors.
+
+    Raises
+    ------
+    tlpipe.backbones.deps.MissingExtra
+        Ray is not installed (checked before any export).
+    ValueError
+        ``batch_size`` or ``commit_rows`` below 1; an impossible actor plan; as ``command``.
+    """
+    require("ray")  # before exporting a backbone, which can take minutes
+    if min(batch_size := options.get("batch_size", 32), commit_rows) < 1:
+        raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
+    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
+    return command(source, out, device=device, engine=engine, **options)
+
+
+def extract_ray(source: str | os.PathLike[str], out: str | os.PathLike[str], **options: Any) -> ExtractSummary:
     """:func:`tlpipe.features.extract.extract` with the Ray engine: same cache, same counts, same resume.
 
     Parameters
     ----------
-    source, out, choice, backbone, weights, size, layer, pooling, model, weights_dir, store, device, dtype, \
-resize, resize_filter, allow_outside_root, precision, recalibrate, progress
-        As for :func:`~tlpipe.features.extract.extract`.
-    address, num_actors, actor_gpus, commit_rows, threads
-        See :class:`RayEngine` (``threads`` per actor).
-    batch_size : int
-        Images per decode task and per inference call.
+    source, out, **options
+        As for :func:`~tlpipe.features.extract.extract`, plus the Ray engine's ``address``, ``num_actors``,
+        ``actor_gpus``, ``commit_rows`` and ``threads`` (see :func:`run_on_ray`).
 
     Returns
     -------
@@ -326,21 +337,7 @@ resize, resize_filter, allow_outside_root, precision, recalibrate, progress
 
     Raises
     ------
-    tlpipe.backbones.deps.MissingExtra
-        Ray is not installed (checked before any export).
-    ValueError
-        ``batch_size`` or ``commit_rows`` below 1; an impossible actor plan.
-    CacheError
-        As for :func:`~tlpipe.features.extract.extract`.
+    tlpipe.backbones.deps.MissingExtra, ValueError, CacheError
+        See :func:`run_on_ray` and :func:`~tlpipe.features.extract.extract`.
     """
-    require("ray")  # before exporting a backbone, which can take minutes
-    if min(batch_size, commit_rows) < 1:
-        raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
-    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype, device=device,
-                          precision=precision, pooling=pooling)
-    images = open_source(source, out, allow_outside_root)
-    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
-    entry = resolve_entry(choice, images.records, resize, recalibrate)
-    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
-    return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
-                        resize_filter=resize_filter, progress=progress)
+    return run_on_ray(extract, source, out, **options)

@@ -330,7 +330,7 @@ class LocalEngine:
 
 def run_stream(
     records: Sequence[ImageRecord],
-    model: StageModel | Callable[[np.ndarray], np.ndarray],
+    model: StageModel | Callable[[np.ndarray], np.ndarray] | None,
     sink: Sink,
     summary: StreamSummary,
     *,
@@ -348,8 +348,9 @@ def run_stream(
     ----------
     records : sequence of ImageRecord
         The inputs, in the order their results are committed.
-    model : StageModel or callable
-        What runs on each batch; a loaded callable (local engine only) needs ``input_size``.
+    model : StageModel or callable or None
+        What runs on each batch; a loaded callable (local engine only) needs ``input_size``; None for an engine
+        that runs no model (e.g. :class:`tlpipe.pipeline.score.CacheRows`).
     sink : Sink
         Where results are committed; closed here (``finish=False`` when the run raised).
     summary : StreamSummary
