@@ -276,19 +276,9 @@ def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageReco
 
 
 # -- the commands on Ray ---------------------------------------------------------------------------------
-def run_on_ray(
-    command: Callable[..., Any],
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    address: str | None = None,
-    num_actors: int | None = None,
-    actor_gpus: float | None = None,
-    commit_rows: int = 256,
-    device: str = "auto",
-    threads: int | None = None,
-    **options: Any,
-) -> Any:
+def run_on_ray(command: Callable[..., Any], source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+               address: str | None = None, num_actors: int | None = None, actor_gpus: float | None = None,
+               commit_rows: int = 256, device: str = "auto", threads: int | None = None, **options: Any) -> Any:
     """``command(source, out, **options)`` (extract or score) with a :class:`RayEngine` as its engine.
 
     Parameters

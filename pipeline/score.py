@@ -447,7 +447,9 @@ class ParquetOutput(_Output):
         self.next_part += 1
 
     def _finish(self, finish: bool) -> None:
-        files = self._files() if finish and hasattr(self, "schema") else [self.path]
+        if not finish:
+            return
+        files = self._files()
         if files != [self.path]:
             try:
                 with atomic_file(self.path) as tmp, self.pq.ParquetWriter(tmp, self.schema) as writer:
@@ -455,8 +457,7 @@ class ParquetOutput(_Output):
                         writer.write_table(self.pq.read_table(file, schema=self.schema))
             except OSError as exc:
                 raise _write_failed(self.path, exc) from exc
-        if finish:
-            shutil.rmtree(self.parts)
+        shutil.rmtree(self.parts)
 
 
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
