@@ -318,9 +318,7 @@ def extract(
     TypeError
         ``choice`` and some of its fields, or a keyword that is not one of them.
     """
-    if choice is not None and choice_fields:
-        raise TypeError(f"give choice or its fields ({', '.join(choice_fields)}), not both")
-    choice = choice or ModelChoice(**choice_fields)
+    choice = ModelChoice.given(choice, choice_fields, "extract")
     check_extract_options(
         resize=resize,
         resize_filter=resize_filter,

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.backbones.atomic import atomic_file, atomic_write
-from tlpipe.backbones.deps import MissingExtra
+from tlpipe.backbones.deps import require
 from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
@@ -420,15 +420,10 @@ class ParquetOutput(_Output):
     the previous ``out`` and the parts into a new ``out``, which replaces it atomically."""
 
     def _open(self) -> set[str]:
-        try:
-            import pyarrow
-            import pyarrow.parquet
-        except ImportError as exc:
-            raise MissingExtra(f"writing Parquet needs pyarrow, which is not installed: pip install "
-                               f"'tlpipe[parquet]' (or write .csv / .jsonl) ({exc})") from exc
-        self.pa, self.pq, self.parts = pyarrow, pyarrow.parquet, Path(str(self.path) + ".parts")
+        pa = self.pa = require("pyarrow")  # MissingExtra names tlpipe[parquet] (or write .csv / .jsonl)
+        self.pq, self.parts = require("pyarrow.parquet"), Path(str(self.path) + ".parts")
         numeric = lambda name: name == "probability" or name.endswith("_prob")  # noqa: E731
-        self.schema = pyarrow.schema([(c, pyarrow.float64() if numeric(c) else pyarrow.string()) for c in self.columns])
+        self.schema = pa.schema([(c, pa.float64() if numeric(c) else pa.string()) for c in self.columns])
         self.parts.mkdir(exist_ok=True)
         for leftover in self.parts.glob(".*.tmp"):
             leftover.unlink()
