@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
-from tlpipe.backbones.runtime import physical_cores
+from tlpipe.backbones.registry import POOLINGS
+from tlpipe.backbones.runtime import DEVICES, physical_cores
 from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
 
@@ -143,7 +144,7 @@ def extract_into(
     entry: StoreEntry,
     engine: Any,
     *,
-    model: Callable[[np.ndarray], np.ndarray] | None = None,
+    model: Any = None,
     source: int = -1,
     batch_size: int = 32,
     dtype: str = "float32",
@@ -167,7 +168,7 @@ def extract_into(
         The backbone (see :func:`tlpipe.features.calibration.resolve_entry`).
     engine : LocalEngine or RayEngine
         How the stage runs (entered by the caller).
-    model : callable, optional
+    model : OnnxEmbedder, optional
         An already loaded session of ``entry`` (local engine only; e.g. the one an
         :class:`~tlpipe.features.transformer.EmbeddingTransformer` keeps); default: ``entry``'s model file.
     source : int
@@ -194,43 +195,36 @@ def extract_into(
     summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
     sink = CacheSink(writer, key, source)
     stage_model = model or StageModel(entry.model_path, entry.input_size, entry.embedding_dim)
-    options: dict[str, Any] = dict(resize=resize, resize_filter=resize_filter, input_size=entry.input_size)
-    run_stream(records, stage_model, sink, summary, engine=engine, batch_size=batch_size, unique=True, **options)
+    options: dict[str, Any] = dict(batch_size=batch_size, resize=resize, resize_filter=resize_filter, unique=True)
+    run_stream(records, stage_model, sink, summary, engine=engine, progress=progress, **options)
     if source >= 0:
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
 
 
-def check_extract_options(
-    *,
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    dtype: str = "float32",
-    device: str = "auto",
-    precision: str = "fp32",
-    pooling: str = "avg",
-) -> None:
-    """Validate the options of :func:`extract` before anything is read, exported or written.
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "resize": RESIZE_MODES,
+    "resize_filter": RESIZE_FILTERS,
+    "dtype": ("float32", "float16"),
+    "device": DEVICES,
+    "precision": ("fp32", "int8", "fp16"),
+    "pooling": POOLINGS,
+}  # the allowed values of extract's options that have a fixed set of them
+
+
+def check_extract_options(**options: str) -> None:
+    """Validate options of :func:`extract` (any of :data:`OPTION_CHOICES`, by name) before anything is read,
+    exported or written.
 
     Raises
     ------
     ValueError
-        An option value that is not one of its choices, naming the choices.
+        An option value that is not one of its choices, naming the option as the CLI spells it and the choices.
     """
-    from tlpipe.backbones.registry import POOLINGS
-    from tlpipe.backbones.runtime import DEVICES
-
-    choices = {
-        "resize": (resize, RESIZE_MODES),
-        "resize-filter": (resize_filter, RESIZE_FILTERS),
-        "dtype": (dtype, ("float32", "float16")),
-        "device": (device, DEVICES),
-        "precision": (precision, ("fp32", "int8", "fp16")),
-        "pooling": (pooling, POOLINGS),
-    }
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+    for name, value in options.items():
+        if value not in OPTION_CHOICES[name]:
+            choices = ", ".join(OPTION_CHOICES[name])
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, not {value!r}")
 
 
 def extract(

@@ -144,36 +144,28 @@ def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, r
                                                                "resize_filter": resize_filter})
 
 
-def pixels_of(batch: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of the decoded rows, their uint8 images stacked as (n, size, size, 3))."""
-    ok = batch["status"] == OK
-    images = [np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in batch["pixels"][ok]]
-    return ok, np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
-
-
-@contextmanager
-def model_file(ref) -> Iterator[Path]:
-    """The ONNX model bytes behind object ref ``ref`` as a file on this node, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="tlpipe-model-") as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(require("ray").get(ref))
-        yield path
-
-
 class ModelActor:
-    """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped."""
+    """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped.
+
+    The model's file comes as bytes through the object store (``model_ref``), written to a temporary file on
+    this node for as long as the sessions are created.
+    """
 
     def __init__(self, model_ref: Any, model: StageModel, device: str, threads: int | None):
-        with model_file(model_ref) as path:
+        with tempfile.TemporaryDirectory(prefix="tlpipe-model-") as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(require("ray").get(model_ref))
             self.runner = model.load(device, threads, 1, path=path)
         self.size, self.width = model.input_size, model.width
         self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok, pixels = pixels_of(batch, self.size)
+        ok = batch["status"] == OK
         outputs = np.zeros((len(ok), self.width), self.dtype)
-        if len(pixels):
-            outputs[ok] = self.runner(pixels)
+        if ok.any():
+            shape = (self.size, self.size, 3)
+            pixels = [np.frombuffer(b, np.uint8).reshape(shape) for b in batch["pixels"][ok]]
+            outputs[ok] = self.runner(np.stack(pixels))
         return {**{k: v for k, v in batch.items() if k != "pixels"}, "output": outputs,
                 "provider": np.full(len(ok), self.runner.provider, dtype=object)}
 
@@ -224,13 +216,10 @@ class RayEngine:
     def __enter__(self) -> RayEngine:
         if self.commit_rows < 1:
             raise ValueError(f"commit_rows must be at least 1, not {self.commit_rows}")
-        self._stack = ExitStack()
-        try:
-            self._ray = self._stack.enter_context(ray_cluster(self.address))
+        with ExitStack() as stack:  # left (Ray shut down) if planning the actors fails
+            self._ray = stack.enter_context(ray_cluster(self.address))
             self._plan = plan_actors(self._ray, self.num_actors, self.actor_gpus)
-        except BaseException:
-            self._stack.close()
-            raise
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -239,7 +228,7 @@ class RayEngine:
         self._stack = self._ray = self._plan = None
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
-            resize: str, input_size: int | None = None, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
+            resize: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
         """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
         if self._ray is None or self._plan is None:
             raise RuntimeError("enter the RayEngine (with engine: ...) before running it")

@@ -485,7 +485,7 @@ class PredictionSink:
 
     def done(self, record: ImageRecord) -> bool:
         """Whether the output already has this path's row."""
-        return display_path(record.relpath) in self.output.paths
+        return self.output is not None and display_path(record.relpath) in self.output.paths
 
     def known(self, sha256: str) -> bool:
         """Whether the reused cache holds this content."""
@@ -509,7 +509,8 @@ class PredictionSink:
 
     def close(self, finish: bool = True) -> None:
         """Close the output (Parquet: assemble it, unless ``finish`` is False)."""
-        self.output.close(finish=finish)
+        if self.output is not None:
+            self.output.close(finish=finish)
 
 
 def check_resume(out: str | os.PathLike, identity: dict) -> None:
@@ -609,27 +610,13 @@ class CacheRows:
         stage.summary.seconds += time.perf_counter() - started
 
 
-def score(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    head: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    cache: str | os.PathLike | None = None,
-    top_k: int = 3,
-    device: str = "auto",
-    batch_size: int = 32,
-    trust: bool = False,
-    store: ModelStore | str | os.PathLike | None = None,
-    resize: str | None = None,
-    resize_filter: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    streams: int | None = None,
-    allow_outside_root: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    engine: Any = None,
-) -> ScoreSummary:
+def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.PathLike | None = None,
+          model: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, top_k: int = 3,
+          device: str = "auto", batch_size: int = 32, trust: bool = False,
+          store: ModelStore | str | os.PathLike | None = None, resize: str | None = None,
+          resize_filter: str | None = None, workers: int | None = None, threads: int | None = None,
+          streams: int | None = None, allow_outside_root: bool = False,
+          progress: Callable[[int, int], Callable[[int], None]] | None = None, engine: Any = None) -> ScoreSummary:
     """Predict a class for every image of ``source`` and write one row per image to ``out``.
 
     Parameters
@@ -764,32 +751,17 @@ class _MemorySink(PredictionSink):
         self.errors: list[str | None] = []
         self.sha256: list[str] = []
 
-    def done(self, record: ImageRecord) -> bool:
-        return False
-
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         self.rows += self.probabilities(items, outputs)
         self.errors += [item.error for item in items]
         self.sha256 += [item.sha256 for item in items]
 
-    def close(self, finish: bool = True) -> None:
-        pass
 
-
-def predict(
-    paths: Sequence[str | os.PathLike],
-    *,
-    head: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    trust: bool = False,
-    store: ModelStore | str | os.PathLike | None = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    resize: str | None = None,
-    resize_filter: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-) -> Predictions:
+def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | None = None,
+            model: str | os.PathLike | None = None, trust: bool = False,
+            store: ModelStore | str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
+            resize: str | None = None, resize_filter: str | None = None, workers: int | None = None,
+            threads: int | None = None) -> Predictions:
     """Class probabilities for image files, in memory (no output file), in input order.
 
     Parameters
