@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +31,10 @@ from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
-from .stream import LocalEngine, Progress, StageModel, StreamSummary, run_stream
+from .stream import LocalEngine, MultiSizeModel, Progress, StageModel, StreamSummary, run_stream
+
+if TYPE_CHECKING:
+    from tlpipe.backbones.export import FeatureModel
 
 __all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
 log = logging.getLogger(__name__)
@@ -62,10 +65,23 @@ class ExtractSummary(StreamSummary):
 
 class CacheSink:
     """The HDF5 cache as the stage's sink: feature set ``key`` of ``writer``; content already in the
-    feature set is known (not decoded); failures go to the cache's failure table."""
+    feature set is known (not decoded); failures go to the cache's failure table.
 
-    def __init__(self, writer: CacheWriter, key: str, source: int = -1):
-        self.writer, self.key, self.source = writer, key, source
+    ``key`` may name several feature sets filled by one model (a multi-output export: one pass decodes and
+    runs each image once for all its layers); ``widths`` then gives each one's columns of the model's
+    output, in order. Content is known when every one of them holds it; a feature set that already holds
+    a row keeps it (:meth:`CacheWriter.add` drops repeats), so a pass killed between two of them resumes.
+    """
+
+    def __init__(
+        self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] | None = None
+    ):
+        self.keys = [key] if isinstance(key, str) else list(key)
+        if len(self.keys) > 1 and (widths is None or len(widths) != len(self.keys)):
+            raise ValueError("several feature sets need one width each")
+        self.writer, self.key, self.source = writer, self.keys[0], source
+        edges = np.cumsum([0, *(widths or [])])
+        self.columns = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def done(self, record: ImageRecord) -> bool:
@@ -73,12 +89,12 @@ class CacheSink:
         return False
 
     def known(self, sha256: str) -> bool:
-        """Whether feature set ``key`` holds this content."""
-        return self.writer.has(self.key, sha256)
+        """Whether every feature set of this sink holds this content."""
+        return all(self.writer.has(key, sha256) for key in self.keys)
 
     def known_shas(self) -> set[str]:
-        """All content feature set ``key`` holds (broadcast to the Ray engine's decode tasks)."""
-        covered = self.writer.rows_with(self.key)
+        """All content every feature set of this sink holds (broadcast to the Ray engine's decode tasks)."""
+        covered = set.intersection(*(set(self.writer.rows_with(key)) for key in self.keys))
         return {sha for sha, row in self.writer.index.items() if row in covered}
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
@@ -93,7 +109,8 @@ class CacheSink:
             if i.error is None and not i.known
         ]
         if rows:
-            self.writer.add(self.key, rows, outputs)
+            for key, columns in zip(self.keys, self.columns):
+                self.writer.add(key, rows, outputs[:, columns])
         failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
         if failures:
             self.writer.add_failures(failures, source=self.source)
@@ -141,7 +158,7 @@ def open_source(
 def extract_into(
     writer: CacheWriter,
     records: Sequence[ImageRecord],
-    entry: StoreEntry,
+    entry: StoreEntry | Sequence[FeatureModel],
     engine: Any,
     *,
     model: Any = None,
@@ -152,7 +169,8 @@ def extract_into(
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     progress: Progress | None = None,
 ) -> ExtractSummary:
-    """Run the stage with ``engine`` (local or Ray) into the feature set of ``entry`` in the open cache ``writer``.
+    """Run the stage with ``engine`` (local or Ray) into the feature set of ``entry`` in the open cache ``writer``,
+    or into the feature set of every output of several models in one pass.
 
     The feature set is created (or checked) under these settings: every setting that changes an embedding is
     part of its key and metadata (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are
@@ -164,8 +182,11 @@ def extract_into(
         The open cache.
     records : sequence of ImageRecord
         The inputs.
-    entry : StoreEntry
-        The backbone (see :func:`tlpipe.features.calibration.resolve_entry`).
+    entry : StoreEntry or sequence of FeatureModel
+        The backbone (see :func:`tlpipe.features.calibration.resolve_entry`); or models of distinct input
+        sizes, each with one or more outputs (:func:`tlpipe.backbones.export.obtain_layers`), each output
+        filling the feature set of its one-output entry: every image is read, hashed and decoded once
+        and run once through each model (local engine only).
     engine : LocalEngine or RayEngine
         How the stage runs (entered by the caller).
     model : OnnxEmbedder, optional
@@ -189,17 +210,36 @@ def extract_into(
         A setting that is not one of its choices.
     """
     check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    key = feature_set_key(entry.key, resize, resize_filter)
-    settings = {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
-    writer.ensure_feature_set(key, entry.embedding_dim, dtype, metadata=entry.metadata | settings)
-    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
-    sink = CacheSink(writer, key, source)
-    stage_model = model or StageModel(entry.model_path, entry.input_size, entry.embedding_dim)
+    models: list[StoreEntry | FeatureModel] = [entry] if isinstance(entry, StoreEntry) else list(entry)
+    targets = [t for m in models for _, t in (((None, m),) if isinstance(m, StoreEntry) else m.outputs)]
+    keys = [feature_set_key(t.key, resize, resize_filter) for t in targets]
+    for key, t in zip(keys, targets):
+        settings = {"key": t.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
+        writer.ensure_feature_set(key, t.embedding_dim, dtype, metadata=t.metadata | settings)
+    summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
+    sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
+    stage_model = model or _stage_model(models)
     options: dict[str, Any] = dict(batch_size=batch_size, resize=resize, resize_filter=resize_filter, unique=True)
     run_stream(records, stage_model, sink, summary, engine=engine, progress=progress, **options)
     if source >= 0:
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
+
+
+def _stage_model(models: list[StoreEntry | FeatureModel]) -> StageModel | MultiSizeModel:
+    """The stage's model for one backbone entry, or for models of several sizes and outputs."""
+    stage = [
+        StageModel(m.model_path, m.input_size, m.embedding_dim)
+        if isinstance(m, StoreEntry)
+        else StageModel(
+            m.entry.model_path,
+            m.input_size,
+            sum(t.embedding_dim for _, t in m.outputs),
+            outputs=tuple(name for name, _ in m.outputs),
+        )
+        for m in models
+    ]
+    return stage[0] if len(stage) == 1 else MultiSizeModel(tuple(stage))
 
 
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
@@ -324,42 +364,42 @@ def extract(
     check_tta(choice.tta)
     images = open_source(source, out, allow_outside_root)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
-    if len(sizes) > 1 or len(layers) > 1:
-        entries = _several_entries(choice, sizes, layers)
-    else:
-        entries = [resolve_entry(choice, images.records, resize, recalibrate)]
+    several = len(sizes) > 1 or len(layers) > 1
+    entry = (
+        _several_models(choice, sizes, layers)
+        if several
+        else resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
+    )
     for warning in images.warnings:
         log.warning("%s", warning)
     options: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, resize=resize, resize_filter=resize_filter)
-    options |= dict(source=-1, progress=progress)
     engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
     with engine, CacheWriter(out) as writer:
-        options["source"] = source_index = writer.note_source(str(Path(source).resolve()))
+        source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
-        summaries = [extract_into(writer, images.records, e, engine, **options) for e in entries]
-        for summary, entry in zip(summaries, entries):
-            _note_speed(writer, summary, entry)
+        summary = extract_into(writer, images.records, entry, engine, source=source_index, progress=progress, **options)
+        _note_speed(writer, summary, entry)
         if images.skipped:
             failures = [(path, "", reason) for path, reason in images.skipped]
             writer.add_failures(failures, stage="listing", source=source_index)
-    first = summaries[0]
-    first.keys, first.skipped, first.warnings = [s.key for s in summaries], list(images.skipped), images.warnings
-    if first.label_conflicts:
+    summary.skipped, summary.warnings = list(images.skipped), images.warnings
+    if summary.label_conflicts:
         log.warning(
             "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
             "the labels and run extract again): %s%s",
-            len(first.label_conflicts),
+            len(summary.label_conflicts),
             "; ".join(
                 " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in c["occurrences"])
-                for c in first.label_conflicts[:3]
+                for c in summary.label_conflicts[:3]
             ),
-            " ..." if len(first.label_conflicts) > 3 else "",
+            " ..." if len(summary.label_conflicts) > 3 else "",
         )
-    return first
+    return summary
 
 
-def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[StoreEntry]:
-    """The one-output store entries of every (size, layer), from one verified multi-output export per size."""
+def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[FeatureModel]:
+    """Per size, the verified multi-output model of every layer and each output's one-output store entry
+    (the feature set's identity); one pass runs them all."""
     from tlpipe.backbones.export import obtain_layers
 
     if choice.model is not None or choice.backbone is None:
@@ -368,9 +408,8 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
         raise ValueError("several sizes or layers are fp32 only; extract int8/fp16 one feature set at a time")
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"a size is named twice in {sizes}")
-    entries = []
-    for size in sizes:
-        found = obtain_layers(
+    return [
+        obtain_layers(
             choice.backbone,
             list(layers),
             choice.weights,
@@ -380,12 +419,12 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
             choice.model_store,
             tta=choice.tta,
         )
-        entries += [entry for _, entry in found.outputs]
-    return entries
+        for size in sizes
+    ]
 
 
-def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry) -> None:
-    """Record this pass's extraction speed on the feature set it filled (kept from the largest pass)."""
+def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry | list[FeatureModel]) -> None:
+    """Record this pass's extraction speed on each feature set it filled (kept from the largest pass)."""
     embedded = summary.embedded
     if not embedded or not summary.seconds:
         return
@@ -393,10 +432,11 @@ def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry)
         "images": embedded,
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(embedded / summary.seconds, 2),
-        "feature_sets_in_pass": 1,
-        "input_size": entry.input_size,
+        "feature_sets_in_pass": len(summary.keys),
+        "input_size": entry.input_size if isinstance(entry, StoreEntry) else [m.input_size for m in entry],
         "provider": summary.provider,
         "cores": physical_cores(),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    writer.note_extraction(summary.key, record)
+    for key in summary.keys:
+        writer.note_extraction(key, record)

@@ -130,7 +130,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
         "error": np.array([x.error or "" for x in loaded], dtype=object),
         "width": np.array([x.size[0] for x in loaded], np.int32),
         "height": np.array([x.size[1] for x in loaded], np.int32),
-        "pixels": np.array([x.pixels.tobytes() if x.pixels is not None else b"" for x in loaded], dtype=object),
+        "pixels": np.array([x.pixels.tobytes() if isinstance(x.pixels, np.ndarray) else b"" for x in loaded],
+                           dtype=object),
     }
 
 

@@ -87,7 +87,7 @@ def _value(choice):
 PoolingOpt = typer.Option(Pooling.avg.value, "--pooling", help="avg | max | none (flatten).")
 PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
 ResizeOpt = typer.Option(Resize.squash.value, help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop). Part of the feature set's identity.")
-SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each) [default: the backbone's].")
+SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each, all in one pass) [default: the backbone's].")
 LayersOpt = typer.Option(None, "--layer", help="Cut point(s), comma-separated (see `tlpipe backbones --cuts`): one feature set per layer, from one verified multi-output export per size [default: the last layer].")
 TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation inside the model: none | flip (image + mirror) | flip+crops (5 crops of a 1/0.875 larger decode + mirrors); the mean embedding.")
 ResizeFilterOpt = typer.Option(
