@@ -210,36 +210,30 @@ def extract_into(
         A setting that is not one of its choices.
     """
     check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    models: list[StoreEntry | FeatureModel] = [entry] if isinstance(entry, StoreEntry) else list(entry)
-    targets = [t for m in models for _, t in (((None, m),) if isinstance(m, StoreEntry) else m.outputs)]
+    # (model file, input size, [(output or None, the entry whose feature set it fills)]) per model
+    models = [
+        (m.model_path, m.input_size, [(None, m)])
+        if isinstance(m, StoreEntry)
+        else (m.entry.model_path, m.input_size, m.outputs)
+        for m in ([entry] if isinstance(entry, StoreEntry) else entry)
+    ]
+    targets = [t for _, _, outputs in models for _, t in outputs]
     keys = [feature_set_key(t.key, resize, resize_filter) for t in targets]
     for key, t in zip(keys, targets):
         settings = {"key": t.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
         writer.ensure_feature_set(key, t.embedding_dim, dtype, metadata=t.metadata | settings)
     summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
     sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
-    stage_model = model or _stage_model(models)
+    stages = [
+        StageModel(path, size, sum(t.embedding_dim for _, t in out), outputs=tuple(n for n, _ in out if n))
+        for path, size, out in models
+    ]
+    stage_model = model or (stages[0] if len(stages) == 1 else MultiSizeModel(tuple(stages)))
     options: dict[str, Any] = dict(batch_size=batch_size, resize=resize, resize_filter=resize_filter, unique=True)
     run_stream(records, stage_model, sink, summary, engine=engine, progress=progress, **options)
     if source >= 0:
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
-
-
-def _stage_model(models: list[StoreEntry | FeatureModel]) -> StageModel | MultiSizeModel:
-    """The stage's model for one backbone entry, or for models of several sizes and outputs."""
-    stage = [
-        StageModel(m.model_path, m.input_size, m.embedding_dim)
-        if isinstance(m, StoreEntry)
-        else StageModel(
-            m.entry.model_path,
-            m.input_size,
-            sum(t.embedding_dim for _, t in m.outputs),
-            outputs=tuple(name for name, _ in m.outputs),
-        )
-        for m in models
-    ]
-    return stage[0] if len(stage) == 1 else MultiSizeModel(tuple(stage))
 
 
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
