@@ -1151,6 +1151,8 @@ def _describe(f: h5py.File, path) -> dict:
     sources = json.loads(f.attrs.get("sources", "[]"))
     feature_sets = {}
     for key, group in f["features"].items():
+        if group is None:  # its link is there, the group not yet (a writer creating it): read again
+            raise _Torn(f"{path}: feature set {key} is being created")
         meta = json.loads(group.attrs.get("metadata", "{}"))
         feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
                              "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),

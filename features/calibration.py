@@ -15,6 +15,7 @@ from tlpipe.backbones.quantize import check_precision, find_variant, make_varian
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
 from .decoder import iter_decoded
+from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
 CALIBRATION_IMAGES = 64
@@ -30,17 +31,19 @@ class CalibrationSample:
 
 
 def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squash", *,
-                  calibration: int = CALIBRATION_IMAGES, held: int = HELD_IMAGES, seed: int = 0) -> CalibrationSample:
+                  calibration: int = CALIBRATION_IMAGES, held: int = HELD_IMAGES, seed: int = 0,
+                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> CalibrationSample:
     """A seeded random sample of ``records``, split into calibration and held-out images (2:1 when there are
-    fewer than asked for). Unreadable images are passed over. Raises ValueError below :data:`MIN_IMAGES`."""
+    fewer than asked for), decoded as the run decodes (``resize``, ``resize_filter``): (N, size, size, 3) uint8.
+    Unreadable images are passed over. Raises ValueError below :data:`MIN_IMAGES`."""
     order = np.random.default_rng(seed).permutation(len(records))
     wanted = calibration + held
     decoded: list[tuple[str, np.ndarray]] = []
     seen: set[str] = set()
     for start in range(0, len(order), wanted):
         chunk = [records[i] for i in order[start:start + wanted]]
-        for loaded in iter_decoded(chunk, size, resize):
-            if loaded.pixels is not None and loaded.sha256 not in seen:
+        for loaded in iter_decoded(chunk, size, resize, resize_filter=resize_filter):
+            if isinstance(loaded.pixels, np.ndarray) and loaded.sha256 not in seen:
                 seen.add(loaded.sha256)
                 decoded.append((loaded.sha256, loaded.pixels))
         if len(decoded) >= wanted:
@@ -56,10 +59,12 @@ def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squa
 
 
 def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Sequence[ImageRecord] | None,
-                resize: str = "squash", recalibrate: bool = False) -> StoreEntry:
+                resize: str = "squash", recalibrate: bool = False,
+                resize_filter: str = DEFAULT_RESIZE_FILTER) -> StoreEntry:
     """The ``precision`` variant of ``base``: the stored one when there is one (so a cache keeps one feature set
-    across runs), else made now, calibrated and verified on a sample of ``records``. fp16 needs no calibration:
-    without ``records`` it is checked on the photos bundled with scikit-learn."""
+    across runs), else made now, calibrated and verified on a sample of ``records`` decoded with ``resize`` and
+    ``resize_filter`` (as the run decodes). fp16 needs no calibration: without ``records`` it is checked on the
+    photos bundled with scikit-learn."""
     check_precision(precision)
     if precision == "fp32":
         return base
@@ -72,13 +77,13 @@ def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Se
         from tlpipe.backbones.export import verification_images
 
         return make_variant(base, precision, store, held=verification_images(base.input_size, 16))
-    sample = sample_images(records, base.input_size, resize)
+    sample = sample_images(records, base.input_size, resize, resize_filter=resize_filter)
     return make_variant(base, precision, store, held=sample.held, calibration=sample.calibration,
                         calibration_id=sample.identity)
 
 
 def resolve_entry(choice: ModelChoice, records: Sequence[ImageRecord] | None = None, resize: str = "squash",
-                  recalibrate: bool = False) -> StoreEntry:
+                  recalibrate: bool = False, resize_filter: str = DEFAULT_RESIZE_FILTER) -> StoreEntry:
     """The model-store entry a run uses: ``choice``'s fp32 export, or its int8 / fp16 variant.
 
     Parameters
@@ -91,6 +96,8 @@ def resolve_entry(choice: ModelChoice, records: Sequence[ImageRecord] | None = N
         "squash" | "crop", as the run decodes.
     recalibrate : bool
         Make the variant again even when the store holds one.
+    resize_filter : str
+        "bilinear" | "antialias", as the run decodes (the calibration sample is decoded the same way).
 
     Returns
     -------
@@ -107,4 +114,4 @@ def resolve_entry(choice: ModelChoice, records: Sequence[ImageRecord] | None = N
     entry = choice.obtain()
     if choice.precision == "fp32":
         return entry
-    return variant_for(entry, choice.precision, choice.model_store, records, resize, recalibrate)
+    return variant_for(entry, choice.precision, choice.model_store, records, resize, recalibrate, resize_filter)

@@ -12,7 +12,7 @@ import hashlib
 import os
 import stat
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,10 +21,10 @@ import numpy as np
 from tlpipe.backbones.runtime import physical_cores
 
 from .fastdecode import DEFAULT_RESIZE_FILTER
-from .images import ImageError, decode_image
+from .images import ImageError, decode_image, decode_image_sizes
 from .sources import ImageRecord
 
-__all__ = ["Decoded", "decode_record", "decode_workers", "iter_decoded", "read_file"]
+__all__ = ["Decoded", "decode_record", "decode_workers", "iter_decoded", "read_file", "stack_pixels"]
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Decoded:
         The input it came from.
     sha256 : str
         Hex digest of the file's bytes ("" when it could not be read).
-    pixels : numpy.ndarray or None
-        (size, size, 3) uint8 RGB, or None when the image failed or its content was known.
+    pixels : numpy.ndarray, tuple of numpy.ndarray, or None
+        (size, size, 3) uint8 RGB (one per size, in order, when several sizes were asked for), or None when
+        the image failed or its content was known.
     size : tuple of int
         Original (width, height) after EXIF orientation; (0, 0) when not decoded.
     error : str or None
@@ -51,7 +52,7 @@ class Decoded:
 
     record: ImageRecord
     sha256: str = ""
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | tuple[np.ndarray, ...] | None = None
     size: tuple[int, int] = (0, 0)
     error: str | None = None
     known: bool = False
@@ -86,7 +87,7 @@ def read_file(path: str) -> bytes:
 
 def decode_record(
     record: ImageRecord,
-    input_size: int,
+    input_size: int | tuple[int, ...],
     resize: str,
     is_known: Callable[[str], bool] = lambda sha: False,
     resize_filter: str = DEFAULT_RESIZE_FILTER,
@@ -97,8 +98,9 @@ def decode_record(
     ----------
     record : ImageRecord
         The input (its ``abspath`` is read).
-    input_size : int
-        Side of the square output, in pixels.
+    input_size : int or tuple of int
+        Side of the square output, in pixels; several sizes give a tuple of arrays, the file read, hashed
+        and decoded once (:func:`tlpipe.features.images.decode_image_sizes`).
     resize : str
         "squash" or "crop" (see :func:`tlpipe.features.images.decode_image`).
     is_known : callable, optional
@@ -121,10 +123,20 @@ def decode_record(
     if is_known(sha):
         return Decoded(record, sha, known=True)
     try:
+        if isinstance(input_size, tuple):
+            arrays, size = decode_image_sizes(data, input_size, resize, resize_filter=resize_filter)
+            return Decoded(record, sha, tuple(arrays), size)
         pixels, size = decode_image(data, input_size, resize, resize_filter=resize_filter)
     except ImageError as exc:
         return Decoded(record, sha, error=getattr(exc, "reason", str(exc)))
     return Decoded(record, sha, pixels, size)
+
+
+def stack_pixels(pixels: Sequence[np.ndarray | tuple[np.ndarray, ...]]) -> np.ndarray | tuple[np.ndarray, ...]:
+    """A batch from decoded images' ``pixels``: uint8 (N, size, size, 3), or one such array per size."""
+    if isinstance(pixels[0], tuple):
+        return tuple(np.stack(per_size) for per_size in zip(*pixels))
+    return np.stack(pixels)
 
 
 def decode_workers() -> int:
@@ -143,7 +155,7 @@ def decode_workers() -> int:
 
 def iter_decoded(
     records: Iterable[ImageRecord],
-    input_size: int,
+    input_size: int | tuple[int, ...],
     resize: str,
     is_known: Callable[[str], bool] = lambda sha: False,
     *,

@@ -12,16 +12,17 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
-from tlpipe.backbones.runtime import physical_cores
-from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.registry import POOLINGS
+from tlpipe.backbones.runtime import DEVICES, physical_cores
+from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
@@ -30,17 +31,12 @@ from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
-from .stream import LocalEngine, Progress, StageModel, StreamSummary, run_stream
+from .stream import LocalEngine, MultiSizeModel, Progress, StageModel, StreamSummary, run_stream
 
-__all__ = [
-    "CacheSink",
-    "ExtractSummary",
-    "check_extract_options",
-    "extract",
-    "extract_into",
-    "open_source",
-    "run_extraction",
-]
+if TYPE_CHECKING:
+    from tlpipe.backbones.export import FeatureModel
+
+__all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
 log = logging.getLogger(__name__)
 
 
@@ -70,10 +66,23 @@ class ExtractSummary(StreamSummary):
 
 class CacheSink:
     """The HDF5 cache as the stage's sink: feature set ``key`` of ``writer``; content already in the
-    feature set is known (not decoded); failures go to the cache's failure table."""
+    feature set is known (not decoded); failures go to the cache's failure table.
 
-    def __init__(self, writer: CacheWriter, key: str, source: int = -1):
-        self.writer, self.key, self.source = writer, key, source
+    ``key`` may name several feature sets filled by one model (a multi-output export: one pass decodes and
+    runs each image once for all its layers); ``widths`` then gives each one's columns of the model's
+    output, in order. Content is known when every one of them holds it; a feature set that already holds
+    a row keeps it (:meth:`CacheWriter.add` drops repeats), so a pass killed between two of them resumes.
+    """
+
+    def __init__(
+        self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] | None = None
+    ):
+        self.keys = [key] if isinstance(key, str) else list(key)
+        if len(self.keys) > 1 and (widths is None or len(widths) != len(self.keys)):
+            raise ValueError("several feature sets need one width each")
+        self.writer, self.key, self.source = writer, self.keys[0], source
+        edges = np.cumsum([0, *(widths or [])])
+        self.columns = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def done(self, record: ImageRecord) -> bool:
@@ -81,12 +90,12 @@ class CacheSink:
         return False
 
     def known(self, sha256: str) -> bool:
-        """Whether feature set ``key`` holds this content."""
-        return self.writer.has(self.key, sha256)
+        """Whether every feature set of this sink holds this content."""
+        return all(self.writer.has(key, sha256) for key in self.keys)
 
     def known_shas(self) -> set[str]:
-        """All content feature set ``key`` holds (broadcast to the Ray engine's decode tasks)."""
-        covered = self.writer.rows_with(self.key)
+        """All content every feature set of this sink holds (broadcast to the Ray engine's decode tasks)."""
+        covered = set.intersection(*(set(self.writer.rows_with(key)) for key in self.keys))
         return {sha for sha, row in self.writer.index.items() if row in covered}
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
@@ -101,7 +110,8 @@ class CacheSink:
             if i.error is None and not i.known
         ]
         if rows:
-            self.writer.add(self.key, rows, outputs)
+            for key, columns in zip(self.keys, self.columns):
+                self.writer.add(key, rows, outputs[:, columns])
         failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
         if failures:
             self.writer.add_failures(failures, source=self.source)
@@ -146,50 +156,46 @@ def open_source(
     return images
 
 
-def open_feature_set(writer: CacheWriter, entry: StoreEntry, resize: str, resize_filter: str, dtype: str) -> str:
-    """Create (or check) the feature set of ``entry`` under these settings; returns its key.
-
-    Every setting that changes an embedding is part of the key and the metadata
-    (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are never mixed into it.
-    """
-    key = feature_set_key(entry.key, resize, resize_filter)
-    writer.ensure_feature_set(
-        key,
-        entry.embedding_dim,
-        dtype,
-        metadata=entry.metadata
-        | {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter},
-    )
-    return key
-
-
 def extract_into(
-    images: ImageSource,
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    entry: StoreEntry,
+    writer: CacheWriter,
+    records: Sequence[ImageRecord],
+    entry: StoreEntry | Sequence[FeatureModel],
     engine: Any,
     *,
+    model: Any = None,
+    source: int = -1,
     batch_size: int = 32,
     dtype: str = "float32",
     resize: str = "squash",
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     progress: Progress | None = None,
 ) -> ExtractSummary:
-    """Open the cache ``out`` and run the stage with ``engine`` (local or Ray) into feature set ``entry.key``.
+    """Run the stage with ``engine`` (local or Ray) into the feature set of ``entry`` in the open cache ``writer``,
+    or into the feature set of every output of several models in one pass.
+
+    The feature set is created (or checked) under these settings: every setting that changes an embedding is
+    part of its key and metadata (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are
+    never mixed into it.
 
     Parameters
     ----------
-    images : ImageSource
-        From :func:`open_source`.
-    source : path
-        Recorded in the cache's sources.
-    out : path
-        The cache.
-    entry : StoreEntry
-        The backbone (see :func:`tlpipe.features.calibration.resolve_entry`).
+    writer : CacheWriter
+        The open cache.
+    records : sequence of ImageRecord
+        The inputs.
+    entry : StoreEntry or sequence of FeatureModel
+        The backbone (see :func:`tlpipe.features.calibration.resolve_entry`); or models of distinct input
+        sizes, each with one or more outputs (:func:`tlpipe.backbones.export.obtain_layers`), each output
+        filling the feature set of its one-output entry: every image is read, hashed and decoded once
+        and run once through each model (local engine only).
     engine : LocalEngine or RayEngine
-        How the stage runs; entered (a Ray engine connects and plans its actors) before the cache is opened.
+        How the stage runs (entered by the caller).
+    model : OnnxEmbedder, optional
+        An already loaded session of ``entry`` (local engine only; e.g. the one an
+        :class:`~tlpipe.features.transformer.EmbeddingTransformer` keeps); default: ``entry``'s model file.
+    source : int
+        The source's index (:meth:`CacheWriter.note_source`); with one (``records`` its complete listing), the
+        image table is then reconciled with the listing (moved or relabelled files, label conflicts).
     batch_size, dtype, resize, resize_filter, progress
         As for :func:`extract`.
 
@@ -200,127 +206,60 @@ def extract_into(
     Raises
     ------
     CacheError
-        The cache is locked, damaged, of another version, or its feature set has another dimension / dtype.
+        The feature set has another dimension / dtype.
+    ValueError
+        A setting that is not one of its choices.
     """
-    for warning in images.warnings:
-        log.warning("%s", warning)
-    with engine, CacheWriter(out) as writer:
-        source_index = writer.note_source(str(Path(source).resolve()))
-        writer.register_classes(images.class_names)
-        key = open_feature_set(writer, entry, resize, resize_filter, dtype)
-        summary = ExtractSummary(
-            out=str(writer.path),
-            key=key,
-            skipped=list(images.skipped),
-            resize=resize,
-            resize_filter=resize_filter,
-            warnings=list(images.warnings),
-        )
-        sink = CacheSink(writer, key, source_index)
-        run_stream(
-            images.records,
-            StageModel(entry.model_path, entry.input_size, entry.embedding_dim),
-            sink,
-            summary,
-            engine=engine,
-            batch_size=batch_size,
-            resize=resize,
-            resize_filter=resize_filter,
-            unique=True,
-            progress=progress,
-        )
-        if images.skipped:
-            writer.add_failures(
-                [(path, "", reason) for path, reason in images.skipped], stage="listing", source=source_index
-            )
-        summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, sink.seen)
-    if summary.label_conflicts:
-        log.warning(
-            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
-            "the labels and run extract again): %s%s",
-            len(summary.label_conflicts),
-            "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
-            " ..." if len(summary.label_conflicts) > 3 else "",
-        )
+    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
+    # (model file, input size, [(output or None, the entry whose feature set it fills)]) per model
+    models = [
+        (m.model_path, m.input_size, [(None, m)])
+        if isinstance(m, StoreEntry)
+        else (m.entry.model_path, m.input_size, m.outputs)
+        for m in ([entry] if isinstance(entry, StoreEntry) else entry)
+    ]
+    targets = [t for _, _, outputs in models for _, t in outputs]
+    keys = [feature_set_key(t.key, resize, resize_filter) for t in targets]
+    for key, t in zip(keys, targets):
+        settings = {"key": t.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
+        writer.ensure_feature_set(key, t.embedding_dim, dtype, metadata=t.metadata | settings)
+    summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
+    sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
+    stages = [
+        StageModel(path, size, sum(t.embedding_dim for _, t in out), outputs=tuple(n for n, _ in out if n))
+        for path, size, out in models
+    ]
+    stage_model = model or (stages[0] if len(stages) == 1 else MultiSizeModel(tuple(stages)))
+    options: dict[str, Any] = dict(batch_size=batch_size, resize=resize, resize_filter=resize_filter, unique=True)
+    run_stream(records, stage_model, sink, summary, engine=engine, progress=progress, **options)
+    if source >= 0:
+        summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
 
 
-def _conflict_text(conflict: dict) -> str:
-    return " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "resize": RESIZE_MODES,
+    "resize_filter": RESIZE_FILTERS,
+    "dtype": ("float32", "float16"),
+    "device": DEVICES,
+    "precision": ("fp32", "int8", "fp16"),
+    "pooling": POOLINGS,
+}  # the allowed values of extract's options that have a fixed set of them
 
 
-def check_extract_options(
-    *,
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    dtype: str = "float32",
-    device: str = "auto",
-    precision: str = "fp32",
-    pooling: str = "avg",
-) -> None:
-    """Validate the options of :func:`extract` before anything is read, exported or written.
+def check_extract_options(**options: str) -> None:
+    """Validate options of :func:`extract` (any of :data:`OPTION_CHOICES`, by name) before anything is read,
+    exported or written.
 
     Raises
     ------
     ValueError
-        An option value that is not one of its choices, naming the choices.
+        An option value that is not one of its choices, naming the option as the CLI spells it and the choices.
     """
-    from tlpipe.backbones.registry import POOLINGS
-    from tlpipe.backbones.runtime import DEVICES
-
-    choices = {
-        "resize": (resize, RESIZE_MODES),
-        "resize-filter": (resize_filter, RESIZE_FILTERS),
-        "dtype": (dtype, ("float32", "float16")),
-        "device": (device, DEVICES),
-        "precision": (precision, ("fp32", "int8", "fp16")),
-        "pooling": (pooling, POOLINGS),
-    }
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
-
-
-def run_extraction(
-    records: Iterable[ImageRecord],
-    entry: StoreEntry,
-    writer: CacheWriter,
-    embedder: Callable[[np.ndarray], np.ndarray],
-    *,
-    batch_size: int = 32,
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    workers: int | None = None,
-    prefetch: int | None = None,
-    dtype: str = "float32",
-    on_progress: Callable[[int], None] | None = None,
-) -> ExtractSummary:
-    """Embed ``records`` with an already loaded ``embedder`` into an open ``writer`` (feature set ``entry.key``).
-
-    For callers that hold their own session (:class:`tlpipe.features.transformer.EmbeddingTransformer`).
-
-    Returns
-    -------
-    ExtractSummary
-    """
-    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    key = open_feature_set(writer, entry, resize, resize_filter, dtype)
-    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
-    stage_progress = (lambda total, done: on_progress) if on_progress else None
-    run_stream(
-        list(records),
-        embedder,
-        CacheSink(writer, key),
-        summary,
-        engine=LocalEngine(workers=workers, prefetch=prefetch),
-        input_size=entry.input_size,
-        batch_size=batch_size,
-        resize=resize,
-        resize_filter=resize_filter,
-        unique=True,
-        progress=stage_progress,
-    )
-    return summary
+    for name, value in options.items():
+        if value not in OPTION_CHOICES[name]:
+            choices = ", ".join(OPTION_CHOICES[name])
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, not {value!r}")
 
 
 def extract(
@@ -328,14 +267,6 @@ def extract(
     out: str | os.PathLike[str],
     *,
     choice: ModelChoice | None = None,
-    backbone: str | None = "mobilenet_v2",
-    weights: str | os.PathLike[str] | None = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    model: str | os.PathLike[str] | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-    store: ModelStore | None = None,
     device: str = "auto",
     batch_size: int = 32,
     dtype: str = "float32",
@@ -345,14 +276,14 @@ def extract(
     threads: int | None = None,
     streams: int | None = None,
     allow_outside_root: bool = False,
-    precision: str = "fp32",
     recalibrate: bool = False,
     progress: Progress | None = None,
-    tta: str = "none",
     sizes: list[int | None] | None = None,
     layers: list[str | None] | None = None,
+    engine: Any = None,
     augment: int = 0,
     augment_seed: int = 0,
+    **choice_fields: Any,
 ) -> ExtractSummary:
     """Embed every image of ``source`` into the HDF5 cache ``out`` (created or appended to).
 
@@ -366,11 +297,11 @@ def extract(
     out : path
         The cache file.
     choice : ModelChoice, optional
-        Which backbone; when given, ``backbone`` ... ``store`` and ``precision`` are ignored.
-    backbone, weights, size, layer, pooling, model, weights_dir, store, precision
-        The fields of a :class:`~tlpipe.backbones.choice.ModelChoice` (used when ``choice`` is None).
-        ``precision`` int8 / fp16 uses that variant (its own feature set): the stored one, or one made now,
-        calibrated on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32.
+        Which backbone (default: ``ModelChoice(**choice_fields)``, the registry's mobilenet_v2 with ImageNet
+        weights). Its ``precision`` int8 / fp16 uses that variant (its own feature set): the stored one, or one
+        made now, calibrated on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32.
+        Its ``tta`` ("none" | "flip" | "flip+crops") is the export whose graph averages the embeddings of those
+        views (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
     device : str
         "auto" | "cpu" | "cuda" (strict).
     batch_size : int
@@ -392,19 +323,21 @@ def extract(
         Calibrate int8 again on this source.
     progress : callable, optional
         ``(total, already_done) -> advance(n)``.
-    tta : str
-        "none" | "flip" | "flip+crops": the export whose graph averages the embeddings of those views
-        (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
     sizes, layers : list, optional
         Several sizes and/or cut points instead of ``size`` / ``layer``: one feature set per (size, layer),
         keyed as a one-size, one-layer extract would key it. The models come from one multi-output export
         per size (:func:`tlpipe.backbones.export.obtain_layers`); the stage runs one pass per feature set.
-        A layer ``a+b`` is one feature set of both cut points, pooled and concatenated in the model.
     augment : int
         Also embed this many augmented views of every image per feature set
         (:func:`tlpipe.features.augment.extract_augmented`), stored beside it as training rows; 0: none.
     augment_seed : int
         Seed of the augmented views (a view depends on it, the image's sha256 and the view index only).
+    engine : LocalEngine or RayEngine, optional
+        How the stage runs (default: a :class:`~.stream.LocalEngine` from ``device``, ``workers``, ``threads``,
+        ``streams``); entered (a Ray engine connects and plans its actors) before the cache is opened.
+    **choice_fields
+        Without ``choice``: its fields by name (``backbone``, ``weights``, ``weights_dir``, ``size``, ``layer``,
+        ``pooling``, ``precision``, ``model``, ``store``, ``tta``; see :class:`~tlpipe.backbones.choice.ModelChoice`).
 
     Returns
     -------
@@ -418,51 +351,68 @@ def extract(
         No images, a bad ``out``, a locked or incompatible cache.
     tlpipe.backbones.store.StoreError, tlpipe.backbones.deps.MissingExtra, ValueError
         The model cannot be had as asked.
+    TypeError
+        ``choice`` and some of its fields, or a keyword that is not one of them.
     """
+    choice = ModelChoice.given(choice, choice_fields, "extract")
     check_extract_options(
-        resize=resize, resize_filter=resize_filter, dtype=dtype, device=device, precision=precision, pooling=pooling
+        resize=resize,
+        resize_filter=resize_filter,
+        dtype=dtype,
+        device=device,
+        precision=choice.precision,
+        pooling=choice.pooling,
     )
-    check_tta(tta)
+    check_tta(choice.tta)
     images = open_source(source, out, allow_outside_root)
-    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store, tta)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
-    if len(sizes) > 1 or len(layers) > 1:
-        entries = _several_entries(choice, sizes, layers)
-    else:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer
+    several = len(sizes) > 1 or len(layers) > 1
+    if not several:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer
         choice = choice.with_(size=sizes[0], layer=layers[0])
-        entries = [resolve_entry(choice, images.records, resize, recalibrate)]
-    summaries = []
-    for entry in entries:
-        engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-        summary = extract_into(
-            images,
-            source,
-            out,
-            entry,
-            engine,
-            batch_size=batch_size,
-            dtype=dtype,
-            resize=resize,
-            resize_filter=resize_filter,
-            progress=progress,
-        )
-        _note_speed(out, summary, entry)
-        if augment:
-            from .augment import extract_augmented
+    entry = (
+        _several_models(choice, sizes, layers)
+        if several
+        else resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
+    )
+    for warning in images.warnings:
+        log.warning("%s", warning)
+    options: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, resize=resize, resize_filter=resize_filter)
+    engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
+    with engine, CacheWriter(out) as writer:
+        source_index = writer.note_source(str(Path(source).resolve()))
+        writer.register_classes(images.class_names)
+        summary = extract_into(writer, images.records, entry, engine, source=source_index, progress=progress, **options)
+        _note_speed(writer, summary, entry)
+        if images.skipped:
+            failures = [(path, "", reason) for path, reason in images.skipped]
+            writer.add_failures(failures, stage="listing", source=source_index)
+    summary.skipped, summary.warnings = list(images.skipped), images.warnings
+    if augment:
+        from .augment import extract_augmented
 
+        targets = [entry] if isinstance(entry, StoreEntry) else [t for m in entry for _, t in m.outputs]
+        for key, target in zip(summary.keys, targets):
             summary.augmented.append(extract_augmented(
-                images.records, out, entry, summary.key, views=augment, seed=augment_seed, resize=resize,
+                images.records, out, target, key, views=augment, seed=augment_seed, resize=resize,
                 resize_filter=resize_filter, batch_size=batch_size, dtype=dtype, device=device, threads=threads,
                 workers=workers))
-        summaries.append(summary)
-    first = summaries[0]
-    first.keys = [s.key for s in summaries]
-    first.augmented = [a for s in summaries for a in s.augmented]
-    return first
+    if summary.label_conflicts:
+        log.warning(
+            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
+            "the labels and run extract again): %s%s",
+            len(summary.label_conflicts),
+            "; ".join(
+                " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in c["occurrences"])
+                for c in summary.label_conflicts[:3]
+            ),
+            " ..." if len(summary.label_conflicts) > 3 else "",
+        )
+    return summary
 
 
-def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[StoreEntry]:
-    """The one-output store entries of every (size, layer), from one verified multi-output export per size."""
+def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[FeatureModel]:
+    """Per size, the verified multi-output model of every layer and each output's one-output store entry
+    (the feature set's identity); one pass runs them all."""
     from tlpipe.backbones.export import obtain_layers
 
     if choice.model is not None or choice.backbone is None:
@@ -471,9 +421,8 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
         raise ValueError("several sizes or layers are fp32 only; extract int8/fp16 one feature set at a time")
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"a size is named twice in {sizes}")
-    entries = []
-    for size in sizes:
-        found = obtain_layers(
+    return [
+        obtain_layers(
             choice.backbone,
             list(layers),
             choice.weights,
@@ -483,12 +432,12 @@ def _several_entries(choice: ModelChoice, sizes: list, layers: list) -> list[Sto
             choice.model_store,
             tta=choice.tta,
         )
-        entries += [entry for _, entry in found.outputs]
-    return entries
+        for size in sizes
+    ]
 
 
-def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
-    """Record this pass's extraction speed on the feature set it filled (kept from the largest pass)."""
+def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry | list[FeatureModel]) -> None:
+    """Record this pass's extraction speed on each feature set it filled (kept from the largest pass)."""
     embedded = summary.embedded
     if not embedded or not summary.seconds:
         return
@@ -496,11 +445,11 @@ def _note_speed(out, summary: ExtractSummary, entry: StoreEntry) -> None:
         "images": embedded,
         "seconds": round(summary.seconds, 3),
         "images_per_second": round(embedded / summary.seconds, 2),
-        "feature_sets_in_pass": 1,
-        "input_size": entry.input_size,
+        "feature_sets_in_pass": len(summary.keys),
+        "input_size": entry.input_size if isinstance(entry, StoreEntry) else [m.input_size for m in entry],
         "provider": summary.provider,
         "cores": physical_cores(),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with CacheWriter(out) as writer:
-        writer.note_extraction(summary.key, record)
+    for key in summary.keys:
+        writer.note_extraction(key, record)

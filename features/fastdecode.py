@@ -118,23 +118,34 @@ def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def decode_jpeg(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """Decode a plain JPEG through libjpeg-turbo, upright and DCT-downscaled for ``size``.
+    """:func:`decode_jpeg_sizes` for one size."""
+    found = decode_jpeg_sizes(data, (size,), max_pixels)
+    return None if found is None else (found[0][0], found[1])
+
+
+def decode_jpeg_sizes(
+    data: bytes, sizes: tuple[int, ...] | list[int], max_pixels: int
+) -> tuple[list[np.ndarray], tuple[int, int]] | None:
+    """Decode a plain JPEG through libjpeg-turbo, upright and DCT-downscaled for each of ``sizes``: the
+    header is parsed once and the image decoded once per distinct scale (sizes that share a scale share the
+    decode, e.g. 224 and 288 px from a ~480 x 375 photo).
 
     Parameters
     ----------
     data : bytes
         The file's bytes.
-    size : int
-        The target side in pixels; sets the DCT-domain scale (:func:`dct_scale`).
+    sizes : sequence of int
+        The target sides in pixels; each sets its DCT-domain scale (:func:`dct_scale`).
     max_pixels : int
         Larger images are declined (the Pillow path refuses them with its reason).
 
     Returns
     -------
-    (pixels, (width, height)) or None
-        ``pixels``: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied, at 1/1, 1/2, 1/4 or 1/8 of the full
-        size; ``(width, height)``: the full size after orientation. ``None`` when the fast path does not
-        handle this file (see the module docstring) or is not installed.
+    ([pixels, ...], (width, height)) or None
+        One ``pixels`` per size: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied, at 1/1, 1/2, 1/4 or 1/8
+        of the full size (the same array for sizes of the same scale); ``(width, height)``: the full size
+        after orientation. ``None`` when the fast path does not handle this file (see the module docstring)
+        or is not installed.
     """
     simplejpeg = _lib("simplejpeg")
     if simplejpeg is None or not data.startswith(_JPEG_MAGIC):
@@ -149,19 +160,22 @@ def decode_jpeg(data: bytes, size: int, max_pixels: int) -> tuple[np.ndarray, tu
             return None
         if simplejpeg.decode_jpeg_header(data)[2] != "YCbCr":
             return None
-        scale = dct_scale(width, height, size)
-        # simplejpeg picks the smallest M/8 factor keeping both sides >= the minimum; ceil(side / scale)
-        # is exactly libjpeg's output size at 1/scale, and no smaller factor reaches it.
-        pixels = simplejpeg.decode_jpeg(
-            data, colorspace="RGB", min_width=-(-width // scale), min_height=-(-height // scale), strict=True
-        )
+        by_scale: dict[int, np.ndarray] = {}
+        for scale in sorted({dct_scale(width, height, size) for size in sizes}):
+            # simplejpeg picks the smallest M/8 factor keeping both sides >= the minimum; ceil(side / scale)
+            # is exactly libjpeg's output size at 1/scale, and no smaller factor reaches it.
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace="RGB", min_width=-(-width // scale), min_height=-(-height // scale), strict=True
+            )
+            if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
+                return None
+            by_scale[scale] = orient(pixels, orientation)
     except Exception:  # damaged, unusual or unsupported: the Pillow path decides and gives the reason
         return None
-    if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
-        return None
+    arrays = [by_scale[dct_scale(width, height, size)] for size in sizes]
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    return orient(pixels, orientation), (width, height)
+    return arrays, (width, height)
 
 
 def resize_bilinear(pixels: np.ndarray, size: int, mode: str = "squash") -> np.ndarray:

@@ -413,11 +413,17 @@ def decode_image_sizes(
 ) -> tuple[list[np.ndarray], tuple[int, int]]:
     """:func:`decode_image` of one file's bytes at several sizes: one ``(s, s, 3)`` array per size.
 
-    The bytes are read and hashed once by the caller; each size is decoded by :func:`decode_image`
-    itself, so each array is exactly what a one-size extract would decode (a JPEG's DCT downscaling
-    factor depends on the size asked for). Returns the arrays in ``sizes`` order and the original
-    ``(width, height)``; raises as :func:`decode_image` does.
+    Each array is exactly what :func:`decode_image` gives for its size (a JPEG's DCT downscaling factor
+    depends on the size asked for). On the fast path (``bilinear``, plain JPEG) the file is decoded once
+    per distinct DCT scale and resized per size; other files are decoded once per size. Returns the
+    arrays in ``sizes`` order and the original ``(width, height)``; raises as :func:`decode_image` does.
     """
+    for size in sizes:
+        _check_resize_args(size, mode, resize_filter)
+    if data and resize_filter == "bilinear":
+        fast = fastdecode.decode_jpeg_sizes(data, sizes, max_pixels)
+        if fast is not None:
+            return [fastdecode.resize_bilinear(p, size, mode) for p, size in zip(fast[0], sizes)], fast[1]
     arrays, original = [], (0, 0)
     for size in sizes:
         array, original = decode_image(data, size, mode, resize_filter=resize_filter, max_pixels=max_pixels)

@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .decoder import Decoded, decode_workers, iter_decoded
+from .decoder import Decoded, decode_workers, iter_decoded, stack_pixels
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
-__all__ = ["LocalEngine", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
+__all__ = ["LocalEngine", "MultiSizeModel", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
 
 Progress = Callable[[int, int], Callable[[int], None]]
 
@@ -134,6 +134,9 @@ class StageModel:
         Output to read (default: the first).
     width : int
         Columns of the final output (embedding dimension, or classes).
+    outputs : tuple of str
+        Several outputs to read instead of ``output`` (e.g. the layers of a multi-output export), returned
+        side by side as one float32 (N, sum of their widths) array, in this order.
     then : callable, optional
         Applied to the output, float32 (N, D) -> (N, K); must be picklable for the Ray engine.
     """
@@ -143,6 +146,7 @@ class StageModel:
     width: int = 0
     output: str | None = None
     then: Callable[[np.ndarray], np.ndarray] | None = None
+    outputs: tuple[str, ...] = ()
 
     def load(
         self, device: str = "auto", threads: int | None = None, streams: int = 1, path: Path | None = None
@@ -162,19 +166,63 @@ class StageModel:
         from tlpipe.backbones.runtime import OnnxEmbedder
 
         embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams, output=self.output)
-        return Runner(embedder, self.then)
+        return Runner(embedder, self.then, self.outputs)
+
+
+@dataclass(frozen=True)
+class MultiSizeModel:
+    """Several :class:`StageModel` s, each at its own input size, on the same images in one pass: the
+    decoder reads, hashes and decodes each image once for all the sizes
+    (:func:`tlpipe.features.images.decode_image_sizes`), and the outputs come side by side, float32
+    (N, sum of the widths), in ``models`` order.
+
+    Attributes
+    ----------
+    models : tuple of StageModel
+        One per input size (sizes distinct).
+    """
+
+    models: tuple[StageModel, ...]
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        return tuple(m.input_size for m in self.models)
+
+    @property
+    def width(self) -> int:
+        return sum(m.width for m in self.models)
+
+    def load(
+        self, device: str = "auto", threads: int | None = None, streams: int = 1, path: Path | None = None
+    ) -> MultiSizeRunner:
+        """Sessions for every model (as :meth:`StageModel.load`; ``path`` is not supported)."""
+        if path is not None:
+            raise ValueError("a multi-size model loads from its own files")
+        return MultiSizeRunner([m.load(device, threads, streams) for m in self.models])
+
+
+class MultiSizeRunner:
+    """A loaded :class:`MultiSizeModel`: ``runner((pixels_a, pixels_b, ...))`` -> output rows side by side."""
+
+    def __init__(self, runners: list[Runner]):
+        self.runners = runners
+        self.streams: int = min(r.streams for r in runners)
+        self.provider: str = runners[0].provider
+
+    def __call__(self, pixels: tuple[np.ndarray, ...]) -> np.ndarray:
+        return np.hstack([run(batch) for run, batch in zip(self.runners, pixels)])
 
 
 class Runner:
     """A loaded :class:`StageModel`: ``runner(pixels)`` -> output rows; thread-safe up to ``streams`` calls."""
 
-    def __init__(self, embedder: Any, then: Callable[[np.ndarray], np.ndarray] | None):
-        self.embedder, self.then = embedder, then
+    def __init__(self, embedder: Any, then: Callable[[np.ndarray], np.ndarray] | None, outputs: tuple[str, ...] = ()):
+        self.embedder, self.then, self.outputs = embedder, then, list(outputs)
         self.streams: int = embedder.streams
         self.provider: str = embedder.provider
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.embedder(pixels)
+        out = np.hstack(self.embedder.run_outputs(pixels, self.outputs)) if self.outputs else self.embedder(pixels)
         return self.then(out) if self.then is not None else out
 
 
@@ -265,27 +313,23 @@ class LocalEngine:
         self,
         stage: Stage,
         records: Sequence[ImageRecord],
-        model: StageModel | Callable[[np.ndarray], np.ndarray],
+        model: Any,
         *,
         batch_size: int,
         resize: str,
-        input_size: int | None = None,
         resize_filter: str = DEFAULT_RESIZE_FILTER,
     ) -> None:
         """Stream ``records`` through ``model`` into ``stage``'s sink.
 
-        ``model``: a :class:`StageModel` (loaded here) or an already loaded callable (with ``input_size``).
+        ``model``: a :class:`StageModel` or :class:`MultiSizeModel` (loaded here) or an already loaded session
+        with its ``input_size`` (e.g. a :class:`~tlpipe.backbones.runtime.OnnxEmbedder`).
         """
         from tlpipe.backbones.runtime import default_streams
 
-        runner: Callable[[np.ndarray], np.ndarray]
-        if isinstance(model, StageModel):
-            input_size = model.input_size
+        input_size: int | tuple[int, ...] = model.input_size
+        runner = model
+        if isinstance(model, (StageModel, MultiSizeModel)):
             runner = model.load(self.device, self.threads, self.streams or default_streams())
-        else:
-            runner = model
-        if input_size is None:
-            raise ValueError("input_size is needed with a loaded model")
         stage.summary.provider = str(getattr(runner, "provider", ""))
         todo = stage.todo(records)
         started = time.perf_counter()
@@ -303,7 +347,8 @@ class LocalEngine:
             while len(inflight) >= streams:
                 finish_oldest()
             pixels = [b.pixels for b in batch if b.pixels is not None]
-            future = pool.submit(runner, np.stack(pixels)) if pixels else None
+            stacked: Any = stack_pixels(pixels) if pixels else None
+            future = pool.submit(runner, stacked) if pixels else None
             inflight.append((list(batch), future))
             batch.clear()
 
@@ -330,7 +375,7 @@ class LocalEngine:
 
 def run_stream(
     records: Sequence[ImageRecord],
-    model: StageModel | Callable[[np.ndarray], np.ndarray],
+    model: StageModel | Any,
     sink: Sink,
     summary: StreamSummary,
     *,
@@ -340,7 +385,6 @@ def run_stream(
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     unique: bool = False,
     progress: Progress | None = None,
-    input_size: int | None = None,
 ) -> StreamSummary:
     """Run the stage: ``records`` -> decoder -> ``model`` -> ``sink`` with ``engine``, then close the sink.
 
@@ -348,8 +392,10 @@ def run_stream(
     ----------
     records : sequence of ImageRecord
         The inputs, in the order their results are committed.
-    model : StageModel or callable
-        What runs on each batch; a loaded callable (local engine only) needs ``input_size``.
+    model : StageModel, MultiSizeModel, loaded session or None
+        What runs on each batch: a :class:`StageModel` or :class:`MultiSizeModel`, or (local engine only) a
+        loaded session with its ``input_size``; None for an engine that runs no model
+        (:class:`tlpipe.pipeline.score.CacheRows`).
     sink : Sink
         Where results are committed; closed here (``finish=False`` when the run raised).
     summary : StreamSummary
@@ -380,15 +426,7 @@ def run_stream(
     engine = engine or LocalEngine()
     stage = Stage(sink, summary, unique=unique, progress=progress)
     try:
-        engine.run(
-            stage,
-            records,
-            model,
-            batch_size=batch_size,
-            resize=resize,
-            input_size=input_size,
-            resize_filter=resize_filter,
-        )
+        engine.run(stage, records, model, batch_size=batch_size, resize=resize, resize_filter=resize_filter)
     except BaseException:
         sink.close(finish=False)
         raise

@@ -87,7 +87,7 @@ def _value(choice):
 PoolingOpt = typer.Option(Pooling.avg.value, "--pooling", help="avg | max | none (flatten).")
 PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
 ResizeOpt = typer.Option(Resize.squash.value, help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop). Part of the feature set's identity.")
-SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each) [default: the backbone's].")
+SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each, all in one pass) [default: the backbone's].")
 LayersOpt = typer.Option(None, "--layer", help="Cut point(s), comma-separated (see `tlpipe backbones --cuts`): one feature set per layer, from one verified multi-output export per size; a+b joins cut points into one feature set (each pooled, then concatenated) [default: the last layer].")
 TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation inside the model: none | flip (image + mirror) | flip+crops (5 crops of a 1/0.875 larger decode + mirrors); the mean embedding.")
 ResizeFilterOpt = typer.Option(
@@ -718,14 +718,15 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
     """Fine-tune the last blocks in TensorFlow, warm-started from a head; re-export the backbone to ONNX.
 
     A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.pipeline.finetune import finetune as run
 
-    result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
-                 unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
+    choice = ModelChoice(backbone, weights, weights_dir, size, pooling=pooling, store=_store(store))
+    result = run(source, out_dir, choice=choice, unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
                  batch_size=batch_size, learning_rate=learning_rate, backbone_learning_rate=backbone_lr,
                  dropout=dropout, augment=augment,
                  class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
-                 store=_store(store), resize=resize, resize_filter=_value(resize_filter), progress=not quiet)
+                 resize=resize, resize_filter=_value(resize_filter), progress=not quiet)
     warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
     test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
             if result.test else "")
@@ -755,6 +756,7 @@ def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir
     """Time a backbone here: ONNX Runtime per precision, batch size and thread count (images/s, p50/p95 per
     batch) against Keras on the same images, and decoding on its own; says whether int8 pays off on this CPU."""
     pooling, device = _value(pooling), _value(device)
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.pipeline.bench import format_report, run_bench
 
     def say(message: str) -> None:
@@ -765,9 +767,9 @@ def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir
     if batch:
         _deprecated("--batch", "--batch-size", "bench")
     batch = batch_size or batch or [1, 8, 32]
-    report = run_bench(backbone, weights=weights, weights_dir=weights_dir, size=size, layer=layer,
-                       pooling=pooling, model=model, store=_store(store), images=images, precisions=precision,
-                       batch_sizes=batch, threads=threads, device=device, keras=keras, min_seconds=seconds, log=say)
+    choice = ModelChoice(backbone, weights, weights_dir, size, layer, pooling, model=model, store=_store(store))
+    report = run_bench(choice=choice, images=images, precisions=precision, batch_sizes=batch, threads=threads,
+                       device=device, keras=keras, min_seconds=seconds, log=say)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -860,10 +862,11 @@ def custom_model(source: Path = typer.Argument(..., help="Labelled images: class
     """Train new layers on a truncated, frozen backbone in TensorFlow; export one ONNX classifier for `tlpipe score`.
 
     A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.pipeline.custom_model import fit_custom_model
 
-    result = fit_custom_model(source, out_dir, backbone=backbone, layer=layer, new_layers=new_layers, weights=weights,
-                              weights_dir=weights_dir, size=size, epochs=epochs, batch_size=batch_size,
+    choice = ModelChoice(backbone, weights, weights_dir, size, layer)
+    result = fit_custom_model(source, out_dir, choice=choice, new_layers=new_layers, epochs=epochs, batch_size=batch_size,
                               learning_rate=learning_rate, augment=augment, class_weight=class_weight,
                               patience=patience, seed=seed, val_fraction=val_fraction, unfreeze_from=unfreeze_from,
                               unfreeze_last=unfreeze_last, unfreeze_epochs=unfreeze_epochs,

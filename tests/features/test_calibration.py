@@ -20,6 +20,19 @@ def test_sample_is_seeded_disjoint_and_at_the_model_size(tmp_path):
     assert sample_images(records, 48, seed=1).identity != a.identity
 
 
+def test_sample_is_decoded_with_the_runs_resize_filter(tmp_path):
+    """An int8 variant calibrated for an antialiased feature set sees antialiased pixels, as extraction does."""
+    from tlpipe.features.decoder import decode_record
+
+    records = discover(write_photo_folder(tmp_path / "p", per_class=15)).records
+    bilinear = sample_images(records, 48)
+    antialias = sample_images(records, 48, resize_filter="antialias")
+    assert bilinear.identity == antialias.identity  # the same photos...
+    assert not np.array_equal(bilinear.calibration, antialias.calibration)  # ...decoded differently
+    by_pixels = {decode_record(r, 48, "squash", resize_filter="antialias").pixels.tobytes() for r in records}
+    assert all(x.tobytes() in by_pixels for x in antialias.calibration)
+
+
 def test_too_few_images_is_a_clear_error(tmp_path):
     records = discover(write_photo_folder(tmp_path / "p", per_class=3)).records
     with pytest.raises(ValueError, match=f"at least {MIN_IMAGES}"):

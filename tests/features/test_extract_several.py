@@ -27,14 +27,25 @@ def test_decode_sizes_equals_decode_per_size(shape):
 
 
 @pytest.mark.slow
-def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folder, model_store, tiny_entry):
+def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folder, model_store, tiny_entry,
+                                                           monkeypatch):
     from tlpipe.backbones.export import plan_export
+    from tlpipe.features import decoder, fastdecode
     from tlpipe.features.cache import feature_set_key, read_feature_set
     from tlpipe.features.extract import extract
 
+    reads, decodes = [], []  # every file read, and every libjpeg-turbo decode, during the extract
+    read_file, decode_jpeg_sizes = decoder.read_file, fastdecode.decode_jpeg_sizes
+    monkeypatch.setattr(decoder, "read_file", lambda path: reads.append(path) or read_file(path))
+    monkeypatch.setattr(fastdecode, "decode_jpeg_sizes",
+                        lambda data, sizes, mp: decodes.append(sizes) or decode_jpeg_sizes(data, sizes, mp))
     cache = tmp_path / "cache.h5"
     summary = extract(photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", sizes=[64, 72],
                       layers=["block_12_add", None], tta="flip", store=model_store, batch_size=5)
+    monkeypatch.undo()
+    # one pass: each of the 12 photos read once and decoded once for both sizes and both layers
+    assert len(reads) == len(set(reads)) == 12
+    assert len(decodes) == 12 and all(tuple(sizes) == (64, 72) for sizes in decodes)
     expected = [feature_set_key(plan_export("mobilenet_v2_0.35", "none", size, layer, tta="flip").key)
                 for size in (64, 72) for layer in ("block_12_add", None)]
     assert summary.keys == expected and summary.embedded == 12
@@ -42,6 +53,7 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
         assert sorted(f["features"]) == sorted(expected)
         speed = json.loads(f["features"][expected[0]].attrs["extraction"])
         assert speed["images"] == 12 and speed["images_per_second"] > 0
+        assert speed["feature_sets_in_pass"] == 4  # the sweep's cost column shares the pass among them
     # a one-layer, one-size extract of the same (size, layer, TTA) is the same feature set: nothing to embed
     again = extract(photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", size=72, tta="flip",
                     store=model_store)
