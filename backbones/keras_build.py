@@ -165,7 +165,8 @@ def build_multi_output_model(spec: BackboneSpec, size: int, weights: ResolvedWei
     plain = single and len(parts[0]) == 1  # the graph a one-layer export always had
     components = list(dict.fromkeys(part for entry in parts for part in entry))
     if base is None:
-        base = build_base(spec, size, weights, layers[0]) if plain else build_base(spec, size, weights, layers=components)
+        base = (build_base(spec, size, weights, layers[0]) if plain
+                else build_base(spec, size, weights, layers=components))
     images = keras.Input((decode_size(size, tta), decode_size(size, tta), 3), dtype="uint8", name="images")
     x = images if tta == "none" else TestTimeViews(tta, size, name="tta_views")(images)
     x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(x)

@@ -38,7 +38,8 @@ def layer_parts(layer: str | None) -> list[str | None]:
         return [layer]
     parts = [part.strip() for part in layer.split(CONCAT)]
     if any(not part for part in parts):
-        raise ValueError(f"layer {layer!r} has an empty part: join cut points with '+', e.g. out_relu+block_13_expand_relu")
+        raise ValueError(f"layer {layer!r} has an empty part: join cut points with '+', "
+                         "e.g. out_relu+block_13_expand_relu")
     if len(set(parts)) != len(parts):
         raise ValueError(f"layer {layer!r} names a cut point twice")
     return parts

@@ -493,7 +493,8 @@ class CacheWriter:
     @staticmethod
     def _repair(f: h5py.File) -> None:
         """Cut every dataset back to its committed count (a killed writer may have left a tail)."""
-        groups = [f["images"], f["failures"], *f["features"].values(), *(f["augmented"].values() if "augmented" in f else [])]
+        augmented = f["augmented"].values() if "augmented" in f else []
+        groups = [f["images"], f["failures"], *f["features"].values(), *augmented]
         for group in groups:
             count = int(group.attrs["count"])
             for name, dataset in group.items():

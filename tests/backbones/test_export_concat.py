@@ -60,13 +60,13 @@ def test_concatenated_export_is_the_parts_side_by_side(model_store, tiny_entry):
 
 @pytest.mark.slow
 def test_extract_fit_fuse_and_score_a_concatenated_feature_set(tmp_path, model_store):
+    from tests.conftest import write_photo_folder
     from tlpipe.features.cache import feature_set_key, read_feature_set
     from tlpipe.features.extract import extract
     from tlpipe.pipeline.artifacts import save_head
     from tlpipe.pipeline.fuse import export_model
     from tlpipe.pipeline.heads import make_head
     from tlpipe.pipeline.score import score
-    from tests.conftest import write_photo_folder
 
     photos = write_photo_folder(tmp_path / "photos", per_class=8)
     cache = tmp_path / "cache.h5"

@@ -96,10 +96,10 @@ def test_compare_with_views_scores_originals_and_trains_on_training_views_only()
 def test_extract_augment_stores_seeded_views_beside_the_feature_set(tmp_path, model_store, tiny_entry):
     import onnxruntime as ort
 
+    from tests.conftest import write_photo_folder
     from tlpipe.features.extract import extract
     from tlpipe.features.images import load_image
     from tlpipe.pipeline.train import train_head
-    from tests.conftest import write_photo_folder
 
     photos = write_photo_folder(tmp_path / "photos", per_class=5)
     cache = tmp_path / "cache.h5"
