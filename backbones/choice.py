@@ -4,10 +4,14 @@ and passed down instead of eight positional arguments."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 from .store import ModelStore, StoreEntry
+
+if TYPE_CHECKING:
+    from .export import ExportPlan
 
 __all__ = ["ModelChoice"]
 
@@ -67,6 +71,50 @@ class ModelChoice:
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in options.items() if k in names})
 
+    @classmethod
+    def given(
+        cls,
+        choice: ModelChoice | None,
+        options: dict[str, Any],
+        command: str,
+        used: Iterable[str] | None = None,
+    ) -> ModelChoice:
+        """The choice a library function runs: ``choice``, or one made of its keyword ``options`` (field names).
+
+        Parameters
+        ----------
+        choice : ModelChoice or None
+            Built by the caller (e.g. the CLI).
+        options : dict
+            Otherwise, the fields by name (a function's ``**choice_fields``); unset fields keep their defaults.
+        command : str
+            The function, for messages.
+        used : iterable of str, optional
+            The fields ``command`` uses; another field set away from its default is refused (None: all used).
+
+        Returns
+        -------
+        ModelChoice
+
+        Raises
+        ------
+        TypeError
+            Both ``choice`` and ``options``, or an option that is not a field.
+        ValueError
+            A field ``command`` does not use, set.
+        """
+        if choice is not None and options:
+            raise TypeError(f"{command}: give choice or its fields ({', '.join(options)}), not both")
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"{command} got unexpected keyword arguments: {', '.join(unknown)}")
+        choice = choice or cls(**options)
+        kept = set(cls.__dataclass_fields__) if used is None else set(used)
+        unused = [f.name for f in fields(cls) if f.name not in kept and getattr(choice, f.name) != f.default]
+        if unused:
+            raise ValueError(f"{command} does not take {', '.join(unused)}")
+        return choice
+
     def with_(self, **changes: Any) -> ModelChoice:
         """A copy with ``changes`` applied."""
         return replace(self, **changes)
@@ -75,6 +123,31 @@ class ModelChoice:
     def model_store(self) -> ModelStore:
         """``store``, or the default store."""
         return self.store or ModelStore()
+
+    def plan(self, seed: int = 0) -> ExportPlan:
+        """The export plan of the registry backbone (validated, weights resolved; cheap, no TensorFlow).
+
+        Parameters
+        ----------
+        seed : int
+            Seed of the random initialisation with ``weights`` "none".
+
+        Returns
+        -------
+        tlpipe.backbones.export.ExportPlan
+
+        Raises
+        ------
+        ValueError, tlpipe.backbones.weights.WeightsUnavailable
+            No registry backbone; an unknown backbone, size, layer or pooling; weights that cannot be had.
+        """
+        from .export import plan_export
+
+        if self.backbone is None:
+            raise ValueError("a registry backbone is needed here (a stored model has no export plan)")
+        return plan_export(
+            self.backbone, self.weights, self.size, self.layer, self.pooling, self.weights_dir, seed=seed, tta=self.tta
+        )
 
     def obtain(self) -> StoreEntry:
         """The fp32 store entry: the stored export, exported first when needed (minutes; needs tlpipe[tf]).

@@ -9,6 +9,10 @@ Several cut points at one size export as one model with one output per layer (th
 each output is verified against Keras, and each is also stored as a one-output model of its own (the
 multi-output graph pruned to that output) under the key a single export of that layer would have: the
 feature set's identity does not depend on how many layers were extracted together.
+
+A concatenated cut point ``a+b`` (:func:`backbones.registry.layer_parts`) is one output: the parts pooled and
+concatenated inside the Keras model before conversion, so it is verified and stored like any one-output
+export; its layer spec is in the key fields (``"layer": "a+b"``) and the key (``…-a_plus_b-…``).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from .deps import distribution_version, require
-from .registry import BackboneSpec, get_backbone
+from .registry import CONCAT, BackboneSpec, get_backbone, layer_parts
 from .store import ModelStore, StoreEntry, make_key
 from .tta import check_tta, decode_size, slug, view_count
 from .weights import ResolvedWeights, resolve_weights
@@ -64,7 +68,7 @@ class ExportPlan:
 
     @property
     def key(self) -> str:
-        parts = [self.spec.name, str(self.size), self.layer or "full", self.pooling]
+        parts = [self.spec.name, str(self.size), layer_slug(self.layer), self.pooling]
         if self.tta != "none":
             parts.append(slug(self.tta))
         return make_key("-".join(parts), self.key_fields())
@@ -82,6 +86,12 @@ class ExportPlan:
         return None
 
 
+def layer_slug(layer: str | None) -> str:
+    """The layer as it appears in a model-store key: ``full`` for the last output, a concatenation's ``+``
+    spelled ``_plus_`` (no ``+`` in keys, as for TTA modes)."""
+    return "full" if layer is None else layer.replace(CONCAT, "_plus_")
+
+
 def converter_versions() -> dict:
     return {m: distribution_version(m) for m in ("tensorflow", "keras", "tf2onnx", "onnx")}
 
@@ -94,6 +104,7 @@ def plan_export(backbone: str, weights="imagenet", size: int | None = None, laye
     size = size or spec.default_size
     check_tta(tta)
     if layer is not None:
+        layer = CONCAT.join(layer_parts(layer))  # "a + b" -> "a+b": one spelling, one key
         spec.cut_point(layer)
     spec.embedding_dim(pooling, layer)  # validates pooling
     resolved = resolve_weights(spec, weights, size=size, weights_dir=weights_dir, seed=seed)

@@ -12,7 +12,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from .registry import BackboneSpec  # noqa: E402
+from .registry import BackboneSpec, layer_parts  # noqa: E402
 from .tta import check_tta, crop_offsets, decode_size, view_count  # noqa: E402
 from .weights import ResolvedWeights, WeightsUnavailable, offline_hint  # noqa: E402
 
@@ -152,20 +152,35 @@ def build_multi_output_model(spec: BackboneSpec, size: int, weights: ResolvedWei
                              single: bool = False) -> keras.Model:
     """One graph with one embedding output per entry of ``layers`` (cut point names; None = the last
     output), sharing the decode, the views and the backbone trunk. ``single`` (one layer): a plain
-    one-output model, as :func:`build_embedding_model` makes."""
+    one-output model, as :func:`build_embedding_model` makes.
+
+    An entry ``a+b`` (:func:`backbones.registry.layer_parts`) is one output: each part pooled on its own, then
+    the pooled vectors concatenated in that order (``Concatenate``), before the TTA view mean. No per-block
+    normalisation: every head standardises each dimension itself (``StandardScaler``), which puts the blocks
+    on one scale whatever their activation magnitudes.
+    """
     if single and len(layers) != 1:
         raise ValueError("single=True takes exactly one layer")
+    parts = [layer_parts(layer) for layer in layers]
+    plain = single and len(parts[0]) == 1  # the graph a one-layer export always had
+    components = list(dict.fromkeys(part for entry in parts for part in entry))
     if base is None:
-        base = build_base(spec, size, weights, layers[0]) if single else build_base(spec, size, weights, layers=layers)
+        base = (build_base(spec, size, weights, layers[0]) if plain
+                else build_base(spec, size, weights, layers=components))
     images = keras.Input((decode_size(size, tta), decode_size(size, tta), 3), dtype="uint8", name="images")
     x = images if tta == "none" else TestTimeViews(tta, size, name="tta_views")(images)
     x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(x)
     features = base(x)
-    features = [features] if single else list(features)
+    features = [features] if plain or not isinstance(features, (list, tuple)) else list(features)
+    by_layer = dict(zip(components, features)) if not plain else {layers[0]: features[0]}
     outputs = []
-    for i, feature in enumerate(features):
+    for i, entry in enumerate(parts):
         suffix = "" if single else f"_{i}"
-        embedding = add_pooling(feature, pooling, suffix)
+        if len(entry) == 1:
+            embedding = add_pooling(by_layer[entry[0]], pooling, suffix)
+        else:
+            pooled = [add_pooling(by_layer[part], pooling, f"{suffix}_{j}") for j, part in enumerate(entry)]
+            embedding = keras.layers.Concatenate(axis=-1, name="concat" + suffix)(pooled)
         if tta != "none":
             embedding = ViewMean(view_count(tta), name="tta_mean" + suffix)(embedding)
         outputs.append(embedding)

@@ -10,6 +10,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 POOLINGS = ("avg", "max", "none")
+# Joins cut points into one concatenated feature set: ``out_relu+block_13_expand_relu`` is the pooled
+# ``out_relu`` embedding followed by the pooled ``block_13_expand_relu`` one, as one vector (one model output).
+# ``--layer a,b`` (comma) still means two feature sets; ``a+b`` (plus) one feature set of both.
+CONCAT = "+"
+
+
+def layer_parts(layer: str | None) -> list[str | None]:
+    """The cut points a layer spec names: ``[layer]``, or the parts of a ``a+b`` concatenation, in order.
+
+    Parameters
+    ----------
+    layer : str or None
+        A cut point, a concatenation of cut points joined by :data:`CONCAT`, or None (the last output).
+
+    Returns
+    -------
+    list of str or None
+        One entry per pooled block of the embedding, in the order the blocks are concatenated.
+
+    Raises
+    ------
+    ValueError
+        An empty part (``a+``) or a cut point named twice (``a+a``).
+    """
+    if layer is None or CONCAT not in layer:
+        return [layer]
+    parts = [part.strip() for part in layer.split(CONCAT)]
+    if any(not part for part in parts):
+        raise ValueError(f"layer {layer!r} has an empty part: join cut points with '+', "
+                         "e.g. out_relu+block_13_expand_relu")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"layer {layer!r} names a cut point twice")
+    return parts
 
 # mode -> what the in-graph preprocessing does to x = float32(uint8 RGB)
 PREPROCESSING_MODES = {
@@ -56,7 +89,14 @@ class BackboneSpec:
         return self.kwargs.get("alpha")
 
     def cut_point(self, layer: str | None) -> CutPoint:
-        """The cut point named ``layer`` (None: the full backbone's output)."""
+        """The cut point named ``layer`` (None: the full backbone's output).
+
+        A concatenation ``a+b`` (:func:`layer_parts`) gives a CutPoint of that name whose ``channels`` is the sum
+        of its parts' (the pooled embedding's length) and whose ``grid`` is 0 (the parts' grids differ)."""
+        parts = layer_parts(layer)
+        if len(parts) > 1:
+            cuts = [self.cut_point(part) for part in parts]
+            return CutPoint(layer=layer, channels=sum(c.channels for c in cuts), grid=0)
         if layer is None:
             return CutPoint(layer="(output)", channels=self.channels, grid=self.grid)
         for cut in self.cut_points:
@@ -74,7 +114,7 @@ class BackboneSpec:
             return cut.channels
         if size not in (None, self.default_size):
             raise ValueError("the flattened dimension is tabulated at the default size only; build the model to know it")
-        return cut.grid * cut.grid * cut.channels
+        return sum(c.grid * c.grid * c.channels for c in map(self.cut_point, layer_parts(layer)))
 
     def check_size(self, size: int, pretrained: bool) -> None:
         """Raise ValueError when ``size`` cannot be used (with ImageNet weights when ``pretrained``)."""

@@ -18,6 +18,14 @@ Schema (version 2; readable with plain h5py, see README):
         path_utf8, path_span, source, sha256, reason, stage   inputs skipped ("listing") or failed ("decode")
     /label_conflicts/      attrs: current ("a" | "b" | ""), length
         a, b  (L,) uint8   JSON of the label conflicts, written to the idle buffer and then switched to
+    /augmented/<key>/      attrs: count, dim, dtype, views, seed, recipe (JSON), format (1)   [optional]
+        embeddings (M,D) float32|float16  augmented views of images of feature set <key> (extract --augment N)
+        image_row  (M,)  int64  row in /images of the image the view was made from
+        view       (M,)  int32  view index, 0 .. views-1 (see tlpipe.features.augment)
+
+``/augmented`` is an addition within version 2: caches without it read as before, and readers that do not
+know it never open it (it sits outside ``/features``). Its rows are training rows only (see
+:func:`read_views`).
 
 Version 1 caches (paths cut at 512 bytes, feature sets that do not record their resize mode) are refused with a
 message: migrating them would have to guess which resize mode made their embeddings.
@@ -485,7 +493,8 @@ class CacheWriter:
     @staticmethod
     def _repair(f: h5py.File) -> None:
         """Cut every dataset back to its committed count (a killed writer may have left a tail)."""
-        groups = [f["images"], f["failures"], *f["features"].values()]
+        augmented = f["augmented"].values() if "augmented" in f else []
+        groups = [f["images"], f["failures"], *f["features"].values(), *augmented]
         for group in groups:
             count = int(group.attrs["count"])
             for name, dataset in group.items():
@@ -561,6 +570,65 @@ class CacheWriter:
         if old.get("images", 0) < record.get("images", 0):
             group.attrs["extraction"] = json.dumps(record, sort_keys=True)
             self._flush()
+
+    # -- augmented views (extract --augment N): training rows stored beside a feature set -------------------
+    def ensure_augmented(self, key: str, views: int, seed: int, recipe: dict, dtype: str = "float32") -> None:
+        """Create the augmented rows of feature set ``key`` or check that they were made with ``seed`` and
+        ``recipe`` (then ``views`` may grow: the views already stored are kept).
+
+        Raises
+        ------
+        CacheError
+            ``key`` is not a feature set of the cache, or its views were made with another seed or recipe.
+        """
+        features = self.file["features"]
+        if key not in features:
+            raise CacheError(f"{self.path}: no feature set {key}; extract it before its augmented views")
+        parent = self.file.require_group("augmented")
+        recipe_text = json.dumps(recipe, sort_keys=True)
+        if key in parent:
+            group = parent[key]
+            if int(group.attrs["seed"]) != seed or group.attrs["recipe"] != recipe_text:
+                raise CacheError(f"{self.path}: the augmented views of {key} were made with seed {group.attrs['seed']} "
+                                 f"and recipe {group.attrs['recipe']}; one set of views per feature set: use seed "
+                                 f"{group.attrs['seed']}, or extract into another cache")
+            if views > int(group.attrs["views"]):
+                group.attrs["views"] = views
+                self._flush()
+            return
+        dim, dtype = int(features[key].attrs["dim"]), str(features[key].attrs["dtype"])
+        group = parent.create_group(key)
+        chunk = max(1, min(CHUNK_ROWS, (1 << 20) // (dim * np.dtype(dtype).itemsize)))
+        group.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk, dim))
+        group.create_dataset("image_row", (0,), dtype=np.int64, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        group.create_dataset("view", (0,), dtype=np.int32, maxshape=(None,), chunks=(CHUNK_ROWS,))
+        group.attrs.update({"dim": dim, "dtype": dtype, "views": views, "seed": seed, "recipe": recipe_text,
+                            "format": 1, "count": 0})
+        self._flush()
+
+    def augmented_views(self, key: str) -> dict[int, set[int]]:
+        """Image row -> the view indices stored for it in the augmented rows of ``key`` (empty when none)."""
+        group = self.file["augmented"].get(key) if "augmented" in self.file else None
+        if group is None:
+            return {}
+        count = int(group.attrs["count"])
+        have: dict[int, set[int]] = {}
+        for row, view in zip(group["image_row"][:count].tolist(), group["view"][:count].tolist()):
+            have.setdefault(row, set()).add(view)
+        return have
+
+    def add_augmented(self, key: str, rows: list[int], views: list[int], embeddings: np.ndarray) -> None:
+        """Append augmented views (image row, view index, embedding) of feature set ``key`` and commit."""
+        if not (len(rows) == len(views) == len(embeddings)):
+            raise ValueError("one image row and one view index per embedding")
+        group = self.file["augmented"][key]
+        done = int(group.attrs["count"])
+        _append(group["embeddings"], done, embeddings.astype(group.attrs["dtype"], copy=False))
+        _append(group["image_row"], done, np.asarray(rows, dtype=np.int64))
+        _append(group["view"], done, np.asarray(views, dtype=np.int32))
+        self._flush()
+        group.attrs["count"] = done + len(rows)
+        self._flush()
 
     def register_classes(self, names: list[str]) -> None:
         """Give these class names indices (in this order) unless they have one already."""
@@ -970,6 +1038,62 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude
     return fs if exclude is None else exclude_rows(fs, read_exclude_list(exclude))
 
 
+@dataclass
+class Views:
+    """Augmented views of the images of a :class:`FeatureSet`, as extra training rows.
+
+    ``X`` (M, D) float32 embeddings; ``owner`` (M,) int64 the position in the feature set's rows of the image
+    each view was made from; ``view`` (M,) int32 the view index. Views of images the feature set does not hold
+    (left out by an exclude list, a label conflict, or cut to common rows) are not included.
+    """
+
+    X: np.ndarray
+    owner: np.ndarray
+    view: np.ndarray
+    views: int = 0  # views per image asked for
+    seed: int = 0
+    recipe: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+
+def read_views(path: str | os.PathLike, fs: FeatureSet) -> Views | None:
+    """The augmented views of feature set ``fs`` (``extract --augment N``), matched to its rows by content.
+
+    Parameters
+    ----------
+    path : path
+        The cache ``fs`` was read from.
+    fs : FeatureSet
+        As read (and perhaps filtered); each view's ``owner`` is a position in its rows.
+
+    Returns
+    -------
+    Views or None
+        None when the cache holds no augmented views of ``fs.key``.
+    """
+
+    def read(f: h5py.File) -> Views | None:
+        if "augmented" not in f or fs.key not in f["augmented"]:
+            return None
+        group, images = f["augmented"][fs.key], f["images"]
+        count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
+        rows = _committed(group["image_row"], count, path)
+        if count and rows.max() >= n_images:
+            raise _Torn(f"{path}: augmented views of {fs.key} point past the image table; the file is damaged")
+        shas = _committed(images["sha256"], n_images, path)[rows].astype(str)
+        position = {s: i for i, s in enumerate(fs.sha256)}
+        owner = np.array([position.get(s, -1) for s in shas], dtype=np.int64)
+        keep = owner >= 0
+        X = _committed(group["embeddings"], count, path)[keep].astype(np.float32, copy=False)
+        return Views(X=X, owner=owner[keep], view=_committed(group["view"], count, path)[keep],
+                     views=int(group.attrs["views"]), seed=int(group.attrs["seed"]),
+                     recipe=json.loads(group.attrs["recipe"]))
+
+    return read_retrying(path, read)
+
+
 def read_exclude_list(path: str | os.PathLike) -> set[str]:
     """The sha256 digests of an exclude list: one per line, ``#`` starts a comment, blank lines ignored.
 
@@ -1028,6 +1152,8 @@ def _describe(f: h5py.File, path) -> dict:
     sources = json.loads(f.attrs.get("sources", "[]"))
     feature_sets = {}
     for key, group in f["features"].items():
+        if group is None:  # its link is there, the group not yet (a writer creating it): read again
+            raise _Torn(f"{path}: feature set {key} is being created")
         meta = json.loads(group.attrs.get("metadata", "{}"))
         feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
                              "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),
@@ -1038,6 +1164,10 @@ def _describe(f: h5py.File, path) -> dict:
                              "model_key": meta.get("key"),
                              "tta": meta.get("tta", "none"),
                              "extraction": json.loads(group.attrs.get("extraction", "null"))}
+        if "augmented" in f and key in f["augmented"]:
+            views = f["augmented"][key]
+            feature_sets[key]["augmented"] = {"rows": int(views.attrs["count"]), "views": int(views.attrs["views"]),
+                                              "seed": int(views.attrs["seed"])}
     nf = int(failures.attrs["count"])
     failure_sources = _committed(failures["source"], nf, path)
     stages = _text(_committed(failures["stage"], nf, path))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
-from tlpipe.backbones.runtime import physical_cores
-from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.backbones.registry import POOLINGS
+from tlpipe.backbones.runtime import DEVICES, physical_cores
+from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
@@ -35,15 +36,7 @@ from .stream import LocalEngine, MultiSizeModel, Progress, StageModel, StreamSum
 if TYPE_CHECKING:
     from tlpipe.backbones.export import FeatureModel
 
-__all__ = [
-    "CacheSink",
-    "ExtractSummary",
-    "check_extract_options",
-    "extract",
-    "extract_into",
-    "open_source",
-    "run_extraction",
-]
+__all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +51,7 @@ class ExtractSummary(StreamSummary):
     label_conflicts: list[dict] = field(default_factory=list)  # contents that carry two or more labels
     warnings: list[str] = field(default_factory=list)  # about the source (layout, manifest)
     keys: list[str] = field(default_factory=list)  # every feature set this extract filled (key is the first)
+    augmented: list[Any] = field(default_factory=list)  # AugmentSummary per feature set (extract --augment N)
 
     @property
     def embedded(self) -> int:
@@ -162,54 +156,46 @@ def open_source(
     return images
 
 
-def open_feature_set(writer: CacheWriter, entry: StoreEntry, resize: str, resize_filter: str, dtype: str) -> str:
-    """Create (or check) the feature set of ``entry`` under these settings; returns its key.
-
-    Every setting that changes an embedding is part of the key and the metadata
-    (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are never mixed into it.
-    """
-    key = feature_set_key(entry.key, resize, resize_filter)
-    writer.ensure_feature_set(
-        key,
-        entry.embedding_dim,
-        dtype,
-        metadata=entry.metadata
-        | {"key": entry.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter},
-    )
-    return key
-
-
 def extract_into(
-    images: ImageSource,
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
+    writer: CacheWriter,
+    records: Sequence[ImageRecord],
     entry: StoreEntry | Sequence[FeatureModel],
     engine: Any,
     *,
+    model: Any = None,
+    source: int = -1,
     batch_size: int = 32,
     dtype: str = "float32",
     resize: str = "squash",
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     progress: Progress | None = None,
 ) -> ExtractSummary:
-    """Open the cache ``out`` and run the stage with ``engine`` (local or Ray) into feature set ``entry.key``,
+    """Run the stage with ``engine`` (local or Ray) into the feature set of ``entry`` in the open cache ``writer``,
     or into the feature set of every output of several models in one pass.
+
+    The feature set is created (or checked) under these settings: every setting that changes an embedding is
+    part of its key and metadata (:func:`tlpipe.features.cache.feature_set_key`), so rows made another way are
+    never mixed into it.
 
     Parameters
     ----------
-    images : ImageSource
-        From :func:`open_source`.
-    source : path
-        Recorded in the cache's sources.
-    out : path
-        The cache.
+    writer : CacheWriter
+        The open cache.
+    records : sequence of ImageRecord
+        The inputs.
     entry : StoreEntry or sequence of FeatureModel
         The backbone (see :func:`tlpipe.features.calibration.resolve_entry`); or models of distinct input
         sizes, each with one or more outputs (:func:`tlpipe.backbones.export.obtain_layers`), each output
         filling the feature set of its one-output entry: every image is read, hashed and decoded once
         and run once through each model (local engine only).
     engine : LocalEngine or RayEngine
-        How the stage runs; entered (a Ray engine connects and plans its actors) before the cache is opened.
+        How the stage runs (entered by the caller).
+    model : OnnxEmbedder, optional
+        An already loaded session of ``entry`` (local engine only; e.g. the one an
+        :class:`~tlpipe.features.transformer.EmbeddingTransformer` keeps); default: ``entry``'s model file.
+    source : int
+        The source's index (:meth:`CacheWriter.note_source`); with one (``records`` its complete listing), the
+        image table is then reconciled with the listing (moved or relabelled files, label conflicts).
     batch_size, dtype, resize, resize_filter, progress
         As for :func:`extract`.
 
@@ -220,147 +206,60 @@ def extract_into(
     Raises
     ------
     CacheError
-        The cache is locked, damaged, of another version, or its feature set has another dimension / dtype.
+        The feature set has another dimension / dtype.
+    ValueError
+        A setting that is not one of its choices.
     """
-    for warning in images.warnings:
-        log.warning("%s", warning)
-    with engine, CacheWriter(out) as writer:
-        source_index = writer.note_source(str(Path(source).resolve()))
-        writer.register_classes(images.class_names)
-        models: list[StoreEntry | FeatureModel] = [entry] if isinstance(entry, StoreEntry) else list(entry)
-        targets = [t for m in models for _, t in (((None, m),) if isinstance(m, StoreEntry) else m.outputs)]
-        keys = [open_feature_set(writer, target, resize, resize_filter, dtype) for target in targets]
-        widths = [target.embedding_dim for target in targets]
-        summary = ExtractSummary(
-            out=str(writer.path),
-            key=keys[0],
-            keys=keys,
-            skipped=list(images.skipped),
-            resize=resize,
-            resize_filter=resize_filter,
-            warnings=list(images.warnings),
-        )
-        sink = CacheSink(writer, keys, source_index, widths)
-        run_stream(
-            images.records,
-            _stage_model(models),
-            sink,
-            summary,
-            engine=engine,
-            batch_size=batch_size,
-            resize=resize,
-            resize_filter=resize_filter,
-            unique=True,
-            progress=progress,
-        )
-        if images.skipped:
-            writer.add_failures(
-                [(path, "", reason) for path, reason in images.skipped], stage="listing", source=source_index
-            )
-        summary.relabelled, summary.label_conflicts = writer.reconcile(source_index, sink.seen)
-    if summary.label_conflicts:
-        log.warning(
-            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
-            "the labels and run extract again): %s%s",
-            len(summary.label_conflicts),
-            "; ".join(_conflict_text(c) for c in summary.label_conflicts[:3]),
-            " ..." if len(summary.label_conflicts) > 3 else "",
-        )
+    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
+    # (model file, input size, [(output or None, the entry whose feature set it fills)]) per model
+    models = [
+        (m.model_path, m.input_size, [(None, m)])
+        if isinstance(m, StoreEntry)
+        else (m.entry.model_path, m.input_size, m.outputs)
+        for m in ([entry] if isinstance(entry, StoreEntry) else entry)
+    ]
+    targets = [t for _, _, outputs in models for _, t in outputs]
+    keys = [feature_set_key(t.key, resize, resize_filter) for t in targets]
+    for key, t in zip(keys, targets):
+        settings = {"key": t.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
+        writer.ensure_feature_set(key, t.embedding_dim, dtype, metadata=t.metadata | settings)
+    summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
+    sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
+    stages = [
+        StageModel(path, size, sum(t.embedding_dim for _, t in out), outputs=tuple(n for n, _ in out if n))
+        for path, size, out in models
+    ]
+    stage_model = model or (stages[0] if len(stages) == 1 else MultiSizeModel(tuple(stages)))
+    options: dict[str, Any] = dict(batch_size=batch_size, resize=resize, resize_filter=resize_filter, unique=True)
+    run_stream(records, stage_model, sink, summary, engine=engine, progress=progress, **options)
+    if source >= 0:
+        summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
 
 
-def _stage_model(models: list[StoreEntry | FeatureModel]) -> StageModel | MultiSizeModel:
-    """The stage's model for one backbone entry, or for models of several sizes and outputs."""
-    stage = [
-        StageModel(m.model_path, m.input_size, m.embedding_dim)
-        if isinstance(m, StoreEntry)
-        else StageModel(
-            m.entry.model_path,
-            m.input_size,
-            sum(t.embedding_dim for _, t in m.outputs),
-            outputs=tuple(name for name, _ in m.outputs),
-        )
-        for m in models
-    ]
-    return stage[0] if len(stage) == 1 else MultiSizeModel(tuple(stage))
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "resize": RESIZE_MODES,
+    "resize_filter": RESIZE_FILTERS,
+    "dtype": ("float32", "float16"),
+    "device": DEVICES,
+    "precision": ("fp32", "int8", "fp16"),
+    "pooling": POOLINGS,
+}  # the allowed values of extract's options that have a fixed set of them
 
 
-def _conflict_text(conflict: dict) -> str:
-    return " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in conflict["occurrences"])
-
-
-def check_extract_options(
-    *,
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    dtype: str = "float32",
-    device: str = "auto",
-    precision: str = "fp32",
-    pooling: str = "avg",
-) -> None:
-    """Validate the options of :func:`extract` before anything is read, exported or written.
+def check_extract_options(**options: str) -> None:
+    """Validate options of :func:`extract` (any of :data:`OPTION_CHOICES`, by name) before anything is read,
+    exported or written.
 
     Raises
     ------
     ValueError
-        An option value that is not one of its choices, naming the choices.
+        An option value that is not one of its choices, naming the option as the CLI spells it and the choices.
     """
-    from tlpipe.backbones.registry import POOLINGS
-    from tlpipe.backbones.runtime import DEVICES
-
-    choices = {
-        "resize": (resize, RESIZE_MODES),
-        "resize-filter": (resize_filter, RESIZE_FILTERS),
-        "dtype": (dtype, ("float32", "float16")),
-        "device": (device, DEVICES),
-        "precision": (precision, ("fp32", "int8", "fp16")),
-        "pooling": (pooling, POOLINGS),
-    }
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
-
-
-def run_extraction(
-    records: Iterable[ImageRecord],
-    entry: StoreEntry,
-    writer: CacheWriter,
-    embedder: Callable[[np.ndarray], np.ndarray],
-    *,
-    batch_size: int = 32,
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    workers: int | None = None,
-    prefetch: int | None = None,
-    dtype: str = "float32",
-    on_progress: Callable[[int], None] | None = None,
-) -> ExtractSummary:
-    """Embed ``records`` with an already loaded ``embedder`` into an open ``writer`` (feature set ``entry.key``).
-
-    For callers that hold their own session (:class:`tlpipe.features.transformer.EmbeddingTransformer`).
-
-    Returns
-    -------
-    ExtractSummary
-    """
-    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    key = open_feature_set(writer, entry, resize, resize_filter, dtype)
-    summary = ExtractSummary(out=str(writer.path), key=key, resize=resize, resize_filter=resize_filter)
-    stage_progress = (lambda total, done: on_progress) if on_progress else None
-    run_stream(
-        list(records),
-        embedder,
-        CacheSink(writer, key),
-        summary,
-        engine=LocalEngine(workers=workers, prefetch=prefetch),
-        input_size=entry.input_size,
-        batch_size=batch_size,
-        resize=resize,
-        resize_filter=resize_filter,
-        unique=True,
-        progress=stage_progress,
-    )
-    return summary
+    for name, value in options.items():
+        if value not in OPTION_CHOICES[name]:
+            choices = ", ".join(OPTION_CHOICES[name])
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, not {value!r}")
 
 
 def extract(
@@ -368,14 +267,6 @@ def extract(
     out: str | os.PathLike[str],
     *,
     choice: ModelChoice | None = None,
-    backbone: str | None = "mobilenet_v2",
-    weights: str | os.PathLike[str] | None = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    model: str | os.PathLike[str] | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-    store: ModelStore | None = None,
     device: str = "auto",
     batch_size: int = 32,
     dtype: str = "float32",
@@ -385,12 +276,14 @@ def extract(
     threads: int | None = None,
     streams: int | None = None,
     allow_outside_root: bool = False,
-    precision: str = "fp32",
     recalibrate: bool = False,
     progress: Progress | None = None,
-    tta: str = "none",
     sizes: list[int | None] | None = None,
     layers: list[str | None] | None = None,
+    engine: Any = None,
+    augment: int = 0,
+    augment_seed: int = 0,
+    **choice_fields: Any,
 ) -> ExtractSummary:
     """Embed every image of ``source`` into the HDF5 cache ``out`` (created or appended to).
 
@@ -404,11 +297,11 @@ def extract(
     out : path
         The cache file.
     choice : ModelChoice, optional
-        Which backbone; when given, ``backbone`` ... ``store`` and ``precision`` are ignored.
-    backbone, weights, size, layer, pooling, model, weights_dir, store, precision
-        The fields of a :class:`~tlpipe.backbones.choice.ModelChoice` (used when ``choice`` is None).
-        ``precision`` int8 / fp16 uses that variant (its own feature set): the stored one, or one made now,
-        calibrated on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32.
+        Which backbone (default: ``ModelChoice(**choice_fields)``, the registry's mobilenet_v2 with ImageNet
+        weights). Its ``precision`` int8 / fp16 uses that variant (its own feature set): the stored one, or one
+        made now, calibrated on a sample of ``source`` (``recalibrate`` forces that) and verified against fp32.
+        Its ``tta`` ("none" | "flip" | "flip+crops") is the export whose graph averages the embeddings of those
+        views (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
     device : str
         "auto" | "cpu" | "cuda" (strict).
     batch_size : int
@@ -430,14 +323,21 @@ def extract(
         Calibrate int8 again on this source.
     progress : callable, optional
         ``(total, already_done) -> advance(n)``.
-    tta : str
-        "none" | "flip" | "flip+crops": the export whose graph averages the embeddings of those views
-        (:mod:`tlpipe.backbones.tta`); part of the feature set's key.
     sizes, layers : list, optional
         Several sizes and/or cut points instead of ``size`` / ``layer``: one feature set per (size, layer),
         keyed as a one-size, one-layer extract would key it. The models come from one multi-output export
-        per size (:func:`tlpipe.backbones.export.obtain_layers`); one pass reads, hashes and decodes each
-        image once and runs it through each size's model once for all its layers.
+        per size (:func:`tlpipe.backbones.export.obtain_layers`); the stage runs one pass per feature set.
+    augment : int
+        Also embed this many augmented views of every image per feature set
+        (:func:`tlpipe.features.augment.extract_augmented`), stored beside it as training rows; 0: none.
+    augment_seed : int
+        Seed of the augmented views (a view depends on it, the image's sha256 and the view index only).
+    engine : LocalEngine or RayEngine, optional
+        How the stage runs (default: a :class:`~.stream.LocalEngine` from ``device``, ``workers``, ``threads``,
+        ``streams``); entered (a Ray engine connects and plans its actors) before the cache is opened.
+    **choice_fields
+        Without ``choice``: its fields by name (``backbone``, ``weights``, ``weights_dir``, ``size``, ``layer``,
+        ``pooling``, ``precision``, ``model``, ``store``, ``tta``; see :class:`~tlpipe.backbones.choice.ModelChoice`).
 
     Returns
     -------
@@ -451,34 +351,62 @@ def extract(
         No images, a bad ``out``, a locked or incompatible cache.
     tlpipe.backbones.store.StoreError, tlpipe.backbones.deps.MissingExtra, ValueError
         The model cannot be had as asked.
+    TypeError
+        ``choice`` and some of its fields, or a keyword that is not one of them.
     """
+    choice = ModelChoice.given(choice, choice_fields, "extract")
     check_extract_options(
-        resize=resize, resize_filter=resize_filter, dtype=dtype, device=device, precision=precision, pooling=pooling
+        resize=resize,
+        resize_filter=resize_filter,
+        dtype=dtype,
+        device=device,
+        precision=choice.precision,
+        pooling=choice.pooling,
     )
-    check_tta(tta)
+    check_tta(choice.tta)
     images = open_source(source, out, allow_outside_root)
-    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store, tta)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
     several = len(sizes) > 1 or len(layers) > 1
+    if not several:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer
+        choice = choice.with_(size=sizes[0], layer=layers[0])
     entry = (
         _several_models(choice, sizes, layers)
         if several
         else resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
     )
-    engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
-    summary = extract_into(
-        images,
-        source,
-        out,
-        entry,
-        engine,
-        batch_size=batch_size,
-        dtype=dtype,
-        resize=resize,
-        resize_filter=resize_filter,
-        progress=progress,
-    )
-    _note_speed(out, summary, entry)
+    for warning in images.warnings:
+        log.warning("%s", warning)
+    options: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, resize=resize, resize_filter=resize_filter)
+    engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
+    with engine, CacheWriter(out) as writer:
+        source_index = writer.note_source(str(Path(source).resolve()))
+        writer.register_classes(images.class_names)
+        summary = extract_into(writer, images.records, entry, engine, source=source_index, progress=progress, **options)
+        _note_speed(writer, summary, entry)
+        if images.skipped:
+            failures = [(path, "", reason) for path, reason in images.skipped]
+            writer.add_failures(failures, stage="listing", source=source_index)
+    summary.skipped, summary.warnings = list(images.skipped), images.warnings
+    if augment:
+        from .augment import extract_augmented
+
+        targets = [entry] if isinstance(entry, StoreEntry) else [t for m in entry for _, t in m.outputs]
+        for key, target in zip(summary.keys, targets):
+            summary.augmented.append(extract_augmented(
+                images.records, out, target, key, views=augment, seed=augment_seed, resize=resize,
+                resize_filter=resize_filter, batch_size=batch_size, dtype=dtype, device=device, threads=threads,
+                workers=workers))
+    if summary.label_conflicts:
+        log.warning(
+            "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
+            "the labels and run extract again): %s%s",
+            len(summary.label_conflicts),
+            "; ".join(
+                " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in c["occurrences"])
+                for c in summary.label_conflicts[:3]
+            ),
+            " ..." if len(summary.label_conflicts) > 3 else "",
+        )
     return summary
 
 
@@ -508,7 +436,7 @@ def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[Feat
     ]
 
 
-def _note_speed(out, summary: ExtractSummary, entry: StoreEntry | list[FeatureModel]) -> None:
+def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry | list[FeatureModel]) -> None:
     """Record this pass's extraction speed on each feature set it filled (kept from the largest pass)."""
     embedded = summary.embedded
     if not embedded or not summary.seconds:
@@ -523,6 +451,5 @@ def _note_speed(out, summary: ExtractSummary, entry: StoreEntry | list[FeatureMo
         "cores": physical_cores(),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with CacheWriter(out) as writer:
-        for key in summary.keys:
-            writer.note_extraction(key, record)
+    for key in summary.keys:
+        writer.note_extraction(key, record)

@@ -31,13 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.deps import require
-from tlpipe.backbones.store import ModelStore
 
-from .calibration import resolve_entry
 from .decoder import Decoded, decode_record
-from .extract import ExtractSummary, check_extract_options, extract_into, open_source
+from .extract import ExtractSummary, extract
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 from .stream import Stage, StageModel
@@ -148,36 +145,28 @@ def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, r
                                                                "resize_filter": resize_filter})
 
 
-def pixels_of(batch: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of the decoded rows, their uint8 images stacked as (n, size, size, 3))."""
-    ok = batch["status"] == OK
-    images = [np.frombuffer(b, np.uint8).reshape(size, size, 3) for b in batch["pixels"][ok]]
-    return ok, np.stack(images) if images else np.empty((0, size, size, 3), np.uint8)
-
-
-@contextmanager
-def model_file(ref) -> Iterator[Path]:
-    """The ONNX model bytes behind object ref ``ref`` as a file on this node, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="tlpipe-model-") as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(require("ray").get(ref))
-        yield path
-
-
 class ModelActor:
-    """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped."""
+    """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped.
+
+    The model's file comes as bytes through the object store (``model_ref``), written to a temporary file on
+    this node for as long as the sessions are created.
+    """
 
     def __init__(self, model_ref: Any, model: StageModel, device: str, threads: int | None):
-        with model_file(model_ref) as path:
+        with tempfile.TemporaryDirectory(prefix="tlpipe-model-") as folder:
+            path = Path(folder) / "model.onnx"
+            path.write_bytes(require("ray").get(model_ref))
             self.runner = model.load(device, threads, 1, path=path)
         self.size, self.width = model.input_size, model.width
         self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok, pixels = pixels_of(batch, self.size)
+        ok = batch["status"] == OK
         outputs = np.zeros((len(ok), self.width), self.dtype)
-        if len(pixels):
-            outputs[ok] = self.runner(pixels)
+        if ok.any():
+            shape = (self.size, self.size, 3)
+            pixels = [np.frombuffer(b, np.uint8).reshape(shape) for b in batch["pixels"][ok]]
+            outputs[ok] = self.runner(np.stack(pixels))
         return {**{k: v for k, v in batch.items() if k != "pixels"}, "output": outputs,
                 "provider": np.full(len(ok), self.runner.provider, dtype=object)}
 
@@ -228,13 +217,10 @@ class RayEngine:
     def __enter__(self) -> RayEngine:
         if self.commit_rows < 1:
             raise ValueError(f"commit_rows must be at least 1, not {self.commit_rows}")
-        self._stack = ExitStack()
-        try:
-            self._ray = self._stack.enter_context(ray_cluster(self.address))
+        with ExitStack() as stack:  # left (Ray shut down) if planning the actors fails
+            self._ray = stack.enter_context(ray_cluster(self.address))
             self._plan = plan_actors(self._ray, self.num_actors, self.actor_gpus)
-        except BaseException:
-            self._stack.close()
-            raise
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -243,7 +229,7 @@ class RayEngine:
         self._stack = self._ray = self._plan = None
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
-            resize: str, input_size: int | None = None, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
+            resize: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
         """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
         if self._ray is None or self._plan is None:
             raise RuntimeError("enter the RayEngine (with engine: ...) before running it")
@@ -279,46 +265,50 @@ def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageReco
     stage.commit(items, np.asarray(batch["output"])[keep])
 
 
-# -- extraction ------------------------------------------------------------------------------------------
-def extract_ray(
-    source: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    address: str | None = None,
-    num_actors: int | None = None,
-    actor_gpus: float | None = None,
-    batch_size: int = 32,
-    commit_rows: int = 256,
-    choice: ModelChoice | None = None,
-    backbone: str | None = "mobilenet_v2",
-    weights: str | os.PathLike[str] | None = "imagenet",
-    size: int | None = None,
-    layer: str | None = None,
-    pooling: str = "avg",
-    model: str | os.PathLike[str] | None = None,
-    weights_dir: str | os.PathLike[str] | None = None,
-    store: ModelStore | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
-    threads: int | None = None,
-    allow_outside_root: bool = False,
-    precision: str = "fp32",
-    recalibrate: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-) -> ExtractSummary:
+# -- the commands on Ray ---------------------------------------------------------------------------------
+def run_on_ray(command: Callable[..., Any], source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+               address: str | None = None, num_actors: int | None = None, actor_gpus: float | None = None,
+               commit_rows: int = 256, device: str = "auto", threads: int | None = None, **options: Any) -> Any:
+    """``command(source, out, **options)`` (extract or score) with a :class:`RayEngine` as its engine.
+
+    Parameters
+    ----------
+    command : callable
+        :func:`tlpipe.features.extract.extract` or :func:`tlpipe.pipeline.score.score`.
+    source, out, device, **options
+        As for ``command``; ``batch_size`` is the images per decode task and per inference call. The local
+        engine's ``workers`` and ``streams`` do not apply.
+    address, num_actors, actor_gpus, commit_rows, threads
+        See :class:`RayEngine` (``commit_rows``: results per durable commit on the driver; ``threads``: ONNX
+        Runtime threads per actor).
+
+    Returns
+    -------
+    ExtractSummary or ScoreSummary
+        ``command``'s; ``seconds`` includes starting the actors.
+
+    Raises
+    ------
+    tlpipe.backbones.deps.MissingExtra
+        Ray is not installed (checked before any export).
+    ValueError
+        ``batch_size`` or ``commit_rows`` below 1; an impossible actor plan; as ``command``.
+    """
+    require("ray")  # before exporting a backbone, which can take minutes
+    if min(batch_size := options.get("batch_size", 32), commit_rows) < 1:
+        raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
+    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
+    return command(source, out, device=device, engine=engine, **options)
+
+
+def extract_ray(source: str | os.PathLike[str], out: str | os.PathLike[str], **options: Any) -> ExtractSummary:
     """:func:`tlpipe.features.extract.extract` with the Ray engine: same cache, same counts, same resume.
 
     Parameters
     ----------
-    source, out, choice, backbone, weights, size, layer, pooling, model, weights_dir, store, device, dtype, \
-resize, resize_filter, allow_outside_root, precision, recalibrate, progress
-        As for :func:`~tlpipe.features.extract.extract`.
-    address, num_actors, actor_gpus, commit_rows, threads
-        See :class:`RayEngine` (``threads`` per actor).
-    batch_size : int
-        Images per decode task and per inference call.
+    source, out, **options
+        As for :func:`~tlpipe.features.extract.extract`, plus the Ray engine's ``address``, ``num_actors``,
+        ``actor_gpus``, ``commit_rows`` and ``threads`` (see :func:`run_on_ray`).
 
     Returns
     -------
@@ -327,21 +317,7 @@ resize, resize_filter, allow_outside_root, precision, recalibrate, progress
 
     Raises
     ------
-    tlpipe.backbones.deps.MissingExtra
-        Ray is not installed (checked before any export).
-    ValueError
-        ``batch_size`` or ``commit_rows`` below 1; an impossible actor plan.
-    CacheError
-        As for :func:`~tlpipe.features.extract.extract`.
+    tlpipe.backbones.deps.MissingExtra, ValueError, CacheError
+        See :func:`run_on_ray` and :func:`~tlpipe.features.extract.extract`.
     """
-    require("ray")  # before exporting a backbone, which can take minutes
-    if min(batch_size, commit_rows) < 1:
-        raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
-    check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype, device=device,
-                          precision=precision, pooling=pooling)
-    images = open_source(source, out, allow_outside_root)
-    choice = choice or ModelChoice(backbone, weights, weights_dir, size, layer, pooling, precision, model, store)
-    entry = resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
-    engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
-    return extract_into(images, source, out, entry, engine, batch_size=batch_size, dtype=dtype, resize=resize,
-                        resize_filter=resize_filter, progress=progress)
+    return run_on_ray(extract, source, out, **options)

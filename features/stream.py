@@ -313,27 +313,23 @@ class LocalEngine:
         self,
         stage: Stage,
         records: Sequence[ImageRecord],
-        model: StageModel | MultiSizeModel | Callable[[Any], np.ndarray],
+        model: Any,
         *,
         batch_size: int,
         resize: str,
-        input_size: int | tuple[int, ...] | None = None,
         resize_filter: str = DEFAULT_RESIZE_FILTER,
     ) -> None:
         """Stream ``records`` through ``model`` into ``stage``'s sink.
 
-        ``model``: a :class:`StageModel` (loaded here) or an already loaded callable (with ``input_size``).
+        ``model``: a :class:`StageModel` or :class:`MultiSizeModel` (loaded here) or an already loaded session
+        with its ``input_size`` (e.g. a :class:`~tlpipe.backbones.runtime.OnnxEmbedder`).
         """
         from tlpipe.backbones.runtime import default_streams
 
-        runner: Callable[[Any], np.ndarray]
+        input_size: int | tuple[int, ...] = model.input_size
+        runner = model
         if isinstance(model, (StageModel, MultiSizeModel)):
-            input_size = model.input_size
             runner = model.load(self.device, self.threads, self.streams or default_streams())
-        else:
-            runner = model
-        if input_size is None:
-            raise ValueError("input_size is needed with a loaded model")
         stage.summary.provider = str(getattr(runner, "provider", ""))
         todo = stage.todo(records)
         started = time.perf_counter()
@@ -379,7 +375,7 @@ class LocalEngine:
 
 def run_stream(
     records: Sequence[ImageRecord],
-    model: StageModel | MultiSizeModel | Callable[[Any], np.ndarray],
+    model: StageModel | Any,
     sink: Sink,
     summary: StreamSummary,
     *,
@@ -389,7 +385,6 @@ def run_stream(
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     unique: bool = False,
     progress: Progress | None = None,
-    input_size: int | tuple[int, ...] | None = None,
 ) -> StreamSummary:
     """Run the stage: ``records`` -> decoder -> ``model`` -> ``sink`` with ``engine``, then close the sink.
 
@@ -397,8 +392,10 @@ def run_stream(
     ----------
     records : sequence of ImageRecord
         The inputs, in the order their results are committed.
-    model : StageModel, MultiSizeModel or callable
-        What runs on each batch; a loaded callable (local engine only) needs ``input_size``.
+    model : StageModel, MultiSizeModel, loaded session or None
+        What runs on each batch: a :class:`StageModel` or :class:`MultiSizeModel`, or (local engine only) a
+        loaded session with its ``input_size``; None for an engine that runs no model
+        (:class:`tlpipe.pipeline.score.CacheRows`).
     sink : Sink
         Where results are committed; closed here (``finish=False`` when the run raised).
     summary : StreamSummary
@@ -429,15 +426,7 @@ def run_stream(
     engine = engine or LocalEngine()
     stage = Stage(sink, summary, unique=unique, progress=progress)
     try:
-        engine.run(
-            stage,
-            records,
-            model,
-            batch_size=batch_size,
-            resize=resize,
-            input_size=input_size,
-            resize_filter=resize_filter,
-        )
+        engine.run(stage, records, model, batch_size=batch_size, resize=resize, resize_filter=resize_filter)
     except BaseException:
         sink.close(finish=False)
         raise

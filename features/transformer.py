@@ -74,14 +74,15 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         """Embed images not in the cache into it (writer lock), with this fit's one ONNX session."""
         from tlpipe.backbones.runtime import OnnxEmbedder
 
-        from .extract import run_extraction
+        from .extract import extract_into
+        from .stream import LocalEngine
 
         if getattr(self, "_embedder", None) is None:
             self._embedder = OnnxEmbedder(self.entry_.model_path, self.device)
         records = [ImageRecord(str(p), str(p.resolve()), None, None) for p in paths]
         with CacheWriter(self.cache) as writer:
-            summary = run_extraction(records, self.entry_, writer, self._embedder, batch_size=self.batch_size,
-                                     resize=self.resize, resize_filter=self.resize_filter)
+            summary = extract_into(writer, records, self.entry_, LocalEngine(), model=self._embedder,
+                                   batch_size=self.batch_size, resize=self.resize, resize_filter=self.resize_filter)
         if summary.failures:
             details = "; ".join(f"{p}: {r}" for p, r in summary.failures[:5])
             raise ValueError(f"{summary.failed} of {len(paths)} images could not be embedded: {details}")

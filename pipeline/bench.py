@@ -13,17 +13,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.deps import distribution_version
-from tlpipe.backbones.export import VerificationError, obtain_backbone, plan_export
+from tlpipe.backbones.export import VerificationError
 from tlpipe.backbones.quantize import PRECISIONS, check_precision
 from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cores
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+BENCH_CHOICE = ("backbone", "weights", "weights_dir", "size", "layer", "pooling", "model", "store")  # ModelChoice fields
 
 
 @dataclass
@@ -159,26 +161,31 @@ def _keras_runner(plan, size: int):
     return lambda x: model(x, training=False)
 
 
-def run_bench(backbone: str | None = "mobilenet_v2", *, weights="imagenet", weights_dir=None, size: int | None = None,
-              layer: str | None = None, pooling: str = "avg", model: str | None = None, store: ModelStore | None = None,
+def run_bench(backbone: str | None = None, *, choice: ModelChoice | None = None,
               images: str | os.PathLike | None = None, precisions: Sequence[str] = ("fp32",),
               batch_sizes: Sequence[int] = (1, 8, 32), threads: Sequence[int] | None = None, device: str = "cpu",
               keras: bool = True, min_seconds: float = 2.0, sample: int = 128,
-              log: Callable[[str], None] | None = None) -> BenchReport:
+              log: Callable[[str], None] | None = None, **choice_fields: Any) -> BenchReport:
     """Benchmark a backbone (see the module docstring); ``images`` is a folder or manifest of photos used for
-    timing, decoding, and int8 calibration (default: crops of scikit-learn's bundled photos)."""
+    timing, decoding, and int8 calibration (default: crops of scikit-learn's bundled photos).
+
+    The backbone is ``choice`` (its ``backbone``, ``weights``, ``weights_dir``, ``size``, ``layer``, ``pooling``,
+    ``model`` and ``store``; the precisions are ``precisions``), or one made of ``backbone`` and
+    ``**choice_fields`` by name (default: mobilenet_v2 with ImageNet weights)."""
     for p in precisions:
         check_precision(p)
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError("batch sizes must be positive")
     say = log or (lambda message: None)
-    store = store or ModelStore()
+    fields = choice_fields | ({"backbone": backbone} if backbone is not None else {})
+    choice = ModelChoice.given(choice, fields, "bench", BENCH_CHOICE)
+    store = choice.model_store
     precisions = ["fp32"] + [p for p in dict.fromkeys(precisions) if p != "fp32"]
     threads = sorted(set(threads or {1, physical_cores()}))
     say("resolving the backbone (exporting it if the store does not have it)…")
-    entry = obtain_backbone(backbone, weights, size, layer, pooling, weights_dir, store, model)
+    entry = choice.obtain()
     size = entry.input_size
-    report = BenchReport(entry.metadata.get("backbone", str(backbone)), entry.key, size, machine_facts(), device)
+    report = BenchReport(entry.metadata.get("backbone", str(choice.backbone)), entry.key, size, machine_facts(), device)
     with tempfile.TemporaryDirectory(prefix="tlpipe-bench-") as scratch:
         files = _photo_files(Path(images) if images is not None else None, sample, Path(scratch))
         say(f"decoding {len(files)} photos…")
@@ -211,8 +218,8 @@ def run_bench(backbone: str | None = "mobilenet_v2", *, weights="imagenet", weig
                 say(f"onnxruntime {precision} · {streams} x {n} threads · batch {batch}")
                 rate, p50, p95, count = time_batches(embed, pixels, batch, min_seconds, streams=embed.streams)
                 report.timings.append(Timing("onnxruntime", precision, batch, n, rate, p50, p95, count, embed.streams))
-    if keras and distribution_version("tensorflow") is not None and model is None:
-        plan = plan_export(backbone, weights, size, layer, pooling, weights_dir)
+    if keras and distribution_version("tensorflow") is not None and choice.model is None:
+        plan = choice.with_(size=size).plan()
         run = _keras_runner(plan, size)
         for batch in batch_sizes:
             say(f"keras fp32 · batch {batch}")

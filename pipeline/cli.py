@@ -88,7 +88,7 @@ PoolingOpt = typer.Option(Pooling.avg.value, "--pooling", help="avg | max | none
 PrecisionOpt = typer.Option(Precision.fp32.value, "--precision", help="fp32 | int8 (CPU; calibrated on your photos, checked against fp32) | fp16 (GPU).")
 ResizeOpt = typer.Option(Resize.squash.value, help="squash (like Keras image_dataset_from_directory) | crop (short side, center crop). Part of the feature set's identity.")
 SizesOpt = typer.Option(None, "--size", help="Square input size, or several comma-separated (224,288: one feature set each, all in one pass) [default: the backbone's].")
-LayersOpt = typer.Option(None, "--layer", help="Cut point(s), comma-separated (see `tlpipe backbones --cuts`): one feature set per layer, from one verified multi-output export per size [default: the last layer].")
+LayersOpt = typer.Option(None, "--layer", help="Cut point(s), comma-separated (see `tlpipe backbones --cuts`): one feature set per layer, from one verified multi-output export per size; a+b joins cut points into one feature set (each pooled, then concatenated) [default: the last layer].")
 TtaOpt = typer.Option("none", "--tta", help="Test-time augmentation inside the model: none | flip (image + mirror) | flip+crops (5 crops of a 1/0.875 larger decode + mirrors); the mean embedding.")
 ResizeFilterOpt = typer.Option(
     ResizeFilter.bilinear.value, "--resize-filter",
@@ -116,6 +116,7 @@ def _layers(text: Optional[str]) -> list[Optional[str]]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else [None]
 
 
+UseAugmentedOpt = typer.Option(False, "--use-augmented", help="Also train on the feature set's augmented views (extract --augment N) of the training images only; evaluation rows stay the originals.")
 EngineOpt = typer.Option("local", "--engine", help="local | ray (a Ray cluster: tlpipe[ray]).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address ('auto' joins a running one) [default: start Ray here].")
 ActorsOpt = typer.Option(None, "--actors", help="Ray inference actors [default: one per GPU, else one per node].")
@@ -309,7 +310,9 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             strict: bool = typer.Option(False, "--strict", help="Exit non-zero if any image failed."),
             allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept manifest paths outside the manifest's folder."),
             quiet: bool = QuietOpt, as_json: bool = JsonOpt, store: Optional[Path] = StoreOpt,
-            engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt):
+            engine: str = EngineOpt, address: Optional[str] = AddressOpt, actors: Optional[int] = ActorsOpt,
+            augment: int = typer.Option(0, "--augment", min=0, help="Also embed N augmented views per image (crop, rotation, flip, colour jitter; seeded by content) as extra training rows for compare/fit-head --use-augmented."),
+            augment_seed: int = typer.Option(0, "--augment-seed", help="Seed of the --augment views.")):
     """Embed images into the HDF5 cache: resumable, crash-safe, one row per unique image (by content)."""
     pooling, precision, resize, device, dtype = map(_value, (pooling, precision, resize, device, dtype))
     resize_filter = _value(resize_filter)
@@ -320,6 +323,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
     check_tta(tta)
     sizes, layers = _sizes(size), _layers(layer)
     several = len(sizes) > 1 or len(layers) > 1
+    if engine == "ray" and augment:
+        raise ValueError("--augment runs on the local engine")
     if engine == "ray" and (several or tta != "none"):
         raise ValueError("--engine ray extracts one feature set without TTA; use the local engine for --tta or "
                          "several --size/--layer values")
@@ -336,7 +341,8 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
             from tlpipe.features.extract import extract as run
 
             summary = run(source, out_path, workers=workers, streams=streams, progress=progress,
-                          sizes=sizes if several else None, layers=layers if several else None, **options)
+                          sizes=sizes if several else None, layers=layers if several else None, augment=augment,
+                          augment_seed=augment_seed, **options)
     # the warnings themselves (source layout, manifest, label conflicts) are logged by the library
     if summary.label_conflicts and not as_json:
         for conflict in summary.label_conflicts[:10]:
@@ -352,6 +358,9 @@ def extract(source: Path = typer.Argument(..., help="Folder (class folders, spli
                   + (f"; {summary.relabelled} cached rows updated (moved or relabelled, not re-embedded)"
                      if summary.relabelled else "") + "\n"
                   f"  {summary.seconds:.1f} s, {summary.images_per_second:.1f} img/s", highlight=False)
+        for a in summary.augmented:
+            out.print(f"  augmented views of {a.key}: {a.embedded} embedded for {a.images} images ({a.views} per image, "
+                      f"seed {a.seed}), {a.cached} images had them all; {a.seconds:.1f} s", highlight=False)
         for kind, items in (("failed", summary.failures), ("skipped", summary.skipped)):
             for path, reason in items[:20]:
                 console.print(f"  [red]{kind}[/] {escape(path)}: {escape(reason)}", highlight=False)
@@ -383,7 +392,8 @@ def info(cache: Path = typer.Argument(..., help="HDF5 cache file."), as_json: bo
             f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
             f"resize {fs['resize']}, filter {fs.get('resize_filter', 'antialias')}, weights {fs['weights']}"
             f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
-            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''})")
+            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''}"
+            f"{', %d augmented views (%d per image)' % (fs['augmented']['rows'], fs['augmented']['views']) if fs.get('augmented') else ''})")
     conflicts = d["label_conflicts"]
     if conflicts:
         say(f"  [yellow]{len(conflicts)} label conflict{'s' if len(conflicts) != 1 else ''}[/] (same content under different labels; left out of "
@@ -437,7 +447,8 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
              seed: int = SeedOpt, class_weight: Optional[str] = ClassWeightOpt,
              pca: str = PcaOpt,
              n_jobs: Optional[int] = NJobsOpt, quiet: bool = QuietOpt, as_json: bool = JsonOpt,
-             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt):
+             engine: str = EngineOpt, address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt,
+             use_augmented: bool = UseAugmentedOpt):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata.
 
     The sidecar records the evaluation rows (by image sha256): `tlpipe evaluate HEAD CACHE` scores them."""
@@ -447,7 +458,8 @@ def fit_head(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe 
     pca_arg = _pca(pca)
     with _status(quiet or as_json, f"fitting {model}…"), parallel_backend(engine, address):
         result = train_head(cache, model, out_path, features=features, search=search, cv=cv, seed=seed,
-                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs, exclude=exclude)
+                            class_weight=class_weight, pca=pca_arg, n_jobs=n_jobs, exclude=exclude,
+                            use_augmented=use_augmented)
     if as_json:
         emit_json({"path": result.path, "sidecar": f"{result.path}.json", "setup": result.setup,
                    "balance": result.balance, "search": result.info,
@@ -483,6 +495,7 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
             save_best: Optional[Path] = typer.Option(None, "--save-best", help="Save the best head, refitted with the parameters compare chose on all training rows (+ .json sidecar)."),
             quiet: bool = QuietOpt, as_json: bool = JsonOpt, engine: str = EngineOpt,
             address: Optional[str] = AddressOpt, exclude: Optional[Path] = ExcludeOpt,
+            use_augmented: bool = UseAugmentedOpt,
             umap: bool = typer.Option(False, "--umap", help="Add a UMAP map of the embeddings to the --report (needs tlpipe[umap]; ~10 s of numba compilation).")):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
     from tlpipe.features.cache import describe, read_feature_set
@@ -496,7 +509,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         if save_best is not None or exclude is not None:
             raise ValueError("--save-best and --exclude work on one feature set: pick it with --features KEY "
                              "(the sweep prints the fit-head command for its best pair)")
-        _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report)
+        _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report,
+               use_augmented)
         return
     if umap and report is None:
         raise ValueError("--umap draws a map in the report: give --report DIR too")
@@ -508,11 +522,19 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         except ImportError:
             raise ValueError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
     fs = read_feature_set(cache, features, exclude=exclude)
+    views = None
+    if use_augmented:
+        from tlpipe.features.cache import CacheError, read_views
+
+        views = read_views(cache, fs)
+        if views is None:
+            raise CacheError(f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N first")
     if save_best is not None and all_rows:
         raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
     with _status(quiet or as_json, f"cross-validating {', '.join(names)} ({cv} folds)…"), parallel_backend(engine, address):
         result = compare_heads(fs, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None)
+                               holdout=not all_rows, n_jobs=n_jobs, pca=_pca(pca), learning_curve=report is not None,
+                               views=views)
     written = None
     if report is not None:
         roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
@@ -539,7 +561,8 @@ def compare(cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe e
         out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
 
 
-def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report) -> None:
+def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_jobs, engine, address, report,
+           use_augmented=False) -> None:
     """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
     from tlpipe.pipeline.compare import format_sweep_table, sweep, write_sweep_report
     from tlpipe.pipeline.engine import parallel_backend
@@ -547,7 +570,7 @@ def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_j
     with console.status(f"cross-validating {', '.join(names)} on every feature set matching {features!r}…"), \
             parallel_backend(engine, address):
         result = sweep(cache, features, names, cv=cv, seed=seed, search=search, class_weight=class_weight,
-                       holdout=not all_rows, n_jobs=n_jobs)
+                       holdout=not all_rows, n_jobs=n_jobs, use_augmented=use_augmented)
     out.print(format_sweep_table(result))
     best = result.best
     out.print(f"  best pair: [bold]{best.head}[/] on {best.feature_key} · {result.seconds:.1f} s\n"
@@ -704,14 +727,15 @@ def finetune(source: Path = typer.Argument(..., help="Labelled images: class fol
     """Fine-tune the last blocks in TensorFlow, warm-started from a head; re-export the backbone to ONNX.
 
     A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.pipeline.finetune import finetune as run
 
-    result = run(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir, size=size, pooling=pooling,
-                 unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
+    choice = ModelChoice(backbone, weights, weights_dir, size, pooling=pooling, store=_store(store))
+    result = run(source, out_dir, choice=choice, unfreeze_from=unfreeze_from, unfreeze_last=unfreeze_last, head=head, trust=trust, epochs=epochs,
                  batch_size=batch_size, learning_rate=learning_rate, backbone_learning_rate=backbone_lr,
                  dropout=dropout, augment=augment,
                  class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
-                 store=_store(store), resize=resize, resize_filter=_value(resize_filter), progress=not quiet)
+                 resize=resize, resize_filter=_value(resize_filter), progress=not quiet)
     warm = f"{result.warm_start_val_accuracy:.4f}" if result.warm_start_val_accuracy is not None else "n/a (no --head)"
     test = (f"  test split: accuracy {result.test.accuracy:.4f}, loss {result.test.loss:.4f} ({result.test.images} images)\n"
             if result.test else "")
@@ -741,6 +765,7 @@ def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir
     """Time a backbone here: ONNX Runtime per precision, batch size and thread count (images/s, p50/p95 per
     batch) against Keras on the same images, and decoding on its own; says whether int8 pays off on this CPU."""
     pooling, device = _value(pooling), _value(device)
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.pipeline.bench import format_report, run_bench
 
     def say(message: str) -> None:
@@ -751,9 +776,9 @@ def bench(backbone: str = AnyBackboneOpt, weights: str = WeightsOpt, weights_dir
     if batch:
         _deprecated("--batch", "--batch-size", "bench")
     batch = batch_size or batch or [1, 8, 32]
-    report = run_bench(backbone, weights=weights, weights_dir=weights_dir, size=size, layer=layer,
-                       pooling=pooling, model=model, store=_store(store), images=images, precisions=precision,
-                       batch_sizes=batch, threads=threads, device=device, keras=keras, min_seconds=seconds, log=say)
+    choice = ModelChoice(backbone, weights, weights_dir, size, layer, pooling, model=model, store=_store(store))
+    report = run_bench(choice=choice, images=images, precisions=precision, batch_sizes=batch, threads=threads,
+                       device=device, keras=keras, min_seconds=seconds, log=say)
     if as_json:
         emit_json(report.to_dict())
     else:
@@ -846,10 +871,11 @@ def custom_model(source: Path = typer.Argument(..., help="Labelled images: class
     """Train new layers on a truncated, frozen backbone in TensorFlow; export one ONNX classifier for `tlpipe score`.
 
     A killed run resumes from its last epoch when started again with the same --out."""
+    from tlpipe.backbones.choice import ModelChoice
     from tlpipe.pipeline.custom_model import fit_custom_model
 
-    result = fit_custom_model(source, out_dir, backbone=backbone, layer=layer, new_layers=new_layers, weights=weights,
-                              weights_dir=weights_dir, size=size, epochs=epochs, batch_size=batch_size,
+    choice = ModelChoice(backbone, weights, weights_dir, size, layer)
+    result = fit_custom_model(source, out_dir, choice=choice, new_layers=new_layers, epochs=epochs, batch_size=batch_size,
                               learning_rate=learning_rate, augment=augment, class_weight=class_weight,
                               patience=patience, seed=seed, val_fraction=val_fraction, unfreeze_from=unfreeze_from,
                               unfreeze_last=unfreeze_last, unfreeze_epochs=unfreeze_epochs,

@@ -142,17 +142,20 @@ def choose_best(heads: list[HeadResult]) -> tuple[HeadResult, str]:
     return winner, why + f"{winner.name} has the lowest log-loss ({winner.log_loss:.4f}, better probabilities)"
 
 
-def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names, n_jobs=1):
-    """Fit the head on rows ``train`` (on class names, so it predicts names, as ``fit-head``'s heads do) and
-    return it with its probabilities on rows ``test`` in ``labels`` (label index) order."""
+def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names, views=None,
+               n_jobs=1):
+    """Fit the head on rows ``train`` (and their augmented ``views``; on class names, so it predicts names, as
+    ``fit-head``'s heads do) and return it with its probabilities on rows ``test`` in ``labels`` (label index)
+    order."""
     import warnings
 
-    from tlpipe.pipeline.heads import fit_head, name_labels
+    from tlpipe.pipeline.heads import fit_head, name_labels, views_within
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         estimator, _ = fit_head(X[train], name_labels(y[train], class_names), name, seed=seed,
-                                class_weight=class_weight, pca=pca, params=params, n_jobs=n_jobs)
+                                class_weight=class_weight, pca=pca, params=params, n_jobs=n_jobs,
+                                views=views_within(views, train))
     index = {c: i for i, c in enumerate(class_names)}
     proba = np.zeros((len(test), len(labels)))
     proba[:, np.searchsorted(labels, [index[c] for c in estimator.classes_])] = estimator.predict_proba(X[test])
@@ -227,7 +230,7 @@ def _embedding_map(X: np.ndarray, seed: int, methods: tuple[str, ...] = ("pca",)
 def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *, cv: int = 5, seed: int = 0,
                   n_jobs: int | None = None, class_weight: dict | str | None = None, search: bool = False,
                   holdout: bool = True, pca: int | float | str | None = "auto",
-                  learning_curve: bool = True) -> CompareResult:
+                  learning_curve: bool = True, views=None) -> CompareResult:
     """Cross-validate heads on the training rows of a feature set, pick the best, refit it and score it
     once on the held-out rows.
 
@@ -239,7 +242,10 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
     :data:`LEARNING_FRACTIONS` of the training rows, scored on the same held-out rows).
     ``holdout=False`` cross-validates every labelled row (no held-out score). ``search=True`` scores each
     head's :func:`~pipeline.heads.search_space` and reports its best point (the usual, slightly optimistic,
-    GridSearchCV ``best_score_``). The best head: see :func:`choose_best`.
+    GridSearchCV ``best_score_``). The best head: see :func:`choose_best`. ``views``
+    (:func:`tlpipe.features.cache.read_views`, ``--use-augmented``): augmented views, added to a fit's
+    training rows for the images among them only (:func:`~pipeline.heads.add_views`); views of held-out
+    images are never used, and every score is on original images.
     """
     from joblib import Parallel, delayed
     from sklearn.metrics import accuracy_score, classification_report, f1_score, log_loss
@@ -256,8 +262,14 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by an exclude list"
     X, y = fs.X[rows], fs.y[rows]
+    from tlpipe.pipeline.heads import views_within
+
+    cv_views = views_within(views, rows)
+    if views is not None:
+        setup += (f"; plus {len(cv_views[0])} augmented views of the training images as extra training rows "
+                  f"(views of evaluation images never trained on; scores on originals only)")
     scores = cross_validate(X, y, list(models), cv=cv, seed=seed, search=search, class_weight=class_weight,
-                            n_jobs=n_jobs, pca=pca, class_names=fs.class_names)
+                            n_jobs=n_jobs, pca=pca, class_names=fs.class_names, views=cv_views)
     summary = summarize(scores)
     labels = np.unique(y)
     present = [fs.class_names[i] for i in labels]
@@ -296,11 +308,11 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
         X_all, y_all = fs.X, fs.y
         if len(subsets) == 1:  # the refit alone: here, its SVM calibration folds (if any) on every core
             fits = [_fit_score(X_all, y_all, rows, test, winner.name, winner.params, winner.pca, seed, class_weight,
-                               labels, list(fs.class_names), n_jobs=n_jobs)]
+                               labels, list(fs.class_names), views, n_jobs=n_jobs)]
         else:
             fits = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
                 delayed(_fit_score)(X_all, y_all, rows[sub], test, winner.name, winner.params, winner.pca, seed,
-                                    class_weight, labels, list(fs.class_names)) for sub in subsets)
+                                    class_weight, labels, list(fs.class_names), views) for sub in subsets)
         estimator, held = fits[0]
         true = fs.y[test]
         pred = labels[held.argmax(axis=1)]
@@ -739,7 +751,7 @@ def _common_rows(sets: list[FeatureSet]) -> list[FeatureSet]:
 
 def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...] | list[str] = HEADS, *, cv: int = 5,
           seed: int = 0, n_jobs: int | None = None, class_weight: dict | str | None = None, search: bool = False,
-          holdout: bool = True, pca: int | float | str | None = "auto") -> SweepResult:
+          holdout: bool = True, pca: int | float | str | None = "auto", use_augmented: bool = False) -> SweepResult:
     """Score every head on every feature set ``pattern`` names and rank the (feature set, head) pairs.
 
     Parameters
@@ -750,6 +762,9 @@ def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...
         ``all``, shell globs over feature-set keys, or keys, comma-separated (:func:`matching_feature_sets`).
     models, cv, seed, n_jobs, class_weight, search, holdout, pca
         As for :func:`compare_heads`, applied to each feature set.
+    use_augmented : bool
+        Train on the augmented views of each feature set that has them (``extract --augment N``) as extra
+        training rows (:func:`compare_heads`' ``views``); feature sets without views train on originals.
 
     Returns
     -------
@@ -759,7 +774,7 @@ def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...
         filled the feature set (None for caches written before it was recorded). Every feature set is cut
         to the images all of them hold, so all pairs see the same rows, the same hold-out and the same folds.
     """
-    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.cache import read_feature_set, read_views
 
     started = perf_counter()
     keys = matching_feature_sets(cache, pattern)
@@ -768,7 +783,7 @@ def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...
     results, rows = {}, []
     for fs in sets:
         result = compare_heads(fs, models, cv=cv, seed=seed, n_jobs=n_jobs, class_weight=class_weight, search=search,
-                               holdout=holdout, pca=pca)
+                               holdout=holdout, pca=pca, views=read_views(cache, fs) if use_augmented else None)
         results[fs.key] = result
         speed = speeds.get(fs.key, {})
         rate = speed.get("images_per_second")

@@ -35,11 +35,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tlpipe.backbones.export import INPUT_NAME, ExportPlan, plan_export
+from tlpipe.backbones.choice import ModelChoice
+from tlpipe.backbones.export import INPUT_NAME, ExportPlan
 from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER
 from tlpipe.features.images import ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
@@ -73,6 +74,7 @@ if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
+CUSTOM_MODEL_CHOICE = ("backbone", "layer", "weights", "weights_dir", "size")  # the ModelChoice fields it takes
 
 PHASE_NEW, PHASE_UNFREEZE = "new-layers", "unfreeze"
 FEATURE_MAPS = "feature-maps"
@@ -367,15 +369,12 @@ def prepare_custom_model(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    backbone: str,
-    layer: str,
+    choice: ModelChoice | None = None,
     new_layers: str,
-    weights: str | os.PathLike | None = "imagenet",
-    weights_dir: str | os.PathLike | None = None,
-    size: int | None = None,
     options: TrainingOptions | None = None,
     unfreeze_epochs: int | None = None,
     cache_feature_maps: bool = True,
+    **choice_fields: Any,
 ) -> PreparedCustomModel:
     """Stage 1: check the settings and the layer language, find and split the images, resolve the weights."""
     options = options or TrainingOptions(learning_rate=1e-3, augment=False)
@@ -388,7 +387,10 @@ def prepare_custom_model(
         raise ValueError("unfreeze_epochs needs unfreeze_from or unfreeze_last (which blocks to unfreeze)")
     images = discover(source)
     split = split_records(images.records, options.val_fraction, options.seed)
-    plan = plan_export(backbone, weights, size, None, "avg", weights_dir, seed=options.seed)
+    choice = ModelChoice.given(choice, choice_fields, "custom-model", CUSTOM_MODEL_CHOICE)
+    if choice.backbone is None or choice.layer is None:
+        raise ValueError("a custom model needs a registry backbone and the layer to cut it at")
+    plan, layer = choice.with_(layer=None).plan(seed=options.seed), choice.layer
     return PreparedCustomModel(
         Path(source),
         Path(out_dir),
@@ -620,12 +622,8 @@ def fit_custom_model(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    backbone: str,
-    layer: str,
+    choice: ModelChoice | None = None,
     new_layers: str,
-    weights: str | os.PathLike | None = "imagenet",
-    weights_dir: str | os.PathLike | None = None,
-    size: int | None = None,
     epochs: int = 20,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
@@ -642,6 +640,7 @@ def fit_custom_model(
     resize: str = "squash",
     progress: bool = True,
     resize_filter: str = DEFAULT_RESIZE_FILTER,
+    **choice_fields: Any,
 ) -> CustomModelResult:
     """Train new layers on ``backbone`` cut at ``layer`` (frozen) and export them as one ONNX classifier.
 
@@ -656,8 +655,11 @@ def fit_custom_model(
     source : path
         Labelled images: class folders, split folders or a CSV manifest. Validation: its 'val' split, else a
         stratified ``val_fraction`` hold-out of the training images; its 'test' split is scored at the end.
-    backbone, layer : str
-        A registry backbone and the layer to cut it at (a cut point, or any layer name of the Keras model).
+    choice : ModelChoice, optional
+        Its ``backbone`` (a registry backbone), ``layer`` (where to cut it: a cut point, or any layer name of the
+        Keras model), ``weights``, ``weights_dir`` and ``size`` (other fields are refused).
+    **choice_fields
+        Without ``choice``: those fields by name (e.g. ``backbone="mobilenet_v2", layer="block_13_expand_relu"``).
     new_layers : str
         The layer language, :data:`NEW_LAYERS_HELP`.
     epochs, patience, learning_rate : int, int, float
@@ -707,12 +709,8 @@ def fit_custom_model(
     prepared = prepare_custom_model(
         source,
         out_dir,
-        backbone=backbone,
-        layer=layer,
+        choice=ModelChoice.given(choice, choice_fields, "custom-model"),
         new_layers=new_layers,
-        weights=weights,
-        weights_dir=weights_dir,
-        size=size,
         options=options,
         unfreeze_epochs=unfreeze_epochs,
         cache_feature_maps=cache_feature_maps,

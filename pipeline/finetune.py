@@ -39,11 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tlpipe.backbones.atomic import atomic_write
+from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.export import INPUT_NAME, ExportPlan, convert, export_plan, plan_export, rename_output, verify
 from tlpipe.backbones.onnx_metadata import write_metadata
 from tlpipe.backbones.registry import BackboneSpec
@@ -57,6 +58,7 @@ from .artifacts import load_head
 if TYPE_CHECKING:
     import keras
 
+FINETUNE_CHOICE = ("backbone", "weights", "weights_dir", "size", "pooling", "store")  # the ModelChoice fields it takes
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")
@@ -827,11 +829,9 @@ def records_digest(records: list[ImageRecord]) -> str:
     return digest.hexdigest()
 
 
-def prepare_finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone: str = "mobilenet_v2",
-                     weights: str | os.PathLike | None = "imagenet", weights_dir: str | os.PathLike | None = None,
-                     size: int | None = None, pooling: str = "avg", head: str | os.PathLike | None = None,
-                     trust: bool = False, dropout: float = 0.2, store: ModelStore | None = None,
-                     options: TrainingOptions | None = None) -> PreparedFinetune:
+def prepare_finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, choice: ModelChoice | None = None,
+                     head: str | os.PathLike | None = None, trust: bool = False, dropout: float = 0.2,
+                     options: TrainingOptions | None = None, **choice_fields: Any) -> PreparedFinetune:
     """Stage 1: find the images, split them, plan the backbone export and fold the warm-start head.
 
     Cheap and without TensorFlow; every refusal (bad settings, a head that cannot warm-start this
@@ -847,10 +847,11 @@ def prepare_finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, b
     options.check()
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), not {dropout}")
-    store = store or ModelStore()
+    choice = ModelChoice.given(choice, choice_fields, "finetune", FINETUNE_CHOICE)
+    store = choice.model_store
     images = discover(source)
     split = split_records(images.records, options.val_fraction, options.seed)
-    plan = plan_export(backbone, weights, size, None, pooling, weights_dir, seed=options.seed)
+    plan = choice.plan(seed=options.seed)
     warm = None
     if head is not None:
         dim = plan.embedding_dim()
@@ -960,15 +961,14 @@ def export_finetune(prepared: PreparedFinetune, models: FinetuneModels, trained:
         skipped=sorted(p.images.skipped + list(trained.failures.items())))
 
 
-def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone: str = "mobilenet_v2",
-             weights: str | os.PathLike | None = "imagenet", weights_dir: str | os.PathLike | None = None,
-             size: int | None = None, pooling: str = "avg", unfreeze_from: str | None = None,
+def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, choice: ModelChoice | None = None,
+             unfreeze_from: str | None = None,
              unfreeze_last: int | None = None, head: str | os.PathLike | None = None, trust: bool = False,
              epochs: int = 10, batch_size: int = 32, learning_rate: float = 1e-4,
              backbone_learning_rate: float | None = None, dropout: float = 0.2, augment: bool = True,
              class_weight: str | None = None, patience: int = 3, seed: int = 0, val_fraction: float = 0.2,
-             store: ModelStore | None = None, resize: str = "squash", progress: bool = True,
-             resize_filter: str = DEFAULT_RESIZE_FILTER) -> FinetuneResult:
+             resize: str = "squash", progress: bool = True,
+             resize_filter: str = DEFAULT_RESIZE_FILTER, **choice_fields: Any) -> FinetuneResult:
     """Fine-tune ``backbone`` on the labelled images of ``source`` (folder or CSV manifest) into ``out_dir``.
 
     Runs :func:`prepare_finetune`, :func:`train_finetune` and :func:`export_finetune`. Writes
@@ -979,6 +979,11 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
 
     Parameters
     ----------
+    choice : ModelChoice, optional
+        The backbone: its ``backbone``, ``weights``, ``weights_dir``, ``size``, ``pooling`` and ``store``
+        (other fields are refused). Default: ``ModelChoice(**choice_fields)``, mobilenet_v2 with ImageNet weights.
+    **choice_fields
+        Without ``choice``: those fields by name (e.g. ``backbone="resnet50", size=160``).
     head : path, optional
         A saved logreg head (fitted on this backbone's embeddings) that warm-starts the Dense layer.
     learning_rate, backbone_learning_rate : float
@@ -1011,8 +1016,7 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, backbone:
                               resize=resize, resize_filter=resize_filter, progress=progress,
                               unfreeze_from=unfreeze_from,
                               unfreeze_last=unfreeze_last)
-    prepared = prepare_finetune(source, out_dir, backbone=backbone, weights=weights, weights_dir=weights_dir,
-                                size=size, pooling=pooling, head=head, trust=trust, dropout=dropout, store=store,
-                                options=options)
+    prepared = prepare_finetune(source, out_dir, choice=ModelChoice.given(choice, choice_fields, "finetune"),
+                                head=head, trust=trust, dropout=dropout, options=options)
     models, trained = train_finetune(prepared)
     return export_finetune(prepared, models, trained)

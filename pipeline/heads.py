@@ -126,7 +126,21 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
                 and getattr(self, "penalty", "deprecated") in ("deprecated", "l2")
                 and list(np.ravel(getattr(self, "l1_ratios", None) or [0.0])) in ([0.0], ["warn"]))
 
-    def fit(self, X, y, sample_weight=None, **params):
+    def fit(self, X, y, sample_weight=None, groups=None, **params):
+        """Fit (see the class). ``groups`` (one id per row; augmented views share their image's id, see
+        :func:`add_views`): the internal folds that pick C keep each group on one side
+        (``StratifiedGroupKFold``), so C is not chosen by how well views predict their own image."""
+        if groups is not None and not isinstance(self.cv, list):
+            from sklearn.model_selection import StratifiedGroupKFold
+
+            saved_cv = self.cv
+            n = saved_cv if isinstance(saved_cv, int) else saved_cv.get_n_splits()
+            state = getattr(saved_cv, "random_state", None)
+            self.cv = list(StratifiedGroupKFold(n, shuffle=True, random_state=state).split(X, y, groups))
+            try:
+                return self.fit(X, y, sample_weight=sample_weight, **params)
+            finally:
+                self.cv = saved_cv
         if not self._own_path():
             return super().fit(X, y, sample_weight=sample_weight, **params)
         import numbers
@@ -291,9 +305,13 @@ def grid_points(name: str, grid: dict[str, list] | None = None) -> list[dict]:
     return [dict(zip(keys, values)) for values in product(*(grid[k] for k in keys))]
 
 
-def fit(estimator: Pipeline, X: np.ndarray, y: np.ndarray, class_weight: dict | str | None = None) -> Pipeline:
-    """Fit a head; for the MLP, ``class_weight`` becomes sample weights (other heads carry their own)."""
+def fit(estimator: Pipeline, X: np.ndarray, y: np.ndarray, class_weight: dict | str | None = None,
+        groups: np.ndarray | None = None) -> Pipeline:
+    """Fit a head; for the MLP, ``class_weight`` becomes sample weights (other heads carry their own).
+    ``groups`` (image id per row, with augmented views): the logreg head's internal C folds keep groups whole."""
     name = head_name(estimator)
+    if groups is not None and isinstance(estimator[-1], LogisticRegressionCV):
+        return estimator.fit(X, y, **{f"{estimator.steps[-1][0]}__groups": groups})
     if name == "mlp" and class_weight is not None:
         return estimator.fit(X, y, **{f"{estimator.steps[-1][0]}__sample_weight": compute_sample_weight(class_weight, y)})
     return estimator.fit(X, y)
@@ -316,22 +334,63 @@ class FoldScore:
     proba: np.ndarray | None = None  # (len(test_idx), n_labels) float64 class probabilities, label order
 
 
-def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weight, pca) -> list[FoldScore]:
-    """Fit the preprocessing once on this fold's training rows, then each grid point's classifier."""
+def add_views(X: np.ndarray, y: np.ndarray, train: np.ndarray, views=None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The training rows ``X[train], y[train]`` plus the augmented views of exactly those images.
+
+    Parameters
+    ----------
+    X : (N, D) float32 embeddings of the original images; y : (N,) labels; train : (T,) int positions in X.
+    views : tlpipe.features.cache.Views or (X_views (M, D), owner (M,)), optional
+        Augmented views; ``owner`` is each view's image as a position in ``X``. A view is added only when
+        its owner is in ``train`` (it takes the owner's label): views of evaluation or hold-out images are
+        never trained on, and evaluation rows stay the originals.
+
+    Returns
+    -------
+    X_fit : (T + M', D), y_fit : (T + M',), the originals first; groups : (T + M',) int, the image (position in
+    ``X``) of each row, for folds inside the fit that must keep an image and its views together (None
+    without views).
+    """
+    if views is None:
+        return X[train], y[train], None
+    X_views, owner = (views.X, views.owner) if hasattr(views, "owner") else views
+    take = np.isin(owner, train)
+    return (np.concatenate([X[train], X_views[take]]), np.concatenate([y[train], y[owner[take]]]),
+            np.concatenate([np.asarray(train), owner[take]]))
+
+
+def views_within(views, rows: np.ndarray):
+    """Augmented views whose image is among ``rows`` (positions in the feature set), re-indexed to positions in
+    ``X[rows]``: ``(X_views, owner)`` for :func:`add_views` on the subset; None stays None."""
+    if views is None:
+        return None
+    X_views, owner = (views.X, views.owner) if hasattr(views, "owner") else views
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind="stable")
+    at = np.minimum(np.searchsorted(rows[order], owner), max(len(rows) - 1, 0))
+    inside = (rows[order][at] == owner) if len(rows) else np.zeros(len(owner), dtype=bool)
+    return X_views[inside], order[at[inside]]
+
+
+def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weight, pca, views=None) -> list[FoldScore]:
+    """Fit the preprocessing once on this fold's training rows (and their views), then each grid point's classifier."""
     first = points[0] if name == "logreg" else {}  # a logreg grid point fixes C: plain LogisticRegression
     head = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **first)
     prep, clf = head[:-1], head[-1]
+    X_fit, y_fit, groups = add_views(X, y, train, views)
     started = perf_counter()
-    X_train = prep.fit_transform(X[train])
+    X_train = prep.fit_transform(X_fit)
     prep_fit = perf_counter() - started
     started = perf_counter()
     X_test = prep.transform(X[test])
     prep_predict = perf_counter() - started
     if name == "logreg" and len(points) > 1:
         clf.set_params(warm_start=True)
-
-    fit_params = {"sample_weight": compute_sample_weight(class_weight, y[train])} if (
+    fit_params = {"sample_weight": compute_sample_weight(class_weight, y_fit)} if (
         name == "mlp" and class_weight is not None) else {}
+    if groups is not None and isinstance(clf, LogisticRegressionCV):
+        fit_params["groups"] = groups
     prefix = _clf_prefix(name)
     scored = np.unique(y[test])  # classes too small for the folds are never in a test fold
     scores = []
@@ -340,7 +399,7 @@ def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weigh
         started = perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # MLPHead's tiny-data note, once per fold otherwise
-            clf.fit(X_train, y[train], **fit_params)
+            clf.fit(X_train, y_fit, **fit_params)
         fit_s = perf_counter() - started + prep_fit
         started = perf_counter()
         proba = np.zeros((len(test), len(labels)))
@@ -412,19 +471,27 @@ def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | Non
     return [(np.sort(np.concatenate([regular[tr], always])), regular[te]) for tr, te in folds]
 
 
-def choose_logreg_c(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None) -> float:
-    """The C the default logreg head picks on ``X, y``: :data:`LOGREG_CS` by its internal
-    :data:`LOGREG_CV_FOLDS`-fold CV (:class:`LogisticRegressionCVHead`), exactly as ``fit-head`` does."""
+def choose_logreg_c(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
+                    views=None) -> float:
+    """The C the default logreg head picks on ``X, y`` (and ``views``, :func:`add_views`): :data:`LOGREG_CS`
+    by its internal :data:`LOGREG_CV_FOLDS`-fold CV (:class:`LogisticRegressionCVHead`), exactly as
+    ``fit-head`` does."""
+    X_fit, y_fit, groups = add_views(X, y, np.arange(len(X)), views)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a class smaller than the internal folds (warned elsewhere)
-        head = make_head("logreg", seed=seed, class_weight=class_weight).fit(X, y)
+        head = fit(make_head("logreg", seed=seed, class_weight=class_weight), X_fit, y_fit, class_weight, groups)
     return float(np.ravel(head[-1].C_)[0])
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[str], *, cv: int = 5, seed: int = 0,
                    search: bool = False, class_weight: dict | str | None = None, n_jobs: int | None = None,
-                   pca: int | float | str | None = "auto", class_names: list[str] | None = None) -> list[FoldScore]:
+                   pca: int | float | str | None = "auto", class_names: list[str] | None = None,
+                   views=None) -> list[FoldScore]:
     """Score heads with stratified ``cv``-fold CV (shuffled with ``seed``), in parallel over (head, fold).
+
+    ``views`` (augmented views of the rows of ``X``, :func:`add_views`): each fold trains on its training
+    images and their views, and is scored on its test images' originals only; folds are made over the
+    images, so an image and its views are always on the same side.
 
     ``search=True`` scores every point of each head's :func:`search_space`, otherwise the defaults only.
     Within a fold the preprocessing is fitted once and shared by all grid points (it does not depend on
@@ -451,16 +518,17 @@ def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[s
     late = [name for name in names if name == "logreg" and not search]  # scored once C is chosen
     jobs = sorted(((name, i) for name in names if name not in late for i in range(cv)),
                   key=lambda job: _COST_ORDER[job[0]])
-    calls = [delayed(choose_logreg_c)(X, y, seed=seed, class_weight=class_weight)] if late else []
+    calls = [delayed(choose_logreg_c)(X, y, seed=seed, class_weight=class_weight, views=views)] if late else []
     calls += [delayed(_score_fold)(X, y, *folds[i], name, points[name], i, labels, seed, class_weight,
-                                   resolve_pca(name, pca, X.shape)) for name, i in jobs]
+                                   resolve_pca(name, pca, X.shape), views) for name, i in jobs]
     results = parallel(calls)
     if late:
         # Each fold's fit starts from zero: a start from the all-rows solution would carry the test fold's rows
         # into it wherever lbfgs stops short of the optimum (measured: half the log-loss at C = 1 on cats_vs_dogs).
         points["logreg"] = [{"C": results.pop(0)}]
         results += parallel(delayed(_score_fold)(X, y, *folds[i], "logreg", points["logreg"], i, labels, seed,
-                                                 class_weight, resolve_pca("logreg", pca, X.shape)) for i in range(cv))
+                                                 class_weight, resolve_pca("logreg", pca, X.shape), views)
+                            for i in range(cv))
     return [score for scores in results for score in scores]
 
 
@@ -482,7 +550,7 @@ def summarize(scores: list[FoldScore]) -> list[dict]:
 def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, cv: int = 5, seed: int = 0,
              class_weight: dict | str | None = None, n_jobs: int | None = None,
              pca: int | float | str | None = "auto", params: dict | None = None,
-             class_names: list[str] | None = None) -> tuple[Pipeline, dict]:
+             class_names: list[str] | None = None, views=None) -> tuple[Pipeline, dict]:
     """Fit head ``name`` on all of ``X, y``; with ``search`` pick its parameters by CV first.
 
     The defaults are the library's (``pca="auto"``, :func:`make_head`'s classifier settings), the same
@@ -492,7 +560,8 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
     errors and warnings.
 
     Returns the fitted pipeline and an info dict: ``head``, ``params`` (classifier parameters used),
-    ``search``, ``seed``, ``class_weight``, ``pca`` (as resolved by :func:`resolve_pca`) and, when
+    ``search``, ``seed``, ``class_weight``, ``pca`` (as resolved by :func:`resolve_pca`), ``augmented_views``
+    (``views``: augmented views of rows of ``X`` trained on as extra rows, see :func:`add_views`) and, when
     searched, ``cv``, ``cv_accuracy``, ``cv_accuracy_std``, ``cv_macro_f1`` and ``cv_results`` (every
     grid point, best first).
     """
@@ -503,20 +572,22 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
     params = dict(params or {})
     if search:
         rows = summarize(cross_validate(X, y, [name], cv=cv, seed=seed, search=True, class_weight=class_weight,
-                                        n_jobs=n_jobs, pca=pca, class_names=class_names))
+                                        n_jobs=n_jobs, pca=pca, class_names=class_names, views=views))
         params = rows[0]["params"]
         info |= {"cv": cv, "cv_accuracy": rows[0]["accuracy"], "cv_accuracy_std": rows[0]["accuracy_std"],
                  "cv_macro_f1": rows[0]["macro_f1"], "cv_results": rows}
     estimator = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **params)
+    X_fit, y_fit, groups = add_views(X, y, np.arange(len(X)), views)
     if name in _CALIBRATED and n_jobs != 1:
         # the calibration folds' SVMs fit in parallel (the saved head keeps n_jobs=None: it is not a setting of it)
         estimator[-1].set_params(n_jobs=-1 if n_jobs is None else n_jobs)
     try:
-        fit(estimator, X, y, class_weight)
+        fit(estimator, X_fit, y_fit, class_weight, groups)
     finally:
         if name in _CALIBRATED:
             estimator[-1].set_params(n_jobs=None)
     info["params"] = used_params(estimator, extra=params)
+    info["augmented_views"] = len(X_fit) - len(X)
     return estimator, info
 
 

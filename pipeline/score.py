@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.backbones.atomic import atomic_file, atomic_write
-from tlpipe.backbones.deps import MissingExtra
+from tlpipe.backbones.deps import require
 from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
@@ -51,7 +51,7 @@ from tlpipe.features.decoder import Decoded
 from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, RESIZE_FILTERS, recorded_resize_filter
 from tlpipe.features.images import RESIZE_MODES
 from tlpipe.features.sources import ImageRecord, discover
-from tlpipe.features.stream import LocalEngine, StageModel, StreamSummary, run_stream
+from tlpipe.features.stream import LocalEngine, Stage, StageModel, StreamSummary, run_stream
 
 from .artifacts import HeadError, load_head
 
@@ -105,6 +105,11 @@ class Predictor:
         The head's feature set.
     model_sha256 : str or None
         Of the backbone the head was trained on.
+    resize, resize_filter : str
+        The pixel settings its embeddings were made with, as recorded (resize None: not recorded; filter
+        antialias: made before it was recorded); after :func:`predictor_for`, the settings to score with.
+    source : str
+        The head or fused model file.
     """
 
     labels: list[str]
@@ -112,13 +117,9 @@ class Predictor:
     from_embeddings: Callable[[np.ndarray], np.ndarray] | None = None
     key: str | None = None
     model_sha256: str | None = None
-    resize: str | None = None  # the resize mode its embeddings were made with, as recorded (None: not recorded)
-    resize_filter: str = LEGACY_RESIZE_FILTER  # the resize filter, as recorded (antialias: made before it was)
-
-    @property
-    def input_size(self) -> int:
-        """Side of the square input (0 without an image model)."""
-        return self.model.input_size if self.model is not None else 0
+    resize: str | None = None
+    resize_filter: str = LEGACY_RESIZE_FILTER
+    source: str = ""
 
 
 def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, where: str) -> StoreEntry:
@@ -194,20 +195,30 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
 
 
 def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
-                  store: ModelStore | str | os.PathLike | None = None, images: bool = True) -> Predictor:
-    """:func:`head_predictor` or :func:`fused_predictor`, whichever of ``head`` / ``model`` is given.
+                  store: ModelStore | str | os.PathLike | None = None, images: bool = True, resize: str | None = None,
+                  resize_filter: str | None = None) -> Predictor:
+    """:func:`head_predictor` or :func:`fused_predictor`, whichever of ``head`` / ``model`` is given, with its
+    ``resize`` and ``resize_filter`` settled (:func:`settle_setting`) from the explicit ones asked.
 
     Raises
     ------
     ValueError
-        Both or neither given.
+        Both or neither given; a setting that is not one of its choices.
+    ScoreError
+        A setting that disagrees with the recorded one.
     """
     if (head is None) == (model is None):
         raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
     if head is not None:
-        return head_predictor(head, trust=trust, store=store, backbone=images)
-    assert model is not None
-    return fused_predictor(model)
+        predictor = head_predictor(head, trust=trust, store=store, backbone=images)
+    else:
+        predictor = fused_predictor(model)  # type: ignore[arg-type]
+    predictor.source = where = str(head if head is not None else model)
+    predictor.resize = settle_setting("resize", resize, predictor.resize, where, choices=RESIZE_MODES,
+                                      unrecorded="squash")
+    predictor.resize_filter = settle_setting("resize-filter", resize_filter, predictor.resize_filter, where,
+                                             choices=RESIZE_FILTERS, unrecorded=LEGACY_RESIZE_FILTER)
+    return predictor
 
 
 def settle_setting(option: str, asked: str | None, recorded: str | None, where: str, *, choices: tuple[str, ...],
@@ -254,37 +265,10 @@ def settle_setting(option: str, asked: str | None, recorded: str | None, where: 
     return recorded
 
 
-def settle_resize(asked: str | None, recorded: str | None, where: str) -> str:
-    """:func:`settle_setting` for the resize mode (unrecorded: squash)."""
-    return settle_setting("resize", asked, recorded, where, choices=RESIZE_MODES, unrecorded="squash")
-
-
-def settle_resize_filter(asked: str | None, recorded: str | None, where: str) -> str:
-    """:func:`settle_setting` for the resize filter (unrecorded: antialias, tlpipe's only filter before)."""
-    return settle_setting("resize-filter", asked, recorded, where, choices=RESIZE_FILTERS,
-                          unrecorded=LEGACY_RESIZE_FILTER)
-
-
-# -- rows --------------------------------------------------------------------------------------------------
+# -- outputs ---------------------------------------------------------------------------------------------
 def display_path(path: str) -> str:
     """The path (or class name) as written to the output: valid UTF-8 (undecodable bytes as backslash escapes)."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _prob(p: float) -> float:
-    return float(f"{p:.7g}")  # float32 precision, without float64 noise digits
-
-
-def prediction_rows(paths: list[str], shas: list[str], proba: np.ndarray, labels: list[str], top_k: int) -> list[dict]:
-    """One row per image from its probabilities (columns in ``labels`` order)."""
-    order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
-    labels = [display_path(label) for label in labels]  # a class folder's name need not be UTF-8
-    rows = []
-    for path, sha, p, best in zip(paths, shas, proba, order):
-        top_labels, top_probs = [labels[j] for j in best], [_prob(p[j]) for j in best]
-        rows.append({"path": path, "sha256": sha, "label": top_labels[0], "probability": top_probs[0],
-                     "top_labels": top_labels, "top_probs": top_probs, "error": None})
-    return rows
 
 
 def output_columns(top_k: int, labelled: bool = False) -> list[str]:
@@ -293,28 +277,6 @@ def output_columns(top_k: int, labelled: bool = False) -> list[str]:
             *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
 
 
-def flat_row(row: dict, top_k: int, labelled: bool = False) -> dict:
-    """A row of :func:`prediction_rows` / :func:`error_row` with its top-k lists spread over ``top{i}_label``
-    and ``top{i}_prob`` (None past the classes it has)."""
-    flat = {"path": row["path"], "sha256": row["sha256"]}
-    if labelled:
-        label = row.get("true_label")
-        flat["true_label"] = display_path(label) if label is not None else None
-    flat |= {"label": row["label"], "probability": row["probability"]}
-    for i in range(top_k):
-        has = i < len(row["top_labels"])
-        flat[f"top{i + 1}_label"] = row["top_labels"][i] if has else None
-        flat[f"top{i + 1}_prob"] = row["top_probs"][i] if has else None
-    flat["error"] = row["error"]
-    return flat
-
-
-def error_row(path: str, sha: str, reason: str) -> dict:
-    return {"path": path, "sha256": sha, "label": None, "probability": None, "top_labels": [], "top_probs": [],
-            "error": reason}
-
-
-# -- outputs -----------------------------------------------------------------------------------------------
 def _write_failed(path: Path, exc: OSError) -> ScoreError:
     """A write that failed (disk full...): the complete rows before it stay, and a re-run resumes after them."""
     reason = os.strerror(exc.errno) if exc.errno else str(exc)  # pyarrow's strerror is a long sentence
@@ -322,47 +284,54 @@ def _write_failed(path: Path, exc: OSError) -> ScoreError:
                       f"with enough space resumes after them")
 
 
-def _append_bytes(fh: io.RawIOBase, path: Path, data: bytes) -> None:
-    """Append ``data`` to the unbuffered ``fh`` and fsync; a failed write leaves at most a cut last record,
-    which the next open cuts off."""
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[fh.write(view):]
-        os.fsync(fh.fileno())
-    except OSError as exc:
-        raise _write_failed(path, exc) from exc
+class _Output:
+    """What the three formats share: one writer per output (an exclusive lock on ``<out>.lock``, removed on
+    release: a second scoring run is refused with ``<out> is being written by pid N; wait for it to finish``),
+    the paths already in it (``paths``), and the flat row of one image (:meth:`row`)."""
 
-
-def _lock(path: Path):
-    """One writer per output: an exclusive lock on ``<out>.lock`` (removed on release); a second scoring run
-    is refused with ``<out> is being written by pid N; wait for it to finish``."""
-    return exclusive_lock(Path(str(path) + ".lock"), path, ScoreError)
-
-
-def _truncate(path: Path, size: int) -> None:
-    with open(path, "r+b") as fh:
-        fh.truncate(size)
-
-
-class CsvOutput:
-    """CSV with flat top-k columns. A record cut short by a kill is cut off on open."""
-
-    def __init__(self, path: Path, top_k: int, labelled: bool = False):
+    def __init__(self, path: Path, top_k: int, labelled: bool = False, labels: Sequence[str] = ()):
         self.path, self.top_k, self.labelled = path, top_k, labelled
+        self.labels = [display_path(label) for label in labels]  # a class folder's name need not be UTF-8
         self.columns = output_columns(top_k, labelled)
-        self.lock = _lock(path)
+        self.lock = exclusive_lock(Path(str(path) + ".lock"), path, ScoreError)
         try:
-            self.fh = open(path, "ab", buffering=0)
-            self.paths = self._recover()
-            if not path.stat().st_size:
-                self._write([self.columns])
+            self.paths: set[str] = self._open()
         except BaseException:
-            self.close()
+            self.close(finish=False)
             raise
 
-    def _recover(self) -> set[str]:
-        """Paths of the complete records; the file is cut after the last of them."""
+    def _open(self) -> set[str]:
+        raise NotImplementedError
+
+    def _finish(self, finish: bool) -> None:
+        raise NotImplementedError
+
+    def row(self, path: str, sha: str, true_label: str | None, proba: Any, error: str | None) -> dict:
+        """One image's row (:func:`output_columns`): the ``top_k`` best classes of ``proba``, or ``error``."""
+        best: Any = np.argsort(-proba, kind="stable")[: self.top_k] if proba is not None else []
+        top: list[tuple[str | None, float | None]] = [(self.labels[j], float(f"{proba[j]:.7g}")) for j in best]
+        top += [(None, None)] * (self.top_k - len(top))  # probabilities: float32 precision, without noise digits
+        row: dict[str, Any] = {"path": path, "sha256": sha}
+        if self.labelled:
+            row["true_label"] = display_path(true_label) if true_label is not None else None
+        row |= {"label": top[0][0], "probability": top[0][1]}
+        for i, (label, p) in enumerate(top, 1):
+            row |= {f"top{i}_label": label, f"top{i}_prob": p}
+        return row | {"error": error}
+
+    def close(self, finish: bool = True) -> None:
+        """Release the output; with ``finish`` (Parquet) assemble it, otherwise leave it for the next run."""
+        try:
+            self._finish(finish)
+        finally:
+            release_lock(self.lock)
+
+
+class _LineOutput(_Output):
+    """CSV and JSON Lines: a batch is one append and fsync; a record cut short by a kill is cut off on open."""
+
+    def _open(self) -> set[str]:
+        self.fh = open(self.path, "ab", buffering=0)
         consumed, good, paths = 0, 0, set()
 
         def lines() -> Iterator[str]:
@@ -374,137 +343,107 @@ class CsvOutput:
                     consumed += len(raw)
                     yield raw.decode("utf-8")
 
-        records = csv.reader(lines())
         try:
-            header = next(records, None)
-            good = consumed if header == self.columns else 0
-            if header not in (None, self.columns) and next(records, None) is not None:
+            for path in self._parse(lines()):  # None: a header
+                paths.update([path] if path is not None else [])
+                good = consumed
+        except (csv.Error, ValueError, KeyError, TypeError):
+            pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it
+        with open(self.path, "r+b") as fh:
+            fh.truncate(good)
+        if not good:
+            self._append(self._header())
+        return paths
+
+    def _parse(self, lines: Iterator[str]) -> Iterator[str | None]:
+        raise NotImplementedError
+
+    def _header(self) -> bytes:
+        return b""
+
+    def _append(self, data: bytes) -> None:
+        """Append ``data`` and fsync; a failed write leaves at most a cut last record, which the next open cuts off."""
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[self.fh.write(view):]
+            os.fsync(self.fh.fileno())
+        except OSError as exc:
+            raise _write_failed(self.path, exc) from exc
+
+    def _finish(self, finish: bool) -> None:
+        if getattr(self, "fh", None) is not None:
+            self.fh.close()
+
+
+class CsvOutput(_LineOutput):
+    """CSV with flat top-k columns."""
+
+    def _parse(self, lines: Iterator[str]) -> Iterator[str | None]:
+        records = csv.reader(lines)
+        header = next(records, None)
+        if header != self.columns:
+            if header is not None and next(records, None) is not None:
                 raise ScoreError(f"{self.path} has the columns {','.join(header)}; this run writes "
                                  f"{','.join(self.columns)} (another top_k?): choose another output")
-            for record in records if good else ():
-                if len(record) != len(self.columns):
-                    break
-                paths.add(record[0])
-                good = consumed
-        except (csv.Error, UnicodeDecodeError):
-            pass  # a record cut inside a quoted field: keep the ones before it
-        _truncate(self.path, good)
-        return paths
+            return
+        yield None
+        for record in records:
+            if len(record) != len(self.columns):
+                return
+            yield record[0]
 
-    def _write(self, records: list[list]) -> None:
+    def _header(self) -> bytes:
+        return self._encode([self.columns])
+
+    def _encode(self, records: list[list]) -> bytes:
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(records)
-        _append_bytes(self.fh, self.path, buffer.getvalue().encode("utf-8"))
+        return buffer.getvalue().encode("utf-8")
 
     def append(self, rows: list[dict]) -> None:
-        records = [["" if v is None else v for v in flat_row(row, self.top_k, self.labelled).values()] for row in rows]
-        self._write(records)
-
-    def close(self, finish: bool = True) -> None:
-        try:
-            if getattr(self, "fh", None) is not None:
-                self.fh.close()
-        finally:
-            release_lock(self.lock)
+        self._append(self._encode([["" if v is None else v for v in row.values()] for row in rows]))
 
 
-class JsonlOutput:
-    """JSON Lines, one object per image. A line cut short by a kill is cut off on open."""
+class JsonlOutput(_LineOutput):
+    """JSON Lines, one object per image."""
 
-    def __init__(self, path: Path, top_k: int, labelled: bool = False):
-        self.path, self.top_k, self.labelled = path, top_k, labelled
-        self.lock = _lock(path)
-        try:
-            self.fh = open(path, "ab", buffering=0)
-            self.paths = self._recover()
-        except BaseException:
-            self.close()
-            raise
-
-    def _recover(self) -> set[str]:
-        good, paths = 0, set()
-        with open(self.path, "rb") as fh:
-            for raw in fh:
-                try:
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("cut short")
-                    paths.add(json.loads(raw)["path"])
-                except (ValueError, KeyError, TypeError):
-                    break
-                good += len(raw)
-        _truncate(self.path, good)
-        return paths
+    def _parse(self, lines: Iterator[str]) -> Iterator[str | None]:
+        return (json.loads(line)["path"] for line in lines)
 
     def append(self, rows: list[dict]) -> None:
-        data = "".join(json.dumps(flat_row(row, self.top_k, self.labelled), ensure_ascii=False) + "\n"
-                       for row in rows).encode("utf-8")
-        _append_bytes(self.fh, self.path, data)
-
-    def close(self, finish: bool = True) -> None:
-        try:
-            if getattr(self, "fh", None) is not None:
-                self.fh.close()
-        finally:
-            release_lock(self.lock)
+        self._append("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
 
 
-def _pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError as exc:
-        raise MissingExtra(f"writing Parquet needs pyarrow, which is not installed: pip install 'tlpipe[parquet]' "
-                           f"(or write .csv / .jsonl) ({exc})") from exc
-    return pyarrow
-
-
-class ParquetOutput:
+class ParquetOutput(_Output):
     """Parquet: each batch is a part file in ``<out>.parts/`` (written atomically); finishing assembles
     the previous ``out`` and the parts into a new ``out``, which replaces it atomically."""
 
-    def __init__(self, path: Path, top_k: int, labelled: bool = False):
-        pa = _pyarrow()
-        self.pa, self.pq = pa, pa.parquet
-        self.path, self.parts = path, Path(str(path) + ".parts")
-        self.top_k, self.labelled = top_k, labelled
+    def _open(self) -> set[str]:
+        pa = self.pa = require("pyarrow")  # MissingExtra names tlpipe[parquet] (or write .csv / .jsonl)
+        self.pq, self.parts = require("pyarrow.parquet"), Path(str(self.path) + ".parts")
         numeric = lambda name: name == "probability" or name.endswith("_prob")  # noqa: E731
-        self.schema = pa.schema([(name, pa.float64() if numeric(name) else pa.string())
-                                 for name in output_columns(top_k, labelled)])
-        self.lock = _lock(path)
-        try:
-            self.parts.mkdir(exist_ok=True)
-            for leftover in self.parts.glob(".*.tmp"):
-                leftover.unlink()
-            self.paths: set[str] = set()
-            for file in self._files():
-                self.paths.update(self.pq.read_table(file, columns=["path"]).column("path").to_pylist())
-            self.next_part = len(list(self.parts.glob("part-*.parquet")))
-        except BaseException:
-            release_lock(self.lock)
-            raise
+        self.schema = pa.schema([(c, pa.float64() if numeric(c) else pa.string()) for c in self.columns])
+        self.parts.mkdir(exist_ok=True)
+        for leftover in self.parts.glob(".*.tmp"):
+            leftover.unlink()
+        self.next_part = len(list(self.parts.glob("part-*.parquet")))
+        return {p for f in self._files() for p in self.pq.read_table(f, columns=["path"]).column("path").to_pylist()}
 
     def _files(self) -> list[Path]:
         return ([self.path] if self.path.exists() else []) + sorted(self.parts.glob("part-*.parquet"))
 
     def append(self, rows: list[dict]) -> None:
-        target = self.parts / f"part-{self.next_part:06d}.parquet"
         try:
-            flat = [flat_row(row, self.top_k, self.labelled) for row in rows]
-            with atomic_file(target) as tmp:
-                self.pq.write_table(self.pa.Table.from_pylist(flat, schema=self.schema), tmp)
+            with atomic_file(self.parts / f"part-{self.next_part:06d}.parquet") as tmp:
+                self.pq.write_table(self.pa.Table.from_pylist(rows, schema=self.schema), tmp)
         except OSError as exc:
             raise _write_failed(self.path, exc) from exc
         self.next_part += 1
 
-    def close(self, finish: bool = True) -> None:
-        """With ``finish``, assemble the final file; otherwise leave the parts for the next run."""
-        try:
-            if finish:
-                self._assemble()
-        finally:
-            release_lock(self.lock)
-
-    def _assemble(self) -> None:
+    def _finish(self, finish: bool) -> None:
+        if not finish:
+            return
         files = self._files()
         if files != [self.path]:
             try:
@@ -519,8 +458,9 @@ class ParquetOutput:
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
 
 
-def open_output(out: str | os.PathLike, top_k: int, labelled: bool = False):
-    """The writer for ``out``'s extension, holding the paths already in it; ``labelled`` adds ``true_label``."""
+def open_output(out: str | os.PathLike, top_k: int, labelled: bool = False, labels: Sequence[str] = ()) -> _Output:
+    """The writer for ``out``'s extension, holding the paths already in it; ``labelled`` adds ``true_label``;
+    ``labels`` are the class names of the probability columns."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in _OUTPUTS:
@@ -529,7 +469,7 @@ def open_output(out: str | os.PathLike, top_k: int, labelled: bool = False):
         raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + suffix)}")
     if not out.parent.is_dir():
         raise ScoreError(f"cannot write {out}: folder {out.parent} does not exist")
-    return _OUTPUTS[suffix](out, top_k, labelled)
+    return _OUTPUTS[suffix](out, top_k, labelled, labels)
 
 
 # -- the sink --------------------------------------------------------------------------------------------
@@ -540,12 +480,12 @@ class PredictionSink:
     stored embedding.
     """
 
-    def __init__(self, output: Any, predictor: Predictor, top_k: int, cached: FeatureSetReader | None = None):
-        self.output, self.predictor, self.top_k, self.cached = output, predictor, top_k, cached
+    def __init__(self, output: Any, predictor: Predictor, cached: FeatureSetReader | None = None):
+        self.output, self.predictor, self.cached = output, predictor, cached
 
     def done(self, record: ImageRecord) -> bool:
         """Whether the output already has this path's row."""
-        return display_path(record.relpath) in self.output.paths
+        return self.output is not None and display_path(record.relpath) in self.output.paths
 
     def known(self, sha256: str) -> bool:
         """Whether the reused cache holds this content."""
@@ -555,29 +495,22 @@ class PredictionSink:
         """The content the reused cache holds."""
         return set(self.cached.index) if self.cached is not None else set()
 
+    def probabilities(self, items: Sequence[Decoded], outputs: np.ndarray) -> list[np.ndarray | None]:
+        """Per item: its probabilities (the next of ``outputs``, or from the cache's embedding), None if it failed."""
+        reused = [item.sha256 for item in items if item.known]
+        from_cache = iter(self.predictor.from_embeddings(self.cached.get(reused)) if reused else ())  # type: ignore
+        fresh = iter(outputs)
+        return [None if item.error is not None else next(from_cache if item.known else fresh) for item in items]
+
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         """Append one row per item (probabilities from ``outputs``, from the cache, or an error) durably."""
-        proba: dict[int, np.ndarray] = {}
-        decoded = [j for j, item in enumerate(items) if item.error is None and not item.known]
-        proba.update(zip(decoded, outputs))
-        reused = [j for j, item in enumerate(items) if item.known]
-        if reused:
-            assert self.cached is not None and self.predictor.from_embeddings is not None
-            embeddings = self.cached.get([items[j].sha256 for j in reused])
-            proba.update(zip(reused, self.predictor.from_embeddings(embeddings)))
-        rows = []
-        for j, item in enumerate(items):
-            path = display_path(item.record.relpath)
-            if j in proba:
-                rows += prediction_rows([path], [item.sha256], proba[j][None], self.predictor.labels, self.top_k)
-            else:
-                rows.append(error_row(path, item.sha256, item.error or ""))
-            rows[-1]["true_label"] = item.record.label
-        self.output.append(rows)
+        self.output.append([self.output.row(display_path(i.record.relpath), i.sha256, i.record.label, p, i.error)
+                            for i, p in zip(items, self.probabilities(items, outputs))])
 
     def close(self, finish: bool = True) -> None:
         """Close the output (Parquet: assemble it, unless ``finish`` is False)."""
-        self.output.close(finish=finish)
+        if self.output is not None:
+            self.output.close(finish=finish)
 
 
 def check_resume(out: str | os.PathLike, identity: dict) -> None:
@@ -609,9 +542,8 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
         raise ScoreError(f"cannot write {sidecar}: {exc.strerror or exc}") from exc
 
 
-def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str | os.PathLike, top_k: int,
-              resize: str, resize_filter: str = LEGACY_RESIZE_FILTER,
-              cache: str | os.PathLike | None = None, labelled: bool = False) -> PredictionSink:
+def open_sink(out: str | os.PathLike, predictor: Predictor, *, top_k: int, cache: str | os.PathLike | None = None,
+              labelled: bool = False) -> PredictionSink:
     """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here).
 
     Raises
@@ -621,14 +553,14 @@ def open_sink(out: str | os.PathLike, predictor: Predictor, *, scored_with: str 
     tlpipe.features.cache.CacheError
         ``cache`` lacks the head's feature set, or it was made by another backbone.
     """
-    k = min(top_k, len(predictor.labels))
-    identity: dict[str, object] = {"scored_with": sha256_file(scored_with), "top_k": k, "resize": resize,
-                                   "true_label": labelled}
-    if resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
-        identity["resize_filter"] = resize_filter
-    check_resume(out, identity)
     cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
-    return PredictionSink(open_output(out, k, labelled), predictor, k, cached)
+    k = min(top_k, len(predictor.labels))
+    identity: dict[str, object] = {"scored_with": sha256_file(predictor.source), "top_k": k,
+                                   "resize": predictor.resize, "true_label": labelled}
+    if predictor.resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
+        identity["resize_filter"] = predictor.resize_filter
+    check_resume(out, identity)
+    return PredictionSink(open_output(out, k, labelled, predictor.labels), predictor, cached)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
@@ -654,50 +586,37 @@ def cache_labels(path: str | os.PathLike) -> dict[str, str]:
     return read_retrying(path, read)
 
 
-def _score_cache(path: Path, predictor: Predictor, sink: PredictionSink, summary: ScoreSummary, *,
-                 batch_size: int, progress: Callable[[int, int], Callable[[int], None]] | None) -> None:
-    """Score the committed rows of the head's feature set, a batch per (retried) read of the cache."""
-    reader = FeatureSetReader(path, predictor.key, predictor.model_sha256)
-    summary.total = len(reader)
-    advance = progress(len(reader), 0) if progress else None
-    assert predictor.from_embeddings is not None
-    truth = cache_labels(path)
-    for paths, shas, X in reader.batches(batch_size):
-        todo = [i for i, p in enumerate(paths) if p not in sink.output.paths]
-        summary.already_done += len(paths) - len(todo)
-        if todo:
-            proba = predictor.from_embeddings(X[todo])
-            rows = prediction_rows([paths[i] for i in todo], [shas[i] for i in todo], proba, predictor.labels,
-                                   sink.top_k)
-            for i, row in zip(todo, rows):
-                row["true_label"] = truth.get(shas[i])
-            sink.output.append(rows)
-            summary.known += len(todo)
-        if advance:
-            advance(len(paths))
+@dataclass
+class CacheRows:
+    """The engine for a cache source: the committed rows of the sink's reused cache (the head's feature set)
+    are the inputs, each known (its embedding read back, nothing decoded), with the cache's labels."""
+
+    truth: dict[str, str]
+
+    def __enter__(self) -> CacheRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, stage: Stage, records: Sequence[ImageRecord], model: Any, *, batch_size: int, **_: Any) -> None:
+        """Commit every row not yet in the output, ``batch_size`` at a time (``records`` and ``model`` unused)."""
+        started, reader = time.perf_counter(), stage.sink.cached  # type: ignore[attr-defined]
+        listed = {id(d.record): d for paths, shas, _ in reader.batches(4096) for path, sha in zip(paths, shas)
+                  for d in [Decoded(ImageRecord(path, "", self.truth.get(sha), None), sha, known=True)]}
+        todo = stage.todo([d.record for d in listed.values()])
+        for start in range(0, len(todo), batch_size):
+            stage.commit([listed[id(r)] for r in todo[start:start + batch_size]], np.empty((0, 0), np.float32))
+        stage.summary.seconds += time.perf_counter() - started
 
 
-def score(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    head: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    cache: str | os.PathLike | None = None,
-    top_k: int = 3,
-    device: str = "auto",
-    batch_size: int = 32,
-    trust: bool = False,
-    store: ModelStore | str | os.PathLike | None = None,
-    resize: str | None = None,
-    resize_filter: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    streams: int | None = None,
-    allow_outside_root: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    engine: Any = None,
-) -> ScoreSummary:
+def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.PathLike | None = None,
+          model: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, top_k: int = 3,
+          device: str = "auto", batch_size: int = 32, trust: bool = False,
+          store: ModelStore | str | os.PathLike | None = None, resize: str | None = None,
+          resize_filter: str | None = None, workers: int | None = None, threads: int | None = None,
+          streams: int | None = None, allow_outside_root: bool = False,
+          progress: Callable[[int, int], Callable[[int], None]] | None = None, engine: Any = None) -> ScoreSummary:
     """Predict a class for every image of ``source`` and write one row per image to ``out``.
 
     Parameters
@@ -758,60 +677,36 @@ def score(
     HeadError, tlpipe.features.cache.CacheError, tlpipe.backbones.store.StoreError
         The head, its backbone or the cache cannot be used.
     """
-    if (head is None) == (model is None):
-        raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, not {top_k}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    if resize is not None and resize not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
-    if resize_filter is not None and resize_filter not in RESIZE_FILTERS:
-        raise ValueError(f"--resize-filter must be one of {', '.join(RESIZE_FILTERS)}, not {resize_filter!r}")
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
-    if from_cache and model is not None:
-        raise ValueError("scoring a cache's embeddings needs the head (model= is a whole image classifier)")
-    if cache is not None and model is not None:
-        raise ValueError("cache reuse needs the head (model= runs the whole classifier on images)")
+    if model is not None and (from_cache or cache is not None):
+        raise ValueError("scoring embeddings (a cache source or cache reuse) needs the head; model= is a whole "
+                         "image classifier")
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
     images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
     if images is not None:  # the true label column: what a labelled listing of the same source says, where it can
         truth = true_labels(source, allow_outside_root)
         images.records = [dataclasses.replace(r, label=truth.get(r.relpath)) for r in images.records]
-    if images is not None and not images.records:
-        skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
-        raise ScoreError(f"no images found in {source}{skipped}")
-    predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache)
-    scored_with = head if head is not None else model
-    assert scored_with is not None
-    resize = settle_resize(resize, predictor.resize, str(scored_with))
-    resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, str(scored_with))
+        if not images.records:
+            skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
+            raise ScoreError(f"no images found in {source}{skipped}")
+    predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache, resize=resize,
+                              resize_filter=resize_filter)
     if images is None:
-        sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
-                         resize_filter=resize_filter, labelled=bool(cache_labels(source)))
-        summary = ScoreSummary(out=str(out))
-        try:
-            started = time.perf_counter()
-            _score_cache(source, predictor, sink, summary, batch_size=batch_size, progress=progress)
-            summary.seconds = time.perf_counter() - started
-        except BaseException:
-            sink.close(finish=False)
-            raise
-        sink.close()
-        return summary
-    assert predictor.model is not None
-    if engine is None:
+        truth = cache_labels(source)
+        engine, cache, labelled, records = CacheRows(truth), source, bool(truth), []
+    else:
+        labelled, records = any(r.label is not None for r in images.records), images.records
         # one session unless asked: as scoring always ran (two streams measured no faster here, and cost ~80 MB)
-        engine = LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
+        engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
     with engine:
-        sink = open_sink(out, predictor, scored_with=scored_with, top_k=top_k, resize=resize,
-                         resize_filter=resize_filter, cache=cache,
-                         labelled=any(r.label is not None for r in images.records))
-        summary = ScoreSummary(out=str(out), skipped=list(images.skipped))
-        run_stream(images.records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
-                   resize=resize, resize_filter=resize_filter, progress=progress)
+        sink = open_sink(out, predictor, top_k=top_k, cache=cache, labelled=labelled)
+        summary = ScoreSummary(out=str(out), skipped=list(images.skipped) if images is not None else [])
+        run_stream(records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
+                   resize=predictor.resize or "squash", resize_filter=predictor.resize_filter, progress=progress)
     return summary
 
 
@@ -846,52 +741,27 @@ class Predictions:
         return [None if e is not None else self.labels[int(b)] for b, e in zip(best, self.errors)]
 
 
-class _MemorySink:
-    """The stage's sink for :func:`predict`: rows into arrays, nothing written."""
+class _MemorySink(PredictionSink):
+    """The stage's sink for :func:`predict`: each input's probabilities, error and sha256 kept in input order
+    (every input reaches the sink, in order), nothing written."""
 
-    def __init__(self, n: int, classes: int):
-        self.probabilities = np.full((n, classes), np.nan, np.float32)
-        self.errors: list[str | None] = [None] * n
-        self.sha256 = [""] * n
-        self.position: dict[int, int] = {}
-
-    def done(self, record: ImageRecord) -> bool:
-        return False
-
-    def known(self, sha256: str) -> bool:
-        return False
-
-    def known_shas(self) -> set[str]:
-        return set()
+    def __init__(self, predictor: Predictor):
+        super().__init__(None, predictor)
+        self.rows: list[np.ndarray | None] = []
+        self.errors: list[str | None] = []
+        self.sha256: list[str] = []
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
-        rows = iter(outputs)
-        for item in items:
-            i = self.position[id(item.record)]
-            self.sha256[i] = item.sha256
-            if item.error is not None:
-                self.errors[i] = item.error
-            else:
-                self.probabilities[i] = next(rows)
-
-    def close(self, finish: bool = True) -> None:
-        pass
+        self.rows += self.probabilities(items, outputs)
+        self.errors += [item.error for item in items]
+        self.sha256 += [item.sha256 for item in items]
 
 
-def predict(
-    paths: Sequence[str | os.PathLike],
-    *,
-    head: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    trust: bool = False,
-    store: ModelStore | str | os.PathLike | None = None,
-    device: str = "auto",
-    batch_size: int = 32,
-    resize: str | None = None,
-    resize_filter: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-) -> Predictions:
+def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | None = None,
+            model: str | os.PathLike | None = None, trust: bool = False,
+            store: ModelStore | str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
+            resize: str | None = None, resize_filter: str | None = None, workers: int | None = None,
+            threads: int | None = None) -> Predictions:
     """Class probabilities for image files, in memory (no output file), in input order.
 
     Parameters
@@ -931,16 +801,14 @@ def predict(
     ScoreError, HeadError, tlpipe.backbones.store.StoreError
         The model cannot be used.
     """
-    predictor = predictor_for(head, model, trust=trust, store=store)
-    where = str(head if head is not None else model)
-    resize = settle_resize(resize, predictor.resize, where)
-    resize_filter = settle_resize_filter(resize_filter, predictor.resize_filter, where)
-    assert predictor.model is not None
+    predictor = predictor_for(head, model, trust=trust, store=store, resize=resize, resize_filter=resize_filter)
     names = [os.fspath(p) for p in paths]
-    records = [ImageRecord(name, os.path.abspath(name), None, None) for name in names]
-    sink = _MemorySink(len(records), len(predictor.labels))
-    sink.position = {id(r): i for i, r in enumerate(records)}
-    run_stream(records, predictor.model, sink, StreamSummary(out=""), batch_size=batch_size, resize=resize,
-               resize_filter=resize_filter,
+    sink = _MemorySink(predictor)
+    run_stream([ImageRecord(name, os.path.abspath(name), None, None) for name in names], predictor.model, sink,
+               StreamSummary(out=""), batch_size=batch_size, resize=predictor.resize or "squash",
+               resize_filter=predictor.resize_filter,
                engine=LocalEngine(device=device, workers=workers, threads=threads, streams=1))
-    return Predictions(names, list(predictor.labels), sink.probabilities, sink.errors, sink.sha256)
+    missing = np.full(len(predictor.labels), np.nan, np.float32)
+    probabilities = np.array([missing if p is None else p for p in sink.rows], np.float32)
+    return Predictions(names, list(predictor.labels), probabilities.reshape(len(names), len(predictor.labels)),
+                       sink.errors, sink.sha256)

@@ -27,6 +27,7 @@ SKIP = {
     "audit": "the audit's own tests (tests/pipeline/test_audit.py)",
     "--tta": "a TTA export needs TensorFlow (the TTA tests)",
     "224,288": "four exports with TensorFlow (the multi-output tests)",
+    "out_relu+": "a concatenated-layer export needs TensorFlow (tests/backbones/test_export_concat.py)",
     "--exclude": "needs the audit's exclude list",
 }
 

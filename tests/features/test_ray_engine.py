@@ -1,6 +1,7 @@
 """The Ray engine against the local one on a 2-CPU local cluster: the same cache row for row, resume, an
 inference worker SIGKILLed mid-run, the driver SIGKILLed mid-run, scoring, and joblib's Ray backend."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -274,3 +275,74 @@ def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path, photos, ti
         with parallel_backend("ray"):
             pass
     assert not (tmp_path / "c.h5").exists()
+
+
+MEMORY_SCRIPT = """
+import json, sys, threading, time
+from pathlib import Path
+from tlpipe.features.ray_engine import extract_ray
+from tlpipe.pipeline.score_ray import score_ray
+
+def private_rss():
+    # private memory only: the object store's shared pages the driver reads batches from are not its own
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+def growth(run):
+    start, peak, done = private_rss(), [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], private_rss())
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    run()
+    done.set()
+    sampler.join()
+    return max(peak[0], private_rss()) - start
+
+model, head, store, address, work = sys.argv[1:]
+kw = dict(address=address, batch_size=8, commit_rows=16, device="cpu")
+grown = {}
+for name in ("warm", "small", "large"):
+    folder = Path(work) / name
+    grown["extract", name] = growth(lambda: extract_ray(folder, folder.with_suffix(".h5"), model=model, **kw))
+    grown["score", name] = growth(lambda: score_ray(folder, folder.with_suffix(".csv"), head=head, store=store, **kw))
+print(json.dumps({" ".join(k): v for k, v in grown.items()}))
+"""
+
+
+def write_noise_folder(root: Path, images: int, seed: int) -> Path:
+    """``images`` distinct small JPEGs of noise in two class folders (cheap to write and to decode)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), np.uint8)).save(root / "ab"[i % 2] / f"{i}.jpg")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the driver's memory from /proc")
+def test_the_drivers_memory_does_not_grow_with_the_number_of_images(cluster, tmp_path, model_store):
+    """Extract and score on Ray, 100 then 600 images, in a fresh driver process: its private memory grows
+    by about as much for 600 as for 100. The backbone's output is large on purpose (128 px, no pooling:
+    4 x 4 x 1280 floats, 80 KB an image), so a driver holding every result would grow by 40 MB more."""
+    from tlpipe.backbones.export import export_backbone
+
+    entry = export_backbone("mobilenet_v2_0.35", weights="none", size=128, pooling="none", store=model_store)
+    for name, images in (("warm", 20), ("small", 100), ("large", 600)):
+        write_noise_folder(tmp_path / name, images, seed=images)
+    fs = read_feature_set(extract(tmp_path / "warm", tmp_path / "train.h5", model=str(entry.directory)).out)
+    head = tmp_path / "head.joblib"
+    save_head(make_head("logreg").fit(fs.X, fs.y), head, feature_set=fs, metrics={}, params={})
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(entry.directory), str(head),
+                           str(model_store.root), cluster, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(read_feature_set(tmp_path / "large.h5")) == 600 and len(read_csv(tmp_path / "large.csv")) == 600
+    for command in ("extract", "score"):
+        more = grown[f"{command} large"] - grown[f"{command} small"]
+        assert more < 16 * 2**20, f"{command}: the driver grew {more / 2**20:.1f} MB more for 600 images ({grown})"

@@ -126,3 +126,20 @@ def test_the_wheel_installs_one_top_level_name_and_the_facade_imports(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"  # the facade imports neither ONNX Runtime nor TensorFlow
+
+
+def test_progress_is_started_once_per_pass_and_advanced_by_every_input(tmp_path, tiny_entry):
+    photos = write_photo_folder(tmp_path / "photos", per_class=5)
+    (photos / "china" / "broken.jpg").write_bytes(b"not an image")
+    calls: list[tuple[int, int]] = []
+    advanced: list[int] = []
+
+    def progress(total, done):
+        calls.append((total, done))
+        return advanced.append
+
+    extract(photos, tmp_path / "c.h5", model=str(tiny_entry.directory), batch_size=4, progress=progress)
+    assert calls == [(11, 0)] and sum(advanced) == 11 and max(advanced) <= 4
+    calls.clear(), advanced.clear()
+    extract(photos, tmp_path / "c.h5", model=str(tiny_entry.directory), batch_size=4, progress=progress)
+    assert calls == [(11, 0)] and sum(advanced) == 11  # content known: hashed, not decoded, still counted
