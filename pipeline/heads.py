@@ -97,6 +97,10 @@ _LRCV_QUIET = {k: v for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": F
 # row (1: at the first C that is worse): log-loss is (near) unimodal in log C, and the least regularised fits, past the minimum, take the most
 # lbfgs iterations (measured on flowers5: C = 0.1 and 1 took half the path's time, the minimum was 0.003).
 LOGREG_PATH_PATIENCE = 1
+# The path's fits only rank Cs by validation log-loss, which lbfgs's tolerance 1e-3 already gives to 4 decimals
+# (measured on flowers5's 4,307 MobileNetV2 embeddings: the same C, mean log-loss within 2e-4 of tol 1e-4's,
+# 1.8x less CPU); the refit of the chosen C uses the head's own ``tol``.
+LOGREG_PATH_TOL = 1e-3
 
 
 class LogisticRegressionCVHead(LogisticRegressionCV):
@@ -108,7 +112,8 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
     scikit-learn's own): for each C in increasing order, one :class:`LogisticRegression` per fold,
     warm-started from that fold's previous C, is scored by log-loss over *all* classes on its validation
     rows (a small class kept in training may be missing from a fold's validation rows); the path stops
-    when the mean log-loss has not improved for :data:`LOGREG_PATH_PATIENCE` Cs in a row. The C with the
+    when the mean log-loss has not improved for :data:`LOGREG_PATH_PATIENCE` Cs in a row (path fits at
+    tolerance :data:`LOGREG_PATH_TOL`). The C with the
     lowest mean log-loss is refitted on all rows, warm-started from the folds' mean solution. Fitted
     attributes as scikit-learn's (``C_``, ``Cs_`` = the whole grid, ``coef_``, ``intercept_``,
     ``classes_``, ``n_iter_``) plus ``scores_``: (folds, len(Cs_)) negative log-loss, NaN past the stop.
@@ -163,7 +168,7 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
         base = LogisticRegression(C=float(Cs[0]), tol=self.tol, max_iter=self.max_iter, class_weight=self.class_weight,
                                   random_state=self.random_state, fit_intercept=self.fit_intercept,
                                   intercept_scaling=self.intercept_scaling, warm_start=True)
-        models = [clone(base) for _ in folds]
+        models = [clone(base).set_params(tol=max(self.tol, LOGREG_PATH_TOL)) for _ in folds]
         scores = np.full((len(folds), len(Cs)), np.nan)
         best, best_loss, stale, start = 0, np.inf, 0, None
         for j, C in enumerate(Cs):
