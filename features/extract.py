@@ -392,10 +392,23 @@ def extract(
 
         targets = [entry] if isinstance(entry, StoreEntry) else [t for m in entry for _, t in m.outputs]
         for key, target in zip(summary.keys, targets):
-            summary.augmented.append(extract_augmented(
-                images.records, out, target, key, views=augment, seed=augment_seed, resize=resize,
-                resize_filter=resize_filter, batch_size=batch_size, dtype=dtype, device=device, threads=threads,
-                workers=workers))
+            summary.augmented.append(
+                extract_augmented(
+                    images.records,
+                    out,
+                    target,
+                    key,
+                    views=augment,
+                    seed=augment_seed,
+                    resize=resize,
+                    resize_filter=resize_filter,
+                    batch_size=batch_size,
+                    dtype=dtype,
+                    device=device,
+                    threads=threads,
+                    workers=workers,
+                )
+            )
     if summary.label_conflicts:
         log.warning(
             "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "

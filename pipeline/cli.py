@@ -573,7 +573,7 @@ def _sweep(cache, features, names, cv, seed, search, class_weight, all_rows, n_j
                        holdout=not all_rows, n_jobs=n_jobs, use_augmented=use_augmented)
     out.print(format_sweep_table(result))
     best = result.best
-    out.print(f"  best pair: [bold]{best.head}[/] on {best.feature_key} · {result.seconds:.1f} s\n"
+    out.print(f"  best pair: [bold]{best.head}[/] on {best.feature_key} · {result.seconds:.1f} s\n  why: {result.why}\n"
               f"  fit it: tlpipe fit-head {cache} --features {best.feature_key} --model {best.head}")
     if report is not None:
         written = write_sweep_report(result, report)

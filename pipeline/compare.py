@@ -689,15 +689,59 @@ class SweepResult:
     cv: int
     seed: int
     seconds: float
+    pick: int = 0  # index in rows of the pair to use (choose_pair)
+    why: str = ""
 
     @property
     def best(self) -> SweepRow:
-        return self.rows[0]
+        """The pair to use (:func:`choose_pair`): not always the top-ranked one."""
+        return self.rows[self.pick]
 
     def to_dict(self) -> dict:
         return {"cache": self.cache, "pattern": self.pattern, "images": self.images, "cv": self.cv, "seed": self.seed,
-                "seconds": self.seconds, "best": asdict(self.best), "rows": [asdict(r) for r in self.rows],
+                "seconds": self.seconds, "best": asdict(self.best), "why": self.why,
+                "rows": [asdict(r) for r in self.rows],
                 "setups": {k: r.setup for k, r in self.results.items()}}
+
+
+def choose_pair(rows: list[SweepRow], cv: int) -> tuple[int, str]:
+    """The (feature set, head) pair to use from accuracy-ranked ``rows``, and why.
+
+    As :func:`choose_best` does for heads: pairs within one standard error of the top mean CV accuracy
+    (fold standard deviation / sqrt(``cv``)) are a difference CV cannot resolve; among them the cheapest
+    extraction per image wins (a feature set whose cost was not recorded counts as the dearest), then
+    the higher rank. So a tie between 224 px and 288 px + flip goes to 224 px.
+
+    Parameters
+    ----------
+    rows : list of SweepRow
+        Ranked by mean accuracy, best first (as :func:`sweep` ranks them); not empty.
+    cv : int
+        Folds the accuracies are means over.
+
+    Returns
+    -------
+    (int, str)
+        Index into ``rows``, and a sentence for reports.
+    """
+    top = rows[0]
+    se = top.accuracy_std / np.sqrt(max(cv, 1))
+    close = [i for i, r in enumerate(rows) if r.accuracy >= top.accuracy - se - 1e-12]
+
+    def cost(i: int) -> float:
+        ms = rows[i].extraction_ms
+        return float(ms) if ms is not None else float("inf")
+
+    pick = min(close, key=lambda i: (cost(i), i))
+    if len(close) == 1:
+        return pick, (f"the highest mean CV accuracy ({top.accuracy:.4f}); no other pair is within one standard "
+                      f"error of it ({se:.4f})")
+    within = f"{len(close)} pairs are within one standard error ({se:.4f}) of the top mean CV accuracy ({top.accuracy:.4f})"
+    if cost(pick) == float("inf"):
+        return pick, f"{within}; their extraction costs are not recorded, so the top pair"
+    chosen = rows[pick]
+    return pick, (f"{within}, a difference CV cannot resolve; among them {chosen.head} on {chosen.feature_key} "
+                  f"has the cheapest extraction ({cost(pick):.1f} ms per image)")
 
 
 def is_sweep(features: str | None) -> bool:
@@ -769,7 +813,8 @@ def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...
     Returns
     -------
     SweepResult
-        Pairs ranked by mean CV accuracy (ties: macro-F1, then the cheaper extraction), each with fit and
+        Pairs ranked by mean CV accuracy (ties: macro-F1, then the cheaper extraction), the pair to use
+        chosen among them by :func:`choose_pair` (``best``, ``why``), each with fit and
         predict seconds per fold and the extraction cost in ms per image recorded by the extract that
         filled the feature set (None for caches written before it was recorded). Every feature set is cut
         to the images all of them hold, so all pairs see the same rows, the same hold-out and the same folds.
@@ -795,8 +840,9 @@ def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...
                 input_size=fs.metadata.get("input_size"), tta=fs.metadata.get("tta", "none"),
                 layer=fs.metadata.get("layer")))
     rows.sort(key=lambda r: (-r.accuracy, -r.macro_f1, r.extraction_ms if r.extraction_ms is not None else np.inf))
+    pick, why = choose_pair(rows, cv)
     return SweepResult(cache=str(cache), pattern=pattern, rows=rows, results=results, images=len(sets[0]), cv=cv,
-                       seed=seed, seconds=perf_counter() - started)
+                       seed=seed, seconds=perf_counter() - started, pick=pick, why=why)
 
 
 _SWEEP_COLUMNS = ["rank", "feature set", "head", "accuracy", "macro-F1", "fit s", "predict s", "extract ms/img"]
@@ -819,7 +865,7 @@ def format_sweep_table(result: SweepResult):
         table.add_column(column, justify="left" if i in (1, 2) else "right")
     for rank, r in enumerate(result.rows, 1):
         cells = _sweep_cells(rank, r)
-        if rank == 1:
+        if rank == result.pick + 1:
             cells[2] = f"[bold green]{r.head} *[/]"
         table.add_row(*cells)
     return table
@@ -832,8 +878,7 @@ def write_sweep_report(result: SweepResult, folder: str | os.PathLike) -> dict[s
     paths = {name: folder / name for name in ("sweep.md", "sweep.csv", "sweep.json")}
     best = result.best
     lines = [f"# Sweep: every head on every feature set of `{result.cache}`", "",
-             f"Best pair: **{best.head}** on `{best.feature_key}` (highest mean accuracy; ties: macro-F1, then "
-             f"the cheaper extraction).", "",
+             f"Best pair: **{best.head}** on `{best.feature_key}` (rank {result.pick + 1}). Why: {result.why}.", "",
              "| " + " | ".join(_SWEEP_COLUMNS) + " |", "|" + "---|" * len(_SWEEP_COLUMNS),
              *("| " + " | ".join(_sweep_cells(i, r)) + " |" for i, r in enumerate(result.rows, 1)), "",
              f"{result.cv}-fold stratified CV (seed {result.seed}) on the same {result.images} images for every "

@@ -220,3 +220,22 @@ def test_umap_map_when_asked_for_and_umap_learn_is_installed(synthetic, compared
     d = ((maps["umap"][:, None] - maps["umap"][None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     assert np.mean(y[d.argmin(axis=1)] == y) > 0.9
+
+
+def test_the_sweep_picks_the_cheapest_pair_within_one_standard_error():
+    """A CV tie between an expensive and a cheap feature set goes to the cheap one; a clear winner stays."""
+    from tlpipe.pipeline.compare import SweepRow, choose_pair
+
+    def row(key, accuracy, ms, std=0.02):
+        return SweepRow(feature_key=key, head="logreg", params={}, accuracy=accuracy, accuracy_std=std, macro_f1=accuracy,
+                        fit_s=0.1, predict_s=0.01, extraction_ms=ms, feature_sets_in_pass=1, input_size=224, tta="none",
+                        layer=None)
+
+    tied = [row("288-flip", 0.9933, 12.0), row("224", 0.9930, 4.5), row("224-crops", 0.9920, 40.0), row("160", 0.95, 2.0)]
+    pick, why = choose_pair(tied, cv=5)  # se = 0.02 / sqrt(5) = 0.0089: the first three tie, 160 px does not
+    assert tied[pick].feature_key == "224" and "cheapest extraction" in why and "3 pairs" in why
+    clear = [row("concat", 0.75, 5.0, std=0.005), row("224", 0.72, 4.5, std=0.005)]
+    pick, why = choose_pair(clear, cv=5)
+    assert pick == 0 and "no other pair" in why
+    unknown = [row("a", 0.99, None), row("b", 0.989, None)]  # costs not recorded: the top pair
+    assert choose_pair(unknown, cv=5)[0] == 0
