@@ -333,11 +333,12 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
                            "ranking": [{"feature_set": r.feature_key, "head": r.head, "cv_accuracy": r.accuracy,
                                         "cv_accuracy_std": r.accuracy_std, "fit_s": r.fit_s,
                                         "extraction_ms": r.extraction_ms} for r in result.rows]}
-        best = report["sweep"]["ranking"][0]
+        report["sweep"]["pick"], report["sweep"]["why"] = result.pick, result.why
+        best = report["sweep"]["ranking"][result.pick]
         report["holdout"] = {"best_pair": holdout_pair(cache, best["feature_set"], best["head"]),
                              "baseline_pair": holdout_pair(cache, base_keys[0], "logreg")}
         sweep_file.write_text(json.dumps([report["sweep"], report["holdout"]], indent=2))
-    best = report["sweep"]["ranking"][0]
+    best = report["sweep"]["ranking"][report["sweep"].get("pick", 0)]  # the pair sweep() picks (choose_pair)
     h = report["holdout"]
     h["delta_points"] = 100 * (h["best_pair"]["holdout_accuracy"] - h["baseline_pair"]["holdout_accuracy"])
     h["best_pair_extraction_images_per_second"], h["best_pair_extraction_vs_baseline"] = speed([best["feature_set"]])
