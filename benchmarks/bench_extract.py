@@ -76,23 +76,26 @@ def pure_inference(entry, images, batch: int = 32, rounds: int = 3, streams: int
 INFERENCE_CPU_MS: list[float] = []  # ms.core per image of each pure_inference call (process CPU time)
 
 
+def least_thread_ms(fn, items, passes: int) -> float:
+    """ms of this thread's CPU time per item of ``fn`` over ``items``: the least of ``passes`` passes (thread CPU
+    time does not count the time other processes hold the core)."""
+    best = float("inf")
+    for _ in range(passes):
+        started = time.thread_time()
+        for item in items:
+            fn(item)
+        best = min(best, (time.thread_time() - started) / len(items) * 1e3)
+    return best
+
+
 def decode_costs(datas: list[bytes], size: int = 224, passes: int = 3) -> dict[str, float]:
     """ms.core per image of decode + resize on one thread, by path: the least thread CPU time of ``passes``
     passes (thread CPU time does not count the time other processes hold the core)."""
     from tlpipe.features import fastdecode
     from tlpipe.features.images import decode_image
 
-    def least(decode, items: list[bytes]) -> float:
-        best = float("inf")
-        for _ in range(passes):
-            started = time.thread_time()
-            for data in items:
-                decode(data)
-            best = min(best, (time.thread_time() - started) / len(items) * 1e3)
-        return best
-
     def cost(resize_filter: str) -> float:
-        return least(lambda data: decode_image(data, size, resize_filter=resize_filter), datas)
+        return least_thread_ms(lambda data: decode_image(data, size, resize_filter=resize_filter), datas, passes)
 
     with fastdecode.disabled():
         before = cost("antialias")  # the path before this change: Pillow decode + antialiased resize
@@ -104,7 +107,8 @@ def decode_costs(datas: list[bytes], size: int = 224, passes: int = 3) -> dict[s
 
         jpegs = [d for d in datas if simplejpeg.is_jpeg(d)]
         if jpegs:  # ms.core per JPEG (the photo sets benchmarked are all JPEG)
-            costs["libjpeg_turbo_decode_only"] = least(lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB"), jpegs)
+            costs["libjpeg_turbo_decode_only"] = least_thread_ms(
+                lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB"), jpegs, passes)
     except ImportError:
         pass
     return costs
@@ -150,15 +154,6 @@ def gil_held_ms(records, size: int = 224, passes: int = 3) -> dict[str, float]:
     from tlpipe.features.decoder import decode_record
     from tlpipe.features.fastdecode import dct_scale
 
-    def best(fn) -> float:
-        least = float("inf")
-        for _ in range(passes):
-            started = time.thread_time()
-            for r in records:
-                fn(r)
-            least = min(least, (time.thread_time() - started) / len(records) * 1e3)
-        return least
-
     def free_calls(r) -> None:
         data = Path(r.abspath).read_bytes()
         hashlib.sha256(data).hexdigest()
@@ -167,8 +162,8 @@ def gil_held_ms(records, size: int = 224, passes: int = 3) -> dict[str, float]:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-width // k), min_height=-(-height // k))
         cv2.resize(pixels, (size, size), interpolation=cv2.INTER_LINEAR)
 
-    total = best(lambda r: decode_record(r, size, "squash", lambda sha: False))
-    free = best(free_calls)
+    total = least_thread_ms(lambda r: decode_record(r, size, "squash", lambda sha: False), records, passes)
+    free = least_thread_ms(free_calls, records, passes)
     return {"worker_ms_core": total, "gil_released_ms_core": free, "gil_held_ms": max(0.0, total - free)}
 
 
