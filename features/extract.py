@@ -15,11 +15,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
+from tlpipe.backbones.export import FeatureModel
 from tlpipe.backbones.registry import POOLINGS
 from tlpipe.backbones.runtime import DEVICES, physical_cores
 from tlpipe.backbones.store import StoreEntry
@@ -32,9 +33,6 @@ from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
 from .stream import LocalEngine, MultiSizeModel, Progress, StageModel, StreamSummary, run_stream
-
-if TYPE_CHECKING:
-    from tlpipe.backbones.export import FeatureModel
 
 __all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
 log = logging.getLogger(__name__)
@@ -74,15 +72,13 @@ class CacheSink:
     a row keeps it (:meth:`CacheWriter.add` drops repeats), so a pass killed between two of them resumes.
     """
 
-    def __init__(
-        self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] | None = None
-    ):
+    def __init__(self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] = ()):
+        self.writer, self.source = writer, source
         self.keys = [key] if isinstance(key, str) else list(key)
-        if len(self.keys) > 1 and (widths is None or len(widths) != len(self.keys)):
+        if len(self.keys) > 1 and len(widths) != len(self.keys):
             raise ValueError("several feature sets need one width each")
-        self.writer, self.key, self.source = writer, self.keys[0], source
-        edges = np.cumsum([0, *(widths or [])])
-        self.columns = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
+        edges = np.cumsum([0, *widths])
+        self.columns = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def done(self, record: ImageRecord) -> bool:
@@ -102,16 +98,15 @@ class CacheSink:
         """Commit the embeddings of the decoded ``items`` and the failures among them; note where every readable
         content was seen (for :meth:`CacheWriter.reconcile`: label conflicts, moved or relabelled files)."""
         for i in items:
-            if i.error is None and i.sha256:
+            if i.error is None:
                 self.seen.setdefault(i.sha256, []).append((i.record.relpath, i.record.label, i.record.split))
         rows = [
             ImageRow(i.record.relpath, i.sha256, i.record.label, i.record.split, *i.size, self.source)
             for i in items
             if i.error is None and not i.known
         ]
-        if rows:
-            for key, columns in zip(self.keys, self.columns):
-                self.writer.add(key, rows, outputs[:, columns])
+        for key, columns in zip(self.keys, self.columns):
+            self.writer.add(key, rows, outputs[:, columns])  # no rows: nothing written
         failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
         if failures:
             self.writer.add_failures(failures, source=self.source)
@@ -211,14 +206,8 @@ def extract_into(
         A setting that is not one of its choices.
     """
     check_extract_options(resize=resize, resize_filter=resize_filter, dtype=dtype)
-    # (model file, input size, [(output or None, the entry whose feature set it fills)]) per model
-    models = [
-        (m.model_path, m.input_size, [(None, m)])
-        if isinstance(m, StoreEntry)
-        else (m.entry.model_path, m.input_size, m.outputs)
-        for m in ([entry] if isinstance(entry, StoreEntry) else entry)
-    ]
-    targets = [t for _, _, outputs in models for _, t in outputs]
+    models = [FeatureModel(entry, (("", entry),))] if isinstance(entry, StoreEntry) else entry  # "": the first output
+    targets = [t for m in models for _, t in m.outputs]
     keys = [feature_set_key(t.key, resize, resize_filter) for t in targets]
     for key, t in zip(keys, targets):
         settings = {"key": t.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
@@ -226,12 +215,27 @@ def extract_into(
     summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
     sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
     stages = [
-        StageModel(path, size, sum(t.embedding_dim for _, t in out), outputs=tuple(n for n, _ in out if n))
-        for path, size, out in models
+        StageModel(
+            m.entry.model_path,
+            m.input_size,
+            sum(t.embedding_dim for _, t in m.outputs),
+            tuple(name for name, _ in m.outputs if name),
+        )
+        for m in models
     ]
-    stage_model = model or (stages[0] if len(stages) == 1 else MultiSizeModel(tuple(stages)))
-    options: dict[str, Any] = dict(batch_size=batch_size, resize=resize, resize_filter=resize_filter, unique=True)
-    run_stream(records, stage_model, sink, summary, engine=engine, progress=progress, **options)
+    model = model or (stages[0] if len(stages) == 1 else MultiSizeModel(tuple(stages)))
+    run_stream(
+        records,
+        model,
+        sink,
+        summary,
+        engine=engine,
+        batch_size=batch_size,
+        resize=resize,
+        resize_filter=resize_filter,
+        unique=True,
+        progress=progress,
+    )
     if source >= 0:
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
     return summary
@@ -367,22 +371,31 @@ def extract(
     images = open_source(source, out, allow_outside_root)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
     several = len(sizes) > 1 or len(layers) > 1
-    if not several:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer
-        choice = choice.with_(size=sizes[0], layer=layers[0])
-    entry = (
-        _several_models(choice, sizes, layers)
-        if several
-        else resolve_entry(choice, images.records, resize, recalibrate, resize_filter)
-    )
+    if several:
+        models = _several_models(choice, sizes, layers)
+    else:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer
+        one = choice.with_(size=sizes[0], layer=layers[0])
+        entry = resolve_entry(one, images.records, resize, recalibrate, resize_filter)
+        models = [FeatureModel(entry, (("", entry),))]
     for warning in images.warnings:
         log.warning("%s", warning)
-    options: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, resize=resize, resize_filter=resize_filter)
     engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
     with engine, CacheWriter(out) as writer:
         source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
-        summary = extract_into(writer, images.records, entry, engine, source=source_index, progress=progress, **options)
-        _note_speed(writer, summary, entry)
+        summary = extract_into(
+            writer,
+            images.records,
+            models,
+            engine,
+            source=source_index,
+            batch_size=batch_size,
+            dtype=dtype,
+            resize=resize,
+            resize_filter=resize_filter,
+            progress=progress,
+        )
+        _note_speed(writer, summary, [m.input_size for m in models] if several else models[0].input_size)
         if images.skipped:
             failures = [(path, "", reason) for path, reason in images.skipped]
             writer.add_failures(failures, stage="listing", source=source_index)
@@ -390,7 +403,7 @@ def extract(
     if augment:
         from .augment import extract_augmented
 
-        targets = [entry] if isinstance(entry, StoreEntry) else [t for m in entry for _, t in m.outputs]
+        targets = [t for m in models for _, t in m.outputs]
         for key, target in zip(summary.keys, targets):
             summary.augmented.append(
                 extract_augmented(
@@ -449,17 +462,16 @@ def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[Feat
     ]
 
 
-def _note_speed(writer: CacheWriter, summary: ExtractSummary, entry: StoreEntry | list[FeatureModel]) -> None:
+def _note_speed(writer: CacheWriter, summary: ExtractSummary, input_size: int | list[int]) -> None:
     """Record this pass's extraction speed on each feature set it filled (kept from the largest pass)."""
-    embedded = summary.embedded
-    if not embedded or not summary.seconds:
+    if not summary.embedded or not summary.seconds:
         return
     record = {
-        "images": embedded,
+        "images": summary.embedded,
         "seconds": round(summary.seconds, 3),
-        "images_per_second": round(embedded / summary.seconds, 2),
+        "images_per_second": round(summary.embedded / summary.seconds, 2),
         "feature_sets_in_pass": len(summary.keys),
-        "input_size": entry.input_size if isinstance(entry, StoreEntry) else [m.input_size for m in entry],
+        "input_size": input_size,
         "provider": summary.provider,
         "cores": physical_cores(),
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -19,6 +19,7 @@ Ray is imported lazily; without it these functions raise ``MissingExtra`` naming
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import time
 import warnings
@@ -33,13 +34,12 @@ import numpy as np
 
 from tlpipe.backbones.deps import require
 
-from .decoder import Decoded, decode_record
+from .decoder import decode_record, stack_pixels
 from .extract import ExtractSummary, extract
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 from .stream import Stage, StageModel
 
-OK, CACHED, FAILED = 0, 1, 2  # the ``status`` column of decoded rows
 TASK_RETRIES = 3  # decode task retries after a worker dies
 ACTOR_RESTARTS = 3  # inference actor restarts (its tasks are retried as often)
 
@@ -118,26 +118,18 @@ def _known_shas(ref) -> frozenset[str]:
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> dict[str, np.ndarray]:
-    """Ray Data task: :func:`~tlpipe.features.decoder.decode_record` on each path; pixels as raw bytes (empty
-    unless decoded)."""
-    cached = _known_shas(known)
-    loaded = [decode_record(ImageRecord("", str(path), None, None), size, resize, cached.__contains__, resize_filter)
-              for path in batch["abspath"]]
-    return {
-        "i": batch["i"],
-        "sha256": np.array([x.sha256 for x in loaded], dtype=object),
-        "status": np.array([FAILED if x.error is not None else CACHED if x.known else OK for x in loaded], np.int8),
-        "error": np.array([x.error or "" for x in loaded], dtype=object),
-        "width": np.array([x.size[0] for x in loaded], np.int32),
-        "height": np.array([x.size[1] for x in loaded], np.int32),
-        "pixels": np.array([x.pixels.tobytes() if isinstance(x.pixels, np.ndarray) else b"" for x in loaded],
-                           dtype=object),
-    }
+    """Ray Data task: :func:`~tlpipe.features.decoder.decode_record` on each path, each result pickled (a
+    column of bytes)."""
+    is_known = _known_shas(known).__contains__
+    decoded = [decode_record(ImageRecord("", str(path), None, None), size, resize, is_known, resize_filter)
+               for path in batch["abspath"]]
+    return {"i": batch["i"], "decoded": np.array([pickle.dumps(d) for d in decoded], dtype=object)}
 
 
 def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, resize: str, known_shas: set[str],
                     batch_size: int, resize_filter: str = DEFAULT_RESIZE_FILTER):
-    """Ray Data rows ``i, sha256, status, error, width, height, pixels`` for ``records`` (row i = records[i])."""
+    """Ray Data rows ``i, decoded`` (a pickled :class:`~tlpipe.features.decoder.Decoded`) for ``records``
+    (row i = records[i])."""
     known = ray.put(frozenset(known_shas)) if known_shas else None
     items = [{"i": i, "abspath": r.abspath} for i, r in enumerate(records)]
     return map_stage(ray.data.from_items(items), decode_batch, batch_size=batch_size, num_cpus=1,
@@ -157,18 +149,17 @@ class ModelActor:
             path = Path(folder) / "model.onnx"
             path.write_bytes(require("ray").get(model_ref))
             self.runner = model.load(device, threads, 1, path=path)
-        self.size, self.width = model.input_size, model.width
+        self.width = model.width
         self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["status"] == OK
-        outputs = np.zeros((len(ok), self.width), self.dtype)
-        if ok.any():
-            shape = (self.size, self.size, 3)
-            pixels = [np.frombuffer(b, np.uint8).reshape(shape) for b in batch["pixels"][ok]]
-            outputs[ok] = self.runner(np.stack(pixels))
-        return {**{k: v for k, v in batch.items() if k != "pixels"}, "output": outputs,
-                "provider": np.full(len(ok), self.runner.provider, dtype=object)}
+        items = [pickle.loads(b) for b in batch["decoded"]]
+        ok = [j for j, item in enumerate(items) if item.pixels is not None]
+        outputs = np.zeros((len(items), self.width), self.dtype)
+        if ok:
+            outputs[ok] = self.runner(stack_pixels([items[j].pixels for j in ok]))
+        return {"i": batch["i"], "output": outputs, "provider": np.full(len(items), self.runner.provider, dtype=object),
+                "decoded": np.array([pickle.dumps(replace(item, pixels=None)) for item in items], dtype=object)}
 
 
 def ordered_batches(dataset, rows: int) -> Iterator[dict[str, np.ndarray]]:
@@ -214,9 +205,11 @@ class RayEngine:
     _ray: Any = field(default=None, repr=False)
     _plan: ActorPlan | None = field(default=None, repr=False)
 
-    def __enter__(self) -> RayEngine:
+    def __post_init__(self) -> None:
         if self.commit_rows < 1:
             raise ValueError(f"commit_rows must be at least 1, not {self.commit_rows}")
+
+    def __enter__(self) -> RayEngine:
         with ExitStack() as stack:  # left (Ray shut down) if planning the actors fails
             self._ray = stack.enter_context(ray_cluster(self.address))
             self._plan = plan_actors(self._ray, self.num_actors, self.actor_gpus)
@@ -253,14 +246,8 @@ class RayEngine:
 
 def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageRecord]) -> None:
     """One batch of actor results as decoded items, committed through the stage like the local engine's."""
-    items, keep = [], []
-    for j, (i, sha, status) in enumerate(zip(batch["i"], batch["sha256"], batch["status"])):
-        item = Decoded(todo[int(i)], str(sha), size=(int(batch["width"][j]), int(batch["height"][j])),
-                       error=str(batch["error"][j]) if status == FAILED else None, known=status == CACHED)
-        admitted = stage.admit(item)
-        if status == OK and admitted:
-            keep.append(j)
-        items.append(item)
+    items = [replace(pickle.loads(b), record=todo[int(i)]) for i, b in zip(batch["i"], batch["decoded"])]
+    keep = [j for j, item in enumerate(items) if stage.admit(item)]
     stage.summary.provider = stage.summary.provider or str(batch["provider"][0])
     stage.commit(items, np.asarray(batch["output"])[keep])
 
@@ -294,9 +281,9 @@ def run_on_ray(command: Callable[..., Any], source: str | os.PathLike[str], out:
     ValueError
         ``batch_size`` or ``commit_rows`` below 1; an impossible actor plan; as ``command``.
     """
-    require("ray")  # before exporting a backbone, which can take minutes
-    if min(batch_size := options.get("batch_size", 32), commit_rows) < 1:
-        raise ValueError(f"batch_size and commit_rows must be at least 1, not {batch_size} and {commit_rows}")
+    require("ray")  # these checks before exporting a backbone, which can take minutes
+    if (batch_size := options.get("batch_size", 32)) < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
     return command(source, out, device=device, engine=engine, **options)
 

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +33,7 @@ from .decoder import Decoded, decode_workers, iter_decoded, stack_pixels
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
-__all__ = ["LocalEngine", "MultiSizeModel", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
+__all__ = ["LocalEngine", "MultiSizeModel", "Runner", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
 
 Progress = Callable[[int, int], Callable[[int], None]]
 
@@ -130,13 +131,11 @@ class StageModel:
         The ONNX model.
     input_size : int
         Side of the square input, in pixels.
-    output : str, optional
-        Output to read (default: the first).
     width : int
         Columns of the final output (embedding dimension, or classes).
     outputs : tuple of str
-        Several outputs to read instead of ``output`` (e.g. the layers of a multi-output export), returned
-        side by side as one float32 (N, sum of their widths) array, in this order.
+        The outputs to read (default: the first), e.g. a fused classifier's probabilities or the layers of a
+        multi-output export, returned side by side as one float32 (N, sum of their widths) array, in this order.
     then : callable, optional
         Applied to the output, float32 (N, D) -> (N, K); must be picklable for the Ray engine.
     """
@@ -144,9 +143,8 @@ class StageModel:
     path: Path
     input_size: int
     width: int = 0
-    output: str | None = None
-    then: Callable[[np.ndarray], np.ndarray] | None = None
     outputs: tuple[str, ...] = ()
+    then: Callable[[np.ndarray], np.ndarray] | None = None
 
     def load(
         self, device: str = "auto", threads: int | None = None, streams: int = 1, path: Path | None = None
@@ -165,8 +163,8 @@ class StageModel:
         """
         from tlpipe.backbones.runtime import OnnxEmbedder
 
-        embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams, output=self.output)
-        return Runner(embedder, self.then, self.outputs)
+        embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams)
+        return Runner([(embedder, list(self.outputs) or [embedder.output_name])], self.then)
 
 
 @dataclass(frozen=True)
@@ -179,7 +177,7 @@ class MultiSizeModel:
     Attributes
     ----------
     models : tuple of StageModel
-        One per input size (sizes distinct).
+        One per input size (sizes distinct), without ``then``.
     """
 
     models: tuple[StageModel, ...]
@@ -188,41 +186,26 @@ class MultiSizeModel:
     def input_size(self) -> tuple[int, ...]:
         return tuple(m.input_size for m in self.models)
 
-    @property
-    def width(self) -> int:
-        return sum(m.width for m in self.models)
-
-    def load(
-        self, device: str = "auto", threads: int | None = None, streams: int = 1, path: Path | None = None
-    ) -> MultiSizeRunner:
-        """Sessions for every model (as :meth:`StageModel.load`; ``path`` is not supported)."""
-        if path is not None:
-            raise ValueError("a multi-size model loads from its own files")
-        return MultiSizeRunner([m.load(device, threads, streams) for m in self.models])
-
-
-class MultiSizeRunner:
-    """A loaded :class:`MultiSizeModel`: ``runner((pixels_a, pixels_b, ...))`` -> output rows side by side."""
-
-    def __init__(self, runners: list[Runner]):
-        self.runners = runners
-        self.streams: int = min(r.streams for r in runners)
-        self.provider: str = runners[0].provider
-
-    def __call__(self, pixels: tuple[np.ndarray, ...]) -> np.ndarray:
-        return np.hstack([run(batch) for run, batch in zip(self.runners, pixels)])
+    def load(self, device: str = "auto", threads: int | None = None, streams: int = 1) -> Runner:
+        """Sessions for every model (as :meth:`StageModel.load`); the runner takes one batch per size."""
+        return Runner([part for m in self.models for part in m.load(device, threads, streams).parts])
 
 
 class Runner:
-    """A loaded :class:`StageModel`: ``runner(pixels)`` -> output rows; thread-safe up to ``streams`` calls."""
+    """A loaded model: ``runner(pixels)`` -> output rows; thread-safe up to ``streams`` calls.
 
-    def __init__(self, embedder: Any, then: Callable[[np.ndarray], np.ndarray] | None, outputs: tuple[str, ...] = ()):
-        self.embedder, self.then, self.outputs = embedder, then, list(outputs)
-        self.streams: int = embedder.streams
-        self.provider: str = embedder.provider
+    ``parts``: (session, output names) per input size; ``pixels`` is one batch, or a tuple of one batch per part
+    (their rows come side by side).
+    """
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        out = np.hstack(self.embedder.run_outputs(pixels, self.outputs)) if self.outputs else self.embedder(pixels)
+    def __init__(self, parts: list[tuple[Any, list[str]]], then: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.parts, self.then = parts, then
+        self.streams: int = min(session.streams for session, _ in parts)
+        self.provider: str = parts[0][0].provider
+
+    def __call__(self, pixels: np.ndarray | tuple[np.ndarray, ...]) -> np.ndarray:
+        batches = pixels if isinstance(pixels, tuple) else (pixels,)
+        out = np.hstack([np.hstack(s.run_outputs(b, names)) for (s, names), b in zip(self.parts, batches)])
         return self.then(out) if self.then is not None else out
 
 
@@ -261,11 +244,10 @@ class Stage:
         """Whether ``item`` goes to the model (decoded, not a duplicate); marks duplicates."""
         if item.error is not None or item.known:
             return False
-        if self.unique and (item.sha256 in self.pending or self.sink.known(item.sha256)):
-            item.known = item.duplicate = True
-            item.pixels = None
-            return False
         if self.unique:
+            if item.sha256 in self.pending or self.sink.known(item.sha256):
+                item.known, item.duplicate, item.pixels = True, True, None
+                return False
             self.pending.add(item.sha256)
         return True
 
@@ -326,7 +308,6 @@ class LocalEngine:
         """
         from tlpipe.backbones.runtime import default_streams
 
-        input_size: int | tuple[int, ...] = model.input_size
         runner = model
         if isinstance(model, (StageModel, MultiSizeModel)):
             runner = model.load(self.device, self.threads, self.streams or default_streams())
@@ -336,40 +317,28 @@ class LocalEngine:
         workers = self.workers or decode_workers()
         prefetch = self.prefetch or max(2 * batch_size, 4 * workers)
         streams = max(1, int(getattr(runner, "streams", 1)))
+        decoded = iter_decoded(
+            todo,
+            model.input_size,
+            resize,
+            stage.sink.known,
+            workers=workers,
+            prefetch=prefetch,
+            resize_filter=resize_filter,
+        )
         inflight: deque[tuple[list[Decoded], Future[np.ndarray] | None]] = deque()
-        batch: list[Decoded] = []
 
-        def finish_oldest() -> None:
-            items, future = inflight.popleft()
-            stage.commit(items, future.result() if future is not None else np.empty((0, 0), np.float32))
-
-        def submit(pool: ThreadPoolExecutor) -> None:
-            while len(inflight) >= streams:
-                finish_oldest()
-            pixels = [b.pixels for b in batch if b.pixels is not None]
-            stacked: Any = stack_pixels(pixels) if pixels else None
-            future = pool.submit(runner, stacked) if pixels else None
-            inflight.append((list(batch), future))
-            batch.clear()
+        def commit_beyond(limit: int) -> None:
+            while len(inflight) > limit:
+                items, future = inflight.popleft()
+                stage.commit(items, future.result() if future is not None else np.empty((0, 0), np.float32))
 
         with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
-            for item in iter_decoded(
-                todo,
-                input_size,
-                resize,
-                stage.sink.known,
-                workers=workers,
-                prefetch=prefetch,
-                resize_filter=resize_filter,
-            ):
-                stage.admit(item)
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    submit(pool)
-            if batch:
-                submit(pool)
-            while inflight:
-                finish_oldest()
+            for batch in iter(lambda: list(islice(decoded, batch_size)), []):
+                pixels = [item.pixels for item in batch if stage.admit(item)]
+                inflight.append((batch, pool.submit(runner, stack_pixels(pixels)) if pixels else None))
+                commit_beyond(streams)  # at most streams running and one more decoded batch waiting
+            commit_beyond(0)
         stage.summary.seconds += time.perf_counter() - started
 
 

@@ -48,8 +48,8 @@ from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
 from tlpipe.features.cache import FeatureSetReader, exclusive_lock, read_retrying, release_lock
 from tlpipe.features.decoder import Decoded
-from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, RESIZE_FILTERS, recorded_resize_filter
-from tlpipe.features.images import RESIZE_MODES
+from tlpipe.features.extract import check_extract_options
+from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, recorded_resize_filter
 from tlpipe.features.sources import ImageRecord, discover
 from tlpipe.features.stream import LocalEngine, Stage, StageModel, StreamSummary, run_stream
 
@@ -132,13 +132,14 @@ def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, 
     tlpipe.backbones.store.StoreError
         The entry is missing or corrupt.
     """
-    key = metadata.get("feature_set", {}).get("model_key") or metadata.get("feature_set", {}).get("key")
+    feature_set = metadata.get("feature_set", {})
+    key = feature_set.get("model_key") or feature_set.get("key")
     if not key:
         raise HeadError(f"{where}: its sidecar names no feature set, so the backbone it needs is unknown")
     store = store if isinstance(store, ModelStore) else ModelStore(store)
     entry = store.resolve(key)
     entry.verify()
-    recorded, actual = metadata["feature_set"].get("model_sha256"), entry.metadata.get("model_sha256")
+    recorded, actual = feature_set.get("model_sha256"), entry.metadata.get("model_sha256")
     if recorded and actual and recorded != actual:
         raise HeadError(f"{where} was trained on backbone model {recorded[:12]}, but store entry {key} holds "
                         f"model {actual[:12]}: same key, different weights")
@@ -160,14 +161,11 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
     if not labels or len(labels) != len(estimator.classes_):
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
-    predictor = Predictor(labels, from_embeddings=estimator.predict_proba, key=feature_set.get("key"),
-                          model_sha256=feature_set.get("model_sha256"), resize=feature_set.get("resize"),
-                          resize_filter=recorded_resize_filter(feature_set))
-    if backbone:
-        entry = head_backbone(metadata, store, str(head))
-        predictor.model = StageModel(entry.model_path, entry.input_size, width=len(labels),
-                                     then=estimator.predict_proba)
-    return predictor
+    entry = head_backbone(metadata, store, str(head)) if backbone else None
+    return Predictor(labels, entry and StageModel(entry.model_path, entry.input_size, len(labels),
+                                                  then=estimator.predict_proba),
+                     estimator.predict_proba, feature_set.get("key"), feature_set.get("model_sha256"),
+                     feature_set.get("resize"), recorded_resize_filter(feature_set), str(head))
 
 
 def fused_predictor(model: str | os.PathLike) -> Predictor:
@@ -188,10 +186,9 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
         raise ScoreError(f"{model} is not a tlpipe classifier (write one with export-model); a backbone alone "
                          f"gives embeddings, not predictions: score with its head instead")
     labels = json.loads(meta["tlpipe.class_names"])
-    return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), width=len(labels),
-                                        output=PROBABILITIES),
+    return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), len(labels), (PROBABILITIES,)),
                      key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"),
-                     resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER)
+                     resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER, source=str(model))
 
 
 def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
@@ -209,20 +206,15 @@ def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | Non
     """
     if (head is None) == (model is None):
         raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
-    if head is not None:
-        predictor = head_predictor(head, trust=trust, store=store, backbone=images)
-    else:
-        predictor = fused_predictor(model)  # type: ignore[arg-type]
-    predictor.source = where = str(head if head is not None else model)
-    predictor.resize = settle_setting("resize", resize, predictor.resize, where, choices=RESIZE_MODES,
-                                      unrecorded="squash")
-    predictor.resize_filter = settle_setting("resize-filter", resize_filter, predictor.resize_filter, where,
-                                             choices=RESIZE_FILTERS, unrecorded=LEGACY_RESIZE_FILTER)
+    predictor = (head_predictor(head, trust=trust, store=store, backbone=images) if head is not None
+                 else fused_predictor(model))  # type: ignore[arg-type]
+    predictor.resize = settle_setting("resize", resize, predictor.resize, predictor.source, "squash")
+    predictor.resize_filter = settle_setting("resize-filter", resize_filter, predictor.resize_filter, predictor.source,
+                                             LEGACY_RESIZE_FILTER)
     return predictor
 
 
-def settle_setting(option: str, asked: str | None, recorded: str | None, where: str, *, choices: tuple[str, ...],
-                   unrecorded: str) -> str:
+def settle_setting(option: str, asked: str | None, recorded: str | None, where: str, unrecorded: str) -> str:
     """The value of a pixel setting (``resize``, ``resize_filter``) to score with: the one the head's (or fused
     model's) embeddings were made with. The one check for every setting that is part of a feature set's identity.
 
@@ -236,8 +228,6 @@ def settle_setting(option: str, asked: str | None, recorded: str | None, where: 
         The value recorded with the head or fused model (None: not recorded).
     where : str
         The head or model, for messages.
-    choices : tuple of str
-        The allowed values.
     unrecorded : str
         The value used when none is recorded and none asked (what tlpipe made before recording it).
 
@@ -250,12 +240,12 @@ def settle_setting(option: str, asked: str | None, recorded: str | None, where: 
     ScoreError
         ``asked`` disagrees with the recorded value.
     ValueError
-        ``asked`` is not one of ``choices``.
+        ``asked`` is not one of its choices (:func:`tlpipe.features.extract.check_extract_options`).
 
     A model that records none (made before tlpipe recorded it) uses ``asked``, else ``unrecorded``, and says so.
     """
-    if asked is not None and asked not in choices:
-        raise ValueError(f"--{option} must be one of {', '.join(choices)}, not {asked!r}")
+    if asked is not None:
+        check_extract_options(**{option.replace("-", "_"): asked})
     if recorded is None:
         log.warning("%s does not record its %s; scoring with %s", where, option, asked or unrecorded)
         return asked or unrecorded
@@ -309,15 +299,10 @@ class _Output:
     def row(self, path: str, sha: str, true_label: str | None, proba: Any, error: str | None) -> dict:
         """One image's row (:func:`output_columns`): the ``top_k`` best classes of ``proba``, or ``error``."""
         best: Any = np.argsort(-proba, kind="stable")[: self.top_k] if proba is not None else []
-        top: list[tuple[str | None, float | None]] = [(self.labels[j], float(f"{proba[j]:.7g}")) for j in best]
+        top: list[Any] = [(self.labels[j], float(f"{proba[j]:.7g}")) for j in best]
         top += [(None, None)] * (self.top_k - len(top))  # probabilities: float32 precision, without noise digits
-        row: dict[str, Any] = {"path": path, "sha256": sha}
-        if self.labelled:
-            row["true_label"] = display_path(true_label) if true_label is not None else None
-        row |= {"label": top[0][0], "probability": top[0][1]}
-        for i, (label, p) in enumerate(top, 1):
-            row |= {f"top{i}_label": label, f"top{i}_prob": p}
-        return row | {"error": error}
+        truth = [true_label and display_path(true_label)] if self.labelled else []
+        return dict(zip(self.columns, [path, sha, *truth, *top[0], *[v for pair in top for v in pair], error]))
 
     def close(self, finish: bool = True) -> None:
         """Release the output; with ``finish`` (Parquet) assemble it, otherwise leave it for the next run."""
@@ -604,9 +589,9 @@ class CacheRows:
         started, reader = time.perf_counter(), stage.sink.cached  # type: ignore[attr-defined]
         listed = {id(d.record): d for paths, shas, _ in reader.batches(4096) for path, sha in zip(paths, shas)
                   for d in [Decoded(ImageRecord(path, "", self.truth.get(sha), None), sha, known=True)]}
-        todo = stage.todo([d.record for d in listed.values()])
+        todo = [listed[id(r)] for r in stage.todo([d.record for d in listed.values()])]
         for start in range(0, len(todo), batch_size):
-            stage.commit([listed[id(r)] for r in todo[start:start + batch_size]], np.empty((0, 0), np.float32))
+            stage.commit(todo[start:start + batch_size], np.empty((0, 0), np.float32))
         stage.summary.seconds += time.perf_counter() - started
 
 
@@ -684,27 +669,27 @@ def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.P
     if model is not None and (from_cache or cache is not None):
         raise ValueError("scoring embeddings (a cache source or cache reuse) needs the head; model= is a whole "
                          "image classifier")
+    records, skipped = [], []
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
-    images = None if from_cache else discover(source, allow_outside_root=allow_outside_root, labelled=False)
-    if images is not None:  # the true label column: what a labelled listing of the same source says, where it can
-        truth = true_labels(source, allow_outside_root)
-        images.records = [dataclasses.replace(r, label=truth.get(r.relpath)) for r in images.records]
-        if not images.records:
-            skipped = f" ({len(images.skipped)} files skipped)" if images.skipped else ""
-            raise ScoreError(f"no images found in {source}{skipped}")
+    if not from_cache:  # the true label column: what a labelled listing of the same source says, where it can
+        images = discover(source, allow_outside_root=allow_outside_root, labelled=False)
+        truth, skipped = true_labels(source, allow_outside_root), list(images.skipped)
+        records = [dataclasses.replace(r, label=truth.get(r.relpath)) for r in images.records]
+        if not records:
+            raise ScoreError(f"no images found in {source}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
     predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache, resize=resize,
                               resize_filter=resize_filter)
-    if images is None:
+    if from_cache:
         truth = cache_labels(source)
-        engine, cache, labelled, records = CacheRows(truth), source, bool(truth), []
+        engine, cache, labelled = CacheRows(truth), source, bool(truth)
     else:
-        labelled, records = any(r.label is not None for r in images.records), images.records
+        labelled = any(r.label is not None for r in records)
         # one session unless asked: as scoring always ran (two streams measured no faster here, and cost ~80 MB)
         engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
     with engine:
         sink = open_sink(out, predictor, top_k=top_k, cache=cache, labelled=labelled)
-        summary = ScoreSummary(out=str(out), skipped=list(images.skipped) if images is not None else [])
+        summary = ScoreSummary(out=str(out), skipped=skipped)
         run_stream(records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
                    resize=predictor.resize or "squash", resize_filter=predictor.resize_filter, progress=progress)
     return summary
@@ -742,19 +727,15 @@ class Predictions:
 
 
 class _MemorySink(PredictionSink):
-    """The stage's sink for :func:`predict`: each input's probabilities, error and sha256 kept in input order
+    """The stage's sink for :func:`predict`: each input's (error, sha256, probabilities) kept in input order
     (every input reaches the sink, in order), nothing written."""
 
     def __init__(self, predictor: Predictor):
         super().__init__(None, predictor)
-        self.rows: list[np.ndarray | None] = []
-        self.errors: list[str | None] = []
-        self.sha256: list[str] = []
+        self.kept: list[tuple[str | None, str, np.ndarray | None]] = []
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
-        self.rows += self.probabilities(items, outputs)
-        self.errors += [item.error for item in items]
-        self.sha256 += [item.sha256 for item in items]
+        self.kept += [(i.error, i.sha256, p) for i, p in zip(items, self.probabilities(items, outputs))]
 
 
 def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | None = None,
@@ -809,6 +790,6 @@ def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | Non
                resize_filter=predictor.resize_filter,
                engine=LocalEngine(device=device, workers=workers, threads=threads, streams=1))
     missing = np.full(len(predictor.labels), np.nan, np.float32)
-    probabilities = np.array([missing if p is None else p for p in sink.rows], np.float32)
+    probabilities = np.array([missing if p is None else p for _, _, p in sink.kept], np.float32)
     return Predictions(names, list(predictor.labels), probabilities.reshape(len(names), len(predictor.labels)),
-                       sink.errors, sink.sha256)
+                       [e for e, _, _ in sink.kept], [sha for _, sha, _ in sink.kept])
