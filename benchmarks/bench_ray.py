@@ -176,7 +176,7 @@ def main() -> None:
                                   batch_size=args.batch_size).materialize()
         # as RayEngine.run builds its actors: the model file's bytes travel, the recipe names the file
         recipe = StageModel(Path(entry.model_path.name), size, dim)
-        embedded = map_stage(decoded, ModelActor, batch_size=args.batch_size, **plan_actors(ray).map_args(ray),
+        embedded = map_stage(decoded, ModelActor, batch_size=args.batch_size, **plan_actors(ray),
                              fn_constructor_kwargs={"model_ref": model_ref, "model": recipe, "device": "cpu",
                                                     "threads": None}).materialize()
         results["bytes_per_row"] = {"decoded_to_actor": decoded.size_bytes() / decoded.count(),

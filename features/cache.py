@@ -1211,6 +1211,11 @@ class FeatureSetReader:
         The backbone model the caller's embeddings came from; a feature set recorded as made by another
         model is refused.
 
+    Attributes
+    ----------
+    labelled : bool
+        Whether the cache has a labelled image.
+
     Raises
     ------
     CacheError
@@ -1220,7 +1225,7 @@ class FeatureSetReader:
     def __init__(self, path: str | os.PathLike, key: str | None, model_sha256: str | None = None):
         self.path, self.key = Path(path), key
 
-        def read(f: h5py.File) -> tuple[np.ndarray, list[str]]:
+        def read(f: h5py.File) -> tuple[np.ndarray, list[str], bool]:
             features = f["features"]
             if key not in features:
                 raise CacheError(f"{path} holds no feature set {key}; it holds: {', '.join(features) or 'none'}")
@@ -1234,9 +1239,10 @@ class FeatureSetReader:
             if count and rows.max() >= n_images:
                 raise _Torn(f"{path}: feature set {key} points past the image table; the file is damaged")
             shas = _committed(images["sha256"], n_images, path)
-            return rows, [shas[row].decode() for row in rows.tolist()]
+            labelled = bool((_committed(images["label"], n_images, path) >= 0).any())
+            return rows, [shas[row].decode() for row in rows.tolist()], labelled
 
-        self.image_rows, shas = read_retrying(path, read)
+        self.image_rows, shas, self.labelled = read_retrying(path, read)
         self.index: dict[str, int] = {sha: i for i, sha in enumerate(shas)}
 
     def __len__(self) -> int:
@@ -1269,24 +1275,25 @@ class FeatureSetReader:
         embeddings = read_retrying(self.path, lambda f: f["features"][self.key]["embeddings"][rows])
         return embeddings[inverse].astype(np.float32, copy=False)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
         """The committed rows in cache order, ``batch_size`` at a time (one retried read each).
 
         Yields
         ------
         tuple
-            (paths, sha256s, embeddings (n, D) float32).
+            (paths, sha256s, labels: class name or None), one entry per row.
         """
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
             rows, inverse = np.unique(self.image_rows[start:stop], return_inverse=True)
 
-            def read(f: h5py.File, rows=rows, inverse=inverse, start=start, stop=stop) -> tuple[list, list, np.ndarray]:
+            def read(f: h5py.File, rows=rows, inverse=inverse) -> tuple[list, list, list]:
                 images = f["images"]
+                names = json.loads(images.attrs["class_names"])
                 paths = read_paths(images, rows[inverse], self.path)
                 shas = [s.decode() for s in images["sha256"][rows][inverse]]
-                X = f["features"][self.key]["embeddings"][start:stop]
-                return paths, shas, X.astype(np.float32, copy=False)
+                labels = [names[i] if 0 <= i < len(names) else None for i in images["label"][rows][inverse].tolist()]
+                return paths, shas, labels
 
             yield read_retrying(self.path, read)
 

@@ -18,10 +18,10 @@ Ray is imported lazily; without it these functions raise ``MissingExtra`` naming
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -38,7 +38,7 @@ from .decoder import decode_record, stack_pixels
 from .extract import ExtractSummary, extract
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
-from .stream import Stage, StageModel
+from .stream import Engine, Stage, StageModel
 
 TASK_RETRIES = 3  # decode task retries after a worker dies
 ACTOR_RESTARTS = 3  # inference actor restarts (its tasks are retried as often)
@@ -59,19 +59,6 @@ def ray_cluster(address: str | None = None) -> Iterator[ModuleType]:
         ray.shutdown()
 
 
-@dataclass(frozen=True)
-class ActorPlan:
-    """How many inference actors, and the resources each one reserves."""
-
-    actors: int
-    gpus: float  # per actor; 0 = CPU actor
-
-    def map_args(self, ray: ModuleType) -> dict[str, Any]:
-        """:func:`map_stage` arguments for the pool: size, resources, restarts and task retries."""
-        return {"compute": ray.data.ActorPoolStrategy(size=self.actors), "num_cpus": 1,
-                "num_gpus": self.gpus or None, "max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
-
-
 def map_stage(dataset, fn, **kwargs):
     """``dataset.map_batches(fn, batch_format="numpy", **kwargs)``.
 
@@ -85,8 +72,11 @@ def map_stage(dataset, fn, **kwargs):
         return dataset.map_batches(fn, batch_format="numpy", **kwargs)
 
 
-def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: float | None = None) -> ActorPlan:
-    """``actor_gpus`` None: 1 per actor where the cluster has GPUs, else CPU actors. ``num_actors`` None: as
+def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: float | None = None) -> dict[str, Any]:
+    """The inference actor pool, as :func:`map_stage` arguments: its size, each actor's resources, restarts and
+    task retries.
+
+    ``actor_gpus`` None: 1 per actor where the cluster has GPUs, else CPU actors. ``num_actors`` None: as
     many as the GPUs allow, or one CPU actor per alive node with a CPU (its ONNX Runtime uses that node's
     cores, as the local engine does)."""
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -100,20 +90,14 @@ def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: floa
             1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
     if num_actors < 1:
         raise ValueError(f"num_actors must be at least 1, not {num_actors}")
-    return ActorPlan(num_actors, gpus)
+    return {"compute": ray.data.ActorPoolStrategy(size=num_actors), "num_cpus": 1, "num_gpus": gpus or None,
+            "max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
 
 
 # -- decode tasks ----------------------------------------------------------------------------------------
-_known: tuple[Any, frozenset[str]] | None = None  # per worker process: the last broadcast set, fetched once
-
-
+@functools.lru_cache(maxsize=1)  # per worker process: the last broadcast set, fetched once
 def _known_shas(ref) -> frozenset[str]:
-    global _known
-    if ref is None:
-        return frozenset()
-    if _known is None or _known[0] != ref:
-        _known = (ref, require("ray").get(ref))
-    return _known[1]
+    return require("ray").get(ref) if ref is not None else frozenset()
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
@@ -168,16 +152,14 @@ def ordered_batches(dataset, rows: int) -> Iterator[dict[str, np.ndarray]]:
     dataset.context.execution_options.preserve_order = True
     seen: set[int] = set()
     for batch in dataset.iter_batches(batch_size=rows, batch_format="numpy"):
-        fresh = np.array([int(i) not in seen for i in batch["i"]], dtype=bool)
-        seen.update(int(i) for i in batch["i"])
-        if fresh.all():
-            yield batch
-        elif fresh.any():
+        fresh = [j for j, i in enumerate(batch["i"].tolist()) if i not in seen]
+        seen.update(batch["i"].tolist())
+        if fresh:
             yield {k: v[fresh] for k, v in batch.items()}
 
 
 @dataclass
-class RayEngine:
+class RayEngine(Engine):
     """The stage on a Ray cluster. Use as a context manager (connects and plans the actors), then :meth:`run`.
 
     Attributes
@@ -202,8 +184,7 @@ class RayEngine:
     device: str = "auto"
     threads: int | None = None
     _stack: ExitStack | None = field(default=None, repr=False)
-    _ray: Any = field(default=None, repr=False)
-    _plan: ActorPlan | None = field(default=None, repr=False)
+    _actors: dict[str, Any] | None = field(default=None, repr=False)  # the pool's map_stage arguments, once entered
 
     def __post_init__(self) -> None:
         if self.commit_rows < 1:
@@ -211,37 +192,35 @@ class RayEngine:
 
     def __enter__(self) -> RayEngine:
         with ExitStack() as stack:  # left (Ray shut down) if planning the actors fails
-            self._ray = stack.enter_context(ray_cluster(self.address))
-            self._plan = plan_actors(self._ray, self.num_actors, self.actor_gpus)
+            ray = stack.enter_context(ray_cluster(self.address))
+            self._actors = plan_actors(ray, self.num_actors, self.actor_gpus)
             self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._stack is not None:
             self._stack.close()
-        self._stack = self._ray = self._plan = None
+        self._stack = self._actors = None
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
             resize: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
         """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
-        if self._ray is None or self._plan is None:
+        if self._actors is None:
             raise RuntimeError("enter the RayEngine (with engine: ...) before running it")
         if not isinstance(model, StageModel):
             raise TypeError("the Ray engine runs a StageModel (a model file), not a loaded session")
-        ray, todo = self._ray, stage.todo(records)
-        started = time.perf_counter()
+        ray, todo = require("ray"), stage.todo(records)
         if todo:
             known = stage.sink.known_shas()
             decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=known,
                                       batch_size=batch_size, resize_filter=resize_filter)
-            dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._plan.map_args(ray),
+            dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._actors,
                                 fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()),
                                                        "model": replace(model, path=Path(model.path.name)),
                                                        "device": self.device,
                                                        "threads": self.threads})
             for batch in ordered_batches(dataset, self.commit_rows):
                 _commit(stage, batch, todo)
-        stage.summary.seconds += time.perf_counter() - started
 
 
 def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageRecord]) -> None:

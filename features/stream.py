@@ -33,7 +33,7 @@ from .decoder import Decoded, decode_workers, iter_decoded, stack_pixels
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
-__all__ = ["LocalEngine", "MultiSizeModel", "Runner", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
+__all__ = ["Engine", "LocalEngine", "MultiSizeModel", "Sink", "Stage", "StageModel", "StreamSummary", "run_stream"]
 
 Progress = Callable[[int, int], Callable[[int], None]]
 
@@ -230,9 +230,11 @@ class Stage:
         self.sink, self.summary, self.unique, self.progress = sink, summary, unique, progress
         self.pending: set[str] = set()  # content passed on but not yet committed (unique sinks)
         self.advance: Callable[[int], None] | None = None
+        self.started = 0.0  # when the inputs were known (the stream's clock, read by run_stream)
 
     def todo(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
         """The inputs the sink does not hold yet; starts the progress bar."""
+        self.started = time.perf_counter()
         todo = [r for r in records if not self.sink.done(r)]
         self.summary.total += len(records)
         self.summary.already_done += len(records) - len(todo)
@@ -269,8 +271,20 @@ class Stage:
             self.advance(len(items))
 
 
+class Engine:
+    """An engine of the stage: a context manager (entered before the output is opened; the Ray engine connects
+    there) whose ``run(stage, records, model, *, batch_size, resize, resize_filter)`` streams ``records``
+    through ``model`` into ``stage`` (calling :meth:`Stage.todo`, :meth:`Stage.admit`, :meth:`Stage.commit`)."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 @dataclass
-class LocalEngine:
+class LocalEngine(Engine):
     """Decode threads overlapping inference streams in this process.
 
     ``workers`` decode threads (default cores + 1) keep at most ``prefetch`` decoded images in flight
@@ -284,12 +298,6 @@ class LocalEngine:
     prefetch: int | None = None
     threads: int | None = None
     streams: int | None = None
-
-    def __enter__(self) -> LocalEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
     def run(
         self,
@@ -313,7 +321,6 @@ class LocalEngine:
             runner = model.load(self.device, self.threads, self.streams or default_streams())
         stage.summary.provider = str(getattr(runner, "provider", ""))
         todo = stage.todo(records)
-        started = time.perf_counter()
         workers = self.workers or decode_workers()
         prefetch = self.prefetch or max(2 * batch_size, 4 * workers)
         streams = max(1, int(getattr(runner, "streams", 1)))
@@ -339,7 +346,6 @@ class LocalEngine:
                 inflight.append((batch, pool.submit(runner, stack_pixels(pixels)) if pixels else None))
                 commit_beyond(streams)  # at most streams running and one more decoded batch waiting
             commit_beyond(0)
-        stage.summary.seconds += time.perf_counter() - started
 
 
 def run_stream(
@@ -399,5 +405,6 @@ def run_stream(
     except BaseException:
         sink.close(finish=False)
         raise
+    summary.seconds += time.perf_counter() - stage.started
     sink.close()
     return summary

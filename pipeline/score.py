@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +45,12 @@ from tlpipe.backbones.deps import require
 from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
-from tlpipe.features.cache import FeatureSetReader, exclusive_lock, read_retrying, release_lock
+from tlpipe.features.cache import FeatureSetReader, exclusive_lock, release_lock
 from tlpipe.features.decoder import Decoded
 from tlpipe.features.extract import check_extract_options
 from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, recorded_resize_filter
 from tlpipe.features.sources import ImageRecord, discover
-from tlpipe.features.stream import LocalEngine, Stage, StageModel, StreamSummary, run_stream
+from tlpipe.features.stream import Engine, LocalEngine, Stage, StageModel, StreamSummary, run_stream
 
 from .artifacts import HeadError, load_head
 
@@ -334,8 +333,7 @@ class _LineOutput(_Output):
                 good = consumed
         except (csv.Error, ValueError, KeyError, TypeError):
             pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it
-        with open(self.path, "r+b") as fh:
-            fh.truncate(good)
+        self.fh.truncate(good)
         if not good:
             self._append(self._header())
         return paths
@@ -407,8 +405,8 @@ class ParquetOutput(_Output):
     def _open(self) -> set[str]:
         pa = self.pa = require("pyarrow")  # MissingExtra names tlpipe[parquet] (or write .csv / .jsonl)
         self.pq, self.parts = require("pyarrow.parquet"), Path(str(self.path) + ".parts")
-        numeric = lambda name: name == "probability" or name.endswith("_prob")  # noqa: E731
-        self.schema = pa.schema([(c, pa.float64() if numeric(c) else pa.string()) for c in self.columns])
+        self.schema = pa.schema([(c, pa.float64() if c.endswith("_prob") or c == "probability" else pa.string())
+                                 for c in self.columns])
         self.parts.mkdir(exist_ok=True)
         for leftover in self.parts.glob(".*.tmp"):
             leftover.unlink()
@@ -527,18 +525,16 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
         raise ScoreError(f"cannot write {sidecar}: {exc.strerror or exc}") from exc
 
 
-def open_sink(out: str | os.PathLike, predictor: Predictor, *, top_k: int, cache: str | os.PathLike | None = None,
+def open_sink(out: str | os.PathLike, predictor: Predictor, *, top_k: int, cached: FeatureSetReader | None = None,
               labelled: bool = False) -> PredictionSink:
-    """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here).
+    """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here);
+    ``cached``: the head's feature set in the reused cache.
 
     Raises
     ------
     ScoreError
         Another model or options wrote ``out``; a bad output path or extension.
-    tlpipe.features.cache.CacheError
-        ``cache`` lacks the head's feature set, or it was made by another backbone.
     """
-    cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
     k = min(top_k, len(predictor.labels))
     identity: dict[str, object] = {"scored_with": sha256_file(predictor.source), "top_k": k,
                                    "resize": predictor.resize, "true_label": labelled}
@@ -559,40 +555,18 @@ def true_labels(source: str | os.PathLike, allow_outside_root: bool = False) -> 
     return {r.relpath: r.label for r in listed.records if r.label is not None}
 
 
-def cache_labels(path: str | os.PathLike) -> dict[str, str]:
-    """Class name by content hash for the labelled images of a cache (unlabelled ones are absent)."""
-
-    def read(f) -> dict[str, str]:
-        images = f["images"]
-        n, names = int(images.attrs["count"]), json.loads(images.attrs["class_names"])
-        return {s.decode(): names[i] for s, i in zip(images["sha256"][:n], images["label"][:n].tolist())
-                if 0 <= i < len(names)}
-
-    return read_retrying(path, read)
-
-
-@dataclass
-class CacheRows:
+class CacheRows(Engine):
     """The engine for a cache source: the committed rows of the sink's reused cache (the head's feature set)
     are the inputs, each known (its embedding read back, nothing decoded), with the cache's labels."""
 
-    truth: dict[str, str]
-
-    def __enter__(self) -> CacheRows:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: Any, *, batch_size: int, **_: Any) -> None:
         """Commit every row not yet in the output, ``batch_size`` at a time (``records`` and ``model`` unused)."""
-        started, reader = time.perf_counter(), stage.sink.cached  # type: ignore[attr-defined]
-        listed = {id(d.record): d for paths, shas, _ in reader.batches(4096) for path, sha in zip(paths, shas)
-                  for d in [Decoded(ImageRecord(path, "", self.truth.get(sha), None), sha, known=True)]}
+        reader = stage.sink.cached  # type: ignore[attr-defined]
+        listed = {id(d.record): d for rows in reader.batches(4096) for path, sha, label in zip(*rows)
+                  for d in [Decoded(ImageRecord(path, "", label, None), sha, known=True)]}
         todo = [listed[id(r)] for r in stage.todo([d.record for d in listed.values()])]
         for start in range(0, len(todo), batch_size):
             stage.commit(todo[start:start + batch_size], np.empty((0, 0), np.float32))
-        stage.summary.seconds += time.perf_counter() - started
 
 
 def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.PathLike | None = None,
@@ -680,15 +654,16 @@ def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.P
             raise ScoreError(f"no images found in {source}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
     predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache, resize=resize,
                               resize_filter=resize_filter)
+    cache = source if from_cache else cache
+    cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
     if from_cache:
-        truth = cache_labels(source)
-        engine, cache, labelled = CacheRows(truth), source, bool(truth)
+        engine, labelled = CacheRows(), cached.labelled  # type: ignore[union-attr]
     else:
         labelled = any(r.label is not None for r in records)
         # one session unless asked: as scoring always ran (two streams measured no faster here, and cost ~80 MB)
         engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
     with engine:
-        sink = open_sink(out, predictor, top_k=top_k, cache=cache, labelled=labelled)
+        sink = open_sink(out, predictor, top_k=top_k, cached=cached, labelled=labelled)
         summary = ScoreSummary(out=str(out), skipped=skipped)
         run_stream(records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
                    resize=predictor.resize or "squash", resize_filter=predictor.resize_filter, progress=progress)

@@ -133,6 +133,7 @@ def test_scoring_a_cache_uses_its_embeddings(tmp_path, trained):
     assert (summary.total, summary.reused, summary.scored) == (12, 12, 0)
     rows = read_csv(out)
     assert [r["path"] for r in rows] == list(trained.fs.paths)
+    assert [r["true_label"] for r in rows] == [trained.fs.class_names[y] for y in trained.fs.y]  # the cache's labels
     expected = trained.estimator.predict_proba(trained.fs.X)
     assert np.allclose([float(r["probability"]) for r in rows], expected.max(axis=1), atol=1e-5)
     assert score(trained.cache, out, head=trained.head).already_done == 12
