@@ -115,10 +115,8 @@ def decode_record(
     """
     try:
         data = read_file(record.abspath)
-    except OSError as exc:
-        return Decoded(record, error=f"cannot read: {exc.strerror or exc}")
-    except ValueError as exc:  # a path with a NUL byte
-        return Decoded(record, error=f"cannot read: {exc}")
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        return Decoded(record, error=f"cannot read: {getattr(exc, 'strerror', None) or exc}")
     sha = hashlib.sha256(data).hexdigest()
     if is_known(sha):
         return Decoded(record, sha, known=True)
@@ -185,14 +183,9 @@ def iter_decoded(
     prefetch = prefetch or 4 * workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         pending: deque[Future[Decoded]] = deque()
-        source = iter(records)
-
-        def fill() -> None:
-            while len(pending) < prefetch and (record := next(source, None)) is not None:
-                pending.append(pool.submit(decode_record, record, input_size, resize, is_known, resize_filter))
-
-        fill()
+        for record in records:
+            pending.append(pool.submit(decode_record, record, input_size, resize, is_known, resize_filter))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
         while pending:
-            decoded = pending.popleft().result()
-            fill()
-            yield decoded
+            yield pending.popleft().result()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
-from tlpipe.backbones.export import FeatureModel
+from tlpipe.backbones.export import FeatureModel, obtain_layers
 from tlpipe.backbones.registry import POOLINGS
 from tlpipe.backbones.runtime import DEVICES, physical_cores
 from tlpipe.backbones.store import StoreEntry
@@ -75,22 +75,18 @@ class CacheSink:
     def __init__(self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] = ()):
         self.writer, self.source = writer, source
         self.keys = [key] if isinstance(key, str) else list(key)
-        if len(self.keys) > 1 and len(widths) != len(self.keys):
-            raise ValueError("several feature sets need one width each")
         edges = np.cumsum([0, *widths])
         self.columns = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
+        if len(self.columns) != len(self.keys):
+            raise ValueError("several feature sets need one width each")
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def done(self, record: ImageRecord) -> bool:
         """Never by path: the cache is keyed by content."""
         return False
 
-    def known(self, sha256: str) -> bool:
-        """Whether every feature set of this sink holds this content."""
-        return all(self.writer.has(key, sha256) for key in self.keys)
-
     def known_shas(self) -> set[str]:
-        """All content every feature set of this sink holds (broadcast to the Ray engine's decode tasks)."""
+        """All content every feature set of this sink holds."""
         covered = set.intersection(*(set(self.writer.rows_with(key)) for key in self.keys))
         return {sha for sha, row in self.writer.index.items() if row in covered}
 
@@ -422,16 +418,16 @@ def extract(
                     workers=workers,
                 )
             )
-    if summary.label_conflicts:
+    if conflicts := summary.label_conflicts:
         log.warning(
             "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
             "the labels and run extract again): %s%s",
-            len(summary.label_conflicts),
+            len(conflicts),
             "; ".join(
                 " vs ".join(f"{o['path']} ({o['label'] or 'unlabelled'})" for o in c["occurrences"])
-                for c in summary.label_conflicts[:3]
+                for c in conflicts[:3]
             ),
-            " ..." if len(summary.label_conflicts) > 3 else "",
+            " ..." if len(conflicts) > 3 else "",
         )
     return summary
 
@@ -439,8 +435,6 @@ def extract(
 def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[FeatureModel]:
     """Per size, the verified multi-output model of every layer and each output's one-output store entry
     (the feature set's identity); one pass runs them all."""
-    from tlpipe.backbones.export import obtain_layers
-
     if choice.model is not None or choice.backbone is None:
         raise ValueError("several sizes or layers need --backbone (a stored --model has one size and one output)")
     if choice.precision != "fp32":

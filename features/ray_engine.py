@@ -211,8 +211,7 @@ class RayEngine(Engine):
             raise TypeError("the Ray engine runs a StageModel (a model file), not a loaded session")
         ray, todo = require("ray"), stage.todo(records)
         if todo:
-            known = stage.sink.known_shas()
-            decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=known,
+            decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=stage.known,
                                       batch_size=batch_size, resize_filter=resize_filter)
             dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._actors,
                                 fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()),

@@ -3,7 +3,7 @@
 - reader: the inputs (:func:`tlpipe.features.sources.discover`), less those the sink already holds
   (:meth:`Sink.done`, e.g. a score output's paths);
 - decoder (:mod:`tlpipe.features.decoder`): read, sha256, decode + resize; content the sink already
-  holds (:meth:`Sink.known`, e.g. a cache's feature set) is hashed but not decoded;
+  holds (:meth:`Sink.known_shas`, e.g. a cache's feature set) is hashed but not decoded;
 - model (:class:`StageModel`): anything called on a uint8 NHWC batch — a backbone (embeddings), a
   backbone followed by a head (probabilities), or a fused classifier;
 - sink (:class:`Sink`): commits each batch in input order and durably (the HDF5 cache writer, the
@@ -45,12 +45,9 @@ class Sink(Protocol):
         """Whether the output already holds this input (it is then not read at all)."""
         ...
 
-    def known(self, sha256: str) -> bool:
-        """Whether this content needs no model run (held already, or resolved by the sink itself)."""
-        ...
-
     def known_shas(self) -> set[str]:
-        """Every sha256 :meth:`known` accepts (shipped to the Ray engine's decode tasks)."""
+        """Every sha256 whose content needs no model run (held already, or resolved by the sink itself): hashed
+        but not decoded. Read once, when the inputs are known (:meth:`Stage.todo`)."""
         ...
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
@@ -228,14 +225,16 @@ class Stage:
 
     def __init__(self, sink: Sink, summary: StreamSummary, *, unique: bool = False, progress: Progress | None = None):
         self.sink, self.summary, self.unique, self.progress = sink, summary, unique, progress
-        self.pending: set[str] = set()  # content passed on but not yet committed (unique sinks)
+        self.known: set[str] = set()  # the sink's known content when the run started (Sink.known_shas)
+        self.brought: set[str] = set()  # content passed on to the model in this run (unique sinks)
         self.advance: Callable[[int], None] | None = None
         self.started = 0.0  # when the inputs were known (the stream's clock, read by run_stream)
 
     def todo(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
-        """The inputs the sink does not hold yet; starts the progress bar."""
+        """The inputs the sink does not hold yet; reads the sink's known content; starts the progress bar."""
         self.started = time.perf_counter()
         todo = [r for r in records if not self.sink.done(r)]
+        self.known = self.sink.known_shas()
         self.summary.total += len(records)
         self.summary.already_done += len(records) - len(todo)
         if self.progress:
@@ -247,10 +246,10 @@ class Stage:
         if item.error is not None or item.known:
             return False
         if self.unique:
-            if item.sha256 in self.pending or self.sink.known(item.sha256):
+            if item.sha256 in self.brought:
                 item.known, item.duplicate, item.pixels = True, True, None
                 return False
-            self.pending.add(item.sha256)
+            self.brought.add(item.sha256)
         return True
 
     def commit(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
@@ -265,8 +264,6 @@ class Stage:
             elif item.known:
                 summary.known += 1
         summary.processed += len(outputs)
-        if self.unique:
-            self.pending.difference_update(i.sha256 for i in items)
         if self.advance:
             self.advance(len(items))
 
@@ -328,7 +325,7 @@ class LocalEngine(Engine):
             todo,
             model.input_size,
             resize,
-            stage.sink.known,
+            stage.known.__contains__,
             workers=workers,
             prefetch=prefetch,
             resize_filter=resize_filter,

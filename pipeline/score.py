@@ -470,10 +470,6 @@ class PredictionSink:
         """Whether the output already has this path's row."""
         return self.output is not None and display_path(record.relpath) in self.output.paths
 
-    def known(self, sha256: str) -> bool:
-        """Whether the reused cache holds this content."""
-        return self.cached is not None and sha256 in self.cached
-
     def known_shas(self) -> set[str]:
         """The content the reused cache holds."""
         return set(self.cached.index) if self.cached is not None else set()
