@@ -78,7 +78,7 @@ def read_file(path: str) -> bytes:
         When it cannot be opened, or is a folder, a FIFO or a device (e.g. /dev/zero, which would never end).
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb", closefd=True) as fh:
+    with open(fd, "rb") as fh:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise OSError(f"not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'})")

@@ -87,23 +87,23 @@ class CacheSink:
 
     def known_shas(self) -> set[str]:
         """All content every feature set of this sink holds."""
-        covered = set.intersection(*(set(self.writer.rows_with(key)) for key in self.keys))
+        covered = set.intersection(*(self.writer.rows_with(key) for key in self.keys))
         return {sha for sha, row in self.writer.index.items() if row in covered}
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         """Commit the embeddings of the decoded ``items`` and the failures among them; note where every readable
         content was seen (for :meth:`CacheWriter.reconcile`: label conflicts, moved or relabelled files)."""
+        rows, failures = [], []
         for i in items:
-            if i.error is None:
-                self.seen.setdefault(i.sha256, []).append((i.record.relpath, i.record.label, i.record.split))
-        rows = [
-            ImageRow(i.record.relpath, i.sha256, i.record.label, i.record.split, *i.size, self.source)
-            for i in items
-            if i.error is None and not i.known
-        ]
+            path, label, split = i.record.relpath, i.record.label, i.record.split
+            if i.error is not None:
+                failures.append((path, i.sha256, i.error))
+                continue
+            self.seen.setdefault(i.sha256, []).append((path, label, split))
+            if not i.known:
+                rows.append(ImageRow(path, i.sha256, label, split, *i.size, self.source))
         for key, columns in zip(self.keys, self.columns):
             self.writer.add(key, rows, outputs[:, columns])  # no rows: nothing written
-        failures = [(i.record.relpath, i.sha256, i.error) for i in items if i.error is not None]
         if failures:
             self.writer.add_failures(failures, source=self.source)
 
@@ -237,7 +237,7 @@ def extract_into(
     return summary
 
 
-OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+OPTION_CHOICES = {
     "resize": RESIZE_MODES,
     "resize_filter": RESIZE_FILTERS,
     "dtype": ("float32", "float16"),
@@ -376,20 +376,12 @@ def extract(
     for warning in images.warnings:
         log.warning("%s", warning)
     engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams)
+    options: dict[str, Any] = dict(batch_size=batch_size, dtype=dtype, resize=resize, resize_filter=resize_filter)
     with engine, CacheWriter(out) as writer:
         source_index = writer.note_source(str(Path(source).resolve()))
         writer.register_classes(images.class_names)
         summary = extract_into(
-            writer,
-            images.records,
-            models,
-            engine,
-            source=source_index,
-            batch_size=batch_size,
-            dtype=dtype,
-            resize=resize,
-            resize_filter=resize_filter,
-            progress=progress,
+            writer, images.records, models, engine, source=source_index, progress=progress, **options
         )
         _note_speed(writer, summary, [m.input_size for m in models] if several else models[0].input_size)
         if images.skipped:
@@ -400,24 +392,21 @@ def extract(
         from .augment import extract_augmented
 
         targets = [t for m in models for _, t in m.outputs]
-        for key, target in zip(summary.keys, targets):
-            summary.augmented.append(
-                extract_augmented(
-                    images.records,
-                    out,
-                    target,
-                    key,
-                    views=augment,
-                    seed=augment_seed,
-                    resize=resize,
-                    resize_filter=resize_filter,
-                    batch_size=batch_size,
-                    dtype=dtype,
-                    device=device,
-                    threads=threads,
-                    workers=workers,
-                )
+        summary.augmented = [
+            extract_augmented(
+                images.records,
+                out,
+                target,
+                key,
+                views=augment,
+                seed=augment_seed,
+                device=device,
+                threads=threads,
+                workers=workers,
+                **options,
             )
+            for key, target in zip(summary.keys, targets)
+        ]
     if conflicts := summary.label_conflicts:
         log.warning(
             "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "

@@ -83,7 +83,7 @@ def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: floa
     gpus = (1.0 if cluster_gpus else 0.0) if actor_gpus is None else float(actor_gpus)
     if gpus < 0:
         raise ValueError(f"actor_gpus must be at least 0, not {actor_gpus}")
-    if gpus and gpus > cluster_gpus:
+    if gpus > cluster_gpus:
         raise ValueError(f"{gpus:g} GPU per actor asked, the cluster has {cluster_gpus:g}")
     if num_actors is None:
         num_actors = int(cluster_gpus // gpus) if gpus else sum(
@@ -97,7 +97,7 @@ def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: floa
 # -- decode tasks ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)  # per worker process: the last broadcast set, fetched once
 def _known_shas(ref) -> frozenset[str]:
-    return require("ray").get(ref) if ref is not None else frozenset()
+    return require("ray").get(ref)
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
@@ -114,7 +114,7 @@ def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, r
                     batch_size: int, resize_filter: str = DEFAULT_RESIZE_FILTER):
     """Ray Data rows ``i, decoded`` (a pickled :class:`~tlpipe.features.decoder.Decoded`) for ``records``
     (row i = records[i])."""
-    known = ray.put(frozenset(known_shas)) if known_shas else None
+    known = ray.put(frozenset(known_shas))
     items = [{"i": i, "abspath": r.abspath} for i, r in enumerate(records)]
     return map_stage(ray.data.from_items(items), decode_batch, batch_size=batch_size, num_cpus=1,
                      max_retries=TASK_RETRIES, fn_kwargs={"size": size, "resize": resize, "known": known,
@@ -132,7 +132,7 @@ class ModelActor:
         with tempfile.TemporaryDirectory(prefix="tlpipe-model-") as folder:
             path = Path(folder) / "model.onnx"
             path.write_bytes(require("ray").get(model_ref))
-            self.runner = model.load(device, threads, 1, path=path)
+            self.runner = model.load(device, threads, 1, path=path)  # the recipe's own path is the driver's
         self.width = model.width
         self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
@@ -183,7 +183,7 @@ class RayEngine(Engine):
     commit_rows: int = 256
     device: str = "auto"
     threads: int | None = None
-    _stack: ExitStack | None = field(default=None, repr=False)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
     _actors: dict[str, Any] | None = field(default=None, repr=False)  # the pool's map_stage arguments, once entered
 
     def __post_init__(self) -> None:
@@ -198,9 +198,8 @@ class RayEngine(Engine):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._stack is not None:
-            self._stack.close()
-        self._stack = self._actors = None
+        self._stack.close()
+        self._actors = None
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
             resize: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
@@ -214,10 +213,8 @@ class RayEngine(Engine):
             decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=stage.known,
                                       batch_size=batch_size, resize_filter=resize_filter)
             dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._actors,
-                                fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()),
-                                                       "model": replace(model, path=Path(model.path.name)),
-                                                       "device": self.device,
-                                                       "threads": self.threads})
+                                fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()), "model": model,
+                                                       "device": self.device, "threads": self.threads})
             for batch in ordered_batches(dataset, self.commit_rows):
                 _commit(stage, batch, todo)
 

@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from tlpipe.backbones.runtime import OnnxEmbedder, default_streams
+
 from .decoder import Decoded, decode_workers, iter_decoded, stack_pixels
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
@@ -158,8 +160,6 @@ class StageModel:
         tlpipe.backbones.runtime.ProviderError
             When ``device`` "cuda" cannot be had.
         """
-        from tlpipe.backbones.runtime import OnnxEmbedder
-
         embedder = OnnxEmbedder(path or self.path, device=device, threads=threads, streams=streams)
         return Runner([(embedder, list(self.outputs) or [embedder.output_name])], self.then)
 
@@ -311,8 +311,6 @@ class LocalEngine(Engine):
         ``model``: a :class:`StageModel` or :class:`MultiSizeModel` (loaded here) or an already loaded session
         with its ``input_size`` (e.g. a :class:`~tlpipe.backbones.runtime.OnnxEmbedder`).
         """
-        from tlpipe.backbones.runtime import default_streams
-
         runner = model
         if isinstance(model, (StageModel, MultiSizeModel)):
             runner = model.load(self.device, self.threads, self.streams or default_streams())
@@ -320,7 +318,7 @@ class LocalEngine(Engine):
         todo = stage.todo(records)
         workers = self.workers or decode_workers()
         prefetch = self.prefetch or max(2 * batch_size, 4 * workers)
-        streams = max(1, int(getattr(runner, "streams", 1)))
+        streams: int = getattr(runner, "streams", 1)
         decoded = iter_decoded(
             todo,
             model.input_size,
@@ -330,17 +328,19 @@ class LocalEngine(Engine):
             prefetch=prefetch,
             resize_filter=resize_filter,
         )
-        inflight: deque[tuple[list[Decoded], Future[np.ndarray] | None]] = deque()
+        inflight: deque[tuple[list[Decoded], Future[np.ndarray]]] = deque()
+
+        def infer(pixels: list) -> np.ndarray:
+            return runner(stack_pixels(pixels)) if pixels else np.empty((0, 0), np.float32)
 
         def commit_beyond(limit: int) -> None:
             while len(inflight) > limit:
                 items, future = inflight.popleft()
-                stage.commit(items, future.result() if future is not None else np.empty((0, 0), np.float32))
+                stage.commit(items, future.result())
 
         with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="infer") as pool:
             for batch in iter(lambda: list(islice(decoded, batch_size)), []):
-                pixels = [item.pixels for item in batch if stage.admit(item)]
-                inflight.append((batch, pool.submit(runner, stack_pixels(pixels)) if pixels else None))
+                inflight.append((batch, pool.submit(infer, [item.pixels for item in batch if stage.admit(item)])))
                 commit_beyond(streams)  # at most streams running and one more decoded batch waiting
             commit_beyond(0)
 

@@ -27,14 +27,13 @@ columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and ``pandas.re
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +49,14 @@ from tlpipe.features.decoder import Decoded
 from tlpipe.features.extract import check_extract_options
 from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, recorded_resize_filter
 from tlpipe.features.sources import ImageRecord, discover
-from tlpipe.features.stream import Engine, LocalEngine, Stage, StageModel, StreamSummary, run_stream
+from tlpipe.features.stream import Engine, LocalEngine, Progress, Stage, StageModel, StreamSummary, run_stream
 
 from .artifacts import HeadError, load_head
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = (".csv", ".jsonl", ".parquet")
 PROBABILITIES = "probabilities"
+Store = ModelStore | str | os.PathLike | None  # a model store, or its folder (None: the default one)
 
 
 class ScoreError(RuntimeError):
@@ -121,7 +120,7 @@ class Predictor:
     source: str = ""
 
 
-def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, where: str) -> StoreEntry:
+def head_backbone(metadata: dict, store: Store, where: str) -> StoreEntry:
     """The model-store entry a saved head's embeddings came from, checked against the head's record.
 
     Raises
@@ -145,7 +144,7 @@ def head_backbone(metadata: dict, store: ModelStore | str | os.PathLike | None, 
     return entry
 
 
-def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: ModelStore | str | os.PathLike | None = None,
+def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Store = None,
                    backbone: bool = True) -> Predictor:
     """A saved head (unpickled once, here); with ``backbone`` (needed for images) its backbone as the stage model.
 
@@ -160,10 +159,11 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Model
     if not labels or len(labels) != len(estimator.classes_):
         raise HeadError(f"{head}: the sidecar does not name the head's {len(estimator.classes_)} classes")
     feature_set = metadata.get("feature_set", {})
-    entry = head_backbone(metadata, store, str(head)) if backbone else None
-    return Predictor(labels, entry and StageModel(entry.model_path, entry.input_size, len(labels),
-                                                  then=estimator.predict_proba),
-                     estimator.predict_proba, feature_set.get("key"), feature_set.get("model_sha256"),
+    model = None
+    if backbone:
+        entry = head_backbone(metadata, store, str(head))
+        model = StageModel(entry.model_path, entry.input_size, len(labels), then=estimator.predict_proba)
+    return Predictor(labels, model, estimator.predict_proba, feature_set.get("key"), feature_set.get("model_sha256"),
                      feature_set.get("resize"), recorded_resize_filter(feature_set), str(head))
 
 
@@ -191,7 +191,7 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
 
 
 def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
-                  store: ModelStore | str | os.PathLike | None = None, images: bool = True, resize: str | None = None,
+                  store: Store = None, images: bool = True, resize: str | None = None,
                   resize_filter: str | None = None) -> Predictor:
     """:func:`head_predictor` or :func:`fused_predictor`, whichever of ``head`` / ``model`` is given, with its
     ``resize`` and ``resize_filter`` settled (:func:`settle_setting`) from the explicit ones asked.
@@ -441,13 +441,13 @@ class ParquetOutput(_Output):
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
 
 
-def open_output(out: str | os.PathLike, top_k: int, labelled: bool = False, labels: Sequence[str] = ()) -> _Output:
+def open_output(out: str | os.PathLike, top_k: int, labelled: bool, labels: Sequence[str]) -> _Output:
     """The writer for ``out``'s extension, holding the paths already in it; ``labelled`` adds ``true_label``;
     ``labels`` are the class names of the probability columns."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in _OUTPUTS:
-        raise ScoreError(f"{out}: the output's extension chooses its format; use one of {', '.join(OUTPUT_FORMATS)}")
+        raise ScoreError(f"{out}: the output's extension chooses its format; use one of {', '.join(_OUTPUTS)}")
     if out.is_dir():
         raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + suffix)}")
     if not out.parent.is_dir():
@@ -568,10 +568,10 @@ class CacheRows(Engine):
 def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.PathLike | None = None,
           model: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, top_k: int = 3,
           device: str = "auto", batch_size: int = 32, trust: bool = False,
-          store: ModelStore | str | os.PathLike | None = None, resize: str | None = None,
+          store: Store = None, resize: str | None = None,
           resize_filter: str | None = None, workers: int | None = None, threads: int | None = None,
           streams: int | None = None, allow_outside_root: bool = False,
-          progress: Callable[[int, int], Callable[[int], None]] | None = None, engine: Any = None) -> ScoreSummary:
+          progress: Progress | None = None, engine: Any = None) -> ScoreSummary:
     """Predict a class for every image of ``source`` and write one row per image to ``out``.
 
     Parameters
@@ -645,7 +645,7 @@ def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.P
     if not from_cache:  # the true label column: what a labelled listing of the same source says, where it can
         images = discover(source, allow_outside_root=allow_outside_root, labelled=False)
         truth, skipped = true_labels(source, allow_outside_root), list(images.skipped)
-        records = [dataclasses.replace(r, label=truth.get(r.relpath)) for r in images.records]
+        records = [replace(r, label=truth.get(r.relpath)) for r in images.records]
         if not records:
             raise ScoreError(f"no images found in {source}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
     predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache, resize=resize,
@@ -693,7 +693,7 @@ class Predictions:
     @property
     def predicted(self) -> list[str | None]:
         """The most probable class name per input (None where it failed)."""
-        best = np.argmax(np.nan_to_num(self.probabilities, nan=-1.0), axis=1) if len(self.paths) else []
+        best = np.argmax(np.nan_to_num(self.probabilities, nan=-1.0), axis=1)  # (0, K) -> none
         return [None if e is not None else self.labels[int(b)] for b, e in zip(best, self.errors)]
 
 
@@ -711,7 +711,7 @@ class _MemorySink(PredictionSink):
 
 def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | None = None,
             model: str | os.PathLike | None = None, trust: bool = False,
-            store: ModelStore | str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
+            store: Store = None, device: str = "auto", batch_size: int = 32,
             resize: str | None = None, resize_filter: str | None = None, workers: int | None = None,
             threads: int | None = None) -> Predictions:
     """Class probabilities for image files, in memory (no output file), in input order.
