@@ -175,7 +175,7 @@ def main() -> None:
         decoded = decoded_dataset(ray, records, size=size, resize="squash", known_shas=set(),
                                   batch_size=args.batch_size).materialize()
         # as RayEngine.run builds its actors: the model file's bytes travel, the recipe names the file
-        recipe = StageModel(Path(entry.model_path.name), size, dim)
+        recipe = StageModel(Path(entry.model_path.name), size)
         embedded = map_stage(decoded, ModelActor, batch_size=args.batch_size, **plan_actors(ray),
                              fn_constructor_kwargs={"model_ref": model_ref, "model": recipe, "device": "cpu",
                                                     "threads": None}).materialize()

@@ -211,13 +211,7 @@ def extract_into(
     summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
     sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
     stages = [
-        StageModel(
-            m.entry.model_path,
-            m.input_size,
-            sum(t.embedding_dim for _, t in m.outputs),
-            tuple(name for name, _ in m.outputs if name),
-        )
-        for m in models
+        StageModel(m.entry.model_path, m.input_size, tuple(name for name, _ in m.outputs if name)) for m in models
     ]
     model = model or (stages[0] if len(stages) == 1 else MultiSizeModel(tuple(stages)))
     run_stream(

@@ -122,7 +122,8 @@ def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, r
 
 
 class ModelActor:
-    """Ray Data actor: decoded rows in, the model's rows out (zeros for rows not decoded); pixels are dropped.
+    """Ray Data actor: decoded rows in; out, each row's decoded item without its pixels and the model's output
+    row (None when not decoded), pickled together.
 
     The model's file comes as bytes through the object store (``model_ref``), written to a temporary file on
     this node for as long as the sessions are created.
@@ -133,17 +134,14 @@ class ModelActor:
             path = Path(folder) / "model.onnx"
             path.write_bytes(require("ray").get(model_ref))
             self.runner = model.load(device, threads, 1, path=path)  # the recipe's own path is the driver's
-        self.width = model.width
-        self.dtype = np.float64 if model.then is not None else np.float32  # a head's probabilities stay float64
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [pickle.loads(b) for b in batch["decoded"]]
-        ok = [j for j, item in enumerate(items) if item.pixels is not None]
-        outputs = np.zeros((len(items), self.width), self.dtype)
-        if ok:
-            outputs[ok] = self.runner(stack_pixels([items[j].pixels for j in ok]))
-        return {"i": batch["i"], "output": outputs, "provider": np.full(len(items), self.runner.provider, dtype=object),
-                "decoded": np.array([pickle.dumps(replace(item, pixels=None)) for item in items], dtype=object)}
+        pixels = [item.pixels for item in items if item.pixels is not None]
+        rows = iter(self.runner(stack_pixels(pixels)) if pixels else ())
+        results = [(replace(item, pixels=None), None if item.pixels is None else next(rows)) for item in items]
+        return {"i": batch["i"], "provider": np.full(len(items), self.runner.provider, dtype=object),
+                "decoded": np.array([pickle.dumps(result) for result in results], dtype=object)}
 
 
 def ordered_batches(dataset, rows: int) -> Iterator[dict[str, np.ndarray]]:
@@ -221,10 +219,11 @@ class RayEngine(Engine):
 
 def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageRecord]) -> None:
     """One batch of actor results as decoded items, committed through the stage like the local engine's."""
-    items = [replace(pickle.loads(b), record=todo[int(i)]) for i, b in zip(batch["i"], batch["decoded"])]
-    keep = [j for j, item in enumerate(items) if stage.admit(item)]
+    results = [pickle.loads(b) for b in batch["decoded"]]
+    items = [replace(item, record=todo[int(i)]) for i, (item, _) in zip(batch["i"], results)]
+    outputs = [row for item, (_, row) in zip(items, results) if stage.admit(item)]
     stage.summary.provider = stage.summary.provider or str(batch["provider"][0])
-    stage.commit(items, np.asarray(batch["output"])[keep])
+    stage.commit(items, np.stack(outputs) if outputs else np.empty((0, 0), np.float32))
 
 
 # -- the commands on Ray ---------------------------------------------------------------------------------

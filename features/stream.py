@@ -130,8 +130,6 @@ class StageModel:
         The ONNX model.
     input_size : int
         Side of the square input, in pixels.
-    width : int
-        Columns of the final output (embedding dimension, or classes).
     outputs : tuple of str
         The outputs to read (default: the first), e.g. a fused classifier's probabilities or the layers of a
         multi-output export, returned side by side as one float32 (N, sum of their widths) array, in this order.
@@ -141,7 +139,6 @@ class StageModel:
 
     path: Path
     input_size: int
-    width: int = 0
     outputs: tuple[str, ...] = ()
     then: Callable[[np.ndarray], np.ndarray] | None = None
 

@@ -162,7 +162,7 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Store
     model = None
     if backbone:
         entry = head_backbone(metadata, store, str(head))
-        model = StageModel(entry.model_path, entry.input_size, len(labels), then=estimator.predict_proba)
+        model = StageModel(entry.model_path, entry.input_size, then=estimator.predict_proba)
     return Predictor(labels, model, estimator.predict_proba, feature_set.get("key"), feature_set.get("model_sha256"),
                      feature_set.get("resize"), recorded_resize_filter(feature_set), str(head))
 
@@ -185,7 +185,7 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
         raise ScoreError(f"{model} is not a tlpipe classifier (write one with export-model); a backbone alone "
                          f"gives embeddings, not predictions: score with its head instead")
     labels = json.loads(meta["tlpipe.class_names"])
-    return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), len(labels), (PROBABILITIES,)),
+    return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), (PROBABILITIES,)),
                      key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"),
                      resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER, source=str(model))
 
@@ -248,7 +248,7 @@ def settle_setting(option: str, asked: str | None, recorded: str | None, where: 
     if recorded is None:
         log.warning("%s does not record its %s; scoring with %s", where, option, asked or unrecorded)
         return asked or unrecorded
-    if asked is not None and asked != recorded:
+    if asked not in (None, recorded):
         raise ScoreError(f"--{option} {asked} disagrees with {where}, whose embeddings were made with --{option} "
                          f"{recorded}; leave --{option} out to use {recorded}")
     return recorded
@@ -329,7 +329,8 @@ class _LineOutput(_Output):
 
         try:
             for path in self._parse(lines()):  # None: a header
-                paths.update([path] if path is not None else [])
+                if path is not None:
+                    paths.add(path)
                 good = consumed
         except (csv.Error, ValueError, KeyError, TypeError):
             pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it

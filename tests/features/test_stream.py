@@ -48,7 +48,7 @@ def test_the_local_engine_holds_a_bounded_number_of_decoded_images(tmp_path, tin
         key = tiny_entry.key
         writer.ensure_feature_set(key, tiny_entry.embedding_dim)
         summary = ExtractSummary(out=str(writer.path), key=key)
-        model = StageModel(tiny_entry.model_path, tiny_entry.input_size, tiny_entry.embedding_dim)
+        model = StageModel(tiny_entry.model_path, tiny_entry.input_size)
         run_stream(records, model, BoundedSink(writer, key), summary, batch_size=batch, unique=True,
                    engine=LocalEngine(device="cpu", workers=2, prefetch=prefetch, streams=streams))
     assert summary.embedded == 80 and summary.failed == 0
