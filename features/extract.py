@@ -32,7 +32,7 @@ from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
-from .stream import LocalEngine, MultiSizeModel, Progress, StageModel, StreamSummary, run_stream
+from .stream import LocalEngine, MultiSizeModel, Progress, Sink, StageModel, StreamSummary, run_stream
 
 __all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class ExtractSummary(StreamSummary):
         return self.known
 
 
-class CacheSink:
+class CacheSink(Sink):
     """The HDF5 cache as the stage's sink: feature set ``key`` of ``writer``; content already in the
     feature set is known (not decoded); failures go to the cache's failure table.
 
@@ -70,6 +70,7 @@ class CacheSink:
     runs each image once for all its layers); ``widths`` then gives each one's columns of the model's
     output, in order. Content is known when every one of them holds it; a feature set that already holds
     a row keeps it (:meth:`CacheWriter.add` drops repeats), so a pass killed between two of them resumes.
+    No input is done by path (the cache is keyed by content); the writer is closed by its owner.
     """
 
     def __init__(self, writer: CacheWriter, key: str | Sequence[str], source: int = -1, widths: Sequence[int] = ()):
@@ -80,10 +81,6 @@ class CacheSink:
         if len(self.columns) != len(self.keys):
             raise ValueError("several feature sets need one width each")
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
-
-    def done(self, record: ImageRecord) -> bool:
-        """Never by path: the cache is keyed by content."""
-        return False
 
     def known_shas(self) -> set[str]:
         """All content every feature set of this sink holds."""
@@ -106,9 +103,6 @@ class CacheSink:
             self.writer.add(key, rows, outputs[:, columns])  # no rows: nothing written
         if failures:
             self.writer.add_failures(failures, source=self.source)
-
-    def close(self, finish: bool = True) -> None:
-        """Nothing to do: the writer is closed by its owner."""
 
 
 def open_source(

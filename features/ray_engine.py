@@ -100,8 +100,8 @@ def _known_shas(ref) -> frozenset[str]:
     return require("ray").get(ref)
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known,
-                 resize_filter: str = DEFAULT_RESIZE_FILTER) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known, resize_filter: str
+                 ) -> dict[str, np.ndarray]:
     """Ray Data task: :func:`~tlpipe.features.decoder.decode_record` on each path, each result pickled (a
     column of bytes)."""
     is_known = _known_shas(known).__contains__
@@ -200,7 +200,7 @@ class RayEngine(Engine):
         self._actors = None
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
-            resize: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
+            resize: str, resize_filter: str) -> None:
         """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
         if self._actors is None:
             raise RuntimeError("enter the RayEngine (with engine: ...) before running it")

@@ -41,11 +41,12 @@ Progress = Callable[[int, int], Callable[[int], None]]
 
 
 class Sink(Protocol):
-    """Where the stage commits its results, batch by batch, in input order."""
+    """Where the stage commits its results, batch by batch, in input order (a sink may subclass it for the
+    defaults of :meth:`done` and :meth:`close`)."""
 
     def done(self, record: ImageRecord) -> bool:
-        """Whether the output already holds this input (it is then not read at all)."""
-        ...
+        """Whether the output already holds this input (it is then not read at all); default: never."""
+        return False
 
     def known_shas(self) -> set[str]:
         """Every sha256 whose content needs no model run (held already, or resolved by the sink itself): hashed
@@ -61,8 +62,8 @@ class Sink(Protocol):
         ...
 
     def close(self, finish: bool = True) -> None:
-        """Release the output; ``finish`` False after an error (leave it resumable)."""
-        ...
+        """Release the output; ``finish`` False after an error (leave it resumable); default: nothing to do."""
+        return None
 
 
 @dataclass
@@ -301,7 +302,7 @@ class LocalEngine(Engine):
         *,
         batch_size: int,
         resize: str,
-        resize_filter: str = DEFAULT_RESIZE_FILTER,
+        resize_filter: str,
     ) -> None:
         """Stream ``records`` through ``model`` into ``stage``'s sink.
 
