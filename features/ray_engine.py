@@ -208,7 +208,7 @@ class RayEngine(Engine):
             raise TypeError("the Ray engine runs a StageModel (a model file), not a loaded session")
         ray, todo = require("ray"), stage.todo(records)
         if todo:
-            decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=stage.known,
+            decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=stage.known_shas,
                                       batch_size=batch_size, resize_filter=resize_filter)
             dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._actors,
                                 fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()), "model": model,

@@ -223,7 +223,7 @@ class Stage:
 
     def __init__(self, sink: Sink, summary: StreamSummary, *, unique: bool = False, progress: Progress | None = None):
         self.sink, self.summary, self.unique, self.progress = sink, summary, unique, progress
-        self.known: set[str] = set()  # the sink's known content when the run started (Sink.known_shas)
+        self.known_shas: set[str] = set()  # the sink's known content when the run started
         self.brought: set[str] = set()  # content passed on to the model in this run (unique sinks)
         self.advance: Callable[[int], None] | None = None
         self.started = 0.0  # when the inputs were known (the stream's clock, read by run_stream)
@@ -232,7 +232,7 @@ class Stage:
         """The inputs the sink does not hold yet; reads the sink's known content; starts the progress bar."""
         self.started = time.perf_counter()
         todo = [r for r in records if not self.sink.done(r)]
-        self.known = self.sink.known_shas()
+        self.known_shas = self.sink.known_shas()
         self.summary.total += len(records)
         self.summary.already_done += len(records) - len(todo)
         if self.progress:
@@ -321,7 +321,7 @@ class LocalEngine(Engine):
             todo,
             model.input_size,
             resize,
-            stage.known.__contains__,
+            stage.known_shas.__contains__,
             workers=workers,
             prefetch=prefetch,
             resize_filter=resize_filter,
