@@ -123,8 +123,8 @@ class SVCHead(SVC):
             return super().fit(X, y, sample_weight=sample_weight)
         X = np.ascontiguousarray(X, dtype=np.float64)
         if isinstance(self.gamma, str):  # as SVC resolves it
-            variance = X.var()
-            gamma = (1.0 / (X.shape[1] * variance) if variance != 0 else 1.0) if self.gamma == "scale" else 1.0 / X.shape[1]
+            variance = X.var() if self.gamma == "scale" else 1.0
+            gamma = 1.0 / (X.shape[1] * variance) if variance != 0 else 1.0
         else:
             gamma = float(self.gamma)
         gram = rbf_kernel_block(X, X, gamma)
