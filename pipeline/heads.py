@@ -558,22 +558,28 @@ def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | Non
     return [(np.sort(np.concatenate([regular[tr], always])), regular[te]) for tr, te in folds]
 
 
-def choose_logreg_c(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
-                    views=None) -> float:
-    """The C the default logreg head picks on ``X, y`` (and ``views``, :func:`add_views`): :data:`LOGREG_CS`
-    by its internal :data:`LOGREG_CV_FOLDS`-fold CV (:class:`LogisticRegressionCVHead`), exactly as
-    ``fit-head`` does."""
+def fit_logreg_head(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
+                    views=None) -> Pipeline:
+    """The default logreg head fitted on all of ``X, y`` (and ``views``, :func:`add_views`), exactly as ``fit-head``
+    fits it: C picked from :data:`LOGREG_CS` by its internal :data:`LOGREG_CV_FOLDS`-fold CV
+    (:class:`LogisticRegressionCVHead`), then refitted on every row."""
     X_fit, y_fit, groups = add_views(X, y, np.arange(len(X)), views)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a class smaller than the internal folds (warned elsewhere)
-        head = fit(make_head("logreg", seed=seed, class_weight=class_weight), X_fit, y_fit, class_weight, groups)
+        return fit(make_head("logreg", seed=seed, class_weight=class_weight), X_fit, y_fit, class_weight, groups)
+
+
+def choose_logreg_c(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
+                    views=None) -> float:
+    """The C the default logreg head picks on ``X, y`` (:func:`fit_logreg_head`)."""
+    head = fit_logreg_head(X, y, seed=seed, class_weight=class_weight, views=views)
     return float(np.ravel(head[-1].C_)[0])
 
 
 def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[str], *, cv: int = 5, seed: int = 0,
                    search: bool = False, class_weight: dict | str | None = None, n_jobs: int | None = None,
                    pca: int | float | str | None = "auto", class_names: list[str] | None = None,
-                   views=None) -> list[FoldScore]:
+                   views=None, fitted: dict | None = None) -> list[FoldScore]:
     """Score heads with stratified ``cv``-fold CV (shuffled with ``seed``), in parallel over (head, fold).
 
     ``views`` (augmented views of the rows of ``X``, :func:`add_views`): each fold trains on its training
@@ -586,14 +592,15 @@ def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[s
     ``n_jobs=None`` uses every core. Classes smaller than ``cv`` stay in training (:func:`cv_folds`);
     ``class_names`` name classes in warnings and errors.
 
-    The default logreg head (no ``search``) picks C by an internal CV (:func:`choose_logreg_c`). Here C is
-    picked **once**, on all of ``X, y``, as ``fit-head`` picks it for the head it saves, and every fold
+    The default logreg head (no ``search``) picks C by an internal CV (:func:`fit_logreg_head`). Here C is
+    picked **once**, on all of ``X, y``, by fitting the head ``fit-head`` would save, and every fold
     is then scored at that C (its scores carry ``params={"C": C}``): so CV measures the very head
     ``fit-head`` / ``compare --save-best`` build, at about a fifth of the cost of repeating the search
     in every fold (nested CV). The price: the rows of each test fold took part in choosing C, so the
     logreg CV figures are slightly optimistic, like ``GridSearchCV.best_score_`` over 8 values of one
     parameter (far less than one standard error on the data sets measured); the held-out score of
-    ``compare`` is not affected (C never sees the held-out rows).
+    ``compare`` is not affected (C never sees the held-out rows). ``fitted`` (a dict, optional) receives that
+    head, fitted on all of ``X, y`` (on class names when ``class_names`` are given), under ``"logreg"``.
     """
     for name in names:
         _check_name(name)
@@ -605,22 +612,31 @@ def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[s
     jobs = sorted(((name, i) for name in names if not (late and name == "logreg") for i in range(cv)),
                   key=lambda job: _COST_ORDER[job[0]])
     calls = [delayed(_score_logreg_folds)(X, y, folds, labels, seed, class_weight,
-                                          resolve_pca("logreg", pca, X.shape), views)] if late else []
+                                          resolve_pca("logreg", pca, X.shape), views, class_names)] if late else []
     calls += [delayed(_score_fold)(X, y, *folds[i], name, points[name], i, labels, seed, class_weight,
                                    resolve_pca(name, pca, X.shape), views) for name, i in jobs]
     # The logreg job (C, then its folds: the longest job) goes first, so no job waits for C to be chosen.
     results = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(calls)
+    if late:
+        head, logreg_scores = results[0]
+        results[0] = logreg_scores
+        if fitted is not None:
+            fitted["logreg"] = head
     return [score for scores in results for score in scores]
 
 
-def _score_logreg_folds(X, y, folds, labels, seed, class_weight, pca, views) -> list[FoldScore]:
-    """The default logreg head's CV: C chosen once on ``X, y`` (:func:`choose_logreg_c`), then every fold
-    scored at that C (``params={"C": C}``)."""
-    points = [{"C": choose_logreg_c(X, y, seed=seed, class_weight=class_weight, views=views)}]
+def _score_logreg_folds(X, y, folds, labels, seed, class_weight, pca, views, class_names
+                        ) -> tuple[Pipeline, list[FoldScore]]:
+    """The default logreg head's CV: the head fitted on all of ``X, y`` (:func:`fit_logreg_head`; on class
+    names when known, as ``fit-head`` fits it) gives C, then every fold is scored at that C
+    (``params={"C": C}``). Returns the head and the fold scores."""
+    names = name_labels(y, class_names) if class_names is not None else y
+    head = fit_logreg_head(X, names, seed=seed, class_weight=class_weight, views=views)
+    points = [{"C": float(np.ravel(head[-1].C_)[0])}]
     # Each fold's fit starts from zero: a start from the all-rows solution would carry the test fold's rows
     # into it wherever lbfgs stops short of the optimum (measured: half the log-loss at C = 1 on cats_vs_dogs).
-    return [score for i, (train, test) in enumerate(folds)
-            for score in _score_fold(X, y, train, test, "logreg", points, i, labels, seed, class_weight, pca, views)]
+    return head, [score for i, (train, test) in enumerate(folds) for score in
+                  _score_fold(X, y, train, test, "logreg", points, i, labels, seed, class_weight, pca, views)]
 
 
 def summarize(scores: list[FoldScore]) -> list[dict]:
