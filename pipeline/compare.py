@@ -156,10 +156,15 @@ def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels,
         estimator, _ = fit_head(X[train], name_labels(y[train], class_names), name, seed=seed,
                                 class_weight=class_weight, pca=pca, params=params, n_jobs=n_jobs,
                                 views=views_within(views, train))
+    return estimator, _probabilities(estimator, X[test], labels, class_names)
+
+
+def _probabilities(estimator, X: np.ndarray, labels: np.ndarray, class_names) -> np.ndarray:
+    """A head's probabilities (fitted on class names) on ``X`` as (N, len(labels)) in ``labels`` (label index) order."""
     index = {c: i for i, c in enumerate(class_names)}
-    proba = np.zeros((len(test), len(labels)))
-    proba[:, np.searchsorted(labels, [index[c] for c in estimator.classes_])] = estimator.predict_proba(X[test])
-    return estimator, proba / proba.sum(axis=1, keepdims=True)
+    proba = np.zeros((len(X), len(labels)))
+    proba[:, np.searchsorted(labels, [index[c] for c in estimator.classes_])] = estimator.predict_proba(X)
+    return proba / proba.sum(axis=1, keepdims=True)
 
 
 def _subsample(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -268,8 +273,9 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
     if views is not None:
         setup += (f"; plus {len(cv_views[0])} augmented views of the training images as extra training rows "
                   f"(views of evaluation images never trained on; scores on originals only)")
+    fitted: dict = {}  # heads CV fits on all training rows anyway (the default logreg, to choose C)
     scores = cross_validate(X, y, list(models), cv=cv, seed=seed, search=search, class_weight=class_weight,
-                            n_jobs=n_jobs, pca=pca, class_names=fs.class_names, views=cv_views)
+                            n_jobs=n_jobs, pca=pca, class_names=fs.class_names, views=cv_views, fitted=fitted)
     summary = summarize(scores)
     labels = np.unique(y)
     present = [fs.class_names[i] for i in labels]
@@ -305,14 +311,18 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
         train_pos = np.arange(len(rows))
         subsets = [train_pos] + ([_subsample(y, f, seed) for f in LEARNING_FRACTIONS if f * len(y) >= 3 * len(labels)]
                                  if learning_curve else [])
+        # A winner CV already fitted on every training row (the default logreg: the very head fit-head builds,
+        # C chosen by its internal CV) is not fitted again.
         X_all, y_all = fs.X, fs.y
-        if len(subsets) == 1:  # the refit alone: here, its SVM calibration folds (if any) on every core
+        refit = fitted.get(winner.name)
+        if refit is None and len(subsets) == 1:  # the refit alone: here, its SVM calibration folds on every core
             fits = [_fit_score(X_all, y_all, rows, test, winner.name, winner.params, winner.pca, seed, class_weight,
                                labels, list(fs.class_names), views, n_jobs=n_jobs)]
         else:
-            fits = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
+            fits = [(refit, _probabilities(refit, fs.X[test], labels, fs.class_names))] if refit is not None else []
+            fits += Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
                 delayed(_fit_score)(X_all, y_all, rows[sub], test, winner.name, winner.params, winner.pca, seed,
-                                    class_weight, labels, list(fs.class_names), views) for sub in subsets)
+                                    class_weight, labels, list(fs.class_names), views) for sub in subsets[len(fits):])
         estimator, held = fits[0]
         true = fs.y[test]
         pred = labels[held.argmax(axis=1)]

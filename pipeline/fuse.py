@@ -144,14 +144,17 @@ def ml_opset_for(opset: int) -> int:
 
 def _register_mlp_head() -> None:
     """skl2onnx finds converters by exact class: convert tlpipe's subclasses with their parent's converter —
-    MLPHead (an MLPClassifier that also fits tiny data) and LogisticRegressionCVHead (a LogisticRegressionCV
-    whose ``score`` is accuracy); both keep their parent's fitted attributes."""
+    MLPHead (an MLPClassifier that also fits tiny data), LogisticRegressionCVHead (a LogisticRegressionCV
+    whose ``score`` is accuracy) and SVCHead (an SVC whose RBF decision function runs on BLAS); all keep
+    their parent's fitted attributes."""
     from skl2onnx import update_registered_converter
     from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
     from skl2onnx.operator_converters.multilayer_perceptron import convert_sklearn_mlp_classifier
+    from skl2onnx.operator_converters.support_vector_machines import convert_sklearn_svm_classifier
     from skl2onnx.shape_calculators.linear_classifier import calculate_linear_classifier_output_shapes
+    from skl2onnx.shape_calculators.support_vector_machines import calculate_sklearn_svm_output_shapes
 
-    from tlpipe.pipeline.heads import LogisticRegressionCVHead, MLPHead
+    from tlpipe.pipeline.heads import LogisticRegressionCVHead, MLPHead, SVCHead
 
     update_registered_converter(MLPHead, "TlpipeMLPHead", calculate_linear_classifier_output_shapes,
                                 convert_sklearn_mlp_classifier,
@@ -159,6 +162,10 @@ def _register_mlp_head() -> None:
                                          "nocl": [True, False]})
     update_registered_converter(LogisticRegressionCVHead, "TlpipeLogisticRegressionCVHead",
                                 calculate_linear_classifier_output_shapes, convert_sklearn_linear_classifier,
+                                options={"zipmap": [True, False, "columns"], "nocl": [True, False],
+                                         "output_class_labels": [False, True], "raw_scores": [True, False]})
+    update_registered_converter(SVCHead, "TlpipeSVCHead", calculate_sklearn_svm_output_shapes,
+                                convert_sklearn_svm_classifier,
                                 options={"zipmap": [True, False, "columns"], "nocl": [True, False],
                                          "output_class_labels": [False, True], "raw_scores": [True, False]})
 

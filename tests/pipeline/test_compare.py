@@ -166,8 +166,17 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     assert result.holdout["accuracy"] == pytest.approx(np.mean(result.estimator.predict(fs.X[test]) == names))
     np.testing.assert_array_equal(result.train_rows, train)
     best = result.head(result.best)
-    estimator_params = result.estimator[-1].get_params()
-    assert all(estimator_params[("estimator__" if result.best == "rbf-svm" else "") + k] == v for k, v in best.params.items())
+    clf = result.estimator[-1]
+    if result.best == "logreg":
+        # the head CV fitted on every training row to choose C is the refit: the very head fit-head builds
+        from tlpipe.pipeline.heads import LogisticRegressionCVHead, fit_head
+
+        assert isinstance(clf, LogisticRegressionCVHead) and float(np.ravel(clf.C_)[0]) == best.params["C"]
+        built, _ = fit_head(fs.X[train], np.asarray(fs.class_names)[fs.y[train]], "logreg")
+        np.testing.assert_array_equal(built[-1].coef_, clf.coef_)
+    else:
+        estimator_params = clf.get_params()
+        assert all(estimator_params["estimator__" + k] == v for k, v in best.params.items())
     # the learning curve ends at every training row with the hold-out accuracy itself
     curve = result.learning_curve
     assert [p["rows"] for p in curve] == sorted(p["rows"] for p in curve) and curve[-1]["rows"] == len(train)

@@ -299,3 +299,44 @@ def test_small_classes_stay_in_every_training_fold(synthetic):
     assert sorted(np.concatenate([test for _, test in folds])) == sorted(np.flatnonzero(y != 2))
     with pytest.raises(ValueError, match="class 'lynx' has only 2 labelled rows: svm calibrate"):
         heads.check_rows(y, ["svm"], 5, ["cat", "dog", "lynx"])
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_svc_head_equals_libsvm(monkeypatch, classes, class_weight):
+    # SVCHead computes RBF kernel values on BLAS, in fit and in the decision function; the fit and the decision
+    # values must be libsvm's (a plain SVC), in every kernel block, for binary and one-vs-one multi-class heads
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(classes)
+    centres = rng.normal(size=(classes, 16)) * 1.5
+    y = rng.integers(0, classes, 300)
+    X = centres[y] + rng.normal(size=(300, 16))
+    X_new = rng.normal(size=(97, 16)) * 2
+    ours = heads.SVCHead(C=10.0, gamma="scale", class_weight=class_weight).fit(X, y)
+    libsvm = SVC(C=10.0, gamma="scale", class_weight=class_weight).fit(X, y)
+    # fitted on the BLAS Gram matrix: libsvm's solution, stored as an RBF fit
+    np.testing.assert_array_equal(ours.support_, libsvm.support_)
+    np.testing.assert_array_equal(ours.support_vectors_, libsvm.support_vectors_)
+    np.testing.assert_allclose(ours.dual_coef_, libsvm.dual_coef_, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(ours.intercept_, libsvm.intercept_, rtol=0, atol=1e-8)
+    assert (ours.kernel, ours.shape_fit_, ours.n_features_in_) == ("rbf", X.shape, 16)
+    assert ours._gamma == pytest.approx(libsvm._gamma, rel=1e-12)
+    reference = libsvm.decision_function(X_new)
+    assert reference.shape == ((97,) if classes == 2 else (97, classes))
+    monkeypatch.setattr(heads, "SVC_KERNEL_BLOCK", 8 * len(ours.support_vectors_) * 10)  # 10 rows per block
+    np.testing.assert_allclose(ours.decision_function(X_new), reference, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(ours.predict(X_new), libsvm.predict(X_new))
+    # a Gram matrix over the limit: libsvm's own kernel, the same model
+    monkeypatch.setattr(heads, "SVC_GRAM_BYTES", 8 * 299**2)
+    big = heads.SVCHead(C=10.0, gamma="scale", class_weight=class_weight).fit(X, y)
+    np.testing.assert_allclose(big.decision_function(X_new), reference, rtol=0, atol=1e-8)
+    # another kernel is libsvm's own
+    linear = heads.SVCHead(kernel="linear").fit(X, y)
+    plain_linear = SVC(kernel="linear").fit(X, y)
+    np.testing.assert_array_equal(linear.decision_function(X_new), plain_linear.decision_function(X_new))
+
+
+def test_rbf_svm_head_uses_the_blas_decision_function():
+    head = make_head("rbf-svm")
+    assert isinstance(head[-1].estimator, heads.SVCHead)
