@@ -316,24 +316,15 @@ class _LineOutput(_Output):
 
     def _open(self) -> set[str]:
         self.fh = open(self.path, "ab", buffering=0)
-        consumed, good, paths = 0, 0, set()
-
-        def lines() -> Iterator[str]:
-            nonlocal consumed
-            with open(self.path, "rb") as fh:
-                for raw in fh:
-                    if not raw.endswith(b"\n"):
-                        return  # cut short by a kill
-                    consumed += len(raw)
-                    yield raw.decode("utf-8")
-
-        try:
-            for path in self._parse(lines()):  # None: a header
-                if path is not None:
-                    paths.add(path)
-                good = consumed
-        except (csv.Error, ValueError, KeyError, TypeError):
-            pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it
+        good, paths = 0, set()
+        with open(self.path, "rb") as fh:  # the last line, without its newline, was cut short by a kill
+            try:
+                for path in self._parse(raw.decode("utf-8") for raw in fh if raw.endswith(b"\n")):  # None: a header
+                    if path is not None:
+                        paths.add(path)
+                    good = fh.tell()  # the parser has read this record's lines, no more
+            except (csv.Error, ValueError, KeyError, TypeError):
+                pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it
         self.fh.truncate(good)
         if not good:
             self._append(self._header())
