@@ -433,20 +433,6 @@ class ParquetOutput(_Output):
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
 
 
-def open_output(out: str | os.PathLike, top_k: int, labelled: bool, labels: Sequence[str]) -> _Output:
-    """The writer for ``out``'s extension, holding the paths already in it; ``labelled`` adds ``true_label``;
-    ``labels`` are the class names of the probability columns."""
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in _OUTPUTS:
-        raise ScoreError(f"{out}: the output's extension chooses its format; use one of {', '.join(_OUTPUTS)}")
-    if out.is_dir():
-        raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + suffix)}")
-    if not out.parent.is_dir():
-        raise ScoreError(f"cannot write {out}: folder {out.parent} does not exist")
-    return _OUTPUTS[suffix](out, top_k, labelled, labels)
-
-
 # -- the sink --------------------------------------------------------------------------------------------
 class PredictionSink:
     """A score output as the stage's sink: a row per input (error rows for failures), in input order.
@@ -515,21 +501,27 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
 
 def open_sink(out: str | os.PathLike, predictor: Predictor, *, top_k: int, cached: FeatureSetReader | None = None,
               labelled: bool = False) -> PredictionSink:
-    """The resume check, then the output for ``out``'s extension, as a sink (every engine opens it here);
-    ``cached``: the head's feature set in the reused cache.
+    """The output for ``out``'s extension (its folder created if missing), after the resume check, as a sink
+    (every engine opens it here); ``cached``: the head's feature set in the reused cache.
 
     Raises
     ------
     ScoreError
-        Another model or options wrote ``out``; a bad output path or extension.
+        Another model or options wrote ``out``; an extension that is not a format; ``out`` is a folder.
     """
+    out = Path(out)
+    output = _OUTPUTS.get(out.suffix.lower())
+    if output is None:
+        raise ScoreError(f"{out}: the output's extension chooses its format; use one of {', '.join(_OUTPUTS)}")
+    if out.is_dir():
+        raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + out.suffix)}")
     k = min(top_k, len(predictor.labels))
     identity: dict[str, object] = {"scored_with": sha256_file(predictor.source), "top_k": k,
                                    "resize": predictor.resize, "true_label": labelled}
     if predictor.resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
         identity["resize_filter"] = predictor.resize_filter
     check_resume(out, identity)
-    return PredictionSink(open_output(out, k, labelled, predictor.labels), predictor, cached)
+    return PredictionSink(output(out, k, labelled, predictor.labels), predictor, cached)
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------

@@ -127,6 +127,16 @@ def test_cache_reuse_skips_the_backbone_and_predicts_the_same(tmp_path, trained)
         assert distribution(a[path]) == pytest.approx(distribution(b[path]), abs=1e-5)
 
 
+def test_an_output_folder_or_format_less_extension_is_refused_before_anything_is_written(tmp_path, trained):
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(ScoreError, match="d.csv is a folder; give the output file's path"):
+        run(trained.photos, tmp_path / "d.csv", trained)
+    with pytest.raises(ScoreError, match="extension chooses its format"):
+        run(trained.photos, tmp_path / "s.txt", trained)
+    assert [p.name for p in tmp_path.iterdir()] == ["d.csv"]  # no sidecar, no lock
+    assert list((tmp_path / "d.csv").iterdir()) == []
+
+
 def test_scoring_a_cache_uses_its_embeddings(tmp_path, trained):
     out = tmp_path / "cache_scores.csv"
     summary = score(trained.cache, out, head=trained.head, batch_size=5)
