@@ -34,7 +34,7 @@ def slowed(self, pixels, names=None):  # every model call runs through run_outpu
     return embed(self, pixels, names)
 
 OnnxEmbedder.run_outputs = slowed
-extract(source, out, model=model, batch_size=1, workers=1)
+extract(source, out, model=model, batch_size=1, workers=1, streams=1)  # one inference thread: batches in order
 """
 
 
