@@ -559,14 +559,15 @@ def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | Non
 
 
 def fit_logreg_head(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
-                    views=None) -> Pipeline:
+                    views=None, pca: int | float | None = None) -> Pipeline:
     """The default logreg head fitted on all of ``X, y`` (and ``views``, :func:`add_views`), exactly as ``fit-head``
-    fits it: C picked from :data:`LOGREG_CS` by its internal :data:`LOGREG_CV_FOLDS`-fold CV
-    (:class:`LogisticRegressionCVHead`), then refitted on every row."""
+    fits it: the preprocessing (with ``PCA(pca)`` when given), then C picked from :data:`LOGREG_CS` by its internal
+    :data:`LOGREG_CV_FOLDS`-fold CV (:class:`LogisticRegressionCVHead`) and refitted on every row."""
     X_fit, y_fit, groups = add_views(X, y, np.arange(len(X)), views)
+    head = make_head("logreg", seed=seed, class_weight=class_weight, pca=pca)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a class smaller than the internal folds (warned elsewhere)
-        return fit(make_head("logreg", seed=seed, class_weight=class_weight), X_fit, y_fit, class_weight, groups)
+        return fit(head, X_fit, y_fit, class_weight, groups)
 
 
 def choose_logreg_c(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
@@ -631,7 +632,7 @@ def _score_logreg_folds(X, y, folds, labels, seed, class_weight, pca, views, cla
     names when known, as ``fit-head`` fits it) gives C, then every fold is scored at that C
     (``params={"C": C}``). Returns the head and the fold scores."""
     names = name_labels(y, class_names) if class_names is not None else y
-    head = fit_logreg_head(X, names, seed=seed, class_weight=class_weight, views=views)
+    head = fit_logreg_head(X, names, seed=seed, class_weight=class_weight, views=views, pca=pca)  # the folds' pca
     points = [{"C": float(np.ravel(head[-1].C_)[0])}]
     # Each fold's fit starts from zero: a start from the all-rows solution would carry the test fold's rows
     # into it wherever lbfgs stops short of the optimum (measured: half the log-loss at C = 1 on cats_vs_dogs).

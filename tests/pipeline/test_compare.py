@@ -248,3 +248,16 @@ def test_the_sweep_picks_the_cheapest_pair_within_one_standard_error():
     assert pick == 0 and "no other pair" in why
     unknown = [row("a", 0.99, None), row("b", 0.989, None)]  # costs not recorded: the top pair
     assert choose_pair(unknown, cv=5)[0] == 0
+
+
+def test_a_logreg_winner_reused_from_cv_keeps_the_pca_cv_measured(synthetic_cache):
+    # the head CV fits on all training rows to choose logreg's C is the refit: with --pca it must carry that PCA,
+    # as the folds it was scored with did
+    from tlpipe.pipeline.heads import LogisticRegressionCVHead
+
+    fs = synthetic_cache(n_per_class=(40, 40, 40), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train"))
+    result = compare_heads(fs, ("logreg",), cv=3, n_jobs=1, pca=4, learning_curve=False)
+    assert result.best == "logreg" and result.head("logreg").pca == 4 and result.holdout["pca"] == 4
+    assert result.estimator.named_steps["pca"].n_components_ == 4
+    assert isinstance(result.estimator[-1], LogisticRegressionCVHead)
+    assert float(np.ravel(result.estimator[-1].C_)[0]) == result.head("logreg").params["C"]
