@@ -255,7 +255,8 @@ def test_a_logreg_winner_reused_from_cv_keeps_the_pca_cv_measured(synthetic_cach
     # as the folds it was scored with did
     from tlpipe.pipeline.heads import LogisticRegressionCVHead
 
-    fs = synthetic_cache(n_per_class=(40, 40, 40), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train"))
+    split = lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train")  # noqa: E731
+    fs = synthetic_cache(n_per_class=(40, 40, 40), splits=split)
     result = compare_heads(fs, ("logreg",), cv=3, n_jobs=1, pca=4, learning_curve=False)
     assert result.best == "logreg" and result.head("logreg").pca == 4 and result.holdout["pca"] == 4
     assert result.estimator.named_steps["pca"].n_components_ == 4
