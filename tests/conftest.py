@@ -12,6 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
+def score_with_head_and_fused(photos: Path, head: Path, fused: Path, store, out: Path, **options):
+    """Score ``photos`` with a saved head (its backbone from ``store``) and with its fused model, into JSON Lines
+    under ``out``; assert both scored and failed the same images with the same labels. Returns both summaries
+    and both outputs as {path: row} (head first)."""
+    import json
+
+    from tlpipe.pipeline.score import score
+
+    a = score(photos, out / "head.jsonl", head=head, store=store, device="cpu", **options)
+    b = score(photos, out / "fused.jsonl", model=fused, device="cpu", **options)
+    assert (a.scored, a.failed) == (b.scored, b.failed)
+    rows = [{r["path"]: r for r in map(json.loads, (out / name).read_text().splitlines())}
+            for name in ("head.jsonl", "fused.jsonl")]
+    assert rows[0].keys() == rows[1].keys()
+    assert {k: r["label"] for k, r in rows[0].items()} == {k: r["label"] for k, r in rows[1].items()}
+    return a, b, rows[0], rows[1]
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason."""
     path = SHARED.joinpath(*parts)

@@ -1,7 +1,6 @@
 """A concatenated cut point (``--layer out_relu+block_13_expand_relu``): one ONNX output that is the pooled
 embeddings of both layers side by side, verified against Keras, keyed as its own feature set, and treated by
 extract, score and the fused classifier like any one-output model."""
-import json
 
 import numpy as np
 import onnxruntime as ort
@@ -66,7 +65,7 @@ def test_extract_fit_fuse_and_score_a_concatenated_feature_set(tmp_path, model_s
     from tlpipe.pipeline.artifacts import save_head
     from tlpipe.pipeline.fuse import export_model
     from tlpipe.pipeline.heads import make_head
-    from tlpipe.pipeline.score import score
+    from tests.conftest import score_with_head_and_fused
 
     photos = write_photo_folder(tmp_path / "photos", per_class=8)
     cache = tmp_path / "cache.h5"
@@ -82,12 +81,8 @@ def test_extract_fit_fuse_and_score_a_concatenated_feature_set(tmp_path, model_s
     fused = tmp_path / "classifier.onnx"
     record = export_model(head, fused, store=model_store)
     assert record["verification"]["argmax_mismatch"] == 0
-    a = score(photos, tmp_path / "head.jsonl", head=head, store=model_store, device="cpu")
-    b = score(photos, tmp_path / "fused.jsonl", model=fused, device="cpu")
-    assert a.scored == b.scored == 16
-    rows = lambda p: {r["path"]: r for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
-    ra, rb = rows(tmp_path / "head.jsonl"), rows(tmp_path / "fused.jsonl")
-    assert {k: r["label"] for k, r in ra.items()} == {k: r["label"] for k, r in rb.items()}
+    a, _, ra, _ = score_with_head_and_fused(photos, head, fused, model_store, tmp_path)
+    assert a.scored == 16
     # scoring with the head equals the head on the cached (concatenated) embeddings
     cached = dict(zip(fs.paths, estimator.predict(fs.X)))
     names = fs.class_names

@@ -14,8 +14,7 @@ from tlpipe.features.extract import extract
 from tlpipe.pipeline.artifacts import save_head
 from tlpipe.pipeline.fuse import FuseError, export_model
 from tlpipe.pipeline.heads import HEADS, make_head
-from tlpipe.pipeline.score import score
-from tests.conftest import write_photo_folder
+from tests.conftest import score_with_head_and_fused, write_photo_folder
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +67,8 @@ def test_scoring_with_the_fused_model_equals_scoring_with_the_head(tmp_path, set
     export_model(head_path, model, store=setup.store)
     photos = shutil.copytree(setup.photos, tmp_path / "photos")
     (photos / "china" / "broken.jpg").write_bytes(b"not an image")
-    fused = score(photos, tmp_path / "fused.jsonl", model=model, device="cpu", top_k=3)
-    python = score(photos, tmp_path / "head.jsonl", head=head_path, store=setup.store, device="cpu", top_k=3)
-    assert (fused.scored, fused.failed) == (python.scored, python.failed) == (18, 1)
-    read = lambda p: {r["path"]: r for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
-    a, b = read(tmp_path / "fused.jsonl"), read(tmp_path / "head.jsonl")
-    assert a.keys() == b.keys()
+    python, fused, b, a = score_with_head_and_fused(photos, head_path, model, setup.store, tmp_path, top_k=3)
+    assert (fused.scored, fused.failed) == (18, 1)
     for path, row in a.items():
         assert row["label"] == b[path]["label"] and row["error"] == b[path]["error"]
         top = lambda r: {r[f"top{i}_label"]: r[f"top{i}_prob"] for i in (1, 2, 3) if r[f"top{i}_label"]}  # noqa: E731

@@ -1,5 +1,4 @@
 """A head on a TTA feature set: score and the fused classifier apply the same views (they are in the graph)."""
-import json
 
 import numpy as np
 import onnxruntime as ort
@@ -12,8 +11,7 @@ from tlpipe.features.images import load_image
 from tlpipe.pipeline.artifacts import save_head
 from tlpipe.pipeline.fuse import export_model
 from tlpipe.pipeline.heads import make_head
-from tlpipe.pipeline.score import score
-from tests.conftest import write_photo_folder
+from tests.conftest import score_with_head_and_fused, write_photo_folder
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +39,5 @@ def test_fused_classifier_and_score_apply_the_tta_views(tmp_path, model_store, t
     fused = session.run(["probabilities"], {"images": pixels})[0]
     np.testing.assert_allclose(fused, estimator.predict_proba(mean), atol=1e-4)
     # scoring with the head (its backbone from the store) and with the fused model agree
-    a = score(photos, tmp_path / "head.jsonl", head=head, store=model_store, device="cpu")
-    b = score(photos, tmp_path / "fused.jsonl", model=out, device="cpu")
-    assert a.scored == b.scored == 16
-    rows = lambda p: {r["path"]: r for r in map(json.loads, p.read_text().splitlines())}  # noqa: E731
-    ra, rb = rows(tmp_path / "head.jsonl"), rows(tmp_path / "fused.jsonl")
-    assert {k: r["label"] for k, r in ra.items()} == {k: r["label"] for k, r in rb.items()}
+    a, _, ra, rb = score_with_head_and_fused(photos, head, out, model_store, tmp_path)
+    assert a.scored == 16
