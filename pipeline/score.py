@@ -492,7 +492,10 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
             raise ScoreError(f"{out} was written by another model or options ({recorded}); a re-run resumes only "
                              f"the same scoring: choose another --out or remove it")
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only file system...
+        raise ScoreError(f"cannot create the output's folder {Path(out).parent}: {exc.strerror or exc}") from exc
     try:
         atomic_write(sidecar, json.dumps(identity))
     except OSError as exc:

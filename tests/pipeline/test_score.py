@@ -135,6 +135,11 @@ def test_an_output_folder_or_format_less_extension_is_refused_before_anything_is
         run(trained.photos, tmp_path / "s.txt", trained)
     assert [p.name for p in tmp_path.iterdir()] == ["d.csv"]  # no sidecar, no lock
     assert list((tmp_path / "d.csv").iterdir()) == []
+    # an output whose folder cannot be made (a file stands in its path): one clear line, nothing written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ScoreError, match=r"cannot create the output's folder .*file/sub: Not a directory"):
+        run(trained.photos, tmp_path / "file" / "sub" / "s.csv", trained)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "file"]
 
 
 def test_scoring_a_cache_uses_its_embeddings(tmp_path, trained):
