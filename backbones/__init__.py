@@ -2,6 +2,7 @@
 
 Nothing here imports TensorFlow or ONNX Runtime until a function needs it.
 """
+
 from .deps import MissingExtra, require
 from .export import ExportPlan, VerificationError, export_backbone, obtain_backbone, plan_export
 from .registry import POOLINGS, PREPROCESSING_MODES, REGISTRY, BackboneSpec, CutPoint, get_backbone, list_backbones
@@ -10,8 +11,29 @@ from .store import ModelStore, StoreEntry, StoreError
 from .weights import WEIGHTS_DIR_ENV, ResolvedWeights, WeightsUnavailable, resolve_weights
 
 __all__ = [
-    "BackboneSpec", "CutPoint", "DEVICES", "ExportPlan", "MissingExtra", "ModelStore", "OnnxEmbedder", "POOLINGS",
-    "PREPROCESSING_MODES", "ProviderError", "REGISTRY", "ResolvedWeights", "StoreEntry", "StoreError",
-    "VerificationError", "WEIGHTS_DIR_ENV", "WeightsUnavailable", "create_session", "export_backbone",
-    "get_backbone", "list_backbones", "obtain_backbone", "plan_export", "require", "resolve_weights",
+    "BackboneSpec",
+    "CutPoint",
+    "DEVICES",
+    "ExportPlan",
+    "MissingExtra",
+    "ModelStore",
+    "OnnxEmbedder",
+    "POOLINGS",
+    "PREPROCESSING_MODES",
+    "ProviderError",
+    "REGISTRY",
+    "ResolvedWeights",
+    "StoreEntry",
+    "StoreError",
+    "VerificationError",
+    "WEIGHTS_DIR_ENV",
+    "WeightsUnavailable",
+    "create_session",
+    "export_backbone",
+    "get_backbone",
+    "list_backbones",
+    "obtain_backbone",
+    "plan_export",
+    "require",
+    "resolve_weights",
 ]

@@ -1,4 +1,5 @@
 """Optional dependencies: lazy imports that fail with one line naming the extra to install."""
+
 from __future__ import annotations
 
 import importlib

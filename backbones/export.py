@@ -14,9 +14,9 @@ A concatenated cut point ``a+b`` (:func:`backbones.registry.layer_parts`) is one
 concatenated inside the Keras model before conversion, so it is verified and stored like any one-output
 export; its layer spec is in the key fields (``"layer": "a+b"``) and the key (``…-a_plus_b-…``).
 """
+
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -57,9 +57,16 @@ class ExportPlan:
 
     def key_fields(self) -> dict:
         fields = {
-            "format": EXPORT_FORMAT, "backbone": self.spec.name, "constructor": self.spec.constructor,
-            "kwargs": self.spec.kwargs, "size": self.size, "layer": self.layer, "pooling": self.pooling,
-            "weights": self.weights.identity, "opset": self.opset, "precision": "fp32",
+            "format": EXPORT_FORMAT,
+            "backbone": self.spec.name,
+            "constructor": self.spec.constructor,
+            "kwargs": self.spec.kwargs,
+            "size": self.size,
+            "layer": self.layer,
+            "pooling": self.pooling,
+            "weights": self.weights.identity,
+            "opset": self.opset,
+            "precision": "fp32",
             "versions": converter_versions(),
         }
         if self.tta != "none":  # absent for none: keys of exports made before TTA existed stay valid
@@ -96,9 +103,17 @@ def converter_versions() -> dict:
     return {m: distribution_version(m) for m in ("tensorflow", "keras", "tf2onnx", "onnx")}
 
 
-def plan_export(backbone: str, weights="imagenet", size: int | None = None, layer: str | None = None,
-                pooling: str = "avg", weights_dir=None, opset: int = DEFAULT_OPSET, seed: int = 0,
-                tta: str = "none") -> ExportPlan:
+def plan_export(
+    backbone: str,
+    weights="imagenet",
+    size: int | None = None,
+    layer: str | None = None,
+    pooling: str = "avg",
+    weights_dir=None,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    tta: str = "none",
+) -> ExportPlan:
     """Validate the request and resolve weights; cheap (no TensorFlow)."""
     spec = get_backbone(backbone)
     size = size or spec.default_size
@@ -174,9 +189,19 @@ class FeatureModel:
         return self.entry.input_size
 
 
-def export_backbone(backbone: str, weights="imagenet", size: int | None = None, layer: str | None = None,
-                    pooling: str = "avg", weights_dir=None, store: ModelStore | None = None,
-                    opset: int = DEFAULT_OPSET, seed: int = 0, force: bool = False, tta: str = "none") -> StoreEntry:
+def export_backbone(
+    backbone: str,
+    weights="imagenet",
+    size: int | None = None,
+    layer: str | None = None,
+    pooling: str = "avg",
+    weights_dir=None,
+    store: ModelStore | None = None,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    force: bool = False,
+    tta: str = "none",
+) -> StoreEntry:
     """Export ``backbone`` to the model store (a cache hit returns the stored entry at once)."""
     plan = plan_export(backbone, weights, size, layer, pooling, weights_dir, opset, seed, tta)
     store = store or ModelStore()
@@ -186,9 +211,19 @@ def export_backbone(backbone: str, weights="imagenet", size: int | None = None, 
     return export_plan(plan, store)
 
 
-def export_layers(backbone: str, layers: list[str | None], weights="imagenet", size: int | None = None,
-                  pooling: str = "avg", weights_dir=None, store: ModelStore | None = None,
-                  opset: int = DEFAULT_OPSET, seed: int = 0, force: bool = False, tta: str = "none") -> FeatureModel:
+def export_layers(
+    backbone: str,
+    layers: list[str | None],
+    weights="imagenet",
+    size: int | None = None,
+    pooling: str = "avg",
+    weights_dir=None,
+    store: ModelStore | None = None,
+    opset: int = DEFAULT_OPSET,
+    seed: int = 0,
+    force: bool = False,
+    tta: str = "none",
+) -> FeatureModel:
     """Export several cut points of ``backbone`` (``None`` = its last output) as one multi-output model.
 
     Parameters
@@ -217,7 +252,9 @@ def export_layers(backbone: str, layers: list[str | None], weights="imagenet", s
     store = store or ModelStore()
     plans = [plan_export(backbone, weights, size, layer, pooling, weights_dir, opset, seed, tta) for layer in layers]
     if len(plans) == 1:
-        entry = export_backbone(backbone, weights, size, layers[0], pooling, weights_dir, store, opset, seed, force, tta)
+        entry = export_backbone(
+            backbone, weights, size, layers[0], pooling, weights_dir, store, opset, seed, force, tta
+        )
         return FeatureModel(entry, ((OUTPUT_NAME, entry),))
     multi = MultiExportPlan(tuple(plans))
     if not force:
@@ -255,15 +292,22 @@ def _match_unversioned(store: ModelStore, key_fields: dict) -> StoreEntry | None
     return max(matches, key=lambda e: e.metadata.get("created", ""), default=None)
 
 
-def export_plan(plan: ExportPlan, store: ModelStore, keras_model=None, extra_metadata: dict | None = None) -> StoreEntry:
+def export_plan(
+    plan: ExportPlan, store: ModelStore, keras_model=None, extra_metadata: dict | None = None
+) -> StoreEntry:
     """Build (or take) the Keras model, convert, verify, and store it under ``plan.key``."""
     require("tensorflow")
     require("tf2onnx")
     from . import keras_build
 
     started = time.perf_counter()
-    model = keras_model if keras_model is not None else keras_build.build_embedding_model(
-        plan.spec, plan.size, plan.weights, plan.layer, plan.pooling, tta=plan.tta)
+    model = (
+        keras_model
+        if keras_model is not None
+        else keras_build.build_embedding_model(
+            plan.spec, plan.size, plan.weights, plan.layer, plan.pooling, tta=plan.tta
+        )
+    )
     built = time.perf_counter()
     onnx_model = convert(model, plan.input_size, plan.opset)
     converted = time.perf_counter()
@@ -273,9 +317,12 @@ def export_plan(plan: ExportPlan, store: ModelStore, keras_model=None, extra_met
     verified = time.perf_counter()
     metadata = {
         **_plan_metadata(plan, int(reference.shape[1]), keras_build.weights_digest(model)),
-        "verification": figures, "timings_s": {"build": round(built - started, 2),
-                                               "convert": round(converted - built, 2),
-                                               "verify": round(verified - converted, 2)},
+        "verification": figures,
+        "timings_s": {
+            "build": round(built - started, 2),
+            "convert": round(converted - built, 2),
+            "verify": round(verified - converted, 2),
+        },
         **(extra_metadata or {}),
     }
     add_metadata(onnx_model, {**metadata, "key": plan.key})
@@ -285,15 +332,30 @@ def export_plan(plan: ExportPlan, store: ModelStore, keras_model=None, extra_met
 def _plan_metadata(plan: ExportPlan, dim: int, tensor_digest: str) -> dict:
     """The metadata record of a one-output export of ``plan`` (before verification figures)."""
     return {
-        "backbone": plan.spec.name, "constructor": plan.spec.constructor, "kwargs": plan.spec.kwargs,
-        "input_size": plan.input_size, "backbone_size": plan.size, "tta": plan.tta, "views": view_count(plan.tta),
-        "layer": plan.layer, "pooling": plan.pooling,
-        "embedding_dim": dim, "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-        "output": OUTPUT_NAME, "preprocessing": plan.spec.preprocessing,
-        "weights": {"source": plan.weights.source, "path": plan.weights.path, "sha256": plan.weights.sha256,
-                    "seed": plan.weights.seed if plan.weights.source == "none" else None,
-                    "tensor_digest": tensor_digest},
-        "opset": plan.opset, "precision": "fp32", "versions": converter_versions(), "key_fields": plan.key_fields(),
+        "backbone": plan.spec.name,
+        "constructor": plan.spec.constructor,
+        "kwargs": plan.spec.kwargs,
+        "input_size": plan.input_size,
+        "backbone_size": plan.size,
+        "tta": plan.tta,
+        "views": view_count(plan.tta),
+        "layer": plan.layer,
+        "pooling": plan.pooling,
+        "embedding_dim": dim,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+        "output": OUTPUT_NAME,
+        "preprocessing": plan.spec.preprocessing,
+        "weights": {
+            "source": plan.weights.source,
+            "path": plan.weights.path,
+            "sha256": plan.weights.sha256,
+            "seed": plan.weights.seed if plan.weights.source == "none" else None,
+            "tensor_digest": tensor_digest,
+        },
+        "opset": plan.opset,
+        "precision": "fp32",
+        "versions": converter_versions(),
+        "key_fields": plan.key_fields(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -310,8 +372,9 @@ def export_multi(multi: MultiExportPlan, store: ModelStore) -> FeatureModel:
 
     first = multi.plans[0]
     started = time.perf_counter()
-    model = keras_build.build_multi_output_model(first.spec, first.size, first.weights, multi.layers, first.pooling,
-                                                 tta=first.tta)
+    model = keras_build.build_multi_output_model(
+        first.spec, first.size, first.weights, multi.layers, first.pooling, tta=first.tta
+    )
     built = time.perf_counter()
     onnx_model = convert(model, multi.input_size, first.opset, multi.output_names)
     converted = time.perf_counter()
@@ -327,20 +390,37 @@ def export_multi(multi: MultiExportPlan, store: ModelStore) -> FeatureModel:
         rename_output(pruned, OUTPUT_NAME)
         single_bytes = pruned.SerializeToString()
         single_figures = verify(single_bytes, images, reference)
-        meta = {**_plan_metadata(plan, int(reference.shape[1]), digest), "verification": single_figures,
-                "derived_from": {"key": multi.key, "output": name,
-                                 "how": "the multi-output graph pruned to this output (onnx.utils.Extractor)"}}
+        meta = {
+            **_plan_metadata(plan, int(reference.shape[1]), digest),
+            "verification": single_figures,
+            "derived_from": {
+                "key": multi.key,
+                "output": name,
+                "how": "the multi-output graph pruned to this output (onnx.utils.Extractor)",
+            },
+        }
         del pruned.metadata_props[:]
         add_metadata(pruned, {**meta, "key": plan.key})
         singles.append(store.put(plan.key, pruned.SerializeToString(), meta))
-    outputs = [{"name": name, "layer": plan.layer, "key": plan.key, "embedding_dim": int(ref.shape[1])}
-               for plan, name, ref in zip(multi.plans, multi.output_names, references)]
+    outputs = [
+        {"name": name, "layer": plan.layer, "key": plan.key, "embedding_dim": int(ref.shape[1])}
+        for plan, name, ref in zip(multi.plans, multi.output_names, references)
+    ]
     metadata = {
-        **{k: v for k, v in _plan_metadata(first, 0, digest).items() if k not in ("layer", "embedding_dim", "output",
-                                                                               "key_fields")},
-        "layers": multi.layers, "outputs": outputs, "key_fields": multi.key_fields(), "verification": figures,
-        "timings_s": {"build": round(built - started, 2), "convert": round(converted - built, 2),
-                      "verify": round(verified - converted, 2)},
+        **{
+            k: v
+            for k, v in _plan_metadata(first, 0, digest).items()
+            if k not in ("layer", "embedding_dim", "output", "key_fields")
+        },
+        "layers": multi.layers,
+        "outputs": outputs,
+        "key_fields": multi.key_fields(),
+        "verification": figures,
+        "timings_s": {
+            "build": round(built - started, 2),
+            "convert": round(converted - built, 2),
+            "verify": round(verified - converted, 2),
+        },
     }
     add_metadata(onnx_model, {**metadata, "key": multi.key})
     entry = store.put(multi.key, onnx_model.SerializeToString(), metadata)
@@ -357,7 +437,9 @@ def convert(model, size: int, opset: int = DEFAULT_OPSET, output_names: list[str
     onnx_model, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
     names = output_names or [OUTPUT_NAME]
     if len(names) != len(onnx_model.graph.output):
-        raise VerificationError(f"the converted model has {len(onnx_model.graph.output)} outputs, {len(names)} expected")
+        raise VerificationError(
+            f"the converted model has {len(onnx_model.graph.output)} outputs, {len(names)} expected"
+        )
     for index, name in enumerate(names):
         rename_output(onnx_model, name, index)
     return onnx_model
@@ -396,7 +478,7 @@ def verification_images(size: int, count: int = 8) -> np.ndarray:
         h, w = photo.shape[:2]
         side = int(rng.integers(min(h, w) // 3, min(h, w)))
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        crop = Image.fromarray(photo[top:top + side, left:left + side])
+        crop = Image.fromarray(photo[top : top + side, left : left + side])
         batch.append(np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR)))
     return np.stack(batch).astype(np.uint8)
 
@@ -412,8 +494,12 @@ def compare_embeddings(actual: np.ndarray, reference: np.ndarray) -> dict:
     """Max abs difference, relative difference and minimum cosine similarity between two batches."""
     diff = float(np.max(np.abs(actual.astype(np.float64) - reference)))
     scale = float(np.max(np.abs(reference)))
-    return {"max_abs_diff": diff, "rel_diff": diff / scale if scale > 0 else diff,
-            "min_cosine": float(np.min(cosine_similarities(actual, reference))), "images": int(len(reference))}
+    return {
+        "max_abs_diff": diff,
+        "rel_diff": diff / scale if scale > 0 else diff,
+        "min_cosine": float(np.min(cosine_similarities(actual, reference))),
+        "images": int(len(reference)),
+    }
 
 
 def verify(model_bytes: bytes, images: np.ndarray, reference, output_names: list[str] | None = None) -> dict:
@@ -435,14 +521,25 @@ def _check(actual: np.ndarray, reference: np.ndarray, name: str = OUTPUT_NAME) -
         raise VerificationError(f"ONNX output {name} has shape {actual.shape}, Keras' {reference.shape}")
     figures = compare_embeddings(actual, reference)
     if figures["rel_diff"] > MAX_REL_DIFF or figures["min_cosine"] < MIN_COSINE:
-        raise VerificationError(f"ONNX output {name} differs from Keras: {figures} (tolerance rel_diff <= "
-                                f"{MAX_REL_DIFF}, cosine >= {MIN_COSINE}); the export was not stored")
+        raise VerificationError(
+            f"ONNX output {name} differs from Keras: {figures} (tolerance rel_diff <= "
+            f"{MAX_REL_DIFF}, cosine >= {MIN_COSINE}); the export was not stored"
+        )
     return {**figures, "tolerance": {"rel_diff": MAX_REL_DIFF, "min_cosine": MIN_COSINE}}
 
 
-def obtain_backbone(backbone: str | None = None, weights="imagenet", size: int | None = None, layer: str | None = None,
-                    pooling: str = "avg", weights_dir=None, store: ModelStore | None = None, model=None,
-                    seed: int = 0, tta: str = "none") -> StoreEntry:
+def obtain_backbone(
+    backbone: str | None = None,
+    weights="imagenet",
+    size: int | None = None,
+    layer: str | None = None,
+    pooling: str = "avg",
+    weights_dir=None,
+    store: ModelStore | None = None,
+    model=None,
+    seed: int = 0,
+    tta: str = "none",
+) -> StoreEntry:
     """The stored export for a request, exporting it first if needed.
 
     ``model`` names a store key or a folder holding an export (e.g. a fine-tune's output) and wins over
@@ -465,9 +562,17 @@ def obtain_backbone(backbone: str | None = None, weights="imagenet", size: int |
     return entry
 
 
-def obtain_layers(backbone: str, layers: list[str | None], weights="imagenet", size: int | None = None,
-                  pooling: str = "avg", weights_dir=None, store: ModelStore | None = None, seed: int = 0,
-                  tta: str = "none") -> FeatureModel:
+def obtain_layers(
+    backbone: str,
+    layers: list[str | None],
+    weights="imagenet",
+    size: int | None = None,
+    pooling: str = "avg",
+    weights_dir=None,
+    store: ModelStore | None = None,
+    seed: int = 0,
+    tta: str = "none",
+) -> FeatureModel:
     """:func:`obtain_backbone` for several cut points at once: the stored multi-output model (exported
     first if needed; without TensorFlow, one made by other converter versions is accepted) and each
     layer's feature-set entry. One layer gives the plain one-output model."""

@@ -2,6 +2,7 @@
 
 Imports Keras/TensorFlow at module level: import this module lazily (export, fine-tune).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,7 @@ class TestTimeViews(keras.layers.Layer):
 
     def call(self, images):
         s = self.size
-        views = [images[:, t:t + s, left:left + s, :] for t, left in crop_offsets(s, self.mode)]
+        views = [images[:, t : t + s, left : left + s, :] for t, left in crop_offsets(s, self.mode)]
         if self.mode != "none":
             views += [ops.flip(v, axis=2) for v in views]
         return views[0] if len(views) == 1 else ops.concatenate(views, axis=0)
@@ -91,8 +92,13 @@ class ViewMean(keras.layers.Layer):
         return {**super().get_config(), "views": self.views}
 
 
-def build_base(spec: BackboneSpec, size: int, weights: ResolvedWeights, layer: str | None = None,
-               layers: list[str | None] | None = None) -> keras.Model:
+def build_base(
+    spec: BackboneSpec,
+    size: int,
+    weights: ResolvedWeights,
+    layer: str | None = None,
+    layers: list[str | None] | None = None,
+) -> keras.Model:
     """The Keras Applications model (include_top=False), truncated at ``layer`` when given.
 
     ``layers`` instead of ``layer``: one output per entry (a cut point, or None for the model's last
@@ -147,9 +153,16 @@ def build_embedding_model(
     return build_multi_output_model(spec, size, weights, [layer], pooling, base=base, tta=tta, single=True)
 
 
-def build_multi_output_model(spec: BackboneSpec, size: int, weights: ResolvedWeights, layers: list[str | None],
-                             pooling: str = "avg", base: keras.Model | None = None, tta: str = "none",
-                             single: bool = False) -> keras.Model:
+def build_multi_output_model(
+    spec: BackboneSpec,
+    size: int,
+    weights: ResolvedWeights,
+    layers: list[str | None],
+    pooling: str = "avg",
+    base: keras.Model | None = None,
+    tta: str = "none",
+    single: bool = False,
+) -> keras.Model:
     """One graph with one embedding output per entry of ``layers`` (cut point names; None = the last
     output), sharing the decode, the views and the backbone trunk. ``single`` (one layer): a plain
     one-output model, as :func:`build_embedding_model` makes.
@@ -165,8 +178,9 @@ def build_multi_output_model(spec: BackboneSpec, size: int, weights: ResolvedWei
     plain = single and len(parts[0]) == 1  # the graph a one-layer export always had
     components = list(dict.fromkeys(part for entry in parts for part in entry))
     if base is None:
-        base = (build_base(spec, size, weights, layers[0]) if plain
-                else build_base(spec, size, weights, layers=components))
+        base = (
+            build_base(spec, size, weights, layers[0]) if plain else build_base(spec, size, weights, layers=components)
+        )
     images = keras.Input((decode_size(size, tta), decode_size(size, tta), 3), dtype="uint8", name="images")
     x = images if tta == "none" else TestTimeViews(tta, size, name="tta_views")(images)
     x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(x)

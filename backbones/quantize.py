@@ -11,6 +11,7 @@
 Each variant is refused (not stored) when its embeddings' mean cosine similarity to fp32 on held-out images,
 not used for calibration, is below :data:`MIN_MEAN_COSINE`; the minimum is reported.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_metadata import clear_metadata
 from .deps import distribution_version, require
 from .export import INPUT_NAME, VerificationError, add_metadata, cosine_similarities
+from .onnx_metadata import clear_metadata
 from .store import ModelStore, StoreEntry, make_key
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,27 @@ def check_precision(precision: str) -> str:
 def _embed(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
     """Embeddings of ``images`` from a model path or serialized bytes, on the CPU."""
     ort = require("onnxruntime")
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {INPUT_NAME: images[i:i + batch]})[0] for i in range(0, len(images), batch)])
+    session = ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"]
+    )
+    return np.concatenate(
+        [session.run(None, {INPUT_NAME: images[i : i + batch]})[0] for i in range(0, len(images), batch)]
+    )
 
 
 def compare_to_fp32(model_bytes: bytes, fp32_path: Path, held: np.ndarray) -> dict:
     """Mean and minimum cosine of the variant's embeddings to fp32 on ``held``."""
     cos = cosine_similarities(_embed(model_bytes, held), _embed(fp32_path, held))
-    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "images": int(len(held)),
-            "threshold_mean_cosine": MIN_MEAN_COSINE}
+    return {
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "images": int(len(held)),
+        "threshold_mean_cosine": MIN_MEAN_COSINE,
+    }
 
 
 # --- int8 -------------------------------------------------------------------------------------------------------
+
 
 def _attribute(node, name: str, default):
     import onnx
@@ -92,8 +102,13 @@ def conv_hessians(model_path: Path, calibration: np.ndarray) -> dict[str, np.nda
     ort = require("onnxruntime")
     model = onnx.load(str(model_path))
     weights = {i.name: i for i in model.graph.initializer}
-    wanted = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.input[1] in weights
-              and (_attribute(n, "group", 1) == 1 or weights[n.input[1]].dims[1] == 1)}
+    wanted = {
+        n.name: n
+        for n in model.graph.node
+        if n.op_type == "Conv"
+        and n.input[1] in weights
+        and (_attribute(n, "group", 1) == 1 or weights[n.input[1]].dims[1] == 1)
+    }
     inputs = sorted({node.input[0] for node in wanted.values()})
     existing = {o.name for o in model.graph.output}
     for name in inputs:
@@ -104,7 +119,7 @@ def conv_hessians(model_path: Path, calibration: np.ndarray) -> dict[str, np.nda
     rng = np.random.default_rng(0)
     hessians: dict[str, np.ndarray] = {}
     for start in range(0, len(calibration), CALIBRATION_BATCH):
-        outputs = dict(zip(names, session.run(None, {INPUT_NAME: calibration[start:start + CALIBRATION_BATCH]})))
+        outputs = dict(zip(names, session.run(None, {INPUT_NAME: calibration[start : start + CALIBRATION_BATCH]})))
         for name, node in wanted.items():
             p = _patches(outputs[node.input[0]].astype(np.float64), node, rng, HESSIAN_SAMPLES)
             if _attribute(node, "group", 1) == 1:
@@ -117,8 +132,14 @@ def conv_hessians(model_path: Path, calibration: np.ndarray) -> dict[str, np.nda
     return hessians
 
 
-def gptq_round(weights: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin: int = -127, qmax: int = 127,
-               damping: float = GPTQ_DAMPING) -> np.ndarray:
+def gptq_round(
+    weights: np.ndarray,
+    hessian: np.ndarray,
+    scale: np.ndarray,
+    qmin: int = -127,
+    qmax: int = 127,
+    damping: float = GPTQ_DAMPING,
+) -> np.ndarray:
     """Integer weights for ``weights`` (O, K) at per-row ``scale`` (O,) that keep ``weights @ x`` close for inputs
     with second moments ``hessian`` (K, K): round a column, spread its error over the columns left (GPTQ)."""
     w = weights.astype(np.float64).copy()
@@ -133,7 +154,7 @@ def gptq_round(weights: np.ndarray, hessian: np.ndarray, scale: np.ndarray, qmin
     for i in range(k):
         q[:, i] = np.clip(np.round(w[:, i] / scale), qmin, qmax)
         error = (w[:, i] - q[:, i] * scale) / upper[i, i]
-        w[:, i + 1:] -= np.outer(error, upper[i, i + 1:])
+        w[:, i + 1 :] -= np.outer(error, upper[i, i + 1 :])
     return q
 
 
@@ -155,7 +176,9 @@ def apply_gptq(qdq_model, float_weights: dict[str, np.ndarray], hessians: dict[s
         if stored.dtype != np.int8:
             continue
         scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float64).reshape(-1)
-        zero = numpy_helper.to_array(initializers[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in initializers else 0
+        zero = (
+            numpy_helper.to_array(initializers[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in initializers else 0
+        )
         if np.any(zero != 0) or scale.size != stored.shape[0]:
             continue  # per-channel symmetric weights only
         w = float_weights[node.name]
@@ -163,8 +186,10 @@ def apply_gptq(qdq_model, float_weights: dict[str, np.ndarray], hessians: dict[s
         if hessian.ndim == 2:
             q = gptq_round(w.reshape(len(w), -1), hessian, scale)
         else:  # depthwise: one small problem per channel
-            q = np.stack([gptq_round(w[c].reshape(1, -1), hessian[c], scale[c:c + 1])[0] for c in range(len(w))])
-        initializers[dq.input[0]].CopyFrom(numpy_helper.from_array(q.reshape(stored.shape).astype(np.int8), dq.input[0]))
+            q = np.stack([gptq_round(w[c].reshape(1, -1), hessian[c], scale[c : c + 1])[0] for c in range(len(w))])
+        initializers[dq.input[0]].CopyFrom(
+            numpy_helper.from_array(q.reshape(stored.shape).astype(np.int8), dq.input[0])
+        )
         done += 1
     return done
 
@@ -173,7 +198,7 @@ class _Batches:
     """ONNX Runtime's CalibrationDataReader protocol over an image array."""
 
     def __init__(self, images: np.ndarray, batch: int = CALIBRATION_BATCH):
-        self._batches = iter([{INPUT_NAME: images[i:i + batch]} for i in range(0, len(images), batch)])
+        self._batches = iter([{INPUT_NAME: images[i : i + batch]} for i in range(0, len(images), batch)])
 
     def get_next(self):
         return next(self._batches, None)
@@ -191,27 +216,40 @@ def quantize_int8(fp32_path: Path, calibration: np.ndarray, gptq: bool = True) -
     with tempfile.TemporaryDirectory(prefix="tlpipe-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(quantized), _Batches(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
         calibrated = time.perf_counter()
         model = onnx.load(str(quantized))
         layers = 0
         if gptq:
             prepared_model = onnx.load(str(prepared))
             initializers = {i.name: i for i in prepared_model.graph.initializer}
-            float_weights = {n.name: numpy_helper.to_array(initializers[n.input[1]]) for n in prepared_model.graph.node
-                             if n.op_type == "Conv" and n.input[1] in initializers}
+            float_weights = {
+                n.name: numpy_helper.to_array(initializers[n.input[1]])
+                for n in prepared_model.graph.node
+                if n.op_type == "Conv" and n.input[1] in initializers
+            }
             layers = apply_gptq(model, float_weights, conv_hessians(prepared, calibration))
-    facts = {"method": "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, min/max calibration"
-                       + (", GPTQ weight rounding" if gptq else ""),
-             "gptq_layers": layers, "timings_s": {"calibrate": round(calibrated - started, 2),
-                                                  "gptq": round(time.perf_counter() - calibrated, 2)}}
+    facts = {
+        "method": "onnxruntime static QDQ, per-channel int8 weights, uint8 activations, min/max calibration"
+        + (", GPTQ weight rounding" if gptq else ""),
+        "gptq_layers": layers,
+        "timings_s": {"calibrate": round(calibrated - started, 2), "gptq": round(time.perf_counter() - calibrated, 2)},
+    }
     clear_metadata(model)
     return model.SerializeToString(), facts
 
 
 # --- fp16 -------------------------------------------------------------------------------------------------------
+
 
 def convert_fp16(fp32_path: Path) -> tuple[bytes, dict]:
     """float16 weights and arithmetic; the uint8 input and float32 output are kept."""
@@ -226,9 +264,15 @@ def convert_fp16(fp32_path: Path) -> tuple[bytes, dict]:
 
 # --- store entries ----------------------------------------------------------------------------------------------
 
+
 def variant_fields(base: StoreEntry, precision: str, calibration_id: str | None) -> dict:
-    return {"base": base.key, "precision": precision, "calibration": calibration_id, "format": QUANT_FORMAT,
-            "onnxruntime": distribution_version("onnxruntime")}
+    return {
+        "base": base.key,
+        "precision": precision,
+        "calibration": calibration_id,
+        "format": QUANT_FORMAT,
+        "onnxruntime": distribution_version("onnxruntime"),
+    }
 
 
 def variant_key(base: StoreEntry, precision: str, calibration_id: str | None) -> str:
@@ -241,9 +285,16 @@ def find_variant(store: ModelStore, base: StoreEntry, precision: str) -> StoreEn
     return found[0] if found else None
 
 
-def make_variant(base: StoreEntry, precision: str, store: ModelStore, *, held: np.ndarray,
-                 calibration: np.ndarray | None = None, calibration_id: str | None = None,
-                 min_mean_cosine: float = MIN_MEAN_COSINE) -> StoreEntry:
+def make_variant(
+    base: StoreEntry,
+    precision: str,
+    store: ModelStore,
+    *,
+    held: np.ndarray,
+    calibration: np.ndarray | None = None,
+    calibration_id: str | None = None,
+    min_mean_cosine: float = MIN_MEAN_COSINE,
+) -> StoreEntry:
     """Build the ``precision`` variant of the fp32 entry ``base``, verify it on ``held`` and store it.
 
     int8 needs ``calibration`` images (uint8 NHWC at the model's input size) disjoint from ``held``, and
@@ -269,13 +320,20 @@ def make_variant(base: StoreEntry, precision: str, store: ModelStore, *, held: n
         raise VerificationError(
             f"{precision} embeddings are too far from fp32 on {len(held)} held-out images: mean cosine "
             f"{verification['mean_cosine']:.4f} (min {verification['min_cosine']:.4f}), needs >= {min_mean_cosine}; "
-            f"not stored. Calibrate on more (and more typical) images, or keep fp32")
+            f"not stored. Calibrate on more (and more typical) images, or keep fp32"
+        )
     metadata = {k: v for k, v in base.metadata.items() if k not in ("key", "model_sha256", "timings_s", "created")}
-    metadata.update({
-        "precision": precision, "base_key": base.key, "key_fields": variant_fields(base, precision, calibration_id), "quantization": facts, "verification_vs_fp32": verification,
-        "calibration": {"images": int(len(calibration)), "id": calibration_id} if precision == "int8" else None,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    metadata.update(
+        {
+            "precision": precision,
+            "base_key": base.key,
+            "key_fields": variant_fields(base, precision, calibration_id),
+            "quantization": facts,
+            "verification_vs_fp32": verification,
+            "calibration": {"images": int(len(calibration)), "id": calibration_id} if precision == "int8" else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
     onnx = require("onnx")
     model = onnx.load_from_string(model_bytes)
     add_metadata(model, {**metadata, "key": key})

@@ -5,6 +5,7 @@ network), its input sizes, its embedding dimension and the named layers a user m
 channel count and spatial grid (at the default size) of each. The numbers were read off Keras 3.15 models
 and are re-checked by ``tests/backbones/test_registry.py``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,11 +39,13 @@ def layer_parts(layer: str | None) -> list[str | None]:
         return [layer]
     parts = [part.strip() for part in layer.split(CONCAT)]
     if any(not part for part in parts):
-        raise ValueError(f"layer {layer!r} has an empty part: join cut points with '+', "
-                         "e.g. out_relu+block_13_expand_relu")
+        raise ValueError(
+            f"layer {layer!r} has an empty part: join cut points with '+', e.g. out_relu+block_13_expand_relu"
+        )
     if len(set(parts)) != len(parts):
         raise ValueError(f"layer {layer!r} names a cut point twice")
     return parts
+
 
 # mode -> what the in-graph preprocessing does to x = float32(uint8 RGB)
 PREPROCESSING_MODES = {
@@ -113,7 +116,9 @@ class BackboneSpec:
         if pooling != "none":
             return cut.channels
         if size not in (None, self.default_size):
-            raise ValueError("the flattened dimension is tabulated at the default size only; build the model to know it")
+            raise ValueError(
+                "the flattened dimension is tabulated at the default size only; build the model to know it"
+            )
         return sum(c.grid * c.grid * c.channels for c in map(self.cut_point, layer_parts(layer)))
 
     def check_size(self, size: int, pretrained: bool) -> None:

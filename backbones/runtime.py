@@ -1,4 +1,5 @@
 """ONNX Runtime sessions with explicit provider checks: ``cuda`` is strict, ``auto`` says when it falls back."""
+
 from __future__ import annotations
 
 import logging
@@ -40,14 +41,21 @@ def _onnxruntime():
     builds = installed_onnxruntime_distributions()
     allowed = os.environ.get(MIXED_BUILDS_ENV, "").strip().lower() in ("1", "true", "yes")
     if len(builds) > 1 and not allowed:
-        raise ProviderError(f"several ONNX Runtime builds are installed together ({', '.join(builds)}); they share "
-                            f"the `onnxruntime` module and break each other: pip uninstall all but one "
-                            f"(tlpipe[cpu] or tlpipe[gpu]), or set {MIXED_BUILDS_ENV}=1 if one shadows the "
-                            f"other on purpose")
+        raise ProviderError(
+            f"several ONNX Runtime builds are installed together ({', '.join(builds)}); they share "
+            f"the `onnxruntime` module and break each other: pip uninstall all but one "
+            f"(tlpipe[cpu] or tlpipe[gpu]), or set {MIXED_BUILDS_ENV}=1 if one shadows the "
+            f"other on purpose"
+        )
     ort = require("onnxruntime")
     if len(builds) > 1:
-        log.info("%s=1: %s installed together; using onnxruntime %s from %s", MIXED_BUILDS_ENV, ", ".join(builds),
-                 getattr(ort, "__version__", "?"), getattr(ort, "__file__", "?"))
+        log.info(
+            "%s=1: %s installed together; using onnxruntime %s from %s",
+            MIXED_BUILDS_ENV,
+            ", ".join(builds),
+            getattr(ort, "__version__", "?"),
+            getattr(ort, "__file__", "?"),
+        )
     return ort
 
 
@@ -99,8 +107,10 @@ def create_session(model_path: str | Path, device: str = "auto", threads: int | 
     available = ort.get_available_providers()
     wants_cuda = device in ("auto", "cuda")
     if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ProviderError(f"--device cuda: this ONNX Runtime has no CUDA provider (available: {', '.join(available)}); "
-                            f"install tlpipe[gpu] (onnxruntime-gpu) and the CUDA libraries it needs")
+        raise ProviderError(
+            f"--device cuda: this ONNX Runtime has no CUDA provider (available: {', '.join(available)}); "
+            f"install tlpipe[gpu] (onnxruntime-gpu) and the CUDA libraries it needs"
+        )
     providers = ["CPUExecutionProvider"]
     if wants_cuda and "CUDAExecutionProvider" in available:
         _preload_cuda_libraries(ort)
@@ -111,18 +121,28 @@ def create_session(model_path: str | Path, device: str = "auto", threads: int | 
         if providers[0] != "CUDAExecutionProvider":
             raise
         if device == "cuda":
-            raise ProviderError(f"--device cuda: the CUDA provider failed to start ({' '.join(str(exc).split())[:300]})") from exc
-        log.warning("--device auto: the CUDA provider failed to start (%s); running on the CPU", " ".join(str(exc).split())[:300])
-        session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
-                                       providers=["CPUExecutionProvider"])
+            raise ProviderError(
+                f"--device cuda: the CUDA provider failed to start ({' '.join(str(exc).split())[:300]})"
+            ) from exc
+        log.warning(
+            "--device auto: the CUDA provider failed to start (%s); running on the CPU",
+            " ".join(str(exc).split())[:300],
+        )
+        session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
     attached = session.get_providers()
     if wants_cuda and "CUDAExecutionProvider" not in attached:
         if device == "cuda":
-            raise ProviderError("--device cuda: the CUDA provider did not attach (missing CUDA/cuDNN libraries?); "
-                                f"the session runs on {', '.join(attached)}")
+            raise ProviderError(
+                "--device cuda: the CUDA provider did not attach (missing CUDA/cuDNN libraries?); "
+                f"the session runs on {', '.join(attached)}"
+            )
         if "CUDAExecutionProvider" in available:
-            log.warning("--device auto: CUDA is available but did not attach (no GPU visible, or CUDA/cuDNN "
-                        "libraries missing); running on the CPU")
+            log.warning(
+                "--device auto: CUDA is available but did not attach (no GPU visible, or CUDA/cuDNN "
+                "libraries missing); running on the CPU"
+            )
     return session
 
 
@@ -144,8 +164,15 @@ class OnnxEmbedder:
     chunks of ``micro_batch`` images (default 4), whose activations stay in cache: measured on MobileNetV2
     @224 end to end, 196-201 img/s against 179-185 for whole batches of 32 (fp32; int8 +5 %)."""
 
-    def __init__(self, model_path: str | Path, device: str = "auto", threads: int | None = None, streams: int = 1,
-                 micro_batch: int | None = None, output: str | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "auto",
+        threads: int | None = None,
+        streams: int = 1,
+        micro_batch: int | None = None,
+        output: str | None = None,
+    ):
         if streams < 1:
             raise ValueError(f"streams must be at least 1, not {streams}")
         if micro_batch is not None and micro_batch < 1:
@@ -186,7 +213,7 @@ class OnnxEmbedder:
             step = self.micro_batch or len(images)
             if len(images) <= step:
                 return session.run(names, {self.input_name: images})
-            parts = [session.run(names, {self.input_name: images[i:i + step]}) for i in range(0, len(images), step)]
+            parts = [session.run(names, {self.input_name: images[i : i + step]}) for i in range(0, len(images), step)]
             return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
         finally:
             self._free.put(session)

@@ -3,6 +3,7 @@
 Layout: ``<root>/<key>/model.onnx`` + ``<root>/<key>/meta.json``. An entry is written in a temporary
 folder and renamed into place, so an interrupted export never leaves an entry that looks valid.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,10 @@ class StoreEntry:
         """Raise StoreError when model.onnx does not hash to what meta.json recorded."""
         actual = sha256_file(self.model_path)
         if actual != self.metadata.get("model_sha256"):
-            raise StoreError(f"model store entry {self.directory} is corrupt: model.onnx sha256 {actual[:12]}… "
-                             f"does not match its metadata; delete the folder and export again")
+            raise StoreError(
+                f"model store entry {self.directory} is corrupt: model.onnx sha256 {actual[:12]}… "
+                f"does not match its metadata; delete the folder and export again"
+            )
 
 
 class ModelStore:

@@ -16,6 +16,7 @@ identity, and every consumer of the model (extract, score, the fused classifier)
   instead of being upsampled by 1/0.875. The price is a decode at 256 instead of 224 (about 1.3x the
   resize work) on top of 10x the backbone work.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,7 +67,7 @@ def make_views(images: np.ndarray, size: int, mode: str) -> np.ndarray:
     full = decode_size(size, mode)
     if images.shape[1:3] != (full, full):
         raise ValueError(f"TTA {mode!r} at {size} px takes {full} x {full} images, not {images.shape[1:3]}")
-    crops = [images[:, t:t + size, l:l + size] for t, l in crop_offsets(size, mode)]
+    crops = [images[:, t : t + size, l : l + size] for t, l in crop_offsets(size, mode)]
     if mode != "none":
         crops += [c[:, :, ::-1] for c in crops]
     return np.stack(crops)

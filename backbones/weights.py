@@ -1,4 +1,5 @@
 """Which weights a backbone is built with: ImageNet (Keras' download), a local file, a weights directory, or none."""
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,14 @@ def candidate_filenames(spec: BackboneSpec, size: int) -> list[str]:
             names.append(f"mobilenet_{keras_alpha}_{size}_tf_no_top")
     else:
         lower = spec.constructor.lower()
-        names += [f"{spec.name}_{size}_no_top", f"{spec.name}_no_top", f"{spec.name}_notop",
-                  f"{lower}_weights_tf_dim_ordering_tf_kernels_notop", f"{lower}_notop", f"{lower}_no_top"]
+        names += [
+            f"{spec.name}_{size}_no_top",
+            f"{spec.name}_no_top",
+            f"{spec.name}_notop",
+            f"{lower}_weights_tf_dim_ordering_tf_kernels_notop",
+            f"{lower}_notop",
+            f"{lower}_no_top",
+        ]
     return [n + suffix for n in dict.fromkeys(names) for suffix in WEIGHT_SUFFIXES]
 
 
@@ -134,6 +141,8 @@ def _from_file(path: Path) -> ResolvedWeights:
 
 
 def offline_hint(spec: BackboneSpec) -> str:
-    return (f"could not download ImageNet weights for {spec.name} (offline?). Pass a local file with "
-            f"--weights PATH, or put it in a weights directory (--weights-dir or ${WEIGHTS_DIR_ENV}); "
-            f"file names looked for there: {', '.join(candidate_filenames(spec, spec.default_size)[:2])}")
+    return (
+        f"could not download ImageNet weights for {spec.name} (offline?). Pass a local file with "
+        f"--weights PATH, or put it in a weights directory (--weights-dir or ${WEIGHTS_DIR_ENV}); "
+        f"file names looked for there: {', '.join(candidate_filenames(spec, spec.default_size)[:2])}"
+    )

@@ -24,6 +24,7 @@ and, before the rounds:
              cats_vs_dogs (manifest split) and flowers5_128px (5-fold CV) for each.
 Writes benchmarks/results/extract[_PRECISION].json. Defaults use ../shared (weights + cats_vs_dogs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,13 @@ SHARED = ROOT.parent / "shared"
 def keras_baseline(data: Path, weights: Path) -> tuple[float, int]:
     import keras
 
-    model = keras.applications.MobileNetV2(include_top=False, weights=str(weights), input_shape=(224, 224, 3), pooling="avg")
+    model = keras.applications.MobileNetV2(
+        include_top=False, weights=str(weights), input_shape=(224, 224, 3), pooling="avg"
+    )
     started = time.perf_counter()
-    ds = keras.utils.image_dataset_from_directory(data, image_size=(224, 224), batch_size=32, shuffle=False, verbose=False)
+    ds = keras.utils.image_dataset_from_directory(
+        data, image_size=(224, 224), batch_size=32, shuffle=False, verbose=False
+    )
     ds = ds.map(lambda x, y: (keras.applications.mobilenet_v2.preprocess_input(x), y))
     features = model.predict(ds, verbose=0)
     return time.perf_counter() - started, len(features)
@@ -60,7 +65,7 @@ def pure_inference(entry, images, batch: int = 32, rounds: int = 3, streams: int
     from tlpipe.backbones.runtime import OnnxEmbedder
 
     embed = OnnxEmbedder(entry.model_path, device="cpu", streams=streams)
-    batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
     best = 0.0
     with ThreadPoolExecutor(streams) as pool:
         list(pool.map(embed, batches[:streams]))  # warm-up, every session
@@ -100,15 +105,19 @@ def decode_costs(datas: list[bytes], size: int = 224, passes: int = 3) -> dict[s
     with fastdecode.disabled():
         before = cost("antialias")  # the path before this change: Pillow decode + antialiased resize
         pillow_bilinear = cost("bilinear")  # Pillow decode + bilinear in numpy: without the libraries
-    costs = {"before_pillow_antialias": before, "after_fast_bilinear": cost("bilinear"),
-             "pillow_decode_numpy_bilinear": pillow_bilinear}
+    costs = {
+        "before_pillow_antialias": before,
+        "after_fast_bilinear": cost("bilinear"),
+        "pillow_decode_numpy_bilinear": pillow_bilinear,
+    }
     try:  # the floor: libjpeg-turbo's full-size decode alone, no resize, no header parsing (JPEGs only)
         import simplejpeg
 
         jpegs = [d for d in datas if simplejpeg.is_jpeg(d)]
         if jpegs:  # ms.core per JPEG (the photo sets benchmarked are all JPEG)
             costs["libjpeg_turbo_decode_only"] = least_thread_ms(
-                lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB"), jpegs, passes)
+                lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB"), jpegs, passes
+            )
     except ImportError:
         pass
     return costs
@@ -173,13 +182,14 @@ def keras_pixels(data: Path, size: int = 224):
     import keras
     import numpy as np
 
-    ds = keras.utils.image_dataset_from_directory(data, image_size=(size, size), batch_size=64, shuffle=False,
-                                                  labels=None, verbose=False)
+    ds = keras.utils.image_dataset_from_directory(
+        data, image_size=(size, size), batch_size=64, shuffle=False, labels=None, verbose=False
+    )
     paths = [str(Path(p).relative_to(data)) for p in ds.file_paths]
     start = 0
     for batch in ds:
         pixels = np.clip(np.rint(batch.numpy()), 0, 255).astype(np.uint8)
-        yield paths[start:start + len(pixels)], pixels
+        yield paths[start : start + len(pixels)], pixels
         start += len(pixels)
 
 
@@ -208,10 +218,13 @@ def quality(entry, datasets: dict[str, Path], limit: int | None = None) -> dict:
         records = records[:: max(1, len(records) // limit)][:limit] if limit else records  # every class
         index = {r.relpath: i for i, r in enumerate(records)}
         X: dict[str, np.ndarray] = {}
-        for variant in ("old", "bilinear"):  # old: the path before (Pillow decode + antialias, = --resize-filter antialias)
+        for variant in (
+            "old",
+            "bilinear",
+        ):  # old: the path before (Pillow decode + antialias, = --resize-filter antialias)
             chunks = []
             for start in range(0, len(records), 64):
-                chunk = records[start:start + 64]
+                chunk = records[start : start + 64]
                 if variant == "old":
                     with fastdecode.disabled():
                         pixels = [load_image(r.abspath, size, resize_filter="antialias")[0] for r in chunk]
@@ -247,7 +260,9 @@ def quality(entry, datasets: dict[str, Path], limit: int | None = None) -> dict:
                 folds = StratifiedKFold(5, shuffle=True, random_state=0)
                 accuracy = cross_val_score(probe, features, y, cv=folds).mean()
                 row[f"probe_{variant}"] = {"accuracy": float(accuracy), "setup": "5-fold stratified CV"}
-        row["probe_points_bilinear_minus_old"] = 100 * (row["probe_bilinear"]["accuracy"] - row["probe_old"]["accuracy"])
+        row["probe_points_bilinear_minus_old"] = 100 * (
+            row["probe_bilinear"]["accuracy"] - row["probe_old"]["accuracy"]
+        )
         results[name] = row
         print(f"quality {name}: " + json.dumps(row), flush=True)
     return results
@@ -286,8 +301,12 @@ def main() -> None:
 
         entry = variant_for(entry, args.precision, store, discover(args.data).records)
     records = discover(args.data).records
-    results: dict = {"images": len(records), "precision": args.precision, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-                     "backbone": entry.key}
+    results: dict = {
+        "images": len(records),
+        "precision": args.precision,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "backbone": entry.key,
+    }
 
     results["load_average_at_start"] = os.getloadavg()
     decoded = np.stack([load_image(r.abspath, 224)[0] for r in records[:320]])
@@ -312,8 +331,11 @@ def main() -> None:
         clock = time.process_time()
         summary = extract(args.data, work / f"cache{i}.h5", model=str(entry.directory), device="cpu")
         extract_cpu = (time.process_time() - clock) / summary.embedded * 1e3
-        row = {"inference_img_s": max(by_streams.values()), "inference_by_streams": by_streams,
-               "tlpipe_img_s": summary.embedded / summary.seconds}
+        row = {
+            "inference_img_s": max(by_streams.values()),
+            "inference_by_streams": by_streams,
+            "tlpipe_img_s": summary.embedded / summary.seconds,
+        }
         row["fraction_of_inference"] = row["tlpipe_img_s"] / row["inference_img_s"]
         # CPU time is robust to other processes: on cores saturated by extract alone, its fraction of pure
         # inference is bounded by (inference ms.core per image) / (extract ms.core per image).
@@ -325,10 +347,20 @@ def main() -> None:
             row["keras_img_s"] = n / seconds
             row["speedup_vs_keras"] = row["tlpipe_img_s"] / row["keras_img_s"]
         rounds.append(row)
-        print(f"round {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        print(
+            f"round {i + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)), flush=True
+        )
     results["rounds"] = rounds
-    for name in ("inference_img_s", "tlpipe_img_s", "keras_img_s", "fraction_of_inference", "speedup_vs_keras",
-                 "inference_ms_core_per_image", "extract_ms_core_per_image", "cpu_fraction_of_inference"):
+    for name in (
+        "inference_img_s",
+        "tlpipe_img_s",
+        "keras_img_s",
+        "fraction_of_inference",
+        "speedup_vs_keras",
+        "inference_ms_core_per_image",
+        "extract_ms_core_per_image",
+        "cpu_fraction_of_inference",
+    ):
         if name in rounds[0]:
             results[name] = float(np.median([r[name] for r in rounds]))
     # What no extraction on these cores can beat: inference plus the decode floor alone, all cores busy.

@@ -29,6 +29,7 @@ checkout goes on PYTHONPATH after the caller's (where assemble.sh puts onnxrunti
 On the device both onnxruntime builds are visible to importlib.metadata on purpose: this script sets
 TLPIPE_ALLOW_MIXED_ONNXRUNTIME=1 (the documented override) for its children.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,14 +63,21 @@ def tlpipe_pythonpath() -> str:
 
 
 def child_env(pythonpath: str, **extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": pythonpath, "TLPIPE_ALLOW_MIXED_ONNXRUNTIME": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "3", "COLUMNS": "200", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": pythonpath,
+        "TLPIPE_ALLOW_MIXED_ONNXRUNTIME": "1",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "COLUMNS": "200",
+        **extra,
+    }
 
 
 def tlpipe(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     """Run the `tlpipe` command line of this checkout; returns the finished process."""
-    done = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], env=env, capture_output=True, text=True
+    )
     if check and done.returncode != 0:
         raise RuntimeError(f"tlpipe {' '.join(map(str, args))} exited {done.returncode}:\n{done.stderr[-2000:]}")
     return done
@@ -93,23 +101,40 @@ def prepare(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="tlpipe-gpu-prepare-"))
     try:
         cache = work / "cache.h5"
-        tlpipe(["extract", args.photos, "--model", store / entries["fp32"], "--store", store, "--out", cache,
-                "--device", "cpu", "--quiet"], env)
+        tlpipe(
+            [
+                "extract",
+                args.photos,
+                "--model",
+                store / entries["fp32"],
+                "--store",
+                store,
+                "--out",
+                cache,
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+            env,
+        )
         tlpipe(["fit-head", cache, "--model", "logreg", "--out", work / "head.joblib"], env)
         tlpipe(["export-model", work / "head.joblib", "--out", dest / "classifier.onnx", "--store", store], env)
     finally:
         shutil.rmtree(work)
     photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     random.Random(0).shuffle(photos)
-    for i, photo in enumerate(photos[:args.count]):
+    for i, photo in enumerate(photos[: args.count]):
         target = dest / "photos" / f"{i:04d}{photo.suffix.lower()}"
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(photo, target)
-    (dest / "manifest.json").write_text(json.dumps({"entries": entries, "weights": weights,
-                                                    "photos_from": str(args.photos)}, indent=2))
+    (dest / "manifest.json").write_text(
+        json.dumps({"entries": entries, "weights": weights, "photos_from": str(args.photos)}, indent=2)
+    )
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    print(f"{dest}: {size / 2**20:.1f} MiB ({', '.join(f'{k}={v}' for k, v in entries.items())}, "
-          f"{min(len(photos), args.count)} photos)")
+    print(
+        f"{dest}: {size / 2**20:.1f} MiB ({', '.join(f'{k}={v}' for k, v in entries.items())}, "
+        f"{min(len(photos), args.count)} photos)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- run
@@ -151,8 +176,12 @@ class GpuSampler:
 
     def __enter__(self) -> GpuSampler:
         if shutil.which("nvidia-smi"):
-            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                           "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
@@ -174,8 +203,11 @@ class GpuSampler:
         if not self.samples:
             return None
         busy = np.asarray(self.samples)
-        return {"mean_pct": round(float(busy.mean()), 1), "p90_pct": round(float(np.percentile(busy, 90)), 1),
-                "samples": len(busy)}
+        return {
+            "mean_pct": round(float(busy.mean()), 1),
+            "p90_pct": round(float(np.percentile(busy, 90)), 1),
+            "samples": len(busy),
+        }
 
 
 def decoded_batch(images: list[Path], count: int, size: int) -> np.ndarray:
@@ -258,10 +290,14 @@ def strict_check(model: Path, store: Path, images: Path, env: dict[str, str], wo
     auto = tlpipe([*base, "--out", work / "strict_auto.h5", "--device", "auto"], hidden, check=False)
     cuda_lines = [line for line in cuda.stderr.strip().splitlines() if line.strip()]
     return {
-        "cuda_exit": cuda.returncode, "cuda_stderr_lines": len(cuda_lines), "cuda_message": cuda_lines[-1] if cuda_lines else "",
+        "cuda_exit": cuda.returncode,
+        "cuda_stderr_lines": len(cuda_lines),
+        "cuda_message": cuda_lines[-1] if cuda_lines else "",
         "cuda_ok": cuda.returncode != 0 and len(cuda_lines) == 1 and "cuda" in cuda.stderr.lower(),
-        "auto_exit": auto.returncode, "auto_warning": " ".join(auto.stderr.split())[-300:],
-        "auto_ok": auto.returncode == 0 and (work / "strict_auto.h5").exists()
+        "auto_exit": auto.returncode,
+        "auto_warning": " ".join(auto.stderr.split())[-300:],
+        "auto_ok": auto.returncode == 0
+        and (work / "strict_auto.h5").exists()
         and (not has_cuda or "running on the cpu" in auto.stderr.lower()),
     }
 
@@ -286,25 +322,38 @@ def run(args: argparse.Namespace) -> None:
     has_cuda = "CUDAExecutionProvider" in available
     skip = None if has_cuda else f"no CUDA provider in this ONNX Runtime ({', '.join(available)})"
     results: dict = {
-        "machine": {"platform": platform.platform(), "cores": cores, "python": platform.python_version(),
-                    "onnxruntime": ort.__version__, "onnxruntime_file": ort.__file__, "providers": available},
-        "cuda_skipped": skip, "entries": entries,
+        "machine": {
+            "platform": platform.platform(),
+            "cores": cores,
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+            "onnxruntime_file": ort.__file__,
+            "providers": available,
+        },
+        "cuda_skipped": skip,
+        "entries": entries,
     }
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
         results["machine"]["gpu"] = smi.stdout.strip()
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-gpu-"))
     try:
         photos = sorted((data / "photos").iterdir())
         images = work / "images"
-        results["images"] = {"count": args.images, "from_photos": len(photos),
-                             "generate_seconds": round(multiply(photos, images, args.images, cores), 1)}
+        results["images"] = {
+            "count": args.images,
+            "from_photos": len(photos),
+            "generate_seconds": round(multiply(photos, images, args.images, cores), 1),
+        }
         files = sorted(images.iterdir())
         subset = work / "subset"
         subset.mkdir()
-        for f in files[:args.cpu_images]:
+        for f in files[: args.cpu_images]:
             (subset / f.name).symlink_to(f)
 
         # 1. pure inference
@@ -312,8 +361,9 @@ def run(args: argparse.Namespace) -> None:
         inference: dict = {}
         for precision, model in models.items():
             if has_cuda:
-                inference[f"cuda_{precision}"] = pure_inference(model / "model.onnx", "cuda", pixels, [32, 64, 128, 256],
-                                                                args.seconds)
+                inference[f"cuda_{precision}"] = pure_inference(
+                    model / "model.onnx", "cuda", pixels, [32, 64, 128, 256], args.seconds
+                )
             inference[f"cpu_{precision}"] = pure_inference(model / "model.onnx", "cpu", pixels, [32], args.seconds)
         results["pure_inference_img_s"] = inference
 
@@ -323,23 +373,77 @@ def run(args: argparse.Namespace) -> None:
             base = ["extract", "--model", model, "--store", store, "--quiet", "--workers", cores]
             if has_cuda:
                 extract[f"cuda_{precision}"] = timed_cli(
-                    [base[0], images, *base[1:], "--device", "cuda", "--batch-size", args.batch_size,
-                     "--out", work / f"cuda_{precision}.h5"], env, len(files), sample_gpu=True)
-                tlpipe([base[0], subset, *base[1:], "--device", "cuda", "--out", work / f"cuda_sub_{precision}.h5"], env)
+                    [
+                        base[0],
+                        images,
+                        *base[1:],
+                        "--device",
+                        "cuda",
+                        "--batch-size",
+                        args.batch_size,
+                        "--out",
+                        work / f"cuda_{precision}.h5",
+                    ],
+                    env,
+                    len(files),
+                    sample_gpu=True,
+                )
+                tlpipe(
+                    [base[0], subset, *base[1:], "--device", "cuda", "--out", work / f"cuda_sub_{precision}.h5"], env
+                )
             extract[f"cpu_{precision}"] = timed_cli(
-                [base[0], subset, *base[1:], "--device", "cpu", "--out", work / f"cpu_{precision}.h5"], env,
-                args.cpu_images, sample_gpu=False)
+                [base[0], subset, *base[1:], "--device", "cpu", "--out", work / f"cpu_{precision}.h5"],
+                env,
+                args.cpu_images,
+                sample_gpu=False,
+            )
         results["extract"] = extract
 
         # 3. and 4. scoring with the fused classifier
         scoring: dict = {}
         if has_cuda:
-            scoring["cuda"] = timed_cli(["score", images, "--model", classifier, "--device", "cuda", "--quiet",
-                                         "--workers", cores, "--batch-size", args.batch_size,
-                                         "--out", work / "cuda.csv"], env, len(files), sample_gpu=True)
-            tlpipe(["score", subset, "--model", classifier, "--device", "cuda", "--quiet", "--out", work / "cuda_sub.csv"], env)
-        scoring["cpu"] = timed_cli(["score", subset, "--model", classifier, "--device", "cpu", "--quiet",
-                                    "--workers", cores, "--out", work / "cpu_sub.csv"], env, args.cpu_images, sample_gpu=False)
+            scoring["cuda"] = timed_cli(
+                [
+                    "score",
+                    images,
+                    "--model",
+                    classifier,
+                    "--device",
+                    "cuda",
+                    "--quiet",
+                    "--workers",
+                    cores,
+                    "--batch-size",
+                    args.batch_size,
+                    "--out",
+                    work / "cuda.csv",
+                ],
+                env,
+                len(files),
+                sample_gpu=True,
+            )
+            tlpipe(
+                ["score", subset, "--model", classifier, "--device", "cuda", "--quiet", "--out", work / "cuda_sub.csv"],
+                env,
+            )
+        scoring["cpu"] = timed_cli(
+            [
+                "score",
+                subset,
+                "--model",
+                classifier,
+                "--device",
+                "cpu",
+                "--quiet",
+                "--workers",
+                cores,
+                "--out",
+                work / "cpu_sub.csv",
+            ],
+            env,
+            args.cpu_images,
+            sample_gpu=False,
+        )
         results["score"] = scoring
 
         # 5. agreement, CUDA vs CPU on the same images
@@ -347,13 +451,16 @@ def run(args: argparse.Namespace) -> None:
             agreement: dict = {}
             for precision in models:
                 found = cosine_agreement(work / f"cuda_sub_{precision}.h5", work / f"cpu_{precision}.h5")
-                agreement[precision] = {**found, "threshold": THRESHOLDS[precision],
-                                        "ok": found["mean_cosine"] >= THRESHOLDS[precision]}
+                agreement[precision] = {
+                    **found,
+                    "threshold": THRESHOLDS[precision],
+                    "ok": found["mean_cosine"] >= THRESHOLDS[precision],
+                }
             gpu_pred, cpu_pred = predictions(work / "cuda_sub.csv"), predictions(work / "cpu_sub.csv")
             agreement["predictions_equal"] = gpu_pred == cpu_pred
             agreement["predictions_differing"] = sum(gpu_pred[s] != cpu_pred.get(s) for s in gpu_pred)
             results["cuda_vs_cpu"] = agreement
-            fastest = max(v for k, v in inference[f"cuda_fp32"].items() if k.startswith("batch_"))
+            fastest = max(v for k, v in inference["cuda_fp32"].items() if k.startswith("batch_"))
             results["bound"] = {
                 "extract_fp32_over_pure_inference": round(extract["cuda_fp32"]["img_s"] / fastest, 3),
                 "reading": "decode-bound" if extract["cuda_fp32"]["img_s"] < 0.8 * fastest else "inference-bound",
@@ -383,7 +490,12 @@ def main() -> None:
     p = sub.add_parser("prepare", help="export models, fuse a head, copy photos (here, with TensorFlow)")
     p.add_argument("--weights", type=Path, default=SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5")
     p.add_argument("--photos", type=Path, default=SHARED / "datasets" / "cats_vs_dogs")
-    p.add_argument("--count", type=int, default=150, help="photos to carry (keep .gpudata small enough to travel with the last wheel part)")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=150,
+        help="photos to carry (keep .gpudata small enough to travel with the last wheel part)",
+    )
     p.add_argument("--dest", type=Path, default=ROOT / ".gpudata")
     r = sub.add_parser("run", help="measure (on the device, or here with CUDA parts skipped)")
     r.add_argument("--data", type=Path, default=ROOT / ".gpudata")
@@ -391,8 +503,11 @@ def main() -> None:
     r.add_argument("--cpu-images", type=int, default=2000, help="subset for the CPU path and the agreement check")
     r.add_argument("--batch-size", type=int, default=128)
     r.add_argument("--seconds", type=float, default=3.0, help="time per pure-inference configuration")
-    default_out = Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else \
-        ROOT / "benchmarks" / "results" / "gpu_cpu_dryrun.json"
+    default_out = (
+        Path(os.environ["OUT"]) / "gpu.json"
+        if os.environ.get("OUT")
+        else ROOT / "benchmarks" / "results" / "gpu_cpu_dryrun.json"
+    )
     r.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     if args.step == "prepare":

@@ -27,6 +27,7 @@ and the weights file loads by layer name at any input size), everything through 
 Writes benchmarks/results/levers.json (--quick: levers_quick.json). The machine may be shared: accuracy is
 unaffected; img/s figures are ratios within one run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,7 @@ def aligned(cache: Path, keys: list[str]):
     return np.hstack(blocks), y, common
 
 
-def repeated_cv(X: np.ndarray, y: np.ndarray, head_params: dict, repeats: int, seed: int = 0,
-                views=None) -> np.ndarray:
+def repeated_cv(X: np.ndarray, y: np.ndarray, head_params: dict, repeats: int, seed: int = 0, views=None) -> np.ndarray:
     """Accuracy on each fold of ``repeats`` x stratified 5-fold CV (fold order fixed by ``seed``); with
     ``views`` (augmented views, ``owner`` = row of X), each fold also trains on the views of its training
     images only (``heads.add_views``) and is scored on its test images' originals."""
@@ -134,8 +134,10 @@ def summary(scores: np.ndarray, base: np.ndarray | None) -> dict:
     out = {"accuracy": float(scores.mean()), "accuracy_std": float(scores.std()), "folds": len(scores)}
     if base is not None:
         delta = scores - base
-        out |= {"delta_points": float(100 * delta.mean()),
-                "delta_points_se": float(100 * delta.std(ddof=1) / np.sqrt(len(delta)))}
+        out |= {
+            "delta_points": float(100 * delta.mean()),
+            "delta_points_se": float(100 * delta.std(ddof=1) / np.sqrt(len(delta))),
+        }
     return out
 
 
@@ -153,9 +155,17 @@ def holdout_pair(cache: Path, key: str, head: str, seed: int = 0, use_augmented:
     estimator, info = fit_head(fs.X[train], fs.y[train], head, seed=seed, views=views)
     fit_s = time.perf_counter() - started
     accuracy = accuracy_score(fs.y[test], estimator.predict(fs.X[test]))
-    return {"feature_set": key, "head": head, "params": info["params"], "holdout_accuracy": float(accuracy),
-            "augmented_views": info["augmented_views"], "train_rows": int(len(train)),
-            "holdout_rows": int(len(test)), "split": how, "fit_s": fit_s}
+    return {
+        "feature_set": key,
+        "head": head,
+        "params": info["params"],
+        "holdout_accuracy": float(accuracy),
+        "augmented_views": info["augmented_views"],
+        "train_rows": int(len(train)),
+        "holdout_rows": int(len(test)),
+        "split": how,
+        "fit_s": fit_s,
+    }
 
 
 def timed_pass(source: Path, cache: Path, sizes, layers, tta, args, store) -> dict:
@@ -165,10 +175,26 @@ def timed_pass(source: Path, cache: Path, sizes, layers, tta, args, store) -> di
 
     for size in sizes:
         obtain_layers("mobilenet_v2", layers, args.weights, size, store=store, tta=tta)
-    s = extract(source, cache, backbone="mobilenet_v2", weights=args.weights, sizes=sizes, layers=layers, tta=tta,
-                store=store, allow_outside_root=True)
-    return {"sizes": sizes, "layers": layers, "tta": tta, "keys": s.keys, "embedded": s.embedded,
-            "seconds": s.seconds, "images_per_second": s.embedded / s.seconds if s.seconds else 0.0}
+    s = extract(
+        source,
+        cache,
+        backbone="mobilenet_v2",
+        weights=args.weights,
+        sizes=sizes,
+        layers=layers,
+        tta=tta,
+        store=store,
+        allow_outside_root=True,
+    )
+    return {
+        "sizes": sizes,
+        "layers": layers,
+        "tta": tta,
+        "keys": s.keys,
+        "embedded": s.embedded,
+        "seconds": s.seconds,
+        "images_per_second": s.embedded / s.seconds if s.seconds else 0.0,
+    }
 
 
 def interleaved_speed(source: Path, work: Path, args, store, images: int) -> dict:
@@ -181,7 +207,7 @@ def interleaved_speed(source: Path, work: Path, args, store, images: int) -> dic
 
     lines = open(source).read().splitlines()
     sample = work / f"{source.stem}.speed.csv"
-    sample.write_text("\n".join(lines[:images + 1]) + "\n")
+    sample.write_text("\n".join(lines[: images + 1]) + "\n")
     scratch = work / f"{source.stem}.speed.h5"
 
     def one(sizes, layers, tta, augment=False) -> float:
@@ -192,8 +218,9 @@ def interleaved_speed(source: Path, work: Path, args, store, images: int) -> dic
         entry = obtain_backbone("mobilenet_v2", args.weights, 224, store=store)
         from tlpipe.features.sources import discover
 
-        a = extract_augmented(discover(sample, allow_outside_root=True).records, scratch, entry,
-                              feature_set_key(entry.key), views=AUGMENT)
+        a = extract_augmented(
+            discover(sample, allow_outside_root=True).records, scratch, entry, feature_set_key(entry.key), views=AUGMENT
+        )
         return images / (row["seconds"] + a.seconds)  # the extract and its augmented views, per photo
 
     out = {}
@@ -202,10 +229,18 @@ def interleaved_speed(source: Path, work: Path, args, store, images: int) -> dic
     for label, sizes, layers, tta in [*PASSES[1:], (AUGMENT_PASS, [224], [None], "none")]:
         rate = one(sizes, layers, tta, augment=label == AUGMENT_PASS)
         after = one([224], [None], "none")
-        out[label] = {"images": images, "images_per_second": rate, "baseline_before": before, "baseline_after": after,
-                      "speed_vs_baseline": rate / ((before + after) / 2)}
-        print(f"  speed {label}: {rate:.1f} img/s, {out[label]['speed_vs_baseline']:.3f} x baseline "
-              f"({before:.1f} / {after:.1f})", flush=True)
+        out[label] = {
+            "images": images,
+            "images_per_second": rate,
+            "baseline_before": before,
+            "baseline_after": after,
+            "speed_vs_baseline": rate / ((before + after) / 2),
+        }
+        print(
+            f"  speed {label}: {rate:.1f} img/s, {out[label]['speed_vs_baseline']:.3f} x baseline "
+            f"({before:.1f} / {after:.1f})",
+            flush=True,
+        )
         before = after
     scratch.unlink(missing_ok=True)
     return out
@@ -228,8 +263,9 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
     # Passes already timed (by an earlier run with this --work) are reused; the passes timed now are timed
     # against a baseline pass timed in this process too (into a scratch cache), so every ratio is same-run.
     passes = json.loads(passes_file.read_text()) if passes_file.is_file() else {}
-    todo = [p for p in PASSES if p[0] not in passes] + ([] if AUGMENT_PASS in passes or not args.augment else
-                                                         [(AUGMENT_PASS, [224], [None], "none")])
+    todo = [p for p in PASSES if p[0] not in passes] + (
+        [] if AUGMENT_PASS in passes or not args.augment else [(AUGMENT_PASS, [224], [None], "none")]
+    )
     if todo:
         scratch = work / f"{name}.scratch.h5"
         scratch.unlink(missing_ok=True)
@@ -242,18 +278,32 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
                 entry = obtain_backbone("mobilenet_v2", args.weights, 224, store=store)
                 records = discover(source, allow_outside_root=True).records
                 a = extract_augmented(records, cache, entry, feature_set_key(entry.key), views=AUGMENT)
-                row = {"sizes": [224], "layers": [None], "tta": "none", "keys": [feature_set_key(entry.key)],
-                       "augmented_views": a.embedded, "embedded": a.images, "seconds": a.seconds,
-                       "images_per_second": a.images / a.seconds, "note": f"{AUGMENT} views per image"}
+                row = {
+                    "sizes": [224],
+                    "layers": [None],
+                    "tta": "none",
+                    "keys": [feature_set_key(entry.key)],
+                    "augmented_views": a.embedded,
+                    "embedded": a.images,
+                    "seconds": a.seconds,
+                    "images_per_second": a.images / a.seconds,
+                    "note": f"{AUGMENT} views per image",
+                }
             else:
                 row = timed_pass(source, cache, sizes, layers, tta, args, store)
-            row |= {"baseline_images_per_second_same_run": base["images_per_second"],
-                    "speed_vs_baseline": row["images_per_second"] / base["images_per_second"],
-                    "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": os.getloadavg()}
+            row |= {
+                "baseline_images_per_second_same_run": base["images_per_second"],
+                "speed_vs_baseline": row["images_per_second"] / base["images_per_second"],
+                "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load_average": os.getloadavg(),
+            }
             passes[label] = row
             passes_file.write_text(json.dumps(passes, indent=2))
-            print(f"  pass {label}: {row['embedded']} images, {row['images_per_second']:.1f} img/s "
-                  f"({row['speed_vs_baseline']:.2f} x baseline)", flush=True)
+            print(
+                f"  pass {label}: {row['embedded']} images, {row['images_per_second']:.1f} img/s "
+                f"({row['speed_vs_baseline']:.2f} x baseline)",
+                flush=True,
+            )
     report["passes"] = [{"pass": k, **v} for k, v in passes.items()]
     speed_file = work / f"{name}.speed.json"
     if args.speed_images and not speed_file.is_file():
@@ -265,8 +315,9 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         return feature_set_key(plan_export("mobilenet_v2", args.weights, size, layer, "avg", tta=tta).key)
 
     def speed(keys, augmented=False):
-        fitting = [(k, p) for k, p in passes.items() if set(keys) <= set(p["keys"]) and
-                   (k == AUGMENT_PASS) == augmented]
+        fitting = [
+            (k, p) for k, p in passes.items() if set(keys) <= set(p["keys"]) and (k == AUGMENT_PASS) == augmented
+        ]
         label, p = min(fitting, key=lambda kp: len(kp[1]["keys"]))
         if label == PASSES[0][0]:
             return p["images_per_second"], 1.0
@@ -275,17 +326,26 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         return p["images_per_second"], p["speed_vs_baseline"]
 
     levers = json.loads(levers_file.read_text()) if levers_file.is_file() else {}
-    rows: list[tuple[str, list, dict, bool, str]] = [(lever, [key(*p) for p in parts], {"C": 0.01}, False,
-                                                      "logreg C=0.01") for lever, parts in LEVERS]
+    rows: list[tuple[str, list, dict, bool, str]] = [
+        (lever, [key(*p) for p in parts], {"C": 0.01}, False, "logreg C=0.01") for lever, parts in LEVERS
+    ]
     base_keys = rows[0][1]
-    rows.append(("tuned C (logreg default: C by 3-fold internal CV)", base_keys, {}, False,
-                 "logreg (LogisticRegressionCV)"))
+    rows.append(
+        ("tuned C (logreg default: C by 3-fold internal CV)", base_keys, {}, False, "logreg (LogisticRegressionCV)")
+    )
     concat_keys = [key(224, CONCAT, "none")]
     rows.append((BLOCK_L2, concat_keys, {"C": 0.01}, False, "logreg C=0.01, each block L2-normalised first"))
     rows.append(("last+mid concatenated + tuned C", concat_keys, {}, False, "logreg (LogisticRegressionCV)"))
     if args.augment:
-        rows.append((f"augment N={AUGMENT} (training rows only)", base_keys, {"C": 0.01}, True,
-                     f"logreg C=0.01 + {AUGMENT} views per training image"))
+        rows.append(
+            (
+                f"augment N={AUGMENT} (training rows only)",
+                base_keys,
+                {"C": 0.01},
+                True,
+                f"logreg C=0.01 + {AUGMENT} views per training image",
+            )
+        )
     base_scores = None
     for lever, keys, params, augmented, head in rows:
         if args.levers is not None and lever not in args.levers and lever != rows[0][0]:
@@ -307,8 +367,16 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
                 views = (found.X[owner >= 0], owner[owner >= 0])
             started = time.perf_counter()
             scores = repeated_cv(X, y, params, args.repeats, views=views)
-            row = {"lever": lever, "feature_sets": keys, "dim": int(X.shape[1]), "head": head, "rows": int(len(y)),
-                   "repeats": args.repeats, "scores": scores.tolist(), "cv_seconds": time.perf_counter() - started}
+            row = {
+                "lever": lever,
+                "feature_sets": keys,
+                "dim": int(X.shape[1]),
+                "head": head,
+                "rows": int(len(y)),
+                "repeats": args.repeats,
+                "scores": scores.tolist(),
+                "cv_seconds": time.perf_counter() - started,
+            }
             levers[lever] = row
             levers_file.write_text(json.dumps(levers, indent=2))
         scores = np.array(row["scores"])
@@ -317,8 +385,11 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
         if base_scores is None:
             base_scores = scores
         report.setdefault("levers", []).append(row)
-        print(f"  {lever}: {row['accuracy']:.4f} ({row.get('delta_points', 0):+.2f} pts), "
-              f"{row['extraction_vs_baseline']:.2f} x baseline speed", flush=True)
+        print(
+            f"  {lever}: {row['accuracy']:.4f} ({row.get('delta_points', 0):+.2f} pts), "
+            f"{row['extraction_vs_baseline']:.2f} x baseline speed",
+            flush=True,
+        )
     if not args.heads:
         return report
     # the sweep picks a pair on the training rows; the fixed hold-out judges it against the baseline pair
@@ -328,23 +399,39 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
     else:
         started = time.perf_counter()
         result = sweep(cache, args.sweep_features, args.heads, cv=5, seed=0, n_jobs=args.n_jobs)
-        report["sweep"] = {"seconds": time.perf_counter() - started, "heads": list(args.heads),
-                           "setup": next(iter(result.results.values())).setup,
-                           "ranking": [{"feature_set": r.feature_key, "head": r.head, "cv_accuracy": r.accuracy,
-                                        "cv_accuracy_std": r.accuracy_std, "fit_s": r.fit_s,
-                                        "extraction_ms": r.extraction_ms} for r in result.rows]}
+        report["sweep"] = {
+            "seconds": time.perf_counter() - started,
+            "heads": list(args.heads),
+            "setup": next(iter(result.results.values())).setup,
+            "ranking": [
+                {
+                    "feature_set": r.feature_key,
+                    "head": r.head,
+                    "cv_accuracy": r.accuracy,
+                    "cv_accuracy_std": r.accuracy_std,
+                    "fit_s": r.fit_s,
+                    "extraction_ms": r.extraction_ms,
+                }
+                for r in result.rows
+            ],
+        }
         report["sweep"]["pick"], report["sweep"]["why"] = result.pick, result.why
         best = report["sweep"]["ranking"][result.pick]
-        report["holdout"] = {"best_pair": holdout_pair(cache, best["feature_set"], best["head"]),
-                             "baseline_pair": holdout_pair(cache, base_keys[0], "logreg")}
+        report["holdout"] = {
+            "best_pair": holdout_pair(cache, best["feature_set"], best["head"]),
+            "baseline_pair": holdout_pair(cache, base_keys[0], "logreg"),
+        }
         sweep_file.write_text(json.dumps([report["sweep"], report["holdout"]], indent=2))
     best = report["sweep"]["ranking"][report["sweep"].get("pick", 0)]  # the pair sweep() picks (choose_pair)
     h = report["holdout"]
     h["delta_points"] = 100 * (h["best_pair"]["holdout_accuracy"] - h["baseline_pair"]["holdout_accuracy"])
     h["best_pair_extraction_images_per_second"], h["best_pair_extraction_vs_baseline"] = speed([best["feature_set"]])
-    print(f"  sweep best: {best['head']} on {best['feature_set']} (CV {best['cv_accuracy']:.4f}); hold-out "
-          f"{h['best_pair']['holdout_accuracy']:.4f} vs baseline {h['baseline_pair']['holdout_accuracy']:.4f} "
-          f"({h['delta_points']:+.2f} pts)", flush=True)
+    print(
+        f"  sweep best: {best['head']} on {best['feature_set']} (CV {best['cv_accuracy']:.4f}); hold-out "
+        f"{h['best_pair']['holdout_accuracy']:.4f} vs baseline {h['baseline_pair']['holdout_accuracy']:.4f} "
+        f"({h['delta_points']:+.2f} pts)",
+        flush=True,
+    )
     return report
 
 
@@ -357,15 +444,24 @@ def main() -> None:
     parser.add_argument("--heads", default="logreg,svm", help="The sweep's heads ('' skips the sweep)")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"))
     parser.add_argument("--store", default=None, help="Model store (default: a temporary one)")
-    parser.add_argument("--work", default=None, help="Keep caches here; a dataset whose passes are recorded there "
-                                                      "skips extraction (its cache and timings are reused)")
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="Keep caches here; a dataset whose passes are recorded there "
+        "skips extraction (its cache and timings are reused)",
+    )
     parser.add_argument("--levers", default=None, help="Semicolon-separated lever names to score (default: all)")
     parser.add_argument("--sweep-features", default="all", help="The sweep's --features (default: all)")
-    parser.add_argument("--no-augment", dest="augment", action="store_false",
-                        help=f"Skip the augment N={AUGMENT} pass and lever")
+    parser.add_argument(
+        "--no-augment", dest="augment", action="store_false", help=f"Skip the augment N={AUGMENT} pass and lever"
+    )
     parser.add_argument("--n-jobs", type=int, default=2, help="The sweep's joblib workers")
-    parser.add_argument("--speed-images", type=int, default=300,
-                        help="Photos of the interleaved speed measurement (each pass between two baselines); 0: none")
+    parser.add_argument(
+        "--speed-images",
+        type=int,
+        default=300,
+        help="Photos of the interleaved speed measurement (each pass between two baselines); 0: none",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -383,11 +479,20 @@ def main() -> None:
         results = [run_dataset(name.strip(), args, work, store) for name in args.datasets.split(",") if name.strip()]
     load = os.getloadavg()
     report = {
-        "benchmark": "bench_levers", "quick": args.quick, "limit": args.limit, "repeats": args.repeats,
-        "backbone": "mobilenet_v2_1.0", "weights": args.weights, "sweep_heads": list(args.heads), "seconds": time.perf_counter() - started,
-        "machine": {"cores": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                    "load_average_at_end": load,
-                    "note": "shared with other jobs; compare ratios and paired deltas within this run"},
+        "benchmark": "bench_levers",
+        "quick": args.quick,
+        "limit": args.limit,
+        "repeats": args.repeats,
+        "backbone": "mobilenet_v2_1.0",
+        "weights": args.weights,
+        "sweep_heads": list(args.heads),
+        "seconds": time.perf_counter() - started,
+        "machine": {
+            "cores": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "load_average_at_end": load,
+            "note": "shared with other jobs; compare ratios and paired deltas within this run",
+        },
         "datasets": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

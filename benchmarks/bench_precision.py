@@ -10,6 +10,7 @@ Records, for MobileNetV2 1.0 @ 224 with the real weights on cats_vs_dogs by defa
   profile     ONNX Runtime's per-operator time shares at fp32 and int8 (batch 32, all cores)
 Writes benchmarks/results/precision.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,15 @@ def main() -> None:
     results: dict = {}
     extract_rates, keys = {}, {}
     for precision in ("fp32", "int8"):  # int8 is calibrated on a sample of the photos being extracted
-        summary = extract(source, work / "cache.h5", backbone="mobilenet_v2", weights=args.weights, store=store,
-                          device="cpu", precision=precision)
+        summary = extract(
+            source,
+            work / "cache.h5",
+            backbone="mobilenet_v2",
+            weights=args.weights,
+            store=store,
+            device="cpu",
+            precision=precision,
+        )
         extract_rates[precision], keys[precision] = summary.embedded / summary.seconds, summary.key
     results["extract_img_s"] = extract_rates
     probe = {}
@@ -89,7 +97,10 @@ def main() -> None:
             train = test = np.ones(len(fs), bool)
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(fs.X[train], fs.y[train])
         probe[precision] = model.score(fs.X[test], fs.y[test])
-    fp32_set, int8_set = read_feature_set(work / "cache.h5", keys["fp32"]), read_feature_set(work / "cache.h5", keys["int8"])
+    fp32_set, int8_set = (
+        read_feature_set(work / "cache.h5", keys["fp32"]),
+        read_feature_set(work / "cache.h5", keys["int8"]),
+    )
     cos = np.sum(fp32_set.X * int8_set.X, 1) / np.linalg.norm(fp32_set.X, axis=1) / np.linalg.norm(int8_set.X, axis=1)
     results["probe_accuracy"] = probe
     results["int8_cosine_all_images"] = {"mean": float(cos.mean()), "min": float(cos.min()), "images": len(cos)}
@@ -97,15 +108,28 @@ def main() -> None:
     fp32_entry = store.get(keys["fp32"])
     sample = sample_images(discover(source).records, 224)
     results["rounding"] = {
-        name: compare_to_fp32(quantize_int8(fp32_entry.model_path, sample.calibration, gptq=gptq)[0],
-                              fp32_entry.model_path, sample.held)
-        for name, gptq in (("round_to_nearest", False), ("gptq", True))}
+        name: compare_to_fp32(
+            quantize_int8(fp32_entry.model_path, sample.calibration, gptq=gptq)[0], fp32_entry.model_path, sample.held
+        )
+        for name, gptq in (("round_to_nearest", False), ("gptq", True))
+    }
 
-    report = run_bench("mobilenet_v2", weights=args.weights, store=store, images=source, precisions=["int8", "fp16"],
-                       batch_sizes=[1, 8, 32, 64], threads=[1, 2], min_seconds=3.0, log=lambda m: print(m, file=sys.stderr))
+    report = run_bench(
+        "mobilenet_v2",
+        weights=args.weights,
+        store=store,
+        images=source,
+        precisions=["int8", "fp16"],
+        batch_sizes=[1, 8, 32, 64],
+        threads=[1, 2],
+        min_seconds=3.0,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     results["bench"] = report.to_dict()
-    results["profile_op_share"] = {p: operator_profile(store.get(report.variants[p]["key"] if p != "fp32" else report.key).model_path,
-                                                       sample.held) for p in ("fp32", "int8")}
+    results["profile_op_share"] = {
+        p: operator_profile(store.get(report.variants[p]["key"] if p != "fp32" else report.key).model_path, sample.held)
+        for p in ("fp32", "int8")
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(format_report(report))

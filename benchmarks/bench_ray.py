@@ -19,6 +19,7 @@ photos and random weights (weights="none"). Measures:
                    and 256 rows): rows/s
 Writes benchmarks/results/ray.json (--quick: ray_quick.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,7 @@ def inference_rate(entry, pixels: np.ndarray, threads: int | None, batch: int = 
     embed(pixels[:batch])  # warm-up
     started = time.perf_counter()
     for i in range(0, len(pixels), batch):
-        embed(pixels[i:i + batch])
+        embed(pixels[i : i + batch])
     return len(pixels) / (time.perf_counter() - started)
 
 
@@ -84,13 +85,22 @@ def commit_rate(path: Path, key: str, dim: int, rows: int, batch: int) -> float:
 
     rng = np.random.default_rng(0)
     X = rng.random((rows, dim), dtype=np.float32)
-    meta = [ImageRow(f"class_{i % 2}/img_{i:06d}.jpg", hashlib.sha256(f"{batch}-{i}".encode()).hexdigest(),
-                     f"class_{i % 2}", None, 480, 375) for i in range(rows)]
+    meta = [
+        ImageRow(
+            f"class_{i % 2}/img_{i:06d}.jpg",
+            hashlib.sha256(f"{batch}-{i}".encode()).hexdigest(),
+            f"class_{i % 2}",
+            None,
+            480,
+            375,
+        )
+        for i in range(rows)
+    ]
     with CacheWriter(path) as writer:
         writer.ensure_feature_set(key, dim)
         started = time.perf_counter()
         for i in range(0, rows, batch):
-            writer.add(key, meta[i:i + batch], X[i:i + batch])
+            writer.add(key, meta[i : i + batch], X[i : i + batch])
         return rows / (time.perf_counter() - started)
 
 
@@ -112,10 +122,17 @@ def main() -> None:
     from tlpipe.features.cache import CacheWriter
     from tlpipe.features.extract import CacheSink, extract
     from tlpipe.features.images import decode_image
-    from tlpipe.features.ray_engine import (ModelActor, _commit, decoded_dataset, extract_ray, map_stage,
-                                            ordered_batches, plan_actors)
-    from tlpipe.features.stream import Stage, StageModel, StreamSummary
+    from tlpipe.features.ray_engine import (
+        ModelActor,
+        _commit,
+        decoded_dataset,
+        extract_ray,
+        map_stage,
+        ordered_batches,
+        plan_actors,
+    )
     from tlpipe.features.sources import discover
+    from tlpipe.features.stream import Stage, StageModel, StreamSummary
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-ray-"))
     try:
@@ -128,67 +145,101 @@ def main() -> None:
         entry = export_backbone("mobilenet_v2", weights=args.weights if real else "none", store=store)
         size, dim = entry.input_size, entry.embedding_dim
         results: dict = {
-            "quick": args.quick, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-            "load_average_at_start": os.getloadavg(), "ray": ray.__version__, "backbone": entry.key,
-            "weights": str(args.weights) if real else "none (random init)", "images": len(records),
-            "source": str(args.data) if real else "generated photos", "batch_size": args.batch_size,
+            "quick": args.quick,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "load_average_at_start": os.getloadavg(),
+            "ray": ray.__version__,
+            "backbone": entry.key,
+            "weights": str(args.weights) if real else "none (random init)",
+            "images": len(records),
+            "source": str(args.data) if real else "generated photos",
+            "batch_size": args.batch_size,
         }
 
         sample = records[: min(len(records), 256)]
         results["decode_1core_img_s"] = decode_rate(sample, size)
         pixels = np.stack([decode_image(Path(r.abspath).read_bytes(), size)[0] for r in sample])
-        results["inference_img_s"] = {"all_cores": inference_rate(entry, pixels, None),
-                                      "one_thread": inference_rate(entry, pixels, 1)}
+        results["inference_img_s"] = {
+            "all_cores": inference_rate(entry, pixels, None),
+            "one_thread": inference_rate(entry, pixels, 1),
+        }
         commits = 2048 if args.quick else 8192
-        results["hdf5_commit_rows_s"] = {str(b): commit_rate(work / f"commit{b}.h5", entry.key, dim, commits, b)
-                                         for b in (32, 256)}
+        results["hdf5_commit_rows_s"] = {
+            str(b): commit_rate(work / f"commit{b}.h5", entry.key, dim, commits, b) for b in (32, 256)
+        }
 
         started = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         results["ray_init_s"] = time.perf_counter() - started
-        extract_ray(half, work / "warm-up.h5", model=str(entry.directory), store=store, device="cpu",
-                    batch_size=args.batch_size)  # the first run also starts Ray's worker processes: not measured
+        extract_ray(
+            half, work / "warm-up.h5", model=str(entry.directory), store=store, device="cpu", batch_size=args.batch_size
+        )  # the first run also starts Ray's worker processes: not measured
         run = 0
         local_s: list[float] = []
         ray_s: dict[int, list[float]] = {len(discover(half).records): [], len(records): []}
         for _ in range(2):  # alternating rounds; the best of each is kept
-            local = extract(folder, work / f"local{run}.h5", model=str(entry.directory), store=store, device="cpu",
-                            batch_size=args.batch_size)
+            local = extract(
+                folder,
+                work / f"local{run}.h5",
+                model=str(entry.directory),
+                store=store,
+                device="cpu",
+                batch_size=args.batch_size,
+            )
             local_s.append(local.seconds)
             for source in (half, folder):
                 run += 1
-                summary = extract_ray(source, work / f"ray{run}.h5", model=str(entry.directory), store=store,
-                                      device="cpu", batch_size=args.batch_size)
+                summary = extract_ray(
+                    source,
+                    work / f"ray{run}.h5",
+                    model=str(entry.directory),
+                    store=store,
+                    device="cpu",
+                    batch_size=args.batch_size,
+                )
                 ray_s[summary.total].append(summary.seconds)
         (n_half, t_half), (n_all, t_all) = sorted((k, min(v)) for k, v in ray_s.items())
         marginal = (n_all - n_half) / (t_all - t_half) if t_all > t_half else None  # None: too noisy to fit
         results["local_img_s"] = len(records) / min(local_s)
         results["ray_seconds"] = {str(k): v for k, v in ray_s.items()}
         results["ray_img_s"] = n_all / t_all
-        results["ray_fit"] = {"marginal_img_s": marginal, "fixed_s": t_half - n_half / marginal if marginal else None,
-                              "model": "seconds = fixed_s + images / marginal_img_s, from the two sizes"}
-        results["overhead_local_over_ray"] = {"end_to_end": results["local_img_s"] / results["ray_img_s"],
-                                              "marginal": results["local_img_s"] / marginal if marginal else None}
+        results["ray_fit"] = {
+            "marginal_img_s": marginal,
+            "fixed_s": t_half - n_half / marginal if marginal else None,
+            "model": "seconds = fixed_s + images / marginal_img_s, from the two sizes",
+        }
+        results["overhead_local_over_ray"] = {
+            "end_to_end": results["local_img_s"] / results["ray_img_s"],
+            "marginal": results["local_img_s"] / marginal if marginal else None,
+        }
 
         # Stage by stage, materialized: bytes per row crossing each boundary, and the driver's loop alone.
         model_ref = ray.put(entry.model_path.read_bytes())
-        decoded = decoded_dataset(ray, records, size=size, resize="squash", known_shas=set(),
-                                  batch_size=args.batch_size).materialize()
+        decoded = decoded_dataset(
+            ray, records, size=size, resize="squash", known_shas=set(), batch_size=args.batch_size
+        ).materialize()
         # as RayEngine.run builds its actors: the model file's bytes travel, the recipe names the file
         recipe = StageModel(Path(entry.model_path.name), size)
-        embedded = map_stage(decoded, ModelActor, batch_size=args.batch_size, **plan_actors(ray),
-                             fn_constructor_kwargs={"model_ref": model_ref, "model": recipe, "device": "cpu",
-                                                    "threads": None}).materialize()
-        results["bytes_per_row"] = {"decoded_to_actor": decoded.size_bytes() / decoded.count(),
-                                    "pixels_only": size * size * 3,
-                                    "actor_to_driver": embedded.size_bytes() / embedded.count(),
-                                    "embedding_only": dim * 4}
+        embedded = map_stage(
+            decoded,
+            ModelActor,
+            batch_size=args.batch_size,
+            **plan_actors(ray),
+            fn_constructor_kwargs={"model_ref": model_ref, "model": recipe, "device": "cpu", "threads": None},
+        ).materialize()
+        results["bytes_per_row"] = {
+            "decoded_to_actor": decoded.size_bytes() / decoded.count(),
+            "pixels_only": size * size * 3,
+            "actor_to_driver": embedded.size_bytes() / embedded.count(),
+            "embedding_only": dim * 4,
+        }
         results["driver_ceiling_rows_s"] = {}
         for rows in (32, 256):
             with CacheWriter(work / f"driver{rows}.h5") as writer:
                 writer.ensure_feature_set(entry.key, dim, metadata=entry.metadata | {"key": entry.key})
-                stage = Stage(CacheSink(writer, entry.key), StreamSummary(out=str(work / f"driver{rows}.h5")),
-                              unique=True)
+                stage = Stage(
+                    CacheSink(writer, entry.key), StreamSummary(out=str(work / f"driver{rows}.h5")), unique=True
+                )
                 todo = stage.todo(records)
                 started = time.perf_counter()
                 for batch in ordered_batches(embedded, rows):

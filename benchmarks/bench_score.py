@@ -13,6 +13,7 @@ scoring SMALL and LARGE images (2,000 and 20,000; --quick: 200 and 1,000) is mea
 process each, through resource.getrusage(RUSAGE_CHILDREN) of a wrapper (target: flat).
 Writes benchmarks/results/score.json (--quick: score_quick.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,15 +63,19 @@ def source_photos(data: Path) -> list[tuple[str, str | np.ndarray]]:
         for r in discover(data).records:
             by_label.setdefault(r.label or "unlabelled", []).append(r.abspath)
         # classes interleaved, so that any prefix of the copies holds every class
-        return [(label, path) for group in zip_longest(*by_label.values()) for label, path in zip(by_label, group)
-                if path is not None]
+        return [
+            (label, path)
+            for group in zip_longest(*by_label.values())
+            for label, path in zip(by_label, group)
+            if path is not None
+        ]
     from sklearn.datasets import load_sample_images
 
     samples, photos, rng = load_sample_images().images, [], np.random.default_rng(0)
     for i in range(20):  # 480x375 crops, classes interleaved
         for label, photo in zip(("china", "flower"), samples):
             top, left = int(rng.integers(0, 40)), int(rng.integers(0, 150))
-            crop = Image.fromarray(photo[top:top + 375, left:left + 480])
+            crop = Image.fromarray(photo[top : top + 375, left : left + 480])
             photos.append((label, np.asarray(crop if i % 2 else crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT))))
     return photos
 
@@ -116,8 +121,9 @@ def manifest(folder: Path, rows: list[tuple[str, str]], count: int) -> Path:
 def peak_rss(source: Path, out: Path, model: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = [sys.executable, "-c", SCORE_CHILD, str(source), str(out), str(model)]
-    result = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *child], env=env, capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_WRAPPER, *child], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -150,9 +156,13 @@ def main() -> None:
         images = work / "images"
         rows = make_images(images, large, source_photos(args.data))
         results: dict = {
-            "quick": args.quick, "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "backbone": entry.key,
-            "weights": str(weights), "source_photos": str(args.data) if args.data.is_dir() else "sklearn samples",
-            "generate_seconds": round(time.perf_counter() - started, 1), "throughput_images": small,
+            "quick": args.quick,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "backbone": entry.key,
+            "weights": str(weights),
+            "source_photos": str(args.data) if args.data.is_dir() else "sklearn samples",
+            "generate_seconds": round(time.perf_counter() - started, 1),
+            "throughput_images": small,
         }
         bench_set = manifest(images, rows, small)
 

@@ -3,6 +3,7 @@ local and Ray engines), extraction and the HDF5 cache.
 
 Importing this package does not import ONNX Runtime or TensorFlow.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -11,8 +12,16 @@ from typing import TYPE_CHECKING, Any
 # public name -> submodule; imported on first use, so code that needs only the cache (heads, compare, and
 # every joblib worker they start) does not pay for Pillow, the decoder and the stage (~55 ms a process)
 _NAMES = {
-    "cache": ("CacheError", "CacheLockedError", "CacheWriter", "FeatureSet", "FeatureSetReader", "describe",
-              "list_feature_sets", "read_feature_set"),
+    "cache": (
+        "CacheError",
+        "CacheLockedError",
+        "CacheWriter",
+        "FeatureSet",
+        "FeatureSetReader",
+        "describe",
+        "list_feature_sets",
+        "read_feature_set",
+    ),
     "decoder": ("Decoded", "decode_record", "iter_decoded"),
     "extract": ("CacheSink", "ExtractSummary"),
     "images": ("ImageError", "decode_image", "load_image", "resize_image"),
@@ -25,8 +34,16 @@ _HOME = {name: module for module, names in _NAMES.items() for name in names}
 # (the facade) or ``tlpipe.features.extract.extract``.
 
 if TYPE_CHECKING:
-    from .cache import (CacheError, CacheLockedError, CacheWriter, FeatureSet, FeatureSetReader, describe,
-                        list_feature_sets, read_feature_set)
+    from .cache import (
+        CacheError,
+        CacheLockedError,
+        CacheWriter,
+        FeatureSet,
+        FeatureSetReader,
+        describe,
+        list_feature_sets,
+        read_feature_set,
+    )
     from .decoder import Decoded, decode_record, iter_decoded
     from .extract import CacheSink, ExtractSummary
     from .images import ImageError, decode_image, load_image, resize_image

@@ -20,6 +20,7 @@ The views are stored beside their feature set (``/augmented/<key>`` in the cache
 ``fit-head --use-augmented``, which add a view to a training set only when its image is in that training
 set (:func:`tlpipe.pipeline.heads.add_views`); evaluation rows are always the original images.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,9 @@ def augment_image(pixels: np.ndarray, sha256: str, view: int, seed: int = 0) -> 
     centre_out = np.array([(w - 1) / 2, (h - 1) / 2])
     offset = np.array([cx - 0.5, cy - 0.5]) - a @ centre_out
     matrix = np.hstack([a, offset[:, None]]).astype(np.float64)
-    warped = cv2.warpAffine(pixels, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                            borderMode=cv2.BORDER_REFLECT_101)
+    warped = cv2.warpAffine(
+        pixels, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REFLECT_101
+    )
     x = warped.astype(np.float32) * factors[0]
     grey = x @ _LUMA
     x = (x - grey.mean()) * factors[1] + grey.mean()
@@ -129,11 +131,22 @@ class AugmentSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def extract_augmented(records: Sequence[ImageRecord], out: str | os.PathLike, entry: StoreEntry, key: str, *,
-                      views: int, seed: int = 0, resize: str = "squash",
-                      resize_filter: str = DEFAULT_RESIZE_FILTER, batch_size: int = 32, dtype: str = "float32",
-                      device: str = "auto", threads: int | None = None, workers: int | None = None
-                      ) -> AugmentSummary:
+def extract_augmented(
+    records: Sequence[ImageRecord],
+    out: str | os.PathLike,
+    entry: StoreEntry,
+    key: str,
+    *,
+    views: int,
+    seed: int = 0,
+    resize: str = "squash",
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    device: str = "auto",
+    threads: int | None = None,
+    workers: int | None = None,
+) -> AugmentSummary:
     """Embed ``views`` augmented views of every image of feature set ``key`` into the cache's augmented rows.
 
     Parameters
@@ -197,8 +210,9 @@ def extract_augmented(records: Sequence[ImageRecord], out: str | os.PathLike, en
                 batch_rows.clear(), batch_views.clear(), batch_pixels.clear()
 
         seen: set[str] = set()
-        for decoded in iter_decoded(records, entry.input_size, resize, done, workers=workers,
-                                    resize_filter=resize_filter):
+        for decoded in iter_decoded(
+            records, entry.input_size, resize, done, workers=workers, resize_filter=resize_filter
+        ):
             if decoded.known and decoded.sha256 and decoded.sha256 not in seen and decoded.sha256 in index:
                 summary.cached += index[decoded.sha256] in rows
             if decoded.pixels is None or decoded.sha256 in seen:
@@ -213,6 +227,11 @@ def extract_augmented(records: Sequence[ImageRecord], out: str | os.PathLike, en
             summary.images += 1
         flush()
     summary.seconds = time.perf_counter() - started
-    log.info("augmented views of %s: %d images, %d views embedded (%s)", key, summary.images, summary.embedded,
-             json.dumps({"views": views, "seed": seed}))
+    log.info(
+        "augmented views of %s: %d images, %d views embedded (%s)",
+        key,
+        summary.images,
+        summary.embedded,
+        json.dumps({"views": views, "seed": seed}),
+    )
     return summary

@@ -41,6 +41,7 @@ holds them in memory until a commit point, reserves the disk space they need, an
 a full disk fails before the file changes, as a :class:`CacheError`, and the cache keeps its last
 committed rows.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,10 +49,11 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -66,10 +68,21 @@ BLOB_CHUNK = 1 << 16
 # counts protect (seen in the SIGKILL test). Uncompressed chunks are rewritten in place.
 # Paths have no fixed width: each is a span of one growing uint8 blob (``path_utf8``), so nothing is cut.
 SPLIT_BYTES, REASON_BYTES, STAGE_BYTES = 32, 256, 16
-_IMAGE_COLUMNS = {"path_span": (np.int64, 2), "source": np.int32, "sha256": "S64", "label": np.int32,
-                  "split": f"S{SPLIT_BYTES}", "size": (np.int32, 2)}
-_FAILURE_COLUMNS = {"path_span": (np.int64, 2), "source": np.int32, "sha256": "S64", "reason": f"S{REASON_BYTES}",
-                    "stage": f"S{STAGE_BYTES}"}
+_IMAGE_COLUMNS = {
+    "path_span": (np.int64, 2),
+    "source": np.int32,
+    "sha256": "S64",
+    "label": np.int32,
+    "split": f"S{SPLIT_BYTES}",
+    "size": (np.int32, 2),
+}
+_FAILURE_COLUMNS = {
+    "path_span": (np.int64, 2),
+    "source": np.int32,
+    "sha256": "S64",
+    "reason": f"S{REASON_BYTES}",
+    "stage": f"S{STAGE_BYTES}",
+}
 RESIZE_DEFAULT = "squash"
 READ_ATTEMPTS = 6  # a reader that catches a writer mid-commit tries again, after 10, 20, 40, 80 and 160 ms
 T = TypeVar("T")
@@ -235,9 +248,15 @@ def _strings(values, limit: int) -> np.ndarray:
 
 
 # HDF5 dimension labels (h5py ``dataset.dims[i].label``; shown by h5dump, xarray, HDFView)
-DIMENSION_LABELS = {"images": ("image",), "images/size": ("image", "width_height"), "failures": ("failure",),
-                    "images/path_span": ("image", "start_end"), "failures/path_span": ("failure", "start_end"),
-                    "embeddings": ("row", "dimension"), "image_row": ("row",)}
+DIMENSION_LABELS = {
+    "images": ("image",),
+    "images/size": ("image", "width_height"),
+    "failures": ("failure",),
+    "images/path_span": ("image", "start_end"),
+    "failures/path_span": ("failure", "start_end"),
+    "embeddings": ("row", "dimension"),
+    "image_row": ("row",),
+}
 
 
 def _label_dims(dataset: h5py.Dataset, labels: tuple[str, ...]) -> None:
@@ -248,10 +267,14 @@ def _label_dims(dataset: h5py.Dataset, labels: tuple[str, ...]) -> None:
 def _create_columns(group: h5py.Group, columns: dict) -> None:
     for name, dtype in columns.items():
         if isinstance(dtype, tuple):
-            dataset = group.create_dataset(name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1]))
+            dataset = group.create_dataset(
+                name, (0, dtype[1]), dtype=dtype[0], maxshape=(None, dtype[1]), chunks=(CHUNK_ROWS, dtype[1])
+            )
         else:
             dataset = group.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(CHUNK_ROWS,))
-        _label_dims(dataset, DIMENSION_LABELS.get(f"{group.name.strip('/')}/{name}", DIMENSION_LABELS[group.name.strip("/")]))
+        _label_dims(
+            dataset, DIMENSION_LABELS.get(f"{group.name.strip('/')}/{name}", DIMENSION_LABELS[group.name.strip("/")])
+        )
     if "path_span" in columns:
         blob = group.create_dataset("path_utf8", (0,), dtype=np.uint8, maxshape=(None,), chunks=(BLOB_CHUNK,))
         _label_dims(blob, ("byte",))
@@ -279,7 +302,9 @@ def _decode_paths(group: h5py.Group, spans: np.ndarray, path) -> list[str]:
     end = int(spans[:, 1].max())
     blob = group["path_utf8"][:end].tobytes()
     if len(blob) < end:
-        raise _Torn(f"{path}: {group.name}/path_utf8 holds {len(blob)} bytes, its paths need {end}; the file is damaged")
+        raise _Torn(
+            f"{path}: {group.name}/path_utf8 holds {len(blob)} bytes, its paths need {end}; the file is damaged"
+        )
     return [blob[a:b].decode("utf-8", "replace") for a, b in spans.tolist()]
 
 
@@ -358,7 +383,7 @@ class _StagedFile(io.RawIOBase):
         for offset, data in self.pending:
             lo, hi = max(start, offset), min(start + n, offset + len(data))
             if lo < hi:
-                view[lo - start:hi - start] = data[lo - offset:hi - offset]
+                view[lo - start : hi - start] = data[lo - offset : hi - offset]
         self.pos += n
         return n
 
@@ -428,8 +453,10 @@ class CacheWriter:
             fcntl.flock(self._disk.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             self._disk.close()
-            raise CacheLockedError(f"{self.path} is open for writing in another program (it holds HDF5's file lock, "
-                                   "e.g. h5py.File(..., 'a') in a notebook); close the file there and run again") from None
+            raise CacheLockedError(
+                f"{self.path} is open for writing in another program (it holds HDF5's file lock, "
+                "e.g. h5py.File(..., 'a') in a notebook); close the file there and run again"
+            ) from None
         except (OSError, ImportError):
             pass  # no flock (Windows, some file systems): the .lock file still keeps tlpipe writers apart
         try:
@@ -482,8 +509,10 @@ class CacheWriter:
         try:
             self._disk.commit()
         except OSError as exc:
-            self._failed = (f"cannot write {self.path}: {exc.strerror or exc}; the cache keeps its last committed "
-                            f"rows ({self._committed} images), and a re-run with enough space resumes from there")
+            self._failed = (
+                f"cannot write {self.path}: {exc.strerror or exc}; the cache keeps its last committed "
+                f"rows ({self._committed} images), and a re-run with enough space resumes from there"
+            )
             raise CacheError(self._failed) from exc
 
     def _flush(self) -> None:
@@ -553,9 +582,15 @@ class CacheWriter:
         _label_dims(group["embeddings"], DIMENSION_LABELS["embeddings"])
         _label_dims(group["image_row"], DIMENSION_LABELS["image_row"])
         metadata = metadata or {}
-        group.attrs.update({"dim": dim, "dtype": dtype, "metadata": json.dumps(metadata, sort_keys=True),
-                            "resize": metadata.get("resize") or RESIZE_DEFAULT,
-                            "resize_filter": recorded_resize_filter(metadata)})
+        group.attrs.update(
+            {
+                "dim": dim,
+                "dtype": dtype,
+                "metadata": json.dumps(metadata, sort_keys=True),
+                "resize": metadata.get("resize") or RESIZE_DEFAULT,
+                "resize_filter": recorded_resize_filter(metadata),
+            }
+        )
         for name in ("backbone", "input_size", "pooling", "preprocessing"):
             if metadata.get(name) is not None:
                 group.attrs[name] = metadata[name]
@@ -589,9 +624,11 @@ class CacheWriter:
         if key in parent:
             group = parent[key]
             if int(group.attrs["seed"]) != seed or group.attrs["recipe"] != recipe_text:
-                raise CacheError(f"{self.path}: the augmented views of {key} were made with seed {group.attrs['seed']} "
-                                 f"and recipe {group.attrs['recipe']}; one set of views per feature set: use seed "
-                                 f"{group.attrs['seed']}, or extract into another cache")
+                raise CacheError(
+                    f"{self.path}: the augmented views of {key} were made with seed {group.attrs['seed']} "
+                    f"and recipe {group.attrs['recipe']}; one set of views per feature set: use seed "
+                    f"{group.attrs['seed']}, or extract into another cache"
+                )
             if views > int(group.attrs["views"]):
                 group.attrs["views"] = views
                 self._flush()
@@ -602,8 +639,9 @@ class CacheWriter:
         group.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk, dim))
         group.create_dataset("image_row", (0,), dtype=np.int64, maxshape=(None,), chunks=(CHUNK_ROWS,))
         group.create_dataset("view", (0,), dtype=np.int32, maxshape=(None,), chunks=(CHUNK_ROWS,))
-        group.attrs.update({"dim": dim, "dtype": dtype, "views": views, "seed": seed, "recipe": recipe_text,
-                            "format": 1, "count": 0})
+        group.attrs.update(
+            {"dim": dim, "dtype": dtype, "views": views, "seed": seed, "recipe": recipe_text, "format": 1, "count": 0}
+        )
         self._flush()
 
     def augmented_views(self, key: str) -> dict[int, set[int]]:
@@ -688,10 +726,16 @@ class CacheWriter:
         to read or decode."""
         group = self.file["failures"]
         count = int(group.attrs["count"])
-        known = set(zip(_committed(group["source"], count, self.path).tolist(), read_paths(group, None, self.path))) \
-            if count else set()
-        fresh = [(p, v) for p, v in dict(((p, (s, r)) for p, s, r in failures)).items()
-                 if (source, _storable(p).decode("utf-8")) not in known]
+        known = (
+            set(zip(_committed(group["source"], count, self.path).tolist(), read_paths(group, None, self.path)))
+            if count
+            else set()
+        )
+        fresh = [
+            (p, v)
+            for p, v in dict(((p, (s, r)) for p, s, r in failures)).items()
+            if (source, _storable(p).decode("utf-8")) not in known
+        ]
         if not fresh:
             return
         path_bytes = _append_paths(group, count, [p for p, _ in fresh])
@@ -729,7 +773,9 @@ class CacheWriter:
         group.attrs.update({"current": idle, "length": len(data)})
         self._flush()
 
-    def reconcile(self, source: int, seen: dict[str, list[tuple[str, str | None, str | None]]]) -> tuple[int, list[dict]]:
+    def reconcile(
+        self, source: int, seen: dict[str, list[tuple[str, str | None, str | None]]]
+    ) -> tuple[int, list[dict]]:
         """Bring the image table in line with what a complete listing of ``source`` found, without re-embedding.
 
         Parameters
@@ -780,8 +826,9 @@ class CacheWriter:
             if sources[row] in (source, -1):
                 first = here[0]
                 label = names[labels[row]] if labels[row] >= 0 else None
-                if (first["path"], first["label"], first["split"] or "") != (paths[row], label, splits[row]) \
-                        or sources[row] != source:
+                if (first["path"], first["label"], first["split"] or "") != (paths[row], label, splits[row]) or sources[
+                    row
+                ] != source:
                     updates.append((int(row), first["path"], first["label"], first["split"]))
         for sha, record in previous.items():  # conflicts this listing did not see: its files are gone from it
             if sha in seen:
@@ -834,7 +881,7 @@ class CacheWriter:
     def _release(self) -> None:
         release_lock(self._lock)
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -843,8 +890,11 @@ class CacheWriter:
 
 def _text(values: np.ndarray) -> np.ndarray:
     """Fixed-length UTF-8 bytes -> str array."""
-    return np.array([v.decode("utf-8", "replace") for v in values.tolist()], dtype=object).astype(str) if len(values) \
+    return (
+        np.array([v.decode("utf-8", "replace") for v in values.tolist()], dtype=object).astype(str)
+        if len(values)
         else np.array([], dtype=str)
+    )
 
 
 def check_version(f: h5py.File, path) -> None:
@@ -852,9 +902,11 @@ def check_version(f: h5py.File, path) -> None:
     if version is None:
         raise CacheError(f"{path} is not a tlpipe cache")
     if int(version) == 1:
-        raise CacheError(f"{path} is a version 1 cache, which this tlpipe cannot use: its feature sets do not record "
-                         "the resize mode that made them and its paths were cut at 512 bytes; extract into a new cache "
-                         "file (the model store keeps the exports, so only embedding is redone)")
+        raise CacheError(
+            f"{path} is a version 1 cache, which this tlpipe cannot use: its feature sets do not record "
+            "the resize mode that made them and its paths were cut at 512 bytes; extract into a new cache "
+            "file (the model store keeps the exports, so only embedding is redone)"
+        )
     if int(version) != CACHE_VERSION:
         raise CacheError(f"{path} has cache version {version}; this tlpipe reads version {CACHE_VERSION}")
 
@@ -902,7 +954,7 @@ def read_retrying(path: str | os.PathLike, read: Callable[[h5py.File], T]) -> T:
     consistent state. What still fails is raised as a :class:`CacheError`."""
     for attempt in range(READ_ATTEMPTS):
         if attempt:
-            time.sleep(0.005 * 2 ** attempt)
+            time.sleep(0.005 * 2**attempt)
         try:
             with open_for_read(path) as f:
                 return read(f)
@@ -971,13 +1023,20 @@ def choose_feature_set(keys: list[str], key: str | None, path) -> str:
         raise CacheError(f"{path} holds several feature sets; choose one with --features: {', '.join(keys)}")
     matches = [k for k in keys if k == key] or [k for k in keys if k.startswith(key)]
     if len(matches) != 1:
-        raise CacheError(f"{path}: feature set {key!r} {'is ambiguous' if matches else 'not found'}; "
-                         f"it holds: {', '.join(keys) or 'none'}")
+        raise CacheError(
+            f"{path}: feature set {key!r} {'is ambiguous' if matches else 'not found'}; "
+            f"it holds: {', '.join(keys) or 'none'}"
+        )
     return matches[0]
 
 
-def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude_conflicts: bool = True,
-                     exclude: str | os.PathLike | None = None) -> FeatureSet:
+def read_feature_set(
+    path: str | os.PathLike,
+    key: str | None = None,
+    *,
+    exclude_conflicts: bool = True,
+    exclude: str | os.PathLike | None = None,
+) -> FeatureSet:
     """Load a feature set with labels, splits and paths (committed rows only; safe while a writer appends).
 
     Parameters
@@ -1021,11 +1080,19 @@ def read_feature_set(path: str | os.PathLike, key: str | None = None, *, exclude
             raise _Torn(f"{path}: labels past the class names; the file is damaged")
         conflicts = _read_conflicts(f, path)
         fs = FeatureSet(
-            key=name, X=X, y=y, split=_text(take("split")), paths=np.array(read_paths(images, rows, path), dtype=object)
-            .astype(str) if count else np.array([], dtype=str),
-            sha256=take("sha256").astype(str), class_names=class_names,
-            metadata=json.loads(group.attrs.get("metadata", "{}")), cache_id=str(f.attrs["cache_id"]),
-            source=take("source"), label_conflicts=conflicts,
+            key=name,
+            X=X,
+            y=y,
+            split=_text(take("split")),
+            paths=np.array(read_paths(images, rows, path), dtype=object).astype(str)
+            if count
+            else np.array([], dtype=str),
+            sha256=take("sha256").astype(str),
+            class_names=class_names,
+            metadata=json.loads(group.attrs.get("metadata", "{}")),
+            cache_id=str(f.attrs["cache_id"]),
+            source=take("source"),
+            label_conflicts=conflicts,
         )
         if exclude_conflicts and conflicts:
             keep = ~np.isin(rows, [c["row"] for c in conflicts])
@@ -1087,9 +1154,14 @@ def read_views(path: str | os.PathLike, fs: FeatureSet) -> Views | None:
         owner = np.array([position.get(s, -1) for s in shas], dtype=np.int64)
         keep = owner >= 0
         X = _committed(group["embeddings"], count, path)[keep].astype(np.float32, copy=False)
-        return Views(X=X, owner=owner[keep], view=_committed(group["view"], count, path)[keep],
-                     views=int(group.attrs["views"]), seed=int(group.attrs["seed"]),
-                     recipe=json.loads(group.attrs["recipe"]))
+        return Views(
+            X=X,
+            owner=owner[keep],
+            view=_committed(group["view"], count, path)[keep],
+            views=int(group.attrs["views"]),
+            seed=int(group.attrs["seed"]),
+            recipe=json.loads(group.attrs["recipe"]),
+        )
 
     return read_retrying(path, read)
 
@@ -1120,8 +1192,11 @@ def exclude_rows(fs: FeatureSet, sha256s: set[str]) -> FeatureSet:
         return fs
     import dataclasses
 
-    per_row = {f.name: getattr(fs, f.name)[keep] for f in dataclasses.fields(fs)
-               if isinstance(getattr(fs, f.name), np.ndarray) and len(getattr(fs, f.name)) == len(keep)}
+    per_row = {
+        f.name: getattr(fs, f.name)[keep]
+        for f in dataclasses.fields(fs)
+        if isinstance(getattr(fs, f.name), np.ndarray) and len(getattr(fs, f.name)) == len(keep)
+    }
     return dataclasses.replace(fs, **per_row, excluded=fs.excluded + int((~keep).sum()))
 
 
@@ -1155,19 +1230,28 @@ def _describe(f: h5py.File, path) -> dict:
         if group is None:  # its link is there, the group not yet (a writer creating it): read again
             raise _Torn(f"{path}: feature set {key} is being created")
         meta = json.loads(group.attrs.get("metadata", "{}"))
-        feature_sets[key] = {"rows": int(group.attrs["count"]), "dim": int(group.attrs["dim"]),
-                             "dtype": str(group.attrs["dtype"]), "backbone": meta.get("backbone"),
-                             "input_size": meta.get("input_size"), "layer": meta.get("layer"),
-                             "pooling": meta.get("pooling"), "weights": (meta.get("weights") or {}).get("source"),
-                             "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
-                             "resize_filter": str(group.attrs.get("resize_filter", recorded_resize_filter(meta))),
-                             "model_key": meta.get("key"),
-                             "tta": meta.get("tta", "none"),
-                             "extraction": json.loads(group.attrs.get("extraction", "null"))}
+        feature_sets[key] = {
+            "rows": int(group.attrs["count"]),
+            "dim": int(group.attrs["dim"]),
+            "dtype": str(group.attrs["dtype"]),
+            "backbone": meta.get("backbone"),
+            "input_size": meta.get("input_size"),
+            "layer": meta.get("layer"),
+            "pooling": meta.get("pooling"),
+            "weights": (meta.get("weights") or {}).get("source"),
+            "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
+            "resize_filter": str(group.attrs.get("resize_filter", recorded_resize_filter(meta))),
+            "model_key": meta.get("key"),
+            "tta": meta.get("tta", "none"),
+            "extraction": json.loads(group.attrs.get("extraction", "null")),
+        }
         if "augmented" in f and key in f["augmented"]:
             views = f["augmented"][key]
-            feature_sets[key]["augmented"] = {"rows": int(views.attrs["count"]), "views": int(views.attrs["views"]),
-                                              "seed": int(views.attrs["seed"])}
+            feature_sets[key]["augmented"] = {
+                "rows": int(views.attrs["count"]),
+                "views": int(views.attrs["views"]),
+                "seed": int(views.attrs["seed"]),
+            }
     nf = int(failures.attrs["count"])
     failure_sources = _committed(failures["source"], nf, path)
     stages = _text(_committed(failures["stage"], nf, path))
@@ -1177,20 +1261,30 @@ def _describe(f: h5py.File, path) -> dict:
     in_conflict[[c["row"] for c in conflicts if c["row"] < n]] = True
     counted = np.where(in_conflict, -2, labels)  # a row in conflict has no label to count
     return {
-        "path": str(path), "version": int(f.attrs["tlpipe_cache_version"]), "cache_id": str(f.attrs["cache_id"]),
-        "images": n, "class_names": class_names,
-        "per_class": {c: int(np.sum(counted == i)) for i, c in enumerate(class_names)} | (
-            {"(unlabelled)": int(np.sum(counted == -1))} if np.any(counted == -1) else {}) | (
-            {"(label conflict)": int(in_conflict.sum())} if in_conflict.any() else {}),
+        "path": str(path),
+        "version": int(f.attrs["tlpipe_cache_version"]),
+        "cache_id": str(f.attrs["cache_id"]),
+        "images": n,
+        "class_names": class_names,
+        "per_class": {c: int(np.sum(counted == i)) for i, c in enumerate(class_names)}
+        | ({"(unlabelled)": int(np.sum(counted == -1))} if np.any(counted == -1) else {})
+        | ({"(label conflict)": int(in_conflict.sum())} if in_conflict.any() else {}),
         "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
         "feature_sets": feature_sets,
-        "failures": [{"path": p, "reason": r, "stage": st, "source": name(int(src))}
-                     for p, r, st, src in zip(read_paths(failures, None, path),
-                                              _text(_committed(failures["reason"], nf, path)), stages,
-                                              failure_sources.tolist())],
+        "failures": [
+            {"path": p, "reason": r, "stage": st, "source": name(int(src))}
+            for p, r, st, src in zip(
+                read_paths(failures, None, path),
+                _text(_committed(failures["reason"], nf, path)),
+                stages,
+                failure_sources.tolist(),
+            )
+        ],
         "sources": [{"path": src, "images": int(np.sum(row_sources == i))} for i, src in enumerate(sources)],
-        "label_conflicts": [{"sha256": c["sha256"], "occurrences": [o | {"source": name(o["source"])}
-                                                                    for o in c["occurrences"]]} for c in conflicts],
+        "label_conflicts": [
+            {"sha256": c["sha256"], "occurrences": [o | {"source": name(o["source"])} for o in c["occurrences"]]}
+            for c in conflicts
+        ],
     }
 
 
@@ -1232,8 +1326,10 @@ class FeatureSetReader:
             group, images = features[key], f["images"]
             made_by = json.loads(group.attrs.get("metadata", "{}")).get("model_sha256")
             if model_sha256 and made_by and made_by != model_sha256:
-                raise CacheError(f"{path}: feature set {key} was made by backbone model {made_by[:12]}, the head's "
-                                 f"embeddings by {model_sha256[:12]}")
+                raise CacheError(
+                    f"{path}: feature set {key} was made by backbone model {made_by[:12]}, the head's "
+                    f"embeddings by {model_sha256[:12]}"
+                )
             count, n_images = int(group.attrs["count"]), int(images.attrs["count"])
             rows = _committed(group["image_row"], count, path)
             if count and rows.max() >= n_images:
@@ -1329,15 +1425,21 @@ def to_pandas(path: str | os.PathLike, features: str | None = None):
     except ImportError as exc:
         from tlpipe.backbones.deps import MissingExtra
 
-        raise MissingExtra(f"to_pandas needs pandas, which is not installed: pip install 'tlpipe[pandas]' ({exc})") from exc
+        raise MissingExtra(
+            f"to_pandas needs pandas, which is not installed: pip install 'tlpipe[pandas]' ({exc})"
+        ) from exc
     fs = read_feature_set(path, features)
     names = np.array([*fs.class_names, None], dtype=object)
     columns: dict[str, Any] = {"path": fs.paths.astype(object)}
     if fs.source is not None:  # the source root (folder or manifest) each path is relative to
         roots = np.array([*read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]"))), None], dtype=object)
         columns["source"] = roots[np.where(fs.source >= 0, fs.source, -1)]
-    columns |= {"label": names[fs.y], "split": [s or None for s in fs.split.tolist()],
-                "sha256": fs.sha256.astype(object), "embedding": list(fs.X)}
+    columns |= {
+        "label": names[fs.y],
+        "split": [s or None for s in fs.split.tolist()],
+        "sha256": fs.sha256.astype(object),
+        "embedding": list(fs.X),
+    }
     frame = pd.DataFrame(columns)
     frame.attrs.update(feature_set=fs.key, class_names=fs.class_names, cache_id=fs.cache_id)
     return frame
@@ -1346,8 +1448,9 @@ def to_pandas(path: str | os.PathLike, features: str | None = None):
 EXPORT_FORMATS = ("parquet", "npz")
 
 
-def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | None = None,
-                 features: str | None = None) -> dict:
+def export_cache(
+    path: str | os.PathLike, out: str | os.PathLike, fmt: str | None = None, features: str | None = None
+) -> dict:
     """Write one feature set of a cache as Parquet or NumPy ``.npz``, for tools that do not read HDF5.
 
     Parameters
@@ -1378,15 +1481,24 @@ def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | Non
     out = Path(out)
     fmt = (fmt or out.suffix.lstrip(".")).lower()
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"export format must be one of {', '.join(EXPORT_FORMATS)} (or an --out ending in one), not {fmt!r}")
+        raise ValueError(
+            f"export format must be one of {', '.join(EXPORT_FORMATS)} (or an --out ending in one), not {fmt!r}"
+        )
     fs = read_feature_set(path, features)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         if fmt == "npz":
             with open(tmp, "wb") as fh:
-                np.savez(fh, embeddings=fs.X, label=fs.y.astype(np.int32), path=fs.paths.astype(str),
-                         split=fs.split.astype(str), sha256=fs.sha256.astype(str),
-                         class_names=np.array(fs.class_names, dtype=str), feature_set=np.array(fs.key))
+                np.savez(
+                    fh,
+                    embeddings=fs.X,
+                    label=fs.y.astype(np.int32),
+                    path=fs.paths.astype(str),
+                    split=fs.split.astype(str),
+                    sha256=fs.sha256.astype(str),
+                    class_names=np.array(fs.class_names, dtype=str),
+                    feature_set=np.array(fs.key),
+                )
         else:
             try:
                 import pyarrow as pa
@@ -1394,22 +1506,33 @@ def export_cache(path: str | os.PathLike, out: str | os.PathLike, fmt: str | Non
             except ImportError as exc:
                 from tlpipe.backbones.deps import MissingExtra
 
-                raise MissingExtra(f"Parquet needs pyarrow, which is not installed: pip install 'tlpipe[parquet]' "
-                                   f"(or export --format npz) ({exc})") from exc
+                raise MissingExtra(
+                    f"Parquet needs pyarrow, which is not installed: pip install 'tlpipe[parquet]' "
+                    f"(or export --format npz) ({exc})"
+                ) from exc
             dim = fs.X.shape[1] if fs.X.ndim == 2 else 0
             names = [*fs.class_names, None]
             columns = {"path": pa.array(fs.paths.tolist(), pa.string())}
             if fs.source is not None:
                 roots = read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]")))
-                columns["source"] = pa.array([roots[i] if 0 <= i < len(roots) else None for i in fs.source.tolist()],
-                                             pa.string())
-            table = pa.table(columns | {
-                "label": pa.array([names[i] for i in fs.y.tolist()], pa.string()),
-                "split": pa.array([s or None for s in fs.split.tolist()], pa.string()),
-                "sha256": pa.array(fs.sha256.tolist(), pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(fs.X.reshape(-1), pa.float32()), dim),
-            }).replace_schema_metadata({"tlpipe.feature_set": fs.key, "tlpipe.class_names": json.dumps(fs.class_names),
-                                        "tlpipe.cache_id": fs.cache_id})
+                columns["source"] = pa.array(
+                    [roots[i] if 0 <= i < len(roots) else None for i in fs.source.tolist()], pa.string()
+                )
+            table = pa.table(
+                columns
+                | {
+                    "label": pa.array([names[i] for i in fs.y.tolist()], pa.string()),
+                    "split": pa.array([s or None for s in fs.split.tolist()], pa.string()),
+                    "sha256": pa.array(fs.sha256.tolist(), pa.string()),
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(fs.X.reshape(-1), pa.float32()), dim),
+                }
+            ).replace_schema_metadata(
+                {
+                    "tlpipe.feature_set": fs.key,
+                    "tlpipe.class_names": json.dumps(fs.class_names),
+                    "tlpipe.cache_id": fs.cache_id,
+                }
+            )
             pq.write_table(table, tmp)
         os.replace(tmp, out)
     except OSError as exc:

@@ -3,6 +3,7 @@
 int8 is calibrated on a deterministic sample of the images being extracted (or of ``--images``), decoded
 through the same resize path as extraction; a disjoint sample checks the result against fp32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,16 @@ class CalibrationSample:
         self.calibration, self.held, self.identity = calibration, held, identity
 
 
-def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squash", *,
-                  calibration: int = CALIBRATION_IMAGES, held: int = HELD_IMAGES, seed: int = 0,
-                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> CalibrationSample:
+def sample_images(
+    records: Sequence[ImageRecord],
+    size: int,
+    resize: str = "squash",
+    *,
+    calibration: int = CALIBRATION_IMAGES,
+    held: int = HELD_IMAGES,
+    seed: int = 0,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+) -> CalibrationSample:
     """A seeded random sample of ``records``, split into calibration and held-out images (2:1 when there are
     fewer than asked for), decoded as the run decodes (``resize``, ``resize_filter``): (N, size, size, 3) uint8.
     Unreadable images are passed over. Raises ValueError below :data:`MIN_IMAGES`."""
@@ -41,7 +49,7 @@ def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squa
     decoded: list[tuple[str, np.ndarray]] = []
     seen: set[str] = set()
     for start in range(0, len(order), wanted):
-        chunk = [records[i] for i in order[start:start + wanted]]
+        chunk = [records[i] for i in order[start : start + wanted]]
         for loaded in iter_decoded(chunk, size, resize, resize_filter=resize_filter):
             if isinstance(loaded.pixels, np.ndarray) and loaded.sha256 not in seen:
                 seen.add(loaded.sha256)
@@ -50,17 +58,25 @@ def sample_images(records: Sequence[ImageRecord], size: int, resize: str = "squa
             break
     decoded = decoded[:wanted]
     if len(decoded) < MIN_IMAGES:
-        raise ValueError(f"calibrating a reduced-precision model needs at least {MIN_IMAGES} distinct readable images; "
-                         f"found {len(decoded)}")
+        raise ValueError(
+            f"calibrating a reduced-precision model needs at least {MIN_IMAGES} distinct readable images; "
+            f"found {len(decoded)}"
+        )
     cut = calibration if len(decoded) == wanted else (2 * len(decoded)) // 3
     calib, hold = decoded[:cut], decoded[cut:]
     identity = hashlib.sha256("\n".join(sorted(sha for sha, _ in calib)).encode()).hexdigest()[:16]
     return CalibrationSample(np.stack([p for _, p in calib]), np.stack([p for _, p in hold]), identity)
 
 
-def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Sequence[ImageRecord] | None,
-                resize: str = "squash", recalibrate: bool = False,
-                resize_filter: str = DEFAULT_RESIZE_FILTER) -> StoreEntry:
+def variant_for(
+    base: StoreEntry,
+    precision: str,
+    store: ModelStore,
+    records: Sequence[ImageRecord] | None,
+    resize: str = "squash",
+    recalibrate: bool = False,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+) -> StoreEntry:
     """The ``precision`` variant of ``base``: the stored one when there is one (so a cache keeps one feature set
     across runs), else made now, calibrated and verified on a sample of ``records`` decoded with ``resize`` and
     ``resize_filter`` (as the run decodes). fp16 needs no calibration: without ``records`` it is checked on the
@@ -78,12 +94,18 @@ def variant_for(base: StoreEntry, precision: str, store: ModelStore, records: Se
 
         return make_variant(base, precision, store, held=verification_images(base.input_size, 16))
     sample = sample_images(records, base.input_size, resize, resize_filter=resize_filter)
-    return make_variant(base, precision, store, held=sample.held, calibration=sample.calibration,
-                        calibration_id=sample.identity)
+    return make_variant(
+        base, precision, store, held=sample.held, calibration=sample.calibration, calibration_id=sample.identity
+    )
 
 
-def resolve_entry(choice: ModelChoice, records: Sequence[ImageRecord] | None = None, resize: str = "squash",
-                  recalibrate: bool = False, resize_filter: str = DEFAULT_RESIZE_FILTER) -> StoreEntry:
+def resolve_entry(
+    choice: ModelChoice,
+    records: Sequence[ImageRecord] | None = None,
+    resize: str = "squash",
+    recalibrate: bool = False,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+) -> StoreEntry:
     """The model-store entry a run uses: ``choice``'s fp32 export, or its int8 / fp16 variant.
 
     Parameters

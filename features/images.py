@@ -25,12 +25,15 @@ REFUSED_FORMATS = {
     "PDF": "PDF is not an image Pillow can decode",
     "MPEG": "MPEG video is not decoded",
     "WMF": "WMF/EMF vector images are not decoded",
-    "BUFR": "BUFR is not decoded", "GRIB": "GRIB is not decoded", "HDF5": "HDF5 is not an image",
+    "BUFR": "BUFR is not decoded",
+    "GRIB": "GRIB is not decoded",
+    "HDF5": "HDF5 is not an image",
 }
 # Extensions taken as images when listing a folder without reading the file. Any other file is sniffed by its
 # content (:func:`sniff_image`), so a JPEG named .dat is still found: the extension never decides alone.
-_NOT_IMAGE_EXTENSIONS = frozenset({".h5", ".hdf", ".bufr", ".grib", ".pdf", ".ps", ".eps", ".mpeg", ".mpg",
-                                   ".wmf", ".emf"})
+_NOT_IMAGE_EXTENSIONS = frozenset(
+    {".h5", ".hdf", ".bufr", ".grib", ".pdf", ".ps", ".eps", ".mpeg", ".mpg", ".wmf", ".emf"}
+)
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".heics", ".heifs", ".avci"})
 IMAGE_EXTENSIONS = frozenset(
     {ext for ext in Image.registered_extensions() if ext not in _NOT_IMAGE_EXTENSIONS}
@@ -38,8 +41,9 @@ IMAGE_EXTENSIONS = frozenset(
     | HEIF_EXTENSIONS
 )
 # ISO base media (HEIF) brands that need the pillow-heif plugin (AVIF brands are Pillow's own).
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
-                          b"msf1", b"mif2", b"avci"})
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2", b"avci"}
+)
 HEIF_EXTRA_MESSAGE = "HEIF/HEIC image: install the optional extra to decode it: pip install 'tlpipe[heif]'"
 # Pillow's default Image.MAX_IMAGE_PIXELS. Pillow itself still refuses images over twice its own
 # limit (and warns above it) while opening, so a larger max_pixels cannot lift that cap.
@@ -165,9 +169,7 @@ def decode_image(
                 raise ImageError(f"unsupported format: {REFUSED_FORMATS[im.format]}")
             width, height = im.size
             if width * height > max_pixels:
-                raise ImageError(
-                    f"image too large: {width}x{height} exceeds {max_pixels} pixels"
-                )
+                raise ImageError(f"image too large: {width}x{height} exceeds {max_pixels} pixels")
             if im.format in ("JPEG", "MPO"):
                 # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding. Pillow picks the largest
                 # factor that keeps both sides >= the request, and both modes need exactly that:
@@ -247,9 +249,7 @@ def load_image(
     return decode_image(data, size, mode, resize_filter=resize_filter, max_pixels=max_pixels)
 
 
-def _resize_array(
-    rgb: Image.Image | np.ndarray, size: int, mode: str, resize_filter: str
-) -> np.ndarray:
+def _resize_array(rgb: Image.Image | np.ndarray, size: int, mode: str, resize_filter: str) -> np.ndarray:
     """``rgb`` (an RGB image or ``(H, W, 3)`` uint8 array) resized with ``resize_filter``, as an array."""
     if resize_filter == "bilinear":
         return fastdecode.resize_bilinear(np.asarray(rgb), size, mode)
@@ -276,8 +276,10 @@ def _orientation(im: Image.Image) -> int:
 
 def _is_heif(data: bytes) -> bool:
     """An ISO base media file whose brand is HEIF's (HEIC, HEIF image/sequence)."""
-    return data[4:8] == b"ftyp" and (data[8:12] in _HEIF_BRANDS or any(
-        data[i:i + 4] in _HEIF_BRANDS - {b"mif1", b"msf1"} for i in range(16, min(len(data), 64), 4)))
+    return data[4:8] == b"ftyp" and (
+        data[8:12] in _HEIF_BRANDS
+        or any(data[i : i + 4] in _HEIF_BRANDS - {b"mif1", b"msf1"} for i in range(16, min(len(data), 64), 4))
+    )
 
 
 _heif_state: list[bool] = []
@@ -300,8 +302,14 @@ def _register_heif() -> None:
     _heif_state.append(True)
 
 
-_TIFF_SAMPLE_FORMATS = {1: "unsigned integer", 2: "signed integer", 3: "float", 4: "undefined", 5: "complex integer",
-                        6: "complex float"}
+_TIFF_SAMPLE_FORMATS = {
+    1: "unsigned integer",
+    2: "signed integer",
+    3: "float",
+    4: "undefined",
+    5: "complex integer",
+    6: "complex float",
+}
 
 
 def _describe_tiff(data: bytes) -> str | None:
@@ -360,16 +368,20 @@ def _white_level(mode: str, values: np.ndarray, bits: int | None = None) -> floa
         raise ImageError(f"unsupported pixel mode {mode} ({kind}): values that are not finite (NaN or infinity)")
     low, high = float(values.min()), float(values.max())
     if low < 0:
-        raise ImageError(f"unsupported pixel mode {mode} ({kind}): negative values ({low:g}); "
-                         "the white level cannot be told: save as 8- or 16-bit")
+        raise ImageError(
+            f"unsupported pixel mode {mode} ({kind}): negative values ({low:g}); "
+            "the white level cannot be told: save as 8- or 16-bit"
+        )
     if mode == "F" and high <= 1.0:
         return 1.0
     if high <= 255:
         return 255.0
     if high <= 65535:
         return 65535.0
-    raise ImageError(f"unsupported pixel mode {mode} ({kind}): values up to {high:g}; "
-                     "the white level cannot be told: save as 8- or 16-bit")
+    raise ImageError(
+        f"unsupported pixel mode {mode} ({kind}): values up to {high:g}; "
+        "the white level cannot be told: save as 8- or 16-bit"
+    )
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -394,8 +406,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode == "LAB":
         from PIL import ImageCms
 
-        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"),
-                                            "LAB", "RGB")
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
         return ImageCms.applyTransform(im, transform)
     try:
         return im.convert("RGB")

@@ -16,6 +16,7 @@
 
 Ray is imported lazily; without it these functions raise ``MissingExtra`` naming ``pip install 'tlpipe[ray]'``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,12 +87,20 @@ def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: floa
     if gpus > cluster_gpus:
         raise ValueError(f"{gpus:g} GPU per actor asked, the cluster has {cluster_gpus:g}")
     if num_actors is None:
-        num_actors = int(cluster_gpus // gpus) if gpus else sum(
-            1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
+        num_actors = (
+            int(cluster_gpus // gpus)
+            if gpus
+            else sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
+        )
     if num_actors < 1:
         raise ValueError(f"num_actors must be at least 1, not {num_actors}")
-    return {"compute": ray.data.ActorPoolStrategy(size=num_actors), "num_cpus": 1, "num_gpus": gpus or None,
-            "max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=num_actors),
+        "num_cpus": 1,
+        "num_gpus": gpus or None,
+        "max_restarts": ACTOR_RESTARTS,
+        "max_task_retries": ACTOR_RESTARTS,
+    }
 
 
 # -- decode tasks ----------------------------------------------------------------------------------------
@@ -100,25 +109,41 @@ def _known_shas(ref) -> frozenset[str]:
     return require("ray").get(ref)
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, size: int, resize: str, known, resize_filter: str
-                 ) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], *, size: int, resize: str, known, resize_filter: str
+) -> dict[str, np.ndarray]:
     """Ray Data task: :func:`~tlpipe.features.decoder.decode_record` on each path, each result pickled (a
     column of bytes)."""
     is_known = _known_shas(known).__contains__
-    decoded = [decode_record(ImageRecord("", str(path), None, None), size, resize, is_known, resize_filter)
-               for path in batch["abspath"]]
+    decoded = [
+        decode_record(ImageRecord("", str(path), None, None), size, resize, is_known, resize_filter)
+        for path in batch["abspath"]
+    ]
     return {"i": batch["i"], "decoded": np.array([pickle.dumps(d) for d in decoded], dtype=object)}
 
 
-def decoded_dataset(ray: ModuleType, records: list[ImageRecord], *, size: int, resize: str, known_shas: set[str],
-                    batch_size: int, resize_filter: str = DEFAULT_RESIZE_FILTER):
+def decoded_dataset(
+    ray: ModuleType,
+    records: list[ImageRecord],
+    *,
+    size: int,
+    resize: str,
+    known_shas: set[str],
+    batch_size: int,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+):
     """Ray Data rows ``i, decoded`` (a pickled :class:`~tlpipe.features.decoder.Decoded`) for ``records``
     (row i = records[i])."""
     known = ray.put(frozenset(known_shas))
     items = [{"i": i, "abspath": r.abspath} for i, r in enumerate(records)]
-    return map_stage(ray.data.from_items(items), decode_batch, batch_size=batch_size, num_cpus=1,
-                     max_retries=TASK_RETRIES, fn_kwargs={"size": size, "resize": resize, "known": known,
-                                                               "resize_filter": resize_filter})
+    return map_stage(
+        ray.data.from_items(items),
+        decode_batch,
+        batch_size=batch_size,
+        num_cpus=1,
+        max_retries=TASK_RETRIES,
+        fn_kwargs={"size": size, "resize": resize, "known": known, "resize_filter": resize_filter},
+    )
 
 
 class ModelActor:
@@ -140,8 +165,11 @@ class ModelActor:
         pixels = [item.pixels for item in items if item.pixels is not None]
         rows = iter(self.runner(stack_pixels(pixels)) if pixels else ())
         results = [(replace(item, pixels=None), None if item.pixels is None else next(rows)) for item in items]
-        return {"i": batch["i"], "provider": np.full(len(items), self.runner.provider, dtype=object),
-                "decoded": np.array([pickle.dumps(result) for result in results], dtype=object)}
+        return {
+            "i": batch["i"],
+            "provider": np.full(len(items), self.runner.provider, dtype=object),
+            "decoded": np.array([pickle.dumps(result) for result in results], dtype=object),
+        }
 
 
 def ordered_batches(dataset, rows: int) -> Iterator[dict[str, np.ndarray]]:
@@ -199,8 +227,16 @@ class RayEngine(Engine):
         self._stack.close()
         self._actors = None
 
-    def run(self, stage: Stage, records: Sequence[ImageRecord], model: StageModel, *, batch_size: int,
-            resize: str, resize_filter: str) -> None:
+    def run(
+        self,
+        stage: Stage,
+        records: Sequence[ImageRecord],
+        model: StageModel,
+        *,
+        batch_size: int,
+        resize: str,
+        resize_filter: str,
+    ) -> None:
         """Stream ``records`` through ``model`` on the cluster into ``stage``'s sink (in input order)."""
         if self._actors is None:
             raise RuntimeError("enter the RayEngine (with engine: ...) before running it")
@@ -208,11 +244,27 @@ class RayEngine(Engine):
             raise TypeError("the Ray engine runs a StageModel (a model file), not a loaded session")
         ray, todo = require("ray"), stage.todo(records)
         if todo:
-            decoded = decoded_dataset(ray, todo, size=model.input_size, resize=resize, known_shas=stage.known_shas,
-                                      batch_size=batch_size, resize_filter=resize_filter)
-            dataset = map_stage(decoded, ModelActor, batch_size=batch_size, **self._actors,
-                                fn_constructor_kwargs={"model_ref": ray.put(model.path.read_bytes()), "model": model,
-                                                       "device": self.device, "threads": self.threads})
+            decoded = decoded_dataset(
+                ray,
+                todo,
+                size=model.input_size,
+                resize=resize,
+                known_shas=stage.known_shas,
+                batch_size=batch_size,
+                resize_filter=resize_filter,
+            )
+            dataset = map_stage(
+                decoded,
+                ModelActor,
+                batch_size=batch_size,
+                **self._actors,
+                fn_constructor_kwargs={
+                    "model_ref": ray.put(model.path.read_bytes()),
+                    "model": model,
+                    "device": self.device,
+                    "threads": self.threads,
+                },
+            )
             for batch in ordered_batches(dataset, self.commit_rows):
                 _commit(stage, batch, todo)
 
@@ -227,9 +279,19 @@ def _commit(stage: Stage, batch: dict[str, np.ndarray], todo: Sequence[ImageReco
 
 
 # -- the commands on Ray ---------------------------------------------------------------------------------
-def run_on_ray(command: Callable[..., Any], source: str | os.PathLike[str], out: str | os.PathLike[str], *,
-               address: str | None = None, num_actors: int | None = None, actor_gpus: float | None = None,
-               commit_rows: int = 256, device: str = "auto", threads: int | None = None, **options: Any) -> Any:
+def run_on_ray(
+    command: Callable[..., Any],
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    address: str | None = None,
+    num_actors: int | None = None,
+    actor_gpus: float | None = None,
+    commit_rows: int = 256,
+    device: str = "auto",
+    threads: int | None = None,
+    **options: Any,
+) -> Any:
     """``command(source, out, **options)`` (extract or score) with a :class:`RayEngine` as its engine.
 
     Parameters

@@ -116,8 +116,10 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
     else:
         raise ValueError(f"{path} is neither a directory nor a .csv manifest")
     if len(images.class_names) == 1:
-        images.warnings.append(f"{path} yields a single class ({images.class_names[0]!r}): a classifier needs two or "
-                               "more; is the folder one level too deep, or is a manifest needed?")
+        images.warnings.append(
+            f"{path} yields a single class ({images.class_names[0]!r}): a classifier needs two or "
+            "more; is the folder one level too deep, or is a manifest needed?"
+        )
     return images
 
 
@@ -133,8 +135,9 @@ def _discover_dir(path: Path, labelled: bool = True) -> ImageSource:
             skipped.append(("/".join(parts), f"not an image file ({ext or 'no extension'})"))
     records: list[ImageRecord] = []
     if not labelled:
-        records = sorted((ImageRecord("/".join(parts), abspath, None, None) for parts, abspath in images),
-                         key=lambda r: r.relpath)
+        records = sorted(
+            (ImageRecord("/".join(parts), abspath, None, None) for parts, abspath in images), key=lambda r: r.relpath
+        )
         return ImageSource(root, "flat", records, [], sorted(skipped))
     layout, base, splits = _layout(images, path)
     if layout == "split_folders":
@@ -160,8 +163,11 @@ def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str,
     while True:  # see through single wrapper folders (no images of their own, one sub-folder)
         here = [parts for parts, _ in images if len(parts) > base]
         children = {parts[base] for parts in here if len(parts) > base + 1}
-        if len(children) == 1 and all(len(parts) > base + 1 for parts in here) and \
-                any(len(parts) > base + 2 for parts in here):
+        if (
+            len(children) == 1
+            and all(len(parts) > base + 1 for parts in here)
+            and any(len(parts) > base + 2 for parts in here)
+        ):
             base += 1
             continue
         break
@@ -182,8 +188,13 @@ def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str,
             return "class_folders", base, {}
         if len(aliases) == len(children):
             return "split_folders", base, {c: False for c in children}
-        raise LayoutError(_ambiguous(path, f"folders of bare images, some named like splits ({', '.join(aliases)}) "
-                                     f"and some not ({', '.join(c for c in children if c not in aliases)})"))
+        raise LayoutError(
+            _ambiguous(
+                path,
+                f"folders of bare images, some named like splits ({', '.join(aliases)}) "
+                f"and some not ({', '.join(c for c in children if c not in aliases)})",
+            )
+        )
     sets = [classes[c] for c in grouping]
     same_classes = len(grouping) >= 2 and all(s == sets[0] for s in sets)
     named_splits = all(normalize_split(c) in SPLITS for c in grouping)
@@ -196,8 +207,10 @@ def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str,
 
 
 def _ambiguous(path: Path, found: str) -> str:
-    return (f"cannot tell which folders of {path} are classes and which are splits ({found}); "
-            "list the images in a CSV manifest with columns path,label[,split] and pass that instead")
+    return (
+        f"cannot tell which folders of {path} are classes and which are splits ({found}); "
+        "list the images in a CSV manifest with columns path,label[,split] and pass that instead"
+    )
 
 
 def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, str]]]:
@@ -269,17 +282,23 @@ def _manifest_text(csv_path: Path) -> tuple[str, str | None]:
     escapes, so a name written in the file system's own bytes (e.g. Latin-1) still names its file, and the hint
     asks for the manifest to be saved as UTF-8."""
     raw = csv_path.read_bytes()
-    for bom, encoding in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-                          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
         if raw.startswith(bom) and not (encoding == "utf-16" and raw.startswith(codecs.BOM_UTF32_LE)):
             return raw.decode(encoding), None
     try:
         return raw.decode("utf-8-sig"), None
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        return (raw.decode("utf-8-sig", "surrogateescape"),
-                f"{csv_path} is not UTF-8 (first at line {line}): names were kept byte for byte, labels may be "
-                "garbled; save the manifest as UTF-8")
+        return (
+            raw.decode("utf-8-sig", "surrogateescape"),
+            f"{csv_path} is not UTF-8 (first at line {line}): names were kept byte for byte, labels may be "
+            "garbled; save the manifest as UTF-8",
+        )
 
 
 def _find_normalised(abspath: str) -> str:
@@ -336,8 +355,7 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
     path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
         raise ValueError(
-            f"{csv_path}: no path column; name one of {', '.join(PATH_COLUMNS)} "
-            f"(found: {', '.join(header)})"
+            f"{csv_path}: no path column; name one of {', '.join(PATH_COLUMNS)} (found: {', '.join(header)})"
         )
     label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)
     split_col = columns.get(SPLIT_COLUMN)
@@ -381,8 +399,10 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
                 )
             )
     if outside:
-        warnings.append(f"{outside} manifest path{'s' if outside > 1 else ''} outside {root} (absolute or with ..) "
-                        "refused: pass --allow-outside-root to read them")
+        warnings.append(
+            f"{outside} manifest path{'s' if outside > 1 else ''} outside {root} (absolute or with ..) "
+            "refused: pass --allow-outside-root to read them"
+        )
     class_names = sorted({r.label for r in records if r.label is not None})
     return ImageSource(root, "manifest", records, class_names, skipped, warnings)
 

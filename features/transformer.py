@@ -1,4 +1,5 @@
 """A scikit-learn transformer: image paths -> embeddings, computed through (and kept in) the HDF5 cache."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,18 +34,30 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     the image path); n_features_out_ : the embedding dimension.
     """
 
-    def __init__(self, backbone: str | None = "mobilenet_v2", weights="imagenet", cache: str | os.PathLike = "embeddings.h5",
-                 size: int | None = None, layer: str | None = None, pooling: str = "avg", model=None,
-                 device: str = "auto", batch_size: int = 32, store=None, resize: str = "squash",
-                 resize_filter: str = DEFAULT_RESIZE_FILTER):
+    def __init__(
+        self,
+        backbone: str | None = "mobilenet_v2",
+        weights="imagenet",
+        cache: str | os.PathLike = "embeddings.h5",
+        size: int | None = None,
+        layer: str | None = None,
+        pooling: str = "avg",
+        model=None,
+        device: str = "auto",
+        batch_size: int = 32,
+        store=None,
+        resize: str = "squash",
+        resize_filter: str = DEFAULT_RESIZE_FILTER,
+    ):
         self.backbone, self.weights, self.cache, self.size, self.layer = backbone, weights, cache, size, layer
         self.pooling, self.model, self.device, self.batch_size, self.store = pooling, model, device, batch_size, store
         self.resize, self.resize_filter = resize, resize_filter
 
     def fit(self, X=None, y=None):
         """Resolve the backbone (export it into the store if needed). ``X`` (paths) is only counted."""
-        self.entry_ = obtain_backbone(self.backbone, self.weights, self.size, self.layer, self.pooling,
-                                      store=self.store, model=self.model)
+        self.entry_ = obtain_backbone(
+            self.backbone, self.weights, self.size, self.layer, self.pooling, store=self.store, model=self.model
+        )
         self.key_ = feature_set_key(self.entry_.key, self.resize, self.resize_filter)  # part of the identity
         self.n_features_out_ = self.entry_.embedding_dim
         self.n_features_in_ = 1  # one input column: the image path
@@ -81,8 +94,16 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
             self._embedder = OnnxEmbedder(self.entry_.model_path, self.device)
         records = [ImageRecord(str(p), str(p.resolve()), None, None) for p in paths]
         with CacheWriter(self.cache) as writer:
-            summary = extract_into(writer, records, self.entry_, LocalEngine(), model=self._embedder,
-                                   batch_size=self.batch_size, resize=self.resize, resize_filter=self.resize_filter)
+            summary = extract_into(
+                writer,
+                records,
+                self.entry_,
+                LocalEngine(),
+                model=self._embedder,
+                batch_size=self.batch_size,
+                resize=self.resize,
+                resize_filter=self.resize_filter,
+            )
         if summary.failures:
             details = "; ".join(f"{p}: {r}" for p, r in summary.failures[:5])
             raise ValueError(f"{summary.failed} of {len(paths)} images could not be embedded: {details}")

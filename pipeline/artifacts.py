@@ -4,6 +4,7 @@ Unpickling a joblib file runs code, so :func:`load_head` reads ``<head>.json`` f
 sha256 it records with the bytes of the joblib file; only matching bytes are unpickled (from memory,
 so the file cannot change between the check and the load) unless the caller passes ``trust=True``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,10 +88,19 @@ def head_labels(estimator, metadata: dict | None = None, class_names: list[str] 
     return [str(names[int(c)]) for c in classes]
 
 
-def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, metrics: dict, params: dict,
-              cache_path: str | os.PathLike | None = None, rows: int | None = None,
-              train_rows: np.ndarray | None = None, evaluation_rows: np.ndarray | None = None,
-              evaluation_setup: str | None = None) -> dict:
+def save_head(
+    estimator,
+    path: str | os.PathLike,
+    *,
+    feature_set: FeatureSet,
+    metrics: dict,
+    params: dict,
+    cache_path: str | os.PathLike | None = None,
+    rows: int | None = None,
+    train_rows: np.ndarray | None = None,
+    evaluation_rows: np.ndarray | None = None,
+    evaluation_setup: str | None = None,
+) -> dict:
     """Write a fitted head to ``path`` (joblib) and its metadata to ``path + ".json"``; return the metadata.
 
     Parameters
@@ -115,34 +125,56 @@ def save_head(estimator, path: str | os.PathLike, *, feature_set: FeatureSet, me
     if unknown:
         raise HeadError(f"the head predicts class(es) {unknown} that feature set {feature_set.key} does not have")
     classes = [list(feature_set.class_names).index(name) for name in labels]  # label indices, as before
-    metadata = _jsonable({
-        "format_version": FORMAT_VERSION,
-        "head": {"name": _head_name(estimator),
-                 "params": params,
-                 # what predict() returns: class names (fitted on names) or the cache's label indices (older heads)
-                 "predicts": "label indices" if np.issubdtype(np.asarray(estimator.classes_).dtype, np.integer)
-                 else "class names"},
-        "feature_set": {"key": feature_set.key, "embedding_dim": int(feature_set.X.shape[1]),
-                        "backbone": meta.get("backbone"), "model_sha256": meta.get("model_sha256"),
-                        "input_size": meta.get("input_size"), "pooling": meta.get("pooling"),
-                        "layer": meta.get("layer"), "resize": feature_set.resize,
-                        "model_key": meta.get("key") or feature_set.key,
-                        "resize_filter": feature_set.resize_filter},
-        "class_names": list(feature_set.class_names),
-        "classes": classes,
-        "labels": labels,
-        "training": {"cache_id": feature_set.cache_id, "cache_path": str(cache_path) if cache_path else None,
-                     "rows": rows,
-                     "sha256": None if train_rows is None else sorted(feature_set.sha256[train_rows].tolist())},
-        "evaluation": None if evaluation_rows is None else {
-            "rows": int(len(evaluation_rows)), "setup": evaluation_setup,
-            "sha256": sorted(feature_set.sha256[evaluation_rows].tolist())},
-        "metrics": metrics,
-        "versions": {"sklearn": sklearn.__version__, "numpy": np.__version__, "joblib": joblib.__version__,
-                     "python": platform.python_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "joblib_sha256": hashlib.sha256(payload).hexdigest(),
-    })
+    metadata = _jsonable(
+        {
+            "format_version": FORMAT_VERSION,
+            "head": {
+                "name": _head_name(estimator),
+                "params": params,
+                # what predict() returns: class names (fitted on names) or the cache's label indices (older heads)
+                "predicts": "label indices"
+                if np.issubdtype(np.asarray(estimator.classes_).dtype, np.integer)
+                else "class names",
+            },
+            "feature_set": {
+                "key": feature_set.key,
+                "embedding_dim": int(feature_set.X.shape[1]),
+                "backbone": meta.get("backbone"),
+                "model_sha256": meta.get("model_sha256"),
+                "input_size": meta.get("input_size"),
+                "pooling": meta.get("pooling"),
+                "layer": meta.get("layer"),
+                "resize": feature_set.resize,
+                "model_key": meta.get("key") or feature_set.key,
+                "resize_filter": feature_set.resize_filter,
+            },
+            "class_names": list(feature_set.class_names),
+            "classes": classes,
+            "labels": labels,
+            "training": {
+                "cache_id": feature_set.cache_id,
+                "cache_path": str(cache_path) if cache_path else None,
+                "rows": rows,
+                "sha256": None if train_rows is None else sorted(feature_set.sha256[train_rows].tolist()),
+            },
+            "evaluation": None
+            if evaluation_rows is None
+            else {
+                "rows": int(len(evaluation_rows)),
+                "setup": evaluation_setup,
+                "sha256": sorted(feature_set.sha256[evaluation_rows].tolist()),
+            },
+            "metrics": metrics,
+            "versions": {
+                "sklearn": sklearn.__version__,
+                "numpy": np.__version__,
+                "joblib": joblib.__version__,
+                "python": platform.python_version(),
+            },
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "joblib_sha256": hashlib.sha256(payload).hexdigest(),
+        }
+    )
     _atomic_write(path, lambda f: f.write(payload))
     _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(metadata, indent=2, sort_keys=True).encode()))
     return metadata
@@ -154,8 +186,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         metadata = json.loads(sidecar.read_text())
     except FileNotFoundError:
-        raise HeadError(f"{sidecar} is missing: without it {path} cannot be verified, and loading a joblib file "
-                        f"runs code; pass trust=True (--trust) only if you trust where the file came from") from None
+        raise HeadError(
+            f"{sidecar} is missing: without it {path} cannot be verified, and loading a joblib file "
+            f"runs code; pass trust=True (--trust) only if you trust where the file came from"
+        ) from None
     except (OSError, ValueError) as exc:
         raise HeadError(f"cannot read {sidecar}: {exc}") from exc
     version = metadata.get("format_version")
@@ -167,8 +201,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def _check_expected(metadata: dict, key: str | None, dim: int | None, where: str) -> None:
     saved = metadata.get("feature_set", {})
     if key is not None and saved.get("key") != key:
-        raise HeadError(f"{where} was trained on feature set {saved.get('key')!r}, not {key!r}: its embeddings "
-                        f"come from another backbone or setting; use the matching feature set or refit the head")
+        raise HeadError(
+            f"{where} was trained on feature set {saved.get('key')!r}, not {key!r}: its embeddings "
+            f"come from another backbone or setting; use the matching feature set or refit the head"
+        )
     if dim is not None and saved.get("embedding_dim") != dim:
         raise HeadError(f"{where} expects {saved.get('embedding_dim')}-dimensional embeddings, these have {dim}")
 
@@ -179,12 +215,15 @@ def check_compatible(metadata: dict, feature_set: FeatureSet) -> None:
     _check_expected(metadata, feature_set.key, int(feature_set.X.shape[1]), where)
     saved, current = metadata.get("feature_set", {}).get("model_sha256"), feature_set.metadata.get("model_sha256")
     if saved and current and saved != current:
-        raise HeadError(f"{where} was trained on embeddings of backbone model {saved[:12]}, feature set "
-                        f"{feature_set.key} comes from model {current[:12]}: same key, different weights")
+        raise HeadError(
+            f"{where} was trained on embeddings of backbone model {saved[:12]}, feature set "
+            f"{feature_set.key} comes from model {current[:12]}: same key, different weights"
+        )
 
 
-def load_head(path: str | os.PathLike, *, trust: bool = False, expect_key: str | None = None,
-              expect_dim: int | None = None) -> tuple[object, dict]:
+def load_head(
+    path: str | os.PathLike, *, trust: bool = False, expect_key: str | None = None, expect_dim: int | None = None
+) -> tuple[object, dict]:
     """Load a head saved by :func:`save_head`, verifying its sidecar hash before unpickling.
 
     Raises :class:`HeadError` when the sidecar is missing or the bytes do not match it (unless
@@ -205,9 +244,11 @@ def load_head(path: str | os.PathLike, *, trust: bool = False, expect_key: str |
     if metadata:
         digest = hashlib.sha256(payload).hexdigest()
         if digest != metadata.get("joblib_sha256") and not trust:
-            raise HeadError(f"{path} does not match its sidecar (sha256 {digest[:12]}, recorded "
-                            f"{str(metadata.get('joblib_sha256'))[:12]}): the file was changed or replaced; "
-                            f"refusing to unpickle it (trust=True / --trust overrides)")
+            raise HeadError(
+                f"{path} does not match its sidecar (sha256 {digest[:12]}, recorded "
+                f"{str(metadata.get('joblib_sha256'))[:12]}): the file was changed or replaced; "
+                f"refusing to unpickle it (trust=True / --trust overrides)"
+            )
         _check_expected(metadata, expect_key, expect_dim, str(path))
     estimator = joblib.load(io.BytesIO(payload))
     if not hasattr(estimator, "predict_proba"):

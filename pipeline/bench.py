@@ -4,6 +4,7 @@ Every figure comes from the same run on the same images: ONNX Runtime at fp32 (a
 Keras ``model(x, training=False)`` on the same backbone, and image decoding on its own. Each configuration is
 warmed up, then timed batch by batch for at least ``min_seconds``: images/s over the whole, p50/p95 per batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,10 @@ import platform
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +27,16 @@ from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cor
 from tlpipe.backbones.store import ModelStore, StoreEntry
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-BENCH_CHOICE = ("backbone", "weights", "weights_dir", "size", "layer", "pooling", "model", "store")  # ModelChoice fields
+BENCH_CHOICE = (
+    "backbone",
+    "weights",
+    "weights_dir",
+    "size",
+    "layer",
+    "pooling",
+    "model",
+    "store",
+)  # ModelChoice fields
 
 
 @dataclass
@@ -76,21 +87,35 @@ def cpu_flags() -> set[str]:
 
 def machine_facts() -> dict:
     flags = cpu_flags()
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    return {"cpu": model, "cores": physical_cores(), "python": platform.python_version(),
-            "onnxruntime": distribution_version("onnxruntime"), "tensorflow": distribution_version("tensorflow"),
-            "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
-            "int8_dot_product": ", ".join(sorted(flags.intersection(VNNI_FLAGS))) or None if flags else "unknown"}
+    model = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
+    return {
+        "cpu": model,
+        "cores": physical_cores(),
+        "python": platform.python_version(),
+        "onnxruntime": distribution_version("onnxruntime"),
+        "tensorflow": distribution_version("tensorflow"),
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "int8_dot_product": ", ".join(sorted(flags.intersection(VNNI_FLAGS))) or None if flags else "unknown",
+    }
 
 
-def time_batches(run: Callable[[np.ndarray], object], images: np.ndarray, batch: int, min_seconds: float,
-                 min_batches: int = 3, streams: int = 1) -> tuple[float, float, float, int]:
+def time_batches(
+    run: Callable[[np.ndarray], object],
+    images: np.ndarray,
+    batch: int,
+    min_seconds: float,
+    min_batches: int = 3,
+    streams: int = 1,
+) -> tuple[float, float, float, int]:
     """Warm up, then call ``run`` on successive batches for at least ``min_seconds`` and ``min_batches``, from
     ``streams`` threads at once: (images/s over the wall time, p50 ms, p95 ms per batch, batches timed)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    batches = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images[:batch]]
+    batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images[:batch]]
     with ThreadPoolExecutor(max_workers=streams) as pool:
         list(pool.map(run, [batches[0]] * streams))  # warm-up (every session)
         latencies: list[float] = []
@@ -123,8 +148,7 @@ def decode_throughput(files: Sequence[Path], size: int, workers: int) -> tuple[f
 
     records = [ImageRecord(p.name, str(p), None, None) for p in files]
     started = time.perf_counter()
-    pixels = [x.pixels for x in iter_decoded(records, size, "squash", workers=workers)
-              if x.pixels is not None]
+    pixels = [x.pixels for x in iter_decoded(records, size, "squash", workers=workers) if x.pixels is not None]
     rate = len(pixels) / (time.perf_counter() - started)
     if not pixels:
         raise ValueError("none of the benchmark images could be decoded")
@@ -149,7 +173,7 @@ def _photo_files(folder: Path | None, count: int, scratch: Path) -> list[Path]:
         photo = photos[i % len(photos)]
         top, left = int(rng.integers(0, photo.shape[0] - 375)), int(rng.integers(0, photo.shape[1] - 480))
         path = scratch / f"photo{i:03d}.jpg"
-        Image.fromarray(photo[top:top + 375, left:left + 480]).save(path, quality=90)
+        Image.fromarray(photo[top : top + 375, left : left + 480]).save(path, quality=90)
         files.append(path)
     return files
 
@@ -161,11 +185,21 @@ def _keras_runner(plan, size: int):
     return lambda x: model(x, training=False)
 
 
-def run_bench(backbone: str | None = None, *, choice: ModelChoice | None = None,
-              images: str | os.PathLike | None = None, precisions: Sequence[str] = ("fp32",),
-              batch_sizes: Sequence[int] = (1, 8, 32), threads: Sequence[int] | None = None, device: str = "cpu",
-              keras: bool = True, min_seconds: float = 2.0, sample: int = 128,
-              log: Callable[[str], None] | None = None, **choice_fields: Any) -> BenchReport:
+def run_bench(
+    backbone: str | None = None,
+    *,
+    choice: ModelChoice | None = None,
+    images: str | os.PathLike | None = None,
+    precisions: Sequence[str] = ("fp32",),
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    threads: Sequence[int] | None = None,
+    device: str = "cpu",
+    keras: bool = True,
+    min_seconds: float = 2.0,
+    sample: int = 128,
+    log: Callable[[str], None] | None = None,
+    **choice_fields: Any,
+) -> BenchReport:
     """Benchmark a backbone (see the module docstring); ``images`` is a folder or manifest of photos used for
     timing, decoding, and int8 calibration (default: crops of scikit-learn's bundled photos).
 
@@ -212,8 +246,9 @@ def run_bench(backbone: str | None = None, *, choice: ModelChoice | None = None,
         configs.append((default_streams(), max(1, cores // default_streams())))  # what extract runs by default
     for precision, variant in entries.items():
         for streams, n in configs:
-            embed = OnnxEmbedder(variant.model_path, device=device, threads=n, streams=streams,
-                                 micro_batch=max(batch_sizes))  # each batch runs whole, as timed
+            embed = OnnxEmbedder(
+                variant.model_path, device=device, threads=n, streams=streams, micro_batch=max(batch_sizes)
+            )  # each batch runs whole, as timed
             for batch in batch_sizes:
                 say(f"onnxruntime {precision} · {streams} x {n} threads · batch {batch}")
                 rate, p50, p95, count = time_batches(embed, pixels, batch, min_seconds, streams=embed.streams)
@@ -235,8 +270,9 @@ def _variant(entry: StoreEntry, precision: str, store: ModelStore, pixels: np.nd
     if (found := find_variant(store, entry, precision)) is not None:
         return found
     cut = (2 * len(pixels)) // 3
-    return make_variant(entry, precision, store, held=pixels[cut:], calibration=pixels[:cut],
-                        calibration_id=f"bench-{len(pixels)}")
+    return make_variant(
+        entry, precision, store, held=pixels[cut:], calibration=pixels[:cut], calibration_id=f"bench-{len(pixels)}"
+    )
 
 
 def verdict(report: BenchReport) -> dict:
@@ -247,9 +283,13 @@ def verdict(report: BenchReport) -> dict:
         best = report.best("onnxruntime", precision)
         if best is None:
             continue
-        out["best"][precision] = {"batch": best.batch, "threads": best.threads, "streams": best.streams,
-                                  "images_per_s": best.images_per_s,
-                                  "vs_fp32": best.images_per_s / fp32.images_per_s}
+        out["best"][precision] = {
+            "batch": best.batch,
+            "threads": best.threads,
+            "streams": best.streams,
+            "images_per_s": best.images_per_s,
+            "vs_fp32": best.images_per_s / fp32.images_per_s,
+        }
     keras = report.best("keras")
     if keras is not None:
         out["fp32_vs_keras"] = fp32.images_per_s / keras.images_per_s
@@ -259,46 +299,68 @@ def verdict(report: BenchReport) -> dict:
     if "int8" in out["best"]:
         ratio = out["best"]["int8"]["vs_fp32"]
         if ratio < 1.0:
-            out["notes"].append(f"int8 is slower than fp32 here ({ratio:.2f}x; CPU int8 dot-product instructions: "
-                                f"{dot or 'none'}): keep the default, fp32")
+            out["notes"].append(
+                f"int8 is slower than fp32 here ({ratio:.2f}x; CPU int8 dot-product instructions: "
+                f"{dot or 'none'}): keep the default, fp32"
+            )
         else:
             cos = report.variants.get("int8", {}).get("mean_cosine")
-            out["notes"].append(f"int8 runs {ratio:.2f}x fp32 here (int8 dot-product: {dot or 'none'}; embeddings at mean "
-                                f"cosine {cos:.4f} to fp32): opt in with --precision int8; fp32 stays the default")
+            out["notes"].append(
+                f"int8 runs {ratio:.2f}x fp32 here (int8 dot-product: {dot or 'none'}; embeddings at mean "
+                f"cosine {cos:.4f} to fp32): opt in with --precision int8; fp32 stays the default"
+            )
     if "fp16" in out["best"] and report.device != "cuda":
         out["notes"].append("fp16 is for GPUs (--device cuda): CPUs run it slower than fp32")
     decode = max(v for k, v in report.decode.items() if k.endswith("img_s"))
     if decode < fp32.images_per_s:
-        out["notes"].append(f"decoding ({decode:.0f} img/s) is slower than fp32 inference here: extraction is "
-                            f"bound by decoding")
+        out["notes"].append(
+            f"decoding ({decode:.0f} img/s) is slower than fp32 inference here: extraction is bound by decoding"
+        )
     return out
 
 
 def format_report(report: BenchReport) -> str:
     """A plain-text table of the timings followed by decode throughput and the verdict."""
     m = report.machine
-    lines = [f"{report.backbone} @ {report.input_size}  ({report.key})",
-             f"{m['cpu']}, {m['cores']} cores; int8 dot-product: {m['int8_dot_product'] or 'none'}; "
-             f"onnxruntime {m['onnxruntime']}, tensorflow {m['tensorflow'] or '-'}; device {report.device}", "",
-             f"{'engine':<12} {'precision':<9} {'batch':>5} {'streams x threads':>17} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9}"]
+    lines = [
+        f"{report.backbone} @ {report.input_size}  ({report.key})",
+        f"{m['cpu']}, {m['cores']} cores; int8 dot-product: {m['int8_dot_product'] or 'none'}; "
+        f"onnxruntime {m['onnxruntime']}, tensorflow {m['tensorflow'] or '-'}; device {report.device}",
+        "",
+        f"{'engine':<12} {'precision':<9} {'batch':>5} {'streams x threads':>17} {'img/s':>9} {'p50 ms':>9} {'p95 ms':>9}",
+    ]
     for t in report.timings:
-        lines.append(f"{t.engine:<12} {t.precision:<9} {t.batch:>5} {f'{t.streams} x {t.threads}':>17} "
-                     f"{t.images_per_s:>9.1f} {t.p50_ms:>9.1f} {t.p95_ms:>9.1f}")
+        lines.append(
+            f"{t.engine:<12} {t.precision:<9} {t.batch:>5} {f'{t.streams} x {t.threads}':>17} "
+            f"{t.images_per_s:>9.1f} {t.p50_ms:>9.1f} {t.p95_ms:>9.1f}"
+        )
     lines.append("")
-    lines.append("decode (read + decode + resize): " + ", ".join(
-        f"{k.removesuffix('_img_s').replace('_', ' ')}: {v:.0f} img/s" for k, v in report.decode.items() if k.endswith("img_s")))
+    lines.append(
+        "decode (read + decode + resize): "
+        + ", ".join(
+            f"{k.removesuffix('_img_s').replace('_', ' ')}: {v:.0f} img/s"
+            for k, v in report.decode.items()
+            if k.endswith("img_s")
+        )
+    )
     for precision, v in report.variants.items():
         if "refused" in v:
             lines.append(f"{precision} refused: {v['refused']}")
         if "mean_cosine" in v:
-            lines.append(f"{precision} vs fp32 on {v['images']} held-out photos: mean cosine {v['mean_cosine']:.4f}, "
-                         f"min {v['min_cosine']:.4f}")
+            lines.append(
+                f"{precision} vs fp32 on {v['images']} held-out photos: mean cosine {v['mean_cosine']:.4f}, "
+                f"min {v['min_cosine']:.4f}"
+            )
     for precision, best in report.verdict.get("best", {}).items():
-        lines.append(f"best {precision}: batch {best['batch']}, {best['streams']} x {best['threads']} threads, "
-                     f"{best['images_per_s']:.1f} img/s "
-                     f"({best['vs_fp32']:.2f}x fp32)")
+        lines.append(
+            f"best {precision}: batch {best['batch']}, {best['streams']} x {best['threads']} threads, "
+            f"{best['images_per_s']:.1f} img/s "
+            f"({best['vs_fp32']:.2f}x fp32)"
+        )
     if "fp32_vs_keras" in report.verdict:
-        lines.append(f"fp32 ONNX Runtime vs Keras: {report.verdict['fp32_vs_keras']:.2f}x; best vs Keras: "
-                     f"{report.verdict['best_vs_keras']:.2f}x")
+        lines.append(
+            f"fp32 ONNX Runtime vs Keras: {report.verdict['fp32_vs_keras']:.2f}x; best vs Keras: "
+            f"{report.verdict['best_vs_keras']:.2f}x"
+        )
     lines.extend(f"note: {n}" for n in report.verdict.get("notes", []))
     return "\n".join(lines)

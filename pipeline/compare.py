@@ -1,4 +1,5 @@
 """Comparing heads on one feature set with stratified K-fold cross-validation, and the report of it."""
+
 from __future__ import annotations
 
 import csv
@@ -83,8 +84,17 @@ class CompareResult:
         return next(h for h in self.heads if h.name == name)
 
     def to_dict(self) -> dict:
-        skip = ("y_true", "y_pred", "confusion", "heads", "estimator", "train_rows", "holdout_rows", "embedding_map",
-                "map_rows")
+        skip = (
+            "y_true",
+            "y_pred",
+            "confusion",
+            "heads",
+            "estimator",
+            "train_rows",
+            "holdout_rows",
+            "embedding_map",
+            "map_rows",
+        )
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}  # no deep copies
         heads = [asdict(h) | {"accuracy_se": h.accuracy_se} for h in self.heads]
         return data | {"heads": heads, "confusion": self.confusion.tolist()}
@@ -131,19 +141,22 @@ def choose_best(heads: list[HeadResult]) -> tuple[HeadResult, str]:
     close = [h for h in heads if h.accuracy >= floor - 1e-12]
     winner = min(close, key=lambda h: (h.log_loss, h.predict_s))
     if len(close) == 1:
-        return winner, (f"{winner.name} has the highest mean CV accuracy ({winner.accuracy:.4f}); no other head is within "
-                        f"one standard error of it ({top.accuracy_se:.4f})")
+        return winner, (
+            f"{winner.name} has the highest mean CV accuracy ({winner.accuracy:.4f}); no other head is within "
+            f"one standard error of it ({top.accuracy_se:.4f})"
+        )
     others = ", ".join(f"{h.name} {h.accuracy:.4f}" for h in close if h is not top)
-    why = (f"{top.name} has the highest mean CV accuracy ({top.accuracy:.4f}, standard error {top.accuracy_se:.4f}); "
-           f"within one standard error of it: {others}, a difference CV cannot resolve; among these ")
+    why = (
+        f"{top.name} has the highest mean CV accuracy ({top.accuracy:.4f}, standard error {top.accuracy_se:.4f}); "
+        f"within one standard error of it: {others}, a difference CV cannot resolve; among these "
+    )
     ties = [h for h in close if h.log_loss == winner.log_loss]
     if len(ties) > 1:
         return winner, why + f"the log-losses tie at {winner.log_loss:.4f} and {winner.name} predicts fastest"
     return winner, why + f"{winner.name} has the lowest log-loss ({winner.log_loss:.4f}, better probabilities)"
 
 
-def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names, views=None,
-               n_jobs=1):
+def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels, class_names, views=None, n_jobs=1):
     """Fit the head on rows ``train`` (and their augmented ``views``; on class names, so it predicts names, as
     ``fit-head``'s heads do) and return it with its probabilities on rows ``test`` in ``labels`` (label index)
     order."""
@@ -153,9 +166,17 @@ def _fit_score(X, y, train, test, name, params, pca, seed, class_weight, labels,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        estimator, _ = fit_head(X[train], name_labels(y[train], class_names), name, seed=seed,
-                                class_weight=class_weight, pca=pca, params=params, n_jobs=n_jobs,
-                                views=views_within(views, train))
+        estimator, _ = fit_head(
+            X[train],
+            name_labels(y[train], class_names),
+            name,
+            seed=seed,
+            class_weight=class_weight,
+            pca=pca,
+            params=params,
+            n_jobs=n_jobs,
+            views=views_within(views, train),
+        )
     return estimator, _probabilities(estimator, X[test], labels, class_names)
 
 
@@ -226,16 +247,28 @@ def _embedding_map(X: np.ndarray, seed: int, methods: tuple[str, ...] = ("pca",)
         try:
             umap = _import_umap()
         except ImportError as exc:
-            raise ImportError(f"a UMAP map needs umap-learn, which is not installed ({exc}): "
-                              f"pip install 'tlpipe[umap]', or leave out --umap") from None
+            raise ImportError(
+                f"a UMAP map needs umap-learn, which is not installed ({exc}): "
+                f"pip install 'tlpipe[umap]', or leave out --umap"
+            ) from None
         maps["umap"] = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit_transform(Z)
     return maps
 
 
-def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *, cv: int = 5, seed: int = 0,
-                  n_jobs: int | None = None, class_weight: dict | str | None = None, search: bool = False,
-                  holdout: bool = True, pca: int | float | str | None = "auto",
-                  learning_curve: bool = True, views=None) -> CompareResult:
+def compare_heads(
+    fs: FeatureSet,
+    models: tuple[str, ...] | list[str] = HEADS,
+    *,
+    cv: int = 5,
+    seed: int = 0,
+    n_jobs: int | None = None,
+    class_weight: dict | str | None = None,
+    search: bool = False,
+    holdout: bool = True,
+    pca: int | float | str | None = "auto",
+    learning_curve: bool = True,
+    views=None,
+) -> CompareResult:
     """Cross-validate heads on the training rows of a feature set, pick the best, refit it and score it
     once on the held-out rows.
 
@@ -263,7 +296,8 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
     else:
         rows = np.flatnonzero(fs.y >= 0)
         setup = f"cross-validation on all {len(rows)} labelled rows (no held-out rows)" + (
-            f" ({int(np.sum(fs.y < 0))} unlabelled rows excluded)" if np.any(fs.y < 0) else "")
+            f" ({int(np.sum(fs.y < 0))} unlabelled rows excluded)" if np.any(fs.y < 0) else ""
+        )
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by an exclude list"
     X, y = fs.X[rows], fs.y[rows]
@@ -271,11 +305,25 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
 
     cv_views = views_within(views, rows)
     if views is not None:
-        setup += (f"; plus {len(cv_views[0])} augmented views of the training images as extra training rows "
-                  f"(views of evaluation images never trained on; scores on originals only)")
+        setup += (
+            f"; plus {len(cv_views[0])} augmented views of the training images as extra training rows "
+            f"(views of evaluation images never trained on; scores on originals only)"
+        )
     fitted: dict = {}  # heads CV fits on all training rows anyway (the default logreg, to choose C)
-    scores = cross_validate(X, y, list(models), cv=cv, seed=seed, search=search, class_weight=class_weight,
-                            n_jobs=n_jobs, pca=pca, class_names=fs.class_names, views=cv_views, fitted=fitted)
+    scores = cross_validate(
+        X,
+        y,
+        list(models),
+        cv=cv,
+        seed=seed,
+        search=search,
+        class_weight=class_weight,
+        n_jobs=n_jobs,
+        pca=pca,
+        class_names=fs.class_names,
+        views=cv_views,
+        fitted=fitted,
+    )
     summary = summarize(scores)
     labels = np.unique(y)
     present = [fs.class_names[i] for i in labels]
@@ -289,56 +337,125 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
                 pred[s.test_idx], proba[s.test_idx] = s.pred, s.proba
         scored = pred >= 0
         oof[name] = (pred, proba, scored)
-        report = classification_report(y[scored], pred[scored], labels=labels, target_names=present,
-                                       output_dict=True, zero_division=0)
+        report = classification_report(
+            y[scored], pred[scored], labels=labels, target_names=present, output_dict=True, zero_division=0
+        )
         calibration = reliability[name] = reliability_bins(y[scored], proba[scored], labels)
-        heads.append(HeadResult(name=name, params=best["params"], folds=best["folds"],
-                                pca=resolve_pca(name, pca, X.shape), grid=grid if search else [],
-                                per_class={c: report[c] for c in present}, ece=calibration["ece"],
-                                **{k: best[k] for k in best if k.startswith(_METRICS)}))
+        heads.append(
+            HeadResult(
+                name=name,
+                params=best["params"],
+                folds=best["folds"],
+                pca=resolve_pca(name, pca, X.shape),
+                grid=grid if search else [],
+                per_class={c: report[c] for c in present},
+                ece=calibration["ece"],
+                **{k: best[k] for k in best if k.startswith(_METRICS)},
+            )
+        )
     winner, choice = choose_best(heads)
     y_pred, proba, scored = oof[winner.name]
     result = CompareResult(
-        feature_key=fs.key, backbone=dict(fs.metadata), cache_id=fs.cache_id, rows=len(rows), setup=setup,
-        class_names=present, balance=class_balance(y, fs.class_names), cv=cv, seed=seed, search=search,
-        class_weight=class_weight, n_jobs=n_jobs, heads=heads, best=winner.name, y_true=y, y_pred=y_pred,
-        confusion=confusion_matrix(y[scored], y_pred[scored], labels=labels), seconds=0.0, choice=choice,
-        chance=float(np.bincount(y).max() / len(y)), reliability=reliability)
+        feature_key=fs.key,
+        backbone=dict(fs.metadata),
+        cache_id=fs.cache_id,
+        rows=len(rows),
+        setup=setup,
+        class_names=present,
+        balance=class_balance(y, fs.class_names),
+        cv=cv,
+        seed=seed,
+        search=search,
+        class_weight=class_weight,
+        n_jobs=n_jobs,
+        heads=heads,
+        best=winner.name,
+        y_true=y,
+        y_pred=y_pred,
+        confusion=confusion_matrix(y[scored], y_pred[scored], labels=labels),
+        seconds=0.0,
+        choice=choice,
+        chance=float(np.bincount(y).max() / len(y)),
+        reliability=reliability,
+    )
 
     if len(test):
         # The winner refitted on every training row (the head --save-best keeps) and, for the learning
         # curve, on stratified fractions of them: all scored once on the held-out rows, in parallel.
         train_pos = np.arange(len(rows))
-        subsets = [train_pos] + ([_subsample(y, f, seed) for f in LEARNING_FRACTIONS if f * len(y) >= 3 * len(labels)]
-                                 if learning_curve else [])
+        subsets = [train_pos] + (
+            [_subsample(y, f, seed) for f in LEARNING_FRACTIONS if f * len(y) >= 3 * len(labels)]
+            if learning_curve
+            else []
+        )
         # A winner CV already fitted on every training row (the default logreg: the very head fit-head builds,
         # C chosen by its internal CV) is not fitted again.
         X_all, y_all = fs.X, fs.y
         refit = fitted.get(winner.name)
         if refit is None and len(subsets) == 1:  # the refit alone: here, its SVM calibration folds on every core
-            fits = [_fit_score(X_all, y_all, rows, test, winner.name, winner.params, winner.pca, seed, class_weight,
-                               labels, list(fs.class_names), views, n_jobs=n_jobs)]
+            fits = [
+                _fit_score(
+                    X_all,
+                    y_all,
+                    rows,
+                    test,
+                    winner.name,
+                    winner.params,
+                    winner.pca,
+                    seed,
+                    class_weight,
+                    labels,
+                    list(fs.class_names),
+                    views,
+                    n_jobs=n_jobs,
+                )
+            ]
         else:
             fits = [(refit, _probabilities(refit, fs.X[test], labels, fs.class_names))] if refit is not None else []
             fits += Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(
-                delayed(_fit_score)(X_all, y_all, rows[sub], test, winner.name, winner.params, winner.pca, seed,
-                                    class_weight, labels, list(fs.class_names), views) for sub in subsets[len(fits):])
+                delayed(_fit_score)(
+                    X_all,
+                    y_all,
+                    rows[sub],
+                    test,
+                    winner.name,
+                    winner.params,
+                    winner.pca,
+                    seed,
+                    class_weight,
+                    labels,
+                    list(fs.class_names),
+                    views,
+                )
+                for sub in subsets[len(fits) :]
+            )
         estimator, held = fits[0]
         true = fs.y[test]
         pred = labels[held.argmax(axis=1)]
         known = np.isin(true, labels)
-        report = classification_report(true, pred, labels=labels, target_names=present, output_dict=True,
-                                       zero_division=0)
+        report = classification_report(
+            true, pred, labels=labels, target_names=present, output_dict=True, zero_division=0
+        )
         result.holdout = {
-            "head": winner.name, "params": winner.params, "pca": winner.pca, "rows": int(len(test)),
-            "train_rows": int(len(rows)), "accuracy": float(accuracy_score(true, pred)),
+            "head": winner.name,
+            "params": winner.params,
+            "pca": winner.pca,
+            "rows": int(len(test)),
+            "train_rows": int(len(rows)),
+            "accuracy": float(accuracy_score(true, pred)),
             "macro_f1": float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
             "log_loss": float(log_loss(true[known], held[known], labels=labels)) if known.all() else None,
-            "ece": reliability_bins(true, held, labels)["ece"], "per_class": {c: report[c] for c in present},
-            "description": description.split(";")[0]}
+            "ece": reliability_bins(true, held, labels)["ece"],
+            "per_class": {c: report[c] for c in present},
+            "description": description.split(";")[0],
+        }
         result.learning_curve = sorted(
-            ({"rows": int(len(sub)), "accuracy": float(accuracy_score(true, labels[p.argmax(axis=1)]))}
-             for sub, (_, p) in zip(subsets, fits)), key=lambda point: point["rows"])
+            (
+                {"rows": int(len(sub)), "accuracy": float(accuracy_score(true, labels[p.argmax(axis=1)]))}
+                for sub, (_, p) in zip(subsets, fits)
+            ),
+            key=lambda point: point["rows"],
+        )
         result.estimator, result.train_rows, result.holdout_rows = estimator, rows, test
         where, w_true, w_pred, w_proba = test, true, pred, held
         result.misclassified_source = f"{winner.name} refitted on the training rows, on the {len(test)} held-out rows"
@@ -349,17 +466,26 @@ def compare_heads(fs: FeatureSet, models: tuple[str, ...] | list[str] = HEADS, *
     confidence = w_proba.max(axis=1)
     order = wrong[np.argsort(-confidence[wrong], kind="stable")]
     result.misclassified = [
-        {"path": str(fs.paths[where[i]]), "sha256": str(fs.sha256[where[i]]), "true": fs.class_names[w_true[i]],
-         "predicted": fs.class_names[w_pred[i]], "probability": float(confidence[i]),
-         "probability_true": float(w_proba[i, np.searchsorted(labels, w_true[i])])
-         if w_true[i] in labels else 0.0} for i in order]
+        {
+            "path": str(fs.paths[where[i]]),
+            "sha256": str(fs.sha256[where[i]]),
+            "true": fs.class_names[w_true[i]],
+            "predicted": fs.class_names[w_pred[i]],
+            "probability": float(confidence[i]),
+            "probability_true": float(w_proba[i, np.searchsorted(labels, w_true[i])]) if w_true[i] in labels else 0.0,
+        }
+        for i in order
+    ]
     maps = _embedding_map(fs.X[where], seed, ("pca",))  # UMAP, slower, only when a report asks for it
     result.map_rows = fs.X[where]
     mistaken = np.zeros(len(where), dtype=bool)
     mistaken[wrong] = True
-    result.embedding_map = {"points": {k: v.tolist() for k, v in maps.items()},
-                            "labels": [fs.class_names[c] for c in w_true], "misclassified": mistaken.tolist(),
-                            "source": result.misclassified_source}
+    result.embedding_map = {
+        "points": {k: v.tolist() for k, v in maps.items()},
+        "labels": [fs.class_names[c] for c in w_true],
+        "misclassified": mistaken.tolist(),
+        "source": result.misclassified_source,
+    }
     result.seconds = perf_counter() - started
     return result
 
@@ -370,9 +496,15 @@ def _pm(mean: float, std: float, digits: int = 3, scale: float = 1.0) -> str:
 
 def _cells(h: HeadResult) -> list[str]:
     params = ", ".join(f"{k}={v}" for k, v in h.params.items()) or "defaults"
-    return [h.name, _pm(h.accuracy, h.accuracy_std), _pm(h.macro_f1, h.macro_f1_std),
-            _pm(h.log_loss, h.log_loss_std), _pm(h.fit_s, h.fit_s_std, 2), _pm(h.predict_s, h.predict_s_std, 3),
-            params + (f", pca={h.pca}" if h.pca else "")]
+    return [
+        h.name,
+        _pm(h.accuracy, h.accuracy_std),
+        _pm(h.macro_f1, h.macro_f1_std),
+        _pm(h.log_loss, h.log_loss_std),
+        _pm(h.fit_s, h.fit_s_std, 2),
+        _pm(h.predict_s, h.predict_s_std, 3),
+        params + (f", pca={h.pca}" if h.pca else ""),
+    ]
 
 
 _COLUMNS = ["head", "accuracy", "macro-F1", "log-loss", "fit s", "predict s", "parameters"]
@@ -395,66 +527,121 @@ def format_table(result: CompareResult):
 
 def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) -> str:
     meta = result.backbone
-    tuning = ("best point of each head's search grid (slightly optimistic, like GridSearchCV's best_score_)"
-              if result.search else "defaults (the same as `tlpipe fit-head`'s)" + (
-                  "; logreg's C picked once by its internal 3-fold CV on all the cross-validated rows, as fit-head "
-                  "picks it, then every fold scored at that C (its CV figures are slightly optimistic; the held-out "
-                  "score is not)" if any(h.name == "logreg" for h in result.heads) else ""))
+    tuning = (
+        "best point of each head's search grid (slightly optimistic, like GridSearchCV's best_score_)"
+        if result.search
+        else "defaults (the same as `tlpipe fit-head`'s)"
+        + (
+            "; logreg's C picked once by its internal 3-fold CV on all the cross-validated rows, as fit-head "
+            "picks it, then every fold scored at that C (its CV figures are slightly optimistic; the held-out "
+            "score is not)"
+            if any(h.name == "logreg" for h in result.heads)
+            else ""
+        )
+    )
     heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
     lines = [
-        f"# Head comparison: {result.feature_key}", "",
-        f"Best head: **{result.best}**. Why: {result.choice}.", "",
-        "## Cross-validation on the training rows", "",
-        f"{result.cv}-fold CV on {result.rows} rows: {result.setup}.", "",
-        "| " + " | ".join(_COLUMNS) + " | ECE |", "|" + "---|" * (len(_COLUMNS) + 1),
-        *("| " + " | ".join(_cells(h)) + f" | {h.ece:.3f} |" for h in heads), "",
+        f"# Head comparison: {result.feature_key}",
+        "",
+        f"Best head: **{result.best}**. Why: {result.choice}.",
+        "",
+        "## Cross-validation on the training rows",
+        "",
+        f"{result.cv}-fold CV on {result.rows} rows: {result.setup}.",
+        "",
+        "| " + " | ".join(_COLUMNS) + " | ECE |",
+        "|" + "---|" * (len(_COLUMNS) + 1),
+        *("| " + " | ".join(_cells(h)) + f" | {h.ece:.3f} |" for h in heads),
+        "",
         "Figures are mean ± standard deviation over the folds; times are seconds per fit / per prediction of "
         f"one fold. Chance level (always the largest class): accuracy {result.chance:.3f}. ECE: expected "
-        f"calibration error of the out-of-fold probabilities ({ECE_BINS} bins).", "",
+        f"calibration error of the out-of-fold probabilities ({ECE_BINS} bins).",
+        "",
     ]
     if result.holdout:
         h = result.holdout
         loss = f", log-loss {h['log_loss']:.4f}" if h["log_loss"] is not None else ""
         chosen = ", ".join(f"{k}={v}" for k, v in h["params"].items()) or "defaults"
         chosen += f", pca={h['pca']}" if h["pca"] else ""
-        lines += ["## Held-out score of the best head", "",
-                  f"{h['head']} refitted with the parameters CV chose ({chosen}) on all {h['train_rows']} training rows, "
-                  f"scored once on {h['rows']} held-out rows ({h['description']}): **accuracy {h['accuracy']:.4f}**, "
-                  f"macro-F1 {h['macro_f1']:.4f}{loss}, ECE {h['ece']:.3f}.", ""]
+        lines += [
+            "## Held-out score of the best head",
+            "",
+            f"{h['head']} refitted with the parameters CV chose ({chosen}) on all {h['train_rows']} training rows, "
+            f"scored once on {h['rows']} held-out rows ({h['description']}): **accuracy {h['accuracy']:.4f}**, "
+            f"macro-F1 {h['macro_f1']:.4f}{loss}, ECE {h['ece']:.3f}.",
+            "",
+        ]
     else:
-        lines += ["## Held-out score of the best head", "",
-                  "None: every labelled row was cross-validated (`--all-rows`), so no row was held out.", ""]
-    lines += ["## Per-class precision, recall and F1 (out of fold)", "",
-              "| head | class | precision | recall | F1 | support |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Held-out score of the best head",
+            "",
+            "None: every labelled row was cross-validated (`--all-rows`), so no row was held out.",
+            "",
+        ]
+    lines += [
+        "## Per-class precision, recall and F1 (out of fold)",
+        "",
+        "| head | class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|---|",
+    ]
     for h in heads:
-        lines += [f"| {h.name} | {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | "
-                  f"{int(r['support'])} |" for c, r in h.per_class.items()]
-    lines += ["", "## Misclassified images", "",
-              f"{len(result.misclassified)} misclassified: {result.misclassified_source}; listed in "
-              f"[misclassified.csv](misclassified.csv), most confident mistakes first. {gallery_note}", "",
-              "![worst misclassified](misclassified.png)", "",
-              "## Figures", "", "![comparison](comparison.png)", "",
-              f"![confusion matrix of {result.best}](confusion_matrix.png)", "",
-              "![reliability diagram](reliability.png)", ""]
+        lines += [
+            f"| {h.name} | {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | {int(r['support'])} |"
+            for c, r in h.per_class.items()
+        ]
+    lines += [
+        "",
+        "## Misclassified images",
+        "",
+        f"{len(result.misclassified)} misclassified: {result.misclassified_source}; listed in "
+        f"[misclassified.csv](misclassified.csv), most confident mistakes first. {gallery_note}",
+        "",
+        "![worst misclassified](misclassified.png)",
+        "",
+        "## Figures",
+        "",
+        "![comparison](comparison.png)",
+        "",
+        f"![confusion matrix of {result.best}](confusion_matrix.png)",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+    ]
     if "learning_curve.png" in {p.name for p in files.values()}:
-        lines += ["![learning curve](learning_curve.png)", "",
-                  "Learning curve: the best head fitted on stratified fractions of the training rows, each scored "
-                  "on the same held-out rows. Still rising at the right end: more photos would likely help.", ""]
+        lines += [
+            "![learning curve](learning_curve.png)",
+            "",
+            "Learning curve: the best head fitted on stratified fractions of the training rows, each scored "
+            "on the same held-out rows. Still rising at the right end: more photos would likely help.",
+            "",
+        ]
     maps = ", ".join(f"![{k} map of the embeddings](embedding_map_{k}.png)" for k in result.embedding_map["points"])
-    lines += [maps, "", f"Embedding map ({', '.join(k.upper() for k in result.embedding_map['points'])}"
-              f"{'' if 'umap' in result.embedding_map['points'] else '; a UMAP map too with --umap (tlpipe[umap])'}): "
-              f"{result.embedding_map['source']}, coloured by true class, misclassified marked ×.", "",
-              "## Setup", "",
-              f"- Feature set: `{result.feature_key}` (backbone {meta.get('backbone', '?')}, input size "
-              f"{meta.get('input_size', '?')}, model sha256 {str(meta.get('model_sha256') or '?')[:16]}), cache "
-              f"`{result.cache_id}`",
-              f"- Rows: {result.rows}; {result.setup}",
-              f"- Stratified {result.cv}-fold CV, shuffled with seed {result.seed}; class_weight {result.class_weight}",
-              f"- Hyperparameters: {tuning}",
-              f"- Wall time: {result.seconds:.1f} s (n_jobs {result.n_jobs or 'all cores'})", "",
-              "## Class balance", "", "| class | rows |", "|---|---|",
-              *(f"| {name} | {count} |" for name, count in result.balance["counts"].items() if count),
-              "", f"Imbalance ratio (largest / smallest class): {result.balance['imbalance_ratio']:.2f}", ""]
+    lines += [
+        maps,
+        "",
+        f"Embedding map ({', '.join(k.upper() for k in result.embedding_map['points'])}"
+        f"{'' if 'umap' in result.embedding_map['points'] else '; a UMAP map too with --umap (tlpipe[umap])'}): "
+        f"{result.embedding_map['source']}, coloured by true class, misclassified marked ×.",
+        "",
+        "## Setup",
+        "",
+        f"- Feature set: `{result.feature_key}` (backbone {meta.get('backbone', '?')}, input size "
+        f"{meta.get('input_size', '?')}, model sha256 {str(meta.get('model_sha256') or '?')[:16]}), cache "
+        f"`{result.cache_id}`",
+        f"- Rows: {result.rows}; {result.setup}",
+        f"- Stratified {result.cv}-fold CV, shuffled with seed {result.seed}; class_weight {result.class_weight}",
+        f"- Hyperparameters: {tuning}",
+        f"- Wall time: {result.seconds:.1f} s (n_jobs {result.n_jobs or 'all cores'})",
+        "",
+        "## Class balance",
+        "",
+        "| class | rows |",
+        "|---|---|",
+        *(f"| {name} | {count} |" for name, count in result.balance["counts"].items() if count),
+        "",
+        f"Imbalance ratio (largest / smallest class): {result.balance['imbalance_ratio']:.2f}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -468,8 +655,13 @@ def _bar_chart(result: CompareResult, path: Path) -> None:
     panels = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("fit_s", "fit time (s)")]
     for ax, (metric, label) in zip(axes, panels):
         means = [getattr(h, metric) for h in heads]
-        ax.bar(x, means, yerr=[getattr(h, metric + "_std") for h in heads], capsize=4,
-               color=["tab:green" if h.name == result.best else "tab:blue" for h in heads])
+        ax.bar(
+            x,
+            means,
+            yerr=[getattr(h, metric + "_std") for h in heads],
+            capsize=4,
+            color=["tab:green" if h.name == result.best else "tab:blue" for h in heads],
+        )
         ax.set_xticks(x, [h.name for h in heads], rotation=30, ha="right")
         ax.set_title(label)
         if metric != "fit_s":
@@ -477,8 +669,15 @@ def _bar_chart(result: CompareResult, path: Path) -> None:
             if metric == "accuracy":
                 low = min(low, result.chance - 0.05)
                 ax.axhline(result.chance, color="tab:red", linestyle="--", linewidth=1)
-                ax.text(len(heads) - 0.5, result.chance, f"chance {result.chance:.2f}", color="tab:red",
-                        ha="right", va="bottom", fontsize=8)
+                ax.text(
+                    len(heads) - 0.5,
+                    result.chance,
+                    f"chance {result.chance:.2f}",
+                    color="tab:red",
+                    ha="right",
+                    va="bottom",
+                    fontsize=8,
+                )
             ax.set_ylim(max(0.0, low), 1.0)
     fig.suptitle(f"{result.cv}-fold CV, {result.feature_key}")
     fig.tight_layout()
@@ -492,10 +691,20 @@ def _reliability_chart(result: CompareResult, path: Path) -> None:
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
     for name, bins in result.reliability.items():
-        ax.plot(bins["confidence"], bins["accuracy"], marker="o", label=f"{name} (ECE {bins['ece']:.3f})",
-                linewidth=2.5 if name == result.best else 1)
-    ax.set(xlabel="predicted probability of the top class", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02),
-           title="Reliability (out of fold)")
+        ax.plot(
+            bins["confidence"],
+            bins["accuracy"],
+            marker="o",
+            label=f"{name} (ECE {bins['ece']:.3f})",
+            linewidth=2.5 if name == result.best else 1,
+        )
+    ax.set(
+        xlabel="predicted probability of the top class",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="Reliability (out of fold)",
+    )
     ax.legend(fontsize=8, loc="upper left")
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.93)  # fixed margins (tight_layout is slow)
     fig.savefig(path, dpi=100)
@@ -526,8 +735,15 @@ def _map_chart(result: CompareResult, kind: str, path: Path) -> None:
     for name in result.class_names:
         inside = labels == name
         ax.scatter(points[inside, 0], points[inside, 1], s=8, alpha=0.6, label=name)
-    ax.scatter(points[wrong, 0], points[wrong, 1], s=40, marker="x", color="black", linewidths=1,
-               label=f"misclassified ({int(wrong.sum())})")
+    ax.scatter(
+        points[wrong, 0],
+        points[wrong, 1],
+        s=40,
+        marker="x",
+        color="black",
+        linewidths=1,
+        label=f"misclassified ({int(wrong.sum())})",
+    )
     ax.set(title=f"{kind.upper()} of the embeddings", xticks=[], yticks=[])
     ax.legend(fontsize=7, markerscale=1.5, loc="best")
     fig.subplots_adjust(left=0.03, right=0.97, bottom=0.03, top=0.93)  # fixed margins (tight_layout is slow)
@@ -574,13 +790,16 @@ def _gallery(result: CompareResult, roots: list[str], path: Path) -> str:
     if not worst:
         return "No image was misclassified."
     if unreadable:
-        return (f"Thumbnails of the {len(worst)} worst in misclassified.png; {len(unreadable)} of them could not be "
-                f"read from their paths (shown as placeholders), e.g. {unreadable[0]}.")
+        return (
+            f"Thumbnails of the {len(worst)} worst in misclassified.png; {len(unreadable)} of them could not be "
+            f"read from their paths (shown as placeholders), e.g. {unreadable[0]}."
+        )
     return f"Thumbnails of the {len(worst)} worst in misclassified.png, read from the image paths."
 
 
-def write_report(result: CompareResult, folder: str | os.PathLike, *,
-                 image_roots: list[str] | None = None, umap: bool = False) -> dict[str, Path]:
+def write_report(
+    result: CompareResult, folder: str | os.PathLike, *, image_roots: list[str] | None = None, umap: bool = False
+) -> dict[str, Path]:
     """Write the report folder.
 
     Files: report.md, results.csv, results.json, per_class.csv, misclassified.csv, comparison.png (with
@@ -600,9 +819,18 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *,
     if umap and "umap" not in points and result.map_rows is not None:
         points |= {k: v.tolist() for k, v in _embedding_map(result.map_rows, result.seed, ("umap",)).items()}
     folder.mkdir(parents=True, exist_ok=True)
-    names = ["report.md", "results.csv", "results.json", "per_class.csv", "misclassified.csv", "comparison.png",
-             "confusion_matrix.png", "reliability.png", "misclassified.png",
-             *(f"embedding_map_{k}.png" for k in result.embedding_map.get("points", {}))]
+    names = [
+        "report.md",
+        "results.csv",
+        "results.json",
+        "per_class.csv",
+        "misclassified.csv",
+        "comparison.png",
+        "confusion_matrix.png",
+        "reliability.png",
+        "misclassified.png",
+        *(f"embedding_map_{k}.png" for k in result.embedding_map.get("points", {})),
+    ]
     if result.learning_curve:
         names.append("learning_curve.png")
     paths = {name: folder / name for name in names}
@@ -611,8 +839,17 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *,
         stats = [m + suffix for m in _METRICS for suffix in ("", "_std")]
         writer.writerow(["head", *stats, "folds", "params", "pca", "ece", "best"])
         for h in result.heads:
-            writer.writerow([h.name, *(getattr(h, s) for s in stats), h.folds, json.dumps(h.params), h.pca, h.ece,
-                             h.name == result.best])
+            writer.writerow(
+                [
+                    h.name,
+                    *(getattr(h, s) for s in stats),
+                    h.folds,
+                    json.dumps(h.params),
+                    h.pca,
+                    h.ece,
+                    h.name == result.best,
+                ]
+            )
     with open(paths["per_class.csv"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["head", "source", "class", "precision", "recall", "f1", "support"])
@@ -628,8 +865,12 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *,
         writer.writerows(result.misclassified)
     paths["results.json"].write_text(json.dumps(result.to_dict(), indent=2, default=str))
     _bar_chart(result, paths["comparison.png"])
-    save_confusion_matrix(result.confusion, result.class_names, paths["confusion_matrix.png"],
-                          title=f"{result.best}: out-of-fold confusion matrix")
+    save_confusion_matrix(
+        result.confusion,
+        result.class_names,
+        paths["confusion_matrix.png"],
+        title=f"{result.best}: out-of-fold confusion matrix",
+    )
     _reliability_chart(result, paths["reliability.png"])
     note = _gallery(result, list(image_roots or []), paths["misclassified.png"])
     for kind in result.embedding_map.get("points", {}):
@@ -640,8 +881,9 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *,
     return paths
 
 
-def save_best(result: CompareResult, fs: FeatureSet, path: str | os.PathLike, *,
-              cache_path: str | os.PathLike | None = None) -> dict:
+def save_best(
+    result: CompareResult, fs: FeatureSet, path: str | os.PathLike, *, cache_path: str | os.PathLike | None = None
+) -> dict:
     """Save the head compare chose, refitted with its CV-chosen parameters on all training rows.
 
     This is the estimator whose held-out score the report shows (no second fit). Its sidecar records the
@@ -656,17 +898,37 @@ def save_best(result: CompareResult, fs: FeatureSet, path: str | os.PathLike, *,
     from tlpipe.pipeline.artifacts import save_head
 
     if result.estimator is None:
-        raise ValueError("the comparison has no held-out rows (--all-rows), so no best head was refitted; "
-                         "compare without --all-rows to save one")
-    params = {"head": result.best, "params": result.holdout["params"], "pca": result.holdout["pca"],
-              "search": result.search, "seed": result.seed, "class_weight": result.class_weight,
-              "trained_by": "compare --save-best", "choice": result.choice, "cv": result.cv,
-              "cv_accuracy": result.head(result.best).accuracy}
+        raise ValueError(
+            "the comparison has no held-out rows (--all-rows), so no best head was refitted; "
+            "compare without --all-rows to save one"
+        )
+    params = {
+        "head": result.best,
+        "params": result.holdout["params"],
+        "pca": result.holdout["pca"],
+        "search": result.search,
+        "seed": result.seed,
+        "class_weight": result.class_weight,
+        "trained_by": "compare --save-best",
+        "choice": result.choice,
+        "cv": result.cv,
+        "cv_accuracy": result.head(result.best).accuracy,
+    }
     metrics = {k: result.holdout[k] for k in ("accuracy", "macro_f1", "log_loss")} | {
-        "n": result.holdout["rows"], "setup": result.setup}
-    return save_head(result.estimator, path, feature_set=fs, metrics=metrics, params=params, cache_path=cache_path,
-                     train_rows=result.train_rows, evaluation_rows=result.holdout_rows,
-                     evaluation_setup=result.holdout["description"])
+        "n": result.holdout["rows"],
+        "setup": result.setup,
+    }
+    return save_head(
+        result.estimator,
+        path,
+        feature_set=fs,
+        metrics=metrics,
+        params=params,
+        cache_path=cache_path,
+        train_rows=result.train_rows,
+        evaluation_rows=result.holdout_rows,
+        evaluation_setup=result.holdout["description"],
+    )
 
 
 # -- sweep: every head on every feature set ------------------------------------------------------------
@@ -708,10 +970,18 @@ class SweepResult:
         return self.rows[self.pick]
 
     def to_dict(self) -> dict:
-        return {"cache": self.cache, "pattern": self.pattern, "images": self.images, "cv": self.cv, "seed": self.seed,
-                "seconds": self.seconds, "best": asdict(self.best), "why": self.why,
-                "rows": [asdict(r) for r in self.rows],
-                "setups": {k: r.setup for k, r in self.results.items()}}
+        return {
+            "cache": self.cache,
+            "pattern": self.pattern,
+            "images": self.images,
+            "cv": self.cv,
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "best": asdict(self.best),
+            "why": self.why,
+            "rows": [asdict(r) for r in self.rows],
+            "setups": {k: r.setup for k, r in self.results.items()},
+        }
 
 
 def choose_pair(rows: list[SweepRow], cv: int) -> tuple[int, str]:
@@ -744,14 +1014,20 @@ def choose_pair(rows: list[SweepRow], cv: int) -> tuple[int, str]:
 
     pick = min(close, key=lambda i: (cost(i), i))
     if len(close) == 1:
-        return pick, (f"the highest mean CV accuracy ({top.accuracy:.4f}); no other pair is within one standard "
-                      f"error of it ({se:.4f})")
-    within = f"{len(close)} pairs are within one standard error ({se:.4f}) of the top mean CV accuracy ({top.accuracy:.4f})"
+        return pick, (
+            f"the highest mean CV accuracy ({top.accuracy:.4f}); no other pair is within one standard "
+            f"error of it ({se:.4f})"
+        )
+    within = (
+        f"{len(close)} pairs are within one standard error ({se:.4f}) of the top mean CV accuracy ({top.accuracy:.4f})"
+    )
     if cost(pick) == float("inf"):
         return pick, f"{within}; their extraction costs are not recorded, so the top pair"
     chosen = rows[pick]
-    return pick, (f"{within}, a difference CV cannot resolve; among them {chosen.head} on {chosen.feature_key} "
-                  f"has the cheapest extraction ({cost(pick):.1f} ms per image)")
+    return pick, (
+        f"{within}, a difference CV cannot resolve; among them {chosen.head} on {chosen.feature_key} "
+        f"has the cheapest extraction ({cost(pick):.1f} ms per image)"
+    )
 
 
 def is_sweep(features: str | None) -> bool:
@@ -797,15 +1073,36 @@ def _common_rows(sets: list[FeatureSet]) -> list[FeatureSet]:
     for fs in sets:
         index = {s: i for i, s in enumerate(fs.sha256)}
         rows = np.array([index[s] for s in order], dtype=np.int64)
-        out.append(FeatureSet(key=fs.key, X=fs.X[rows], y=fs.y[rows], split=fs.split[rows], paths=fs.paths[rows],
-                              sha256=fs.sha256[rows], class_names=fs.class_names, metadata=fs.metadata,
-                              cache_id=fs.cache_id))
+        out.append(
+            FeatureSet(
+                key=fs.key,
+                X=fs.X[rows],
+                y=fs.y[rows],
+                split=fs.split[rows],
+                paths=fs.paths[rows],
+                sha256=fs.sha256[rows],
+                class_names=fs.class_names,
+                metadata=fs.metadata,
+                cache_id=fs.cache_id,
+            )
+        )
     return out
 
 
-def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...] | list[str] = HEADS, *, cv: int = 5,
-          seed: int = 0, n_jobs: int | None = None, class_weight: dict | str | None = None, search: bool = False,
-          holdout: bool = True, pca: int | float | str | None = "auto", use_augmented: bool = False) -> SweepResult:
+def sweep(
+    cache: str | os.PathLike,
+    pattern: str = "all",
+    models: tuple[str, ...] | list[str] = HEADS,
+    *,
+    cv: int = 5,
+    seed: int = 0,
+    n_jobs: int | None = None,
+    class_weight: dict | str | None = None,
+    search: bool = False,
+    holdout: bool = True,
+    pca: int | float | str | None = "auto",
+    use_augmented: bool = False,
+) -> SweepResult:
     """Score every head on every feature set ``pattern`` names and rank the (feature set, head) pairs.
 
     Parameters
@@ -837,40 +1134,84 @@ def sweep(cache: str | os.PathLike, pattern: str = "all", models: tuple[str, ...
     speeds = extraction_records(cache)
     results, rows = {}, []
     for fs in sets:
-        result = compare_heads(fs, models, cv=cv, seed=seed, n_jobs=n_jobs, class_weight=class_weight, search=search,
-                               holdout=holdout, pca=pca, views=read_views(cache, fs) if use_augmented else None)
+        result = compare_heads(
+            fs,
+            models,
+            cv=cv,
+            seed=seed,
+            n_jobs=n_jobs,
+            class_weight=class_weight,
+            search=search,
+            holdout=holdout,
+            pca=pca,
+            views=read_views(cache, fs) if use_augmented else None,
+        )
         results[fs.key] = result
         speed = speeds.get(fs.key, {})
         rate = speed.get("images_per_second")
         for h in result.heads:
-            rows.append(SweepRow(
-                feature_key=fs.key, head=h.name, params=h.params, accuracy=h.accuracy, accuracy_std=h.accuracy_std,
-                macro_f1=h.macro_f1, fit_s=h.fit_s, predict_s=h.predict_s,
-                extraction_ms=1000.0 / rate if rate else None, feature_sets_in_pass=speed.get("feature_sets_in_pass"),
-                input_size=fs.metadata.get("input_size"), tta=fs.metadata.get("tta", "none"),
-                layer=fs.metadata.get("layer")))
+            rows.append(
+                SweepRow(
+                    feature_key=fs.key,
+                    head=h.name,
+                    params=h.params,
+                    accuracy=h.accuracy,
+                    accuracy_std=h.accuracy_std,
+                    macro_f1=h.macro_f1,
+                    fit_s=h.fit_s,
+                    predict_s=h.predict_s,
+                    extraction_ms=1000.0 / rate if rate else None,
+                    feature_sets_in_pass=speed.get("feature_sets_in_pass"),
+                    input_size=fs.metadata.get("input_size"),
+                    tta=fs.metadata.get("tta", "none"),
+                    layer=fs.metadata.get("layer"),
+                )
+            )
     rows.sort(key=lambda r: (-r.accuracy, -r.macro_f1, r.extraction_ms if r.extraction_ms is not None else np.inf))
     pick, why = choose_pair(rows, cv)
-    return SweepResult(cache=str(cache), pattern=pattern, rows=rows, results=results, images=len(sets[0]), cv=cv,
-                       seed=seed, seconds=perf_counter() - started, pick=pick, why=why)
+    return SweepResult(
+        cache=str(cache),
+        pattern=pattern,
+        rows=rows,
+        results=results,
+        images=len(sets[0]),
+        cv=cv,
+        seed=seed,
+        seconds=perf_counter() - started,
+        pick=pick,
+        why=why,
+    )
 
 
 _SWEEP_COLUMNS = ["rank", "feature set", "head", "accuracy", "macro-F1", "fit s", "predict s", "extract ms/img"]
 
 
 def _sweep_cells(rank: int, r: SweepRow) -> list[str]:
-    cost = "?" if r.extraction_ms is None else f"{r.extraction_ms:.1f}" + (
-        f" (pass of {r.feature_sets_in_pass})" if (r.feature_sets_in_pass or 1) > 1 else "")
-    return [str(rank), r.feature_key, r.head, _pm(r.accuracy, r.accuracy_std), f"{r.macro_f1:.3f}",
-            f"{r.fit_s:.2f}", f"{r.predict_s:.3f}", cost]
+    cost = (
+        "?"
+        if r.extraction_ms is None
+        else f"{r.extraction_ms:.1f}"
+        + (f" (pass of {r.feature_sets_in_pass})" if (r.feature_sets_in_pass or 1) > 1 else "")
+    )
+    return [
+        str(rank),
+        r.feature_key,
+        r.head,
+        _pm(r.accuracy, r.accuracy_std),
+        f"{r.macro_f1:.3f}",
+        f"{r.fit_s:.2f}",
+        f"{r.predict_s:.3f}",
+        cost,
+    ]
 
 
 def format_sweep_table(result: SweepResult):
     """A rich table of the ranked pairs (best marked), for the CLI."""
     from rich.table import Table
 
-    table = Table(title=f"{result.cv}-fold CV of every head on {len(result.results)} feature sets "
-                        f"({result.images} images each)")
+    table = Table(
+        title=f"{result.cv}-fold CV of every head on {len(result.results)} feature sets ({result.images} images each)"
+    )
     for i, column in enumerate(_SWEEP_COLUMNS):
         table.add_column(column, justify="left" if i in (1, 2) else "right")
     for rank, r in enumerate(result.rows, 1):
@@ -887,15 +1228,23 @@ def write_sweep_report(result: SweepResult, folder: str | os.PathLike) -> dict[s
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in ("sweep.md", "sweep.csv", "sweep.json")}
     best = result.best
-    lines = [f"# Sweep: every head on every feature set of `{result.cache}`", "",
-             f"Best pair: **{best.head}** on `{best.feature_key}` (rank {result.pick + 1}). Why: {result.why}.", "",
-             "| " + " | ".join(_SWEEP_COLUMNS) + " |", "|" + "---|" * len(_SWEEP_COLUMNS),
-             *("| " + " | ".join(_sweep_cells(i, r)) + " |" for i, r in enumerate(result.rows, 1)), "",
-             f"{result.cv}-fold stratified CV (seed {result.seed}) on the same {result.images} images for every "
-             f"feature set; accuracy is mean ± standard deviation over folds; fit / predict seconds per fold; "
-             f"extraction ms per image of the extract pass that filled the feature set (a pass that filled "
-             f"several feature sets at once shares its cost among them).", "",
-             f"Rows: {next(iter(result.results.values())).setup}.", ""]
+    lines = [
+        f"# Sweep: every head on every feature set of `{result.cache}`",
+        "",
+        f"Best pair: **{best.head}** on `{best.feature_key}` (rank {result.pick + 1}). Why: {result.why}.",
+        "",
+        "| " + " | ".join(_SWEEP_COLUMNS) + " |",
+        "|" + "---|" * len(_SWEEP_COLUMNS),
+        *("| " + " | ".join(_sweep_cells(i, r)) + " |" for i, r in enumerate(result.rows, 1)),
+        "",
+        f"{result.cv}-fold stratified CV (seed {result.seed}) on the same {result.images} images for every "
+        f"feature set; accuracy is mean ± standard deviation over folds; fit / predict seconds per fold; "
+        f"extraction ms per image of the extract pass that filled the feature set (a pass that filled "
+        f"several feature sets at once shares its cost among them).",
+        "",
+        f"Rows: {next(iter(result.results.values())).setup}.",
+        "",
+    ]
     paths["sweep.md"].write_text("\n".join(lines))
     with open(paths["sweep.csv"], "w", newline="") as f:
         writer = csv.writer(f)

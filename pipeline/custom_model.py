@@ -465,7 +465,10 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     if p.cache_feature_maps and not phase_two_started:
         started = time.perf_counter()
         directory = p.out_dir / FEATURE_MAPS
-        identity = {k: config[k] for k in ("backbone", "size", "weights", "layer")} | {"resize": o.resize, "resize_filter": o.resize_filter}
+        identity = {k: config[k] for k in ("backbone", "size", "weights", "layer")} | {
+            "resize": o.resize,
+            "resize_filter": o.resize_filter,
+        }
         for name in ("train", "val", "test"):
             records = getattr(p.split, name)
             if records:
@@ -559,7 +562,12 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             test = evaluate_split(models.top, map_batches(array, y["test"][kept], o.batch_size), len(kept), verbose)
         else:
             data = image_batches(
-                p.split.test, y["test"], p.plan.size, o.resize, o.batch_size, failures=failures,
+                p.split.test,
+                y["test"],
+                p.plan.size,
+                o.resize,
+                o.batch_size,
+                failures=failures,
                 resize_filter=o.resize_filter,
             )
             decoded = sum(r.relpath not in failures for r in p.split.test)

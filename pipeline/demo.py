@@ -4,6 +4,7 @@ export-model, score.
 The data is scikit-learn's bundled handwritten digits (1,797 images, 10 classes) written out as PNGs in
 train/test split folders, so the demo needs no network and no data of the user's.
 """
+
 from __future__ import annotations
 
 import csv
@@ -44,13 +45,20 @@ def obtain_demo_backbone(backbone: str, weights_dir, store):
         return entry, True, f"ImageNet weights from {source}"
     except WeightsUnavailable as exc:
         entry = obtain_backbone(backbone, "none", weights_dir=weights_dir, store=store)
-        return entry, False, ("NO ImageNet weights could be had, so this run uses a RANDOMLY INITIALISED backbone: "
-                              "its figures show the pipeline working, not what ImageNet features give (on real photos "
-                              "random features score far lower). " + str(exc).split(". ", 1)[-1])
+        return (
+            entry,
+            False,
+            (
+                "NO ImageNet weights could be had, so this run uses a RANDOMLY INITIALISED backbone: "
+                "its figures show the pipeline working, not what ImageNet features give (on real photos "
+                "random features score far lower). " + str(exc).split(". ", 1)[-1]
+            ),
+        )
 
 
-def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_v2", weights_dir=None, store=None,
-             console=None) -> dict:
+def run_demo(
+    out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_v2", weights_dir=None, store=None, console=None
+) -> dict:
     """Run the demo end to end; returns a summary (also written to ``out_dir/summary.json``)."""
     from rich.console import Console
 
@@ -80,8 +88,10 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     cache = out / "cache.h5"
     with console.status("extract: embedding images into the HDF5 cache…"):
         summary = extract(data, cache, model=str(entry.directory))
-    say(f"extract: {summary.embedded} embedded, {summary.cached} already cached, {summary.failed} failed "
-        f"({summary.images_per_second:.0f} img/s) -> {cache}")
+    say(
+        f"extract: {summary.embedded} embedded, {summary.cached} already cached, {summary.failed} failed "
+        f"({summary.images_per_second:.0f} img/s) -> {cache}"
+    )
 
     fs = read_feature_set(cache, summary.key)
     with console.status("compare: cross-validating logreg, svm, rbf-svm, mlp…"):
@@ -93,8 +103,10 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     head_path = out / f"{result.best}.joblib"
     trained = train_head(cache, result.best, head_path, features=summary.key)
     e = trained.evaluation
-    say(f"fit-head: {result.best} saved to {head_path}; on the held-out test split: accuracy {e.accuracy:.4f}, "
-        f"macro-F1 {e.macro_f1:.4f} ({e.n} images)")
+    say(
+        f"fit-head: {result.best} saved to {head_path}; on the held-out test split: accuracy {e.accuracy:.4f}, "
+        f"macro-F1 {e.macro_f1:.4f} ({e.n} images)"
+    )
     classifier = out / "classifier.onnx"
     with console.status("export-model: fusing backbone + head into one ONNX classifier…"):
         fused = export_model(head_path, classifier, store=store)
@@ -102,12 +114,23 @@ def run_demo(out_dir: str | Path = "demo-output", *, backbone: str = "mobilenet_
     predictions.unlink(missing_ok=True)  # a re-run's best head may differ: score afresh, don't resume
     scored = score(data / "test", predictions, model=classifier)
     right = sum(row["label"] == row["path"].split("/")[0] for row in csv.DictReader(predictions.open()))
-    say(f"export-model + score: {classifier} (max |diff| vs Python {fused['verification']['max_abs_diff']:.1e}) "
-        f"scored {scored.written} test images -> {predictions} ({right / max(scored.written, 1):.4f} correct)")
-    summary_data = {"backbone": entry.key, "pretrained": pretrained, "weights_note": note, "cache": str(cache),
-                    "best_head": result.best, "cv_accuracy": result.head(result.best).accuracy,
-                    "test_accuracy": e.accuracy, "head": str(head_path), "classifier": str(classifier),
-                    "predictions": str(predictions), "report": str(report / "report.md")}
+    say(
+        f"export-model + score: {classifier} (max |diff| vs Python {fused['verification']['max_abs_diff']:.1e}) "
+        f"scored {scored.written} test images -> {predictions} ({right / max(scored.written, 1):.4f} correct)"
+    )
+    summary_data = {
+        "backbone": entry.key,
+        "pretrained": pretrained,
+        "weights_note": note,
+        "cache": str(cache),
+        "best_head": result.best,
+        "cv_accuracy": result.head(result.best).accuracy,
+        "test_accuracy": e.accuracy,
+        "head": str(head_path),
+        "classifier": str(classifier),
+        "predictions": str(predictions),
+        "report": str(report / "report.md"),
+    }
     (out / "summary.json").write_text(json.dumps(summary_data, indent=2))
     say(f"[bold]report: {report / 'report.md'}[/]" + ("" if pretrained else "  (random-init backbone: see above)"))
     return summary_data

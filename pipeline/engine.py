@@ -3,10 +3,11 @@
 ``compare_heads``, ``cross_validate`` and ``fit_head(search=True)`` parallelise (head, fold) jobs with
 ``joblib.Parallel``; inside :func:`parallel_backend` ("ray") those jobs run as Ray tasks across the cluster.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import joblib
 

@@ -1,4 +1,5 @@
 """Scoring a fitted head on a split of a feature set."""
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,18 @@ class EvalResult:
     train_rows_included: int = 0  # rows the head was trained on among them (only with allow_train_rows)
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "rows_used": self.rows_used, "train_rows_included": self.train_rows_included,
-                "n": self.n, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
-                "log_loss": self.log_loss, "per_class": self.report, "confusion": self.confusion.tolist(),
-                "labels": self.labels}
+        return {
+            "split": self.split,
+            "rows_used": self.rows_used,
+            "train_rows_included": self.train_rows_included,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "log_loss": self.log_loss,
+            "per_class": self.report,
+            "confusion": self.confusion.tolist(),
+            "labels": self.labels,
+        }
 
 
 def split_rows(fs: FeatureSet, split: str) -> np.ndarray:
@@ -39,8 +48,10 @@ def split_rows(fs: FeatureSet, split: str) -> np.ndarray:
     if not len(rows):
         names, counts = np.unique(fs.split[labelled], return_counts=True)
         there = ", ".join(f"{n or '(none)'} {c}" for n, c in zip(names, counts)) or "no labelled rows at all"
-        raise ValueError(f"feature set {fs.key}: split {split!r} has no labelled rows (labelled rows per split: "
-                         f"{there}); choose another split or 'all'")
+        raise ValueError(
+            f"feature set {fs.key}: split {split!r} has no labelled rows (labelled rows per split: "
+            f"{there}); choose another split or 'all'"
+        )
     return rows
 
 
@@ -53,8 +64,9 @@ def _sha_rows(fs: FeatureSet, hashes) -> np.ndarray:
     return np.flatnonzero(np.fromiter((h in wanted for h in fs.sha256), bool, len(fs.sha256)) & (fs.y >= 0))
 
 
-def evaluation_rows(metadata: dict, fs: FeatureSet, split: str | None = None, *,
-                    allow_train_rows: bool = False) -> tuple[np.ndarray, str, str, int]:
+def evaluation_rows(
+    metadata: dict, fs: FeatureSet, split: str | None = None, *, allow_train_rows: bool = False
+) -> tuple[np.ndarray, str, str, int]:
     """The rows of ``fs`` to score a head on, and why.
 
     ``split=None``: the cache's labelled ``test`` rows when it has them, else the head's recorded
@@ -80,25 +92,33 @@ def evaluation_rows(metadata: dict, fs: FeatureSet, split: str | None = None, *,
         split = "test" if has_test or not recorded else "holdout"
     if split == "holdout":
         if not recorded:
-            raise ValueError("the head's sidecar records no evaluation rows (a head saved before tlpipe recorded "
-                             "them, or without a hold-out); choose a split with --split")
+            raise ValueError(
+                "the head's sidecar records no evaluation rows (a head saved before tlpipe recorded "
+                "them, or without a hold-out); choose a split with --split"
+            )
         rows = _sha_rows(fs, recorded)
         if not len(rows):
             raise ValueError(f"none of the head's {len(recorded)} recorded evaluation rows is in feature set {fs.key}")
         missing = len(set(recorded)) - len(set(fs.sha256[rows].tolist()))
-        rows_used = (f"the head's recorded hold-out: {len(rows)} rows ({metadata['evaluation'].get('setup') or 'fit-head'})"
-                     + (f"; {missing} recorded rows are not in this cache" if missing else ""))
+        rows_used = (
+            f"the head's recorded hold-out: {len(rows)} rows ({metadata['evaluation'].get('setup') or 'fit-head'})"
+            + (f"; {missing} recorded rows are not in this cache" if missing else "")
+        )
     else:
         rows = split_rows(fs, split)
-        rows_used = f"{len(rows)} labelled rows of split {split!r}" if split != "all" else f"all {len(rows)} labelled rows"
+        rows_used = (
+            f"{len(rows)} labelled rows of split {split!r}" if split != "all" else f"all {len(rows)} labelled rows"
+        )
     trained = (metadata.get("training") or {}).get("sha256")
     overlap = 0
     if trained:
         overlap = int(len(_sha_rows(_take(fs, rows), trained)))
     if overlap and not allow_train_rows:
-        raise LeakError(f"{overlap} of the {len(rows)} rows of {rows_used.split(':')[0] if split == 'holdout' else repr(split)} "
-                        f"were used to train this head: its score on them would be optimistic (a leak); evaluate on "
-                        f"held-out rows, or pass --allow-train-rows (allow_train_rows=True) to score them anyway")
+        raise LeakError(
+            f"{overlap} of the {len(rows)} rows of {rows_used.split(':')[0] if split == 'holdout' else repr(split)} "
+            f"were used to train this head: its score on them would be optimistic (a leak); evaluate on "
+            f"held-out rows, or pass --allow-train-rows (allow_train_rows=True) to score them anyway"
+        )
     if overlap:
         rows_used += f", {overlap} of which the head was trained on (allowed: the score is optimistic)"
     elif not trained and metadata:
@@ -109,12 +129,14 @@ def evaluation_rows(metadata: dict, fs: FeatureSet, split: str | None = None, *,
 def _take(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
     import dataclasses
 
-    return dataclasses.replace(fs, X=fs.X[rows], y=fs.y[rows], split=fs.split[rows], paths=fs.paths[rows],
-                               sha256=fs.sha256[rows])
+    return dataclasses.replace(
+        fs, X=fs.X[rows], y=fs.y[rows], split=fs.split[rows], paths=fs.paths[rows], sha256=fs.sha256[rows]
+    )
 
 
-def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str | None = None, *,
-                  allow_train_rows: bool = False) -> EvalResult:
+def evaluate_head(
+    estimator, metadata: dict, fs: FeatureSet, split: str | None = None, *, allow_train_rows: bool = False
+) -> EvalResult:
     """Accuracy, macro-F1, log-loss, per-class report and confusion matrix of a head on one split.
 
     Labels are matched by class name, so a cache whose classes were numbered differently still scores
@@ -136,15 +158,22 @@ def evaluate_head(estimator, metadata: dict, fs: FeatureSet, split: str | None =
     if set(true) <= set(labels_of_head):
         loss = float(log_loss([index[t] for t in true], proba, labels=list(range(len(labels_of_head)))))
     return EvalResult(
-        split=split, n=len(rows), accuracy=float(accuracy_score(true, pred)),
-        macro_f1=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)), log_loss=loss,
+        split=split,
+        n=len(rows),
+        accuracy=float(accuracy_score(true, pred)),
+        macro_f1=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
+        log_loss=loss,
         report=classification_report(true, pred, labels=labels, output_dict=True, zero_division=0),
-        confusion=confusion_matrix(true, pred, labels=labels), labels=labels, rows_used=rows_used,
-        train_rows_included=overlap)
+        confusion=confusion_matrix(true, pred, labels=labels),
+        labels=labels,
+        rows_used=rows_used,
+        train_rows_included=overlap,
+    )
 
 
-def save_confusion_matrix(confusion: np.ndarray, labels: list[str], path: str | os.PathLike, *,
-                          title: str = "Confusion matrix") -> Path:
+def save_confusion_matrix(
+    confusion: np.ndarray, labels: list[str], path: str | os.PathLike, *, title: str = "Confusion matrix"
+) -> Path:
     """A PNG of the confusion matrix (counts, shaded by row-normalised recall)."""
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state: safe in threads and without a display
 
@@ -162,8 +191,15 @@ def save_confusion_matrix(confusion: np.ndarray, labels: list[str], path: str | 
     if k <= 30:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(confusion[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ with the fused-classifier metadata that ``tlpipe score --classifier`` reads, thr
 :func:`tlpipe.backbones.onnx_metadata.write_metadata` as :func:`tlpipe.pipeline.fuse.export_model` does).
 TensorFlow is imported inside the functions that need it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -154,14 +155,23 @@ class FinetuneResult:
 
     def to_dict(self) -> dict:
         return {
-            "out_dir": str(self.out_dir), "warm_start_val_accuracy": self.warm_start_val_accuracy,
-            "best_val_accuracy": self.best_val_accuracy, "best_val_loss": self.best_val_loss,
-            "best_epoch": self.best_epoch, "epochs_run": self.epochs_run,
-            "epoch_seconds": self.epoch_seconds, "history": str(self.history_path), "curves": str(self.curves_path),
-            "backbone_key": self.backbone_entry.key, "backbone": str(self.out_dir / "backbone"),
-            "classifier": str(self.classifier_path), "unfreeze_from": self.unfreeze_from,
-            "class_names": self.class_names, "setup": self.setup,
-            "test": self.test.to_dict() if self.test else None, "resumed_from": self.resumed_from,
+            "out_dir": str(self.out_dir),
+            "warm_start_val_accuracy": self.warm_start_val_accuracy,
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "epoch_seconds": self.epoch_seconds,
+            "history": str(self.history_path),
+            "curves": str(self.curves_path),
+            "backbone_key": self.backbone_entry.key,
+            "backbone": str(self.out_dir / "backbone"),
+            "classifier": str(self.classifier_path),
+            "unfreeze_from": self.unfreeze_from,
+            "class_names": self.class_names,
+            "setup": self.setup,
+            "test": self.test.to_dict() if self.test else None,
+            "resumed_from": self.resumed_from,
             "skipped": [list(s) for s in self.skipped],
         }
 
@@ -208,12 +218,15 @@ def split_records(records: list[ImageRecord], val_fraction: float = 0.2, seed: i
         if len(pool) < 2:
             raise ValueError(f"{len(pool)} training image(s): too few to hold some out for validation")
         stratified = min(counts.values()) >= 2 and math.ceil(val_fraction * len(labels)) >= len(counts)
-        train, val = train_test_split(pool, test_size=val_fraction, random_state=seed,
-                                      stratify=labels if stratified else None)
+        train, val = train_test_split(
+            pool, test_size=val_fraction, random_state=seed, stratify=labels if stratified else None
+        )
         train, val = sorted(train, key=lambda r: r.relpath), sorted(val, key=lambda r: r.relpath)
-        description = (f"{'stratified' if stratified else 'random'} hold-out of the training images "
-                       f"(no 'val' split in the source): train on {len(train)}, validate on {len(val)} "
-                       f"(val_fraction {val_fraction}, seed {seed})")
+        description = (
+            f"{'stratified' if stratified else 'random'} hold-out of the training images "
+            f"(no 'val' split in the source): train on {len(train)}, validate on {len(val)} "
+            f"(val_fraction {val_fraction}, seed {seed})"
+        )
     if len({r.label for r in train}) < 2:
         raise ValueError("training needs images of at least two classes")
     if not val:
@@ -223,8 +236,10 @@ def split_records(records: list[ImageRecord], val_fraction: float = 0.2, seed: i
 
 # ----------------------------------------------------------------------------------------------- warm start
 
-def fold_head(estimator, metadata: dict, class_names: list[str], embedding_dim: int,
-              name: str = "head") -> tuple[np.ndarray, np.ndarray]:
+
+def fold_head(
+    estimator, metadata: dict, class_names: list[str], embedding_dim: int, name: str = "head"
+) -> tuple[np.ndarray, np.ndarray]:
     """Dense kernel (D, len(class_names)) and bias reproducing a StandardScaler + LogisticRegression head.
 
     The scaler folds in as W' = W / sigma, b' = b - W' . mu; a binary logistic regression becomes the
@@ -238,16 +253,20 @@ def fold_head(estimator, metadata: dict, class_names: list[str], embedding_dim: 
     steps = list(estimator.steps) if isinstance(estimator, Pipeline) else [("classifier", estimator)]
     *prep, (_, clf) = steps
     if not isinstance(clf, LogisticRegression):
-        raise ValueError(f"{name} ends in a {type(clf).__name__}, not a LogisticRegression: only a logreg head "
-                         f"(StandardScaler + LogisticRegression) is a linear softmax that can warm-start the Dense "
-                         f"layer")
+        raise ValueError(
+            f"{name} ends in a {type(clf).__name__}, not a LogisticRegression: only a logreg head "
+            f"(StandardScaler + LogisticRegression) is a linear softmax that can warm-start the Dense "
+            f"layer"
+        )
     mu, sigma = np.zeros(embedding_dim), np.ones(embedding_dim)
     for step_name, step in prep:
         if step is None or step == "passthrough":
             continue
         if not isinstance(step, StandardScaler):
-            raise ValueError(f"{name} has a {type(step).__name__} step ({step_name!r}) that cannot be folded into "
-                             f"the Dense layer (only StandardScaler can); fit a logreg head without it to warm-start")
+            raise ValueError(
+                f"{name} has a {type(step).__name__} step ({step_name!r}) that cannot be folded into "
+                f"the Dense layer (only StandardScaler can); fit a logreg head without it to warm-start"
+            )
         # (x - mu) / sigma, then this scaler: ((x - mu) / sigma - m) / s = (x - (mu + m sigma)) / (sigma s)
         if step.with_mean:
             mu = mu + step.mean_ * sigma
@@ -280,18 +299,22 @@ def _check_head_features(metadata: dict, plan: ExportPlan, store: ModelStore, na
         return
     entry = store.get(model_key) if model_key else None
     if entry is not None:
+
         def unversioned(fields: dict) -> dict:
             return {k: v for k, v in fields.items() if k != "versions"}
+
         if unversioned(entry.metadata.get("key_fields", {})) == unversioned(plan.key_fields()):
             return
     raise ValueError(
         f"{name} was fitted on embeddings {saved.get('key')!r} ({saved.get('backbone')}, {saved.get('input_size')} px, "
         f"{saved.get('pooling')} pooling, layer {saved.get('layer')}); this fine-tune starts from {plan.key} "
         f"({plan.spec.name}, {plan.size} px, {plan.pooling} pooling, weights {plan.weights.identity}): fit the head "
-        f"on embeddings of this backbone, size, pooling and weights")
+        f"on embeddings of this backbone, size, pooling and weights"
+    )
 
 
 # --------------------------------------------------------------------------------------------------- models
+
 
 @dataclass
 class FinetuneModels:
@@ -304,8 +327,9 @@ class FinetuneModels:
     unfreeze_from: str  # first trainable backbone layer
 
 
-def resolve_unfreeze(base: keras.Model, spec: BackboneSpec, unfreeze_from: str | None = None,
-                     unfreeze_last: int | None = None) -> int:
+def resolve_unfreeze(
+    base: keras.Model, spec: BackboneSpec, unfreeze_from: str | None = None, unfreeze_last: int | None = None
+) -> int:
     """Index in ``base.layers`` of the first layer to train.
 
     ``unfreeze_from`` names a layer (a cut point such as ``block_15_add``) or a block prefix (``block_15``:
@@ -320,23 +344,29 @@ def resolve_unfreeze(base: keras.Model, spec: BackboneSpec, unfreeze_from: str |
     if unfreeze_from is None:
         # Block ends only: a mid-block cut point (MobileNetV2's `block_N_expand_relu`, registered for feature
         # extraction) would split a block's expand convolution from its depthwise and projection.
-        boundaries = [c.layer for c in spec.cut_points
-                      if c.layer != names[-1] and c.layer in names and not c.layer.endswith("_expand_relu")]
+        boundaries = [
+            c.layer
+            for c in spec.cut_points
+            if c.layer != names[-1] and c.layer in names and not c.layer.endswith("_expand_relu")
+        ]
         n = 1 if unfreeze_last is None else unfreeze_last
         if not 1 <= n <= len(boundaries):
             ends = ", ".join(boundaries) or "no cut point before it"
-            raise ValueError(f"unfreeze_last must be between 1 and {len(boundaries)} for {spec.name} up to "
-                             f"{names[-1]} (blocks end at {ends} and {names[-1]})")
+            raise ValueError(
+                f"unfreeze_last must be between 1 and {len(boundaries)} for {spec.name} up to "
+                f"{names[-1]} (blocks end at {ends} and {names[-1]})"
+            )
         return names.index(boundaries[-n]) + 1
     if unfreeze_from in names:
         return names.index(unfreeze_from)
     for i, name in enumerate(names):
-        rest = name[len(unfreeze_from):]
+        rest = name[len(unfreeze_from) :]
         if name.startswith(unfreeze_from) and rest and not rest[0].isdigit():
             return i
     cuts = ", ".join(c.layer for c in spec.cut_points if c.layer in names)
-    raise ValueError(f"{spec.name} (up to {names[-1]}) has no layer named or starting with {unfreeze_from!r}; "
-                     f"cut points: {cuts}")
+    raise ValueError(
+        f"{spec.name} (up to {names[-1]}) has no layer named or starting with {unfreeze_from!r}; cut points: {cuts}"
+    )
 
 
 def set_trainable(base: keras.Model, start: int | None) -> None:
@@ -345,25 +375,34 @@ def set_trainable(base: keras.Model, start: int | None) -> None:
 
     base.trainable = True
     for i, layer in enumerate(base.layers):
-        layer.trainable = (start is not None and i >= start
-                           and not isinstance(layer, keras.layers.BatchNormalization))
+        layer.trainable = start is not None and i >= start and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def augmentation(seed: int) -> keras.Sequential:
     """Flip, small rotation, zoom and contrast on float pixels in 0..255 (active in training only)."""
     import keras
 
-    return keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.05, seed=seed + 1),
-        keras.layers.RandomZoom(0.1, seed=seed + 2),
-        keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
-    ], name="augmentation")
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.05, seed=seed + 1),
+            keras.layers.RandomZoom(0.1, seed=seed + 2),
+            keras.layers.RandomContrast(0.1, value_range=(0, 255), seed=seed + 3),
+        ],
+        name="augmentation",
+    )
 
 
-def build_models(plan: ExportPlan, n_classes: int, *, unfreeze_from: str | None = None,
-                 unfreeze_last: int | None = None, dropout: float = 0.2, augment: bool = True,
-                 seed: int = 0) -> FinetuneModels:
+def build_models(
+    plan: ExportPlan,
+    n_classes: int,
+    *,
+    unfreeze_from: str | None = None,
+    unfreeze_last: int | None = None,
+    dropout: float = 0.2,
+    augment: bool = True,
+    seed: int = 0,
+) -> FinetuneModels:
     """The fine-tuning models for ``plan``'s backbone (full, no cut point) with ``n_classes`` outputs."""
     import keras
 
@@ -446,9 +485,18 @@ def compile_model(model: keras.Model, options: TrainingOptions, backbone: keras.
 
 # ----------------------------------------------------------------------------------------------------- data
 
-def batches(n: int, load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], labels: np.ndarray,
-            batch_size: int, *, shuffle_seed: int | None = None, first_epoch: int = 0,
-            sample_weights: np.ndarray | None = None, workers: int = 2) -> keras.utils.PyDataset:
+
+def batches(
+    n: int,
+    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    first_epoch: int = 0,
+    sample_weights: np.ndarray | None = None,
+    workers: int = 2,
+) -> keras.utils.PyDataset:
     """A ``keras.utils.PyDataset`` over ``n`` items: ``load(indices)`` returns (inputs, the indices kept).
 
     With ``shuffle_seed`` the order is a permutation drawn from (seed, epoch), so a resumed run sees the
@@ -471,7 +519,7 @@ def batches(n: int, load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
             return math.ceil(n / batch_size)
 
         def __getitem__(self, index: int):
-            x, rows = load(self.order[index * batch_size:(index + 1) * batch_size])
+            x, rows = load(self.order[index * batch_size : (index + 1) * batch_size])
             batch = (x, labels[rows])
             return batch if sample_weights is None else (*batch, sample_weights[rows])
 
@@ -482,14 +530,24 @@ def batches(n: int, load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     return Batches()
 
 
-def image_batches(records: list[ImageRecord], labels: np.ndarray, size: int, resize: str, batch_size: int, *,
-                  shuffle_seed: int | None = None, first_epoch: int = 0, sample_weights: np.ndarray | None = None,
-                  failures: dict[str, str] | None = None,
-                  resize_filter: str = DEFAULT_RESIZE_FILTER) -> keras.utils.PyDataset:
+def image_batches(
+    records: list[ImageRecord],
+    labels: np.ndarray,
+    size: int,
+    resize: str,
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    first_epoch: int = 0,
+    sample_weights: np.ndarray | None = None,
+    failures: dict[str, str] | None = None,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+) -> keras.utils.PyDataset:
     """Batches of uint8 (N, size, size, 3) images decoded with :func:`features.images.load_image`.
 
     Undecodable images are left out of their batch and noted in ``failures`` (relpath -> reason).
     """
+
     def load(indices: np.ndarray) -> tuple[np.ndarray, list[int]]:
         rows, pixels = [], []
         for i in indices:
@@ -504,8 +562,15 @@ def image_batches(records: list[ImageRecord], labels: np.ndarray, size: int, res
             raise ImageError(f"no image of the batch starting with {records[indices[0]].relpath} could be decoded")
         return np.stack(pixels), rows
 
-    return batches(len(records), load, labels, batch_size, shuffle_seed=shuffle_seed, first_epoch=first_epoch,
-                   sample_weights=sample_weights)
+    return batches(
+        len(records),
+        load,
+        labels,
+        batch_size,
+        shuffle_seed=shuffle_seed,
+        first_epoch=first_epoch,
+        sample_weights=sample_weights,
+    )
 
 
 def balanced_weights(labels: np.ndarray) -> np.ndarray:
@@ -521,6 +586,7 @@ def label_indices(records: list[ImageRecord], class_names: list[str]) -> np.ndar
 
 
 # --------------------------------------------------------------------------------------- history, checkpoints
+
 
 def read_history(path: Path) -> list[dict]:
     """The rows of ``history.csv``: epoch (int), phase (str), metrics and seconds (float or None)."""
@@ -583,8 +649,18 @@ class TrainingRun:
     (ties: the earlier); validation accuracy is recorded beside it.
     """
 
-    def __init__(self, out_dir: Path, model: keras.Model, config: dict, patience: int, *, phase: str = "finetune",
-                 checkpoints: Path | None = None, offset: int = 0, rows: list[dict] | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        model: keras.Model,
+        config: dict,
+        patience: int,
+        *,
+        phase: str = "finetune",
+        checkpoints: Path | None = None,
+        offset: int = 0,
+        rows: list[dict] | None = None,
+    ):
         self.out_dir, self.model, self.config, self.patience = out_dir, model, config, patience
         self.phase, self.offset = phase, offset
         self.checkpoints = checkpoints or out_dir / "checkpoints"
@@ -602,8 +678,10 @@ class TrainingRun:
         if state["config"] != self.config:
             saved = state["config"]
             changed = sorted(k for k in {*saved, *self.config} if saved.get(k) != self.config.get(k))
-            raise ValueError(f"{self.out_dir} holds a training run with other settings ({', '.join(changed)} "
-                             f"differ); use another output folder, or delete {self.checkpoints} to start over")
+            raise ValueError(
+                f"{self.out_dir} holds a training run with other settings ({', '.join(changed)} "
+                f"differ); use another output folder, or delete {self.checkpoints} to start over"
+            )
         self.model.load_weights(self.checkpoints / state["weights"])
         self.state = state
         self.rows = [r for r in read_history(self.history_path) if r["epoch"] <= state["epoch"]]
@@ -631,13 +709,18 @@ class TrainingRun:
         self.model.save_weights(self.checkpoints / f".tmp.{name}")
         os.replace(self.checkpoints / f".tmp.{name}", self.checkpoints / name)
         # rounded as history.csv writes them, so the state and the file agree
-        row = {"epoch": epoch, "phase": self.phase,
-               **{k: None if metrics.get(k) is None else float(f"{float(metrics[k]):.6g}")
-                  for k in HISTORY_FIELDS[2:-1]}, "seconds": round(seconds, 3)}
+        row = {
+            "epoch": epoch,
+            "phase": self.phase,
+            **{k: None if metrics.get(k) is None else float(f"{float(metrics[k]):.6g}") for k in HISTORY_FIELDS[2:-1]},
+            "seconds": round(seconds, 3),
+        }
         best = self.state["best"] if self.state else None
         if best is None or row["val_loss"] < best["val_loss"]:
-            best, wait = {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"],
-                          "weights": name}, 0
+            best, wait = (
+                {"epoch": epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"], "weights": name},
+                0,
+            )
         else:
             wait = self.state["wait"] + 1
         if record:
@@ -666,8 +749,15 @@ class TrainingRun:
         self.model.load_weights(self.checkpoints / self.best["weights"])
 
 
-def fit_phase(run: TrainingRun, train_data: Callable[[int], keras.utils.PyDataset], val_data, epochs: int, *,
-              verbose: int = 0, start: dict | None = None) -> int:
+def fit_phase(
+    run: TrainingRun,
+    train_data: Callable[[int], keras.utils.PyDataset],
+    val_data,
+    epochs: int,
+    *,
+    verbose: int = 0,
+    start: dict | None = None,
+) -> int:
     """Train ``run.model`` for up to ``epochs`` epochs of this phase with early stopping, resuming after the
     last committed epoch, and leave it holding the best weights.
 
@@ -685,8 +775,15 @@ def fit_phase(run: TrainingRun, train_data: Callable[[int], keras.utils.PyDatase
         else:
             run.commit(run.offset, start, 0.0, record=False)
     if run.done < epochs and not run.stopped:
-        run.model.fit(train_data(run.done), validation_data=val_data, epochs=epochs, initial_epoch=run.done,
-                      shuffle=False, callbacks=[run.callback()], verbose=verbose)
+        run.model.fit(
+            train_data(run.done),
+            validation_data=val_data,
+            epochs=epochs,
+            initial_epoch=run.done,
+            shuffle=False,
+            callbacks=[run.callback()],
+            verbose=verbose,
+        )
     run.restore_best()
     return resumed
 
@@ -698,6 +795,7 @@ def evaluate_split(model: keras.Model, data, images: int, verbose: int = 0) -> S
 
 
 # --------------------------------------------------------------------------------------------------- export
+
 
 def _copy_entry(entry: StoreEntry, destination: Path) -> None:
     """Put ``model.onnx`` + ``meta.json`` of ``entry`` in ``destination``, replacing what was there."""
@@ -713,8 +811,9 @@ def _copy_entry(entry: StoreEntry, destination: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def decodable(records: list[ImageRecord], size: int, resize: str, count: int,
-              resize_filter: str = DEFAULT_RESIZE_FILTER) -> np.ndarray:
+def decodable(
+    records: list[ImageRecord], size: int, resize: str, count: int, resize_filter: str = DEFAULT_RESIZE_FILTER
+) -> np.ndarray:
     """The first ``count`` of ``records`` that decode, as a uint8 batch."""
     pixels: list[np.ndarray] = []
     for record in records:
@@ -737,8 +836,7 @@ def _add_label_output(onnx_model) -> None:
     graph.output.append(helper.make_tensor_value_info(LABEL_NAME, TensorProto.INT64, [batch]))
 
 
-def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndarray, record: dict,
-                      opset: int) -> dict:
+def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndarray, record: dict, opset: int) -> dict:
     """Convert a uint8 -> probabilities Keras model to ONNX, check it against Keras, write it to ``path``.
 
     The ONNX model has input ``images`` (N, size, size, 3) uint8 RGB and outputs ``probabilities`` (N, C)
@@ -772,20 +870,35 @@ def export_classifier(model: keras.Model, size: int, path: Path, images: np.ndar
     onnx.checker.check_model(onnx_model)
     reference = np.asarray(model(images, training=False))
     figures = verify(onnx_model.SerializeToString(), images, reference)
-    record = {"format": CLASSIFIER_FORMAT, "kind": "classifier", **record, "input_size": size,
-              "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-              "outputs": {OUTPUT_NAME: "float32 (N, C), columns in class_names order",
-                          LABEL_NAME: "int64 (N,), index into class_names"},
-              "opset": opset, "verification": figures,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "format": CLASSIFIER_FORMAT,
+        "kind": "classifier",
+        **record,
+        "input_size": size,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+        "outputs": {
+            OUTPUT_NAME: "float32 (N, C), columns in class_names order",
+            LABEL_NAME: "int64 (N,), index into class_names",
+        },
+        "opset": opset,
+        "verification": figures,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     pixel_settings = {k: record[k] for k in ("resize", "resize_filter") if record.get(k)}  # score reads them
-    write_metadata(onnx_model, record, kind="classifier", class_names=list(record["class_names"]), input_size=size,
-                   **pixel_settings)
+    write_metadata(
+        onnx_model,
+        record,
+        kind="classifier",
+        class_names=list(record["class_names"]),
+        input_size=size,
+        **pixel_settings,
+    )
     atomic_write(path, onnx_model.SerializeToString())
     return figures
 
 
 # --------------------------------------------------------------------------------------------------- stages
+
 
 @dataclass
 class PreparedFinetune:
@@ -829,9 +942,17 @@ def records_digest(records: list[ImageRecord]) -> str:
     return digest.hexdigest()
 
 
-def prepare_finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, choice: ModelChoice | None = None,
-                     head: str | os.PathLike | None = None, trust: bool = False, dropout: float = 0.2,
-                     options: TrainingOptions | None = None, **choice_fields: Any) -> PreparedFinetune:
+def prepare_finetune(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    choice: ModelChoice | None = None,
+    head: str | os.PathLike | None = None,
+    trust: bool = False,
+    dropout: float = 0.2,
+    options: TrainingOptions | None = None,
+    **choice_fields: Any,
+) -> PreparedFinetune:
     """Stage 1: find the images, split them, plan the backbone export and fold the warm-start head.
 
     Cheap and without TensorFlow; every refusal (bad settings, a head that cannot warm-start this
@@ -858,17 +979,31 @@ def prepare_finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, c
         name = f"head {head}"
         estimator, metadata = load_head(head, trust=trust, expect_dim=dim)
         if not metadata:
-            raise ValueError(f"{name} has no sidecar: its class names and feature set are unknown, so it cannot "
-                             f"warm-start the classifier")
+            raise ValueError(
+                f"{name} has no sidecar: its class names and feature set are unknown, so it cannot "
+                f"warm-start the classifier"
+            )
         _check_head_features(metadata, plan, store, name)
-        warm = fold_head(estimator, metadata, images.class_names, dim or metadata["feature_set"]["embedding_dim"],
-                         name)
+        warm = fold_head(estimator, metadata, images.class_names, dim or metadata["feature_set"]["embedding_dim"], name)
         if not any(r.split == "val" for r in split.val):
-            log.warning("%s was fitted on training images, and the validation images are a hold-out of the "
-                        "training images: the head has probably seen them, so epoch 0's validation figures are "
-                        "optimistic and favour the warm start; give the source a 'val' split to avoid this", name)
-    return PreparedFinetune(Path(source), Path(out_dir), images, split, plan, options, dropout, store,
-                            Path(head) if head is not None else None, warm)
+            log.warning(
+                "%s was fitted on training images, and the validation images are a hold-out of the "
+                "training images: the head has probably seen them, so epoch 0's validation figures are "
+                "optimistic and favour the warm start; give the source a 'val' split to avoid this",
+                name,
+            )
+    return PreparedFinetune(
+        Path(source),
+        Path(out_dir),
+        images,
+        split,
+        plan,
+        options,
+        dropout,
+        store,
+        Path(head) if head is not None else None,
+        warm,
+    )
 
 
 def train_finetune(prepared: PreparedFinetune) -> tuple[FinetuneModels, TrainedModel]:
@@ -877,46 +1012,80 @@ def train_finetune(prepared: PreparedFinetune) -> tuple[FinetuneModels, TrainedM
     p, o = prepared, prepared.options
     p.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("%s", p.split.description)
-    models = build_models(p.plan, len(p.class_names), unfreeze_from=o.unfreeze_from, unfreeze_last=o.unfreeze_last,
-                          dropout=p.dropout, augment=o.augment, seed=o.seed)
+    models = build_models(
+        p.plan,
+        len(p.class_names),
+        unfreeze_from=o.unfreeze_from,
+        unfreeze_last=o.unfreeze_last,
+        dropout=p.dropout,
+        augment=o.augment,
+        seed=o.seed,
+    )
     if p.warm is not None:
         models.classifier.get_layer("classifier").set_weights(list(p.warm))
     compile_model(models.train, o, models.base)
-    config = {"backbone": p.plan.spec.name, "size": p.plan.size, "pooling": p.plan.pooling,
-              "weights": p.plan.weights.identity, "unfreeze_from": models.unfreeze_from,
-              "class_names": p.class_names, "augment": o.augment, "selection": "val_loss",
-              "learning_rate": o.learning_rate, "backbone_learning_rate": o.backbone_learning_rate,
-              "validation": records_digest(p.split.val), "resize_filter": o.resize_filter,
-              "head": hashlib.sha256(p.head.read_bytes()).hexdigest() if p.head is not None else None}
+    config = {
+        "backbone": p.plan.spec.name,
+        "size": p.plan.size,
+        "pooling": p.plan.pooling,
+        "weights": p.plan.weights.identity,
+        "unfreeze_from": models.unfreeze_from,
+        "class_names": p.class_names,
+        "augment": o.augment,
+        "selection": "val_loss",
+        "learning_rate": o.learning_rate,
+        "backbone_learning_rate": o.backbone_learning_rate,
+        "validation": records_digest(p.split.val),
+        "resize_filter": o.resize_filter,
+        "head": hashlib.sha256(p.head.read_bytes()).hexdigest() if p.head is not None else None,
+    }
     run = TrainingRun(p.out_dir, models.train, config, o.patience, phase="finetune")
     trained = train_keras(run, p.split, p.class_names, o, pixels=p.plan.size)
     plot_curves(trained.history, p.out_dir / "curves.png", "fine-tuning")
     return models, trained
 
 
-def train_keras(run: TrainingRun, split: DataSplit, class_names: list[str], options: TrainingOptions, *,
-                pixels: int) -> TrainedModel:
+def train_keras(
+    run: TrainingRun, split: DataSplit, class_names: list[str], options: TrainingOptions, *, pixels: int
+) -> TrainedModel:
     """Train ``run.model`` (uint8 images of side ``pixels`` in) on ``split`` as :func:`fit_phase` does, from
     images decoded batch by batch, then score the test split (if any) with the best weights."""
     o = options
     y_train, y_val = label_indices(split.train, class_names), label_indices(split.val, class_names)
     failures: dict[str, str] = {}
-    val_data = image_batches(split.val, y_val, pixels, o.resize, o.batch_size, failures=failures,
-                             resize_filter=o.resize_filter)
+    val_data = image_batches(
+        split.val, y_val, pixels, o.resize, o.batch_size, failures=failures, resize_filter=o.resize_filter
+    )
     weights = balanced_weights(y_train) if o.class_weight else None
 
     def train_data(first_epoch: int):
-        return image_batches(split.train, y_train, pixels, o.resize, o.batch_size, shuffle_seed=o.seed,
-                             first_epoch=first_epoch, failures=failures, sample_weights=weights,
-                             resize_filter=o.resize_filter)
+        return image_batches(
+            split.train,
+            y_train,
+            pixels,
+            o.resize,
+            o.batch_size,
+            shuffle_seed=o.seed,
+            first_epoch=first_epoch,
+            failures=failures,
+            sample_weights=weights,
+            resize_filter=o.resize_filter,
+        )
 
     resumed = fit_phase(run, train_data, val_data, o.epochs, verbose=1 if o.progress else 0)
     if resumed:
         log.info("resumed after epoch %d from %s", resumed, run.checkpoints)
     test = None
     if split.test:
-        data = image_batches(split.test, label_indices(split.test, class_names), pixels, o.resize, o.batch_size,
-                             failures=failures, resize_filter=o.resize_filter)
+        data = image_batches(
+            split.test,
+            label_indices(split.test, class_names),
+            pixels,
+            o.resize,
+            o.batch_size,
+            failures=failures,
+            resize_filter=o.resize_filter,
+        )
         kept = sum(r.relpath not in failures for r in split.test)
         test = evaluate_split(run.model, data, kept, verbose=1 if o.progress else 0)
     return TrainedModel(run, resumed, test, failures)
@@ -931,44 +1100,83 @@ def export_finetune(prepared: PreparedFinetune, models: FinetuneModels, trained:
     models.base.save_weights(out_dir / f".tmp.{BACKBONE_WEIGHTS}")
     os.replace(out_dir / f".tmp.{BACKBONE_WEIGHTS}", weights_path)
     tuned_plan = plan_export(plan.spec.name, weights_path, plan.size, None, plan.pooling, opset=plan.opset)
-    provenance = {"finetuned_from": {"key": plan.key, "weights": plan.weights.identity,
-                                     "source": str(p.source.resolve()),
-                                     "head": str(p.head.resolve()) if p.head is not None else None,
-                                     "best_epoch": run.best["epoch"],
-                                     "best_val_accuracy": run.best["val_accuracy"],
-                                     "best_val_loss": run.best["val_loss"]},
-                  "unfreeze_from": models.unfreeze_from}
+    provenance = {
+        "finetuned_from": {
+            "key": plan.key,
+            "weights": plan.weights.identity,
+            "source": str(p.source.resolve()),
+            "head": str(p.head.resolve()) if p.head is not None else None,
+            "best_epoch": run.best["epoch"],
+            "best_val_accuracy": run.best["val_accuracy"],
+            "best_val_loss": run.best["val_loss"],
+        },
+        "unfreeze_from": models.unfreeze_from,
+    }
     entry = export_plan(tuned_plan, p.store, keras_model=models.embedding, extra_metadata=provenance)
     _copy_entry(entry, out_dir / "backbone")
 
     classifier_path = out_dir / CLASSIFIER_FILE
     sample = decodable(p.split.val, plan.size, p.options.resize, VERIFY_IMAGES, p.options.resize_filter)
-    record = {"made_by": "finetune", "class_names": p.class_names, "backbone_key": entry.key,
-              "backbone": plan.spec.name, "preprocessing": plan.spec.preprocessing, "resize": p.options.resize,
-              "resize_filter": p.options.resize_filter,
-              "test": trained.test.to_dict() if trained.test else None, **provenance}
+    record = {
+        "made_by": "finetune",
+        "class_names": p.class_names,
+        "backbone_key": entry.key,
+        "backbone": plan.spec.name,
+        "preprocessing": plan.spec.preprocessing,
+        "resize": p.options.resize,
+        "resize_filter": p.options.resize_filter,
+        "test": trained.test.to_dict() if trained.test else None,
+        **provenance,
+    }
     export_classifier(models.classifier, plan.size, classifier_path, sample, record, plan.opset)
 
     history = trained.history
     trained_rows = [r for r in history if r["epoch"] > 0]
     return FinetuneResult(
-        out_dir=out_dir, warm_start_val_accuracy=history[0]["val_accuracy"] if p.head is not None else None,
-        best_val_accuracy=run.best["val_accuracy"], best_val_loss=run.best["val_loss"],
-        best_epoch=run.best["epoch"], epochs_run=run.done, epoch_seconds=[r["seconds"] for r in trained_rows],
-        history_path=run.history_path, curves_path=out_dir / "curves.png", backbone_entry=entry,
-        classifier_path=classifier_path, unfreeze_from=models.unfreeze_from, class_names=p.class_names,
-        setup=p.split.description, test=trained.test, resumed_from=trained.resumed_from,
-        skipped=sorted(p.images.skipped + list(trained.failures.items())))
+        out_dir=out_dir,
+        warm_start_val_accuracy=history[0]["val_accuracy"] if p.head is not None else None,
+        best_val_accuracy=run.best["val_accuracy"],
+        best_val_loss=run.best["val_loss"],
+        best_epoch=run.best["epoch"],
+        epochs_run=run.done,
+        epoch_seconds=[r["seconds"] for r in trained_rows],
+        history_path=run.history_path,
+        curves_path=out_dir / "curves.png",
+        backbone_entry=entry,
+        classifier_path=classifier_path,
+        unfreeze_from=models.unfreeze_from,
+        class_names=p.class_names,
+        setup=p.split.description,
+        test=trained.test,
+        resumed_from=trained.resumed_from,
+        skipped=sorted(p.images.skipped + list(trained.failures.items())),
+    )
 
 
-def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, choice: ModelChoice | None = None,
-             unfreeze_from: str | None = None,
-             unfreeze_last: int | None = None, head: str | os.PathLike | None = None, trust: bool = False,
-             epochs: int = 10, batch_size: int = 32, learning_rate: float = 1e-4,
-             backbone_learning_rate: float | None = None, dropout: float = 0.2, augment: bool = True,
-             class_weight: str | None = None, patience: int = 3, seed: int = 0, val_fraction: float = 0.2,
-             resize: str = "squash", progress: bool = True,
-             resize_filter: str = DEFAULT_RESIZE_FILTER, **choice_fields: Any) -> FinetuneResult:
+def finetune(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    choice: ModelChoice | None = None,
+    unfreeze_from: str | None = None,
+    unfreeze_last: int | None = None,
+    head: str | os.PathLike | None = None,
+    trust: bool = False,
+    epochs: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    backbone_learning_rate: float | None = None,
+    dropout: float = 0.2,
+    augment: bool = True,
+    class_weight: str | None = None,
+    patience: int = 3,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    resize: str = "squash",
+    progress: bool = True,
+    resize_filter: str = DEFAULT_RESIZE_FILTER,
+    **choice_fields: Any,
+) -> FinetuneResult:
     """Fine-tune ``backbone`` on the labelled images of ``source`` (folder or CSV manifest) into ``out_dir``.
 
     Runs :func:`prepare_finetune`, :func:`train_finetune` and :func:`export_finetune`. Writes
@@ -1010,13 +1218,30 @@ def finetune(source: str | os.PathLike, out_dir: str | os.PathLike, *, choice: M
     VerificationError
         An ONNX export differs from Keras.
     """
-    options = TrainingOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                              backbone_learning_rate=backbone_learning_rate, augment=augment,
-                              class_weight=class_weight, patience=patience, seed=seed, val_fraction=val_fraction,
-                              resize=resize, resize_filter=resize_filter, progress=progress,
-                              unfreeze_from=unfreeze_from,
-                              unfreeze_last=unfreeze_last)
-    prepared = prepare_finetune(source, out_dir, choice=ModelChoice.given(choice, choice_fields, "finetune"),
-                                head=head, trust=trust, dropout=dropout, options=options)
+    options = TrainingOptions(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        backbone_learning_rate=backbone_learning_rate,
+        augment=augment,
+        class_weight=class_weight,
+        patience=patience,
+        seed=seed,
+        val_fraction=val_fraction,
+        resize=resize,
+        resize_filter=resize_filter,
+        progress=progress,
+        unfreeze_from=unfreeze_from,
+        unfreeze_last=unfreeze_last,
+    )
+    prepared = prepare_finetune(
+        source,
+        out_dir,
+        choice=ModelChoice.given(choice, choice_fields, "finetune"),
+        head=head,
+        trust=trust,
+        dropout=dropout,
+        options=options,
+    )
     models, trained = train_finetune(prepared)
     return export_finetune(prepared, models, trained)

@@ -16,9 +16,9 @@ Two skl2onnx gaps are filled here rather than worked around in the heads:
   ``10 * eps`` of the input dtype unchanged. Embeddings of small magnitude hit that branch, so the
   converter here reproduces it.
 """
+
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from datetime import datetime, timezone
@@ -28,8 +28,8 @@ import numpy as np
 
 from tlpipe.backbones.atomic import atomic_write
 from tlpipe.backbones.deps import distribution_version, require
-from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
+from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.store import ModelStore
 from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
@@ -93,8 +93,9 @@ def _convert_calibrated(scope, operator, container) -> None:
     # Heads fitted on class names (fit-head, compare --save-best) have string classes; older heads label indices.
     strings = classes.dtype.kind in "UO"
     if not strings and not np.issubdtype(classes.dtype, np.integer):
-        raise FuseError(f"CalibratedClassifierCV with {classes.dtype} classes: the heads use class names or "
-                        f"integer label indices")
+        raise FuseError(
+            f"CalibratedClassifierCV with {classes.dtype} classes: the heads use class names or integer label indices"
+        )
     name = scope.get_unique_variable_name
     fold_probs = []
     for calibrated in model.calibrated_classifiers_:
@@ -102,8 +103,10 @@ def _convert_calibrated(scope, operator, container) -> None:
         if len(base.classes_) != len(classes):
             raise FuseError("a calibration fold saw fewer classes than the head; its scores cannot be fused")
         if hasattr(base, "predict_proba") and not hasattr(base, "decision_function"):
-            raise FuseError(f"temperature scaling over {type(base).__name__}.predict_proba is not supported "
-                            f"(only decision functions, as the svm heads use)")
+            raise FuseError(
+                f"temperature scaling over {type(base).__name__}.predict_proba is not supported "
+                f"(only decision functions, as the svm heads use)"
+            )
         sub = scope.declare_local_operator(sklearn_operator_name_map[type(base)], base)
         container.add_options(id(base), {"raw_scores": True})
         scope.add_options(id(base), {"raw_scores": True})
@@ -121,15 +124,16 @@ def _convert_calibrated(scope, operator, container) -> None:
     container.add_initializer(folds, TensorProto.FLOAT, [], [float(len(fold_probs))])
     probabilities = operator.outputs[1].full_name
     container.add_node("Div", [total, folds], [probabilities], name=scope.get_unique_operator_name("Div"))
-    container.add_node("ArgMax", [probabilities], [index], axis=1, keepdims=0,
-                       name=scope.get_unique_operator_name("ArgMax"))
+    container.add_node(
+        "ArgMax", [probabilities], [index], axis=1, keepdims=0, name=scope.get_unique_operator_name("ArgMax")
+    )
     if strings:
-        container.add_initializer(class_values, TensorProto.STRING, [len(classes)],
-                                  [str(c).encode() for c in classes])
+        container.add_initializer(class_values, TensorProto.STRING, [len(classes)], [str(c).encode() for c in classes])
     else:
         container.add_initializer(class_values, TensorProto.INT64, [len(classes)], classes.astype(np.int64).tolist())
-    container.add_node("Gather", [class_values, index], [operator.outputs[0].full_name],
-                       name=scope.get_unique_operator_name("Gather"))
+    container.add_node(
+        "Gather", [class_values, index], [operator.outputs[0].full_name], name=scope.get_unique_operator_name("Gather")
+    )
 
 
 def ml_opset_for(opset: int) -> int:
@@ -156,18 +160,37 @@ def _register_mlp_head() -> None:
 
     from tlpipe.pipeline.heads import LogisticRegressionCVHead, MLPHead, SVCHead
 
-    update_registered_converter(MLPHead, "TlpipeMLPHead", calculate_linear_classifier_output_shapes,
-                                convert_sklearn_mlp_classifier,
-                                options={"zipmap": [True, False, "columns"], "output_class_labels": [False, True],
-                                         "nocl": [True, False]})
-    update_registered_converter(LogisticRegressionCVHead, "TlpipeLogisticRegressionCVHead",
-                                calculate_linear_classifier_output_shapes, convert_sklearn_linear_classifier,
-                                options={"zipmap": [True, False, "columns"], "nocl": [True, False],
-                                         "output_class_labels": [False, True], "raw_scores": [True, False]})
-    update_registered_converter(SVCHead, "TlpipeSVCHead", calculate_sklearn_svm_output_shapes,
-                                convert_sklearn_svm_classifier,
-                                options={"zipmap": [True, False, "columns"], "nocl": [True, False],
-                                         "output_class_labels": [False, True], "raw_scores": [True, False]})
+    update_registered_converter(
+        MLPHead,
+        "TlpipeMLPHead",
+        calculate_linear_classifier_output_shapes,
+        convert_sklearn_mlp_classifier,
+        options={"zipmap": [True, False, "columns"], "output_class_labels": [False, True], "nocl": [True, False]},
+    )
+    update_registered_converter(
+        LogisticRegressionCVHead,
+        "TlpipeLogisticRegressionCVHead",
+        calculate_linear_classifier_output_shapes,
+        convert_sklearn_linear_classifier,
+        options={
+            "zipmap": [True, False, "columns"],
+            "nocl": [True, False],
+            "output_class_labels": [False, True],
+            "raw_scores": [True, False],
+        },
+    )
+    update_registered_converter(
+        SVCHead,
+        "TlpipeSVCHead",
+        calculate_sklearn_svm_output_shapes,
+        convert_sklearn_svm_classifier,
+        options={
+            "zipmap": [True, False, "columns"],
+            "nocl": [True, False],
+            "output_class_labels": [False, True],
+            "raw_scores": [True, False],
+        },
+    )
 
 
 def convert_head(estimator, dim: int, opset: int, ml_opset: int):
@@ -184,10 +207,15 @@ def convert_head(estimator, dim: int, opset: int, ml_opset: int):
         with warnings.catch_warnings():  # skl2onnx's SVC converter reads SVC.probA_, deprecated in scikit-learn 1.9
             warnings.filterwarnings("ignore", message="Attribute `prob[AB]_` was deprecated", category=FutureWarning)
             return convert_sklearn(
-                estimator, initial_types=[(OUTPUT_NAME, FloatTensorType([None, dim]))],
-                target_opset={"": opset, ML_DOMAIN: ml_opset}, options={id(classifier): {"zipmap": False}},
-                custom_conversion_functions={CalibratedClassifierCV: _convert_calibrated,
-                                             Normalizer: _convert_normalizer})
+                estimator,
+                initial_types=[(OUTPUT_NAME, FloatTensorType([None, dim]))],
+                target_opset={"": opset, ML_DOMAIN: ml_opset},
+                options={id(classifier): {"zipmap": False}},
+                custom_conversion_functions={
+                    CalibratedClassifierCV: _convert_calibrated,
+                    Normalizer: _convert_normalizer,
+                },
+            )
     except FuseError:
         raise
     except Exception as exc:  # skl2onnx raises many types for models it cannot convert
@@ -209,8 +237,11 @@ def raise_default_opset(model, opset: int):
     if current.version > opset:
         raise FuseError(f"the head needs ai.onnx opset {current.version}, the backbone has {opset}")
     since = lambda op, version: defs.get_schema(op, version).since_version  # noqa: E731
-    unchanged = all(since(n.op_type, current.version) == since(n.op_type, opset)
-                    for n in model.graph.node if n.domain in ("", "ai.onnx"))
+    unchanged = all(
+        since(n.op_type, current.version) == since(n.op_type, opset)
+        for n in model.graph.node
+        if n.domain in ("", "ai.onnx")
+    )
     if not unchanged:
         return version_converter.convert_version(model, opset)
     current.version = opset
@@ -235,22 +266,32 @@ def fuse(backbone, head, n_classes: int):
     for imp in backbone.opset_import:
         if imp.domain == ML_DOMAIN and head_ml is not None:
             imp.version = head_ml  # declared by tf2onnx but unused (checked above): align it with the head's
-    merged = compose.merge_models(backbone, head, io_map=[(OUTPUT_NAME, head.graph.input[0].name)],
-                                  outputs=[HEAD_PREFIX + PROBABILITIES], prefix2=HEAD_PREFIX)
+    merged = compose.merge_models(
+        backbone,
+        head,
+        io_map=[(OUTPUT_NAME, head.graph.input[0].name)],
+        outputs=[HEAD_PREFIX + PROBABILITIES],
+        prefix2=HEAD_PREFIX,
+    )
     graph = merged.graph
     graph.node.append(helper.make_node("Identity", [HEAD_PREFIX + PROBABILITIES], [PROBABILITIES], name=PROBABILITIES))
     graph.node.append(helper.make_node("ArgMax", [PROBABILITIES], [LABEL], axis=1, keepdims=0, name=LABEL))
     batch = graph.input[0].type.tensor_type.shape.dim[0].dim_param or None
     del graph.output[:]
-    graph.output.extend([helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch, n_classes]),
-                         helper.make_tensor_value_info(LABEL, TensorProto.INT64, [batch])])
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, [batch, n_classes]),
+            helper.make_tensor_value_info(LABEL, TensorProto.INT64, [batch]),
+        ]
+    )
     graph.name = "tlpipe_classifier"
     merged.producer_name, merged.producer_version = "tlpipe", distribution_version("tlpipe") or ""
     return merged
 
 
-def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndarray,
-            tolerance: float = MAX_ABS_DIFF) -> dict:
+def compare(
+    fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndarray, tolerance: float = MAX_ABS_DIFF
+) -> dict:
     """Parity figures of the fused model against the Python path.
 
     An argmax that differs only where the reference's two best classes are within ``tolerance`` of each
@@ -261,9 +302,14 @@ def compare(fused_proba: np.ndarray, fused_label: np.ndarray, reference: np.ndar
     top2 = np.sort(reference, axis=1)[:, -2:]
     near_tie = (top2[:, 1] - top2[:, 0]) <= tolerance
     differs = fused_label != expected
-    return {"images": int(len(reference)), "max_abs_diff": diff, "tolerance": tolerance,
-            "argmax_agree": int(np.sum(~differs)), "argmax_mismatch": int(np.sum(differs & ~near_tie)),
-            "near_ties": int(np.sum(differs & near_tie))}
+    return {
+        "images": int(len(reference)),
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "argmax_agree": int(np.sum(~differs)),
+        "argmax_mismatch": int(np.sum(differs & ~near_tie)),
+        "near_ties": int(np.sum(differs & near_tie)),
+    }
 
 
 def _verification_pixels(paths, size: int, resize: str, resize_filter: str) -> np.ndarray:
@@ -272,9 +318,14 @@ def _verification_pixels(paths, size: int, resize: str, resize_filter: str) -> n
     return np.stack([load_image(p, size, resize, resize_filter=resize_filter)[0] for p in paths])
 
 
-def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust: bool = False,
-                 store: ModelStore | str | os.PathLike | None = None,
-                 verify_images: list[str | os.PathLike] | None = None) -> dict:
+def export_model(
+    head_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    trust: bool = False,
+    store: ModelStore | str | os.PathLike | None = None,
+    verify_images: list[str | os.PathLike] | None = None,
+) -> dict:
     """Fuse the saved head ``head_path`` with its backbone into the ONNX classifier ``out``.
 
     The backbone is the model-store entry named by the head's feature-set key. The fused model is
@@ -321,22 +372,52 @@ def export_model(head_path: str | os.PathLike, out: str | os.PathLike, *, trust:
         raise FuseError(f"the fused model differs from the Python head: {figures}; nothing was written")
 
     record = {
-        "format": FORMAT, "kind": "classifier", "class_names": labels, "input_size": entry.input_size,
+        "format": FORMAT,
+        "kind": "classifier",
+        "class_names": labels,
+        "input_size": entry.input_size,
         "resize_filter": resize_filter,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-        "outputs": {PROBABILITIES: "float32 (N, C), columns in class_names order",
-                    LABEL: "int64 (N,), index into class_names"},
-        "head": {"name": head_name, "params": head_meta.get("params"), "path": str(Path(head_path).resolve()),
-                 "joblib_sha256": metadata.get("joblib_sha256"), "metrics": metadata.get("metrics")},
-        "backbone": {k: entry.metadata.get(k) for k in ("key", "backbone", "model_sha256", "input_size",
-                                                        "embedding_dim", "preprocessing", "pooling", "layer")}
+        "outputs": {
+            PROBABILITIES: "float32 (N, C), columns in class_names order",
+            LABEL: "int64 (N,), index into class_names",
+        },
+        "head": {
+            "name": head_name,
+            "params": head_meta.get("params"),
+            "path": str(Path(head_path).resolve()),
+            "joblib_sha256": metadata.get("joblib_sha256"),
+            "metrics": metadata.get("metrics"),
+        },
+        "backbone": {
+            k: entry.metadata.get(k)
+            for k in (
+                "key",
+                "backbone",
+                "model_sha256",
+                "input_size",
+                "embedding_dim",
+                "preprocessing",
+                "pooling",
+                "layer",
+            )
+        }
         | {"resize": resize, "resize_filter": resize_filter},
-        "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import}, "verification": figures,
+        "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import},
+        "verification": figures,
         "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_metadata(fused, record, kind="classifier", class_names=list(labels), input_size=entry.input_size,
-                   key=entry.key, head=head_name, resize=resize,
-                   resize_filter=resize_filter)
+    write_metadata(
+        fused,
+        record,
+        kind="classifier",
+        class_names=list(labels),
+        input_size=entry.input_size,
+        key=entry.key,
+        head=head_name,
+        resize=resize,
+        resize_filter=resize_filter,
+    )
     atomic_write(out, fused.SerializeToString())
     return record

@@ -10,6 +10,7 @@ names; cross-validation works on the cache's label indices (``FeatureSet.y``).
 Small classes are never dropped silently: a class with fewer rows than the hold-out or the CV folds
 need stays in training (every fold's training rows), with a warning that names it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -70,9 +71,13 @@ class MLPHead(MLPClassifier):
             _, counts = np.unique(np.asarray(y), return_counts=True)
             held = int(np.floor(counts.sum() * self.validation_fraction))
             if len(counts) > 1 and (held < len(counts) or counts.min() < 2):
-                warnings.warn(f"mlp: early stopping off for this fit: a {self.validation_fraction:g} validation share "
-                              f"of {counts.sum()} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
-                              f"one row)", UserWarning, stacklevel=2)
+                warnings.warn(
+                    f"mlp: early stopping off for this fit: a {self.validation_fraction:g} validation share "
+                    f"of {counts.sum()} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
+                    f"one row)",
+                    UserWarning,
+                    stacklevel=2,
+                )
                 self.early_stopping = False
         try:
             if sample_weight is None:  # keeps scikit-learn versions without MLP sample weights working
@@ -117,9 +122,15 @@ class SVCHead(SVC):
     """
 
     def fit(self, X, y, sample_weight=None):
-        if (self.kernel != "rbf" or not isinstance(X, np.ndarray) or X.ndim != 2 or X.dtype.kind != "f"
-                or self.probability not in (False, "deprecated") or 8 * len(X) ** 2 > SVC_GRAM_BYTES
-                or not np.isfinite(X).all()):
+        if (
+            self.kernel != "rbf"
+            or not isinstance(X, np.ndarray)
+            or X.ndim != 2
+            or X.dtype.kind != "f"
+            or self.probability not in (False, "deprecated")
+            or 8 * len(X) ** 2 > SVC_GRAM_BYTES
+            or not np.isfinite(X).all()
+        ):
             return super().fit(X, y, sample_weight=sample_weight)
         X = np.ascontiguousarray(X, dtype=np.float64)
         if isinstance(self.gamma, str):  # as SVC resolves it
@@ -149,11 +160,14 @@ class SVCHead(SVC):
         out = np.empty((len(X), len(pairs)))
         block = max(1, SVC_KERNEL_BLOCK // (8 * max(1, len(sv))))
         for lo in range(0, len(X), block):
-            kernel = rbf_kernel_block(X[lo:lo + block], sv, self._gamma, sv_sq)
+            kernel = rbf_kernel_block(X[lo : lo + block], sv, self._gamma, sv_sq)
             for p, (i, j) in enumerate(pairs):
                 si, sj = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
-                out[lo:lo + block, p] = (kernel[:, si] @ self._dual_coef_[j - 1, si]
-                                         + kernel[:, sj] @ self._dual_coef_[i, sj] + self._intercept_[p])
+                out[lo : lo + block, p] = (
+                    kernel[:, si] @ self._dual_coef_[j - 1, si]
+                    + kernel[:, sj] @ self._dual_coef_[i, sj]
+                    + self._intercept_[p]
+                )
         return out
 
 
@@ -170,8 +184,11 @@ SVC_GRAM_BYTES = 256 * 2**20
 LOGREG_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0)
 LOGREG_CV_FOLDS = 3
 # The settings scikit-learn 1.9 asks for to silence its deprecation warnings (the new behaviour), where they exist.
-_LRCV_QUIET = {k: v for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
-               if k in LogisticRegressionCV().get_params()}
+_LRCV_QUIET = {
+    k: v
+    for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
+    if k in LogisticRegressionCV().get_params()
+}
 
 
 # The warm-started C path stops once the mean validation log-loss has not improved at this many Cs in a
@@ -208,9 +225,14 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
         return accuracy_score(y, self.predict(X), sample_weight=sample_weight)
 
     def _own_path(self) -> bool:
-        return (self.scoring == "neg_log_loss" and self.solver == "lbfgs" and self.refit and not self.dual
-                and getattr(self, "penalty", "deprecated") in ("deprecated", "l2")
-                and list(np.ravel(getattr(self, "l1_ratios", None) or [0.0])) in ([0.0], ["warn"]))
+        return (
+            self.scoring == "neg_log_loss"
+            and self.solver == "lbfgs"
+            and self.refit
+            and not self.dual
+            and getattr(self, "penalty", "deprecated") in ("deprecated", "l2")
+            and list(np.ravel(getattr(self, "l1_ratios", None) or [0.0])) in ([0.0], ["warn"])
+        )
 
     def fit(self, X, y, sample_weight=None, groups=None, **params):
         """Fit (see the class). ``groups`` (one id per row; augmented views share their image's id, see
@@ -240,15 +262,27 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
         check_classification_targets(y)
         classes = np.unique(y)
         if len(classes) < 2:
-            raise ValueError(f"This solver needs samples of at least 2 classes in the data, but the data contains "
-                             f"only one class: {classes[0]!r}")
+            raise ValueError(
+                f"This solver needs samples of at least 2 classes in the data, but the data contains "
+                f"only one class: {classes[0]!r}"
+            )
         weights = None if sample_weight is None else _check_sample_weight(sample_weight, X)
-        Cs = (np.logspace(-4, 4, self.Cs) if isinstance(self.Cs, numbers.Integral)
-              else np.sort(np.asarray(self.Cs, dtype=float)))
+        Cs = (
+            np.logspace(-4, 4, self.Cs)
+            if isinstance(self.Cs, numbers.Integral)
+            else np.sort(np.asarray(self.Cs, dtype=float))
+        )
         folds = list(check_cv(self.cv, y, classifier=True).split(X, y))
-        base = LogisticRegression(C=float(Cs[0]), tol=self.tol, max_iter=self.max_iter, class_weight=self.class_weight,
-                                  random_state=self.random_state, fit_intercept=self.fit_intercept,
-                                  intercept_scaling=self.intercept_scaling, warm_start=True)
+        base = LogisticRegression(
+            C=float(Cs[0]),
+            tol=self.tol,
+            max_iter=self.max_iter,
+            class_weight=self.class_weight,
+            random_state=self.random_state,
+            fit_intercept=self.fit_intercept,
+            intercept_scaling=self.intercept_scaling,
+            warm_start=True,
+        )
         models = [clone(base).set_params(tol=max(self.tol, LOGREG_PATH_TOL)) for _ in folds]
         scores = np.full((len(folds), len(Cs)), np.nan)
         best, best_loss, stale, start = 0, np.inf, 0, None
@@ -267,7 +301,10 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
             if loss < best_loss:
                 best, best_loss, stale = j, loss, 0
                 if all(len(m.classes_) == len(classes) for m in models):  # same shapes: a warm start for the refit
-                    start = (np.mean([m.coef_ for m in models], axis=0), np.mean([m.intercept_ for m in models], axis=0))
+                    start = (
+                        np.mean([m.coef_ for m in models], axis=0),
+                        np.mean([m.intercept_ for m in models], axis=0),
+                    )
             else:
                 stale += 1
                 if stale >= LOGREG_PATH_PATIENCE:
@@ -296,36 +333,57 @@ def _classifier(name: str, seed: int, class_weight, params: dict):
         # (scikit-learn itself makes neg_log_loss LogisticRegressionCV's default in 1.11.) The head's
         # ``score()`` stays accuracy, as for every scikit-learn classifier (LogisticRegressionCVHead).
         folds = StratifiedKFold(LOGREG_CV_FOLDS, shuffle=True, random_state=seed)
-        return LogisticRegressionCVHead(**{**common, **_LRCV_QUIET, "Cs": list(LOGREG_CS), "cv": folds,
-                                           "scoring": "neg_log_loss", **params})
+        return LogisticRegressionCVHead(
+            **{**common, **_LRCV_QUIET, "Cs": list(LOGREG_CS), "cv": folds, "scoring": "neg_log_loss", **params}
+        )
     if name == "svm":
         # liblinear's LinearSVC instead of SVC(kernel="linear"): linear in the number of rows instead of
         # quadratic. Probabilities by temperature scaling of its decision values on held-out folds: one
         # parameter for all classes, so the calibration cannot change which class wins.
         # Dual coordinate descent: its cost per pass is the non-zeros, and the strong regularisation that
         # suits high-dimensional embeddings makes it converge in a few passes.
-        svm = LinearSVC(**{"C": 0.001, "dual": True, "max_iter": 5000, "random_state": seed,
-                           "class_weight": class_weight, **params})
+        svm = LinearSVC(
+            **{"C": 0.001, "dual": True, "max_iter": 5000, "random_state": seed, "class_weight": class_weight, **params}
+        )
         return CalibratedClassifierCV(svm, method="temperature", cv=CALIBRATION_FOLDS)
     if name == "rbf-svm":
         # CalibratedClassifierCV over SVC fits 3 SVMs on 2/3 of the rows (kernel SVMs cost ~n^2, so
         # ~1.3 full fits) where SVC(probability=True) fits one SVM plus an internal 5-fold Platt
         # scaling (~4.2 full fits).
         # SVCHead: SVC with its RBF kernel values from BLAS (fit 2.4x, predict 7x faster; the same solution).
-        svc = SVCHead(**{"C": 10.0, "gamma": "scale", "cache_size": 1000, "random_state": seed,
-                     "class_weight": class_weight, **params})
+        svc = SVCHead(
+            **{
+                "C": 10.0,
+                "gamma": "scale",
+                "cache_size": 1000,
+                "random_state": seed,
+                "class_weight": class_weight,
+                **params,
+            }
+        )
         return CalibratedClassifierCV(svc, method="temperature", cv=CALIBRATION_FOLDS)
     if class_weight is not None:
-        raise ValueError("MLPClassifier has no class_weight; fit_head and compare_heads apply it as sample "
-                         "weights (see fit)")
+        raise ValueError(
+            "MLPClassifier has no class_weight; fit_head and compare_heads apply it as sample weights (see fit)"
+        )
     # Early stopping on a 10% validation split: training stops when validation accuracy stalls instead
     # of running max_iter epochs on a training loss that keeps falling (off on tiny data, see MLPHead).
-    return MLPHead(**{"hidden_layer_sizes": (256,), "alpha": 1e-3, "early_stopping": True,
-                            "n_iter_no_change": 10, "max_iter": 300, "random_state": seed, **params})
+    return MLPHead(
+        **{
+            "hidden_layer_sizes": (256,),
+            "alpha": 1e-3,
+            "early_stopping": True,
+            "n_iter_no_change": 10,
+            "max_iter": 300,
+            "random_state": seed,
+            **params,
+        }
+    )
 
 
-def make_head(name: str, *, seed: int = 0, class_weight: dict | str | None = None, pca: int | float | None = None,
-              **params) -> Pipeline:
+def make_head(
+    name: str, *, seed: int = 0, class_weight: dict | str | None = None, pca: int | float | None = None, **params
+) -> Pipeline:
     """An unfitted head: preprocessing, optional ``PCA(pca)``, then the classifier.
 
     ``params`` go to the classifier (``C``, ``gamma``, ``alpha``, ``hidden_layer_sizes``...; for the SVM
@@ -392,15 +450,22 @@ def grid_points(name: str, grid: dict[str, list] | None = None) -> list[dict]:
     return [dict(zip(keys, values)) for values in product(*(grid[k] for k in keys))]
 
 
-def fit(estimator: Pipeline, X: np.ndarray, y: np.ndarray, class_weight: dict | str | None = None,
-        groups: np.ndarray | None = None) -> Pipeline:
+def fit(
+    estimator: Pipeline,
+    X: np.ndarray,
+    y: np.ndarray,
+    class_weight: dict | str | None = None,
+    groups: np.ndarray | None = None,
+) -> Pipeline:
     """Fit a head; for the MLP, ``class_weight`` becomes sample weights (other heads carry their own).
     ``groups`` (image id per row, with augmented views): the logreg head's internal C folds keep groups whole."""
     name = head_name(estimator)
     if groups is not None and isinstance(estimator[-1], LogisticRegressionCV):
         return estimator.fit(X, y, **{f"{estimator.steps[-1][0]}__groups": groups})
     if name == "mlp" and class_weight is not None:
-        return estimator.fit(X, y, **{f"{estimator.steps[-1][0]}__sample_weight": compute_sample_weight(class_weight, y)})
+        return estimator.fit(
+            X, y, **{f"{estimator.steps[-1][0]}__sample_weight": compute_sample_weight(class_weight, y)}
+        )
     return estimator.fit(X, y)
 
 
@@ -421,8 +486,9 @@ class FoldScore:
     proba: np.ndarray | None = None  # (len(test_idx), n_labels) float64 class probabilities, label order
 
 
-def add_views(X: np.ndarray, y: np.ndarray, train: np.ndarray, views=None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def add_views(
+    X: np.ndarray, y: np.ndarray, train: np.ndarray, views=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The training rows ``X[train], y[train]`` plus the augmented views of exactly those images.
 
     Parameters
@@ -443,8 +509,11 @@ def add_views(X: np.ndarray, y: np.ndarray, train: np.ndarray, views=None
         return X[train], y[train], None
     X_views, owner = (views.X, views.owner) if hasattr(views, "owner") else views
     take = np.isin(owner, train)
-    return (np.concatenate([X[train], X_views[take]]), np.concatenate([y[train], y[owner[take]]]),
-            np.concatenate([np.asarray(train), owner[take]]))
+    return (
+        np.concatenate([X[train], X_views[take]]),
+        np.concatenate([y[train], y[owner[take]]]),
+        np.concatenate([np.asarray(train), owner[take]]),
+    )
 
 
 def views_within(views, rows: np.ndarray):
@@ -474,8 +543,11 @@ def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weigh
     prep_predict = perf_counter() - started
     if name == "logreg" and len(points) > 1:
         clf.set_params(warm_start=True)
-    fit_params = {"sample_weight": compute_sample_weight(class_weight, y_fit)} if (
-        name == "mlp" and class_weight is not None) else {}
+    fit_params = (
+        {"sample_weight": compute_sample_weight(class_weight, y_fit)}
+        if (name == "mlp" and class_weight is not None)
+        else {}
+    )
     if groups is not None and isinstance(clf, LogisticRegressionCV):
         fit_params["groups"] = groups
     prefix = _clf_prefix(name)
@@ -494,11 +566,21 @@ def _score_fold(X, y, train, test, name, points, fold, labels, seed, class_weigh
         proba /= proba.sum(axis=1, keepdims=True)  # float32 heads sum to 1 only to float32 precision
         predict_s = perf_counter() - started + prep_predict
         pred = labels[proba.argmax(axis=1)]
-        scores.append(FoldScore(
-            head=name, params=params, fold=fold, accuracy=accuracy_score(y[test], pred),
-            macro_f1=f1_score(y[test], pred, average="macro", labels=scored, zero_division=0),
-            log_loss=log_loss(y[test], proba, labels=labels), fit_s=fit_s, predict_s=predict_s,
-            test_idx=test, pred=pred, proba=proba))
+        scores.append(
+            FoldScore(
+                head=name,
+                params=params,
+                fold=fold,
+                accuracy=accuracy_score(y[test], pred),
+                macro_f1=f1_score(y[test], pred, average="macro", labels=scored, zero_division=0),
+                log_loss=log_loss(y[test], proba, labels=labels),
+                fit_s=fit_s,
+                predict_s=predict_s,
+                test_idx=test,
+                pred=pred,
+                proba=proba,
+            )
+        )
     return scores
 
 
@@ -509,8 +591,9 @@ def _class_name(label, class_names) -> str:
     return repr(label.item() if isinstance(label, np.generic) else label)
 
 
-def check_rows(y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None = None,
-               class_names: list[str] | None = None) -> None:
+def check_rows(
+    y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None = None, class_names: list[str] | None = None
+) -> None:
     """Raise ValueError unless every head can be trained on ``y`` (in a ``cv``-fold CV, if given).
 
     Needs two classes, enough rows per class for the SVMs' calibration folds and, for ``cv``, two classes
@@ -519,25 +602,35 @@ def check_rows(y: np.ndarray, names: tuple[str, ...] | list[str], cv: int | None
     """
     labels, counts = np.unique(y, return_counts=True)
     if len(labels) < 2:
-        raise ValueError(f"training needs at least two classes; the labelled rows have {len(labels)}"
-                         + (f" ({_class_name(labels[0], class_names)})" if len(labels) else ""))
+        raise ValueError(
+            f"training needs at least two classes; the labelled rows have {len(labels)}"
+            + (f" ({_class_name(labels[0], class_names)})" if len(labels) else "")
+        )
     if cv is not None and np.sum(counts >= cv) < 2:
-        raise ValueError(f"{cv}-fold cross-validation needs at least two classes with {cv} rows each; rows per class: "
-                         + ", ".join(f"{_class_name(lab, class_names)} {c}" for lab, c in zip(labels, counts))
-                         + " (lower cv)")
+        raise ValueError(
+            f"{cv}-fold cross-validation needs at least two classes with {cv} rows each; rows per class: "
+            + ", ".join(f"{_class_name(lab, class_names)} {c}" for lab, c in zip(labels, counts))
+            + " (lower cv)"
+        )
     # A class smaller than the folds is in every CV training fold, so it keeps all of its rows there.
     share = 1.0 if cv is None else (cv - 1) / cv
     kept = np.where(counts >= (cv or 0), np.floor(counts * share + 1e-9), counts)
     calibrated = [n for n in names if n in _CALIBRATED]
     if calibrated and kept.min() < CALIBRATION_FOLDS:
         i = int(kept.argmin())
-        raise ValueError(f"class {_class_name(labels[i], class_names)} has only {int(counts[i])} labelled rows: "
-                         f"{', '.join(calibrated)} calibrate(s) probabilities on {CALIBRATION_FOLDS} folds of the training "
-                         f"rows and need at least {CALIBRATION_FOLDS} of every class there (leave them out, or add images)")
+        raise ValueError(
+            f"class {_class_name(labels[i], class_names)} has only {int(counts[i])} labelled rows: "
+            f"{', '.join(calibrated)} calibrate(s) probabilities on {CALIBRATION_FOLDS} folds of the training "
+            f"rows and need at least {CALIBRATION_FOLDS} of every class there (leave them out, or add images)"
+        )
 
 
-def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | None = None,
-             ) -> list[tuple[np.ndarray, np.ndarray]]:
+def cv_folds(
+    y: np.ndarray,
+    cv: int,
+    seed: int = 0,
+    class_names: list[str] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified ``cv``-fold splits (shuffled with ``seed``) as (train, test) row indices.
 
     A class with fewer than ``cv`` rows cannot appear in every test fold: its rows go into every training
@@ -550,16 +643,25 @@ def cv_folds(y: np.ndarray, cv: int, seed: int = 0, class_names: list[str] | Non
     always = np.flatnonzero(in_small)
     if len(small):
         warnings.warn(
-            "class(es) " + ", ".join(f"{_class_name(lab, class_names)} ({int(c)} rows)" for lab, c in zip(labels, counts)
-                                     if c < cv)
+            "class(es) "
+            + ", ".join(f"{_class_name(lab, class_names)} ({int(c)} rows)" for lab, c in zip(labels, counts) if c < cv)
             + f" have fewer rows than the {cv} folds: they stay in every training fold and are not scored",
-            UserWarning, stacklevel=3)
+            UserWarning,
+            stacklevel=3,
+        )
     folds = StratifiedKFold(cv, shuffle=True, random_state=seed).split(regular, y[regular])
     return [(np.sort(np.concatenate([regular[tr], always])), regular[te]) for tr, te in folds]
 
 
-def fit_logreg_head(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
-                    views=None, pca: int | float | None = None) -> Pipeline:
+def fit_logreg_head(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int = 0,
+    class_weight: dict | str | None = None,
+    views=None,
+    pca: int | float | None = None,
+) -> Pipeline:
     """The default logreg head fitted on all of ``X, y`` (and ``views``, :func:`add_views`), exactly as ``fit-head``
     fits it: the preprocessing (with ``PCA(pca)`` when given), then C picked from :data:`LOGREG_CS` by its internal
     :data:`LOGREG_CV_FOLDS`-fold CV (:class:`LogisticRegressionCVHead`) and refitted on every row."""
@@ -570,17 +672,29 @@ def fit_logreg_head(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight
         return fit(head, X_fit, y_fit, class_weight, groups)
 
 
-def choose_logreg_c(X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None,
-                    views=None) -> float:
+def choose_logreg_c(
+    X: np.ndarray, y: np.ndarray, *, seed: int = 0, class_weight: dict | str | None = None, views=None
+) -> float:
     """The C the default logreg head picks on ``X, y`` (:func:`fit_logreg_head`)."""
     head = fit_logreg_head(X, y, seed=seed, class_weight=class_weight, views=views)
     return float(np.ravel(head[-1].C_)[0])
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[str], *, cv: int = 5, seed: int = 0,
-                   search: bool = False, class_weight: dict | str | None = None, n_jobs: int | None = None,
-                   pca: int | float | str | None = "auto", class_names: list[str] | None = None,
-                   views=None, fitted: dict | None = None) -> list[FoldScore]:
+def cross_validate(
+    X: np.ndarray,
+    y: np.ndarray,
+    names: tuple[str, ...] | list[str],
+    *,
+    cv: int = 5,
+    seed: int = 0,
+    search: bool = False,
+    class_weight: dict | str | None = None,
+    n_jobs: int | None = None,
+    pca: int | float | str | None = "auto",
+    class_names: list[str] | None = None,
+    views=None,
+    fitted: dict | None = None,
+) -> list[FoldScore]:
     """Score heads with stratified ``cv``-fold CV (shuffled with ``seed``), in parallel over (head, fold).
 
     ``views`` (augmented views of the rows of ``X``, :func:`add_views`): each fold trains on its training
@@ -610,12 +724,25 @@ def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[s
     folds = cv_folds(y, cv, seed, class_names)
     points = {name: grid_points(name) if search else [{}] for name in names}
     late = "logreg" in names and not search  # its folds are scored once C is chosen, in one job
-    jobs = sorted(((name, i) for name in names if not (late and name == "logreg") for i in range(cv)),
-                  key=lambda job: _COST_ORDER[job[0]])
-    calls = [delayed(_score_logreg_folds)(X, y, folds, labels, seed, class_weight,
-                                          resolve_pca("logreg", pca, X.shape), views, class_names)] if late else []
-    calls += [delayed(_score_fold)(X, y, *folds[i], name, points[name], i, labels, seed, class_weight,
-                                   resolve_pca(name, pca, X.shape), views) for name, i in jobs]
+    jobs = sorted(
+        ((name, i) for name in names if not (late and name == "logreg") for i in range(cv)),
+        key=lambda job: _COST_ORDER[job[0]],
+    )
+    calls = (
+        [
+            delayed(_score_logreg_folds)(
+                X, y, folds, labels, seed, class_weight, resolve_pca("logreg", pca, X.shape), views, class_names
+            )
+        ]
+        if late
+        else []
+    )
+    calls += [
+        delayed(_score_fold)(
+            X, y, *folds[i], name, points[name], i, labels, seed, class_weight, resolve_pca(name, pca, X.shape), views
+        )
+        for name, i in jobs
+    ]
     # The logreg job (C, then its folds: the longest job) goes first, so no job waits for C to be chosen.
     results = Parallel(n_jobs=-1 if n_jobs is None else n_jobs)(calls)
     if late:
@@ -626,8 +753,9 @@ def cross_validate(X: np.ndarray, y: np.ndarray, names: tuple[str, ...] | list[s
     return [score for scores in results for score in scores]
 
 
-def _score_logreg_folds(X, y, folds, labels, seed, class_weight, pca, views, class_names
-                        ) -> tuple[Pipeline, list[FoldScore]]:
+def _score_logreg_folds(
+    X, y, folds, labels, seed, class_weight, pca, views, class_names
+) -> tuple[Pipeline, list[FoldScore]]:
     """The default logreg head's CV: the head fitted on all of ``X, y`` (:func:`fit_logreg_head`; on class
     names when known, as ``fit-head`` fits it) gives C, then every fold is scored at that C
     (``params={"C": C}``). Returns the head and the fold scores."""
@@ -636,8 +764,11 @@ def _score_logreg_folds(X, y, folds, labels, seed, class_weight, pca, views, cla
     points = [{"C": float(np.ravel(head[-1].C_)[0])}]
     # Each fold's fit starts from zero: a start from the all-rows solution would carry the test fold's rows
     # into it wherever lbfgs stops short of the optimum (measured: half the log-loss at C = 1 on cats_vs_dogs).
-    return head, [score for i, (train, test) in enumerate(folds) for score in
-                  _score_fold(X, y, train, test, "logreg", points, i, labels, seed, class_weight, pca, views)]
+    return head, [
+        score
+        for i, (train, test) in enumerate(folds)
+        for score in _score_fold(X, y, train, test, "logreg", points, i, labels, seed, class_weight, pca, views)
+    ]
 
 
 def summarize(scores: list[FoldScore]) -> list[dict]:
@@ -655,10 +786,21 @@ def summarize(scores: list[FoldScore]) -> list[dict]:
     return sorted(rows, key=lambda r: (r["head"], -r["accuracy"], -r["macro_f1"]))
 
 
-def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, cv: int = 5, seed: int = 0,
-             class_weight: dict | str | None = None, n_jobs: int | None = None,
-             pca: int | float | str | None = "auto", params: dict | None = None,
-             class_names: list[str] | None = None, views=None) -> tuple[Pipeline, dict]:
+def fit_head(
+    X: np.ndarray,
+    y: np.ndarray,
+    name: str,
+    *,
+    search: bool = False,
+    cv: int = 5,
+    seed: int = 0,
+    class_weight: dict | str | None = None,
+    n_jobs: int | None = None,
+    pca: int | float | str | None = "auto",
+    params: dict | None = None,
+    class_names: list[str] | None = None,
+    views=None,
+) -> tuple[Pipeline, dict]:
     """Fit head ``name`` on all of ``X, y``; with ``search`` pick its parameters by CV first.
 
     The defaults are the library's (``pca="auto"``, :func:`make_head`'s classifier settings), the same
@@ -679,11 +821,29 @@ def fit_head(X: np.ndarray, y: np.ndarray, name: str, *, search: bool = False, c
     info: dict = {"head": name, "search": search, "seed": seed, "class_weight": class_weight, "pca": pca}
     params = dict(params or {})
     if search:
-        rows = summarize(cross_validate(X, y, [name], cv=cv, seed=seed, search=True, class_weight=class_weight,
-                                        n_jobs=n_jobs, pca=pca, class_names=class_names, views=views))
+        rows = summarize(
+            cross_validate(
+                X,
+                y,
+                [name],
+                cv=cv,
+                seed=seed,
+                search=True,
+                class_weight=class_weight,
+                n_jobs=n_jobs,
+                pca=pca,
+                class_names=class_names,
+                views=views,
+            )
+        )
         params = rows[0]["params"]
-        info |= {"cv": cv, "cv_accuracy": rows[0]["accuracy"], "cv_accuracy_std": rows[0]["accuracy_std"],
-                 "cv_macro_f1": rows[0]["macro_f1"], "cv_results": rows}
+        info |= {
+            "cv": cv,
+            "cv_accuracy": rows[0]["accuracy"],
+            "cv_accuracy_std": rows[0]["accuracy_std"],
+            "cv_macro_f1": rows[0]["macro_f1"],
+            "cv_results": rows,
+        }
     estimator = make_head(name, seed=seed, class_weight=None if name == "mlp" else class_weight, pca=pca, **params)
     X_fit, y_fit, groups = add_views(X, y, np.arange(len(X)), views)
     if name in _CALIBRATED and n_jobs != 1:
@@ -730,8 +890,9 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
     evaluate_on = "test" if len(present["test"]) else "val" if len(present["val"]) else None
     if len(present["train"]) and evaluate_on:
         train, test = present["train"], present[evaluate_on]
-        description = (f"cache split column: train on 'train' ({len(train)} rows), evaluate on '{evaluate_on}' "
-                       f"({len(test)} rows)")
+        description = (
+            f"cache split column: train on 'train' ({len(train)} rows), evaluate on '{evaluate_on}' ({len(test)} rows)"
+        )
         if evaluate_on == "val":
             notes.append("the cache has no 'test' split, so 'val' is the evaluation split")
         unused = int(labelled.sum()) - len(train) - len(test)
@@ -739,9 +900,11 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
             notes.append(f"{unused} labelled rows in other splits not used")
         untrained = sorted(set(fs.y[test].tolist()) - set(fs.y[train].tolist()))
         if untrained:
-            raise ValueError(f"feature set {fs.key}: class(es) {', '.join(repr(fs.class_names[c]) for c in untrained)} "
-                             f"have '{evaluate_on}' rows but no 'train' rows: a head cannot learn them; add training "
-                             f"images of them or leave them out")
+            raise ValueError(
+                f"feature set {fs.key}: class(es) {', '.join(repr(fs.class_names[c]) for c in untrained)} "
+                f"have '{evaluate_on}' rows but no 'train' rows: a head cannot learn them; add training "
+                f"images of them or leave them out"
+            )
     else:
         rows = np.flatnonzero(labelled)
         if len(rows) < 2:
@@ -760,12 +923,15 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
         n_classes = len(np.unique(fs.y[rest]))
         n_test = max(int(np.ceil(test_size * len(rest))), n_classes)
         stratify = fs.y[rest] if len(rest) - n_test >= n_classes else None
-        train, test = train_test_split(rest, test_size=n_test if stratify is not None else test_size,
-                                       random_state=seed, stratify=stratify)
+        train, test = train_test_split(
+            rest, test_size=n_test if stratify is not None else test_size, random_state=seed, stratify=stratify
+        )
         train, test = np.sort(np.concatenate([train, keep])), np.sort(test)
-        description = (f"{'stratified' if stratify is not None else 'random'} hold-out "
-                       f"of the labelled rows (no usable split column): {len(train)} train, {len(test)} evaluation "
-                       f"(test_size {test_size}, seed {seed})")
+        description = (
+            f"{'stratified' if stratify is not None else 'random'} hold-out "
+            f"of the labelled rows (no usable split column): {len(train)} train, {len(test)} evaluation "
+            f"(test_size {test_size}, seed {seed})"
+        )
     return train, test, "; ".join([description, *notes])
 
 
@@ -787,7 +953,9 @@ def class_balance(y: np.ndarray, class_names: list[str]) -> dict:
     counts = {name: int(np.sum(labelled == i)) for i, name in enumerate(class_names)}
     present = {k: v for k, v in counts.items() if v}
     return {
-        "counts": counts, "labelled": int(len(labelled)), "unlabelled": int(np.sum(y < 0)),
+        "counts": counts,
+        "labelled": int(len(labelled)),
+        "unlabelled": int(np.sum(y < 0)),
         "majority": max(present, key=present.get) if present else None,
         "minority": min(present, key=present.get) if present else None,
         "imbalance_ratio": max(present.values()) / min(present.values()) if present else None,

@@ -5,6 +5,7 @@ lines that are never wrapped, cut or boxed, and tables as tab-separated lines un
 ``tlpipe compare cache.h5 | cut -f1,2`` and ``tlpipe backbones | grep`` work. ``--json`` prints one JSON
 document (:func:`emit_json`) instead of either.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,10 +41,14 @@ class Output(Console):
             if len(objects) == 1 and isinstance(objects[0], Table):  # anyone's rich table: plain lines too
                 rich_table = objects[0]
                 title = rich_table.title if isinstance(rich_table.title, str) else None
-                cells = [[c if isinstance(c, str) else getattr(c, "plain", str(c)) for c in col._cells]
-                         for col in rich_table.columns]
-                headers = [c.header if isinstance(c.header, str) else getattr(c.header, "plain", str(c.header))
-                           for c in rich_table.columns]
+                cells = [
+                    [c if isinstance(c, str) else getattr(c, "plain", str(c)) for c in col._cells]
+                    for col in rich_table.columns
+                ]
+                headers = [
+                    c.header if isinstance(c.header, str) else getattr(c.header, "plain", str(c.header))
+                    for c in rich_table.columns
+                ]
                 table(self, headers, list(zip(*cells)), title=title)
                 return
             kwargs.setdefault("soft_wrap", True)  # one logical line stays one line, whatever its length
@@ -51,8 +56,15 @@ class Output(Console):
         super().print(*objects, **kwargs)
 
 
-def table(console: Output, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
-          right: Sequence[str] = (), no_wrap: Sequence[str] = ()) -> None:
+def table(
+    console: Output,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    title: str | None = None,
+    right: Sequence[str] = (),
+    no_wrap: Sequence[str] = (),
+) -> None:
     """Print a table: a rich table on a terminal (long cells fold, nothing is cut), otherwise a header line and
     one tab-separated line per row (cells as given, markup removed, tabs and newlines replaced by spaces).
 
@@ -83,7 +95,12 @@ def table(console: Output, columns: Sequence[str], rows: Iterable[Sequence[Any]]
 
     rich_table = Table(title=title)
     for name in columns:
-        rich_table.add_column(name, overflow="fold", no_wrap=name in no_wrap or name in right, justify="right" if name in right else "left")
+        rich_table.add_column(
+            name,
+            overflow="fold",
+            no_wrap=name in no_wrap or name in right,
+            justify="right" if name in right else "left",
+        )
     for row in rows:
         rich_table.add_row(*row)
     console.print(rich_table)

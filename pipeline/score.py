@@ -24,6 +24,7 @@ when the source is labelled: class folders, a manifest's label column, a cache's
 top1_prob, top2_label, ...`` and ``error`` (why an image has no prediction; empty / null otherwise). Flat
 columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and ``pandas.read_parquet`` see one table.
 """
+
 from __future__ import annotations
 
 import csv
@@ -139,13 +140,16 @@ def head_backbone(metadata: dict, store: Store, where: str) -> StoreEntry:
     entry.verify()
     recorded, actual = feature_set.get("model_sha256"), entry.metadata.get("model_sha256")
     if recorded and actual and recorded != actual:
-        raise HeadError(f"{where} was trained on backbone model {recorded[:12]}, but store entry {key} holds "
-                        f"model {actual[:12]}: same key, different weights")
+        raise HeadError(
+            f"{where} was trained on backbone model {recorded[:12]}, but store entry {key} holds "
+            f"model {actual[:12]}: same key, different weights"
+        )
     return entry
 
 
-def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Store = None,
-                   backbone: bool = True) -> Predictor:
+def head_predictor(
+    head: str | os.PathLike, *, trust: bool = False, store: Store = None, backbone: bool = True
+) -> Predictor:
     """A saved head (unpickled once, here); with ``backbone`` (needed for images) its backbone as the stage model.
 
     Raises
@@ -163,8 +167,16 @@ def head_predictor(head: str | os.PathLike, *, trust: bool = False, store: Store
     if backbone:
         entry = head_backbone(metadata, store, str(head))
         model = StageModel(entry.model_path, entry.input_size, then=estimator.predict_proba)
-    return Predictor(labels, model, estimator.predict_proba, feature_set.get("key"), feature_set.get("model_sha256"),
-                     feature_set.get("resize"), recorded_resize_filter(feature_set), str(head))
+    return Predictor(
+        labels,
+        model,
+        estimator.predict_proba,
+        feature_set.get("key"),
+        feature_set.get("model_sha256"),
+        feature_set.get("resize"),
+        recorded_resize_filter(feature_set),
+        str(head),
+    )
 
 
 def fused_predictor(model: str | os.PathLike) -> Predictor:
@@ -182,17 +194,31 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
     except ValueError as exc:
         raise ScoreError(str(exc)) from None
     if meta.get("tlpipe.kind") != "classifier" or "tlpipe.class_names" not in meta:
-        raise ScoreError(f"{model} is not a tlpipe classifier (write one with export-model); a backbone alone "
-                         f"gives embeddings, not predictions: score with its head instead")
+        raise ScoreError(
+            f"{model} is not a tlpipe classifier (write one with export-model); a backbone alone "
+            f"gives embeddings, not predictions: score with its head instead"
+        )
     labels = json.loads(meta["tlpipe.class_names"])
-    return Predictor(labels, StageModel(Path(model), int(meta["tlpipe.input_size"]), (PROBABILITIES,)),
-                     key=meta.get("tlpipe.key"), resize=meta.get("tlpipe.resize"),
-                     resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER, source=str(model))
+    return Predictor(
+        labels,
+        StageModel(Path(model), int(meta["tlpipe.input_size"]), (PROBABILITIES,)),
+        key=meta.get("tlpipe.key"),
+        resize=meta.get("tlpipe.resize"),
+        resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER,
+        source=str(model),
+    )
 
 
-def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | None, *, trust: bool = False,
-                  store: Store = None, images: bool = True, resize: str | None = None,
-                  resize_filter: str | None = None) -> Predictor:
+def predictor_for(
+    head: str | os.PathLike | None,
+    model: str | os.PathLike | None,
+    *,
+    trust: bool = False,
+    store: Store = None,
+    images: bool = True,
+    resize: str | None = None,
+    resize_filter: str | None = None,
+) -> Predictor:
     """:func:`head_predictor` or :func:`fused_predictor`, whichever of ``head`` / ``model`` is given, with its
     ``resize`` and ``resize_filter`` settled (:func:`settle_setting`) from the explicit ones asked.
 
@@ -205,11 +231,13 @@ def predictor_for(head: str | os.PathLike | None, model: str | os.PathLike | Non
     """
     if (head is None) == (model is None):
         raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
-    predictor = (head_predictor(head, trust=trust, store=store, backbone=images) if head is not None
-                 else fused_predictor(model))  # type: ignore[arg-type]
+    predictor = (
+        head_predictor(head, trust=trust, store=store, backbone=images) if head is not None else fused_predictor(model)
+    )  # type: ignore[arg-type]
     predictor.resize = settle_setting("resize", resize, predictor.resize, predictor.source, "squash")
-    predictor.resize_filter = settle_setting("resize-filter", resize_filter, predictor.resize_filter, predictor.source,
-                                             LEGACY_RESIZE_FILTER)
+    predictor.resize_filter = settle_setting(
+        "resize-filter", resize_filter, predictor.resize_filter, predictor.source, LEGACY_RESIZE_FILTER
+    )
     return predictor
 
 
@@ -249,8 +277,10 @@ def settle_setting(option: str, asked: str | None, recorded: str | None, where: 
         log.warning("%s does not record its %s; scoring with %s", where, option, asked or unrecorded)
         return asked or unrecorded
     if asked not in (None, recorded):
-        raise ScoreError(f"--{option} {asked} disagrees with {where}, whose embeddings were made with --{option} "
-                         f"{recorded}; leave --{option} out to use {recorded}")
+        raise ScoreError(
+            f"--{option} {asked} disagrees with {where}, whose embeddings were made with --{option} "
+            f"{recorded}; leave --{option} out to use {recorded}"
+        )
     return recorded
 
 
@@ -262,15 +292,24 @@ def display_path(path: str) -> str:
 
 def output_columns(top_k: int, labelled: bool = False) -> list[str]:
     """The columns of a score output, in order (the same for CSV, JSON Lines and Parquet)."""
-    return ["path", "sha256", *(["true_label"] if labelled else []), "label", "probability",
-            *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")], "error"]
+    return [
+        "path",
+        "sha256",
+        *(["true_label"] if labelled else []),
+        "label",
+        "probability",
+        *[f"top{i}_{c}" for i in range(1, top_k + 1) for c in ("label", "prob")],
+        "error",
+    ]
 
 
 def _write_failed(path: Path, exc: OSError) -> ScoreError:
     """A write that failed (disk full...): the complete rows before it stay, and a re-run resumes after them."""
     reason = os.strerror(exc.errno) if exc.errno else str(exc)  # pyarrow's strerror is a long sentence
-    return ScoreError(f"cannot write {path}: {reason}; the rows written before are kept, and a re-run "
-                      f"with enough space resumes after them")
+    return ScoreError(
+        f"cannot write {path}: {reason}; the rows written before are kept, and a re-run "
+        f"with enough space resumes after them"
+    )
 
 
 class _Output:
@@ -341,7 +380,7 @@ class _LineOutput(_Output):
         view = memoryview(data)
         try:
             while view:
-                view = view[self.fh.write(view):]
+                view = view[self.fh.write(view) :]
             os.fsync(self.fh.fileno())
         except OSError as exc:
             raise _write_failed(self.path, exc) from exc
@@ -359,8 +398,10 @@ class CsvOutput(_LineOutput):
         header = next(records, None)
         if header != self.columns:
             if header is not None and next(records, None) is not None:
-                raise ScoreError(f"{self.path} has the columns {','.join(header)}; this run writes "
-                                 f"{','.join(self.columns)} (another top_k?): choose another output")
+                raise ScoreError(
+                    f"{self.path} has the columns {','.join(header)}; this run writes "
+                    f"{','.join(self.columns)} (another top_k?): choose another output"
+                )
             return
         yield None
         for record in records:
@@ -397,8 +438,9 @@ class ParquetOutput(_Output):
     def _open(self) -> set[str]:
         pa = self.pa = require("pyarrow")  # MissingExtra names tlpipe[parquet] (or write .csv / .jsonl)
         self.pq, self.parts = require("pyarrow.parquet"), Path(str(self.path) + ".parts")
-        self.schema = pa.schema([(c, pa.float64() if c.endswith("_prob") or c == "probability" else pa.string())
-                                 for c in self.columns])
+        self.schema = pa.schema(
+            [(c, pa.float64() if c.endswith("_prob") or c == "probability" else pa.string()) for c in self.columns]
+        )
         self.parts.mkdir(exist_ok=True)
         for leftover in self.parts.glob(".*.tmp"):
             leftover.unlink()
@@ -461,8 +503,12 @@ class PredictionSink:
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         """Append one row per item (probabilities from ``outputs``, from the cache, or an error) durably."""
-        self.output.append([self.output.row(display_path(i.record.relpath), i.sha256, i.record.label, p, i.error)
-                            for i, p in zip(items, self.probabilities(items, outputs))])
+        self.output.append(
+            [
+                self.output.row(display_path(i.record.relpath), i.sha256, i.record.label, p, i.error)
+                for i, p in zip(items, self.probabilities(items, outputs))
+            ]
+        )
 
     def close(self, finish: bool = True) -> None:
         """Close the output (Parquet: assemble it, unless ``finish`` is False)."""
@@ -486,11 +532,15 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
         try:
             recorded = json.loads(sidecar.read_text())
         except (OSError, ValueError):
-            raise ScoreError(f"{out} exists and was not written by tlpipe score (no readable {sidecar.name}); "
-                             f"choose another --out or remove it") from None
+            raise ScoreError(
+                f"{out} exists and was not written by tlpipe score (no readable {sidecar.name}); "
+                f"choose another --out or remove it"
+            ) from None
         if recorded != identity:
-            raise ScoreError(f"{out} was written by another model or options ({recorded}); a re-run resumes only "
-                             f"the same scoring: choose another --out or remove it")
+            raise ScoreError(
+                f"{out} was written by another model or options ({recorded}); a re-run resumes only "
+                f"the same scoring: choose another --out or remove it"
+            )
         return
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -502,8 +552,14 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
         raise ScoreError(f"cannot write {sidecar}: {exc.strerror or exc}") from exc
 
 
-def open_sink(out: str | os.PathLike, predictor: Predictor, *, top_k: int, cached: FeatureSetReader | None = None,
-              labelled: bool = False) -> PredictionSink:
+def open_sink(
+    out: str | os.PathLike,
+    predictor: Predictor,
+    *,
+    top_k: int,
+    cached: FeatureSetReader | None = None,
+    labelled: bool = False,
+) -> PredictionSink:
     """The output for ``out``'s extension (its folder created if missing), after the resume check, as a sink
     (every engine opens it here); ``cached``: the head's feature set in the reused cache.
 
@@ -519,8 +575,12 @@ def open_sink(out: str | os.PathLike, predictor: Predictor, *, top_k: int, cache
     if out.is_dir():
         raise ScoreError(f"{out} is a folder; give the output file's path, e.g. {out / ('scores' + out.suffix)}")
     k = min(top_k, len(predictor.labels))
-    identity: dict[str, object] = {"scored_with": sha256_file(predictor.source), "top_k": k,
-                                   "resize": predictor.resize, "true_label": labelled}
+    identity: dict[str, object] = {
+        "scored_with": sha256_file(predictor.source),
+        "top_k": k,
+        "resize": predictor.resize,
+        "true_label": labelled,
+    }
     if predictor.resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
         identity["resize_filter"] = predictor.resize_filter
     check_resume(out, identity)
@@ -545,20 +605,38 @@ class CacheRows(Engine):
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: Any, *, batch_size: int, **_: Any) -> None:
         """Commit every row not yet in the output, ``batch_size`` at a time (``records`` and ``model`` unused)."""
         reader = stage.sink.cached  # type: ignore[attr-defined]
-        listed = {id(d.record): d for rows in reader.batches(4096) for path, sha, label in zip(*rows)
-                  for d in [Decoded(ImageRecord(path, "", label, None), sha, known=True)]}
+        listed = {
+            id(d.record): d
+            for rows in reader.batches(4096)
+            for path, sha, label in zip(*rows)
+            for d in [Decoded(ImageRecord(path, "", label, None), sha, known=True)]
+        }
         todo = [listed[id(r)] for r in stage.todo([d.record for d in listed.values()])]
         for start in range(0, len(todo), batch_size):
-            stage.commit(todo[start:start + batch_size], np.empty((0, 0), np.float32))
+            stage.commit(todo[start : start + batch_size], np.empty((0, 0), np.float32))
 
 
-def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.PathLike | None = None,
-          model: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, top_k: int = 3,
-          device: str = "auto", batch_size: int = 32, trust: bool = False,
-          store: Store = None, resize: str | None = None,
-          resize_filter: str | None = None, workers: int | None = None, threads: int | None = None,
-          streams: int | None = None, allow_outside_root: bool = False,
-          progress: Progress | None = None, engine: Any = None) -> ScoreSummary:
+def score(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    head: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+    top_k: int = 3,
+    device: str = "auto",
+    batch_size: int = 32,
+    trust: bool = False,
+    store: Store = None,
+    resize: str | None = None,
+    resize_filter: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    streams: int | None = None,
+    allow_outside_root: bool = False,
+    progress: Progress | None = None,
+    engine: Any = None,
+) -> ScoreSummary:
     """Predict a class for every image of ``source`` and write one row per image to ``out``.
 
     Parameters
@@ -624,8 +702,9 @@ def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.P
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
     if model is not None and (from_cache or cache is not None):
-        raise ValueError("scoring embeddings (a cache source or cache reuse) needs the head; model= is a whole "
-                         "image classifier")
+        raise ValueError(
+            "scoring embeddings (a cache source or cache reuse) needs the head; model= is a whole image classifier"
+        )
     records, skipped = [], []
     if from_cache and not source.is_file():
         raise FileNotFoundError(f"cache not found: {source}")
@@ -635,8 +714,9 @@ def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.P
         records = [replace(r, label=truth.get(r.relpath)) for r in images.records]
         if not records:
             raise ScoreError(f"no images found in {source}" + (f" ({len(skipped)} files skipped)" if skipped else ""))
-    predictor = predictor_for(head, model, trust=trust, store=store, images=not from_cache, resize=resize,
-                              resize_filter=resize_filter)
+    predictor = predictor_for(
+        head, model, trust=trust, store=store, images=not from_cache, resize=resize, resize_filter=resize_filter
+    )
     cache = source if from_cache else cache
     cached = FeatureSetReader(cache, predictor.key, predictor.model_sha256) if cache is not None else None
     if from_cache:
@@ -648,8 +728,17 @@ def score(source: str | os.PathLike, out: str | os.PathLike, *, head: str | os.P
     with engine:
         sink = open_sink(out, predictor, top_k=top_k, cached=cached, labelled=labelled)
         summary = ScoreSummary(out=str(out), skipped=skipped)
-        run_stream(records, predictor.model, sink, summary, engine=engine, batch_size=batch_size,
-                   resize=predictor.resize or "squash", resize_filter=predictor.resize_filter, progress=progress)
+        run_stream(
+            records,
+            predictor.model,
+            sink,
+            summary,
+            engine=engine,
+            batch_size=batch_size,
+            resize=predictor.resize or "squash",
+            resize_filter=predictor.resize_filter,
+            progress=progress,
+        )
     return summary
 
 
@@ -696,11 +785,20 @@ class _MemorySink(PredictionSink):
         self.kept += [(i.error, i.sha256, p) for i, p in zip(items, self.probabilities(items, outputs))]
 
 
-def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | None = None,
-            model: str | os.PathLike | None = None, trust: bool = False,
-            store: Store = None, device: str = "auto", batch_size: int = 32,
-            resize: str | None = None, resize_filter: str | None = None, workers: int | None = None,
-            threads: int | None = None) -> Predictions:
+def predict(
+    paths: Sequence[str | os.PathLike],
+    *,
+    head: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    trust: bool = False,
+    store: Store = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    resize: str | None = None,
+    resize_filter: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> Predictions:
     """Class probabilities for image files, in memory (no output file), in input order.
 
     Parameters
@@ -743,11 +841,22 @@ def predict(paths: Sequence[str | os.PathLike], *, head: str | os.PathLike | Non
     predictor = predictor_for(head, model, trust=trust, store=store, resize=resize, resize_filter=resize_filter)
     names = [os.fspath(p) for p in paths]
     sink = _MemorySink(predictor)
-    run_stream([ImageRecord(name, os.path.abspath(name), None, None) for name in names], predictor.model, sink,
-               StreamSummary(out=""), batch_size=batch_size, resize=predictor.resize or "squash",
-               resize_filter=predictor.resize_filter,
-               engine=LocalEngine(device=device, workers=workers, threads=threads, streams=1))
+    run_stream(
+        [ImageRecord(name, os.path.abspath(name), None, None) for name in names],
+        predictor.model,
+        sink,
+        StreamSummary(out=""),
+        batch_size=batch_size,
+        resize=predictor.resize or "squash",
+        resize_filter=predictor.resize_filter,
+        engine=LocalEngine(device=device, workers=workers, threads=threads, streams=1),
+    )
     missing = np.full(len(predictor.labels), np.nan, np.float32)
     probabilities = np.array([missing if p is None else p for _, _, p in sink.kept], np.float32)
-    return Predictions(names, list(predictor.labels), probabilities.reshape(len(names), len(predictor.labels)),
-                       [e for e, _, _ in sink.kept], [sha for _, sha, _ in sink.kept])
+    return Predictions(
+        names,
+        list(predictor.labels),
+        probabilities.reshape(len(names), len(predictor.labels)),
+        [e for e, _, _ in sink.kept],
+        [sha for _, sha, _ in sink.kept],
+    )

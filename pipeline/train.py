@@ -1,4 +1,5 @@
 """`tlpipe fit-head` as a library function: cache -> split -> fit -> held-out metrics -> saved head."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,15 +35,26 @@ class TrainResult:
 
 def subset(fs: FeatureSet, rows: np.ndarray, split: str) -> FeatureSet:
     """The rows ``rows`` of a feature set, all marked as split ``split``."""
-    return dataclasses.replace(fs, X=fs.X[rows], y=fs.y[rows], split=np.full(len(rows), split), paths=fs.paths[rows],
-                               sha256=fs.sha256[rows])
+    return dataclasses.replace(
+        fs, X=fs.X[rows], y=fs.y[rows], split=np.full(len(rows), split), paths=fs.paths[rows], sha256=fs.sha256[rows]
+    )
 
 
-def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.PathLike = "head.joblib", *,
-               features: str | None = None, search: bool = False, cv: int = 5, seed: int = 0,
-               class_weight: str | None = None, pca: int | float | str | None = "auto",
-               n_jobs: int | None = None, exclude: str | os.PathLike | None = None,
-               use_augmented: bool = False) -> TrainResult:
+def train_head(
+    cache: str | os.PathLike,
+    model: str = "logreg",
+    out: str | os.PathLike = "head.joblib",
+    *,
+    features: str | None = None,
+    search: bool = False,
+    cv: int = 5,
+    seed: int = 0,
+    class_weight: str | None = None,
+    pca: int | float | str | None = "auto",
+    n_jobs: int | None = None,
+    exclude: str | os.PathLike | None = None,
+    use_augmented: bool = False,
+) -> TrainResult:
     """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
     (the cache's test/val split, else a stratified hold-out) and save it with its metadata.
 
@@ -64,14 +76,26 @@ def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.Pa
 
         found = read_views(cache, fs)
         if found is None:
-            raise CacheError(f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N "
-                             f"with the same options first")
+            raise CacheError(
+                f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N "
+                f"with the same options first"
+            )
         views = views_within(found, train)
         setup += f"; plus {len(views[0])} augmented views of the training images as extra training rows"
     # Fitted on class names: the saved head's predict() returns them (its sidecar still records the indices).
-    estimator, info = fit_head(fs.X[train], name_labels(fs.y[train], fs.class_names), model, search=search, cv=cv,
-                               seed=seed, class_weight=class_weight, n_jobs=n_jobs, pca=pca,
-                               class_names=fs.class_names, views=views)
+    estimator, info = fit_head(
+        fs.X[train],
+        name_labels(fs.y[train], fs.class_names),
+        model,
+        search=search,
+        cv=cv,
+        seed=seed,
+        class_weight=class_weight,
+        n_jobs=n_jobs,
+        pca=pca,
+        class_names=fs.class_names,
+        views=views,
+    )
     evaluation = evaluate_head(estimator, {}, subset(fs, test, "evaluation"), split="evaluation") if len(test) else None
     if evaluation is not None:
         evaluation.rows_used = f"{len(test)} held-out rows: {setup.split(';')[0]}"
@@ -81,6 +105,15 @@ def train_head(cache: str | os.PathLike, model: str = "logreg", out: str | os.Pa
     if search:
         metrics |= {k: info[k] for k in ("cv", "cv_accuracy", "cv_accuracy_std", "cv_macro_f1")}
     params = {k: v for k, v in info.items() if k != "cv_results"}
-    metadata = save_head(estimator, out, feature_set=fs, metrics=metrics, params=params, cache_path=Path(cache).resolve(),
-                         train_rows=train, evaluation_rows=test, evaluation_setup=setup.split(";")[0])
+    metadata = save_head(
+        estimator,
+        out,
+        feature_set=fs,
+        metrics=metrics,
+        params=params,
+        cache_path=Path(cache).resolve(),
+        train_rows=train,
+        evaluation_rows=test,
+        evaluation_setup=setup.split(";")[0],
+    )
     return TrainResult(Path(out), metadata, evaluation, setup, class_balance(fs.y[train], fs.class_names), info)

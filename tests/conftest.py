@@ -1,4 +1,5 @@
 """Shared fixtures: real photos (scikit-learn's bundled samples, cropped), a session model store, ../shared."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,10 @@ def score_with_head_and_fused(photos: Path, head: Path, fused: Path, store, out:
     a = score(photos, out / "head.jsonl", head=head, store=store, device="cpu", **options)
     b = score(photos, out / "fused.jsonl", model=fused, device="cpu", **options)
     assert (a.scored, a.failed) == (b.scored, b.failed)
-    rows = [{r["path"]: r for r in map(json.loads, (out / name).read_text().splitlines())}
-            for name in ("head.jsonl", "fused.jsonl")]
+    rows = [
+        {r["path"]: r for r in map(json.loads, (out / name).read_text().splitlines())}
+        for name in ("head.jsonl", "fused.jsonl")
+    ]
     assert rows[0].keys() == rows[1].keys()
     assert {k: r["label"] for k, r in rows[0].items()} == {k: r["label"] for k, r in rows[1].items()}
     return a, b, rows[0], rows[1]
@@ -51,7 +54,7 @@ def write_photo_folder(root: Path, per_class: int = 6, seed: int = 0, fmt: str =
         for i in range(per_class):
             side = int(rng.integers(120, min(h, w)))
             top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-            crop = Image.fromarray(photo[top:top + side, left:left + side])
+            crop = Image.fromarray(photo[top : top + side, left : left + side])
             if rng.random() < 0.5:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             crop.save(root / name / f"{name}_{seed}_{i:03d}.{fmt.lower().replace('jpeg', 'jpg')}", fmt)

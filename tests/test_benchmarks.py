@@ -1,6 +1,7 @@
 """The benchmarks are not run by CI (they take minutes on real photos), so at least every tlpipe name they
 import, at any depth inside their functions, must exist: a renamed function would otherwise only show when
 someone next measures."""
+
 import ast
 import importlib
 from pathlib import Path
@@ -16,5 +17,7 @@ def test_every_tlpipe_name_a_benchmark_imports_exists(script):
     for node in ast.walk(ast.parse(script.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tlpipe"):
             module = importlib.import_module(node.module)
-            missing += [f"{node.module}.{a.name} (line {node.lineno})" for a in node.names if not hasattr(module, a.name)]
+            missing += [
+                f"{node.module}.{a.name} (line {node.lineno})" for a in node.names if not hasattr(module, a.name)
+            ]
     assert not missing, f"{script.name} imports names that do not exist: {', '.join(missing)}"

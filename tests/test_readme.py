@@ -1,6 +1,7 @@
 """The README's examples run (issue 16, item 6): its Python block and its list of CLI commands, over a small
 generated photo folder, with the backbone swapped for a real but small random-weight export (MobileNetV2
 alpha 0.35 at 64 px, ``--weights none``) so nothing is downloaded and nothing needs TensorFlow."""
+
 import json
 import os
 import re
@@ -49,21 +50,28 @@ def workdir(tmp_path):
     for i, photo in enumerate(sorted(classes.rglob("*.jpg"))):  # a flat folder of unlabelled photos
         photo.rename(tmp_path / "new-photos" / ("a.jpg" if i == 0 else f"{i}.jpg"))
     more = write_photo_folder(tmp_path / "more", per_class=2, seed=4)
-    (tmp_path / "more.csv").write_text("path,label\n" + "".join(
-        f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}\n" for p in sorted(more.rglob("*.jpg"))))
+    (tmp_path / "more.csv").write_text(
+        "path,label\n"
+        + "".join(f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}\n" for p in sorted(more.rglob("*.jpg")))
+    )
     return tmp_path
 
 
 def run_python(code: str, cwd, store) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "TLPIPE_MODEL_STORE": str(store), "COLUMNS": "80"})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TLPIPE_MODEL_STORE": str(store), "COLUMNS": "80"},
+    )
 
 
 def test_readme_python_example_runs(workdir, tiny_entry):
     code = block("### Python", "python")
     assert code.count("\n") <= 12 and "tlpipe.extract(" in code and "compare_heads(" in code
     assert 'backbone="mobilenet_v2"' in code
-    code = code.replace('backbone="mobilenet_v2"', f'model={str(tiny_entry.directory)!r}')
+    code = code.replace('backbone="mobilenet_v2"', f"model={str(tiny_entry.directory)!r}")
     import tlpipe.pipeline.score
 
     has_predict = hasattr(tlpipe.pipeline.score, "predict")  # tlpipe.predict arrives with issue 13
@@ -99,16 +107,37 @@ def test_readme_cli_commands_run(workdir, tiny_entry):
     `tlpipe` runs it); each must exit 0."""
     runs = cli_lines()
     names = [argv[0] for _, argv in runs]
-    for expected in ("backbones", "export", "extract", "info", "fit-head", "compare", "evaluate", "score",
-                     "export-model", "export-cache"):
+    for expected in (
+        "backbones",
+        "export",
+        "extract",
+        "info",
+        "fit-head",
+        "compare",
+        "evaluate",
+        "score",
+        "export-model",
+        "export-cache",
+    ):
         assert expected in names, expected
-    driver = ("import json, sys\nfrom tlpipe.pipeline.cli import app\ncodes = []\n"
-              "for argv in json.loads(sys.argv[1]):\n    try:\n        app(argv, prog_name='tlpipe')\n        codes.append(0)\n"
-              "    except SystemExit as e:\n        codes.append(e.code or 0)\n    except Exception as e:\n"
-              "        codes.append(repr(e))\nprint('CODES ' + json.dumps(codes))\n")
-    proc = subprocess.run([sys.executable, "-c", driver, json.dumps([argv for _, argv in runs])], capture_output=True,
-                          text=True, cwd=workdir, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80",
-                                                       "TLPIPE_MODEL_STORE": str(tiny_entry.directory.parent)})
+    driver = (
+        "import json, sys\nfrom tlpipe.pipeline.cli import app\ncodes = []\n"
+        "for argv in json.loads(sys.argv[1]):\n    try:\n        app(argv, prog_name='tlpipe')\n        codes.append(0)\n"
+        "    except SystemExit as e:\n        codes.append(e.code or 0)\n    except Exception as e:\n"
+        "        codes.append(repr(e))\nprint('CODES ' + json.dumps(codes))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps([argv for _, argv in runs])],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "COLUMNS": "80",
+            "TLPIPE_MODEL_STORE": str(tiny_entry.directory.parent),
+        },
+    )
     codes = json.loads(proc.stdout.rsplit("CODES ", 1)[1])
     failed = [(line, code) for (line, _), code in zip(runs, codes) if code != 0]
     assert len(codes) == len(runs) and not failed, (failed, proc.stderr[-3000:])

@@ -1,13 +1,20 @@
 """Export parity against Keras, metadata, the store's cache hits and atomicity, the ../shared golden check."""
+
 import json
 
 import numpy as np
 import pytest
 
-from tlpipe.backbones.export import (INPUT_NAME, VerificationError, compare_embeddings, export_backbone, plan_export,
-                              verification_images)
-from tlpipe.backbones.store import ModelStore
 from tests.conftest import shared_path
+from tlpipe.backbones.export import (
+    INPUT_NAME,
+    VerificationError,
+    compare_embeddings,
+    export_backbone,
+    plan_export,
+    verification_images,
+)
+from tlpipe.backbones.store import ModelStore
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +26,16 @@ def run_onnx(entry, images):
     return session.run(None, {INPUT_NAME: images})[0]
 
 
-@pytest.mark.parametrize("backbone,size,layer,pooling,dim", [
-    ("mobilenet_v2", 96, None, "avg", 1280),
-    ("vgg16", 64, "block1_pool", "avg", 64),
-    ("resnet50", 64, None, "max", 2048),
-    ("efficientnet_b0", 64, None, "avg", 1280),     # rescaling built into the Keras model
-    ("densenet121", 64, "pool2_pool", "none", 8 * 8 * 128),  # torch mode; flatten
-])
+@pytest.mark.parametrize(
+    "backbone,size,layer,pooling,dim",
+    [
+        ("mobilenet_v2", 96, None, "avg", 1280),
+        ("vgg16", 64, "block1_pool", "avg", 64),
+        ("resnet50", 64, None, "max", 2048),
+        ("efficientnet_b0", 64, None, "avg", 1280),  # rescaling built into the Keras model
+        ("densenet121", 64, "pool2_pool", "none", 8 * 8 * 128),  # torch mode; flatten
+    ],
+)
 def test_export_matches_keras(model_store, backbone, size, layer, pooling, dim):
     import onnx
 
@@ -107,12 +117,18 @@ def test_golden_against_keras_preprocess_input(model_store):
     from PIL import Image
 
     weights = shared_path("weights", "mobilenet_v2_1.0_224_no_top.h5")
-    photos = sorted(shared_path("datasets", "cats_vs_dogs", "cats").glob("*.jpg"))[:3] + \
-        sorted(shared_path("datasets", "cats_vs_dogs", "dogs").glob("*.jpg"))[:3]
-    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for p in photos])
+    photos = (
+        sorted(shared_path("datasets", "cats_vs_dogs", "cats").glob("*.jpg"))[:3]
+        + sorted(shared_path("datasets", "cats_vs_dogs", "dogs").glob("*.jpg"))[:3]
+    )
+    images = np.stack(
+        [np.asarray(Image.open(p).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)) for p in photos]
+    )
     entry = export_backbone("mobilenet_v2", weights=weights, store=model_store)
     ours = run_onnx(entry, images)
-    base = keras.applications.MobileNetV2(include_top=False, weights=str(weights), input_shape=(224, 224, 3), pooling="avg")
+    base = keras.applications.MobileNetV2(
+        include_top=False, weights=str(weights), input_shape=(224, 224, 3), pooling="avg"
+    )
     reference = base.predict(keras.applications.mobilenet_v2.preprocess_input(images.astype("float32")), verbose=0)
     figures = compare_embeddings(ours, reference)
     assert figures["min_cosine"] > 0.9999 and figures["rel_diff"] < 1e-3, figures

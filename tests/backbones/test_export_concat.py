@@ -25,8 +25,9 @@ def test_layer_spec_grammar_and_identity():
     plan = plan_export("mobilenet_v2_0.35", "none", 64, CONCAT)
     # one spelling, one key; the order of the blocks, each part and the last layer alone are other feature sets
     assert plan_export("mobilenet_v2_0.35", "none", 64, " out_relu + block_13_expand_relu ").key == plan.key
-    others = {plan_export("mobilenet_v2_0.35", "none", 64, layer).key
-              for layer in (f"{MID}+out_relu", "out_relu", MID, None)}
+    others = {
+        plan_export("mobilenet_v2_0.35", "none", 64, layer).key for layer in (f"{MID}+out_relu", "out_relu", MID, None)
+    }
     assert plan.key not in others and len(others) == 4
     assert plan.key.startswith("mobilenet_v2_0.35-64-out_relu_plus_block_13_expand_relu-avg-")
     assert plan.key_fields()["layer"] == CONCAT and plan.embedding_dim() == 1472
@@ -46,8 +47,10 @@ def test_concatenated_export_is_the_parts_side_by_side(model_store, tiny_entry):
     assert meta["verification"]["min_cosine"] >= 0.9999 and meta["verification"]["rel_diff"] <= 1e-3
     # a multi-output export with the concatenation as one of its outputs stores the same feature set
     found = export_layers("mobilenet_v2_0.35", [CONCAT, MID], weights="none", size=64, store=model_store)
-    assert [single.key for _, single in found.outputs] == [entry.key, plan_export("mobilenet_v2_0.35", "none", 64,
-                                                                                   MID).key]
+    assert [single.key for _, single in found.outputs] == [
+        entry.key,
+        plan_export("mobilenet_v2_0.35", "none", 64, MID).key,
+    ]
     images = verification_images(64, count=4)
     concatenated = run_onnx(entry.model_path, images)
     last = run_onnx(tiny_entry.model_path, images)  # the full backbone ends at out_relu
@@ -59,18 +62,18 @@ def test_concatenated_export_is_the_parts_side_by_side(model_store, tiny_entry):
 
 @pytest.mark.slow
 def test_extract_fit_fuse_and_score_a_concatenated_feature_set(tmp_path, model_store):
-    from tests.conftest import write_photo_folder
+    from tests.conftest import score_with_head_and_fused, write_photo_folder
     from tlpipe.features.cache import feature_set_key, read_feature_set
     from tlpipe.features.extract import extract
     from tlpipe.pipeline.artifacts import save_head
     from tlpipe.pipeline.fuse import export_model
     from tlpipe.pipeline.heads import make_head
-    from tests.conftest import score_with_head_and_fused
 
     photos = write_photo_folder(tmp_path / "photos", per_class=8)
     cache = tmp_path / "cache.h5"
-    summary = extract(photos, cache, backbone="mobilenet_v2_0.35", weights="none", size=64, layer=CONCAT,
-                      store=model_store)
+    summary = extract(
+        photos, cache, backbone="mobilenet_v2_0.35", weights="none", size=64, layer=CONCAT, store=model_store
+    )
     plan = plan_export("mobilenet_v2_0.35", "none", 64, CONCAT)
     assert summary.key == feature_set_key(plan.key) and summary.embedded == 16
     fs = read_feature_set(cache)

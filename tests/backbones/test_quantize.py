@@ -1,11 +1,18 @@
 """Reduced-precision variants: GPTQ rounding, int8 and fp16 store entries verified against fp32, refusal."""
+
 import numpy as np
 import pytest
 
-from tlpipe.backbones.export import VerificationError
-from tlpipe.backbones.quantize import (compare_to_fp32, cosine_similarities, find_variant, gptq_round, make_variant,
-                                quantize_int8)
 from tests.conftest import shared_path
+from tlpipe.backbones.export import VerificationError
+from tlpipe.backbones.quantize import (
+    compare_to_fp32,
+    cosine_similarities,
+    find_variant,
+    gptq_round,
+    make_variant,
+    quantize_int8,
+)
 
 
 def _calibration(size: int, count: int, seed: int) -> np.ndarray:
@@ -18,7 +25,7 @@ def _calibration(size: int, count: int, seed: int) -> np.ndarray:
         photo = photos[i % 2]
         side = int(rng.integers(100, 420))
         top, left = int(rng.integers(0, photo.shape[0] - side)), int(rng.integers(0, photo.shape[1] - side))
-        out.append(np.asarray(Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size))))
+        out.append(np.asarray(Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size))))
     return np.stack(out)
 
 
@@ -56,7 +63,12 @@ def test_int8_and_fp16_variants_are_verified_and_stored(tiny_entry, model_store)
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert find_variant(model_store, tiny_entry, "int8").key == int8.key
     # the same request is a store hit
-    assert make_variant(tiny_entry, "int8", model_store, calibration=images[:16], held=images[16:], calibration_id="t1").key == int8.key
+    assert (
+        make_variant(
+            tiny_entry, "int8", model_store, calibration=images[:16], held=images[16:], calibration_id="t1"
+        ).key
+        == int8.key
+    )
 
     fp16 = make_variant(tiny_entry, "fp16", model_store, held=images[16:])
     assert fp16.metadata["verification_vs_fp32"]["mean_cosine"] > 0.999
@@ -69,8 +81,15 @@ def test_variant_below_threshold_is_refused_and_not_stored(tiny_entry, model_sto
     images = _calibration(64, 20, seed=2)
     before = {e.key for e in model_store.entries()}
     with pytest.raises(VerificationError, match="mean cosine"):
-        make_variant(tiny_entry, "int8", model_store, calibration=images[:12], held=images[12:], calibration_id="t2",
-                     min_mean_cosine=1.01)
+        make_variant(
+            tiny_entry,
+            "int8",
+            model_store,
+            calibration=images[:12],
+            held=images[12:],
+            calibration_id="t2",
+            min_mean_cosine=1.01,
+        )
     assert {e.key for e in model_store.entries()} == before
 
 

@@ -1,11 +1,28 @@
 """The registry's numbers are true: every entry is built with Keras and checked."""
+
 import pytest
 
 from tlpipe.backbones.registry import POOLINGS, REGISTRY, get_backbone, list_backbones
 
-REQUIRED = {"MobileNetV2", "MobileNet", "MobileNetV3Small", "MobileNetV3Large", "VGG16", "VGG19", "ResNet50",
-            "ResNet50V2", "Xception", "InceptionV3", "DenseNet121", "EfficientNetB0", "EfficientNetB1",
-            "EfficientNetB2", "EfficientNetB3", "EfficientNetV2B0", "ConvNeXtTiny"}
+REQUIRED = {
+    "MobileNetV2",
+    "MobileNet",
+    "MobileNetV3Small",
+    "MobileNetV3Large",
+    "VGG16",
+    "VGG19",
+    "ResNet50",
+    "ResNet50V2",
+    "Xception",
+    "InceptionV3",
+    "DenseNet121",
+    "EfficientNetB0",
+    "EfficientNetB1",
+    "EfficientNetB2",
+    "EfficientNetB3",
+    "EfficientNetV2B0",
+    "ConvNeXtTiny",
+}
 
 
 def test_registry_covers_the_required_families():
@@ -40,8 +57,9 @@ def test_entry_matches_keras(name):
 
     spec = REGISTRY[name]
     size = spec.default_size
-    model = getattr(keras.applications, spec.constructor)(include_top=False, weights=None,
-                                                          input_shape=(size, size, 3), **spec.kwargs)
+    model = getattr(keras.applications, spec.constructor)(
+        include_top=False, weights=None, input_shape=(size, size, 3), **spec.kwargs
+    )
     assert model.count_params() == spec.params
     assert tuple(model.output.shape[1:]) == (spec.grid, spec.grid, spec.channels)
     for cut in spec.cut_points:

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions: explicit provider checks (strict cuda, auto fallback), one-build rule, GPU proof."""
+
 import numpy as np
 import pytest
 
@@ -58,7 +59,7 @@ def test_streams_run_side_by_side_and_agree(tiny_entry):
     two = OnnxEmbedder(tiny_entry.model_path, device="cpu", streams=2, threads=1)
     assert (one.streams, two.streams) == (1, 2)
     with ThreadPoolExecutor(4) as pool:
-        parts = list(pool.map(two, [images[i:i + 3] for i in range(0, 12, 3)]))
+        parts = list(pool.map(two, [images[i : i + 3] for i in range(0, 12, 3)]))
     np.testing.assert_allclose(np.concatenate(parts), one(images), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="streams"):
         OnnxEmbedder(tiny_entry.model_path, device="cpu", streams=0)
@@ -99,8 +100,13 @@ def test_mixed_builds_override_for_a_deliberate_shadowing_layout(tiny_entry, tmp
     env.pop(runtime.MIXED_BUILDS_ENV, None)
 
     def run(**extra: str) -> str:
-        done = subprocess.run([sys.executable, "-c", MIXED_CHILD, str(tiny_entry.model_path)], env={**env, **extra},
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", MIXED_CHILD, str(tiny_entry.model_path)],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 

@@ -1,11 +1,18 @@
 """TTA inside the exported model and multi-output exports: real Keras models converted to real ONNX sessions."""
+
 import json
 
 import numpy as np
 import pytest
 
-from tlpipe.backbones.export import (INPUT_NAME, export_backbone, export_layers, obtain_layers, plan_export,
-                                     verification_images)
+from tlpipe.backbones.export import (
+    INPUT_NAME,
+    export_backbone,
+    export_layers,
+    obtain_layers,
+    plan_export,
+    verification_images,
+)
 from tlpipe.backbones.tta import CROP_FRACTION, crop_offsets, decode_size, make_views, view_count
 
 TINY = dict(weights="none", size=64)

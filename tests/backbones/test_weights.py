@@ -1,8 +1,14 @@
 import pytest
 
-from tlpipe.backbones.registry import get_backbone
-from tlpipe.backbones.weights import WEIGHTS_DIR_ENV, WeightsUnavailable, candidate_filenames, resolve_weights, sha256_file
 from tests.conftest import shared_path
+from tlpipe.backbones.registry import get_backbone
+from tlpipe.backbones.weights import (
+    WEIGHTS_DIR_ENV,
+    WeightsUnavailable,
+    candidate_filenames,
+    resolve_weights,
+    sha256_file,
+)
 
 
 def test_none_and_imagenet(monkeypatch):
@@ -42,6 +48,9 @@ def test_bad_weights(tmp_path):
 
 def test_shared_weights_are_found_by_name():
     folder = shared_path("weights")
-    for name, file in [("mobilenet_v2", "mobilenet_v2_1.0_224_no_top.h5"), ("mobilenet_v2_0.35", "mobilenet_v2_0.35_224_no_top.h5"),
-                       ("mobilenet_0.25", "mobilenet_0.25_224_no_top.h5")]:
+    for name, file in [
+        ("mobilenet_v2", "mobilenet_v2_1.0_224_no_top.h5"),
+        ("mobilenet_v2_0.35", "mobilenet_v2_0.35_224_no_top.h5"),
+        ("mobilenet_0.25", "mobilenet_0.25_224_no_top.h5"),
+    ]:
         assert resolve_weights(get_backbone(name), folder).path.endswith(file)

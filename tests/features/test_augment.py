@@ -1,6 +1,7 @@
 """extract --augment N: seeded views per image (content hash + view index), stored beside the feature set in
 the cache, used as extra training rows only, grouped by image so that no view of an evaluation image is
 ever trained on."""
+
 import h5py
 import numpy as np
 import pytest
@@ -64,9 +65,15 @@ def test_no_view_of_an_evaluation_image_is_trained_on():
     memorising = [p for p in points if p.params["C"] == 1.0]
     assert len(memorising) == 3 and max(p.accuracy for p in memorising) < 0.8
     # the same folds, but with the views of *every* image in training (what a leak would be), recall them
-    leak = [np.mean(fit_head(np.vstack([X[tr], views[0]]), np.concatenate([y[tr], y[owner]]), "logreg",
-                             params={"C": 1.0})[0].predict(X[te]) == y[te])
-            for tr, te in cv_folds(y, 3, 0)]
+    leak = [
+        np.mean(
+            fit_head(np.vstack([X[tr], views[0]]), np.concatenate([y[tr], y[owner]]), "logreg", params={"C": 1.0})[
+                0
+            ].predict(X[te])
+            == y[te]
+        )
+        for tr, te in cv_folds(y, 3, 0)
+    ]
     assert min(leak) > 0.95
     # a hold-out: views re-indexed to the training rows; the hold-out images' views are left out
     train, test = np.arange(40), np.arange(40, 60)
@@ -80,9 +87,15 @@ def test_compare_with_views_scores_originals_and_trains_on_training_views_only()
 
     X, y = noise_set(80)
     n = len(X)
-    fs = FeatureSet(key="k", X=X, y=y.astype(np.int32), split=np.array(["train"] * 60 + ["test"] * 20),
-                    paths=np.array([f"{i}.jpg" for i in range(n)]), sha256=np.array([f"{i:064x}" for i in range(n)]),
-                    class_names=["a", "b"])
+    fs = FeatureSet(
+        key="k",
+        X=X,
+        y=y.astype(np.int32),
+        split=np.array(["train"] * 60 + ["test"] * 20),
+        paths=np.array([f"{i}.jpg" for i in range(n)]),
+        sha256=np.array([f"{i:064x}" for i in range(n)]),
+        class_names=["a", "b"],
+    )
     owner = np.repeat(np.arange(n), 2)
     from tlpipe.features.cache import Views
 

@@ -1,12 +1,20 @@
 """The HDF5 cache: plain-h5py readable schema, committed counts, tail repair, single writer, clear errors."""
+
 import json
 
 import h5py
 import numpy as np
 import pytest
 
-from tlpipe.features.cache import (CACHE_VERSION, CacheError, CacheLockedError, CacheWriter, ImageRow, describe,
-                            read_feature_set)
+from tlpipe.features.cache import (
+    CACHE_VERSION,
+    CacheError,
+    CacheLockedError,
+    CacheWriter,
+    ImageRow,
+    describe,
+    read_feature_set,
+)
 
 
 def rows(n, start=0, label="a", split="train"):

@@ -1,4 +1,5 @@
 """The cache in other tools (issue 16, item 4): pandas, Parquet, NumPy and HDF5 dimension labels."""
+
 import json
 import os
 import subprocess
@@ -22,8 +23,10 @@ def cache(tmp_path):
     X = np.arange(15, dtype=np.float32).reshape(5, 3)
     with CacheWriter(path) as writer:
         source = writer.note_source("/data/photos")
-        rows = [ImageRow(f"{label or 'x'}/{i}.jpg", f"{i:064x}", label, split or None, 10, 20, source)
-                for i, (label, split) in enumerate(zip(labels, splits))]
+        rows = [
+            ImageRow(f"{label or 'x'}/{i}.jpg", f"{i:064x}", label, split or None, 10, 20, source)
+            for i, (label, split) in enumerate(zip(labels, splits))
+        ]
         writer.ensure_feature_set(KEY, 3, metadata={"backbone": "tiny"})
         writer.add(KEY, rows, X)
     return path
@@ -55,17 +58,36 @@ def test_export_parquet_reads_back_in_pandas(cache, tmp_path):
 
 
 def test_export_npz_and_the_cli(cache, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", "export-cache", str(cache), "--out",
-                           str(tmp_path / "e.npz"), "--json"], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tlpipe.pipeline.cli",
+            "export-cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "e.npz"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0 and json.loads(proc.stdout)["rows"] == 5, proc.stderr
     with np.load(tmp_path / "e.npz") as z:  # no allow_pickle needed
         fs = read_feature_set(cache)
         assert np.array_equal(z["embeddings"], fs.X) and z["label"].tolist() == [0, 1, -1, 0, 1]
-        assert z["class_names"].tolist() == ["cat", "dog"] and z["path"][2] == "x/2.jpg" and str(z["feature_set"]) == KEY
-    bad = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", "export-cache", str(cache), "--out",
-                          str(tmp_path / "e.csv")], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert (
+            z["class_names"].tolist() == ["cat", "dog"] and z["path"][2] == "x/2.jpg" and str(z["feature_set"]) == KEY
+        )
+    bad = subprocess.run(
+        [sys.executable, "-m", "tlpipe.pipeline.cli", "export-cache", str(cache), "--out", str(tmp_path / "e.csv")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: export format must be one of parquet, npz")
 
 

@@ -1,12 +1,13 @@
 """Calibration samples from the user's photos, and extraction at int8 / fp16 (its own feature set, reused)."""
+
 import numpy as np
 import pytest
 
-from tlpipe.features.calibration import MIN_IMAGES, sample_images
+from tests.conftest import shared_path, write_photo_folder
 from tlpipe.features.cache import list_feature_sets, read_feature_set
+from tlpipe.features.calibration import MIN_IMAGES, sample_images
 from tlpipe.features.extract import extract
 from tlpipe.features.sources import discover
-from tests.conftest import shared_path, write_photo_folder
 
 
 def test_sample_is_seeded_disjoint_and_at_the_model_size(tmp_path):
@@ -68,17 +69,18 @@ def test_unknown_precision_is_refused_before_the_cache_is_touched(tmp_path, tiny
 def test_int8_features_train_as_good_a_head_as_fp32(tmp_path, cats_dogs_cache, model_store):
     """cats_vs_dogs with the real MobileNetV2: int8 (calibrated on the photos themselves) stays at mean cosine
     >= 0.99 to fp32, and a logistic-regression probe on int8 features is within 1 point of fp32's accuracy."""
+    import shutil
+
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    import shutil
-
     manifest = shared_path("datasets", "cats_vs_dogs", "manifest.csv")
     weights = shared_path("weights", "mobilenet_v2_1.0_224_no_top.h5")
     cache = shutil.copy(cats_dogs_cache, tmp_path / "cache.h5")  # the session's cache keeps one feature set
-    summary = extract(manifest, cache, backbone="mobilenet_v2", weights=weights, store=model_store,
-                      device="cpu", precision="int8")
+    summary = extract(
+        manifest, cache, backbone="mobilenet_v2", weights=weights, store=model_store, device="cpu", precision="int8"
+    )
     fp32_key = next(k for k in list_feature_sets(cache) if "int8" not in k)
     a, b = read_feature_set(cache, fp32_key), read_feature_set(cache, summary.key)
     assert list(a.sha256) == list(b.sha256)  # same image rows, in the same order

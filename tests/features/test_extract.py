@@ -1,4 +1,5 @@
 """Extraction end to end with a real ONNX model: counts, resume, bad input, SIGKILL at several points."""
+
 import os
 import signal
 import subprocess
@@ -9,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT, write_photo_folder
 from tlpipe.features.cache import CacheError, describe, read_feature_set
 from tlpipe.features.extract import extract
-from tests.conftest import ROOT, write_photo_folder
 
 
 def run(source, out, entry, **kw):

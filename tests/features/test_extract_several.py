@@ -1,5 +1,6 @@
 """Several feature sets in one extract pass (sizes x layers, TTA), each identical to a one-at-a-time extract;
 decoding several sizes from one read; the sweep of every head on every feature set."""
+
 import io
 import json
 
@@ -27,8 +28,9 @@ def test_decode_sizes_equals_decode_per_size(shape):
 
 
 @pytest.mark.slow
-def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folder, model_store, tiny_entry,
-                                                           monkeypatch):
+def test_one_pass_fills_one_feature_set_per_size_and_layer(
+    tmp_path, photo_folder, model_store, tiny_entry, monkeypatch
+):
     from tlpipe.backbones.export import plan_export
     from tlpipe.features import decoder, fastdecode
     from tlpipe.features.cache import feature_set_key, read_feature_set
@@ -37,17 +39,32 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
     reads, decodes = [], []  # every file read, and every libjpeg-turbo decode, during the extract
     read_file, decode_jpeg_sizes = decoder.read_file, fastdecode.decode_jpeg_sizes
     monkeypatch.setattr(decoder, "read_file", lambda path: reads.append(path) or read_file(path))
-    monkeypatch.setattr(fastdecode, "decode_jpeg_sizes",
-                        lambda data, sizes, mp: decodes.append(sizes) or decode_jpeg_sizes(data, sizes, mp))
+    monkeypatch.setattr(
+        fastdecode,
+        "decode_jpeg_sizes",
+        lambda data, sizes, mp: decodes.append(sizes) or decode_jpeg_sizes(data, sizes, mp),
+    )
     cache = tmp_path / "cache.h5"
-    summary = extract(photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", sizes=[64, 72],
-                      layers=["block_12_add", None], tta="flip", store=model_store, batch_size=5)
+    summary = extract(
+        photo_folder,
+        cache,
+        backbone="mobilenet_v2_0.35",
+        weights="none",
+        sizes=[64, 72],
+        layers=["block_12_add", None],
+        tta="flip",
+        store=model_store,
+        batch_size=5,
+    )
     monkeypatch.undo()
     # one pass: each of the 12 photos read once and decoded once for both sizes and both layers
     assert len(reads) == len(set(reads)) == 12
     assert len(decodes) == 12 and all(tuple(sizes) == (64, 72) for sizes in decodes)
-    expected = [feature_set_key(plan_export("mobilenet_v2_0.35", "none", size, layer, tta="flip").key)
-                for size in (64, 72) for layer in ("block_12_add", None)]
+    expected = [
+        feature_set_key(plan_export("mobilenet_v2_0.35", "none", size, layer, tta="flip").key)
+        for size in (64, 72)
+        for layer in ("block_12_add", None)
+    ]
     assert summary.keys == expected and summary.embedded == 12
     with h5py.File(cache, "r") as f:
         assert sorted(f["features"]) == sorted(expected)
@@ -55,13 +72,22 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
         assert speed["images"] == 12 and speed["images_per_second"] > 0
         assert speed["feature_sets_in_pass"] == 4  # the sweep's cost column shares the pass among them
     # a one-layer, one-size extract of the same (size, layer, TTA) is the same feature set: nothing to embed
-    again = extract(photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", size=72, tta="flip",
-                    store=model_store)
+    again = extract(
+        photo_folder, cache, backbone="mobilenet_v2_0.35", weights="none", size=72, tta="flip", store=model_store
+    )
     assert again.key == expected[3] and again.cached == 12 and again.embedded == 0
     # and its embeddings equal what that one-output model gives on its own, in a fresh cache
     alone = tmp_path / "alone.h5"
-    extract(photo_folder, alone, backbone="mobilenet_v2_0.35", weights="none", size=72, layer="block_12_add",
-            tta="flip", store=model_store)
+    extract(
+        photo_folder,
+        alone,
+        backbone="mobilenet_v2_0.35",
+        weights="none",
+        size=72,
+        layer="block_12_add",
+        tta="flip",
+        store=model_store,
+    )
     a, b = read_feature_set(cache, expected[2]), read_feature_set(alone, expected[2])
     order = np.argsort(a.sha256), np.argsort(b.sha256)
     np.testing.assert_allclose(a.X[order[0]], b.X[order[1]], rtol=1e-4, atol=1e-6 * np.abs(b.X).max())
@@ -73,8 +99,7 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(tmp_path, photo_folde
     assert np.abs(p.X[np.argsort(p.sha256)] - flip.X[np.argsort(flip.sha256)]).max() > 0.01 * np.abs(p.X).max()
 
     # the sweep: every head on every feature set, pairs ranked, extraction cost attached
-    from tlpipe.pipeline.compare import (extraction_records, is_sweep, matching_feature_sets, sweep,
-                                         write_sweep_report)
+    from tlpipe.pipeline.compare import extraction_records, is_sweep, matching_feature_sets, sweep, write_sweep_report
 
     assert is_sweep("all") and is_sweep("mobilenet*") and not is_sweep(expected[0])
     assert matching_feature_sets(cache, "*-72-*") == sorted(expected[2:])
@@ -102,5 +127,11 @@ def test_several_sizes_refuse_a_stored_model_and_int8(tmp_path, photo_folder, ti
     with pytest.raises(ValueError, match="need --backbone"):
         extract(photo_folder, tmp_path / "c.h5", model=str(tiny_entry.directory), sizes=[64, 96])
     with pytest.raises(ValueError, match="fp32 only"):
-        extract(photo_folder, tmp_path / "c.h5", backbone="mobilenet_v2_0.35", weights="none", layers=["a", "b"],
-                precision="int8")
+        extract(
+            photo_folder,
+            tmp_path / "c.h5",
+            backbone="mobilenet_v2_0.35",
+            weights="none",
+            layers=["a", "b"],
+            precision="int8",
+        )

@@ -18,7 +18,7 @@ from tests.conftest import write_photo_folder
 from tlpipe.features import fastdecode
 from tlpipe.features.cache import CacheWriter, read_feature_set
 from tlpipe.features.extract import extract
-from tlpipe.features.images import MAX_PIXELS, ImageError, _TRANSPOSE, decode_image, resize_image
+from tlpipe.features.images import _TRANSPOSE, MAX_PIXELS, ImageError, decode_image, resize_image
 
 from .test_images import GREEN, RED, close, encode, photo
 
@@ -203,8 +203,8 @@ def test_filter_is_part_of_the_feature_set_identity(tmp_path, tiny_entry, model_
 
 def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path, tiny_entry, model_store):
     from tlpipe.pipeline.artifacts import save_head
-    from tlpipe.pipeline.heads import make_head
     from tlpipe.pipeline.fuse import export_model
+    from tlpipe.pipeline.heads import make_head
     from tlpipe.pipeline.score import ScoreError, fused_predictor, score
 
     photos = write_photo_folder(tmp_path / "photos", per_class=3)

@@ -110,8 +110,7 @@ def test_exif_orientation_6_rotates_and_reports_rotated_size(width, size):
         (Image.frombytes("I;16B", (20, 10), (40000).to_bytes(2, "big") * 200), "TIFF", (156,) * 3),
         (Image.fromarray(np.full((10, 20), 32768, np.int32)), "TIFF", (128, 128, 128)),
     ],
-    ids=["L", "1", "LA", "RGBA", "RGBA-webp", "CMYK-jpeg", "CMYK-tiff", "I16-mid", "I16-max",
-         "I16B", "I32"],
+    ids=["L", "1", "LA", "RGBA", "RGBA-webp", "CMYK-jpeg", "CMYK-tiff", "I16-mid", "I16-max", "I16B", "I32"],
 )
 def test_modes_convert_to_rgb(img, fmt, expected):
     arr, _ = decode_image(encode(img, fmt), 8)
@@ -146,8 +145,14 @@ def test_draft_never_goes_below_the_target(monkeypatch):
         return original_resize(self, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "resize", spy)
-    cases = [(1799, 449, 224), (449, 1799, 224), (1000, 1000, 125), (3000, 900, 112),
-             (2500, 2600, 299), (900, 3000, 32)]
+    cases = [
+        (1799, 449, 224),
+        (449, 1799, 224),
+        (1000, 1000, 125),
+        (3000, 900, 112),
+        (2500, 2600, 299),
+        (900, 3000, 32),
+    ]
     for width, height, size in cases:
         data = encode(Image.new("RGB", (width, height), GREEN), "JPEG")
         for mode in ("squash", "crop"):
@@ -159,9 +164,7 @@ def test_draft_never_goes_below_the_target(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["squash", "crop"])
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-@pytest.mark.parametrize(
-    "dims", [(1, 1), (10, 300), (300, 10), (2000, 150), (150, 2000), (1023, 1025)]
-)
+@pytest.mark.parametrize("dims", [(1, 1), (10, 300), (300, 10), (2000, 150), (150, 2000), (1023, 1025)])
 def test_shape_for_any_aspect(dims, fmt, mode):
     arr, original = decode_image(encode(photo(*dims), fmt), 64, mode)
     assert_array(arr, 64)
@@ -208,7 +211,10 @@ def corrupt_png_crc() -> bytes:
         (truncated_jpeg(), "truncated image"),
         (encode(photo(200, 150), "PNG")[:3000], "truncated image"),
         (corrupt_png_crc(), "corrupt image header"),
-        (encode(Image.new("RGB", (8, 8)), "EPS"), "unsupported format: EPS is not decoded: it would run Ghostscript on the file"),
+        (
+            encode(Image.new("RGB", (8, 8)), "EPS"),
+            "unsupported format: EPS is not decoded: it would run Ghostscript on the file",
+        ),
     ],
     ids=["empty", "text", "truncated-jpeg", "truncated-png", "png-crc", "eps"],
 )
@@ -248,8 +254,12 @@ def test_load_image(tmp_path):
 # -- issue 14, item 1: the pixels are the picture the user sees ------------------------------------------------
 
 _INVERSE = {  # what a camera stores for each EXIF orientation, given the upright picture
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_270,
 }
 
@@ -288,7 +298,9 @@ def oriented(fmt: str, orientation: int) -> bytes:
     stored = upright().transpose(_INVERSE[orientation]) if orientation > 1 else upright()
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return encode(stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt in ("JPEG", "MPO", "WEBP", "AVIF", "HEIF") else {}))
+    return encode(
+        stored, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt in ("JPEG", "MPO", "WEBP", "AVIF", "HEIF") else {})
+    )
 
 
 @pytest.mark.parametrize("fmt", exif_containers())
@@ -318,8 +330,10 @@ def mode_corpus() -> dict[str, tuple[bytes, np.ndarray]]:
     g, rgb = _grey(), _rgb()
     g3 = np.repeat(g[..., None], 3, -1)
     sixteen = g.astype(np.uint16) * 257
-    lab = ImageCms.applyTransform(Image.fromarray(rgb), ImageCms.buildTransform(
-        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"))
+    lab = ImageCms.applyTransform(
+        Image.fromarray(rgb),
+        ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"),
+    )
     rgb16 = rgb.astype(np.uint16) * 257
     png16 = io.BytesIO()  # 16-bit RGB PNG, written by hand (Pillow writes none)
     raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
@@ -327,8 +341,12 @@ def mode_corpus() -> dict[str, tuple[bytes, np.ndarray]]:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    png16.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 48, 16, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    png16.write(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 48, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     return {
         "I;16-png": (encode(Image.fromarray(sixteen), "PNG"), g3),
         "I;16-tiff": (encode(Image.fromarray(sixteen), "TIFF"), g3),
@@ -338,19 +356,30 @@ def mode_corpus() -> dict[str, tuple[bytes, np.ndarray]]:
         "I-8bit-tiff": (encode(Image.fromarray(g.astype(np.int32)), "TIFF"), g3),
         # 16-bit PGM, opened as I: the container says 16 bits, so a dark picture stays dark
         "I-16bit-pgm": (b"P5\n64 48\n65535\n" + sixteen.astype(">u2").tobytes(), g3),
-        "I-16bit-pgm-dark": (b"P5\n64 48\n65535\n" + (g.astype(np.uint16) // 64).astype(">u2").tobytes(),
-                             np.zeros_like(g3)),
+        "I-16bit-pgm-dark": (
+            b"P5\n64 48\n65535\n" + (g.astype(np.uint16) // 64).astype(">u2").tobytes(),
+            np.zeros_like(g3),
+        ),
         "I-16bit-tiff": (encode(Image.fromarray(g.astype(np.int32) * 257), "TIFF"), g3),
         "F-0..1-tiff": (encode(Image.fromarray(g.astype(np.float32) / 255), "TIFF"), g3),
         "F-0..255-tiff": (encode(Image.fromarray(g.astype(np.float32)), "TIFF"), g3),
         "LA-png": (encode(Image.fromarray(g).convert("LA"), "PNG"), g3),
-        "PA-tiff": (encode(Image.fromarray(rgb).convert("P").convert("PA"), "TIFF"), np.asarray(Image.fromarray(rgb).convert("P").convert("RGB"))),
-        "P-transparency-png": (encode(Image.fromarray(rgb).convert("P"), "PNG", transparency=0), np.asarray(Image.fromarray(rgb).convert("P").convert("RGB"))),
+        "PA-tiff": (
+            encode(Image.fromarray(rgb).convert("P").convert("PA"), "TIFF"),
+            np.asarray(Image.fromarray(rgb).convert("P").convert("RGB")),
+        ),
+        "P-transparency-png": (
+            encode(Image.fromarray(rgb).convert("P"), "PNG", transparency=0),
+            np.asarray(Image.fromarray(rgb).convert("P").convert("RGB")),
+        ),
         "CMYK-jpeg": (encode(Image.fromarray(rgb).convert("CMYK"), "JPEG", quality=95), rgb),
         "CMYK-tiff": (encode(Image.fromarray(rgb).convert("CMYK"), "TIFF"), rgb),
         "YCbCr-tiff": (encode(Image.fromarray(rgb).convert("YCbCr"), "TIFF"), rgb),
         "LAB-tiff": (encode(lab, "TIFF"), rgb),
-        "1-png": (encode(Image.fromarray(g).convert("1"), "PNG"), np.repeat(np.asarray(Image.fromarray(g).convert("1").convert("L"))[..., None], 3, -1)),
+        "1-png": (
+            encode(Image.fromarray(g).convert("1"), "PNG"),
+            np.repeat(np.asarray(Image.fromarray(g).convert("1").convert("L"))[..., None], 3, -1),
+        ),
         "RGBA-png": (encode(Image.fromarray(rgb).convert("RGBA"), "PNG"), rgb),
         "L-jpeg": (encode(Image.fromarray(g), "JPEG", quality=95), g3),
     }
@@ -377,19 +406,36 @@ def _float_rgb_tiff() -> bytes:
         body = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
         return struct.pack("<HHI", tag, kind, count) + body
 
-    entries = [entry(256, 4, 1, 5), entry(257, 4, 1, 4), entry(258, 3, 3, extra_at), entry(259, 3, 1, 1),
-               entry(262, 3, 1, 2), entry(273, 4, 1, extra_at + len(extra)), entry(277, 3, 1, 3), entry(278, 4, 1, 4),
-               entry(279, 4, 1, len(data)), entry(284, 3, 1, 1), entry(339, 3, 3, extra_at + 6)]
+    entries = [
+        entry(256, 4, 1, 5),
+        entry(257, 4, 1, 4),
+        entry(258, 3, 3, extra_at),
+        entry(259, 3, 1, 1),
+        entry(262, 3, 1, 2),
+        entry(273, 4, 1, extra_at + len(extra)),
+        entry(277, 3, 1, 3),
+        entry(278, 4, 1, 4),
+        entry(279, 4, 1, len(data)),
+        entry(284, 3, 1, 1),
+        entry(339, 3, 3, extra_at + 6),
+    ]
     return b"II*\x00" + struct.pack("<IH", 8, n) + b"".join(entries) + b"\0\0\0\0" + extra + data
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (encode(Image.fromarray(_grey().astype(np.int32) << 20), "TIFF"), "mode I (32-bit integer): values up to"),
-    (encode(Image.fromarray(_grey().astype(np.float32) - 100), "TIFF"), "mode F (32-bit float): negative values"),
-    (encode(Image.fromarray(np.full((4, 4), np.nan, np.float32)), "TIFF"), "mode F (32-bit float): values that are not finite"),
-    (encode(Image.fromarray(_grey().astype(np.float32) * 1000), "TIFF"), "mode F (32-bit float): values up to"),
-    (_float_rgb_tiff(), "TIFF with 3 x 32-bit float samples per pixel"),
-], ids=["I-full-range", "F-negative", "F-nan", "F-huge", "RGB-float"])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (encode(Image.fromarray(_grey().astype(np.int32) << 20), "TIFF"), "mode I (32-bit integer): values up to"),
+        (encode(Image.fromarray(_grey().astype(np.float32) - 100), "TIFF"), "mode F (32-bit float): negative values"),
+        (
+            encode(Image.fromarray(np.full((4, 4), np.nan, np.float32)), "TIFF"),
+            "mode F (32-bit float): values that are not finite",
+        ),
+        (encode(Image.fromarray(_grey().astype(np.float32) * 1000), "TIFF"), "mode F (32-bit float): values up to"),
+        (_float_rgb_tiff(), "TIFF with 3 x 32-bit float samples per pixel"),
+    ],
+    ids=["I-full-range", "F-negative", "F-nan", "F-huge", "RGB-float"],
+)
 def test_modes_without_a_white_level_are_refused_naming_the_mode(data, reason):
     with pytest.raises(ImageError, match="unsupported pixel") as info:
         decode_image(data, 32)
@@ -401,10 +447,34 @@ def content_corpus() -> dict[str, bytes]:
     from PIL import features
 
     img = upright()
-    out = {fmt: encode(img if fmt not in ("GIF", "PCX", "XBM", "MSP") else img.convert("L" if fmt != "XBM" and fmt != "MSP" else "1"), fmt)
-           for fmt in ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM", "QOI", "TGA", "SGI", "PCX", "ICO", "DDS", "IM",
-                       "JPEG2000", "XBM", "MSP")
-           if fmt != "JPEG2000" or features.check("jpg_2000")}
+    out = {
+        fmt: encode(
+            img
+            if fmt not in ("GIF", "PCX", "XBM", "MSP")
+            else img.convert("L" if fmt != "XBM" and fmt != "MSP" else "1"),
+            fmt,
+        )
+        for fmt in (
+            "JPEG",
+            "PNG",
+            "BMP",
+            "GIF",
+            "WEBP",
+            "TIFF",
+            "PPM",
+            "QOI",
+            "TGA",
+            "SGI",
+            "PCX",
+            "ICO",
+            "DDS",
+            "IM",
+            "JPEG2000",
+            "XBM",
+            "MSP",
+        )
+        if fmt != "JPEG2000" or features.check("jpg_2000")
+    }
     if features.check("avif"):
         out["AVIF"] = encode(img, "AVIF", quality=95)
     if _heif_saver():
@@ -426,7 +496,12 @@ def test_formats_are_recognised_by_content_and_listed_whatever_the_name(tmp_path
         (tmp_path / "cls" / name).write_bytes(data)
     (tmp_path / "cls" / "notes.txt").write_text("not a picture\n")
     source = discover(tmp_path)
-    assert sorted(r.relpath for r in source.records) == ["cls/photo", "cls/photo.dat", "cls/photo.jfif", "cls/photo.jpe"]
+    assert sorted(r.relpath for r in source.records) == [
+        "cls/photo",
+        "cls/photo.dat",
+        "cls/photo.jfif",
+        "cls/photo.jpe",
+    ]
     assert source.skipped == [("cls/notes.txt", "not an image file (.txt)")]
 
 
@@ -439,11 +514,15 @@ def test_heif_without_its_extra_names_the_extra(tmp_path):
         pytest.skip("pillow-heif is not installed: no HEIC file can be written here")
     path = tmp_path / "phone.heic"
     path.write_bytes(encode(upright(), "HEIF"))
-    code = ("import sys; sys.modules['pillow_heif'] = None\n"
-            "from tlpipe.features.images import load_image, ImageError\n"
-            f"try:\n    load_image({str(path)!r}, 32)\nexcept ImageError as e:\n    print(e.reason)\n")
+    code = (
+        "import sys; sys.modules['pillow_heif'] = None\n"
+        "from tlpipe.features.images import load_image, ImageError\n"
+        f"try:\n    load_image({str(path)!r}, 32)\nexcept ImageError as e:\n    print(e.reason)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "HEIF/HEIC image: install the optional extra to decode it: pip install 'tlpipe[heif]'"
+    assert (
+        result.stdout.strip() == "HEIF/HEIC image: install the optional extra to decode it: pip install 'tlpipe[heif]'"
+    )
     arr, size = load_image(path, 32)  # here the plugin is installed
     assert size == (64, 48)
 

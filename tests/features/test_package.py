@@ -19,10 +19,16 @@ def test_every_public_name_resolves_from_its_module():
 def test_heads_and_compare_do_not_import_the_stage():
     # compare's joblib workers import the heads, which read the cache: the decoder, the stage and extraction
     # are imported only when used (each costs start-up time in every worker process)
-    code = ("import sys, tlpipe.pipeline.compare, tlpipe.pipeline.heads; "
-            "print(sorted(m for m in sys.modules if m.startswith('tlpipe.features.')))")
+    code = (
+        "import sys, tlpipe.pipeline.compare, tlpipe.pipeline.heads; "
+        "print(sorted(m for m in sys.modules if m.startswith('tlpipe.features.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(eval(out))
     assert "tlpipe.features.cache" in loaded
-    assert not loaded & {"tlpipe.features.decoder", "tlpipe.features.extract", "tlpipe.features.stream",
-                         "tlpipe.features.images"}, loaded
+    assert not loaded & {
+        "tlpipe.features.decoder",
+        "tlpipe.features.extract",
+        "tlpipe.features.stream",
+        "tlpipe.features.images",
+    }, loaded

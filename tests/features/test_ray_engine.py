@@ -1,5 +1,6 @@
 """The Ray engine against the local one on a 2-CPU local cluster: the same cache row for row, resume, an
 inference worker SIGKILLed mid-run, the driver SIGKILLed mid-run, scoring, and joblib's Ray backend."""
+
 import csv
 import json
 import os
@@ -17,6 +18,7 @@ pytest.importorskip("ray.data", reason="Ray is not installed (pip install 'tlpip
 
 import ray  # noqa: E402
 
+from tests.conftest import ROOT, write_photo_folder  # noqa: E402
 from tlpipe.backbones.deps import MissingExtra  # noqa: E402
 from tlpipe.features.cache import describe, read_feature_set  # noqa: E402
 from tlpipe.features.extract import extract  # noqa: E402
@@ -27,7 +29,6 @@ from tlpipe.pipeline.engine import parallel_backend  # noqa: E402
 from tlpipe.pipeline.heads import make_head  # noqa: E402
 from tlpipe.pipeline.score import ScoreError, score  # noqa: E402
 from tlpipe.pipeline.score_ray import score_ray  # noqa: E402
-from tests.conftest import ROOT, write_photo_folder  # noqa: E402
 
 GOOD = 60  # distinct photos: train/ 20 + test/ 10 per class; + 3 bad files and 1 copy of a train photo in test/
 
@@ -82,8 +83,9 @@ def run_ray(source, out, entry, **kw):
     return extract_ray(source, out, model=str(entry.directory), batch_size=4, commit_rows=4, device="cpu", **kw)
 
 
-def test_cache_equals_the_local_engine_row_for_row_and_a_rerun_appends_nothing(cluster, tmp_path, photos,
-                                                                               reference, tiny_entry):
+def test_cache_equals_the_local_engine_row_for_row_and_a_rerun_appends_nothing(
+    cluster, tmp_path, photos, reference, tiny_entry
+):
     local_path, local = reference
     out = tmp_path / "ray.h5"
     summary = run_ray(photos, out, tiny_entry)
@@ -123,8 +125,9 @@ def _sigkill(pid: int) -> None:
         time.sleep(0.01)
 
 
-def test_an_inference_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(cluster, tmp_path, photos,
-                                                                                         reference, tiny_entry):
+def test_an_inference_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_doubled(
+    cluster, tmp_path, photos, reference, tiny_entry
+):
     killed: list[tuple[list[int], int]] = []  # (pids, images committed when they were killed)
 
     def progress(total, done):
@@ -138,11 +141,12 @@ def test_an_inference_worker_killed_mid_run_is_restarted_and_nothing_is_lost_or_
                 for pid in pids:
                     _sigkill(pid)
                 killed.append((pids, committed))
+
         return advance
 
     out = tmp_path / "ray.h5"
     summary = run_ray(photos, out, tiny_entry, progress=progress)
-    (pids, committed), = killed
+    ((pids, committed),) = killed
     assert pids and 0 < committed < summary.total and not any(Path(f"/proc/{p}").exists() for p in pids)
     assert (summary.embedded, summary.cached + summary.duplicates, summary.failed) == (GOOD, 1, 3)
     assert_same_cache(out, reference[0])
@@ -167,8 +171,12 @@ def _committed(path) -> int:
 def test_a_driver_killed_mid_run_then_rerun_gives_the_same_cache(cluster, tmp_path, photos, reference, tiny_entry):
     out = tmp_path / "killed.h5"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(photos), str(out), str(tiny_entry.directory),
-                             cluster], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(photos), str(out), str(tiny_entry.directory), cluster],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 90
     while proc.poll() is None and time.monotonic() < deadline and _committed(out) < 4:
         time.sleep(0.005)
@@ -202,8 +210,11 @@ def test_score_via_ray_writes_the_local_engines_rows(cluster, tmp_path, photos, 
     kw = {"head": head, "store": model_store, "device": "cpu", "batch_size": 4}
     local = score(photos, tmp_path / "local.csv", **kw)
     remote = score_ray(photos, tmp_path / "ray.csv", **kw)
-    assert (remote.total, remote.scored, remote.failed, remote.reused) == \
-           (local.total, local.scored, local.failed, local.reused) == (GOOD + 4, GOOD + 1, 3, 0)
+    assert (
+        (remote.total, remote.scored, remote.failed, remote.reused)
+        == (local.total, local.scored, local.failed, local.reused)
+        == (GOOD + 4, GOOD + 1, 3, 0)
+    )
     assert sorted(remote.failures) == sorted(local.failures)
     assert_same_rows(tmp_path / "ray.csv", tmp_path / "local.csv")
     again = score_ray(photos, tmp_path / "ray.csv", **kw)
@@ -227,8 +238,9 @@ score_ray(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], address
 
 
 @pytest.mark.slow
-def test_score_with_its_driver_killed_mid_run_then_rerun_gives_the_local_rows(cluster, tmp_path, photos, reference,
-                                                                             model_store):
+def test_score_with_its_driver_killed_mid_run_then_rerun_gives_the_local_rows(
+    cluster, tmp_path, photos, reference, model_store
+):
     fs = read_feature_set(reference[0])
     head = tmp_path / "logreg.joblib"
     save_head(make_head("logreg").fit(fs.X, fs.y), head, feature_set=fs, metrics={}, params={})
@@ -236,9 +248,12 @@ def test_score_with_its_driver_killed_mid_run_then_rerun_gives_the_local_rows(cl
     score(photos, tmp_path / "local.csv", **kw)
     out = tmp_path / "killed.csv"
     rows = lambda: out.read_bytes().count(b"\n") - 1 if out.exists() else -1  # noqa: E731
-    proc = subprocess.Popen([sys.executable, "-c", SCORE_KILL_SCRIPT, str(photos), str(out), str(head),
-                             str(model_store.root), cluster], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCORE_KILL_SCRIPT, str(photos), str(out), str(head), str(model_store.root), cluster],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 90
     while proc.poll() is None and time.monotonic() < deadline and rows() < 4:
         time.sleep(0.005)
@@ -337,9 +352,22 @@ def test_the_drivers_memory_does_not_grow_with_the_number_of_images(cluster, tmp
     fs = read_feature_set(extract(tmp_path / "warm", tmp_path / "train.h5", model=str(entry.directory)).out)
     head = tmp_path / "head.joblib"
     save_head(make_head("logreg").fit(fs.X, fs.y), head, feature_set=fs, metrics={}, params={})
-    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(entry.directory), str(head),
-                           str(model_store.root), cluster, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEMORY_SCRIPT,
+            str(entry.directory),
+            str(head),
+            str(model_store.root),
+            cluster,
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     grown = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(read_feature_set(tmp_path / "large.h5")) == 600 and len(read_csv(tmp_path / "large.csv")) == 600

@@ -28,9 +28,21 @@ def rels(source):
 
 
 def test_class_folders(tmp_path):
-    make(tmp_path, "dogs/d1.jpg", "cats/b.png", "cats/a.jpg", "cats/deep/c.gif", "cats/notes.txt",
-         "stray.jpg", "manifest.csv", "summary.json", ".DS_Store", ".cache/x.jpg", "cats/.x.jpg",
-         "empty/readme")
+    make(
+        tmp_path,
+        "dogs/d1.jpg",
+        "cats/b.png",
+        "cats/a.jpg",
+        "cats/deep/c.gif",
+        "cats/notes.txt",
+        "stray.jpg",
+        "manifest.csv",
+        "summary.json",
+        ".DS_Store",
+        ".cache/x.jpg",
+        "cats/.x.jpg",
+        "empty/readme",
+    )
     src = discover(tmp_path)
     assert src.layout == "class_folders"
     assert src.root == str(tmp_path)
@@ -51,8 +63,16 @@ def test_class_folders(tmp_path):
 
 
 def test_split_folders(tmp_path):
-    make(tmp_path, "train/cats/a.jpg", "train/dogs/b.jpg", "val/cats/c.jpg", "test/u1.jpg",
-         "test/u2.jpg", "loose.jpg", "README.md")
+    make(
+        tmp_path,
+        "train/cats/a.jpg",
+        "train/dogs/b.jpg",
+        "val/cats/c.jpg",
+        "test/u1.jpg",
+        "test/u2.jpg",
+        "loose.jpg",
+        "README.md",
+    )
     src = discover(tmp_path)
     assert src.layout == "split_folders"
     got = [(r.relpath, r.label, r.split) for r in src.records]
@@ -69,8 +89,7 @@ def test_split_folders(tmp_path):
 
 
 def test_split_names_are_normalised(tmp_path):
-    make(tmp_path, "Training_Set/cats/a.jpg", "test_set/cats/b.jpg", "dev/dogs/c.jpg",
-         "test_set/x.jpg")
+    make(tmp_path, "Training_Set/cats/a.jpg", "test_set/cats/b.jpg", "dev/dogs/c.jpg", "test_set/x.jpg")
     src = discover(tmp_path)
     assert src.layout == "split_folders"
     assert [(r.relpath, r.split) for r in src.records] == [
@@ -80,7 +99,11 @@ def test_split_names_are_normalised(tmp_path):
     ]
     assert src.skipped == [("test_set/x.jpg", "outside the class folders")]
     assert [normalize_split(s) for s in (" TrainSet ", "validation", "testing", "holdout")] == [
-        "train", "val", "test", "holdout"]
+        "train",
+        "val",
+        "test",
+        "holdout",
+    ]
 
 
 def test_flat_folder(tmp_path):
@@ -129,9 +152,7 @@ def test_manifest_paths_outside_the_root(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     inside = data / "in" / "a.jpg"
-    (data / "m.csv").write_text(
-        f"Path,Label\n../outside.jpg,x\n{tmp_path / 'abs.jpg'},y\n{inside},z\n"
-    )
+    (data / "m.csv").write_text(f"Path,Label\n../outside.jpg,x\n{tmp_path / 'abs.jpg'},y\n{inside},z\n")
     src = discover(data / "m.csv")
     assert [(r.relpath, r.abspath) for r in src.records] == [("in/a.jpg", str(inside))]
     reason = "path escapes the data root (use --allow-outside-root / allow_outside_root)"

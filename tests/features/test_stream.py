@@ -8,7 +8,6 @@ import gc
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +48,15 @@ def test_the_local_engine_holds_a_bounded_number_of_decoded_images(tmp_path, tin
         writer.ensure_feature_set(key, tiny_entry.embedding_dim)
         summary = ExtractSummary(out=str(writer.path), key=key)
         model = StageModel(tiny_entry.model_path, tiny_entry.input_size)
-        run_stream(records, model, BoundedSink(writer, key), summary, batch_size=batch, unique=True,
-                   engine=LocalEngine(device="cpu", workers=2, prefetch=prefetch, streams=streams))
+        run_stream(
+            records,
+            model,
+            BoundedSink(writer, key),
+            summary,
+            batch_size=batch,
+            unique=True,
+            engine=LocalEngine(device="cpu", workers=2, prefetch=prefetch, streams=streams),
+        )
     assert summary.embedded == 80 and summary.failed == 0
     # at most: the decoder's prefetch, the batch being filled, and the batches in the inference streams
     assert 0 < BoundedSink.peak <= prefetch + batch * (streams + 1), BoundedSink.peak
@@ -88,8 +94,9 @@ def test_predict_returns_probabilities_and_errors_in_input_order(tmp_path, train
     for i in (0, 3):
         row = rows[str(paths[i].relative_to(photos))]
         assert got.predicted[i] == row["label"]
-        assert got.probabilities[i, got.labels.index(row["label"])] == pytest.approx(float(row["probability"]),
-                                                                                      abs=1e-6)
+        assert got.probabilities[i, got.labels.index(row["label"])] == pytest.approx(
+            float(row["probability"]), abs=1e-6
+        )
     assert got.predicted[1] is None
     with pytest.raises(ValueError, match="exactly one"):
         predict(paths, store=model_store)
@@ -112,8 +119,22 @@ def test_predict_with_a_fused_classifier_equals_the_head(tmp_path, trained, mode
 
 
 def test_the_wheel_installs_one_top_level_name_and_the_facade_imports(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("tlpipe-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -121,9 +142,17 @@ def test_the_wheel_installs_one_top_level_name_and_the_facade_imports(tmp_path):
         assert z.read(top_level).decode().split() == ["tlpipe"]
     assert {n.split("/")[0] for n in names} == {"tlpipe", wheel.name.split("-py3")[0] + ".dist-info"}
     assert {"tlpipe/features/stream.py", "tlpipe/features/decoder.py", "tlpipe/pipeline/score.py"} <= set(names)
-    done = subprocess.run([sys.executable, "-c", "import tlpipe, sys; tlpipe.predict; "
-                           "print(sorted(m for m in ('onnxruntime', 'tensorflow') if m in sys.modules))"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import tlpipe, sys; tlpipe.predict; "
+            "print(sorted(m for m in ('onnxruntime', 'tensorflow') if m in sys.modules))",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"  # the facade imports neither ONNX Runtime nor TensorFlow
 

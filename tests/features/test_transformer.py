@@ -1,4 +1,5 @@
 """EmbeddingTransformer as a scikit-learn citizen: fitted state, read-only cache hits, parallel CV."""
+
 import numpy as np
 import pytest
 from sklearn.exceptions import NotFittedError
@@ -52,7 +53,10 @@ def test_cached_images_are_read_without_the_writer_lock(photos, tiny_entry, tmp_
     assert sorted(found) == sorted(wanted[:3])
     for i in (0, 5, 7):
         np.testing.assert_array_equal(found[fs.sha256[i]], fs.X[i])
-    assert lookup_embeddings(cache, "no-such-key", wanted) == {} and lookup_embeddings(tmp_path / "none.h5", fs.key, wanted) == {}
+    assert (
+        lookup_embeddings(cache, "no-such-key", wanted) == {}
+        and lookup_embeddings(tmp_path / "none.h5", fs.key, wanted) == {}
+    )
 
 
 def test_parallel_cross_validation_over_the_transformer(photos, tiny_entry, tmp_path):

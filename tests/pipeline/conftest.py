@@ -1,4 +1,5 @@
 """Synthetic but embedding-like data written to real HDF5 caches."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,13 +32,21 @@ def write_cache(path: Path, X, y, *, class_names=None, splits=None, key=KEY, met
     """Write rows into a real cache; label -1 is unlabelled; ``order`` is the row order written (it decides
     the cache's class numbering, which goes by first appearance)."""
     class_names = class_names or [f"class_{i}" for i in range(int(y.max()) + 1)]
-    meta = {"key": key, "backbone": "ResNet50", "embedding_dim": X.shape[1], "input_size": 224,
-            "pooling": "avg", "model_sha256": MODEL_SHA} | (metadata or {})
+    meta = {
+        "key": key,
+        "backbone": "ResNet50",
+        "embedding_dim": X.shape[1],
+        "input_size": 224,
+        "pooling": "avg",
+        "model_sha256": MODEL_SHA,
+    } | (metadata or {})
     rows = []
     for i in range(len(y)):
         split = None if splits is None else splits[i]
         label = None if y[i] < 0 else class_names[y[i]]
-        rows.append(ImageRow(f"img/{i:05d}.jpg", hashlib.sha256(f"{key}{i}".encode()).hexdigest(), label, split, 64, 48))
+        rows.append(
+            ImageRow(f"img/{i:05d}.jpg", hashlib.sha256(f"{key}{i}".encode()).hexdigest(), label, split, 64, 48)
+        )
     order = np.arange(len(y)) if order is None else order
     with CacheWriter(path) as writer:
         writer.ensure_feature_set(key, X.shape[1], metadata=meta)

@@ -22,12 +22,15 @@ class _Payload:
 
 @pytest.fixture
 def saved(synthetic_cache, tmp_path):
-    fs = synthetic_cache(n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train"))
+    fs = synthetic_cache(
+        n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train")
+    )
     train, test, _ = select_split(fs)
     estimator, info = fit_head(fs.X[train], fs.y[train], "logreg")
     path = tmp_path / "heads" / "logreg.joblib"
-    metadata = save_head(estimator, path, feature_set=fs, metrics={"accuracy": 0.97}, params=info,
-                         cache_path="cache.h5", rows=len(train))
+    metadata = save_head(
+        estimator, path, feature_set=fs, metrics={"accuracy": 0.97}, params=info, cache_path="cache.h5", rows=len(train)
+    )
     return fs, estimator, path, metadata, test
 
 
@@ -41,13 +44,25 @@ def test_roundtrip_and_metadata(saved):
     chosen = meta["head"]["params"]["params"]
     assert meta["head"]["name"] == "logreg" and set(chosen) == {"C", "Cs"} and chosen["C"] in chosen["Cs"]
     assert chosen["C"] == float(np.ravel(estimator[-1].C_)[0])
-    assert meta["feature_set"] == {"key": fs.key, "embedding_dim": 32, "backbone": "ResNet50",
-                                   "model_sha256": "ab" * 32, "input_size": 224, "pooling": "avg", "layer": None,
-                                   "resize": "squash", "resize_filter": "antialias",
-                                   "model_key": fs.metadata.get("key") or fs.key}
+    assert meta["feature_set"] == {
+        "key": fs.key,
+        "embedding_dim": 32,
+        "backbone": "ResNet50",
+        "model_sha256": "ab" * 32,
+        "input_size": 224,
+        "pooling": "avg",
+        "layer": None,
+        "resize": "squash",
+        "resize_filter": "antialias",
+        "model_key": fs.metadata.get("key") or fs.key,
+    }
     assert meta["class_names"] == fs.class_names and meta["labels"] == [fs.class_names[c] for c in meta["classes"]]
-    assert meta["training"] == {"cache_id": fs.cache_id, "cache_path": "cache.h5", "rows": len(fs) - len(test),
-                                "sha256": None}
+    assert meta["training"] == {
+        "cache_id": fs.cache_id,
+        "cache_path": "cache.h5",
+        "rows": len(fs) - len(test),
+        "sha256": None,
+    }
     assert meta["evaluation"] is None  # rows not given: nothing recorded (evaluate then cannot rule out a leak)
     assert meta["metrics"] == {"accuracy": 0.97}
     assert set(meta["versions"]) == {"sklearn", "numpy", "joblib", "python"}
@@ -114,15 +129,24 @@ def test_training_and_evaluation_rows_are_recorded_by_sha256(synthetic_cache, tm
     fs = synthetic_cache(n_per_class=(20, 20), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train"))
     train, test, setup = select_split(fs)
     estimator, info = fit_head(fs.X[train], fs.y[train], "logreg")
-    meta = save_head(estimator, tmp_path / "h.joblib", feature_set=fs, metrics={}, params=info, train_rows=train,
-                     evaluation_rows=test, evaluation_setup=setup)
+    meta = save_head(
+        estimator,
+        tmp_path / "h.joblib",
+        feature_set=fs,
+        metrics={},
+        params=info,
+        train_rows=train,
+        evaluation_rows=test,
+        evaluation_setup=setup,
+    )
     assert meta["training"]["rows"] == len(train) and meta["training"]["sha256"] == sorted(fs.sha256[train])
     assert meta["evaluation"] == {"rows": len(test), "setup": setup, "sha256": sorted(fs.sha256[test])}
     assert load_head(tmp_path / "h.joblib")[1] == meta
 
 
-def test_fit_head_saves_a_head_that_predicts_class_names_and_older_index_heads_still_work(synthetic, cache_writer,
-                                                                                         tmp_path):
+def test_fit_head_saves_a_head_that_predicts_class_names_and_older_index_heads_still_work(
+    synthetic, cache_writer, tmp_path
+):
     from tlpipe.features.cache import read_feature_set
     from tlpipe.pipeline.artifacts import head_labels
     from tlpipe.pipeline.evaluate import evaluate_head
@@ -149,8 +173,15 @@ def test_fit_head_saves_a_head_that_predicts_class_names_and_older_index_heads_s
     # a head saved before (fitted on label indices) loads and is named through its sidecar
     train = np.flatnonzero(np.isin(fs.sha256, meta["training"]["sha256"]))
     old, _ = fit_head(fs.X[train], fs.y[train], "svm")
-    old_meta = save_head(old, tmp_path / "old.joblib", feature_set=fs, metrics={}, params={}, train_rows=train,
-                         evaluation_rows=np.setdiff1d(np.arange(len(fs)), train))
+    old_meta = save_head(
+        old,
+        tmp_path / "old.joblib",
+        feature_set=fs,
+        metrics={},
+        params={},
+        train_rows=train,
+        evaluation_rows=np.setdiff1d(np.arange(len(fs)), train),
+    )
     loaded, old_meta = load_head(tmp_path / "old.joblib")
     assert old_meta["head"]["predicts"] == "label indices" and list(loaded.classes_) == [0, 1, 2]
     assert head_labels(loaded, old_meta) == list(fs.class_names) == old_meta["labels"]

@@ -1,11 +1,12 @@
 """`tlpipe bench`: a real sweep on a tiny backbone (ONNX Runtime fp32 + int8, Keras, decoding), table and JSON."""
+
 import json
 
 import numpy as np
 import pytest
 
-from tlpipe.pipeline.bench import BenchReport, Timing, format_report, machine_facts, run_bench, time_batches, verdict
 from tests.pipeline.test_cli import tlpipe
+from tlpipe.pipeline.bench import BenchReport, Timing, format_report, machine_facts, run_bench, time_batches, verdict
 
 
 def test_time_batches_counts_every_timed_call():
@@ -35,15 +36,27 @@ def test_time_batches_from_several_streams_at_once():
 
 
 def test_sweep_on_a_tiny_backbone(model_store, tiny_entry):
-    report = run_bench("mobilenet_v2_0.35", weights="none", size=64, store=model_store, precisions=["int8"],
-                       batch_sizes=[1, 4], threads=[1, 2], min_seconds=0.05, sample=24)
+    report = run_bench(
+        "mobilenet_v2_0.35",
+        weights="none",
+        size=64,
+        store=model_store,
+        precisions=["int8"],
+        batch_sizes=[1, 4],
+        threads=[1, 2],
+        min_seconds=0.05,
+        sample=24,
+    )
     assert report.key == tiny_entry.key
     from tlpipe.backbones.runtime import default_streams, physical_cores
 
     onnx_rows = [t for t in report.timings if t.engine == "onnxruntime"]
-    configs = {(1, 1), (1, 2)} | ({(default_streams(), physical_cores() // default_streams())} if physical_cores() >= 2 else set())
+    configs = {(1, 1), (1, 2)} | (
+        {(default_streams(), physical_cores() // default_streams())} if physical_cores() >= 2 else set()
+    )
     assert {(t.precision, t.batch, t.streams, t.threads) for t in onnx_rows} == {
-        (p, b, s, n) for p in ("fp32", "int8") for b in (1, 4) for s, n in configs}
+        (p, b, s, n) for p in ("fp32", "int8") for b in (1, 4) for s, n in configs
+    }
     keras_rows = [t for t in report.timings if t.engine == "keras"]
     assert [t.batch for t in keras_rows] == [1, 4]
     assert all(t.images_per_s > 0 and t.p50_ms <= t.p95_ms and t.batches >= 3 for t in report.timings)
@@ -57,10 +70,19 @@ def test_sweep_on_a_tiny_backbone(model_store, tiny_entry):
 
 def _report(int8_rate: float, vnni: str | None) -> BenchReport:
     machine = {**machine_facts(), "int8_dot_product": vnni}
-    report = BenchReport("b", "k", 224, machine, "cpu", decode={"images": 8, "threads_1_img_s": 1000.0},
-                         variants={"int8": {"mean_cosine": 0.995}})
-    report.timings = [Timing("onnxruntime", "fp32", 8, 2, 100.0, 1, 2, 3),
-                      Timing("onnxruntime", "int8", 8, 2, int8_rate, 1, 2, 3)]
+    report = BenchReport(
+        "b",
+        "k",
+        224,
+        machine,
+        "cpu",
+        decode={"images": 8, "threads_1_img_s": 1000.0},
+        variants={"int8": {"mean_cosine": 0.995}},
+    )
+    report.timings = [
+        Timing("onnxruntime", "fp32", 8, 2, 100.0, 1, 2, 3),
+        Timing("onnxruntime", "int8", 8, 2, int8_rate, 1, 2, 3),
+    ]
     return report
 
 
@@ -73,10 +95,41 @@ def test_verdict_says_when_int8_is_slower_and_keeps_fp32():
 
 
 def test_cli_json_and_bad_input(tmp_path, model_store, tiny_entry):
-    proc = tlpipe("bench", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "--batch", "2",
-                  "--threads", "1", "--seconds", "0", "--no-keras", "--json", "--store", model_store.root, check=True)
+    proc = tlpipe(
+        "bench",
+        "--backbone",
+        "mobilenet_v2_0.35",
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--seconds",
+        "0",
+        "--no-keras",
+        "--json",
+        "--store",
+        model_store.root,
+        check=True,
+    )
     data = json.loads(proc.stdout)
-    assert data["key"] == tiny_entry.key and {(t["batch"], t["threads"]) for t in data["timings"] if t["streams"] == 1} == {(2, 1)}
-    bad = tlpipe("bench", "--backbone", "mobilenet_v2_0.35", "--weights", "none", "--size", "64", "-p", "int4",
-                 "--store", model_store.root)
+    assert data["key"] == tiny_entry.key and {
+        (t["batch"], t["threads"]) for t in data["timings"] if t["streams"] == 1
+    } == {(2, 1)}
+    bad = tlpipe(
+        "bench",
+        "--backbone",
+        "mobilenet_v2_0.35",
+        "--weights",
+        "none",
+        "--size",
+        "64",
+        "-p",
+        "int4",
+        "--store",
+        model_store.root,
+    )
     assert bad.returncode == 2 and "precision" in bad.stderr

@@ -1,4 +1,5 @@
 """The command line as a user meets it: fast --help, heads without TF/ORT, one-line errors, exit codes."""
+
 import json
 import os
 import subprocess
@@ -7,22 +8,28 @@ import textwrap
 
 import pytest
 
-from tlpipe.features.extract import extract
 from tests.conftest import ROOT
+from tlpipe.features.extract import extract
 
 HEAVY = ("tensorflow", "keras", "onnxruntime", "sklearn", "h5py", "tf2onnx", "matplotlib")
 
 
 def tlpipe(*args, env=None, check=False):
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})},
+        cwd=ROOT,
+    )
     if check and proc.returncode:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc
 
 
 def test_help_imports_nothing_heavy():
-    code = textwrap.dedent("""
+    code = textwrap.dedent(
+        """
         import sys
         from tlpipe.pipeline.cli import app
         try:
@@ -30,9 +37,16 @@ def test_help_imports_nothing_heavy():
         except SystemExit:
             pass
         print(sorted(m for m in sys.modules if m.split(".")[0] in %r))
-    """ % (HEAVY,))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    """
+        % (HEAVY,)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert "--model" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
 
@@ -56,8 +70,20 @@ def test_heads_commands_run_without_tensorflow_or_onnxruntime(tmp_path, cache):
     fitted = tlpipe("fit-head", cache, "--model", "svm", "--out", head, env=env, check=True)
     assert "held-out: accuracy" in fitted.stdout and head.exists() and (tmp_path / "svm.joblib.json").exists()
     best = tmp_path / "best.joblib"
-    compared = tlpipe("compare", cache, "--models", "logreg,svm", "--cv", "3", "--report", tmp_path / "report",
-                      "--save-best", best, env=env, check=True)
+    compared = tlpipe(
+        "compare",
+        cache,
+        "--models",
+        "logreg,svm",
+        "--cv",
+        "3",
+        "--report",
+        tmp_path / "report",
+        "--save-best",
+        best,
+        env=env,
+        check=True,
+    )
     assert "best:" in compared.stdout and "why:" in compared.stdout and (tmp_path / "report" / "report.md").exists()
     assert "held-out:" in compared.stdout and (tmp_path / "report" / "misclassified.png").exists()
     sidecar = json.loads((tmp_path / "best.joblib.json").read_text())
@@ -69,7 +95,11 @@ def test_heads_commands_run_without_tensorflow_or_onnxruntime(tmp_path, cache):
     assert "recorded hold-out" in tlpipe("evaluate", best, cache, env=env, check=True).stdout
     # rows the head was trained on: refused in one line, unless asked for
     leaked = tlpipe("evaluate", head, cache, "--split", "all", env=env)
-    assert leaked.returncode == 2 and leaked.stderr.startswith("error:") and "were used to train this head" in leaked.stderr
+    assert (
+        leaked.returncode == 2
+        and leaked.stderr.startswith("error:")
+        and "were used to train this head" in leaked.stderr
+    )
     allowed = tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", env=env, check=True)
     trained = json.loads((tmp_path / "svm.joblib.json").read_text())["training"]["rows"]
     assert f"{trained} of which the head was trained on" in allowed.stdout
@@ -100,7 +130,9 @@ def test_errors_are_one_line(tmp_path, cache, tiny_entry):
 
 def test_strict_exit_code(tmp_path, tiny_entry, photo_folder):
     (photo_folder / "china" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    proc = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory, "--strict", "--quiet")
+    proc = tlpipe(
+        "extract", photo_folder, "--out", tmp_path / "c.h5", "--model", tiny_entry.directory, "--strict", "--quiet"
+    )
     assert proc.returncode == 3
     ok = tlpipe("extract", photo_folder, "--out", tmp_path / "c.h5", "--backbone", tiny_entry.directory)
     assert ok.returncode == 0 and "1 failed" in ok.stdout and "broken.jpg" in ok.stderr

@@ -1,6 +1,7 @@
 """The command line's conventions and its output for people and programs (issue 16, items 2 and 3):
 --version, -h, help for every option that is never cut at 80 columns, plain lines when piped, --json on
 every command that summarises a run, and the documented exit codes."""
+
 import json
 import os
 import re
@@ -19,8 +20,13 @@ BOX = re.compile("[\u2500-\u257f]")  # box drawing characters
 
 def tlpipe(*args, columns=80, check=False):
     """Run the CLI in a real process with stdout a pipe (not a terminal)."""
-    proc = subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(columns)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": str(columns)},
+    )
     if check and proc.returncode:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc
@@ -54,7 +60,9 @@ def test_every_option_has_help():
 
 def test_readme_lists_every_command_with_its_options():
     readme = (ROOT / "README.md").read_text()
-    assert command_table() in readme, "README's command table is stale: python -m tests.pipeline.test_cli_output prints it"
+    assert command_table() in readme, (
+        "README's command table is stale: python -m tests.pipeline.test_cli_output prints it"
+    )
 
 
 def test_one_meaning_per_option():
@@ -66,8 +74,14 @@ def test_one_meaning_per_option():
             assert name == "fit-head" and "logreg" in by_name["--model"].help
         if "--head" in by_name:
             assert "fit-head" in by_name["--head"].help or "Warm-start" in by_name["--head"].help
-        for opt, short, default in (("--out", "-o", None), ("--quiet", "-q", False), ("--n-jobs", "-j", None),
-                                    ("--device", None, "auto"), ("--batch-size", None, None), ("--json", None, False)):
+        for opt, short, default in (
+            ("--out", "-o", None),
+            ("--quiet", "-q", False),
+            ("--n-jobs", "-j", None),
+            ("--device", None, "auto"),
+            ("--batch-size", None, None),
+            ("--json", None, False),
+        ):
             if opt in by_name:
                 p = by_name[opt]
                 assert short is None or short in p.opts, (name, opt)
@@ -75,13 +89,14 @@ def test_one_meaning_per_option():
     assert "--classifier" in [o for p in options(commands()["score"]) for o in p.opts]
 
 
-
 def test_old_spellings_work_with_one_deprecation_line(tmp_path, cache, tiny_entry):
     old = tlpipe("extract", cache.parent / "photos", "--out", tmp_path / "o.h5", "--model", tiny_entry.directory, "-q")
     assert old.returncode == 0 and (tmp_path / "o.h5").exists()
     warnings = [line for line in old.stderr.splitlines() if "deprecated" in line]
-    assert warnings == ["warning: extract --model is deprecated and will be removed in the next release; use "
-                        "--backbone (a registry name, store key or folder)"]
+    assert warnings == [
+        "warning: extract --model is deprecated and will be removed in the next release; use "
+        "--backbone (a registry name, store key or folder)"
+    ]
     head = tmp_path / "h.joblib"
     tlpipe("fit-head", cache, "--out", head, check=True)
     by_option = tlpipe("evaluate", cache, "--head", head, "--split", "all", "--allow-train-rows", "--json", check=True)
@@ -89,7 +104,9 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path, cache, tiny_entr
     assert json.loads(by_option.stdout)["accuracy"] == json.loads(by_position.stdout)["accuracy"]
     both = tlpipe("evaluate", head, cache, "--head", head)
     assert both.returncode == 2 and "give the head once" in both.stderr
-    classifier = tlpipe("score", cache.parent / "photos", "--model", tmp_path / "missing.onnx", "--out", tmp_path / "s.csv")
+    classifier = tlpipe(
+        "score", cache.parent / "photos", "--model", tmp_path / "missing.onnx", "--out", tmp_path / "s.csv"
+    )
     assert classifier.returncode == 2 and "score --model is deprecated" in classifier.stderr
     assert "missing.onnx does not exist" in classifier.stderr
 
@@ -102,11 +119,18 @@ def test_help_at_80_columns_is_never_cut():
     """Every command's --help (and -h) at COLUMNS=80: no line over 80, no ellipsis, and markup-like text kept."""
     names = list(commands())
     assert {"extract", "score", "bench"} <= set(names)
-    code = ("import sys\nfrom tlpipe.pipeline.cli import app\nfor args in %r:\n    print('=== ' + ' '.join(args))\n"
-            "    try:\n        app(args, prog_name='tlpipe')\n    except SystemExit:\n        pass\n"
-            % ([["-h"]] + [[name, "--help"] for name in names] + [[names[0], "-h"]],))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"})
+    code = (
+        "import sys\nfrom tlpipe.pipeline.cli import app\nfor args in %r:\n    print('=== ' + ' '.join(args))\n"
+        "    try:\n        app(args, prog_name='tlpipe')\n    except SystemExit:\n        pass\n"
+        % ([["-h"]] + [[name, "--help"] for name in names] + [[names[0], "-h"]],)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80"},
+    )
     text = proc.stdout
     assert text.count("=== ") == len(names) + 2 and text.count("Usage: tlpipe") == len(names) + 2, text[-2000:]
     long = [line for line in text.splitlines() if len(line) > 80]
@@ -151,21 +175,56 @@ def test_json_on_every_summarising_command(tmp_path, cache, tiny_entry):
     store, photos = tiny_entry.directory.parent, cache.parent / "photos"
     info = json.loads(tlpipe("info", cache, "--json", check=True).stdout)
     assert info["images"] == 16 and len(info["failures"]) == 1
-    ran = json.loads(tlpipe("extract", photos, "--out", tmp_path / "c.h5", "--backbone", tiny_entry.directory,
-                            "--json", "-q", check=True).stdout)
-    assert ran["total"] == 17 and ran["embedded"] == 16 and ran["failed"] == 1 and ran["key"] == tiny_entry.key + "-filter-bilinear"
+    ran = json.loads(
+        tlpipe(
+            "extract",
+            photos,
+            "--out",
+            tmp_path / "c.h5",
+            "--backbone",
+            tiny_entry.directory,
+            "--json",
+            "-q",
+            check=True,
+        ).stdout
+    )
+    assert (
+        ran["total"] == 17
+        and ran["embedded"] == 16
+        and ran["failed"] == 1
+        and ran["key"] == tiny_entry.key + "-filter-bilinear"
+    )
     head = tmp_path / "h.joblib"
     fitted = json.loads(tlpipe("fit-head", cache, "--model", "logreg", "--out", head, "--json", check=True).stdout)
     assert fitted["path"] == str(head) and 0 <= fitted["evaluation"]["accuracy"] <= 1
     compared = json.loads(tlpipe("compare", cache, "--models", "logreg,svm", "--cv", "2", "--json", check=True).stdout)
     assert {h["name"] for h in compared["heads"]} == {"logreg", "svm"} and compared["best"] in ("logreg", "svm")
-    evaluated = json.loads(tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", "--json", check=True).stdout)
+    evaluated = json.loads(
+        tlpipe("evaluate", head, cache, "--split", "all", "--allow-train-rows", "--json", check=True).stdout
+    )
     assert evaluated["n"] == 16 and evaluated["labels"] == ["china", "flower"]
-    scored = json.loads(tlpipe("score", photos, "--head", head, "--out", tmp_path / "p.csv", "--store", store,
-                               "--json", "-q", check=True).stdout)
+    scored = json.loads(
+        tlpipe(
+            "score", photos, "--head", head, "--out", tmp_path / "p.csv", "--store", store, "--json", "-q", check=True
+        ).stdout
+    )
     assert scored["total"] == 17 and scored["written"] == 17 and scored["failed"] == 1
-    bench = json.loads(tlpipe("bench", "--backbone", tiny_entry.directory, "--no-keras", "--batch-size", "1",
-                              "--threads", "1", "--seconds", "0", "--json", check=True).stdout)
+    bench = json.loads(
+        tlpipe(
+            "bench",
+            "--backbone",
+            tiny_entry.directory,
+            "--no-keras",
+            "--batch-size",
+            "1",
+            "--threads",
+            "1",
+            "--seconds",
+            "0",
+            "--json",
+            check=True,
+        ).stdout
+    )
     assert bench["timings"] and all(t["images_per_s"] > 0 for t in bench["timings"])
 
 
@@ -188,17 +247,37 @@ def test_exit_codes(tmp_path, cache, tiny_entry):
     assert usage.returncode == 2 and "No such option" in usage.stderr
     bad = tlpipe("info", tmp_path / "missing.h5")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
-    strict = tlpipe("extract", cache.parent / "photos", "--out", tmp_path / "s.h5", "--backbone", tiny_entry.directory,
-                    "--strict", "-q")
+    strict = tlpipe(
+        "extract",
+        cache.parent / "photos",
+        "--out",
+        tmp_path / "s.h5",
+        "--backbone",
+        tiny_entry.directory,
+        "--strict",
+        "-q",
+    )
     assert strict.returncode == 3, strict.stderr
     if hasattr(os, "mkfifo"):  # interrupted while it waits on a manifest nobody writes: 130
         import signal
         import time
 
         os.mkfifo(tmp_path / "pipe.csv")
-        waiting = subprocess.Popen([sys.executable, "-m", "tlpipe.pipeline.cli", "extract", str(tmp_path / "pipe.csv"),
-                                    "--out", str(tmp_path / "p.h5"), "-q"], cwd=ROOT, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+        waiting = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tlpipe.pipeline.cli",
+                "extract",
+                str(tmp_path / "pipe.csv"),
+                "--out",
+                str(tmp_path / "p.h5"),
+                "-q",
+            ],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         time.sleep(3)
         assert waiting.poll() is None
         waiting.send_signal(signal.SIGINT)

@@ -29,7 +29,9 @@ def test_compare_scores_every_head(compared):
     rows = fs.y >= 0
     for h in result.heads:
         # logreg's C is picked once on the cross-validated rows, as fit-head picks it; the others use defaults
-        assert h.folds == 3 and h.params == ({"C": choose_logreg_c(fs.X[rows], fs.y[rows])} if h.name == "logreg" else {})
+        assert h.folds == 3 and h.params == (
+            {"C": choose_logreg_c(fs.X[rows], fs.y[rows])} if h.name == "logreg" else {}
+        )
         assert 0.8 <= h.accuracy <= 1 and 0 <= h.accuracy_std < 0.2 and 0.7 <= h.macro_f1 <= 1
         assert 0 < h.log_loss < 1.5 and h.fit_s > 0 and h.predict_s > 0
     assert result.best == choose_best(result.heads)[0].name and result.best in result.choice
@@ -41,8 +43,18 @@ def test_compare_scores_every_head(compared):
     assert result.balance["labelled"] == 194
 
 
-REPORT_FILES = ["report.md", "results.csv", "results.json", "per_class.csv", "misclassified.csv", "comparison.png",
-                "confusion_matrix.png", "reliability.png", "misclassified.png", "embedding_map_pca.png"]
+REPORT_FILES = [
+    "report.md",
+    "results.csv",
+    "results.json",
+    "per_class.csv",
+    "misclassified.csv",
+    "comparison.png",
+    "confusion_matrix.png",
+    "reliability.png",
+    "misclassified.png",
+    "embedding_map_pca.png",
+]
 
 
 def test_report_files(compared, tmp_path):
@@ -100,7 +112,9 @@ def test_format_table(compared):
 
 
 def test_holdout_keeps_the_test_split_out_and_search(synthetic_cache):
-    fs = synthetic_cache(n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train"))
+    fs = synthetic_cache(
+        n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train")
+    )
     result = compare_heads(fs, ("logreg",), cv=3, n_jobs=1, search=True)
     assert result.rows == int(np.sum(fs.split == "train")) and "'test'" in result.setup
     (head,) = result.heads
@@ -127,16 +141,31 @@ def test_parallel_equals_serial_and_too_few_rows_are_explained(synthetic_cache):
 
 
 def _head(name, accuracy, std, loss, predict_s=0.01, folds=5):
-    return HeadResult(name=name, params={}, folds=folds, accuracy=accuracy, accuracy_std=std, macro_f1=accuracy,
-                      macro_f1_std=std, log_loss=loss, log_loss_std=0.01, fit_s=1.0, fit_s_std=0.1,
-                      predict_s=predict_s, predict_s_std=0.001)
+    return HeadResult(
+        name=name,
+        params={},
+        folds=folds,
+        accuracy=accuracy,
+        accuracy_std=std,
+        macro_f1=accuracy,
+        macro_f1_std=std,
+        log_loss=loss,
+        log_loss_std=0.01,
+        fit_s=1.0,
+        fit_s_std=0.1,
+        predict_s=predict_s,
+        predict_s_std=0.001,
+    )
 
 
 def test_best_is_the_lowest_log_loss_within_one_standard_error():
     # logreg is top; svm is within one standard error (0.02 / sqrt(4) = 0.01) and has the lower log-loss;
     # mlp has the lowest log-loss of all but is 2 standard errors behind.
-    heads = [_head("logreg", 0.95, 0.02, 0.20, folds=4), _head("svm", 0.945, 0.01, 0.15, folds=4),
-             _head("mlp", 0.93, 0.01, 0.05, folds=4)]
+    heads = [
+        _head("logreg", 0.95, 0.02, 0.20, folds=4),
+        _head("svm", 0.945, 0.01, 0.15, folds=4),
+        _head("mlp", 0.93, 0.01, 0.05, folds=4),
+    ]
     best, why = choose_best(heads)
     assert best.name == "svm"
     assert "logreg has the highest mean CV accuracy (0.9500, standard error 0.0100)" in why
@@ -155,7 +184,9 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     from tlpipe.pipeline.artifacts import load_head
     from tlpipe.pipeline.evaluate import evaluate_head
 
-    fs = synthetic_cache(n_per_class=(40, 40, 40), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train"))
+    fs = synthetic_cache(
+        n_per_class=(40, 40, 40), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train")
+    )
     result = compare_heads(fs, ("logreg", "rbf-svm"), cv=3, n_jobs=2)
     train, test = np.flatnonzero(fs.split == "train"), np.flatnonzero(fs.split == "test")
     # CV on the training rows only; the winner refitted on all of them and scored once on the test rows
@@ -216,15 +247,21 @@ def test_umap_map_when_asked_for_and_umap_learn_is_installed(synthetic, compared
     from tlpipe.pipeline.compare import _embedding_map
 
     X, y = synthetic((40, 40, 40), dim=16, seed=1, spread=6.0)
-    maps = _embedding_map(X, seed=0, methods=("pca", "umap"))  # compare_heads draws PCA; write_report(umap=True) adds UMAP
+    maps = _embedding_map(
+        X, seed=0, methods=("pca", "umap")
+    )  # compare_heads draws PCA; write_report(umap=True) adds UMAP
     assert set(maps) == {"pca", "umap"} and maps["umap"].shape == (120, 2)
     paths = write_report(compared[1], tmp_path / "report", umap=True)
     assert sorted(p.name for p in paths.values()) == sorted(REPORT_FILES + ["embedding_map_umap.png"])
     # umap-learn's import of its TensorFlow-based ParametricUMAP is skipped (seconds, unused)
-    code = ("import sys; from tlpipe.pipeline.compare import _import_umap; _import_umap(); "
-            "print('tensorflow' in sys.modules, 'umap' in sys.modules)")
+    code = (
+        "import sys; from tlpipe.pipeline.compare import _import_umap; _import_umap(); "
+        "print('tensorflow' in sys.modules, 'umap' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
-        "False", "True"]
+        "False",
+        "True",
+    ]
     # UMAP keeps well separated classes apart: each point's nearest neighbour in the map is of its class
     d = ((maps["umap"][:, None] - maps["umap"][None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
@@ -236,11 +273,28 @@ def test_the_sweep_picks_the_cheapest_pair_within_one_standard_error():
     from tlpipe.pipeline.compare import SweepRow, choose_pair
 
     def row(key, accuracy, ms, std=0.02):
-        return SweepRow(feature_key=key, head="logreg", params={}, accuracy=accuracy, accuracy_std=std, macro_f1=accuracy,
-                        fit_s=0.1, predict_s=0.01, extraction_ms=ms, feature_sets_in_pass=1, input_size=224, tta="none",
-                        layer=None)
+        return SweepRow(
+            feature_key=key,
+            head="logreg",
+            params={},
+            accuracy=accuracy,
+            accuracy_std=std,
+            macro_f1=accuracy,
+            fit_s=0.1,
+            predict_s=0.01,
+            extraction_ms=ms,
+            feature_sets_in_pass=1,
+            input_size=224,
+            tta="none",
+            layer=None,
+        )
 
-    tied = [row("288-flip", 0.9933, 12.0), row("224", 0.9930, 4.5), row("224-crops", 0.9920, 40.0), row("160", 0.95, 2.0)]
+    tied = [
+        row("288-flip", 0.9933, 12.0),
+        row("224", 0.9930, 4.5),
+        row("224-crops", 0.9920, 40.0),
+        row("160", 0.95, 2.0),
+    ]
     pick, why = choose_pair(tied, cv=5)  # se = 0.02 / sqrt(5) = 0.0089: the first three tie, 160 px does not
     assert tied[pick].feature_key == "224" and "cheapest extraction" in why and "3 pairs" in why
     clear = [row("concat", 0.75, 5.0, std=0.005), row("224", 0.72, 4.5, std=0.005)]

@@ -82,7 +82,9 @@ def test_recorded_hold_out_is_the_default_and_training_rows_are_refused(syntheti
     with pytest.raises(LeakError, match=r"72 of the 90 rows of 'all' were used to train this head.*--allow-train-rows"):
         evaluate_head(estimator, metadata, fs, split="all")
     leaky = evaluate_head(estimator, metadata, fs, split="all", allow_train_rows=True)
-    assert leaky.n == 90 and leaky.train_rows_included == 72 and "72 of which the head was trained on" in leaky.rows_used
+    assert (
+        leaky.n == 90 and leaky.train_rows_included == 72 and "72 of which the head was trained on" in leaky.rows_used
+    )
     assert leaky.to_dict()["rows_used"] == leaky.rows_used
     # a cache with a test split: that split is the default
     test_cache = read_feature_set(cache_writer(tmp_path / "split.h5", X, y, splits=_splits(y)))

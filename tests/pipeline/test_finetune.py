@@ -2,6 +2,7 @@
 the frozen/unfrozen split, the warm start reproducing a logreg head, history and curves, resuming, the
 re-exported backbone, classifier.onnx scored by `tlpipe score`, the warm start kept when training makes it
 worse, the test split, the lower backbone learning rate; plus the ../shared cats_vs_dogs check."""
+
 import json
 import time
 
@@ -81,8 +82,16 @@ def test_frozen_and_unfrozen_layers():
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         assert layer.trainable == (i >= start and not is_bn), layer.name
     trainable = {v.path.split("/")[0] for v in models.train.trainable_variables}
-    assert trainable == {"block_15_expand", "block_15_depthwise", "block_15_project", "block_16_expand",
-                         "block_16_depthwise", "block_16_project", "Conv_1", "classifier"}
+    assert trainable == {
+        "block_15_expand",
+        "block_15_depthwise",
+        "block_15_project",
+        "block_16_expand",
+        "block_16_depthwise",
+        "block_16_project",
+        "Conv_1",
+        "classifier",
+    }
     base, spec = models.base, plan.spec
     assert names[resolve_unfreeze(base, spec, "block_15_add")] == "block_15_add"  # a cut point
     assert names[resolve_unfreeze(base, spec, "block_1")] == "block_1_expand"  # a prefix, not block_10...
@@ -130,7 +139,10 @@ def test_history_curves_and_resume(tuned):
     assert all(r[k] is not None for r in rows[1:] for k in ("loss", "accuracy", "val_loss", "val_accuracy", "seconds"))
     best = min(rows, key=lambda r: r["val_loss"])  # selection by validation loss, epoch 0 included
     assert (second.best_epoch, second.best_val_loss, second.best_val_accuracy) == (
-        best["epoch"], best["val_loss"], best["val_accuracy"])
+        best["epoch"],
+        best["val_loss"],
+        best["val_accuracy"],
+    )
     assert {r["phase"] for r in rows} == {"finetune"}
     assert second.curves_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((second.out_dir / "checkpoints").glob("*.weights.h5"))) <= 2
@@ -151,8 +163,15 @@ def test_only_the_unfrozen_part_changes(tuned):
         if not all(np.array_equal(a, b) for a, b in zip(old.get_weights(), new.get_weights())):
             changed.add(old.name)
             assert not isinstance(old, keras.layers.BatchNormalization), old.name
-    assert changed == {"block_15_expand", "block_15_depthwise", "block_15_project", "block_16_expand",
-                       "block_16_depthwise", "block_16_project", "Conv_1"}
+    assert changed == {
+        "block_15_expand",
+        "block_15_depthwise",
+        "block_15_project",
+        "block_16_expand",
+        "block_16_depthwise",
+        "block_16_project",
+        "Conv_1",
+    }
 
 
 def test_reexported_backbone_extracts(tiny, tuned, model_store, tiny_entry):
@@ -163,8 +182,9 @@ def test_reexported_backbone_extracts(tiny, tuned, model_store, tiny_entry):
     assert entry.metadata["unfreeze_from"] == "block_15_expand"
     assert entry.metadata["weights"]["sha256"] == sha256_file(weights)
     assert plan_export(**{**TINY, "weights": weights}).key == entry.key  # what `tlpipe export --weights` would key
-    summary = extract(tiny["photos"], tiny["root"] / "tuned.h5", model=str(second.out_dir), store=model_store,
-                      device="cpu")
+    summary = extract(
+        tiny["photos"], tiny["root"] / "tuned.h5", model=str(second.out_dir), store=model_store, device="cpu"
+    )
     assert summary.key == f"{entry.key}-filter-bilinear" and summary.embedded == 24 and not summary.failures
     assert read_feature_set(tiny["root"] / "tuned.h5").metadata["finetuned_from"]["key"] == tiny_entry.key
 
@@ -205,8 +225,17 @@ def test_classifier_onnx_matches_keras(tiny, tuned):
 
 def test_balanced_class_weights_without_head(tiny, model_store):
     """No head, no augmentation, class weights, the default unfreeze point (the last block)."""
-    result = finetune(tiny["photos"], tiny["root"] / "plain", **TINY, epochs=1, batch_size=8, augment=False,
-                      class_weight="balanced", store=model_store, progress=False)
+    result = finetune(
+        tiny["photos"],
+        tiny["root"] / "plain",
+        **TINY,
+        epochs=1,
+        batch_size=8,
+        augment=False,
+        class_weight="balanced",
+        store=model_store,
+        progress=False,
+    )
     rows = read_history(result.history_path)
     assert result.warm_start_val_accuracy is None and [r["epoch"] for r in rows] == [0, 1]
     assert result.unfreeze_from == result.backbone_entry.metadata["unfreeze_from"] == "block_16_expand"
@@ -221,8 +250,18 @@ def test_warm_start_kept_when_training_makes_it_worse(tiny, model_store, tiny_en
     root = tiny["root"] / "splits"
     write_photo_folder(root / "train", per_class=6, seed=1)
     write_photo_folder(root / "test", per_class=3, seed=2)
-    result = finetune(root, tiny["root"] / "too-fast", **TINY, head=tiny["head"], epochs=1, batch_size=4,
-                      learning_rate=0.5, augment=False, store=model_store, progress=False)
+    result = finetune(
+        root,
+        tiny["root"] / "too-fast",
+        **TINY,
+        head=tiny["head"],
+        epochs=1,
+        batch_size=4,
+        learning_rate=0.5,
+        augment=False,
+        store=model_store,
+        progress=False,
+    )
     rows = read_history(result.history_path)
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["val_loss"] > rows[0]["val_loss"]
     assert result.best_epoch == 0 and result.best_val_loss == rows[0]["val_loss"]
@@ -252,8 +291,10 @@ def test_backbone_learning_rate_scales_the_backbone_steps():
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(0, 1, (16, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
-    slow, fast = keras.layers.Dense(8, activation="relu", name="slow"), keras.layers.Dense(2, activation="softmax",
-                                                                                           name="fast")
+    slow, fast = (
+        keras.layers.Dense(8, activation="relu", name="slow"),
+        keras.layers.Dense(2, activation="softmax", name="fast"),
+    )
     inputs = keras.Input((4,))
     model = keras.Model(inputs, fast(slow(inputs)))
     model.compile(optimizer=adam(1e-2, slow.trainable_variables, 1e-5), loss="sparse_categorical_crossentropy")
@@ -269,16 +310,23 @@ def test_backbone_learning_rate_scales_the_backbone_steps():
     optimizer = models.train.optimizer
     assert optimizer.ratio == pytest.approx(1e-2)
     assert optimizer.slow_paths == {v.path for v in models.base.trainable_variables}
-    assert {p.split("/")[0] for p in optimizer.slow_paths} == {"block_16_expand", "block_16_depthwise",
-                                                               "block_16_project", "Conv_1"}
+    assert {p.split("/")[0] for p in optimizer.slow_paths} == {
+        "block_16_expand",
+        "block_16_depthwise",
+        "block_16_project",
+        "Conv_1",
+    }
 
 
 def test_split_records():
     from tlpipe.features.sources import ImageRecord
 
     def records(split, n=4):
-        return [ImageRecord(f"{split}/{c}{i}.jpg", f"/x/{split}/{c}{i}.jpg", c, split if split != "none" else None)
-                for c in "ab" for i in range(n)]
+        return [
+            ImageRecord(f"{split}/{c}{i}.jpg", f"/x/{split}/{c}{i}.jpg", c, split if split != "none" else None)
+            for c in "ab"
+            for i in range(n)
+        ]
 
     both = split_records(records("train") + records("val") + records("test"))
     assert {r.split for r in both.train} == {"train"} and {r.split for r in both.val} == {"val"}
@@ -335,13 +383,24 @@ def test_cats_vs_dogs_finetune_keeps_accuracy(cats_dogs_cache, model_store, tmp_
     head = tmp_path / "logreg.joblib"
     trained = train_head(cats_dogs_cache, "logreg", head)
     started = time.perf_counter()
-    result = finetune(manifest, tmp_path / "run", backbone="mobilenet_v2", weights=weights, head=head,
-                      unfreeze_from="block_16", epochs=1, store=model_store, progress=False)
+    result = finetune(
+        manifest,
+        tmp_path / "run",
+        backbone="mobilenet_v2",
+        weights=weights,
+        head=head,
+        unfreeze_from="block_16",
+        epochs=1,
+        store=model_store,
+        progress=False,
+    )
     rows = read_history(result.history_path)
-    print(f"\ncats_vs_dogs fine-tune: warm start val loss {rows[0]['val_loss']:.4f} (eval {rows[0]['seconds']:.1f} s), "
-          f"epoch 1 {rows[1]['val_loss']:.4f}, epoch time {rows[1]['seconds']:.1f} s; test accuracy "
-          f"{result.test.accuracy:.4f} (head {trained.evaluation.accuracy:.4f}); "
-          f"whole call {time.perf_counter() - started:.1f} s")
+    print(
+        f"\ncats_vs_dogs fine-tune: warm start val loss {rows[0]['val_loss']:.4f} (eval {rows[0]['seconds']:.1f} s), "
+        f"epoch 1 {rows[1]['val_loss']:.4f}, epoch time {rows[1]['seconds']:.1f} s; test accuracy "
+        f"{result.test.accuracy:.4f} (head {trained.evaluation.accuracy:.4f}); "
+        f"whole call {time.perf_counter() - started:.1f} s"
+    )
     assert "validate on 100" in result.setup and "'test' split (500 images)" in result.setup
     assert result.best_val_loss <= rows[0]["val_loss"]
     assert result.test.images == 500 and result.test.accuracy >= trained.evaluation.accuracy - 0.005

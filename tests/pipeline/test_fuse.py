@@ -1,5 +1,6 @@
 """Fused classifiers (backbone + head in one ONNX model): parity with the Python head for every head type,
 two and three classes, refusal when parity fails or a head cannot be converted, and scoring with them."""
+
 import dataclasses
 import json
 import shutil
@@ -9,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.conftest import score_with_head_and_fused, write_photo_folder
 from tlpipe.features.cache import read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.pipeline.artifacts import save_head
 from tlpipe.pipeline.fuse import FuseError, export_model
 from tlpipe.pipeline.heads import HEADS, make_head
-from tests.conftest import score_with_head_and_fused, write_photo_folder
 
 
 @pytest.fixture(scope="module")

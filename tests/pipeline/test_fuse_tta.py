@@ -4,6 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.conftest import score_with_head_and_fused, write_photo_folder
 from tlpipe.backbones.tta import make_views
 from tlpipe.features.cache import read_feature_set
 from tlpipe.features.extract import extract
@@ -11,7 +12,6 @@ from tlpipe.features.images import load_image
 from tlpipe.pipeline.artifacts import save_head
 from tlpipe.pipeline.fuse import export_model
 from tlpipe.pipeline.heads import make_head
-from tests.conftest import score_with_head_and_fused, write_photo_folder
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 def test_fused_classifier_and_score_apply_the_tta_views(tmp_path, model_store, tiny_entry):
     photos = write_photo_folder(tmp_path / "photos", per_class=8)
     cache = tmp_path / "cache.h5"
-    summary = extract(photos, cache, backbone="mobilenet_v2_0.35", weights="none", size=64, tta="flip+crops",
-                      store=model_store)
+    summary = extract(
+        photos, cache, backbone="mobilenet_v2_0.35", weights="none", size=64, tta="flip+crops", store=model_store
+    )
     fs = read_feature_set(cache)
     assert "flip_crops" in fs.key and fs.metadata["input_size"] == 73 and summary.embedded == 16
     head = tmp_path / "logreg.joblib"

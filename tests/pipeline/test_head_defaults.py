@@ -1,4 +1,5 @@
 """The logreg head's default: C picked by an internal 3-fold CV over LOGREG_CS, adapting to the data."""
+
 import numpy as np
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 

@@ -13,8 +13,20 @@ from sklearn.preprocessing import FunctionTransformer
 
 from tlpipe.features.cache import read_feature_set
 from tlpipe.pipeline import heads
-from tlpipe.pipeline.heads import (HEADS, class_balance, cross_validate, fit, fit_head, grid_points, head_name, make_head,
-                            resolve_pca, search_space, select_split, summarize)
+from tlpipe.pipeline.heads import (
+    HEADS,
+    class_balance,
+    cross_validate,
+    fit,
+    fit_head,
+    grid_points,
+    head_name,
+    make_head,
+    resolve_pca,
+    search_space,
+    select_split,
+    summarize,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,8 +45,9 @@ def test_head_is_a_real_estimator(name, separable):
     twin = clone(head)
     assert twin.get_params(deep=False).keys() == head.get_params(deep=False).keys()
     # logreg without an explicit C picks it from its grid Cs by internal CV (LogisticRegressionCV)
-    key = {"logreg": "logreg__Cs", "svm": "svm__estimator__C", "rbf-svm": "rbf_svm__estimator__C",
-           "mlp": "mlp__alpha"}[name]
+    key = {"logreg": "logreg__Cs", "svm": "svm__estimator__C", "rbf-svm": "rbf_svm__estimator__C", "mlp": "mlp__alpha"}[
+        name
+    ]
     value = [0.5] if name == "logreg" else 0.5
     twin.set_params(**{key: value})
     assert twin.get_params()[key] == value and head.get_params()[key] != value
@@ -108,7 +121,9 @@ def test_warm_started_c_path_matches_cold_fits(separable, monkeypatch):
 
 
 def test_select_split_uses_the_split_column(synthetic_cache):
-    fs = synthetic_cache(n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train"))
+    fs = synthetic_cache(
+        n_per_class=(30, 30, 30), splits=lambda y: np.where(np.arange(len(y)) % 4 == 0, "test", "train")
+    )
     train, test, description = select_split(fs)
     assert set(fs.split[train]) == {"train"} and set(fs.split[test]) == {"test"}
     assert len(train) + len(test) == len(fs)
@@ -167,7 +182,8 @@ def test_core_modules_never_import_tensorflow_or_onnxruntime(tmp_path):
     for module in ("tensorflow", "onnxruntime"):
         (blocked / module).mkdir(parents=True)
         (blocked / module / "__init__.py").write_text(
-            f"import os\nopen(os.environ['BLOCK_LOG'], 'a').write('{module}\\n')\nraise ImportError('blocked for test')\n")
+            f"import os\nopen(os.environ['BLOCK_LOG'], 'a').write('{module}\\n')\nraise ImportError('blocked for test')\n"
+        )
     script = textwrap.dedent("""
         import sys
         import numpy as np
@@ -188,8 +204,14 @@ def test_core_modules_never_import_tensorflow_or_onnxruntime(tmp_path):
         assert "tensorflow" not in sys.modules and "onnxruntime" not in sys.modules, "imported"
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(ROOT)]), "BLOCK_LOG": str(log)}
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "head.joblib")], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "head.joblib")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert not log.exists(), f"tried to import: {log.read_text()}"
     # the blocker itself works: importing tensorflow there fails and is recorded
@@ -201,17 +223,18 @@ def test_core_modules_never_import_tensorflow_or_onnxruntime(tmp_path):
 # the same steps (with scikit-learn's own classifier) fails it too; test_heads_pass_check_estimator proves that.
 PIPELINE_FAILURES = {
     "check_estimators_overwrite_params": "Pipeline.fit fits the estimators held in its `steps` parameter in place, "
-                                         "so that parameter holds fitted objects afterwards",
+    "so that parameter holds fitted objects afterwards",
     "check_dont_overwrite_parameters": "same cause: `steps` (a public attribute) changes during fit",
 }
 MLP_FAILURES = {
     "check_classifiers_one_label": "MLPClassifier with early stopping first makes a stratified validation split; "
-                                   "with one class that split's error is raised, not the 'one class' message the "
-                                   "check looks for",
+    "with one class that split's error is raised, not the 'one class' message the "
+    "check looks for",
 }
 if tuple(int(v) for v in __import__("sklearn").__version__.split(".")[:2]) < (1, 9):
-    MLP_FAILURES["check_classifiers_classes"] = ("scikit-learn 1.8's MLPClassifier early stopping scores string labels "
-                                                 "with np.isnan (TypeError); fixed in 1.9")
+    MLP_FAILURES["check_classifiers_classes"] = (
+        "scikit-learn 1.8's MLPClassifier early stopping scores string labels with np.isnan (TypeError); fixed in 1.9"
+    )
 
 
 @pytest.mark.parametrize("name", HEADS)
@@ -231,7 +254,9 @@ def test_heads_pass_check_estimator(name):
     assert failed == set(), failed  # everything else passes
     assert {r["check_name"] for r in results if r["status"] == "xfail"} == set(expected)  # and these really fail
     # ... and fail for the plain Pipeline of the same steps with scikit-learn's own classifier too
-    plain = Pipeline([(k, MLPClassifier(**v.get_params()) if isinstance(v, heads.MLPHead) else v) for k, v in head.steps])
+    plain = Pipeline(
+        [(k, MLPClassifier(**v.get_params()) if isinstance(v, heads.MLPHead) else v) for k, v in head.steps]
+    )
     for check in expected:
         with warnings.catch_warnings(), pytest.raises((AssertionError, ValueError, TypeError)):
             warnings.simplefilter("ignore")

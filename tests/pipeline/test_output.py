@@ -1,4 +1,5 @@
 """pipeline/output.py: plain lines when stdout is not a terminal, rich tables when it is, one JSON document."""
+
 import io
 import json
 import math
@@ -21,8 +22,15 @@ def test_plain_when_not_a_terminal():
     rich_table.add_row("svm *", "C=0.1, class_weight=balanced, pca=256")
     out.print(rich_table)  # any rich table prints as plain lines too
     assert buffer.getvalue().splitlines() == [
-        "x" * 100 + " 62,720", "# T", "name\tdim", "mobilenet_v2\t62,720", "a b\t3",
-        "# cv", "head\tparams", "svm *\tC=0.1, class_weight=balanced, pca=256"]
+        "x" * 100 + " 62,720",
+        "# T",
+        "name\tdim",
+        "mobilenet_v2\t62,720",
+        "a b\t3",
+        "# cv",
+        "head\tparams",
+        "svm *\tC=0.1, class_weight=balanced, pca=256",
+    ]
 
 
 def test_rich_on_a_terminal_folds_and_keeps_numbers_whole():

@@ -1,4 +1,5 @@
 """Quality on real photos (../shared): a preprocessing or conversion bug shows up here as a drop toward chance."""
+
 import pytest
 
 from tlpipe.features.cache import read_feature_set

@@ -1,5 +1,6 @@
 """Batch scoring end to end with real ONNX sessions: output formats, error rows, resume (after a cut tail and
 after SIGKILL), cache reuse, scoring a cache, and one preprocessing path shared with extraction."""
+
 import csv
 import json
 import os
@@ -14,12 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tests.conftest import ROOT, write_photo_folder
 from tlpipe.features.cache import CacheError, CacheWriter, read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.pipeline.artifacts import save_head
 from tlpipe.pipeline.heads import make_head
 from tlpipe.pipeline.score import CsvOutput, ScoreError, score
-from tests.conftest import ROOT, write_photo_folder
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def trained(tmp_path_factory, tiny_entry, model_store):
     fs = read_feature_set(cache)
     estimator = make_head("logreg").fit(fs.X, fs.y)
     save_head(estimator, root / "logreg.joblib", feature_set=fs, metrics={}, params={})
-    return SimpleNamespace(photos=photos, cache=cache, fs=fs, estimator=estimator, head=root / "logreg.joblib",
-                           store=model_store)
+    return SimpleNamespace(
+        photos=photos, cache=cache, fs=fs, estimator=estimator, head=root / "logreg.joblib", store=model_store
+    )
 
 
 def run(source, out, t, **kw):
@@ -64,8 +66,18 @@ def test_csv_has_one_row_per_image_and_error_rows(tmp_path, trained):
     assert (summary.total, summary.scored, summary.failed, summary.already_done) == (14, 12, 2, 0)
     assert summary.images_per_second > 0
     rows = read_csv(out)
-    assert list(rows[0]) == ["path", "sha256", "true_label", "label", "probability", "top1_label", "top1_prob",
-                             "top2_label", "top2_prob", "error"]  # top_k 3 of 2 classes: two
+    assert list(rows[0]) == [
+        "path",
+        "sha256",
+        "true_label",
+        "label",
+        "probability",
+        "top1_label",
+        "top1_prob",
+        "top2_label",
+        "top2_prob",
+        "error",
+    ]  # top_k 3 of 2 classes: two
     assert all(r["true_label"] == r["path"].split("/")[0] for r in rows)  # class folders: labelled
     assert len(rows) == 14 and len({r["path"] for r in rows}) == 14
     errors = {r["path"]: r for r in rows if r["error"]}
@@ -90,8 +102,9 @@ def test_csv_jsonl_and_parquet_have_the_same_columns(tmp_path, trained):
     parquet_rows = pq.read_table(tmp_path / "scores.parquet").to_pylist()
     columns = ["path", "sha256", "true_label", "label", "probability", "top1_label", "top1_prob", "error"]
     assert list(csv_rows[0]) == list(jsonl_rows[0]) == list(parquet_rows[0]) == columns
-    assert len(jsonl_rows) == 12 and all(r["error"] is None and r["top1_label"] == r["label"] and
-                                         r["top1_prob"] == r["probability"] for r in jsonl_rows)
+    assert len(jsonl_rows) == 12 and all(
+        r["error"] is None and r["top1_label"] == r["label"] and r["top1_prob"] == r["probability"] for r in jsonl_rows
+    )
     by_path = {r["path"]: r for r in parquet_rows}
     for r in jsonl_rows:
         assert by_path[r["path"]] == r and r["true_label"] == r["path"].split("/")[0]
@@ -167,13 +180,15 @@ def test_a_row_cut_short_is_dropped_and_scored_again(tmp_path, trained, suffix):
     assert summary.already_done == (4 if suffix == ".csv" else 5) and summary.written == 12 - summary.already_done
     read = read_csv if suffix == ".csv" else read_jsonl
     got, want = (sorted(read(path), key=lambda r: r["path"]) for path in (out, reference))
+
     # the rows scored again run in other batches (3 images instead of 4): ONNX Runtime's float sums may differ
     # in the 7th digit, so probabilities are compared to 1e-6, everything else exactly
     def probabilities(row: dict) -> list[str]:
         return [k for k in row if k == "probability" or k.endswith("_prob")]
 
-    assert [{**r, **dict.fromkeys(probabilities(r))} for r in got] == \
-        [{**r, **dict.fromkeys(probabilities(r))} for r in want]
+    assert [{**r, **dict.fromkeys(probabilities(r))} for r in got] == [
+        {**r, **dict.fromkeys(probabilities(r))} for r in want
+    ]
     assert all(probabilities(r) for r in want)
     for a, b in zip(got, want):
         assert np.allclose([float(a[k]) for k in probabilities(a)], [float(b[k]) for k in probabilities(b)], atol=1e-6)

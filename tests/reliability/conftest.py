@@ -1,5 +1,6 @@
 """Shared pieces of the reliability tests: a generated corpus of hostile inputs, a trained head, and helpers to
 run tlpipe in a subprocess (to kill it, limit its file size, or race it)."""
+
 from __future__ import annotations
 
 import csv
@@ -10,10 +11,10 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -60,15 +61,19 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int, height: int) -> bytes:
     """A valid PNG header declaring ``width`` x ``height`` RGB pixels, with almost no pixel data."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def bomb_jpeg(width: int, height: int) -> bytes:
     """A small baseline JPEG whose frame header (SOF0) claims ``width`` x ``height``."""
     data = bytearray(encoded(noise(5), "JPEG"))
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -90,11 +95,15 @@ def write_corpus(root: Path) -> dict[str, Expect]:
         "china/bomb.jpg": (bomb_jpeg(12_000, 9_000), Expect("failed", "image too large")),
         VANISHING: (encoded(noise(3), "JPEG"), Expect("failed", "cannot read: No such file")),
         "flower/one_pixel.png": (encoded(Image.new("RGB", (1, 1), (10, 200, 30)), "PNG"), Expect("embedded")),
-        "flower/sixteen_bit.png": (encoded(Image.fromarray((np.arange(32 * 24, dtype=np.uint16) * 80).reshape(24, 32)),
-                                           "PNG"), Expect("embedded")),
+        "flower/sixteen_bit.png": (
+            encoded(Image.fromarray((np.arange(32 * 24, dtype=np.uint16) * 80).reshape(24, 32)), "PNG"),
+            Expect("embedded"),
+        ),
         "flower/cmyk.jpg": (encoded(noise(4, mode="CMYK"), "JPEG"), Expect("embedded")),
-        "flower/animated.gif": (encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40),
-                                Expect("embedded")),
+        "flower/animated.gif": (
+            encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40),
+            Expect("embedded"),
+        ),
         ODD_NAME: (encoded(noise(6), "PNG"), Expect("embedded")),
     }
     for relpath, (data, expect) in files.items():
@@ -154,10 +163,18 @@ def tlpipe(*args, file_size_limit: int | None = None) -> subprocess.CompletedPro
     with SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)."""
     code = "import runpy, sys; sys.argv[0] = 'tlpipe'; runpy.run_module('tlpipe.pipeline.cli', run_name='__main__')"
     if file_size_limit is not None:
-        code = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); " + code)
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=ENV, cwd=ROOT, capture_output=True,
-                          text=True, errors="backslashreplace")
+        code = (
+            "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); " + code
+        )
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:

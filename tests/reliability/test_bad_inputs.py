@@ -1,5 +1,6 @@
 """Hostile inputs, generated here: every one is recorded with a reason, skipped, and the run goes on; the valid
 odd ones (1x1, 16-bit, CMYK, animated GIF, non-UTF-8 and CSV-hostile names) are embedded and scored."""
+
 import csv
 import json
 import os
@@ -9,11 +10,20 @@ import threading
 import numpy as np
 import pytest
 
+from tests.reliability.conftest import (
+    NON_UTF8,
+    ODD_NAME,
+    VANISHING,
+    Expect,
+    display,
+    encoded,
+    noise,
+    tlpipe,
+    write_corpus,
+)
 from tlpipe.features.cache import describe, read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.pipeline.score import score
-from tests.reliability.conftest import (NON_UTF8, ODD_NAME, VANISHING, Expect, display, encoded, noise, tlpipe,
-                                        write_corpus)
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -80,12 +90,28 @@ def test_manifest_entries_that_cannot_be_read_are_recorded(tmp_path, tiny_entry,
     os.mkfifo(root / "fifo.jpg")
     os.symlink(os.devnull, root / "null.jpg")
     (tmp_path / "outside.jpg").write_bytes(encoded(noise(22), "JPEG"))
-    lines = [b"path,label", b"good.jpg,a", b"caf\xe9.jpg,b", b"folder.jpg,a", b"good.jpg/inner.jpg,a", b"missing.jpg,a",
-             b"fifo.jpg,a", b"null.jpg,b", b"nul\0byte.jpg,a", b"../outside.jpg,b", b"/etc/passwd,a"]
+    lines = [
+        b"path,label",
+        b"good.jpg,a",
+        b"caf\xe9.jpg,b",
+        b"folder.jpg,a",
+        b"good.jpg/inner.jpg,a",
+        b"missing.jpg,a",
+        b"fifo.jpg,a",
+        b"null.jpg,b",
+        b"nul\0byte.jpg,a",
+        b"../outside.jpg,b",
+        b"/etc/passwd,a",
+    ]
     manifest = root / "manifest.csv"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
-    failed = {"folder.jpg": "Is a directory", "good.jpg/inner.jpg": "Not a directory", "missing.jpg": "No such file",
-              "fifo.jpg": "not a regular file (a FIFO)", "null.jpg": "not a regular file (a device"}
+    failed = {
+        "folder.jpg": "Is a directory",
+        "good.jpg/inner.jpg": "Not a directory",
+        "missing.jpg": "No such file",
+        "fifo.jpg": "not a regular file (a FIFO)",
+        "null.jpg": "not a regular file (a device",
+    }
     skipped = {"line 9": "NUL byte", "../outside.jpg": "escapes the data root", "/etc/passwd": "escapes the data root"}
     # Should reading ever block on the FIFO again, this writer ends the read (with an empty file) instead of the
     # test hanging; the reason asserted below then differs.
@@ -107,8 +133,11 @@ def test_manifest_entries_that_cannot_be_read_are_recorded(tmp_path, tiny_entry,
     assert_reasons({r["path"]: r["error"] for r in rows if r["error"]}, failed)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="runs as root, where chmod 000 does not stop reads (the manifest "
-                                              "test covers unreadable entries that fail for root too)")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="runs as root, where chmod 000 does not stop reads (the manifest "
+    "test covers unreadable entries that fail for root too)",
+)
 def test_a_file_without_read_permission_is_recorded(tmp_path, tiny_entry, photo_folder):
     locked = photo_folder / "china" / "locked.jpg"
     locked.write_bytes(encoded(noise(30), "JPEG"))
@@ -124,14 +153,28 @@ def test_the_cli_reports_bad_inputs_and_exits_by_strictness(tmp_path, tiny_entry
     expected.pop(VANISHING)
     embedded, failed = by_outcome(expected, "embedded"), by_outcome(expected, "failed")
     cache = tmp_path / "cache.h5"
-    proc = tlpipe("extract", tmp_path / "corpus", "--out", cache, "--backbone", tiny_entry.directory, "--batch-size", "2")
+    proc = tlpipe(
+        "extract", tmp_path / "corpus", "--out", cache, "--backbone", tiny_entry.directory, "--batch-size", "2"
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"{len(embedded)} embedded" in proc.stdout and f"{len(failed)} failed" in proc.stdout
     assert all(f"failed {path}: " in proc.stderr for path in failed)
-    strict = tlpipe("extract", tmp_path / "corpus", "--out", cache, "--backbone", tiny_entry.directory, "--strict", "-q")
+    strict = tlpipe(
+        "extract", tmp_path / "corpus", "--out", cache, "--backbone", tiny_entry.directory, "--strict", "-q"
+    )
     assert strict.returncode == 3
-    scored = tlpipe("score", tmp_path / "corpus", "--out", tmp_path / "scores.csv", "--head", head.path,
-                    "--store", head.store.root, "--device", "cpu")
+    scored = tlpipe(
+        "score",
+        tmp_path / "corpus",
+        "--out",
+        tmp_path / "scores.csv",
+        "--head",
+        head.path,
+        "--store",
+        head.store.root,
+        "--device",
+        "cpu",
+    )
     assert scored.returncode == 0, scored.stderr
     assert f"{len(embedded)} scored" in scored.stdout and f"{len(failed)} failed" in scored.stdout
     assert len(read_rows(tmp_path / "scores.csv")) == len(embedded) + len(failed)

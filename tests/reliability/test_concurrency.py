@@ -1,20 +1,21 @@
 """Two writers on one cache (the second is refused, nothing is damaged) and readers while a writer appends (every
 read succeeds and returns a consistent prefix of the final cache, growing over time)."""
+
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 import pytest
 
 import tlpipe.features.cache
+from tests.conftest import write_photo_folder
+from tests.reliability.conftest import one_line_error, python, tlpipe
 from tlpipe import features
 from tlpipe.features.cache import READ_ATTEMPTS, CacheError, describe, list_feature_sets, read_feature_set
 from tlpipe.pipeline.compare import compare_heads
-from tests.conftest import write_photo_folder
-from tests.reliability.conftest import one_line_error, python, tlpipe
 
 # extract with a slowed embedder: ``delay`` seconds per batch, and after the first batch it waits while ``gate``
 # exists, so the test decides how long the writer holds the cache
@@ -141,8 +142,11 @@ def small_cache(tmp_path) -> Path:
     path = tmp_path / "c.h5"
     with CacheWriter(path) as writer:
         writer.ensure_feature_set("k", 3)
-        writer.add("k", [ImageRow(f"a/{i}.jpg", f"{i:064x}", "a", None, 1, 1) for i in range(4)],
-                   np.arange(12, dtype=np.float32).reshape(4, 3))
+        writer.add(
+            "k",
+            [ImageRow(f"a/{i}.jpg", f"{i:064x}", "a", None, 1, 1) for i in range(4)],
+            np.arange(12, dtype=np.float32).reshape(4, 3),
+        )
     return path
 
 

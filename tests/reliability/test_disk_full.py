@@ -1,6 +1,7 @@
 """A full disk: a per-process file size limit (RLIMIT_FSIZE, writes fail with EFBIG), a small tmpfs where it can be
 mounted (ENOSPC), and a simulated refusal. Expected: one clear error line, exit code 2, the cache / output left at
 its last complete state, and a re-run with space completes it to the uninterrupted result."""
+
 import errno
 import os
 import shutil
@@ -11,12 +12,12 @@ import numpy as np
 import pytest
 
 import tlpipe.features.cache
+from tests.conftest import write_photo_folder
+from tests.reliability.conftest import one_line_error, parse_output, same_rows, tlpipe
 from tlpipe import features
 from tlpipe.features.cache import CacheError, CacheWriter, ImageRow, describe, read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.pipeline.score import score
-from tests.conftest import write_photo_folder
-from tests.reliability.conftest import one_line_error, parse_output, same_rows, tlpipe
 
 
 @pytest.fixture
@@ -56,8 +57,9 @@ def test_extract_on_a_full_disk_fails_cleanly_and_resumes(tmp_path, tiny_entry, 
     else:
         limit = {"creating": 4_000, "first batch": 100_000}[when]
     out = tmp_path / "cache.h5"
-    proc = tlpipe("extract", photos, "--out", out, "--backbone", model, "--batch-size", "2", "--quiet",
-                  file_size_limit=limit)
+    proc = tlpipe(
+        "extract", photos, "--out", out, "--backbone", model, "--batch-size", "2", "--quiet", file_size_limit=limit
+    )
     error = one_line_error(proc)
     if when == "creating":
         assert f"cannot create {out}: File too large" in error and not out.exists()
@@ -135,8 +137,22 @@ def test_score_on_a_full_disk_fails_cleanly_and_resumes(tmp_path, head, suffix, 
     reference, out = tmp_path / f"reference{suffix}", tmp_path / f"scores{suffix}"
     common = dict(head=head.path, store=head.store, device="cpu", batch_size=2)
     score(photos, reference, **common)
-    proc = tlpipe("score", photos, "--out", out, "--head", head.path, "--store", head.store.root, "--device", "cpu",
-                  "--batch-size", "2", "--quiet", file_size_limit=limit)
+    proc = tlpipe(
+        "score",
+        photos,
+        "--out",
+        out,
+        "--head",
+        head.path,
+        "--store",
+        head.store.root,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--quiet",
+        file_size_limit=limit,
+    )
     assert f"cannot write {out}: File too large; the rows written before are kept" in one_line_error(proc)
     if suffix == ".parquet":
         assert not out.exists() and len(list((tmp_path / f"scores{suffix}.parts").glob("part-*.parquet"))) == 7

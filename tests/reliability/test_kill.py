@@ -1,20 +1,21 @@
 """SIGKILL at random moments, 20 times each for extract and score: after every kill the cache opens (the score
 output parses) and holds a prefix of the uninterrupted result; a re-run completes to exactly that result."""
+
 import itertools
 import random
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
-from tlpipe.features.cache import CacheError, describe, list_feature_sets, read_feature_set
 from tests.conftest import write_photo_folder
 from tests.reliability.conftest import parse_output, python, same_rows
+from tlpipe.features.cache import CacheError, describe, list_feature_sets, read_feature_set
 
 KILLS = 20
 EXTRACT = """
@@ -29,8 +30,15 @@ score(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], device="cpu
 """
 
 
-def kill_loop(start: Callable[[], subprocess.Popen], progress: Callable[[], int], total: int,
-              check: Callable[[], int], reset: Callable[[], None], duration: float, seed: int) -> list[int]:
+def kill_loop(
+    start: Callable[[], subprocess.Popen],
+    progress: Callable[[], int],
+    total: int,
+    check: Callable[[], int],
+    reset: Callable[[], None],
+    duration: float,
+    seed: int,
+) -> list[int]:
     """Start a run and SIGKILL it ``KILLS`` times: alternately after a random delay (up to the uninterrupted run's
     ``duration``) and once ``progress()`` passes a random threshold above where the run started. ``check()`` runs
     after each kill and returns the rows kept; a complete result is ``reset()`` so that later kills land mid-run."""
@@ -94,7 +102,9 @@ def test_extract_killed_20_times_then_rerun_equals_uninterrupted(tmp_path, tiny_
             return 0
         paths, sha, X, y = snapshot(out)
         n = len(paths)
-        assert info["images"] == n and info["feature_sets"][f"{tiny_entry.key}-filter-bilinear"]["rows"] == n  # counts == readable rows
+        assert (
+            info["images"] == n and info["feature_sets"][f"{tiny_entry.key}-filter-bilinear"]["rows"] == n
+        )  # counts == readable rows
         assert list(paths) == list(ref_paths[:n]) and list(sha) == list(ref_sha[:n]) and np.array_equal(y, ref_y[:n])
         assert np.allclose(X, ref_X[:n], atol=1e-5)
         assert info["failures"] == ref_failures[: len(info["failures"])]
@@ -103,8 +113,9 @@ def test_extract_killed_20_times_then_rerun_equals_uninterrupted(tmp_path, tiny_
     def reset() -> None:
         out.unlink()
 
-    kept = kill_loop(lambda: python(EXTRACT, photos, out, tiny_entry.directory), committed, total, check, reset,
-                     duration, seed=9)
+    kept = kill_loop(
+        lambda: python(EXTRACT, photos, out, tiny_entry.directory), committed, total, check, reset, duration, seed=9
+    )
     assert sum(0 < n < total for n in kept) >= 5, f"too few kills mid-run: {kept}"
     assert python(EXTRACT, photos, out, tiny_entry.directory).wait() == 0
     assert check() == total and describe(out)["failures"] == ref_failures

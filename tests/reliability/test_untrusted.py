@@ -1,5 +1,6 @@
 """Untrusted files, end to end: a head is unpickled only when its bytes match its sidecar (or with trust), manifest
 paths leaving the data root are refused (and reported) unless allowed, and a tampered model-store entry is refused."""
+
 import os
 import pickle
 import shutil
@@ -7,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability.conftest import encoded, noise, one_line_error, parse_output, tlpipe
 from tlpipe.backbones.store import ModelStore, StoreError
 from tlpipe.features.cache import describe, read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.pipeline.artifacts import HeadError
 from tlpipe.pipeline.score import score
-from tests.reliability.conftest import encoded, noise, one_line_error, parse_output, tlpipe
 
 
 class Payload:
@@ -56,8 +57,20 @@ def test_trust_loads_a_head_whose_checksum_does_not_match(tmp_path, head):
     path.write_bytes(head.path.read_bytes() + b"\0")  # other bytes, same estimator
     proc = tlpipe("score", head.photos, "--out", tmp_path / "refused.csv", "--head", path, "--store", head.store.root)
     assert "does not match its sidecar" in one_line_error(proc)
-    trusted = tlpipe("score", head.photos, "--out", tmp_path / "scores.csv", "--head", path, "--store",
-                     head.store.root, "--device", "cpu", "--trust", "--quiet")
+    trusted = tlpipe(
+        "score",
+        head.photos,
+        "--out",
+        tmp_path / "scores.csv",
+        "--head",
+        path,
+        "--store",
+        head.store.root,
+        "--device",
+        "cpu",
+        "--trust",
+        "--quiet",
+    )
     assert trusted.returncode == 0, trusted.stderr
     assert len(parse_output(tmp_path / "scores.csv")) == 12
 
@@ -67,8 +80,13 @@ def test_manifest_paths_outside_the_data_root_are_refused_unless_allowed(tmp_pat
     data.mkdir(), outside.mkdir()
     (data / "inside.jpg").write_bytes(encoded(noise(40), "JPEG"))
     (outside / "photo.jpg").write_bytes(encoded(noise(41), "JPEG"))
-    escaping = ["../elsewhere/photo.jpg", str(outside / "photo.jpg"), "../../../../../../etc/passwd", "/etc/passwd",
-                "sub/../../elsewhere/photo.jpg"]
+    escaping = [
+        "../elsewhere/photo.jpg",
+        str(outside / "photo.jpg"),
+        "../../../../../../etc/passwd",
+        "/etc/passwd",
+        "sub/../../elsewhere/photo.jpg",
+    ]
     manifest = data / "manifest.csv"
     manifest.write_text("path,label\ninside.jpg,a\n" + "".join(f"{p},b\n" for p in escaping))
     model = str(tiny_entry.directory)
@@ -85,11 +103,14 @@ def test_manifest_paths_outside_the_data_root_are_refused_unless_allowed(tmp_pat
     fs = read_feature_set(tmp_path / "allowed.h5")
     assert len(fs) == 2 and "inside.jpg" in fs.paths  # the outside photo, listed three ways, is one image
     reasons = {f["path"]: f["reason"] for f in describe(tmp_path / "allowed.h5")["failures"]}
-    assert reasons == {"../../../../../../etc/passwd": "not an image file (no extension)",
-                       "/etc/passwd": "not an image file (no extension)",
-                       "../elsewhere/photo.jpg": "listed again on line 7"}
-    allowed = score(manifest, tmp_path / "allowed.csv", head=head.path, store=head.store, device="cpu",
-                    allow_outside_root=True)
+    assert reasons == {
+        "../../../../../../etc/passwd": "not an image file (no extension)",
+        "/etc/passwd": "not an image file (no extension)",
+        "../elsewhere/photo.jpg": "listed again on line 7",
+    }
+    allowed = score(
+        manifest, tmp_path / "allowed.csv", head=head.path, store=head.store, device="cpu", allow_outside_root=True
+    )
     assert (allowed.scored, allowed.failed) == (3, 0)
 
 

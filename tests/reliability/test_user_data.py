@@ -1,6 +1,7 @@
 """Issue 14: the folders, files and manifests people really have. Right labels, whole paths, embedding settings
 in the feature set's identity, options checked before anything is written, other HDF5 programs, the README's
 plain-h5py example. Each test uses generated inputs of the kind and fails on the code before the fix."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def run_extract(source, out, entry, **kw):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tlpipe.pipeline.cli", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tlpipe.pipeline.cli", *args], capture_output=True, text=True, env=ENV, timeout=300
+    )
 
 
 def sha(path: Path) -> str:
@@ -49,7 +51,8 @@ def test_same_bytes_under_two_labels_is_a_conflict_recorded_warned_listed_and_ex
     summary = run_extract(photos, out, tiny_entry)
     # recorded with every path and label, never settled by which path sorts first
     assert [sorted((o["path"], o["label"]) for o in c["occurrences"]) for c in summary.label_conflicts] == [
-        [("china/zz_copy.jpg", "china"), (f"flower/{original.name}", "flower")]]
+        [("china/zz_copy.jpg", "china"), (f"flower/{original.name}", "flower")]
+    ]
     assert any("label conflicts" in r.getMessage() and "china/zz_copy.jpg" in r.getMessage() for r in caplog.records)
     info = describe(out)
     assert len(info["label_conflicts"]) == 1 and info["label_conflicts"][0]["sha256"] == sha(original)
@@ -117,8 +120,13 @@ def test_a_manifest_label_or_split_edit_updates_rows(tmp_path, tiny_entry):
     manifest.write_text("path,label,split\n" + "".join(f"{f},{f.split('/')[0]},train\n" for f in files))
     out = tmp_path / "c.h5"
     run_extract(manifest, out, tiny_entry)
-    manifest.write_text("path,label,split\n" + "".join(
-        f"{f},{'flower' if i == 0 else f.split('/')[0]},{'test' if i == 1 else 'train'}\n" for i, f in enumerate(files)))
+    manifest.write_text(
+        "path,label,split\n"
+        + "".join(
+            f"{f},{'flower' if i == 0 else f.split('/')[0]},{'test' if i == 1 else 'train'}\n"
+            for i, f in enumerate(files)
+        )
+    )
     summary = run_extract(manifest, out, tiny_entry)
     assert (summary.embedded, summary.relabelled) == (0, 2)
     fs = read_feature_set(out)
@@ -131,22 +139,42 @@ def _png(path: Path, seed: int) -> None:
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
 
 
-@pytest.mark.parametrize(("files", "layout", "expected"), [
-    # split folders by structure, whatever their names
-    (["2019/cats/a.png", "2019/dogs/b.png", "2020/cats/c.png", "2020/dogs/d.png"], "split_folders",
-     {"2019/cats/a.png": ("cats", "2019"), "2020/dogs/d.png": ("dogs", "2020")}),
-    # a flat folder of unlabelled images beside split folders
-    (["train/cats/a.png", "train/dogs/b.png", "test1/x.png", "test1/y.png"], "split_folders",
-     {"train/cats/a.png": ("cats", "train"), "test1/x.png": (None, "test1")}),
-    # a single wrapper folder around the class folders, seen through
-    (["dataset/cats/a.png", "dataset/dogs/b.png"], "class_folders",
-     {"dataset/cats/a.png": ("cats", None), "dataset/dogs/b.png": ("dogs", None)}),
-    # ... and around split folders
-    (["PetImages/train/cats/a.png", "PetImages/train/dogs/b.png", "PetImages/val/cats/c.png"], "split_folders",
-     {"PetImages/val/cats/c.png": ("cats", "val")}),
-    # split folders named as such, holding only bare images: unlabelled splits, not classes
-    (["train/a.png", "test/b.png"], "split_folders", {"train/a.png": (None, "train"), "test/b.png": (None, "test")}),
-], ids=["named-anyhow", "flat-beside-splits", "wrapper", "wrapper-splits", "bare-splits"])
+@pytest.mark.parametrize(
+    ("files", "layout", "expected"),
+    [
+        # split folders by structure, whatever their names
+        (
+            ["2019/cats/a.png", "2019/dogs/b.png", "2020/cats/c.png", "2020/dogs/d.png"],
+            "split_folders",
+            {"2019/cats/a.png": ("cats", "2019"), "2020/dogs/d.png": ("dogs", "2020")},
+        ),
+        # a flat folder of unlabelled images beside split folders
+        (
+            ["train/cats/a.png", "train/dogs/b.png", "test1/x.png", "test1/y.png"],
+            "split_folders",
+            {"train/cats/a.png": ("cats", "train"), "test1/x.png": (None, "test1")},
+        ),
+        # a single wrapper folder around the class folders, seen through
+        (
+            ["dataset/cats/a.png", "dataset/dogs/b.png"],
+            "class_folders",
+            {"dataset/cats/a.png": ("cats", None), "dataset/dogs/b.png": ("dogs", None)},
+        ),
+        # ... and around split folders
+        (
+            ["PetImages/train/cats/a.png", "PetImages/train/dogs/b.png", "PetImages/val/cats/c.png"],
+            "split_folders",
+            {"PetImages/val/cats/c.png": ("cats", "val")},
+        ),
+        # split folders named as such, holding only bare images: unlabelled splits, not classes
+        (
+            ["train/a.png", "test/b.png"],
+            "split_folders",
+            {"train/a.png": (None, "train"), "test/b.png": (None, "test")},
+        ),
+    ],
+    ids=["named-anyhow", "flat-beside-splits", "wrapper", "wrapper-splits", "bare-splits"],
+)
 def test_layouts_are_recognised_by_structure(tmp_path, files, layout, expected):
     for i, name in enumerate(files):
         _png(tmp_path / name, i)
@@ -156,11 +184,15 @@ def test_layouts_are_recognised_by_structure(tmp_path, files, layout, expected):
     assert len(got) == len(files) and {k: got[k] for k in expected} == expected
 
 
-@pytest.mark.parametrize("files", [
-    ["animals/cats/a.png", "animals/dogs/b.png", "misc/x.png"],  # one grouping folder beside bare images
-    ["cats/indoor/a.png", "dogs/big/b.png", "dogs/small/c.png"],  # nested folders that differ
-    ["train/a.png", "test1/b.png"],  # bare folders, one named like a split
-], ids=["one-grouping-folder", "differing-children", "split-named-bare"])
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["animals/cats/a.png", "animals/dogs/b.png", "misc/x.png"],  # one grouping folder beside bare images
+        ["cats/indoor/a.png", "dogs/big/b.png", "dogs/small/c.png"],  # nested folders that differ
+        ["train/a.png", "test1/b.png"],  # bare folders, one named like a split
+    ],
+    ids=["one-grouping-folder", "differing-children", "split-named-bare"],
+)
 def test_ambiguous_layouts_are_refused_with_a_manifest_hint(tmp_path, files):
     for i, name in enumerate(files):
         _png(tmp_path / name, i)
@@ -202,8 +234,10 @@ def test_long_paths_are_kept_whole_and_failures_keyed_by_full_path(tmp_path, tin
     assert len(rel[0].encode()) > 700 and summary.embedded == 6
     assert set(rel) <= set(read_feature_set(out).paths)
     failures = {f["path"] for f in describe(out)["failures"]}
-    assert {p for p in failures if "_bad" in p} == {rel[0].replace("_1.jpg", "_bad1.jpg"),
-                                                     rel[0].replace("_1.jpg", "_bad2.jpg")}
+    assert {p for p in failures if "_bad" in p} == {
+        rel[0].replace("_1.jpg", "_bad1.jpg"),
+        rel[0].replace("_1.jpg", "_bad2.jpg"),
+    }
 
 
 def test_manifests_people_write(tmp_path):
@@ -211,23 +245,34 @@ def test_manifests_people_write(tmp_path):
     _png(root / "cats" / "a.png", 0)
     _png(root / unicodedata.normalize("NFD", "chats/été.png"), 1)  # as macOS writes it
     _png(tmp_path / "outside.png", 2)
-    rows = ["cats\\a.png,cats",  # Windows separators
-            unicodedata.normalize("NFC", "chats/été.png") + ",chats",  # NFC in the manifest
-            "../outside.png,cats", str(tmp_path / "outside.png") + ",cats", "C:\\photos\\x.png,cats"]
+    rows = [
+        "cats\\a.png,cats",  # Windows separators
+        unicodedata.normalize("NFC", "chats/été.png") + ",chats",  # NFC in the manifest
+        "../outside.png,cats",
+        str(tmp_path / "outside.png") + ",cats",
+        "C:\\photos\\x.png,cats",
+    ]
     text = "path,label\n" + "\n".join(rows) + "\n"
-    for encoding, data in (("utf-8", text.encode()), ("utf-16", text.encode("utf-16")),
-                           ("utf-16-be-bom", b"\xfe\xff" + text.encode("utf-16-be"))):
+    for encoding, data in (
+        ("utf-8", text.encode()),
+        ("utf-16", text.encode("utf-16")),
+        ("utf-16-be-bom", b"\xfe\xff" + text.encode("utf-16-be")),
+    ):
         (root / "m.csv").write_bytes(data)
         source = discover(root / "m.csv")
-        assert [r.relpath for r in source.records] == ["cats/a.png", unicodedata.normalize("NFC", "chats/été.png")], encoding
+        assert [r.relpath for r in source.records] == ["cats/a.png", unicodedata.normalize("NFC", "chats/été.png")], (
+            encoding
+        )
         assert all(os.path.exists(r.abspath) for r in source.records), encoding
         assert [w for w in source.warnings if "outside" in w] == [
-            f"3 manifest paths outside {root} (absolute or with ..) refused: pass --allow-outside-root to read them"]
+            f"3 manifest paths outside {root} (absolute or with ..) refused: pass --allow-outside-root to read them"
+        ]
     # another encoding: read byte for byte, with a one-line hint to save it as UTF-8
     (root / "m.csv").write_bytes("path,label\ncats/a.png,chat noir é\n".encode("cp1252"))
     source = discover(root / "m.csv")
-    assert len(source.records) == 1 and any("not UTF-8" in w and "save the manifest as UTF-8" in w
-                                            for w in source.warnings)
+    assert len(source.records) == 1 and any(
+        "not UTF-8" in w and "save the manifest as UTF-8" in w for w in source.warnings
+    )
 
 
 def test_each_row_records_its_source(tmp_path, tiny_entry):
@@ -240,7 +285,11 @@ def test_each_row_records_its_source(tmp_path, tiny_entry):
     run_extract(b, out, tiny_entry)
     fs = read_feature_set(out)
     assert len(fs) == 4 and sorted(zip(fs.paths, fs.source.tolist())) == [
-        ("cats/x.png", 0), ("cats/x.png", 1), ("dogs/y.png", 0), ("dogs/y.png", 1)]
+        ("cats/x.png", 0),
+        ("cats/x.png", 1),
+        ("dogs/y.png", 0),
+        ("dogs/y.png", 1),
+    ]
     assert [s["path"] for s in describe(out)["sources"]] == [str(a.resolve()), str(b.resolve())]
     assert "source 1: " + str(b.resolve()) in cli("info", str(out)).stdout
 
@@ -248,7 +297,9 @@ def test_each_row_records_its_source(tmp_path, tiny_entry):
 def test_skipped_inputs_are_named_in_the_summary_and_info(tmp_path, tiny_entry):
     photos = write_photo_folder(tmp_path / "p", per_class=2)
     (photos / "china" / "notes.txt").write_text("a note")
-    (photos / "stray.jpg").write_bytes((photos / "china").joinpath(next(iter(os.listdir(photos / "china")))).read_bytes())
+    (photos / "stray.jpg").write_bytes(
+        (photos / "china").joinpath(next(iter(os.listdir(photos / "china")))).read_bytes()
+    )
     out = tmp_path / "c.h5"
     done = cli("extract", str(photos), "--backbone", str(tiny_entry.directory), "--out", str(out), "--device", "cpu")
     assert done.returncode == 0
@@ -256,13 +307,16 @@ def test_skipped_inputs_are_named_in_the_summary_and_info(tmp_path, tiny_entry):
     assert "skipped stray.jpg: outside the class folders" in done.stderr
     info = cli("info", str(out)).stdout
     assert "2 skipped inputs" in info and "china/notes.txt: not an image file (.txt)" in info
-    assert {(f["path"], f["stage"]) for f in describe(out)["failures"]} == {("china/notes.txt", "listing"),
-                                                                           ("stray.jpg", "listing")}
+    assert {(f["path"], f["stage"]) for f in describe(out)["failures"]} == {
+        ("china/notes.txt", "listing"),
+        ("stray.jpg", "listing"),
+    }
 
 
 # -- 4. every setting that changes an embedding is part of the feature set's identity -------------------------
-def test_resize_mode_is_part_of_the_feature_set_and_travels_to_head_fused_model_and_score(tmp_path, tiny_entry,
-                                                                                           model_store):
+def test_resize_mode_is_part_of_the_feature_set_and_travels_to_head_fused_model_and_score(
+    tmp_path, tiny_entry, model_store
+):
     from tlpipe.pipeline.score import ScoreError, score
     from tlpipe.pipeline.train import train_head
 
@@ -304,7 +358,9 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
         Image.fromarray(arr).save(paths[-1])
     cache = tmp_path / "c.h5"
     squash = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu").fit_transform(paths)
-    crop = EmbeddingTransformer(model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop").fit_transform(paths)
+    crop = EmbeddingTransformer(
+        model=str(tiny_entry.directory), cache=cache, device="cpu", resize="crop"
+    ).fit_transform(paths)
     sets = describe(cache)["feature_sets"]
     assert sorted(fs["resize"] for fs in sets.values()) == ["crop", "squash"]
     # the key grammar: <model key>[-resize-<mode>][-filter-<filter>] (bilinear is the default filter)
@@ -317,8 +373,17 @@ def test_the_sklearn_transformer_keeps_squash_and_crop_apart(tmp_path, tiny_entr
 
 
 # -- 5. bad options fail before anything is written ------------------------------------------------------------
-@pytest.mark.parametrize("option", [("--resize", "Crop"), ("--dtype", "float64"), ("--device", "gpu"),
-                                    ("--precision", "int4"), ("--pooling", "mean"), ("--resize-filter", "Bilinear")])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--resize", "Crop"),
+        ("--dtype", "float64"),
+        ("--device", "gpu"),
+        ("--precision", "int4"),
+        ("--pooling", "mean"),
+        ("--resize-filter", "Bilinear"),
+    ],
+)
 def test_bad_option_values_fail_before_a_cache_is_created(tmp_path, tiny_entry, option):
     photos = write_photo_folder(tmp_path / "p", per_class=1)
     out = tmp_path / "c.h5"
@@ -355,8 +420,9 @@ def test_a_cache_held_open_for_writing_by_another_program_is_refused(tmp_path, t
     run_extract(photos, out, tiny_entry)
     before = out.read_bytes()
     more = write_photo_folder(tmp_path / "more", per_class=2, seed=1)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, env=ENV)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(CacheLockedError, match="open for writing in another program"):
@@ -375,9 +441,11 @@ def test_another_program_cannot_open_the_cache_for_writing_while_extract_writes(
     photos = write_photo_folder(tmp_path / "p", per_class=1)
     out = tmp_path / "c.h5"
     run_extract(photos, out, tiny_entry)
-    probe = ("import sys, h5py\n"
-             "try:\n    h5py.File(sys.argv[1], 'a').close(); print('opened')\nexcept OSError as e:\n    print('refused')\n"
-             "with h5py.File(sys.argv[1], 'r') as f: print(int(f['images'].attrs['count']))\n")
+    probe = (
+        "import sys, h5py\n"
+        "try:\n    h5py.File(sys.argv[1], 'a').close(); print('opened')\nexcept OSError as e:\n    print('refused')\n"
+        "with h5py.File(sys.argv[1], 'r') as f: print(int(f['images'].attrs['count']))\n"
+    )
     with CacheWriter(out):
         got = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, env=ENV)
     assert got.stdout.split() == ["refused", "2"]  # a plain h5py reader still reads
@@ -392,7 +460,7 @@ def test_the_readme_h5py_example_runs_on_a_cache_with_non_ascii_paths(tmp_path, 
     out = tmp_path / "cache.h5"
     run_extract(root, out, tiny_entry)
     readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "h5py.File(\"cache.h5\"" in b)
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if 'h5py.File("cache.h5"' in b)
     namespace: dict = {}
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -421,8 +489,11 @@ def test_embeddings_of_every_format_orientation_and_mode_match_the_upright_origi
     upright().save(buffer, "PNG")
     corpus = {f"{fmt}-orientation-{o}": oriented(fmt, o) for fmt in exif_containers() for o in range(1, 9)}
     # formats whose corpus file is colour (GIF, PCX, XBM, MSP hold grey or 1-bit pictures there)
-    corpus |= {f"format-{fmt}": data for fmt, data in content_corpus().items()
-               if fmt not in ("ICO", "GIF", "PCX", "XBM", "MSP")}
+    corpus |= {
+        f"format-{fmt}": data
+        for fmt, data in content_corpus().items()
+        if fmt not in ("ICO", "GIF", "PCX", "XBM", "MSP")
+    }
     grey = {name: data for name, (data, expected) in mode_corpus().items()}
     names, pixels, refused = [], [], {}
     for name, data in corpus.items():
@@ -434,11 +505,13 @@ def test_embeddings_of_every_format_orientation_and_mode_match_the_upright_origi
     reference = embed(decode_image(buffer.getvalue(), size)[0][None])[0]
     got = embed(np.stack(pixels))
     cosine = got @ reference / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference))
-    assert not refused and dict(zip(names, cosine.round(4))) == pytest.approx(
-        {n: 1.0 for n in names}, abs=0.01), {n: c for n, c in zip(names, cosine) if c < 0.99}
+    assert not refused and dict(zip(names, cosine.round(4))) == pytest.approx({n: 1.0 for n in names}, abs=0.01), {
+        n: c for n, c in zip(names, cosine) if c < 0.99
+    }
     # the check discriminates: the upright picture rotated once more is far below the bar
-    wrong = embed(np.asarray(Image.fromarray(decode_image(buffer.getvalue(), size)[0]).transpose(
-        Image.Transpose.ROTATE_90))[None])[0]
+    wrong = embed(
+        np.asarray(Image.fromarray(decode_image(buffer.getvalue(), size)[0]).transpose(Image.Transpose.ROTATE_90))[None]
+    )[0]
     assert wrong @ reference / (np.linalg.norm(wrong) * np.linalg.norm(reference)) < 0.99
     # modes: each file against its own expected 8-bit picture
     for name, data in grey.items():
