@@ -26,7 +26,7 @@ test: $(STAMP)
 MIN_VENV  ?= .venv-min
 MIN_BIN   := $(MIN_VENV)/bin
 MIN_STAMP := $(MIN_VENV)/.installed
-MIN_TESTS ?= tests/pipeline/test_heads.py tests/pipeline/test_compare.py tests/pipeline/test_evaluate.py tests/pipeline/test_artifacts.py
+MIN_TESTS ?= tests/pipeline/heads/test_estimators.py tests/pipeline/heads/test_selection.py tests/pipeline/heads/test_evaluate.py tests/pipeline/heads/test_persistence.py
 
 $(MIN_STAMP): pyproject.toml
 	rm -rf $(MIN_VENV)
@@ -50,7 +50,7 @@ FORMATTED := tlpipe backbones/choice.py backbones/atomic.py backbones/onnx_metad
              features/decoder.py features/extract.py pipeline/score_ray.py features/fastdecode.py
 TYPED  := tlpipe tlpipe.backbones.choice tlpipe.backbones.atomic tlpipe.backbones.onnx_metadata \
           tlpipe.features.stream tlpipe.features.decoder tlpipe.features.cache tlpipe.features.extract \
-          tlpipe.pipeline.score_ray tlpipe.pipeline.score tlpipe.features.ray_engine tlpipe.features.calibration \
+          tlpipe.pipeline.scoring.score_ray tlpipe.pipeline.scoring.score tlpipe.features.ray_engine tlpipe.features.calibration \
           tlpipe.features.fastdecode
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

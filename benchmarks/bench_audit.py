@@ -50,7 +50,7 @@ FLOWERS = SHARED / "datasets" / "flowers5_128px"
 AUDIT_CHILD = """
 import json, resource, sys, time
 started = time.perf_counter()
-from tlpipe.pipeline.audit import audit
+from tlpipe.pipeline.audit.checks import audit
 r = audit(sys.argv[1], report=sys.argv[2], backend=sys.argv[3], sheets=sys.argv[4] == "1")
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -115,7 +115,7 @@ def measure_threshold(work: Path, weights: Path, store: Path, base) -> dict:
     from PIL import Image
 
     from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.audit import NEAR_DUPLICATE_COSINE
+    from tlpipe.pipeline.audit.checks import NEAR_DUPLICATE_COSINE
 
     train = [r for r in manifest_rows() if "train" in r["split"]]
     pick = random.Random(1).sample(train, 100)
@@ -428,7 +428,7 @@ def main() -> None:
         if not needed.exists():
             sys.exit(f"bench_audit needs {needed} (../shared)")
     from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.audit import audit
+    from tlpipe.pipeline.audit.checks import audit
 
     work, store = args.work, args.work / "store"
     work.mkdir(parents=True, exist_ok=True)

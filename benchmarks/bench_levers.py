@@ -119,7 +119,7 @@ def repeated_cv(X: np.ndarray, y: np.ndarray, head_params: dict, repeats: int, s
     images only (``heads.add_views``) and is scored on its test images' originals."""
     from sklearn.model_selection import RepeatedStratifiedKFold
 
-    from tlpipe.pipeline.heads import add_views, fit, make_head
+    from tlpipe.pipeline.heads.estimators import add_views, fit, make_head
 
     folds = RepeatedStratifiedKFold(n_splits=5, n_repeats=repeats, random_state=seed)
     scores = []
@@ -146,7 +146,7 @@ def holdout_pair(cache: Path, key: str, head: str, seed: int = 0, use_augmented:
     from sklearn.metrics import accuracy_score
 
     from tlpipe.features.cache import read_feature_set, read_views
-    from tlpipe.pipeline.heads import fit_head, select_split, views_within
+    from tlpipe.pipeline.heads.estimators import fit_head, select_split, views_within
 
     fs = read_feature_set(cache, key)
     train, test, how = select_split(fs, seed=seed)
@@ -251,7 +251,7 @@ def run_dataset(name: str, args, work: Path, store) -> dict:
     from tlpipe.features.augment import extract_augmented
     from tlpipe.features.cache import feature_set_key, read_feature_set, read_views
     from tlpipe.features.sources import discover
-    from tlpipe.pipeline.compare import sweep
+    from tlpipe.pipeline.heads.selection import sweep
 
     cache = work / f"{name}.h5"
     passes_file, levers_file = work / f"{name}.passes.json", work / f"{name}.levers.json"

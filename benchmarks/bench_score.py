@@ -39,7 +39,7 @@ SHARED = ROOT.parent / "shared"
 
 SCORE_CHILD = """
 import json, sys
-from tlpipe.pipeline.score import score
+from tlpipe.pipeline.scoring.score import score
 s = score(sys.argv[1], sys.argv[2], model=sys.argv[3], device="cpu")
 print(json.dumps({"written": s.written, "failed": s.failed, "seconds": s.seconds, "img_s": s.images_per_second}))
 """
@@ -142,10 +142,10 @@ def main() -> None:
     from tlpipe.backbones.store import ModelStore
     from tlpipe.features.cache import read_feature_set
     from tlpipe.features.extract import extract
-    from tlpipe.pipeline.artifacts import save_head
-    from tlpipe.pipeline.fuse import export_model
-    from tlpipe.pipeline.heads import make_head
-    from tlpipe.pipeline.score import score
+    from tlpipe.pipeline.heads.persistence import save_head
+    from tlpipe.pipeline.scoring.fuse import export_model
+    from tlpipe.pipeline.heads.estimators import make_head
+    from tlpipe.pipeline.scoring.score import score
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-score-"))
     try:

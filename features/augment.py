@@ -18,7 +18,7 @@ the run, so an interrupted run resumes with the same views and two caches agree.
 The views are stored beside their feature set (``/augmented/<key>`` in the cache, see
 :mod:`tlpipe.features.cache`), never in it: they are extra **training** rows for ``compare`` and
 ``fit-head --use-augmented``, which add a view to a training set only when its image is in that training
-set (:func:`tlpipe.pipeline.heads.add_views`); evaluation rows are always the original images.
+set (:func:`tlpipe.pipeline.heads.estimators.add_views`); evaluation rows are always the original images.
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ def run_stream(
     model : StageModel, MultiSizeModel, loaded session or None
         What runs on each batch: a :class:`StageModel` or :class:`MultiSizeModel`, or (local engine only) a
         loaded session with its ``input_size``; None for an engine that runs no model
-        (:class:`tlpipe.pipeline.score.CacheRows`).
+        (:class:`tlpipe.pipeline.scoring.score.CacheRows`).
     sink : Sink
         Where results are committed; closed here (``finish=False`` when the run raised).
     summary : StreamSummary

@@ -19,7 +19,7 @@ def score_with_head_and_fused(photos: Path, head: Path, fused: Path, store, out:
     and both outputs as {path: row} (head first)."""
     import json
 
-    from tlpipe.pipeline.score import score
+    from tlpipe.pipeline.scoring.score import score
 
     a = score(photos, out / "head.jsonl", head=head, store=store, device="cpu", **options)
     b = score(photos, out / "fused.jsonl", model=fused, device="cpu", **options)

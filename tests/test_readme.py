@@ -18,14 +18,14 @@ TINY = "--backbone mobilenet_v2_0.35 --size 64 --weights none"
 # README lines the smoke test does not run, and why
 SKIP = {
     "vgg16": "a VGG16 export takes ~20 s of TensorFlow (covered by tests/backbones/test_export.py)",
-    "finetune": "TensorFlow training (covered by tests/pipeline/test_finetune.py)",
+    "finetune": "TensorFlow training (covered by tests/pipeline/training/test_finetune.py)",
     "ft/": "needs the fine-tune's output",
-    "custom-model": "TensorFlow training (covered by tests/pipeline/test_custom_model.py)",
+    "custom-model": "TensorFlow training (covered by tests/pipeline/training/test_custom_model.py)",
     "--engine ray": "needs a Ray cluster (covered by tests/features/test_ray_engine.py)",
     "--precision": "int8 / fp16 variants (covered by tests/features/test_calibration.py and test_cli.py)",
     "tlpipe bench": "timings (covered by tests/pipeline/test_bench.py)",
     "tlpipe demo": "the demo's own run (make demo)",
-    "audit": "the audit's own tests (tests/pipeline/test_audit.py)",
+    "audit": "the audit's own tests (tests/pipeline/audit/test_checks.py)",
     "--tta": "a TTA export needs TensorFlow (the TTA tests)",
     "224,288": "four exports with TensorFlow (the multi-output tests)",
     "out_relu+": "a concatenated-layer export needs TensorFlow (tests/backbones/test_export_concat.py)",
@@ -72,9 +72,9 @@ def test_readme_python_example_runs(workdir, tiny_entry):
     assert code.count("\n") <= 12 and "tlpipe.extract(" in code and "compare_heads(" in code
     assert 'backbone="mobilenet_v2"' in code
     code = code.replace('backbone="mobilenet_v2"', f"model={str(tiny_entry.directory)!r}")
-    import tlpipe.pipeline.score
+    import tlpipe.pipeline.scoring.score
 
-    has_predict = hasattr(tlpipe.pipeline.score, "predict")  # tlpipe.predict arrives with issue 13
+    has_predict = hasattr(tlpipe.pipeline.scoring.score, "predict")  # tlpipe.predict arrives with issue 13
     if not has_predict:
         code = "\n".join(line for line in code.splitlines() if "tlpipe.predict(" not in line)
     code += "\nimport json\nprint(json.dumps({'best': comparison.best, 'rows': len(frame), 'columns': list(frame.columns)}))\n"

@@ -32,12 +32,12 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 # public name -> (module, attribute)
 _FACADE: dict[str, tuple[str, str]] = {
     "extract": ("tlpipe.features.extract", "extract"),
-    "fit_head": ("tlpipe.pipeline.train", "train_head"),
-    "compare": ("tlpipe.pipeline.compare", "compare"),
-    "evaluate": ("tlpipe.pipeline.evaluate", "evaluate"),
-    "score": ("tlpipe.pipeline.score", "score"),
-    "predict": ("tlpipe.pipeline.score", "predict"),
-    "audit": ("tlpipe.pipeline.audit", "audit"),
+    "fit_head": ("tlpipe.pipeline.heads.fit", "train_head"),
+    "compare": ("tlpipe.pipeline.heads.selection", "compare"),
+    "evaluate": ("tlpipe.pipeline.heads.evaluate", "evaluate"),
+    "score": ("tlpipe.pipeline.scoring.score", "score"),
+    "predict": ("tlpipe.pipeline.scoring.score", "predict"),
+    "audit": ("tlpipe.pipeline.audit.checks", "audit"),
 }
 
 __all__ = ["__version__", *_FACADE]

@@ -8,7 +8,7 @@ import pytest
 from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.export import plan_export
 from tlpipe.pipeline.bench import run_bench
-from tlpipe.pipeline.finetune import prepare_finetune
+from tlpipe.pipeline.training.finetune import prepare_finetune
 
 
 def test_given_builds_from_keywords_and_refuses_mixtures_unknown_and_unused_fields():

@@ -8,7 +8,7 @@ import pytest
 
 from tlpipe.features.augment import augment_image
 from tlpipe.features.cache import CacheError, FeatureSet, read_feature_set, read_views
-from tlpipe.pipeline.heads import add_views, cross_validate, cv_folds, fit_head, select_split, views_within
+from tlpipe.pipeline.heads.estimators import add_views, cross_validate, cv_folds, fit_head, select_split, views_within
 
 SHA_A, SHA_B = "a" * 64, "0123456789abcdef" * 4
 
@@ -83,7 +83,7 @@ def test_no_view_of_an_evaluation_image_is_trained_on():
 
 
 def test_compare_with_views_scores_originals_and_trains_on_training_views_only():
-    from tlpipe.pipeline.compare import compare_heads
+    from tlpipe.pipeline.heads.selection import compare_heads
 
     X, y = noise_set(80)
     n = len(X)
@@ -112,7 +112,7 @@ def test_extract_augment_stores_seeded_views_beside_the_feature_set(tmp_path, mo
     from tests.conftest import write_photo_folder
     from tlpipe.features.extract import extract
     from tlpipe.features.images import load_image
-    from tlpipe.pipeline.train import train_head
+    from tlpipe.pipeline.heads.fit import train_head
 
     photos = write_photo_folder(tmp_path / "photos", per_class=5)
     cache = tmp_path / "cache.h5"

@@ -13,7 +13,7 @@ def test_importable_without_fcntl():
     """As on Windows: the cache, scoring and the CLI import with no fcntl module at all."""
     code = (
         "import sys\nsys.modules['fcntl'] = None  # any 'import fcntl' now fails\n"
-        "import tlpipe.features.cache, tlpipe.pipeline.score, tlpipe.pipeline.cli\nprint('ok')"
+        "import tlpipe.features.cache, tlpipe.pipeline.scoring.score, tlpipe.pipeline.cli\nprint('ok')"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],

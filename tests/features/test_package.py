@@ -20,7 +20,7 @@ def test_heads_and_compare_do_not_import_the_stage():
     # compare's joblib workers import the heads, which read the cache: the decoder, the stage and extraction
     # are imported only when used (each costs start-up time in every worker process)
     code = (
-        "import sys, tlpipe.pipeline.compare, tlpipe.pipeline.heads; "
+        "import sys, tlpipe.pipeline.heads.selection, tlpipe.pipeline.heads.estimators; "
         "print(sorted(m for m in sys.modules if m.startswith('tlpipe.features.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -23,12 +23,12 @@ from tlpipe.backbones.deps import MissingExtra  # noqa: E402
 from tlpipe.features.cache import describe, read_feature_set  # noqa: E402
 from tlpipe.features.extract import extract  # noqa: E402
 from tlpipe.features.ray_engine import extract_ray  # noqa: E402
-from tlpipe.pipeline.artifacts import save_head  # noqa: E402
-from tlpipe.pipeline.compare import compare_heads  # noqa: E402
-from tlpipe.pipeline.engine import parallel_backend  # noqa: E402
-from tlpipe.pipeline.heads import make_head  # noqa: E402
-from tlpipe.pipeline.score import ScoreError, score  # noqa: E402
-from tlpipe.pipeline.score_ray import score_ray  # noqa: E402
+from tlpipe.pipeline.heads.persistence import save_head  # noqa: E402
+from tlpipe.pipeline.heads.selection import compare_heads  # noqa: E402
+from tlpipe.pipeline.heads.engine import parallel_backend  # noqa: E402
+from tlpipe.pipeline.heads.estimators import make_head  # noqa: E402
+from tlpipe.pipeline.scoring.score import ScoreError, score  # noqa: E402
+from tlpipe.pipeline.scoring.score_ray import score_ray  # noqa: E402
 
 GOOD = 60  # distinct photos: train/ 20 + test/ 10 per class; + 3 bad files and 1 copy of a train photo in test/
 
@@ -231,7 +231,7 @@ def test_score_via_ray_writes_the_local_engines_rows(cluster, tmp_path, photos, 
 
 SCORE_KILL_SCRIPT = """
 import sys
-from tlpipe.pipeline.score_ray import score_ray
+from tlpipe.pipeline.scoring.score_ray import score_ray
 score_ray(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], address=sys.argv[5], batch_size=2,
           commit_rows=2, device="cpu")
 """
@@ -296,7 +296,7 @@ MEMORY_SCRIPT = """
 import json, sys, threading, time
 from pathlib import Path
 from tlpipe.features.ray_engine import extract_ray
-from tlpipe.pipeline.score_ray import score_ray
+from tlpipe.pipeline.scoring.score_ray import score_ray
 
 def private_rss():
     # private memory only: the object store's shared pages the driver reads batches from are not its own

@@ -19,9 +19,9 @@ from tlpipe.features.decoder import Decoded
 from tlpipe.features.extract import CacheSink, ExtractSummary, extract
 from tlpipe.features.sources import discover
 from tlpipe.features.stream import LocalEngine, StageModel, run_stream
-from tlpipe.pipeline.artifacts import save_head
-from tlpipe.pipeline.heads import make_head
-from tlpipe.pipeline.score import ScoreError, predict, score
+from tlpipe.pipeline.heads.persistence import save_head
+from tlpipe.pipeline.heads.estimators import make_head
+from tlpipe.pipeline.scoring.score import ScoreError, predict, score
 
 
 def live_decoded() -> int:
@@ -104,7 +104,7 @@ def test_predict_returns_probabilities_and_errors_in_input_order(tmp_path, train
 
 @pytest.mark.slow
 def test_predict_with_a_fused_classifier_equals_the_head(tmp_path, trained, model_store, tiny_entry):
-    from tlpipe.pipeline.fuse import export_model
+    from tlpipe.pipeline.scoring.fuse import export_model
 
     root, photos, _ = trained
     fused = tmp_path / "fused.onnx"
@@ -141,7 +141,7 @@ def test_the_wheel_installs_one_top_level_name_and_the_facade_imports(tmp_path):
         top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))
         assert z.read(top_level).decode().split() == ["tlpipe"]
     assert {n.split("/")[0] for n in names} == {"tlpipe", wheel.name.split("-py3")[0] + ".dist-info"}
-    assert {"tlpipe/features/stream.py", "tlpipe/features/decoder.py", "tlpipe/pipeline/score.py"} <= set(names)
+    assert {"tlpipe/features/stream.py", "tlpipe/features/decoder.py", "tlpipe/pipeline/scoring/score.py"} <= set(names)
     done = subprocess.run(
         [
             sys.executable,

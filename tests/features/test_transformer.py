@@ -9,7 +9,7 @@ from sklearn.pipeline import make_pipeline
 from tests.conftest import write_photo_folder
 from tlpipe.features import EmbeddingTransformer
 from tlpipe.features.cache import CacheWriter, lookup_embeddings, read_feature_set
-from tlpipe.pipeline.heads import make_head
+from tlpipe.pipeline.heads.estimators import make_head
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.pipeline.test_cli import tlpipe
+from tests.pipeline.cli.test_commands import tlpipe
 from tlpipe.pipeline.bench import BenchReport, Timing, format_report, machine_facts, run_bench, time_batches, verdict
 
 

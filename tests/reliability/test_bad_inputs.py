@@ -23,7 +23,7 @@ from tests.reliability.conftest import (
 )
 from tlpipe.features.cache import describe, read_feature_set
 from tlpipe.features.extract import extract
-from tlpipe.pipeline.score import score
+from tlpipe.pipeline.scoring.score import score
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -65,7 +65,7 @@ def test_extract_records_every_bad_input_and_embeds_the_valid_ones(tmp_path, tin
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_score_writes_an_error_row_for_every_bad_input(tmp_path, head, vanish, suffix):
     expected = write_corpus(tmp_path / "corpus")
-    vanish(sys.modules["tlpipe.pipeline.score"])
+    vanish(sys.modules["tlpipe.pipeline.scoring.score"])
     out = tmp_path / f"scores{suffix}"
     summary = score(tmp_path / "corpus", out, head=head.path, store=head.store, device="cpu", batch_size=2)
     embedded, failed, skipped = (by_outcome(expected, o) for o in ("embedded", "failed", "skipped"))

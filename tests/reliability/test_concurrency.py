@@ -15,7 +15,7 @@ from tests.conftest import write_photo_folder
 from tests.reliability.conftest import one_line_error, python, tlpipe
 from tlpipe import features
 from tlpipe.features.cache import READ_ATTEMPTS, CacheError, describe, list_feature_sets, read_feature_set
-from tlpipe.pipeline.compare import compare_heads
+from tlpipe.pipeline.heads.selection import compare_heads
 
 # extract with a slowed embedder: ``delay`` seconds per batch, and after the first batch it waits while ``gate``
 # exists, so the test decides how long the writer holds the cache

@@ -17,7 +17,7 @@ from tests.reliability.conftest import one_line_error, parse_output, same_rows, 
 from tlpipe import features
 from tlpipe.features.cache import CacheError, CacheWriter, ImageRow, describe, read_feature_set
 from tlpipe.features.extract import extract
-from tlpipe.pipeline.score import score
+from tlpipe.pipeline.scoring.score import score
 
 
 @pytest.fixture

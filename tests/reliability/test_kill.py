@@ -25,7 +25,7 @@ extract(sys.argv[1], sys.argv[2], model=sys.argv[3], batch_size=2, workers=1)
 """
 SCORE = """
 import sys
-from tlpipe.pipeline.score import score
+from tlpipe.pipeline.scoring.score import score
 score(sys.argv[1], sys.argv[2], head=sys.argv[3], store=sys.argv[4], device="cpu", batch_size=2, workers=1)
 """
 

@@ -12,8 +12,8 @@ from tests.reliability.conftest import encoded, noise, one_line_error, parse_out
 from tlpipe.backbones.store import ModelStore, StoreError
 from tlpipe.features.cache import describe, read_feature_set
 from tlpipe.features.extract import extract
-from tlpipe.pipeline.artifacts import HeadError
-from tlpipe.pipeline.score import score
+from tlpipe.pipeline.heads.persistence import HeadError
+from tlpipe.pipeline.scoring.score import score
 
 
 class Payload:

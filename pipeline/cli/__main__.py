@@ -1,0 +1,5 @@
+"""`python -m tlpipe.pipeline.cli`."""
+
+from tlpipe.pipeline.cli import main
+
+main()

@@ -1,0 +1,207 @@
+"""Scoring a fitted head on a split of a feature set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
+
+from tlpipe.features.cache import FeatureSet
+from tlpipe.pipeline.heads.persistence import check_compatible, head_labels
+
+
+@dataclass
+class EvalResult:
+    split: str  # the split scored, or "holdout" for the head's recorded evaluation rows
+    n: int
+    accuracy: float
+    macro_f1: float
+    log_loss: float | None  # None when the split holds a class the head never saw
+    report: dict  # classification_report(output_dict=True): per-class precision/recall/f1-score/support
+    confusion: np.ndarray  # rows: true class, columns: predicted class, in the order of ``labels``
+    labels: list[str]
+    rows_used: str = ""  # which rows were scored and why, in words (every report states it)
+    train_rows_included: int = 0  # rows the head was trained on among them (only with allow_train_rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "split": self.split,
+            "rows_used": self.rows_used,
+            "train_rows_included": self.train_rows_included,
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "log_loss": self.log_loss,
+            "per_class": self.report,
+            "confusion": self.confusion.tolist(),
+            "labels": self.labels,
+        }
+
+
+def split_rows(fs: FeatureSet, split: str) -> np.ndarray:
+    """Labelled rows of ``split`` (``"all"``: every labelled row); ValueError naming the splits there are."""
+    labelled = fs.y >= 0
+    rows = np.flatnonzero(labelled if split == "all" else labelled & (fs.split == split))
+    if not len(rows):
+        names, counts = np.unique(fs.split[labelled], return_counts=True)
+        there = ", ".join(f"{n or '(none)'} {c}" for n, c in zip(names, counts)) or "no labelled rows at all"
+        raise ValueError(
+            f"feature set {fs.key}: split {split!r} has no labelled rows (labelled rows per split: "
+            f"{there}); choose another split or 'all'"
+        )
+    return rows
+
+
+class LeakError(ValueError):
+    """Evaluation rows include rows the head was trained on."""
+
+
+def _sha_rows(fs: FeatureSet, hashes) -> np.ndarray:
+    wanted = set(hashes)
+    return np.flatnonzero(np.fromiter((h in wanted for h in fs.sha256), bool, len(fs.sha256)) & (fs.y >= 0))
+
+
+def evaluation_rows(
+    metadata: dict, fs: FeatureSet, split: str | None = None, *, allow_train_rows: bool = False
+) -> tuple[np.ndarray, str, str, int]:
+    """The rows of ``fs`` to score a head on, and why.
+
+    ``split=None``: the cache's labelled ``test`` rows when it has them, else the head's recorded
+    evaluation rows (its sidecar's ``evaluation.sha256``, written by ``fit-head`` / ``compare
+    --save-best``). Any split name (or ``"all"``) picks those rows. Rows whose image sha256 the head was
+    trained on (sidecar ``training.sha256``) are refused unless ``allow_train_rows``.
+
+    Returns
+    -------
+    rows : (n,) int row indices; split : the split name used (``"holdout"`` for recorded rows);
+    rows_used : a sentence for reports; train_rows : how many of the rows the head was trained on.
+
+    Raises
+    ------
+    LeakError
+        When rows the head was trained on would be scored and ``allow_train_rows`` is False.
+    ValueError
+        When no rows qualify.
+    """
+    recorded = (metadata.get("evaluation") or {}).get("sha256")
+    if split is None:
+        has_test = bool(np.any((fs.y >= 0) & (fs.split == "test")))
+        split = "test" if has_test or not recorded else "holdout"
+    if split == "holdout":
+        if not recorded:
+            raise ValueError(
+                "the head's sidecar records no evaluation rows (a head saved before tlpipe recorded "
+                "them, or without a hold-out); choose a split with --split"
+            )
+        rows = _sha_rows(fs, recorded)
+        if not len(rows):
+            raise ValueError(f"none of the head's {len(recorded)} recorded evaluation rows is in feature set {fs.key}")
+        missing = len(set(recorded)) - len(set(fs.sha256[rows].tolist()))
+        rows_used = (
+            f"the head's recorded hold-out: {len(rows)} rows ({metadata['evaluation'].get('setup') or 'fit-head'})"
+            + (f"; {missing} recorded rows are not in this cache" if missing else "")
+        )
+    else:
+        rows = split_rows(fs, split)
+        rows_used = (
+            f"{len(rows)} labelled rows of split {split!r}" if split != "all" else f"all {len(rows)} labelled rows"
+        )
+    trained = (metadata.get("training") or {}).get("sha256")
+    overlap = 0
+    if trained:
+        overlap = int(len(_sha_rows(_take(fs, rows), trained)))
+    if overlap and not allow_train_rows:
+        raise LeakError(
+            f"{overlap} of the {len(rows)} rows of {rows_used.split(':')[0] if split == 'holdout' else repr(split)} "
+            f"were used to train this head: its score on them would be optimistic (a leak); evaluate on "
+            f"held-out rows, or pass --allow-train-rows (allow_train_rows=True) to score them anyway"
+        )
+    if overlap:
+        rows_used += f", {overlap} of which the head was trained on (allowed: the score is optimistic)"
+    elif not trained and metadata:
+        rows_used += " (the sidecar records no training rows: a leak cannot be ruled out)"
+    return rows, split, rows_used, overlap
+
+
+def _take(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
+    import dataclasses
+
+    return dataclasses.replace(
+        fs, X=fs.X[rows], y=fs.y[rows], split=fs.split[rows], paths=fs.paths[rows], sha256=fs.sha256[rows]
+    )
+
+
+def evaluate_head(
+    estimator, metadata: dict, fs: FeatureSet, split: str | None = None, *, allow_train_rows: bool = False
+) -> EvalResult:
+    """Accuracy, macro-F1, log-loss, per-class report and confusion matrix of a head on one split.
+
+    Labels are matched by class name, so a cache whose classes were numbered differently still scores
+    correctly. ``metadata`` is the head's sidecar (``{}`` for a trusted head without one: the feature
+    set's class names are then assumed). Which rows: :func:`evaluation_rows` (``split=None``: the test
+    split, else the head's recorded hold-out); rows the head was trained on are refused unless
+    ``allow_train_rows``. The result's ``rows_used`` says which rows were scored.
+    """
+    if metadata:
+        check_compatible(metadata, fs)
+    rows, split, rows_used, overlap = evaluation_rows(metadata, fs, split, allow_train_rows=allow_train_rows)
+    labels_of_head = head_labels(estimator, metadata, list(fs.class_names))  # names; older heads: mapped indices
+    proba = estimator.predict_proba(fs.X[rows])
+    true = np.array([fs.class_names[i] for i in fs.y[rows]], dtype=object)
+    pred = np.array(labels_of_head, dtype=object)[proba.argmax(axis=1)]
+    labels = labels_of_head + sorted(set(true) - set(labels_of_head))
+    index = {name: i for i, name in enumerate(labels_of_head)}
+    loss = None
+    if set(true) <= set(labels_of_head):
+        loss = float(log_loss([index[t] for t in true], proba, labels=list(range(len(labels_of_head)))))
+    return EvalResult(
+        split=split,
+        n=len(rows),
+        accuracy=float(accuracy_score(true, pred)),
+        macro_f1=float(f1_score(true, pred, labels=labels, average="macro", zero_division=0)),
+        log_loss=loss,
+        report=classification_report(true, pred, labels=labels, output_dict=True, zero_division=0),
+        confusion=confusion_matrix(true, pred, labels=labels),
+        labels=labels,
+        rows_used=rows_used,
+        train_rows_included=overlap,
+    )
+
+
+def save_confusion_matrix(
+    confusion: np.ndarray, labels: list[str], path: str | os.PathLike, *, title: str = "Confusion matrix"
+) -> Path:
+    """A PNG of the confusion matrix (counts, shaded by row-normalised recall)."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state: safe in threads and without a display
+
+    confusion = np.asarray(confusion)
+    k = len(labels)
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.45 * k, 24)
+    fig = Figure(figsize=(size, size * 0.85))
+    ax = fig.subplots()
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_yticklabels(labels)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    str(confusion[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

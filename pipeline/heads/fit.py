@@ -1,0 +1,119 @@
+"""`tlpipe fit-head` as a library function: cache -> split -> fit -> held-out metrics -> saved head."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlpipe.features.cache import CacheError, FeatureSet, read_feature_set, read_views
+
+from tlpipe.pipeline.heads.persistence import save_head
+from tlpipe.pipeline.heads.evaluate import EvalResult, evaluate_head
+from tlpipe.pipeline.heads.estimators import class_balance, fit_head, name_labels, select_split
+
+IMBALANCE_WARNING = 3.0  # largest / smallest class above this: suggest --class-weight balanced
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metadata: dict
+    evaluation: EvalResult | None
+    setup: str
+    balance: dict
+    info: dict
+
+    @property
+    def imbalanced(self) -> bool:
+        ratio = self.balance.get("imbalance_ratio")
+        return bool(ratio and ratio > IMBALANCE_WARNING)
+
+
+def subset(fs: FeatureSet, rows: np.ndarray, split: str) -> FeatureSet:
+    """The rows ``rows`` of a feature set, all marked as split ``split``."""
+    return dataclasses.replace(
+        fs, X=fs.X[rows], y=fs.y[rows], split=np.full(len(rows), split), paths=fs.paths[rows], sha256=fs.sha256[rows]
+    )
+
+
+def train_head(
+    cache: str | os.PathLike,
+    model: str = "logreg",
+    out: str | os.PathLike = "head.joblib",
+    *,
+    features: str | None = None,
+    search: bool = False,
+    cv: int = 5,
+    seed: int = 0,
+    class_weight: str | None = None,
+    pca: int | float | str | None = "auto",
+    n_jobs: int | None = None,
+    exclude: str | os.PathLike | None = None,
+    use_augmented: bool = False,
+) -> TrainResult:
+    """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
+    (the cache's test/val split, else a stratified hold-out) and save it with its metadata.
+
+    The defaults (``pca="auto"``...) are :func:`~tlpipe.pipeline.heads.estimators.fit_head`'s, the ones ``compare``
+    scores. The sidecar records the sha256 of every training and evaluation row, so ``tlpipe evaluate``
+    later scores the same hold-out and refuses training rows. ``exclude``: an exclude list
+    (``tlpipe audit --write-exclude``) whose rows are left out of both. ``use_augmented``: also train on the
+    augmented views (``extract --augment N``) of the training images, never of the evaluation images.
+    """
+    fs = read_feature_set(cache, features, exclude=exclude)
+    train, test, setup = select_split(fs, seed=seed)
+    if fs.excluded:
+        setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
+    if len(np.unique(fs.y[train])) < 2:
+        raise ValueError(f"{cache}: a head needs labelled training images of at least two classes")
+    views = None
+    if use_augmented:
+        from tlpipe.pipeline.heads.estimators import views_within
+
+        found = read_views(cache, fs)
+        if found is None:
+            raise CacheError(
+                f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N "
+                f"with the same options first"
+            )
+        views = views_within(found, train)
+        setup += f"; plus {len(views[0])} augmented views of the training images as extra training rows"
+    # Fitted on class names: the saved head's predict() returns them (its sidecar still records the indices).
+    estimator, info = fit_head(
+        fs.X[train],
+        name_labels(fs.y[train], fs.class_names),
+        model,
+        search=search,
+        cv=cv,
+        seed=seed,
+        class_weight=class_weight,
+        n_jobs=n_jobs,
+        pca=pca,
+        class_names=fs.class_names,
+        views=views,
+    )
+    evaluation = evaluate_head(estimator, {}, subset(fs, test, "evaluation"), split="evaluation") if len(test) else None
+    if evaluation is not None:
+        evaluation.rows_used = f"{len(test)} held-out rows: {setup.split(';')[0]}"
+    metrics = {"setup": setup}
+    if evaluation is not None:
+        metrics |= {k: v for k, v in evaluation.to_dict().items() if k in ("n", "accuracy", "macro_f1", "log_loss")}
+    if search:
+        metrics |= {k: info[k] for k in ("cv", "cv_accuracy", "cv_accuracy_std", "cv_macro_f1")}
+    params = {k: v for k, v in info.items() if k != "cv_results"}
+    metadata = save_head(
+        estimator,
+        out,
+        feature_set=fs,
+        metrics=metrics,
+        params=params,
+        cache_path=Path(cache).resolve(),
+        train_rows=train,
+        evaluation_rows=test,
+        evaluation_setup=setup.split(";")[0],
+    )
+    return TrainResult(Path(out), metadata, evaluation, setup, class_balance(fs.y[train], fs.class_names), info)
