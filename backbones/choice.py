@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from tlpipe.errors import InputError
+
 from .store import ModelStore, StoreEntry
 
 if TYPE_CHECKING:
@@ -112,7 +114,7 @@ class ModelChoice:
         kept = set(cls.__dataclass_fields__) if used is None else set(used)
         unused = [f.name for f in fields(cls) if f.name not in kept and getattr(choice, f.name) != f.default]
         if unused:
-            raise ValueError(f"{command} does not take {', '.join(unused)}")
+            raise InputError(f"{command} does not take {', '.join(unused)}")
         return choice
 
     def with_(self, **changes: Any) -> ModelChoice:
@@ -144,7 +146,7 @@ class ModelChoice:
         from .export import plan_export
 
         if self.backbone is None:
-            raise ValueError("a registry backbone is needed here (a stored model has no export plan)")
+            raise InputError("a registry backbone is needed here (a stored model has no export plan)")
         return plan_export(
             self.backbone, self.weights, self.size, self.layer, self.pooling, self.weights_dir, seed=seed, tta=self.tta
         )

@@ -7,6 +7,8 @@ import importlib.metadata as md
 import os
 from types import ModuleType
 
+from tlpipe.errors import TlpipeError
+
 # module -> (distribution names that provide it, extra that installs it)
 _EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "tensorflow": (("tensorflow", "tensorflow-cpu", "tf-nightly"), "tf"),
@@ -20,7 +22,7 @@ _EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-class MissingExtra(ImportError):
+class MissingExtra(TlpipeError, ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 
 

@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from tlpipe.errors import InputError, TlpipeError
+
 from .deps import distribution_version, require
 from .registry import CONCAT, BackboneSpec, get_backbone, layer_parts
 from .store import ModelStore, StoreEntry, make_key
@@ -39,7 +41,7 @@ MAX_REL_DIFF = 1e-3  # max |onnx - keras| / max |keras|
 MIN_COSINE = 0.9999
 
 
-class VerificationError(RuntimeError):
+class VerificationError(TlpipeError, RuntimeError):
     """The ONNX model does not reproduce Keras within tolerance."""
 
 
@@ -135,14 +137,14 @@ class MultiExportPlan:
 
     def __post_init__(self):
         if len(self.plans) < 2:
-            raise ValueError("a multi-output export needs at least two layers")
+            raise InputError("a multi-output export needs at least two layers")
         first = self.plans[0]
         same = {(p.spec.name, p.size, p.pooling, p.weights, p.opset, p.tta) for p in self.plans}
         if len(same) != 1:
-            raise ValueError("the layers of a multi-output export share backbone, size, pooling, weights and TTA")
+            raise InputError("the layers of a multi-output export share backbone, size, pooling, weights and TTA")
         layers = [p.layer for p in self.plans]
         if len(set(layers)) != len(layers):
-            raise ValueError(f"layer named twice in {[first.spec.name if x is None else x for x in layers]}")
+            raise InputError(f"layer named twice in {[first.spec.name if x is None else x for x in layers]}")
 
     @property
     def spec(self) -> BackboneSpec:
@@ -551,7 +553,7 @@ def obtain_backbone(
         entry.verify()
         return entry
     if backbone is None:
-        raise ValueError("name a backbone (or a stored model)")
+        raise InputError("name a backbone (or a stored model)")
     plan = plan_export(backbone, weights, size, layer, pooling, weights_dir, seed=seed, tta=tta)
     entry = store.get(plan.key)
     if entry is None and distribution_version("tensorflow") is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+from tlpipe.errors import InputError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -29,7 +31,7 @@ class ImagePreprocessing(keras.layers.Layer):
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
         if mode not in ("tf", "caffe", "torch", "builtin"):
-            raise ValueError(f"unknown preprocessing mode {mode!r}")
+            raise InputError(f"unknown preprocessing mode {mode!r}")
         self.mode = mode
 
     def call(self, images):
@@ -133,7 +135,7 @@ def add_pooling(features, pooling: str, suffix: str = ""):
         return keras.layers.GlobalMaxPooling2D(name="max_pool" + suffix)(features)
     if pooling == "none":
         return keras.layers.Flatten(name="flatten" + suffix)(features)
-    raise ValueError(f"pooling must be avg, max or none, not {pooling!r}")
+    raise InputError(f"pooling must be avg, max or none, not {pooling!r}")
 
 
 def build_embedding_model(
@@ -173,7 +175,7 @@ def build_multi_output_model(
     on one scale whatever their activation magnitudes.
     """
     if single and len(layers) != 1:
-        raise ValueError("single=True takes exactly one layer")
+        raise InputError("single=True takes exactly one layer")
     parts = [layer_parts(layer) for layer in layers]
     plain = single and len(parts[0]) == 1  # the graph a one-layer export always had
     components = list(dict.fromkeys(part for entry in parts for part in entry))

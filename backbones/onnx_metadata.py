@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from tlpipe.errors import InputError
+
 from .deps import require
 
 __all__ = ["clear_metadata", "read_metadata", "record_of", "write_metadata"]
@@ -63,7 +65,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise ValueError(f"{path} is not an ONNX model ({exc})") from None
+        raise InputError(f"{path} is not an ONNX model ({exc})") from None
     return {p.key: p.value for p in model.metadata_props}
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.errors import InputError
+
 from .deps import distribution_version, require
 from .export import INPUT_NAME, VerificationError, add_metadata, cosine_similarities
 from .onnx_metadata import clear_metadata
@@ -39,7 +41,7 @@ GPTQ_DAMPING = 0.01
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return precision
 
 
@@ -84,7 +86,7 @@ def _patches(x: np.ndarray, node, rng: np.random.Generator, samples: int) -> np.
     dh, dw = _attribute(node, "dilations", [1, 1])
     pads = _attribute(node, "pads", [0, 0, 0, 0])
     if _attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise ValueError("auto_pad convolutions are not supported")  # tf2onnx writes explicit pads
+        raise InputError("auto_pad convolutions are not supported")  # tf2onnx writes explicit pads
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     n, _, h, w = x.shape
     oh, ow = (h - (kh - 1) * dh - 1) // sh + 1, (w - (kw - 1) * dw - 1) // sw + 1
@@ -301,7 +303,7 @@ def make_variant(
     ``calibration_id`` naming them (it is part of the store key)."""
     check_precision(precision)
     if base.metadata.get("precision", "fp32") != "fp32":
-        raise ValueError(f"{base.key} is already {base.metadata['precision']}; start from an fp32 export")
+        raise InputError(f"{base.key} is already {base.metadata['precision']}; start from an fp32 export")
     if precision == "fp32":
         return base
     calibration_id = calibration_id if precision == "int8" else None
@@ -310,7 +312,7 @@ def make_variant(
         return entry
     if precision == "int8":
         if calibration is None or len(calibration) == 0:
-            raise ValueError("int8 needs calibration images (a folder or manifest of your own photos)")
+            raise InputError("int8 needs calibration images (a folder or manifest of your own photos)")
         model_bytes, facts = quantize_int8(base.model_path, calibration)
     else:
         model_bytes, facts = convert_fp16(base.model_path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tlpipe.errors import InputError, UnknownNameError
+
 POOLINGS = ("avg", "max", "none")
 # Joins cut points into one concatenated feature set: ``out_relu+block_13_expand_relu`` is the pooled
 # ``out_relu`` embedding followed by the pooled ``block_13_expand_relu`` one, as one vector (one model output).
@@ -39,11 +41,11 @@ def layer_parts(layer: str | None) -> list[str | None]:
         return [layer]
     parts = [part.strip() for part in layer.split(CONCAT)]
     if any(not part for part in parts):
-        raise ValueError(
+        raise InputError(
             f"layer {layer!r} has an empty part: join cut points with '+', e.g. out_relu+block_13_expand_relu"
         )
     if len(set(parts)) != len(parts):
-        raise ValueError(f"layer {layer!r} names a cut point twice")
+        raise InputError(f"layer {layer!r} names a cut point twice")
     return parts
 
 
@@ -106,17 +108,17 @@ class BackboneSpec:
             if cut.layer == layer:
                 return cut
         names = ", ".join(c.layer for c in self.cut_points)
-        raise ValueError(f"{self.name} has no cut point {layer!r}; choose one of: {names}")
+        raise InputError(f"{self.name} has no cut point {layer!r}; choose one of: {names}")
 
     def embedding_dim(self, pooling: str = "avg", layer: str | None = None, size: int | None = None) -> int:
         """Embedding length for ``pooling`` at ``layer``; for pooling "none" at ``size`` (default size)."""
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+            raise InputError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         cut = self.cut_point(layer)
         if pooling != "none":
             return cut.channels
         if size not in (None, self.default_size):
-            raise ValueError(
+            raise InputError(
                 "the flattened dimension is tabulated at the default size only; build the model to know it"
             )
         return sum(c.grid * c.grid * c.channels for c in map(self.cut_point, layer_parts(layer)))
@@ -124,10 +126,10 @@ class BackboneSpec:
     def check_size(self, size: int, pretrained: bool) -> None:
         """Raise ValueError when ``size`` cannot be used (with ImageNet weights when ``pretrained``)."""
         if size < self.min_size:
-            raise ValueError(f"{self.name} needs an input size of at least {self.min_size}, not {size}")
+            raise InputError(f"{self.name} needs an input size of at least {self.min_size}, not {size}")
         if pretrained and self.pretrained_sizes and size not in self.pretrained_sizes:
             sizes = ", ".join(map(str, self.pretrained_sizes))
-            raise ValueError(f"{self.name} ImageNet weights exist for sizes {sizes}, not {size}")
+            raise InputError(f"{self.name} ImageNet weights exist for sizes {sizes}, not {size}")
 
 
 def _cuts(*rows: tuple[str, int, int]) -> tuple[CutPoint, ...]:
@@ -223,7 +225,7 @@ def get_backbone(name: str) -> BackboneSpec:
     key = _ALIASES.get(key, key)
     if key in REGISTRY:
         return REGISTRY[key]
-    raise KeyError(f"unknown backbone {name!r}; `tlpipe backbones` lists them: {', '.join(REGISTRY)}")
+    raise UnknownNameError(f"unknown backbone {name!r}; `tlpipe backbones` lists them: {', '.join(REGISTRY)}")
 
 
 def list_backbones() -> list[BackboneSpec]:

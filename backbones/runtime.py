@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.errors import InputError, TlpipeError
+
 from .deps import installed_onnxruntime_distributions, require
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ProviderError(RuntimeError):
+class ProviderError(TlpipeError, RuntimeError):
     """The requested execution provider is not available or did not attach."""
 
 
@@ -102,7 +104,7 @@ def session_options(threads: int | None = None):
 def create_session(model_path: str | Path, device: str = "auto", threads: int | None = None):
     """An InferenceSession on ``device`` (auto | cpu | cuda), checked with ``get_providers()``."""
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+        raise InputError(f"device must be one of {DEVICES}, not {device!r}")
     ort = _onnxruntime()
     available = ort.get_available_providers()
     wants_cuda = device in ("auto", "cuda")
@@ -174,9 +176,9 @@ class OnnxEmbedder:
         output: str | None = None,
     ):
         if streams < 1:
-            raise ValueError(f"streams must be at least 1, not {streams}")
+            raise InputError(f"streams must be at least 1, not {streams}")
         if micro_batch is not None and micro_batch < 1:
-            raise ValueError(f"micro_batch must be at least 1, not {micro_batch}")
+            raise InputError(f"micro_batch must be at least 1, not {micro_batch}")
         per_stream = threads or max(1, physical_cores() // streams)
         self.session = create_session(model_path, device=device, threads=per_stream)
         on_cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
@@ -206,7 +208,7 @@ class OnnxEmbedder:
         """Outputs ``names`` (default: all, in the model's order) for a uint8 (N, H, W, 3) batch, e.g. the
         per-layer embeddings of a multi-output export."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+            raise InputError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
         names = names or self.output_names
         session = self._free.get()
         try:

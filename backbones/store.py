@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlpipe.errors import TlpipeError
+
 from .atomic import atomic_folder
 from .weights import sha256_file
 
@@ -20,7 +22,7 @@ MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"
 
 
-class StoreError(RuntimeError):
+class StoreError(TlpipeError, RuntimeError):
     """A store entry is missing, invalid or does not match its recorded hash."""
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tlpipe.errors import InputError
+
 TTA_MODES = ("none", "flip", "flip+crops")
 CROP_FRACTION = 0.875  # crop side / decode side for flip+crops (224 / 256)
 _VIEWS = {"none": 1, "flip": 2, "flip+crops": 10}
@@ -29,7 +31,7 @@ _VIEWS = {"none": 1, "flip": 2, "flip+crops": 10}
 def check_tta(mode: str) -> str:
     """``mode`` if it is a TTA mode, else ValueError naming the choices."""
     if mode not in TTA_MODES:
-        raise ValueError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
+        raise InputError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
     return mode
 
 
@@ -66,7 +68,7 @@ def make_views(images: np.ndarray, size: int, mode: str) -> np.ndarray:
     """
     full = decode_size(size, mode)
     if images.shape[1:3] != (full, full):
-        raise ValueError(f"TTA {mode!r} at {size} px takes {full} x {full} images, not {images.shape[1:3]}")
+        raise InputError(f"TTA {mode!r} at {size} px takes {full} x {full} images, not {images.shape[1:3]}")
     crops = [images[:, t : t + size, l : l + size] for t, l in crop_offsets(size, mode)]
     if mode != "none":
         crops += [c[:, :, ::-1] for c in crops]

@@ -7,13 +7,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlpipe.errors import TlpipeError
+
 from .registry import BackboneSpec
 
 WEIGHTS_DIR_ENV = "TLPIPE_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".weights.h5", ".h5")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(TlpipeError, RuntimeError):
     """The requested weights cannot be had (offline, missing file, wrong model)."""
 
 

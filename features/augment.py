@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tlpipe.backbones.store import StoreEntry
+from tlpipe.errors import InputError
 
 from .cache import CacheWriter
 from .decoder import iter_decoded
@@ -83,7 +84,7 @@ def augment_image(pixels: np.ndarray, sha256: str, view: int, seed: int = 0) -> 
     import cv2
 
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
+        raise InputError(f"expected (H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")
     r = AUGMENT_RECIPE
     rng = view_rng(sha256, view, seed)
     h, w = pixels.shape[:2]
@@ -183,7 +184,7 @@ def extract_augmented(
     from tlpipe.backbones.runtime import OnnxEmbedder
 
     if views < 1:
-        raise ValueError(f"--augment takes a number of views >= 1, not {views}")
+        raise InputError(f"--augment takes a number of views >= 1, not {views}")
     started = time.perf_counter()
     summary = AugmentSummary(key, views, seed)
     embedder = OnnxEmbedder(entry.model_path, device=device, threads=threads)

@@ -58,6 +58,8 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
+from tlpipe.errors import InputError, TlpipeError
+
 from .fastdecode import DEFAULT_RESIZE_FILTER, LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
 
 CACHE_VERSION = 2
@@ -88,7 +90,7 @@ READ_ATTEMPTS = 6  # a reader that catches a writer mid-commit tries again, afte
 T = TypeVar("T")
 
 
-class CacheError(RuntimeError):
+class CacheError(TlpipeError, RuntimeError):
     """The cache cannot be used as asked (wrong version, dimension, missing feature set...)."""
 
 
@@ -658,7 +660,7 @@ class CacheWriter:
     def add_augmented(self, key: str, rows: list[int], views: list[int], embeddings: np.ndarray) -> None:
         """Append augmented views (image row, view index, embedding) of feature set ``key`` and commit."""
         if not (len(rows) == len(views) == len(embeddings)):
-            raise ValueError("one image row and one view index per embedding")
+            raise InputError("one image row and one view index per embedding")
         group = self.file["augmented"][key]
         done = int(group.attrs["count"])
         _append(group["embeddings"], done, embeddings.astype(group.attrs["dtype"], copy=False))
@@ -686,7 +688,7 @@ class CacheWriter:
 
         Rows whose content is already in the feature set, or repeated in the batch, are dropped."""
         if len(rows) != len(embeddings):
-            raise ValueError("one embedding per row")
+            raise InputError("one embedding per row")
         keep, seen = [], set()
         for i, row in enumerate(rows):
             if row.sha256 not in seen and not self.has(key, row.sha256):
@@ -1481,7 +1483,7 @@ def export_cache(
     out = Path(out)
     fmt = (fmt or out.suffix.lstrip(".")).lower()
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(
+        raise InputError(
             f"export format must be one of {', '.join(EXPORT_FORMATS)} (or an --out ending in one), not {fmt!r}"
         )
     fs = read_feature_set(path, features)

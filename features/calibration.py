@@ -14,6 +14,7 @@ import numpy as np
 from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.quantize import check_precision, find_variant, make_variant
 from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.errors import InputError
 
 from .decoder import iter_decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER
@@ -58,7 +59,7 @@ def sample_images(
             break
     decoded = decoded[:wanted]
     if len(decoded) < MIN_IMAGES:
-        raise ValueError(
+        raise InputError(
             f"calibrating a reduced-precision model needs at least {MIN_IMAGES} distinct readable images; "
             f"found {len(decoded)}"
         )
@@ -89,7 +90,7 @@ def variant_for(
         return found
     if not records:
         if precision == "int8":
-            raise ValueError("int8 is calibrated on your own photos: give a folder or manifest of them (--images)")
+            raise InputError("int8 is calibrated on your own photos: give a folder or manifest of them (--images)")
         from tlpipe.backbones.export import verification_images
 
         return make_variant(base, precision, store, held=verification_images(base.input_size, 16))

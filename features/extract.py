@@ -25,6 +25,7 @@ from tlpipe.backbones.registry import POOLINGS
 from tlpipe.backbones.runtime import DEVICES, physical_cores
 from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
+from tlpipe.errors import InputError
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
@@ -79,7 +80,7 @@ class CacheSink(Sink):
         edges = np.cumsum([0, *widths])
         self.columns = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])] or [slice(None)]
         if len(self.columns) != len(self.keys):
-            raise ValueError("several feature sets need one width each")
+            raise InputError("several feature sets need one width each")
         self.seen: dict[str, list[tuple[str, str | None, str | None]]] = {}  # sha256 -> (path, label, split)
 
     def known_shas(self) -> set[str]:
@@ -247,7 +248,7 @@ def check_extract_options(**options: str) -> None:
     for name, value in options.items():
         if value not in OPTION_CHOICES[name]:
             choices = ", ".join(OPTION_CHOICES[name])
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, not {value!r}")
+            raise InputError(f"--{name.replace('_', '-')} must be one of {choices}, not {value!r}")
 
 
 def extract(
@@ -413,11 +414,11 @@ def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[Feat
     """Per size, the verified multi-output model of every layer and each output's one-output store entry
     (the feature set's identity); one pass runs them all."""
     if choice.model is not None or choice.backbone is None:
-        raise ValueError("several sizes or layers need --backbone (a stored --model has one size and one output)")
+        raise InputError("several sizes or layers need --backbone (a stored --model has one size and one output)")
     if choice.precision != "fp32":
-        raise ValueError("several sizes or layers are fp32 only; extract int8/fp16 one feature set at a time")
+        raise InputError("several sizes or layers are fp32 only; extract int8/fp16 one feature set at a time")
     if len(set(sizes)) != len(sizes):
-        raise ValueError(f"a size is named twice in {sizes}")
+        raise InputError(f"a size is named twice in {sizes}")
     return [
         obtain_layers(
             choice.backbone,

@@ -39,6 +39,8 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import ExifTags, Image
 
+from tlpipe.errors import InputError
+
 RESIZE_FILTERS = ("bilinear", "antialias")
 DEFAULT_RESIZE_FILTER = "bilinear"
 LEGACY_RESIZE_FILTER = "antialias"  # what feature sets without a recorded filter were made with
@@ -85,7 +87,7 @@ def available() -> bool:
 def check_resize_filter(resize_filter: str) -> None:
     """Raise ``ValueError`` unless ``resize_filter`` is one of :data:`RESIZE_FILTERS`."""
     if resize_filter not in RESIZE_FILTERS:
-        raise ValueError(f"unknown resize filter {resize_filter!r}; expected one of {RESIZE_FILTERS}")
+        raise InputError(f"unknown resize filter {resize_filter!r}; expected one of {RESIZE_FILTERS}")
 
 
 def dct_scale(width: int, height: int, size: int) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
+from tlpipe.errors import InputError, TlpipeError
+
 from . import fastdecode
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, check_resize_filter  # noqa: F401
 
@@ -63,7 +65,7 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
 
-class ImageError(Exception):
+class ImageError(TlpipeError):
     """An image that cannot be used; ``reason`` is a short human explanation."""
 
     def __init__(self, reason: str) -> None:
@@ -260,9 +262,9 @@ def _resize_array(rgb: Image.Image | np.ndarray, size: int, mode: str, resize_fi
 def _check_resize_args(size: int, mode: str, resize_filter: str = DEFAULT_RESIZE_FILTER) -> None:
     check_resize_filter(resize_filter)
     if mode not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
+        raise InputError(f"unknown resize mode {mode!r}; expected one of {RESIZE_MODES}")
     if size < 1:
-        raise ValueError(f"size must be a positive number of pixels, got {size}")
+        raise InputError(f"size must be a positive number of pixels, got {size}")
 
 
 def _orientation(im: Image.Image) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from tlpipe.backbones.deps import require
+from tlpipe.errors import InputError
 
 from .decoder import decode_record, stack_pixels
 from .extract import ExtractSummary, extract
@@ -83,9 +84,9 @@ def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: floa
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
     gpus = (1.0 if cluster_gpus else 0.0) if actor_gpus is None else float(actor_gpus)
     if gpus < 0:
-        raise ValueError(f"actor_gpus must be at least 0, not {actor_gpus}")
+        raise InputError(f"actor_gpus must be at least 0, not {actor_gpus}")
     if gpus > cluster_gpus:
-        raise ValueError(f"{gpus:g} GPU per actor asked, the cluster has {cluster_gpus:g}")
+        raise InputError(f"{gpus:g} GPU per actor asked, the cluster has {cluster_gpus:g}")
     if num_actors is None:
         num_actors = (
             int(cluster_gpus // gpus)
@@ -93,7 +94,7 @@ def plan_actors(ray: ModuleType, num_actors: int | None = None, actor_gpus: floa
             else sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
         )
     if num_actors < 1:
-        raise ValueError(f"num_actors must be at least 1, not {num_actors}")
+        raise InputError(f"num_actors must be at least 1, not {num_actors}")
     return {
         "compute": ray.data.ActorPoolStrategy(size=num_actors),
         "num_cpus": 1,
@@ -214,7 +215,7 @@ class RayEngine(Engine):
 
     def __post_init__(self) -> None:
         if self.commit_rows < 1:
-            raise ValueError(f"commit_rows must be at least 1, not {self.commit_rows}")
+            raise InputError(f"commit_rows must be at least 1, not {self.commit_rows}")
 
     def __enter__(self) -> RayEngine:
         with ExitStack() as stack:  # left (Ray shut down) if planning the actors fails
@@ -319,7 +320,7 @@ def run_on_ray(
     """
     require("ray")  # these checks before exporting a backbone, which can take minutes
     if (batch_size := options.get("batch_size", 32)) < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
     engine = RayEngine(address, num_actors, actor_gpus, commit_rows, device, threads)
     return command(source, out, device=device, engine=engine, **options)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePath
 
+from tlpipe.errors import InputError, NotFoundError, TlpipeError
+
 from .images import IMAGE_EXTENSIONS, sniff_image
 
 SPLIT_ALIASES: dict[str, str] = {
@@ -29,7 +31,7 @@ SPLIT_COLUMN = "split"
 _ESCAPES = "path escapes the data root (use --allow-outside-root / allow_outside_root)"
 
 
-class LayoutError(ValueError):
+class LayoutError(TlpipeError, ValueError):
     """A folder whose layout cannot be told apart (which folders are classes, which are splits)."""
 
 
@@ -108,13 +110,13 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
     """
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"image source not found: {path}")
+        raise NotFoundError(f"image source not found: {path}")
     if path.is_dir():
         images = _discover_dir(path, labelled)
     elif path.suffix.lower() == ".csv":
         images = _read_manifest(path, allow_outside_root)
     else:
-        raise ValueError(f"{path} is neither a directory nor a .csv manifest")
+        raise InputError(f"{path} is neither a directory nor a .csv manifest")
     if len(images.class_names) == 1:
         images.warnings.append(
             f"{path} yields a single class ({images.class_names[0]!r}): a classifier needs two or "
@@ -348,13 +350,13 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
     rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
     if header is None:
-        raise ValueError(f"{csv_path}: empty manifest, a header row is required")
+        raise InputError(f"{csv_path}: empty manifest, a header row is required")
     columns: dict[str, int] = {}
     for i, name in enumerate(header):
         columns.setdefault(name.strip().lower(), i)
     path_col = next((columns[c] for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
-        raise ValueError(
+        raise InputError(
             f"{csv_path}: no path column; name one of {', '.join(PATH_COLUMNS)} (found: {', '.join(header)})"
         )
     label_col = next((columns[c] for c in LABEL_COLUMNS if c in columns), None)

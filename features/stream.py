@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tlpipe.backbones.runtime import OnnxEmbedder, default_streams
+from tlpipe.errors import InputError
 
 from .decoder import Decoded, decode_workers, iter_decoded, stack_pixels
 from .fastdecode import DEFAULT_RESIZE_FILTER
@@ -392,7 +393,7 @@ def run_stream(
         ``batch_size`` below 1.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise InputError(f"batch_size must be at least 1, not {batch_size}")
     engine = engine or LocalEngine()
     stage = Stage(sink, summary, unique=unique, progress=progress)
     try:

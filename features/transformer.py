@@ -11,6 +11,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from tlpipe.backbones.export import obtain_backbone
+from tlpipe.errors import InputError
 
 from .cache import CacheWriter, feature_set_key, lookup_embeddings
 from .fastdecode import DEFAULT_RESIZE_FILTER
@@ -106,7 +107,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
             )
         if summary.failures:
             details = "; ".join(f"{p}: {r}" for p, r in summary.failures[:5])
-            raise ValueError(f"{summary.failed} of {len(paths)} images could not be embedded: {details}")
+            raise InputError(f"{summary.failed} of {len(paths)} images could not be embedded: {details}")
         return lookup_embeddings(self.cache, self.key_, hashes)
 
     def __getstate__(self) -> dict:

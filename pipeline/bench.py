@@ -25,6 +25,7 @@ from tlpipe.backbones.export import VerificationError
 from tlpipe.backbones.quantize import PRECISIONS, check_precision
 from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cores
 from tlpipe.backbones.store import ModelStore, StoreEntry
+from tlpipe.errors import InputError
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 BENCH_CHOICE = (
@@ -151,7 +152,7 @@ def decode_throughput(files: Sequence[Path], size: int, workers: int) -> tuple[f
     pixels = [x.pixels for x in iter_decoded(records, size, "squash", workers=workers) if x.pixels is not None]
     rate = len(pixels) / (time.perf_counter() - started)
     if not pixels:
-        raise ValueError("none of the benchmark images could be decoded")
+        raise InputError("none of the benchmark images could be decoded")
     return rate, np.stack(pixels)
 
 
@@ -162,7 +163,7 @@ def _photo_files(folder: Path | None, count: int, scratch: Path) -> list[Path]:
 
         records = discover(folder).records
         if not records:
-            raise ValueError(f"no images found in {folder}")
+            raise InputError(f"no images found in {folder}")
         picks = np.random.default_rng(0).permutation(len(records))[:count]
         return [Path(records[i].abspath) for i in picks]
     from PIL import Image
@@ -209,7 +210,7 @@ def run_bench(
     for p in precisions:
         check_precision(p)
     if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError("batch sizes must be positive")
+        raise InputError("batch sizes must be positive")
     say = log or (lambda message: None)
     fields = choice_fields | ({"backbone": backbone} if backbone is not None else {})
     choice = ModelChoice.given(choice, fields, "bench", BENCH_CHOICE)

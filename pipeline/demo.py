@@ -64,11 +64,10 @@ def run_demo(
 
     from tlpipe.features.cache import read_feature_set
     from tlpipe.features.extract import extract
-
+    from tlpipe.pipeline.heads.fit import train_head
     from tlpipe.pipeline.heads.selection import compare_heads, format_table, write_report
     from tlpipe.pipeline.scoring.fuse import export_model
     from tlpipe.pipeline.scoring.score import score
-    from tlpipe.pipeline.heads.fit import train_head
 
     console = console or Console()
     out = Path(out_dir)

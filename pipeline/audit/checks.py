@@ -61,6 +61,7 @@ from time import perf_counter
 
 import numpy as np
 
+from tlpipe.errors import TlpipeError
 from tlpipe.features.cache import FeatureSet, read_feature_set
 
 NEAR_DUPLICATE_COSINE = 0.88  # measured: see the module docstring and benchmarks/bench_audit.py
@@ -81,7 +82,7 @@ SHEET_ENTRIES = 24  # entries per contact sheet
 _EVALUATION_SPLITS = ("val", "test")
 
 
-class AuditError(ValueError):
+class AuditError(TlpipeError, ValueError):
     """The audit cannot run as asked (missing extra, nothing to audit...)."""
 
 

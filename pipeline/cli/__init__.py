@@ -13,26 +13,24 @@ from rich.markup import escape
 from tlpipe.pipeline.cli import audit, demo, extract, heads, models, scoring, training  # noqa: E402,F401
 from tlpipe.pipeline.cli._common import app, console
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "user_message"]
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, KeyError, PermissionError)
+def user_message(exc: BaseException) -> str | None:
+    """The one line the CLI prints for an error that is the user's to fix, or None for a bug.
 
+    :class:`~tlpipe.errors.TlpipeError` is the user's (bad input or state, a missing extra); so is an
+    ``OSError`` about a file the user named (missing, unreadable, a folder where a file was expected, disk
+    full). Anything else — ``ValueError``, ``KeyError``, ``TypeError`` raised by a bug — is not disguised as
+    bad input: it propagates with its traceback (exit 1).
+    """
+    from tlpipe.errors import TlpipeError
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input or a missing extra: one line, no traceback."""
-    from tlpipe.backbones import MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable
-    from tlpipe.features.cache import CacheError
-
-    found = [MissingExtra, ProviderError, StoreError, VerificationError, WeightsUnavailable, CacheError]
-    for module, name in (
-        ("tlpipe.pipeline.heads.persistence", "HeadError"),
-        ("tlpipe.pipeline.scoring.score", "ScoreError"),
-        ("tlpipe.pipeline.scoring.fuse", "FuseError"),
-    ):
-        if module in sys.modules:  # only what the command imported
-            found.append(getattr(sys.modules[module], name))
-    return USER_ERRORS + tuple(found)
+    if isinstance(exc, TlpipeError):
+        return str(exc)
+    if isinstance(exc, OSError) and (exc.filename is not None or exc.errno is not None):
+        return str(exc)
+    return None
 
 
 def main() -> None:
@@ -45,8 +43,8 @@ def main() -> None:
         console.print("interrupted", highlight=False)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - sorted below
-        if isinstance(exc, _user_errors()):
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        message = user_message(exc)
+        if message is not None:
             console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
         raise

@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.cli.output import Output
-
 
 # The order `tlpipe --help` lists the commands in: the workflow's order, whatever module defines them.
 COMMAND_ORDER = (
@@ -276,7 +276,7 @@ def _status(quiet: bool, text: str):
 
 def _check_engine(engine: str) -> None:
     if engine not in ("local", "ray"):
-        raise ValueError(f"--engine must be local or ray, not {engine!r}")
+        raise InputError(f"--engine must be local or ray, not {engine!r}")
 
 
 def _store(path: Path | None):

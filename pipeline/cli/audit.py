@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import SeedOpt, app, console, out
 from tlpipe.pipeline.cli.heads import ExcludeOpt, FeaturesOpt
 
@@ -65,7 +66,7 @@ def audit(
                 **tuned,
             )
     except AuditError as exc:
-        raise ValueError(str(exc)) from None
+        raise InputError(str(exc)) from None
     s = result.summary()
     out.print(
         f"[bold]{escape(str(cache))}[/] · feature set {result.feature_key} · {result.rows} rows"

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import (
     ActorsOpt,
     AddressOpt,
@@ -106,9 +107,9 @@ def extract(
     sizes, layers = _sizes(size), _layers(layer)
     several = len(sizes) > 1 or len(layers) > 1
     if engine == "ray" and augment:
-        raise ValueError("--augment runs on the local engine")
+        raise InputError("--augment runs on the local engine")
     if engine == "ray" and (several or tta != "none"):
-        raise ValueError(
+        raise InputError(
             "--engine ray extracts one feature set without TTA; use the local engine for --tta or "
             "several --size/--layer values"
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import (
     AddressOpt,
     EngineOpt,
@@ -32,7 +33,7 @@ def _pca(value: str):
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"--pca must be auto, none, a number of components or a variance share in (0, 1), not {value!r}"
         ) from None
     return int(number) if number >= 1 else number
@@ -185,7 +186,7 @@ def compare(
 
     if is_sweep(features):
         if save_best is not None or exclude is not None:
-            raise ValueError(
+            raise InputError(
                 "--save-best and --exclude work on one feature set: pick it with --features KEY "
                 "(the sweep prints the fit-head command for its best pair)"
             )
@@ -206,14 +207,14 @@ def compare(
         )
         return
     if umap and report is None:
-        raise ValueError("--umap draws a map in the report: give --report DIR too")
+        raise InputError("--umap draws a map in the report: give --report DIR too")
     if umap:
         from tlpipe.pipeline.heads.selection import _import_umap
 
         try:
             _import_umap()
         except ImportError:
-            raise ValueError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
+            raise InputError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
     fs = read_feature_set(cache, features, exclude=exclude)
     views = None
     if use_augmented:
@@ -225,7 +226,7 @@ def compare(
                 f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N first"
             )
     if save_best is not None and all_rows:
-        raise ValueError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
+        raise InputError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
     with (
         _status(quiet or as_json, f"cross-validating {', '.join(names)} ({cv} folds)…"),
         parallel_backend(engine, address),

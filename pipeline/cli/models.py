@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import (
     AnyBackboneOpt,
     BackboneOpt,
@@ -131,7 +132,7 @@ def export(
     sizes, layers = _sizes(size), _layers(layer)
     if len(sizes) > 1 or len(layers) > 1:
         if precision != "fp32":
-            raise ValueError("several sizes or layers export fp32 only; make int8/fp16 variants one at a time")
+            raise InputError("several sizes or layers export fp32 only; make int8/fp16 variants one at a time")
         for one_size in sizes:
             with _status(
                 quiet, f"exporting {backbone} at {one_size or 'its default size'} with {len(layers)} outputs…"

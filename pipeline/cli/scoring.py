@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import (
     ActorsOpt,
     AddressOpt,
@@ -86,7 +87,7 @@ def score(
         classifier = classifier or model
     model = classifier
     if (head is None) == (model is None):
-        raise ValueError("give exactly one of --head (a saved head) or --classifier (a fused classifier .onnx)")
+        raise InputError("give exactly one of --head (a saved head) or --classifier (a fused classifier .onnx)")
     options = dict(
         head=head,
         model=model,

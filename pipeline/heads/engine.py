@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import joblib
 
+from tlpipe.errors import InputError
+
 ENGINES = ("local", "ray")
 
 
@@ -23,7 +25,7 @@ def parallel_backend(engine: str = "local", address: str | None = None) -> Itera
     Ray is shut down on exit if this call started it.
     """
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+        raise InputError(f"engine must be one of {ENGINES}, not {engine!r}")
     if engine == "local":
         yield
         return

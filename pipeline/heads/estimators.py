@@ -31,6 +31,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_sample_weight
 
+from tlpipe.errors import InputError
 from tlpipe.features.cache import FeatureSet
 
 HEADS = ("logreg", "svm", "rbf-svm", "mlp")
@@ -47,7 +48,7 @@ _COST_ORDER = {"rbf-svm": 0, "mlp": 1, "svm": 2, "logreg": 3}  # per fold
 
 def _check_name(name: str) -> None:
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+        raise InputError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
 
 
 def step_name(name: str) -> str:
@@ -262,7 +263,7 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
         check_classification_targets(y)
         classes = np.unique(y)
         if len(classes) < 2:
-            raise ValueError(
+            raise InputError(
                 f"This solver needs samples of at least 2 classes in the data, but the data contains "
                 f"only one class: {classes[0]!r}"
             )
@@ -363,7 +364,7 @@ def _classifier(name: str, seed: int, class_weight, params: dict):
         )
         return CalibratedClassifierCV(svc, method="temperature", cv=CALIBRATION_FOLDS)
     if class_weight is not None:
-        raise ValueError(
+        raise InputError(
             "MLPClassifier has no class_weight; fit_head and compare_heads apply it as sample weights (see fit)"
         )
     # Early stopping on a 10% validation split: training stops when validation accuracy stalls instead
@@ -602,12 +603,12 @@ def check_rows(
     """
     labels, counts = np.unique(y, return_counts=True)
     if len(labels) < 2:
-        raise ValueError(
+        raise InputError(
             f"training needs at least two classes; the labelled rows have {len(labels)}"
             + (f" ({_class_name(labels[0], class_names)})" if len(labels) else "")
         )
     if cv is not None and np.sum(counts >= cv) < 2:
-        raise ValueError(
+        raise InputError(
             f"{cv}-fold cross-validation needs at least two classes with {cv} rows each; rows per class: "
             + ", ".join(f"{_class_name(lab, class_names)} {c}" for lab, c in zip(labels, counts))
             + " (lower cv)"
@@ -618,7 +619,7 @@ def check_rows(
     calibrated = [n for n in names if n in _CALIBRATED]
     if calibrated and kept.min() < CALIBRATION_FOLDS:
         i = int(kept.argmin())
-        raise ValueError(
+        raise InputError(
             f"class {_class_name(labels[i], class_names)} has only {int(counts[i])} labelled rows: "
             f"{', '.join(calibrated)} calibrate(s) probabilities on {CALIBRATION_FOLDS} folds of the training "
             f"rows and need at least {CALIBRATION_FOLDS} of every class there (leave them out, or add images)"
@@ -900,7 +901,7 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
             notes.append(f"{unused} labelled rows in other splits not used")
         untrained = sorted(set(fs.y[test].tolist()) - set(fs.y[train].tolist()))
         if untrained:
-            raise ValueError(
+            raise InputError(
                 f"feature set {fs.key}: class(es) {', '.join(repr(fs.class_names[c]) for c in untrained)} "
                 f"have '{evaluate_on}' rows but no 'train' rows: a head cannot learn them; add training "
                 f"images of them or leave them out"
@@ -908,7 +909,7 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
     else:
         rows = np.flatnonzero(labelled)
         if len(rows) < 2:
-            raise ValueError(f"feature set {fs.key} has {len(rows)} labelled rows: nothing to train and evaluate on")
+            raise InputError(f"feature set {fs.key} has {len(rows)} labelled rows: nothing to train and evaluate on")
         counts = np.bincount(fs.y[rows], minlength=len(fs.class_names))
         tiny = np.flatnonzero((counts > 0) & (counts < 2))
         keep = rows[np.isin(fs.y[rows], tiny)]
@@ -919,7 +920,7 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
             warnings.warn(message, UserWarning, stacklevel=2)
             notes.append(message)
         if len(rest) < 2:
-            raise ValueError(f"feature set {fs.key}: no class has 2 labelled rows; nothing to evaluate on")
+            raise InputError(f"feature set {fs.key}: no class has 2 labelled rows; nothing to evaluate on")
         n_classes = len(np.unique(fs.y[rest]))
         n_test = max(int(np.ceil(test_size * len(rest))), n_classes)
         stratify = fs.y[rest] if len(rest) - n_test >= n_classes else None
@@ -943,7 +944,7 @@ def name_labels(y: np.ndarray, class_names: list[str] | tuple[str, ...]) -> np.n
     """
     y = np.asarray(y)
     if len(y) and (y.min() < 0 or y.max() >= len(class_names)):
-        raise ValueError(f"label indices outside 0..{len(class_names) - 1} (unlabelled rows?) cannot be named")
+        raise InputError(f"label indices outside 0..{len(class_names) - 1} (unlabelled rows?) cannot be named")
     return np.asarray(list(class_names), dtype=str)[y] if len(y) else np.array([], dtype=str)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, log_loss
 
+from tlpipe.errors import InputError, TlpipeError
 from tlpipe.features.cache import FeatureSet
 from tlpipe.pipeline.heads.persistence import check_compatible, head_labels
 
@@ -48,14 +49,14 @@ def split_rows(fs: FeatureSet, split: str) -> np.ndarray:
     if not len(rows):
         names, counts = np.unique(fs.split[labelled], return_counts=True)
         there = ", ".join(f"{n or '(none)'} {c}" for n, c in zip(names, counts)) or "no labelled rows at all"
-        raise ValueError(
+        raise InputError(
             f"feature set {fs.key}: split {split!r} has no labelled rows (labelled rows per split: "
             f"{there}); choose another split or 'all'"
         )
     return rows
 
 
-class LeakError(ValueError):
+class LeakError(TlpipeError, ValueError):
     """Evaluation rows include rows the head was trained on."""
 
 
@@ -92,13 +93,13 @@ def evaluation_rows(
         split = "test" if has_test or not recorded else "holdout"
     if split == "holdout":
         if not recorded:
-            raise ValueError(
+            raise InputError(
                 "the head's sidecar records no evaluation rows (a head saved before tlpipe recorded "
                 "them, or without a hold-out); choose a split with --split"
             )
         rows = _sha_rows(fs, recorded)
         if not len(rows):
-            raise ValueError(f"none of the head's {len(recorded)} recorded evaluation rows is in feature set {fs.key}")
+            raise InputError(f"none of the head's {len(recorded)} recorded evaluation rows is in feature set {fs.key}")
         missing = len(set(recorded)) - len(set(fs.sha256[rows].tolist()))
         rows_used = (
             f"the head's recorded hold-out: {len(rows)} rows ({metadata['evaluation'].get('setup') or 'fit-head'})"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tlpipe.errors import InputError
 from tlpipe.features.cache import CacheError, FeatureSet, read_feature_set, read_views
-
-from tlpipe.pipeline.heads.persistence import save_head
-from tlpipe.pipeline.heads.evaluate import EvalResult, evaluate_head
 from tlpipe.pipeline.heads.estimators import class_balance, fit_head, name_labels, select_split
+from tlpipe.pipeline.heads.evaluate import EvalResult, evaluate_head
+from tlpipe.pipeline.heads.persistence import save_head
 
 IMBALANCE_WARNING = 3.0  # largest / smallest class above this: suggest --class-weight balanced
 
@@ -69,7 +69,7 @@ def train_head(
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
     if len(np.unique(fs.y[train])) < 2:
-        raise ValueError(f"{cache}: a head needs labelled training images of at least two classes")
+        raise InputError(f"{cache}: a head needs labelled training images of at least two classes")
     views = None
     if use_augmented:
         from tlpipe.pipeline.heads.estimators import views_within

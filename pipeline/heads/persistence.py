@@ -20,12 +20,13 @@ import joblib
 import numpy as np
 import sklearn
 
+from tlpipe.errors import TlpipeError
 from tlpipe.features.cache import FeatureSet
 
 FORMAT_VERSION = 1
 
 
-class HeadError(RuntimeError):
+class HeadError(TlpipeError, RuntimeError):
     """A saved head cannot be used as asked (unverified, damaged or built for other embeddings)."""
 
 

@@ -12,9 +12,10 @@ from time import perf_counter
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
+from tlpipe.errors import InputError
 from tlpipe.features.cache import FeatureSet
-from tlpipe.pipeline.heads.evaluate import save_confusion_matrix
 from tlpipe.pipeline.heads.estimators import HEADS, class_balance, cross_validate, resolve_pca, select_split, summarize
+from tlpipe.pipeline.heads.evaluate import save_confusion_matrix
 
 _METRICS = ("accuracy", "macro_f1", "log_loss", "fit_s", "predict_s")
 
@@ -898,7 +899,7 @@ def save_best(
     from tlpipe.pipeline.heads.persistence import save_head
 
     if result.estimator is None:
-        raise ValueError(
+        raise InputError(
             "the comparison has no held-out rows (--all-rows), so no best head was refitted; "
             "compare without --all-rows to save one"
         )

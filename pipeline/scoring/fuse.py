@@ -31,9 +31,9 @@ from tlpipe.backbones.deps import distribution_version, require
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.store import ModelStore
+from tlpipe.errors import TlpipeError
 from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
-
 from tlpipe.pipeline.heads.persistence import load_head
 from tlpipe.pipeline.scoring.score import PROBABILITIES, head_backbone
 
@@ -44,7 +44,7 @@ MAX_ABS_DIFF = 1e-4
 HEAD_PREFIX = "head/"
 
 
-class FuseError(RuntimeError):
+class FuseError(TlpipeError, RuntimeError):
     """The head cannot be fused with its backbone, or the fused model does not reproduce the Python path."""
 
 

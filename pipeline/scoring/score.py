@@ -45,13 +45,13 @@ from tlpipe.backbones.deps import require
 from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
+from tlpipe.errors import InputError, NotFoundError, TlpipeError
 from tlpipe.features.cache import FeatureSetReader, exclusive_lock, release_lock
 from tlpipe.features.decoder import Decoded
 from tlpipe.features.extract import check_extract_options
 from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, recorded_resize_filter
 from tlpipe.features.sources import ImageRecord, discover
 from tlpipe.features.stream import Engine, LocalEngine, Progress, Stage, StageModel, StreamSummary, run_stream
-
 from tlpipe.pipeline.heads.persistence import HeadError, load_head
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ PROBABILITIES = "probabilities"
 Store = ModelStore | str | os.PathLike | None  # a model store, or its folder (None: the default one)
 
 
-class ScoreError(RuntimeError):
+class ScoreError(TlpipeError, RuntimeError):
     """Scoring cannot run as asked (bad output, wrong model, incompatible previous output...)."""
 
 
@@ -230,7 +230,7 @@ def predictor_for(
         A setting that disagrees with the recorded one.
     """
     if (head is None) == (model is None):
-        raise ValueError("give exactly one of head (a saved head) or model (a fused classifier)")
+        raise InputError("give exactly one of head (a saved head) or model (a fused classifier)")
     predictor = (
         head_predictor(head, trust=trust, store=store, backbone=images) if head is not None else fused_predictor(model)
     )  # type: ignore[arg-type]
@@ -698,16 +698,16 @@ def score(
         The head, its backbone or the cache cannot be used.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, not {top_k}")
+        raise InputError(f"top_k must be at least 1, not {top_k}")
     source = Path(source)
     from_cache = source.suffix.lower() in (".h5", ".hdf5")
     if model is not None and (from_cache or cache is not None):
-        raise ValueError(
+        raise InputError(
             "scoring embeddings (a cache source or cache reuse) needs the head; model= is a whole image classifier"
         )
     records, skipped = [], []
     if from_cache and not source.is_file():
-        raise FileNotFoundError(f"cache not found: {source}")
+        raise NotFoundError(f"cache not found: {source}")
     if not from_cache:  # the true label column: what a labelled listing of the same source says, where it can
         images = discover(source, allow_outside_root=allow_outside_root, labelled=False)
         truth, skipped = true_labels(source, allow_outside_root), list(images.skipped)

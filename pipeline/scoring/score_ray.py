@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 from tlpipe.features.ray_engine import run_on_ray
-
 from tlpipe.pipeline.scoring.score import ScoreSummary, score
 
 

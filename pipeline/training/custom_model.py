@@ -41,10 +41,10 @@ import numpy as np
 
 from tlpipe.backbones.choice import ModelChoice
 from tlpipe.backbones.export import INPUT_NAME, ExportPlan
+from tlpipe.errors import InputError
 from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER
 from tlpipe.features.images import ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
-
 from tlpipe.pipeline.training.finetune import (
     CLASSIFIER_FILE,
     VERIFY_IMAGES,
@@ -135,7 +135,7 @@ def truncate(plan: ExportPlan, layer: str) -> keras.Model:
         output = full.get_layer(layer).output
     except ValueError:
         cuts = ", ".join(c.layer for c in plan.spec.cut_points)
-        raise ValueError(
+        raise InputError(
             f"{plan.spec.name} has no layer {layer!r}; cut points: {cuts} (any layer name of the "
             f"Keras model is accepted)"
         ) from None
@@ -382,14 +382,14 @@ def prepare_custom_model(
     parsed = parse_new_layers(new_layers)
     unfreeze = options.unfreeze_from is not None or options.unfreeze_last is not None
     if unfreeze_epochs is not None and unfreeze_epochs < 0:
-        raise ValueError(f"unfreeze_epochs must be >= 0, not {unfreeze_epochs}")
+        raise InputError(f"unfreeze_epochs must be >= 0, not {unfreeze_epochs}")
     if unfreeze_epochs and not unfreeze:
-        raise ValueError("unfreeze_epochs needs unfreeze_from or unfreeze_last (which blocks to unfreeze)")
+        raise InputError("unfreeze_epochs needs unfreeze_from or unfreeze_last (which blocks to unfreeze)")
     images = discover(source)
     split = split_records(images.records, options.val_fraction, options.seed)
     choice = ModelChoice.given(choice, choice_fields, "custom-model", CUSTOM_MODEL_CHOICE)
     if choice.backbone is None or choice.layer is None:
-        raise ValueError("a custom model needs a registry backbone and the layer to cut it at")
+        raise InputError("a custom model needs a registry backbone and the layer to cut it at")
     plan, layer = choice.with_(layer=None).plan(seed=options.seed), choice.layer
     return PreparedCustomModel(
         Path(source),

@@ -50,10 +50,10 @@ from tlpipe.backbones.export import INPUT_NAME, ExportPlan, convert, export_plan
 from tlpipe.backbones.onnx_metadata import write_metadata
 from tlpipe.backbones.registry import BackboneSpec
 from tlpipe.backbones.store import META_FILE, MODEL_FILE, ModelStore, StoreEntry
+from tlpipe.errors import InputError
 from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER, check_resize_filter
 from tlpipe.features.images import RESIZE_MODES, ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
-
 from tlpipe.pipeline.heads.persistence import load_head
 
 if TYPE_CHECKING:
@@ -101,18 +101,18 @@ class TrainingOptions:
     def check(self) -> None:
         """Raise ValueError for a setting out of range."""
         if self.epochs < 0 or self.batch_size < 1 or self.patience < 1:
-            raise ValueError("epochs must be >= 0, batch_size and patience >= 1")
+            raise InputError("epochs must be >= 0, batch_size and patience >= 1")
         if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
+            raise InputError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, not {self.learning_rate}")
+            raise InputError(f"learning_rate must be positive, not {self.learning_rate}")
         if self.backbone_learning_rate is not None and not self.backbone_learning_rate >= 0:
-            raise ValueError(f"backbone_learning_rate must be >= 0, not {self.backbone_learning_rate}")
+            raise InputError(f"backbone_learning_rate must be >= 0, not {self.backbone_learning_rate}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize mode {self.resize!r}; expected one of {RESIZE_MODES}")
+            raise InputError(f"unknown resize mode {self.resize!r}; expected one of {RESIZE_MODES}")
         check_resize_filter(self.resize_filter)
         if self.unfreeze_from is not None and self.unfreeze_last is not None:
-            raise ValueError("give unfreeze_from or unfreeze_last, not both")
+            raise InputError("give unfreeze_from or unfreeze_last, not both")
 
 
 @dataclass
@@ -202,7 +202,7 @@ def split_records(records: list[ImageRecord], val_fraction: float = 0.2, seed: i
 
     labelled = [r for r in records if r.label is not None]
     if not labelled:
-        raise ValueError("no labelled images: training needs class folders or a manifest with labels")
+        raise InputError("no labelled images: training needs class folders or a manifest with labels")
     splits = {r.split for r in labelled}
     test = [r for r in labelled if r.split == "test"]
     pool = [r for r in labelled if r.split not in ("val", "test")]
@@ -212,11 +212,11 @@ def split_records(records: list[ImageRecord], val_fraction: float = 0.2, seed: i
         description = f"train on {len(train)} images, validate on the source's 'val' split ({len(val)} images)"
     else:
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+            raise InputError(f"val_fraction must be between 0 and 1, not {val_fraction}")
         labels = [r.label for r in pool]
         counts = Counter(labels)
         if len(pool) < 2:
-            raise ValueError(f"{len(pool)} training image(s): too few to hold some out for validation")
+            raise InputError(f"{len(pool)} training image(s): too few to hold some out for validation")
         stratified = min(counts.values()) >= 2 and math.ceil(val_fraction * len(labels)) >= len(counts)
         train, val = train_test_split(
             pool, test_size=val_fraction, random_state=seed, stratify=labels if stratified else None
@@ -228,9 +228,9 @@ def split_records(records: list[ImageRecord], val_fraction: float = 0.2, seed: i
             f"(val_fraction {val_fraction}, seed {seed})"
         )
     if len({r.label for r in train}) < 2:
-        raise ValueError("training needs images of at least two classes")
+        raise InputError("training needs images of at least two classes")
     if not val:
-        raise ValueError("no validation images")
+        raise InputError("no validation images")
     return DataSplit(train, val, test, description + tested)
 
 
@@ -253,7 +253,7 @@ def fold_head(
     steps = list(estimator.steps) if isinstance(estimator, Pipeline) else [("classifier", estimator)]
     *prep, (_, clf) = steps
     if not isinstance(clf, LogisticRegression):
-        raise ValueError(
+        raise InputError(
             f"{name} ends in a {type(clf).__name__}, not a LogisticRegression: only a logreg head "
             f"(StandardScaler + LogisticRegression) is a linear softmax that can warm-start the Dense "
             f"layer"
@@ -263,7 +263,7 @@ def fold_head(
         if step is None or step == "passthrough":
             continue
         if not isinstance(step, StandardScaler):
-            raise ValueError(
+            raise InputError(
                 f"{name} has a {type(step).__name__} step ({step_name!r}) that cannot be folded into "
                 f"the Dense layer (only StandardScaler can); fit a logreg head without it to warm-start"
             )
@@ -274,7 +274,7 @@ def fold_head(
             sigma = sigma * step.scale_
     coef, intercept = np.asarray(clf.coef_, np.float64), np.asarray(clf.intercept_, np.float64)
     if coef.shape[1] != embedding_dim:
-        raise ValueError(f"{name} takes {coef.shape[1]}-dimensional embeddings, this backbone gives {embedding_dim}")
+        raise InputError(f"{name} takes {coef.shape[1]}-dimensional embeddings, this backbone gives {embedding_dim}")
     kernel = coef / sigma
     bias = intercept - kernel @ mu
     if len(clf.classes_) == 2:
@@ -284,9 +284,9 @@ def fold_head(
     try:  # heads fitted on class names know them; older ones map label indices through the sidecar
         labels = head_labels(clf, metadata)
     except HeadError:
-        raise ValueError(f"{name} has no class names in its sidecar: cannot tell which output is which class") from None
+        raise InputError(f"{name} has no class names in its sidecar: cannot tell which output is which class") from None
     if sorted(labels) != sorted(class_names):
-        raise ValueError(f"{name} was trained on classes {sorted(labels)}, the images have {sorted(class_names)}")
+        raise InputError(f"{name} was trained on classes {sorted(labels)}, the images have {sorted(class_names)}")
     order = [labels.index(c) for c in class_names]
     return kernel[order].T.astype(np.float32), bias[order].astype(np.float32)
 
@@ -305,7 +305,7 @@ def _check_head_features(metadata: dict, plan: ExportPlan, store: ModelStore, na
 
         if unversioned(entry.metadata.get("key_fields", {})) == unversioned(plan.key_fields()):
             return
-    raise ValueError(
+    raise InputError(
         f"{name} was fitted on embeddings {saved.get('key')!r} ({saved.get('backbone')}, {saved.get('input_size')} px, "
         f"{saved.get('pooling')} pooling, layer {saved.get('layer')}); this fine-tune starts from {plan.key} "
         f"({plan.spec.name}, {plan.size} px, {plan.pooling} pooling, weights {plan.weights.identity}): fit the head "
@@ -339,7 +339,7 @@ def resolve_unfreeze(
     given: the last block.
     """
     if unfreeze_from is not None and unfreeze_last is not None:
-        raise ValueError("give unfreeze_from or unfreeze_last, not both")
+        raise InputError("give unfreeze_from or unfreeze_last, not both")
     names = [layer.name for layer in base.layers]
     if unfreeze_from is None:
         # Block ends only: a mid-block cut point (MobileNetV2's `block_N_expand_relu`, registered for feature
@@ -352,7 +352,7 @@ def resolve_unfreeze(
         n = 1 if unfreeze_last is None else unfreeze_last
         if not 1 <= n <= len(boundaries):
             ends = ", ".join(boundaries) or "no cut point before it"
-            raise ValueError(
+            raise InputError(
                 f"unfreeze_last must be between 1 and {len(boundaries)} for {spec.name} up to "
                 f"{names[-1]} (blocks end at {ends} and {names[-1]})"
             )
@@ -364,7 +364,7 @@ def resolve_unfreeze(
         if name.startswith(unfreeze_from) and rest and not rest[0].isdigit():
             return i
     cuts = ", ".join(c.layer for c in spec.cut_points if c.layer in names)
-    raise ValueError(
+    raise InputError(
         f"{spec.name} (up to {names[-1]}) has no layer named or starting with {unfreeze_from!r}; cut points: {cuts}"
     )
 
@@ -678,7 +678,7 @@ class TrainingRun:
         if state["config"] != self.config:
             saved = state["config"]
             changed = sorted(k for k in {*saved, *self.config} if saved.get(k) != self.config.get(k))
-            raise ValueError(
+            raise InputError(
                 f"{self.out_dir} holds a training run with other settings ({', '.join(changed)} "
                 f"differ); use another output folder, or delete {self.checkpoints} to start over"
             )
@@ -967,7 +967,7 @@ def prepare_finetune(
     options = options or TrainingOptions()
     options.check()
     if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), not {dropout}")
+        raise InputError(f"dropout must be in [0, 1), not {dropout}")
     choice = ModelChoice.given(choice, choice_fields, "finetune", FINETUNE_CHOICE)
     store = choice.model_store
     images = discover(source)
@@ -979,7 +979,7 @@ def prepare_finetune(
         name = f"head {head}"
         estimator, metadata = load_head(head, trust=trust, expect_dim=dim)
         if not metadata:
-            raise ValueError(
+            raise InputError(
                 f"{name} has no sidecar: its class names and feature set are unknown, so it cannot "
                 f"warm-start the classifier"
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tlpipe.errors import InputError
+
 NEW_LAYERS_HELP = (
     "comma-separated, in order: conv:F (F filters, 3x3, same padding, ReLU; conv:F:K for K x K), "
     "pool (2x2 max pooling), gap | gmp | flatten (feature map -> vector: global average / max pooling, or "
@@ -42,7 +44,7 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
     """
     tokens = [t.strip() for t in spec.split(",")]
     if not spec.strip():
-        raise ValueError(f"new layers: empty; {NEW_LAYERS_HELP}")
+        raise InputError(f"new layers: empty; {NEW_LAYERS_HELP}")
     layers: list[NewLayer] = []
     vector_at = None
     for i, token in enumerate(tokens, 1):
@@ -86,7 +88,7 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
             vector_at = i
         layers.append(layer)
     if vector_at is None:
-        raise ValueError(
+        raise InputError(
             f"new layers {spec!r}: no gap, gmp or flatten: the feature map must become a vector before the softmax"
         )
     return layers
