@@ -9,6 +9,8 @@ from types import ModuleType
 
 from tlpipe.errors import TlpipeError
 
+__all__ = ["MissingExtra", "_EXTRAS", "distribution_version", "installed_onnxruntime_distributions", "require"]
+
 # module -> (distribution names that provide it, extra that installs it)
 _EXTRAS: dict[str, tuple[tuple[str, ...], str]] = {
     "tensorflow": (("tensorflow", "tensorflow-cpu", "tf-nightly"), "tf"),

@@ -32,6 +32,33 @@ from .store import ModelStore, StoreEntry, make_key
 from .tta import check_tta, decode_size, slug, view_count
 from .weights import ResolvedWeights, resolve_weights
 
+__all__ = [
+    "DEFAULT_OPSET",
+    "EXPORT_FORMAT",
+    "ExportPlan",
+    "FeatureModel",
+    "MAX_REL_DIFF",
+    "MIN_COSINE",
+    "MultiExportPlan",
+    "VerificationError",
+    "add_metadata",
+    "compare_embeddings",
+    "convert",
+    "converter_versions",
+    "cosine_similarities",
+    "export_backbone",
+    "export_layers",
+    "export_multi",
+    "export_plan",
+    "layer_slug",
+    "obtain_backbone",
+    "obtain_layers",
+    "plan_export",
+    "rename_output",
+    "verification_images",
+    "verify",
+]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17

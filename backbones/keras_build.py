@@ -9,6 +9,20 @@ import os
 
 from tlpipe.errors import InputError
 
+__all__ = [
+    "CAFFE_MEAN_BGR",
+    "ImagePreprocessing",
+    "TORCH_MEAN",
+    "TORCH_STD",
+    "TestTimeViews",
+    "ViewMean",
+    "add_pooling",
+    "build_base",
+    "build_embedding_model",
+    "build_multi_output_model",
+    "weights_digest",
+]
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402

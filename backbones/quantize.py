@@ -29,6 +29,26 @@ from .export import INPUT_NAME, VerificationError, add_metadata, cosine_similari
 from .onnx_metadata import clear_metadata
 from .store import ModelStore, StoreEntry, make_key
 
+__all__ = [
+    "CALIBRATION_BATCH",
+    "GPTQ_DAMPING",
+    "HESSIAN_SAMPLES",
+    "MIN_MEAN_COSINE",
+    "PRECISIONS",
+    "QUANT_FORMAT",
+    "apply_gptq",
+    "check_precision",
+    "compare_to_fp32",
+    "conv_hessians",
+    "convert_fp16",
+    "find_variant",
+    "gptq_round",
+    "make_variant",
+    "quantize_int8",
+    "variant_fields",
+    "variant_key",
+]
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "fp16")

@@ -12,6 +12,18 @@ from dataclasses import dataclass, field
 
 from tlpipe.errors import InputError, UnknownNameError
 
+__all__ = [
+    "BackboneSpec",
+    "CONCAT",
+    "CutPoint",
+    "POOLINGS",
+    "PREPROCESSING_MODES",
+    "REGISTRY",
+    "get_backbone",
+    "layer_parts",
+    "list_backbones",
+]
+
 POOLINGS = ("avg", "max", "none")
 # Joins cut points into one concatenated feature set: ``out_relu+block_13_expand_relu`` is the pooled
 # ``out_relu`` embedding followed by the pooled ``block_13_expand_relu`` one, as one vector (one model output).

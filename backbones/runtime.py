@@ -13,6 +13,18 @@ from tlpipe.errors import InputError, TlpipeError
 
 from .deps import installed_onnxruntime_distributions, require
 
+__all__ = [
+    "CPU_MICRO_BATCH",
+    "DEVICES",
+    "MIXED_BUILDS_ENV",
+    "OnnxEmbedder",
+    "ProviderError",
+    "create_session",
+    "default_streams",
+    "physical_cores",
+    "session_options",
+]
+
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -17,6 +17,17 @@ from tlpipe.errors import TlpipeError
 from .atomic import atomic_folder
 from .weights import sha256_file
 
+__all__ = [
+    "META_FILE",
+    "MODEL_FILE",
+    "ModelStore",
+    "STORE_ENV",
+    "StoreEntry",
+    "StoreError",
+    "default_store_root",
+    "make_key",
+]
+
 STORE_ENV = "TLPIPE_MODEL_STORE"
 MODEL_FILE = "model.onnx"
 META_FILE = "meta.json"

@@ -23,6 +23,8 @@ import numpy as np
 
 from tlpipe.errors import InputError
 
+__all__ = ["CROP_FRACTION", "TTA_MODES", "check_tta", "crop_offsets", "decode_size", "make_views", "slug", "view_count"]
+
 TTA_MODES = ("none", "flip", "flip+crops")
 CROP_FRACTION = 0.875  # crop side / decode side for flip+crops (224 / 256)
 _VIEWS = {"none": 1, "flip": 2, "flip+crops": 10}

@@ -11,6 +11,19 @@ from tlpipe.errors import TlpipeError
 
 from .registry import BackboneSpec
 
+__all__ = [
+    "ResolvedWeights",
+    "WEIGHTS_DIR_ENV",
+    "WEIGHT_SUFFIXES",
+    "WeightsUnavailable",
+    "candidate_filenames",
+    "default_weights_dir",
+    "find_in_directory",
+    "offline_hint",
+    "resolve_weights",
+    "sha256_file",
+]
+
 WEIGHTS_DIR_ENV = "TLPIPE_WEIGHTS_DIR"
 WEIGHT_SUFFIXES = (".weights.h5", ".h5")
 

@@ -62,6 +62,43 @@ from tlpipe.errors import InputError, TlpipeError
 
 from .fastdecode import DEFAULT_RESIZE_FILTER, LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
 
+__all__ = [
+    "BLOB_CHUNK",
+    "CACHE_VERSION",
+    "CHUNK_ROWS",
+    "CacheError",
+    "CacheLockedError",
+    "CacheWriter",
+    "DIMENSION_LABELS",
+    "EXPORT_FORMATS",
+    "FeatureSet",
+    "FeatureSetReader",
+    "ImageRow",
+    "READ_ATTEMPTS",
+    "RESIZE_DEFAULT",
+    "T",
+    "Views",
+    "check_version",
+    "choose_feature_set",
+    "describe",
+    "exclude_rows",
+    "exclusive_lock",
+    "export_cache",
+    "feature_set_key",
+    "list_feature_sets",
+    "lookup_embeddings",
+    "open_for_read",
+    "read_exclude_list",
+    "read_feature_set",
+    "read_paths",
+    "read_retrying",
+    "read_views",
+    "release_lock",
+    "source_root",
+    "split_feature_set_key",
+    "to_pandas",
+]
+
 CACHE_VERSION = 2
 CHUNK_ROWS = 256
 BLOB_CHUNK = 1 << 16
@@ -236,6 +273,56 @@ def feature_set_key(model_key: str, resize: str = RESIZE_DEFAULT, resize_filter:
     check_resize_filter(resize_filter)
     key = model_key if resize == RESIZE_DEFAULT else f"{model_key}-resize-{resize}"
     return key if resize_filter == LEGACY_RESIZE_FILTER else f"{key}-filter-{resize_filter}"
+
+
+def source_root(source: str) -> str:
+    """The folder a source's cached paths are relative to: the folder itself, or a CSV manifest's folder.
+
+    The one home of the "cached path -> file on disk" rule: a row's file is
+    ``os.path.join(source_root(sources[row.source]), row.path)`` (see :func:`tlpipe.pipeline.reports.images.resolve_image`).
+    """
+    return source if os.path.isdir(source) or not os.path.splitext(source)[1] else os.path.dirname(source)
+
+
+def _recorded_sources(f: h5py.File) -> list[str]:
+    """The paths of the sources an open cache records (plain strings, or ``{"path": ...}`` records)."""
+    raw = f.attrs.get("sources")
+    if raw is None:
+        return []
+    items = json.loads(raw)
+    return [s["path"] if isinstance(s, dict) else str(s) for s in items]
+
+
+def split_feature_set_key(key: str) -> tuple[str, str | None, str | None]:
+    """The inverse of :func:`feature_set_key`: ``(model_key, resize, resize_filter)`` from a feature-set key.
+
+    A setting the key spells out (``-resize-<mode>``, ``-filter-<filter>``) is returned; one it does not is
+    None, because a key without suffixes is also a plain model-store key (whose feature set then takes the
+    defaults). So ``tlpipe extract --backbone KEY`` takes the key ``tlpipe info`` prints as well as the
+    model-store key.
+
+    Parameters
+    ----------
+    key : str
+        A feature-set key or a model-store key.
+
+    Returns
+    -------
+    tuple of (str, str or None, str or None)
+    """
+    from tlpipe.features.fastdecode import RESIZE_FILTERS
+    from tlpipe.features.images import RESIZE_MODES
+
+    resize_filter = resize = None
+    for name in RESIZE_FILTERS:
+        if key.endswith(f"-filter-{name}"):
+            key, resize_filter = key[: -len(f"-filter-{name}")], name
+            break
+    for mode in RESIZE_MODES:
+        if key.endswith(f"-resize-{mode}"):
+            key, resize = key[: -len(f"-resize-{mode}")], mode
+            break
+    return key, resize, resize_filter
 
 
 def _storable(text: str, limit: int | None = None) -> bytes:
@@ -995,6 +1082,18 @@ class FeatureSet:
     source: np.ndarray | None = None  # (N,) int32 index into the cache's sources
     label_conflicts: list[dict] = field(default_factory=list)  # every conflict recorded in the cache
     excluded_conflicts: int = 0  # rows left out because their content carries two labels
+    sources: list[str] = field(default_factory=list)  # the cache's recorded sources; ``source`` indexes them
+
+    def source_root_of(self, row: int) -> str:
+        """The folder row ``row``'s path is relative to ("" when the cache records no source for it)."""
+        return source_root(self.source_of(row) or "")
+
+    def source_of(self, row: int) -> str | None:
+        """The recorded source (folder or manifest) of row ``row``, or None."""
+        if self.source is None:
+            return None
+        index = int(self.source[row])
+        return self.sources[index] if 0 <= index < len(self.sources) else None
 
     def __len__(self) -> int:
         return len(self.X)
@@ -1095,6 +1194,7 @@ def read_feature_set(
             cache_id=str(f.attrs["cache_id"]),
             source=take("source"),
             label_conflicts=conflicts,
+            sources=_recorded_sources(f),
         )
         if exclude_conflicts and conflicts:
             keep = ~np.isin(rows, [c["row"] for c in conflicts])
@@ -1433,9 +1533,8 @@ def to_pandas(path: str | os.PathLike, features: str | None = None):
     fs = read_feature_set(path, features)
     names = np.array([*fs.class_names, None], dtype=object)
     columns: dict[str, Any] = {"path": fs.paths.astype(object)}
-    if fs.source is not None:  # the source root (folder or manifest) each path is relative to
-        roots = np.array([*read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]"))), None], dtype=object)
-        columns["source"] = roots[np.where(fs.source >= 0, fs.source, -1)]
+    if fs.source is not None:  # the source (folder or manifest) each path is relative to
+        columns["source"] = [fs.source_of(row) for row in range(len(fs))]
     columns |= {
         "label": names[fs.y],
         "split": [s or None for s in fs.split.tolist()],
@@ -1516,10 +1615,7 @@ def export_cache(
             names = [*fs.class_names, None]
             columns = {"path": pa.array(fs.paths.tolist(), pa.string())}
             if fs.source is not None:
-                roots = read_retrying(path, lambda f: json.loads(f.attrs.get("sources", "[]")))
-                columns["source"] = pa.array(
-                    [roots[i] if 0 <= i < len(roots) else None for i in fs.source.tolist()], pa.string()
-                )
+                columns["source"] = pa.array([fs.source_of(row) for row in range(len(fs))], pa.string())
             table = pa.table(
                 columns
                 | {

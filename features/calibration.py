@@ -20,6 +20,16 @@ from .decoder import iter_decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
+__all__ = [
+    "CALIBRATION_IMAGES",
+    "CalibrationSample",
+    "HELD_IMAGES",
+    "MIN_IMAGES",
+    "resolve_entry",
+    "sample_images",
+    "variant_for",
+]
+
 CALIBRATION_IMAGES = 64
 HELD_IMAGES = 64
 MIN_IMAGES = 16

@@ -27,7 +27,7 @@ from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
 from tlpipe.errors import InputError
 
-from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
+from .cache import RESIZE_DEFAULT, CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
 from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
@@ -251,6 +251,39 @@ def check_extract_options(**options: str) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be one of {choices}, not {value!r}")
 
 
+def _check_engine_options(engine: Any, *, augment: int, several: bool, tta: str) -> None:
+    """The Ray engine extracts one feature set without TTA or augmented views (the rule, in one place)."""
+    if engine is None or getattr(engine, "name", "local") != "ray":
+        return
+    if augment:
+        raise InputError("--augment runs on the local engine (drop --engine ray)")
+    if several or tta != "none":
+        raise InputError(
+            "--engine ray extracts one feature set without TTA; use the local engine for --tta or "
+            "several --size/--layer values"
+        )
+
+
+def _settings_of_key(
+    choice: ModelChoice, resize: str | None, resize_filter: str | None
+) -> tuple[ModelChoice, str, str]:
+    """A stored model named by a feature-set key (as ``tlpipe info`` prints it) runs with the resize settings
+    the key spells out; a setting given as well must agree. Unset settings take their defaults."""
+    from tlpipe.features.cache import split_feature_set_key
+
+    if isinstance(choice.model, str) and not Path(choice.model).exists():
+        model_key, key_resize, key_filter = split_feature_set_key(choice.model)
+        for name, given, implied in (("resize", resize, key_resize), ("resize-filter", resize_filter, key_filter)):
+            if given is not None and implied is not None and given != implied:
+                raise InputError(
+                    f"--{name} {given} disagrees with the feature-set key {choice.model} (made with {implied}): "
+                    f"drop --{name}, or name the model-store key {model_key}"
+                )
+        choice = choice.with_(model=model_key)
+        resize, resize_filter = resize or key_resize, resize_filter or key_filter
+    return choice, resize or RESIZE_DEFAULT, resize_filter or DEFAULT_RESIZE_FILTER
+
+
 def extract(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -259,8 +292,8 @@ def extract(
     device: str = "auto",
     batch_size: int = 32,
     dtype: str = "float32",
-    resize: str = "squash",
-    resize_filter: str = DEFAULT_RESIZE_FILTER,
+    resize: str | None = None,
+    resize_filter: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
     streams: int | None = None,
@@ -297,10 +330,11 @@ def extract(
         Images per model call and per commit.
     dtype : str
         Storage of the embeddings: "float32" | "float16".
-    resize : str
-        "squash" | "crop".
-    resize_filter : str
-        "bilinear" (default: Keras' non-antialiased bilinear through the fast JPEG path; decode ms.core per image
+    resize : str, optional
+        "squash" (default) | "crop". None: the setting a feature-set key given as ``model`` spells out, else
+        the default.
+    resize_filter : str, optional
+        None: as ``resize``. "bilinear" (default: Keras' non-antialiased bilinear through the fast JPEG path; decode ms.core per image
         1.37 -> 0.57 measured, linear probe within 0.5 point of the old filter) | "antialias" (Pillow's
         antialiased bilinear, what caches made before the choice hold). Part of the feature set's identity
         (:func:`tlpipe.features.cache.feature_set_key`).
@@ -344,6 +378,7 @@ def extract(
         ``choice`` and some of its fields, or a keyword that is not one of them.
     """
     choice = ModelChoice.given(choice, choice_fields, "extract")
+    choice, resize, resize_filter = _settings_of_key(choice, resize, resize_filter)
     check_extract_options(
         resize=resize,
         resize_filter=resize_filter,
@@ -353,9 +388,10 @@ def extract(
         pooling=choice.pooling,
     )
     check_tta(choice.tta)
-    images = open_source(source, out, allow_outside_root)
     sizes, layers = sizes or [choice.size], layers or [choice.layer]
     several = len(sizes) > 1 or len(layers) > 1
+    _check_engine_options(engine, augment=augment, several=several, tta=choice.tta)
+    images = open_source(source, out, allow_outside_root)
     if several:
         models = _several_models(choice, sizes, layers)
     else:  # one size and one layer, given as sizes=[s] / layers=[l] or as size / layer

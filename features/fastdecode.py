@@ -41,6 +41,22 @@ from PIL import ExifTags, Image
 
 from tlpipe.errors import InputError
 
+__all__ = [
+    "DEFAULT_RESIZE_FILTER",
+    "LEGACY_RESIZE_FILTER",
+    "RESIZE_FILTERS",
+    "_LIBS",
+    "available",
+    "check_resize_filter",
+    "dct_scale",
+    "decode_jpeg",
+    "decode_jpeg_sizes",
+    "disabled",
+    "orient",
+    "recorded_resize_filter",
+    "resize_bilinear",
+]
+
 RESIZE_FILTERS = ("bilinear", "antialias")
 DEFAULT_RESIZE_FILTER = "bilinear"
 LEGACY_RESIZE_FILTER = "antialias"  # what feature sets without a recorded filter were made with

@@ -20,6 +20,21 @@ from tlpipe.errors import InputError, TlpipeError
 from . import fastdecode
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, check_resize_filter  # noqa: F401
 
+__all__ = [
+    "HEIF_EXTENSIONS",
+    "HEIF_EXTRA_MESSAGE",
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "MAX_PIXELS",
+    "REFUSED_FORMATS",
+    "RESIZE_MODES",
+    "decode_image",
+    "decode_image_sizes",
+    "load_image",
+    "resize_image",
+    "sniff_image",
+]
+
 # Formats Pillow identifies by content but tlpipe does not decode: EPS/PS would run Ghostscript on the file,
 # and the others are not pictures Pillow can load (stubs, or vector formats that need Windows).
 REFUSED_FORMATS = {

@@ -42,6 +42,21 @@ from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 from .stream import Engine, Stage, StageModel
 
+__all__ = [
+    "ACTOR_RESTARTS",
+    "ModelActor",
+    "RayEngine",
+    "TASK_RETRIES",
+    "decode_batch",
+    "decoded_dataset",
+    "extract_ray",
+    "map_stage",
+    "ordered_batches",
+    "plan_actors",
+    "ray_cluster",
+    "run_on_ray",
+]
+
 TASK_RETRIES = 3  # decode task retries after a worker dies
 ACTOR_RESTARTS = 3  # inference actor restarts (its tasks are retried as often)
 
@@ -204,6 +219,8 @@ class RayEngine(Engine):
         ONNX Runtime threads per actor (default: the cores of its node).
     """
 
+    name = "ray"
+
     address: str | None = None
     num_actors: int | None = None
     actor_gpus: float | None = None
@@ -344,4 +361,13 @@ def extract_ray(source: str | os.PathLike[str], out: str | os.PathLike[str], **o
     tlpipe.backbones.deps.MissingExtra, ValueError, CacheError
         See :func:`run_on_ray` and :func:`~tlpipe.features.extract.extract`.
     """
+    from tlpipe.features.extract import _check_engine_options
+
+    choice = options.get("choice")
+    _check_engine_options(
+        RayEngine,
+        augment=options.get("augment", 0),
+        several=len(options.get("sizes") or [None]) > 1 or len(options.get("layers") or [None]) > 1,
+        tta=getattr(choice, "tta", options.get("tta", "none")),
+    )
     return run_on_ray(extract, source, out, **options)

@@ -15,6 +15,19 @@ from tlpipe.errors import InputError, NotFoundError, TlpipeError
 
 from .images import IMAGE_EXTENSIONS, sniff_image
 
+__all__ = [
+    "ImageRecord",
+    "ImageSource",
+    "LABEL_COLUMNS",
+    "LayoutError",
+    "PATH_COLUMNS",
+    "SPLITS",
+    "SPLIT_ALIASES",
+    "SPLIT_COLUMN",
+    "discover",
+    "normalize_split",
+]
+
 SPLIT_ALIASES: dict[str, str] = {
     alias: split
     for split, aliases in {

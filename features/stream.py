@@ -272,6 +272,8 @@ class Engine:
     there) whose ``run(stage, records, model, *, batch_size, resize, resize_filter)`` streams ``records``
     through ``model`` into ``stage`` (calling :meth:`Stage.todo`, :meth:`Stage.admit`, :meth:`Stage.commit`)."""
 
+    name = "local"  # the --engine it implements
+
     def __enter__(self) -> Engine:
         return self
 

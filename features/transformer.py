@@ -17,6 +17,8 @@ from .cache import CacheWriter, feature_set_key, lookup_embeddings
 from .fastdecode import DEFAULT_RESIZE_FILTER
 from .sources import ImageRecord
 
+__all__ = ["EmbeddingTransformer"]
+
 
 class EmbeddingTransformer(TransformerMixin, BaseEstimator):
     """Embeds image files with an ONNX backbone; embeddings are cached in ``cache`` by content hash.

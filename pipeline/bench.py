@@ -27,6 +27,20 @@ from tlpipe.backbones.runtime import OnnxEmbedder, default_streams, physical_cor
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.errors import InputError
 
+__all__ = [
+    "BENCH_CHOICE",
+    "BenchReport",
+    "Timing",
+    "VNNI_FLAGS",
+    "cpu_flags",
+    "decode_throughput",
+    "format_report",
+    "machine_facts",
+    "run_bench",
+    "time_batches",
+    "verdict",
+]
+
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 BENCH_CHOICE = (
     "backbone",

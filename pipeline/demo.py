@@ -15,6 +15,8 @@ import numpy as np
 
 from tlpipe.backbones.weights import WeightsUnavailable
 
+__all__ = ["obtain_demo_backbone", "run_demo", "write_digits_folder"]
+
 
 def write_digits_folder(root: str | Path, size: int = 64, test_fraction: float = 0.2, seed: int = 0) -> Path:
     """scikit-learn's digits as ``root/{train,test}/<digit>/<n>.png`` (grayscale, upscaled to ``size``)."""
@@ -62,10 +64,10 @@ def run_demo(
     """Run the demo end to end; returns a summary (also written to ``out_dir/summary.json``)."""
     from rich.console import Console
 
-    from tlpipe.features.cache import read_feature_set
     from tlpipe.features.extract import extract
     from tlpipe.pipeline.heads.fit import train_head
-    from tlpipe.pipeline.heads.selection import compare_heads, format_table, write_report
+    from tlpipe.pipeline.heads.selection import compare
+    from tlpipe.pipeline.reports.compare import format_table
     from tlpipe.pipeline.scoring.fuse import export_model
     from tlpipe.pipeline.scoring.score import score
 
@@ -92,12 +94,10 @@ def run_demo(
         f"({summary.images_per_second:.0f} img/s) -> {cache}"
     )
 
-    fs = read_feature_set(cache, summary.key)
-    with console.status("compare: cross-validating logreg, svm, rbf-svm, mlp…"):
-        result = compare_heads(fs, ("logreg", "svm", "rbf-svm", "mlp"), cv=5)
-    console.print(format_table(result))
     report = out / "report"
-    write_report(result, report)
+    with console.status("compare: cross-validating logreg, svm, rbf-svm, mlp…"):
+        result = compare(cache, ("logreg", "svm", "rbf-svm", "mlp"), features=summary.key, cv=5, report=report)
+    console.print(format_table(result))
 
     head_path = out / f"{result.best}.joblib"
     trained = train_head(cache, result.best, head_path, features=summary.key)

@@ -29,15 +29,31 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-# public name -> (module, attribute)
+# public name -> (module, attribute): the workflows, the settings they take, their results and the error root
 _FACADE: dict[str, tuple[str, str]] = {
+    # workflows (one per command)
     "extract": ("tlpipe.features.extract", "extract"),
     "fit_head": ("tlpipe.pipeline.heads.fit", "train_head"),
     "compare": ("tlpipe.pipeline.heads.selection", "compare"),
     "evaluate": ("tlpipe.pipeline.heads.evaluate", "evaluate"),
     "score": ("tlpipe.pipeline.scoring.score", "score"),
     "predict": ("tlpipe.pipeline.scoring.score", "predict"),
+    "export_model": ("tlpipe.pipeline.scoring.fuse", "export_model"),
     "audit": ("tlpipe.pipeline.audit.checks", "audit"),
+    "read_feature_set": ("tlpipe.features.cache", "read_feature_set"),
+    # settings as values
+    "ModelChoice": ("tlpipe.backbones.choice", "ModelChoice"),
+    "HeadSpec": ("tlpipe.pipeline.heads.spec", "HeadSpec"),
+    "RunOptions": ("tlpipe.pipeline.heads.spec", "RunOptions"),
+    # results
+    "FeatureSet": ("tlpipe.features.cache", "FeatureSet"),
+    "ExtractSummary": ("tlpipe.features.extract", "ExtractSummary"),
+    "TrainResult": ("tlpipe.pipeline.heads.fit", "TrainResult"),
+    "CompareResult": ("tlpipe.pipeline.heads.selection", "CompareResult"),
+    "EvalResult": ("tlpipe.pipeline.heads.evaluate", "EvalResult"),
+    "AuditResult": ("tlpipe.pipeline.audit.checks", "AuditResult"),
+    # errors
+    "TlpipeError": ("tlpipe.errors", "TlpipeError"),
 }
 
 __all__ = ["__version__", *_FACADE]

@@ -11,6 +11,8 @@ from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import SeedOpt, app, console, out
 from tlpipe.pipeline.cli.heads import ExcludeOpt, FeaturesOpt
 
+__all__ = ["audit"]
+
 
 @app.command()
 def audit(

@@ -8,6 +8,8 @@ import typer
 
 from tlpipe.pipeline.cli._common import BackboneOpt, StoreOpt, WeightsDirOpt, _store, app, out
 
+__all__ = ["demo"]
+
 
 @app.command()
 def demo(

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from tlpipe.errors import InputError
 from tlpipe.pipeline.cli._common import (
     ActorsOpt,
     AddressOpt,
@@ -47,9 +46,12 @@ from tlpipe.pipeline.cli._common import (
 from tlpipe.pipeline.cli.heads import FeaturesOpt
 from tlpipe.pipeline.cli.output import emit_json, summary_dict
 
+__all__ = ["export_cache", "extract", "info"]
+
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     source: Path = typer.Argument(
         ..., help="Folder (class folders, split folders or flat) or CSV manifest (path[,label][,split])."
     ),
@@ -106,17 +108,16 @@ def extract(
     check_tta(tta)
     sizes, layers = _sizes(size), _layers(layer)
     several = len(sizes) > 1 or len(layers) > 1
-    if engine == "ray" and augment:
-        raise InputError("--augment runs on the local engine")
-    if engine == "ray" and (several or tta != "none"):
-        raise InputError(
-            "--engine ray extracts one feature set without TTA; use the local engine for --tta or "
-            "several --size/--layer values"
-        )
     backbone, model = _backbone_source(backbone, model, "extract")
     choice = ModelChoice(
         backbone, weights, weights_dir, sizes[0], layers[0], pooling, precision, model, _store(store), tta
     )
+    # A setting left at its default is not "asked": a feature-set key given as --backbone then decides it.
+    given = ctx.get_parameter_source
+    if given("resize") is not None and given("resize").name == "DEFAULT":
+        resize = None
+    if given("resize_filter") is not None and given("resize_filter").name == "DEFAULT":
+        resize_filter = None
     options = dict(
         choice=choice,
         device=device,

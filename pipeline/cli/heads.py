@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -24,6 +23,8 @@ from tlpipe.pipeline.cli._common import (
     out,
 )
 from tlpipe.pipeline.cli.output import emit_json, table
+
+__all__ = ["compare", "evaluate", "fit_head"]
 
 
 def _pca(value: str):
@@ -176,14 +177,14 @@ def compare(
     ),
 ):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
-    from tlpipe.features.cache import describe, read_feature_set
-    from tlpipe.pipeline.heads.engine import parallel_backend
-    from tlpipe.pipeline.heads.selection import _COLUMNS, _cells, compare_heads, write_report
-    from tlpipe.pipeline.heads.selection import save_best as save_best_head
+    from tlpipe.pipeline.heads.selection import compare as run_compare
+    from tlpipe.pipeline.heads.selection import is_sweep
+    from tlpipe.pipeline.heads.spec import HeadSpec, RunOptions
+    from tlpipe.pipeline.reports.compare import COLUMNS, cells
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    from tlpipe.pipeline.heads.selection import is_sweep
-
+    spec = HeadSpec(pca=_pca(pca), class_weight=class_weight, search=search, seed=seed, use_augmented=use_augmented)
+    run = RunOptions(n_jobs=n_jobs, engine=engine, address=address, quiet=quiet or as_json)
     if is_sweep(features):
         if save_best is not None or exclude is not None:
             raise InputError(
@@ -206,63 +207,34 @@ def compare(
             use_augmented,
         )
         return
-    if umap and report is None:
-        raise InputError("--umap draws a map in the report: give --report DIR too")
-    if umap:
-        from tlpipe.pipeline.heads.selection import _import_umap
-
-        try:
-            _import_umap()
-        except ImportError:
-            raise InputError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
-    fs = read_feature_set(cache, features, exclude=exclude)
-    views = None
-    if use_augmented:
-        from tlpipe.features.cache import CacheError, read_views
-
-        views = read_views(cache, fs)
-        if views is None:
-            raise CacheError(
-                f"{cache}: feature set {fs.key} has no augmented views; run tlpipe extract --augment N first"
-            )
-    if save_best is not None and all_rows:
-        raise InputError("--save-best needs held-out rows to score the refitted head: drop --all-rows")
-    with (
-        _status(quiet or as_json, f"cross-validating {', '.join(names)} ({cv} folds)…"),
-        parallel_backend(engine, address),
-    ):
-        result = compare_heads(
-            fs,
+    with _status(run.quiet, f"cross-validating {', '.join(names)} ({cv} folds)…"):
+        result = run_compare(
+            cache,
             names,
+            features=features,
             cv=cv,
-            seed=seed,
-            search=search,
-            class_weight=class_weight,
+            head=spec,
             holdout=not all_rows,
-            n_jobs=n_jobs,
-            pca=_pca(pca),
-            learning_curve=report is not None,
-            views=views,
+            report=report,
+            save_best=save_best,
+            exclude=exclude,
+            run=run,
+            umap=umap,
         )
-    written = None
-    if report is not None:
-        roots = [s["path"] if isinstance(s, dict) else s for s in describe(cache)["sources"]]
-        written = write_report(result, report, image_roots=roots, umap=umap)
-    if save_best is not None:
-        save_best_head(result, fs, save_best, cache_path=cache.resolve())
+    written = result.report_files or None
     if as_json:
         emit_json(result.to_dict() | ({"report": {k: str(v) for k, v in written.items()}} if written else {}))
         return
     if quiet:
         return
     heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
-    rows = [[(f"[bold green]{h.name} *[/]" if h.name == result.best else h.name), *_cells(h)[1:]] for h in heads]
+    rows = [[(f"[bold green]{h.name} *[/]" if h.name == result.best else h.name), *cells(h)[1:]] for h in heads]
     table(
         out,
-        _COLUMNS,
+        COLUMNS,
         rows,
         title=f"{result.cv}-fold CV on {result.rows} rows of {result.feature_key}",
-        right=[c for i, c in enumerate(_COLUMNS) if i not in (0, 6)],
+        right=[c for i, c in enumerate(COLUMNS) if i not in (0, 6)],
     )
     out.print(f"  {result.setup}\n  best: [bold]{result.best}[/] · {result.seconds:.1f} s\n  why: {result.choice}")
     if result.holdout:
@@ -343,33 +315,30 @@ def evaluate(
     as_json: bool = JsonOpt,
 ):
     """Metrics, per-class report and confusion matrix of one head on held-out rows of a cache."""
-    from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.heads.evaluate import evaluate_head, save_confusion_matrix
-    from tlpipe.pipeline.heads.persistence import load_head
+    from tlpipe.pipeline.heads.evaluate import evaluate as run_evaluate
 
     if head_opt is not None and second is not None:
         raise typer.BadParameter("give the head once: `evaluate HEAD CACHE` or `evaluate CACHE --head HEAD`")
     head, cache = (head_opt, first) if head_opt is not None else (first, second)
     if cache is None:
         raise typer.BadParameter("missing the cache: `evaluate HEAD CACHE` or `evaluate CACHE --head HEAD`")
-    estimator, metadata = load_head(head, trust=trust)
-    key = features or (metadata.get("feature_set") or {}).get("key")
-    fs = read_feature_set(cache, key, exclude=exclude)
-    result = evaluate_head(estimator, metadata, fs, split=split, allow_train_rows=allow_train_rows)
-    split = result.split
-    if report is not None:
-        report.mkdir(parents=True, exist_ok=True)
-        (report / "evaluation.json").write_text(json.dumps(result.to_dict() | {"excluded": fs.excluded}, indent=2))
-        save_confusion_matrix(
-            result.confusion, result.labels, report / "confusion_matrix.png", title=f"{head.name} on {split}"
-        )
+    result = run_evaluate(
+        head,
+        cache,
+        split=split,
+        features=features,
+        report=report,
+        allow_train_rows=allow_train_rows,
+        exclude=exclude,
+        trust=trust,
+    )
     if as_json:
         emit_json({"head": head, "cache": cache} | result.to_dict())
         return
     loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
     out.print(
         f"[bold]{head}[/] on {result.rows_used}: accuracy {result.accuracy:.4f}, "
-        f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {fs.excluded} rows excluded by {exclude}" if exclude else "")
+        f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {result.excluded} rows excluded by {exclude}" if exclude else "")
     )
     rows = [
         [escape(label), *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), int(r.get("support", 0))]

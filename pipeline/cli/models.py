@@ -42,6 +42,8 @@ from tlpipe.pipeline.cli._common import (
 )
 from tlpipe.pipeline.cli.output import emit_json, table
 
+__all__ = ["backbones", "bench", "export"]
+
 
 @app.command()
 def backbones(

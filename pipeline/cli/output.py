@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+__all__ = ["Output", "emit_json", "summary_dict", "table"]
+
 
 def _stdout_is_terminal() -> bool:
     try:

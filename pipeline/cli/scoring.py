@@ -35,6 +35,8 @@ from tlpipe.pipeline.cli._common import (
 )
 from tlpipe.pipeline.cli.output import emit_json, summary_dict
 
+__all__ = ["export_model", "score"]
+
 
 @app.command()
 def score(

@@ -26,6 +26,8 @@ from tlpipe.pipeline.cli._common import (
 from tlpipe.pipeline.cli.heads import ClassWeightOpt
 from tlpipe.pipeline.training.new_layers import NEW_LAYERS_HELP
 
+__all__ = ["custom_model", "finetune"]
+
 
 @app.command()
 def finetune(

@@ -13,6 +13,8 @@ import joblib
 
 from tlpipe.errors import InputError
 
+__all__ = ["ENGINES", "parallel_backend"]
+
 ENGINES = ("local", "ray")
 
 

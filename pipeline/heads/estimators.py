@@ -34,6 +34,43 @@ from sklearn.utils.class_weight import compute_sample_weight
 from tlpipe.errors import InputError
 from tlpipe.features.cache import FeatureSet
 
+__all__ = [
+    "AUTO_PCA",
+    "CALIBRATION_FOLDS",
+    "FoldScore",
+    "HEADS",
+    "LOGREG_CS",
+    "LOGREG_CV_FOLDS",
+    "LOGREG_PATH_PATIENCE",
+    "LOGREG_PATH_TOL",
+    "LogisticRegressionCVHead",
+    "MLPHead",
+    "SVCHead",
+    "SVC_GRAM_BYTES",
+    "SVC_KERNEL_BLOCK",
+    "add_views",
+    "check_rows",
+    "choose_logreg_c",
+    "class_balance",
+    "cross_validate",
+    "cv_folds",
+    "fit",
+    "fit_head",
+    "fit_logreg_head",
+    "grid_points",
+    "head_name",
+    "make_head",
+    "name_labels",
+    "rbf_kernel_block",
+    "resolve_pca",
+    "search_space",
+    "select_split",
+    "step_name",
+    "summarize",
+    "used_params",
+    "views_within",
+]
+
 HEADS = ("logreg", "svm", "rbf-svm", "mlp")
 # Heads whose classifier is wrapped in CalibratedClassifierCV: their parameters live under ``estimator__``.
 _CALIBRATED = ("svm", "rbf-svm")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from tlpipe.errors import InputError, TlpipeError
 from tlpipe.features.cache import FeatureSet
 from tlpipe.pipeline.heads.persistence import check_compatible, head_labels
+
+__all__ = ["EvalResult", "LeakError", "evaluate", "evaluate_head", "evaluation_rows", "split_rows"]
 
 
 @dataclass
@@ -26,6 +28,8 @@ class EvalResult:
     labels: list[str]
     rows_used: str = ""  # which rows were scored and why, in words (every report states it)
     train_rows_included: int = 0  # rows the head was trained on among them (only with allow_train_rows)
+    excluded: int = 0  # rows left out by an exclude list
+    report_files: dict = field(default_factory=dict)  # file name -> path, when a report was written
 
     def to_dict(self) -> dict:
         return {
@@ -172,37 +176,66 @@ def evaluate_head(
     )
 
 
-def save_confusion_matrix(
-    confusion: np.ndarray, labels: list[str], path: str | os.PathLike, *, title: str = "Confusion matrix"
-) -> Path:
-    """A PNG of the confusion matrix (counts, shaded by row-normalised recall)."""
-    from matplotlib.figure import Figure  # Agg canvas, no pyplot state: safe in threads and without a display
+def evaluate(
+    head: str | os.PathLike,
+    cache: str | os.PathLike,
+    *,
+    split: str | None = None,
+    features: str | None = None,
+    report: str | os.PathLike | None = None,
+    allow_train_rows: bool = False,
+    exclude: str | os.PathLike | None = None,
+    trust: bool = False,
+) -> EvalResult:
+    """``tlpipe evaluate``: a saved head scored on held-out rows of a cache, with the leak check.
 
-    confusion = np.asarray(confusion)
-    k = len(labels)
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    size = min(4 + 0.45 * k, 24)
-    fig = Figure(figsize=(size, size * 0.85))
-    ax = fig.subplots()
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
-    ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(labels, rotation=45, ha="right")
-    ax.set_yticklabels(labels)
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                ax.text(
-                    j,
-                    i,
-                    str(confusion[i, j]),
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black",
-                )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    Parameters
+    ----------
+    head : path
+        A head saved by :func:`tlpipe.fit_head` (or ``compare --save-best``); its sidecar is checked first.
+    cache : path
+        The HDF5 cache holding the head's feature set.
+    split : str, optional
+        ``train`` | ``val`` | ``test`` | ``all`` | ``holdout``; default: ``test``, else the head's recorded hold-out.
+    features : str, optional
+        Feature-set key; default: the one the head was fitted on.
+    report : path, optional
+        Folder for ``evaluation.json`` and ``confusion_matrix.png``.
+    allow_train_rows : bool
+        Score rows the head was trained on too (an optimistic score); refused otherwise (:class:`LeakError`).
+    exclude : path, optional
+        A list of paths / sha256 to leave out.
+    trust : bool
+        Load a head whose checksum or metadata cannot be verified (unpickling runs its code).
+
+    Returns
+    -------
+    EvalResult
+        ``report_files`` names the report's files when one was written.
+
+    Raises
+    ------
+    LeakError, tlpipe.pipeline.heads.persistence.HeadError, tlpipe.features.cache.CacheError
+    """
+    import json
+
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.pipeline.heads.persistence import load_head
+
+    estimator, metadata = load_head(head, trust=trust)
+    key = features or (metadata.get("feature_set") or {}).get("key")
+    fs = read_feature_set(cache, key, exclude=exclude)
+    result = evaluate_head(estimator, metadata, fs, split=split, allow_train_rows=allow_train_rows)
+    result.excluded = fs.excluded
+    if report is not None:
+        from tlpipe.pipeline.reports.charts import save_confusion_matrix  # rendering, only when asked for
+
+        folder = Path(report)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {"evaluation.json": folder / "evaluation.json", "confusion_matrix.png": folder / "confusion_matrix.png"}
+        files["evaluation.json"].write_text(json.dumps(result.to_dict() | {"excluded": fs.excluded}, indent=2))
+        save_confusion_matrix(
+            result.confusion, result.labels, files["confusion_matrix.png"], title=f"{Path(head).name} on {result.split}"
+        )
+        result.report_files = files
+    return result

@@ -15,6 +15,8 @@ from tlpipe.pipeline.heads.estimators import class_balance, fit_head, name_label
 from tlpipe.pipeline.heads.evaluate import EvalResult, evaluate_head
 from tlpipe.pipeline.heads.persistence import save_head
 
+__all__ = ["IMBALANCE_WARNING", "TrainResult", "subset", "train_head"]
+
 IMBALANCE_WARNING = 3.0  # largest / smallest class above this: suggest --class-weight balanced
 
 

@@ -23,6 +23,17 @@ import sklearn
 from tlpipe.errors import TlpipeError
 from tlpipe.features.cache import FeatureSet
 
+__all__ = [
+    "FORMAT_VERSION",
+    "HeadError",
+    "check_compatible",
+    "head_labels",
+    "load_head",
+    "read_metadata",
+    "save_head",
+    "sidecar_path",
+]
+
 FORMAT_VERSION = 1
 
 

@@ -37,6 +37,21 @@ from tlpipe.features.images import load_image
 from tlpipe.pipeline.heads.persistence import load_head
 from tlpipe.pipeline.scoring.score import PROBABILITIES, head_backbone
 
+__all__ = [
+    "FORMAT",
+    "FuseError",
+    "HEAD_PREFIX",
+    "LABEL",
+    "MAX_ABS_DIFF",
+    "ML_DOMAIN",
+    "compare",
+    "convert_head",
+    "export_model",
+    "fuse",
+    "ml_opset_for",
+    "raise_default_opset",
+]
+
 FORMAT = 1
 LABEL = "label"
 ML_DOMAIN = "ai.onnx.ml"

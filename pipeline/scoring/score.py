@@ -54,6 +54,31 @@ from tlpipe.features.sources import ImageRecord, discover
 from tlpipe.features.stream import Engine, LocalEngine, Progress, Stage, StageModel, StreamSummary, run_stream
 from tlpipe.pipeline.heads.persistence import HeadError, load_head
 
+__all__ = [
+    "CacheRows",
+    "CsvOutput",
+    "JsonlOutput",
+    "PROBABILITIES",
+    "ParquetOutput",
+    "PredictionSink",
+    "Predictions",
+    "Predictor",
+    "ScoreError",
+    "ScoreSummary",
+    "check_resume",
+    "display_path",
+    "fused_predictor",
+    "head_backbone",
+    "head_predictor",
+    "open_sink",
+    "output_columns",
+    "predict",
+    "predictor_for",
+    "score",
+    "settle_setting",
+    "true_labels",
+]
+
 log = logging.getLogger(__name__)
 
 PROBABILITIES = "probabilities"

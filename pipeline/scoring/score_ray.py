@@ -13,6 +13,8 @@ from typing import Any
 from tlpipe.features.ray_engine import run_on_ray
 from tlpipe.pipeline.scoring.score import ScoreSummary, score
 
+__all__ = ["score_ray"]
+
 
 def score_ray(source: str | os.PathLike, out: str | os.PathLike, **options: Any) -> ScoreSummary:
     """:func:`tlpipe.pipeline.score.score` with the Ray engine: same arguments, same output rows, same resume.

@@ -70,6 +70,26 @@ from tlpipe.pipeline.training.finetune import (
 )
 from tlpipe.pipeline.training.new_layers import NEW_LAYERS_HELP, NewLayer, parse_new_layers  # noqa: F401 (re-exported)
 
+__all__ = [
+    "BN_MOMENTUM",
+    "CUSTOM_MODEL_CHOICE",
+    "CustomModelResult",
+    "CustomModels",
+    "FEATURE_MAPS",
+    "FeatureMaps",
+    "PreparedCustomModel",
+    "TrainedCustomModel",
+    "build_custom_models",
+    "count_params",
+    "export_custom_model",
+    "fit_custom_model",
+    "map_batches",
+    "parameter_counts",
+    "prepare_custom_model",
+    "train_custom_model",
+    "truncate",
+]
+
 if TYPE_CHECKING:
     import keras
 

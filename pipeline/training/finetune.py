@@ -56,6 +56,51 @@ from tlpipe.features.images import RESIZE_MODES, ImageError, load_image
 from tlpipe.features.sources import ImageRecord, ImageSource, discover
 from tlpipe.pipeline.heads.persistence import load_head
 
+__all__ = [
+    "BACKBONE_WEIGHTS",
+    "CLASSIFIER_FILE",
+    "CLASSIFIER_FORMAT",
+    "DataSplit",
+    "FINETUNE_CHOICE",
+    "FinetuneModels",
+    "FinetuneResult",
+    "HISTORY_FIELDS",
+    "LABEL_NAME",
+    "OUTPUT_NAME",
+    "PreparedFinetune",
+    "STATE_FILE",
+    "SplitScore",
+    "TrainedModel",
+    "TrainingOptions",
+    "TrainingRun",
+    "VERIFY_IMAGES",
+    "adam",
+    "augmentation",
+    "balanced_weights",
+    "batches",
+    "build_models",
+    "compile_model",
+    "decodable",
+    "evaluate_split",
+    "export_classifier",
+    "export_finetune",
+    "finetune",
+    "fit_phase",
+    "fold_head",
+    "image_batches",
+    "label_indices",
+    "plot_curves",
+    "prepare_finetune",
+    "read_history",
+    "records_digest",
+    "resolve_unfreeze",
+    "set_trainable",
+    "split_records",
+    "train_finetune",
+    "train_keras",
+    "write_history",
+]
+
 if TYPE_CHECKING:
     import keras
 

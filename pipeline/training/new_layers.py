@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from tlpipe.errors import InputError
 
+__all__ = ["NEW_LAYERS_HELP", "NewLayer", "parse_new_layers"]
+
 NEW_LAYERS_HELP = (
     "comma-separated, in order: conv:F (F filters, 3x3, same padding, ReLU; conv:F:K for K x K), "
     "pool (2x2 max pooling), gap | gmp | flatten (feature map -> vector: global average / max pooling, or "

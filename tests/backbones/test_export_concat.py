@@ -65,9 +65,9 @@ def test_extract_fit_fuse_and_score_a_concatenated_feature_set(tmp_path, model_s
     from tests.conftest import score_with_head_and_fused, write_photo_folder
     from tlpipe.features.cache import feature_set_key, read_feature_set
     from tlpipe.features.extract import extract
+    from tlpipe.pipeline.heads.estimators import make_head
     from tlpipe.pipeline.heads.persistence import save_head
     from tlpipe.pipeline.scoring.fuse import export_model
-    from tlpipe.pipeline.heads.estimators import make_head
 
     photos = write_photo_folder(tmp_path / "photos", per_class=8)
     cache = tmp_path / "cache.h5"

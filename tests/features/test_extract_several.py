@@ -99,7 +99,8 @@ def test_one_pass_fills_one_feature_set_per_size_and_layer(
     assert np.abs(p.X[np.argsort(p.sha256)] - flip.X[np.argsort(flip.sha256)]).max() > 0.01 * np.abs(p.X).max()
 
     # the sweep: every head on every feature set, pairs ranked, extraction cost attached
-    from tlpipe.pipeline.heads.selection import extraction_records, is_sweep, matching_feature_sets, sweep, write_sweep_report
+    from tlpipe.pipeline.heads.selection import extraction_records, is_sweep, matching_feature_sets, sweep
+    from tlpipe.pipeline.reports.compare import write_sweep_report
 
     assert is_sweep("all") and is_sweep("mobilenet*") and not is_sweep(expected[0])
     assert matching_feature_sets(cache, "*-72-*") == sorted(expected[2:])

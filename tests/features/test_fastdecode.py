@@ -202,9 +202,9 @@ def test_filter_is_part_of_the_feature_set_identity(tmp_path, tiny_entry, model_
 
 
 def test_score_and_fused_model_use_the_heads_filter_and_refuse_another(tmp_path, tiny_entry, model_store):
+    from tlpipe.pipeline.heads.estimators import make_head
     from tlpipe.pipeline.heads.persistence import save_head
     from tlpipe.pipeline.scoring.fuse import export_model
-    from tlpipe.pipeline.heads.estimators import make_head
     from tlpipe.pipeline.scoring.score import ScoreError, fused_predictor, score
 
     photos = write_photo_folder(tmp_path / "photos", per_class=3)

@@ -23,10 +23,10 @@ from tlpipe.backbones.deps import MissingExtra  # noqa: E402
 from tlpipe.features.cache import describe, read_feature_set  # noqa: E402
 from tlpipe.features.extract import extract  # noqa: E402
 from tlpipe.features.ray_engine import extract_ray  # noqa: E402
-from tlpipe.pipeline.heads.persistence import save_head  # noqa: E402
-from tlpipe.pipeline.heads.selection import compare_heads  # noqa: E402
 from tlpipe.pipeline.heads.engine import parallel_backend  # noqa: E402
 from tlpipe.pipeline.heads.estimators import make_head  # noqa: E402
+from tlpipe.pipeline.heads.persistence import save_head  # noqa: E402
+from tlpipe.pipeline.heads.selection import compare_heads  # noqa: E402
 from tlpipe.pipeline.scoring.score import ScoreError, score  # noqa: E402
 from tlpipe.pipeline.scoring.score_ray import score_ray  # noqa: E402
 

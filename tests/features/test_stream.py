@@ -19,8 +19,8 @@ from tlpipe.features.decoder import Decoded
 from tlpipe.features.extract import CacheSink, ExtractSummary, extract
 from tlpipe.features.sources import discover
 from tlpipe.features.stream import LocalEngine, StageModel, run_stream
-from tlpipe.pipeline.heads.persistence import save_head
 from tlpipe.pipeline.heads.estimators import make_head
+from tlpipe.pipeline.heads.persistence import save_head
 from tlpipe.pipeline.scoring.score import ScoreError, predict, score
 
 

@@ -140,8 +140,8 @@ def head(tmp_path_factory, tiny_entry, model_store) -> SimpleNamespace:
     """A logistic-regression head on 12 photos embedded by the tiny backbone, saved with its sidecar."""
     from tlpipe.features.cache import read_feature_set
     from tlpipe.features.extract import extract
-    from tlpipe.pipeline.heads.persistence import save_head
     from tlpipe.pipeline.heads.estimators import make_head
+    from tlpipe.pipeline.heads.persistence import save_head
 
     root = tmp_path_factory.mktemp("head")
     photos = write_photo_folder(root / "photos")

@@ -317,8 +317,8 @@ def test_skipped_inputs_are_named_in_the_summary_and_info(tmp_path, tiny_entry):
 def test_resize_mode_is_part_of_the_feature_set_and_travels_to_head_fused_model_and_score(
     tmp_path, tiny_entry, model_store
 ):
-    from tlpipe.pipeline.scoring.score import ScoreError, score
     from tlpipe.pipeline.heads.fit import train_head
+    from tlpipe.pipeline.scoring.score import ScoreError, score
 
     photos = write_photo_folder(tmp_path / "p", per_class=6)
     out = tmp_path / "c.h5"

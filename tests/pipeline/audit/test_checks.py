@@ -123,7 +123,8 @@ def test_audit_finds_planted_problems(tmp_path):
 
 
 def test_contact_sheet_placeholders_say_why(tmp_path):
-    from tlpipe.pipeline.audit.checks import _thumbnail, audit
+    from tlpipe.pipeline.audit.checks import audit
+    from tlpipe.pipeline.reports.audit import _thumbnail
 
     cache, planted = planted_cache(tmp_path)
     rows, root = planted["rows"], planted["root"]

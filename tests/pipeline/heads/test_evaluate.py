@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 
 from tlpipe.features.cache import read_feature_set
-from tlpipe.pipeline.heads.persistence import HeadError, load_head, save_head
-from tlpipe.pipeline.heads.evaluate import LeakError, evaluate_head, save_confusion_matrix
 from tlpipe.pipeline.heads.estimators import fit_head, select_split
+from tlpipe.pipeline.heads.evaluate import LeakError, evaluate_head
+from tlpipe.pipeline.heads.persistence import HeadError, load_head, save_head
+from tlpipe.pipeline.reports.charts import save_confusion_matrix
 
 
 def _splits(y):

@@ -6,8 +6,15 @@ import joblib
 import numpy as np
 import pytest
 
-from tlpipe.pipeline.heads.persistence import FORMAT_VERSION, HeadError, check_compatible, load_head, save_head, sidecar_path
 from tlpipe.pipeline.heads.estimators import fit_head, select_split
+from tlpipe.pipeline.heads.persistence import (
+    FORMAT_VERSION,
+    HeadError,
+    check_compatible,
+    load_head,
+    save_head,
+    sidecar_path,
+)
 
 
 class _Payload:
@@ -148,10 +155,10 @@ def test_fit_head_saves_a_head_that_predicts_class_names_and_older_index_heads_s
     synthetic, cache_writer, tmp_path
 ):
     from tlpipe.features.cache import read_feature_set
-    from tlpipe.pipeline.heads.persistence import head_labels
     from tlpipe.pipeline.heads.evaluate import evaluate_head
-    from tlpipe.pipeline.scoring.score import head_predictor
     from tlpipe.pipeline.heads.fit import train_head
+    from tlpipe.pipeline.heads.persistence import head_labels
+    from tlpipe.pipeline.scoring.score import head_predictor
 
     X, y = synthetic((30, 30, 30), dim=16, seed=2, spread=5.0)
     # class names whose alphabetical order is not the label order: names must be mapped, not assumed sorted

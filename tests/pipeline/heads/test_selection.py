@@ -1,12 +1,15 @@
 import csv
+import hashlib
 import json
 
 import numpy as np
 import pytest
 from rich.console import Console
 
-from tlpipe.pipeline.heads.selection import HeadResult, choose_best, compare_heads, format_table, save_best, write_report
 from tlpipe.pipeline.heads.estimators import HEADS, search_space
+from tlpipe.pipeline.heads.selection import HeadResult, choose_best, compare_heads
+from tlpipe.pipeline.heads.selection import save_best_head as save_best
+from tlpipe.pipeline.reports.compare import format_table, write_report
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +184,8 @@ def test_best_is_the_lowest_log_loss_within_one_standard_error():
 def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     from PIL import Image
 
-    from tlpipe.pipeline.heads.persistence import load_head
     from tlpipe.pipeline.heads.evaluate import evaluate_head
+    from tlpipe.pipeline.heads.persistence import load_head
 
     fs = synthetic_cache(
         n_per_class=(40, 40, 40), splits=lambda y: np.where(np.arange(len(y)) % 3 == 0, "test", "train")
@@ -216,10 +219,11 @@ def test_holdout_refit_learning_curve_and_save_best(synthetic_cache, tmp_path):
     wrong = np.flatnonzero(result.estimator.predict(fs.X[test]) != names)
     assert len(result.misclassified) == len(wrong) and "held-out rows" in result.misclassified_source
     root = tmp_path / "images"
-    for item in result.misclassified:
+    for item in result.misclassified:  # as if the cache's source were `root`: its files, their bytes
         (root / item["path"]).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 48), (200, 30, 30)).save(root / item["path"], format="JPEG")
-    paths = write_report(result, tmp_path / "report", image_roots=[str(root)])
+        item["source"], item["sha256"] = str(root), hashlib.sha256((root / item["path"]).read_bytes()).hexdigest()
+    paths = write_report(result, tmp_path / "report")
     report = paths["report.md"].read_text()
     assert "learning_curve.png" in paths and "Held-out score of the best head" in report
     assert f"accuracy {result.holdout['accuracy']:.4f}" in report

@@ -13,9 +13,9 @@ import pytest
 from tests.conftest import score_with_head_and_fused, write_photo_folder
 from tlpipe.features.cache import read_feature_set
 from tlpipe.features.extract import extract
+from tlpipe.pipeline.heads.estimators import HEADS, make_head
 from tlpipe.pipeline.heads.persistence import save_head
 from tlpipe.pipeline.scoring.fuse import FuseError, export_model
-from tlpipe.pipeline.heads.estimators import HEADS, make_head
 
 
 @pytest.fixture(scope="module")

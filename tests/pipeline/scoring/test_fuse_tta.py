@@ -9,9 +9,9 @@ from tlpipe.backbones.tta import make_views
 from tlpipe.features.cache import read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.features.images import load_image
+from tlpipe.pipeline.heads.estimators import make_head
 from tlpipe.pipeline.heads.persistence import save_head
 from tlpipe.pipeline.scoring.fuse import export_model
-from tlpipe.pipeline.heads.estimators import make_head
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import ROOT, write_photo_folder
 from tlpipe.features.cache import CacheError, CacheWriter, read_feature_set
 from tlpipe.features.extract import extract
-from tlpipe.pipeline.heads.persistence import save_head
 from tlpipe.pipeline.heads.estimators import make_head
+from tlpipe.pipeline.heads.persistence import save_head
 from tlpipe.pipeline.scoring.score import CsvOutput, ScoreError, score
 
 

@@ -16,6 +16,7 @@ from tlpipe.features.cache import read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.features.images import load_image
 from tlpipe.features.sources import discover
+from tlpipe.pipeline.heads.fit import train_head
 from tlpipe.pipeline.heads.persistence import head_labels, load_head
 from tlpipe.pipeline.training.finetune import (
     LABEL_NAME,
@@ -29,7 +30,6 @@ from tlpipe.pipeline.training.finetune import (
     resolve_unfreeze,
     split_records,
 )
-from tlpipe.pipeline.heads.fit import train_head
 
 pytestmark = pytest.mark.slow
 
