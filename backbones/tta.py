@@ -71,7 +71,7 @@ def make_views(images: np.ndarray, size: int, mode: str) -> np.ndarray:
     full = decode_size(size, mode)
     if images.shape[1:3] != (full, full):
         raise InputError(f"TTA {mode!r} at {size} px takes {full} x {full} images, not {images.shape[1:3]}")
-    crops = [images[:, t : t + size, l : l + size] for t, l in crop_offsets(size, mode)]
+    crops = [images[:, top : top + size, left : left + size] for top, left in crop_offsets(size, mode)]
     if mode != "none":
         crops += [c[:, :, ::-1] for c in crops]
     return np.stack(crops)

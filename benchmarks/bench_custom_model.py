@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tlpipe.backbones.deps import distribution_version  # noqa: E402
 from tlpipe.backbones.store import ModelStore  # noqa: E402
 from tlpipe.features.extract import extract  # noqa: E402
+from tlpipe.pipeline.heads.fit import train_head  # noqa: E402
 from tlpipe.pipeline.training.custom_model import fit_custom_model  # noqa: E402
 from tlpipe.pipeline.training.finetune import finetune  # noqa: E402
-from tlpipe.pipeline.heads.fit import train_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -35,8 +35,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tlpipe.features.cache import FeatureSet  # noqa: E402
-from tlpipe.pipeline.heads.selection import compare_heads  # noqa: E402
 from tlpipe.pipeline.heads.estimators import HEADS, search_space  # noqa: E402
+from tlpipe.pipeline.heads.selection import compare_heads  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "heads.json"
 

@@ -142,9 +142,9 @@ def main() -> None:
     from tlpipe.backbones.store import ModelStore
     from tlpipe.features.cache import read_feature_set
     from tlpipe.features.extract import extract
+    from tlpipe.pipeline.heads.estimators import make_head
     from tlpipe.pipeline.heads.persistence import save_head
     from tlpipe.pipeline.scoring.fuse import export_model
-    from tlpipe.pipeline.heads.estimators import make_head
     from tlpipe.pipeline.scoring.score import score
 
     work = Path(tempfile.mkdtemp(prefix="tlpipe-bench-score-"))

@@ -189,6 +189,16 @@ def extract(
         raise typer.Exit(3)
 
 
+def _speed_note(fs: dict) -> str:
+    speed = (fs.get("extraction") or {}).get("images_per_second")
+    return f", extracted at {speed:.1f} img/s" if speed is not None else ""
+
+
+def _augmented_note(fs: dict) -> str:
+    views = fs.get("augmented")
+    return f", {views['rows']} augmented views ({views['views']} per image)" if views else ""
+
+
 @app.command()
 def info(
     cache: Path = typer.Argument(..., help="HDF5 cache file."),
@@ -217,8 +227,8 @@ def info(
             f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
             f"resize {fs['resize']}, filter {fs.get('resize_filter', 'antialias')}, weights {fs['weights']}"
             f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
-            f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''}"
-            f"{', %d augmented views (%d per image)' % (fs['augmented']['rows'], fs['augmented']['views']) if fs.get('augmented') else ''})"
+            f"{_speed_note(fs)}"
+            f"{_augmented_note(fs)})"
         )
     conflicts = d["label_conflicts"]
     if conflicts:

@@ -47,10 +47,10 @@ def format_table(result: CompareResult):
     for i, column in enumerate(COLUMNS):
         table.add_column(column, justify="left" if i in (0, 6) else "right")
     for h in sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1)):
-        cells = cells(h)
+        row = cells(h)
         if h.name == result.best:
-            cells[0] = f"[bold green]{h.name} *[/]"
-        table.add_row(*cells)
+            row[0] = f"[bold green]{h.name} *[/]"
+        table.add_row(*row)
     return table
 
 

@@ -114,7 +114,7 @@ def test_warm_started_c_path_matches_cold_fits(separable, monkeypatch):
     warm = {r["params"]["C"]: r for r in summarize(cross_validate(X, y, ["logreg"], cv=3, search=True, n_jobs=1))}
     assert set(warm) == set(search_space("logreg")["C"])
     for C in (0.01, 1.0):
-        monkeypatch.setattr(heads, "search_space", lambda name: {"C": [C]})
+        monkeypatch.setattr(heads, "search_space", lambda name, C=C: {"C": [C]})
         (cold,) = summarize(cross_validate(X, y, ["logreg"], cv=3, search=True, n_jobs=1))
         assert cold["accuracy"] == pytest.approx(warm[C]["accuracy"], abs=0.02)
         assert cold["log_loss"] == pytest.approx(warm[C]["log_loss"], rel=0.02)
