@@ -2,12 +2,13 @@
 #   make demo   - the main job on built-in data (export -> extract -> compare -> fit-head -> score)
 #   make test   - the test suite (this is what .ci/run calls)
 #   make test-min - the head tests on the lowest versions pyproject.toml allows (core deps only)
+#   make docs   - the documentation site (mkdocs build --strict into site/; offline)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-min demo venv bench clean lint
+.PHONY: test test-min demo venv bench clean lint docs
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,12 @@ lint: $(STAMP)
 	for p in backbones features pipeline; do ln -s ../../$$p .mypy-src/tlpipe/$$p; done
 	cd .mypy-src && ../$(BIN)/mypy --config-file ../pyproject.toml $(addprefix -m ,$(TYPED))
 
+# The documentation site: pages in docs/, the CLI reference and the API page generated from the code by
+# docs/_hooks/reference.py. --strict: a broken link or anchor, or any warning, fails the build.
+SITE_DIR ?= site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE_DIR)
+
 # ImageNet weights for the demo when they can be had offline: a weights directory (the ordinary
 # --weights-dir option). ../shared/weights is used when present; the demo never requires it.
 WEIGHTS_DIR ?= $(firstword $(wildcard ../shared/weights) $(TLPIPE_WEIGHTS_DIR))
@@ -77,4 +84,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ray.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy-src .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .mypy-src .mypy_cache .ruff_cache site

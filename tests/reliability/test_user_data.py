@@ -1,5 +1,5 @@
 """Issue 14: the folders, files and manifests people really have. Right labels, whole paths, embedding settings
-in the feature set's identity, options checked before anything is written, other HDF5 programs, the README's
+in the feature set's identity, options checked before anything is written, other HDF5 programs, the docs'
 plain-h5py example. Each test uses generated inputs of the kind and fails on the code before the fix."""
 
 from __future__ import annotations
@@ -451,7 +451,7 @@ def test_another_program_cannot_open_the_cache_for_writing_while_extract_writes(
     assert got.stdout.split() == ["refused", "2"]  # a plain h5py reader still reads
 
 
-# -- 7. the README's plain-h5py example --------------------------------------------------------------------------
+# -- 7. the docs' plain-h5py example (docs/guide/extract.md) --------------------------------------------------
 def test_the_readme_h5py_example_runs_on_a_cache_with_non_ascii_paths(tmp_path, tiny_entry):
     root = tmp_path / "data"
     names = ["chats/été.png", "chiens/犬.png", "chiens/Ωmega.png"]
@@ -459,13 +459,15 @@ def test_the_readme_h5py_example_runs_on_a_cache_with_non_ascii_paths(tmp_path, 
         _png(root / name, i)
     out = tmp_path / "cache.h5"
     run_extract(root, out, tiny_entry)
-    readme = (ROOT / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if 'h5py.File("cache.h5"' in b)
+    guide = (ROOT / "docs" / "guide" / "extract.md").read_text()  # the cache's schema lives there
+    block = next(b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if 'h5py.File("cache.h5"' in b)
     namespace: dict = {}
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(block, "README.md", "exec"), namespace)  # before: .astype(str) raised UnicodeDecodeError
+        exec(
+            compile(block, "docs/guide/extract.md", "exec"), namespace
+        )  # before: .astype(str) raised UnicodeDecodeError
     finally:
         os.chdir(cwd)
     assert sorted(namespace["paths"]) == sorted(names)

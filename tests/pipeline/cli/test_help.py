@@ -44,28 +44,11 @@ def options(cmd) -> list:
     return [p for p in cmd.params if p.param_type_name == "option" and not p.hidden]
 
 
-def command_table() -> str:
-    """The README's table of commands and options (run this file to print it)."""
-    lines = ["| command | arguments | options |", "|---|---|---|"]
-    for name, cmd in commands().items():
-        args = " ".join(p.metavar or p.name.upper() for p in cmd.params if p.param_type_name == "argument")
-        opts = ", ".join("/".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts]) for p in options(cmd))
-        lines.append(f"| `{name}` | {args} | {opts} |")
-    return "\n".join(lines)
-
-
 def test_every_option_has_help():
     seen = [p for cmd in commands().values() for p in options(cmd)]
     assert len(seen) > 100  # the introspection sees the options
     missing = [p.opts[0] for p in seen if not (p.help or "").strip()]
     assert not missing, missing
-
-
-def test_readme_lists_every_command_with_its_options():
-    readme = (ROOT / "README.md").read_text()
-    assert command_table() in readme, (
-        "README's command table is stale: python -m tests.pipeline.cli.test_help prints it"
-    )
 
 
 def test_one_meaning_per_option():
@@ -112,10 +95,6 @@ def test_old_spellings_work_with_one_deprecation_line(tmp_path, cache, tiny_entr
     )
     assert classifier.returncode == 2 and "score --model is deprecated" in classifier.stderr
     assert "missing.onnx does not exist" in classifier.stderr
-
-
-if __name__ == "__main__":
-    print(command_table())
 
 
 def test_help_at_80_columns_is_never_cut():
@@ -244,7 +223,7 @@ def test_compare_and_evaluate_piped_are_tab_separated(tmp_path, cache):
 
 
 def test_exit_codes(tmp_path, cache, tiny_entry):
-    """0 ok, 2 usage or bad input (one line), 3 --strict with failed images; as the README's table says."""
+    """0 ok, 2 usage or bad input (one line), 3 --strict with failed images; as docs/cli.md's table says."""
     assert tlpipe("info", cache).returncode == 0
     usage = tlpipe("info", cache, "--no-such-option")
     assert usage.returncode == 2 and "No such option" in usage.stderr
@@ -285,6 +264,6 @@ def test_exit_codes(tmp_path, cache, tiny_entry):
         assert waiting.poll() is None
         waiting.send_signal(signal.SIGINT)
         assert waiting.wait(timeout=60) == 130
-    readme = (ROOT / "README.md").read_text()
+    reference = (ROOT / "docs" / "cli.md").read_text()
     for code in ("| 0 |", "| 1 |", "| 2 |", "| 3 |", "| 130 |"):
-        assert code in readme
+        assert code in reference
