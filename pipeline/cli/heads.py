@@ -266,7 +266,8 @@ def _sweep(
 ) -> None:
     """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
     from tlpipe.pipeline.heads.engine import parallel_backend
-    from tlpipe.pipeline.heads.selection import format_sweep_table, sweep, write_sweep_report
+    from tlpipe.pipeline.heads.selection import sweep
+    from tlpipe.pipeline.reports.compare import format_sweep_table, write_sweep_report
 
     with (
         console.status(f"cross-validating {', '.join(names)} on every feature set matching {features!r}…"),
