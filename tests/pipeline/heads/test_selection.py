@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from tlpipe.errors import InputError
 from tlpipe.pipeline.heads.estimators import HEADS, search_space
 from tlpipe.pipeline.heads.selection import HeadResult, choose_best, compare_heads
 from tlpipe.pipeline.heads.selection import save_best_head as save_best
@@ -253,10 +254,15 @@ def test_umap_map_when_asked_for_and_umap_learn_is_installed(synthetic, compared
     X, y = synthetic((40, 40, 40), dim=16, seed=1, spread=6.0)
     maps = _embedding_map(
         X, seed=0, methods=("pca", "umap")
-    )  # compare_heads draws PCA; write_report(umap=True) adds UMAP
+    )  # compare_heads computes PCA, and UMAP when asked (umap=True); the report only draws them
     assert set(maps) == {"pca", "umap"} and maps["umap"].shape == (120, 2)
-    paths = write_report(compared[1], tmp_path / "report", umap=True)
-    assert sorted(p.name for p in paths.values()) == sorted(REPORT_FILES + ["embedding_map_umap.png"])
+    fs = compared[0]
+    with_umap = compare_heads(fs, ("logreg",), cv=3, seed=0, n_jobs=1, holdout=False, umap=True)
+    assert set(with_umap.embedding_map["points"]) == {"pca", "umap"}
+    paths = write_report(with_umap, tmp_path / "report", umap=True)
+    assert "embedding_map_umap.png" in {p.name for p in paths.values()}
+    with pytest.raises(InputError, match="no UMAP map"):  # rendering never computes it
+        write_report(compared[1], tmp_path / "report2", umap=True)
     # umap-learn's import of its TensorFlow-based ParametricUMAP is skipped (seconds, unused)
     code = (
         "import sys; from tlpipe.pipeline.heads.selection import _import_umap; _import_umap(); "
