@@ -256,9 +256,11 @@ def predictor_for(
     """
     if (head is None) == (model is None):
         raise InputError("give exactly one of head (a saved head) or model (a fused classifier)")
-    predictor = (
-        head_predictor(head, trust=trust, store=store, backbone=images) if head is not None else fused_predictor(model)
-    )  # type: ignore[arg-type]
+    if head is not None:
+        predictor = head_predictor(head, trust=trust, store=store, backbone=images)
+    else:
+        assert model is not None  # exactly one of the two, checked above
+        predictor = fused_predictor(model)
     predictor.resize = settle_setting("resize", resize, predictor.resize, predictor.source, "squash")
     predictor.resize_filter = settle_setting(
         "resize-filter", resize_filter, predictor.resize_filter, predictor.source, LEGACY_RESIZE_FILTER
