@@ -243,7 +243,7 @@ def compare(
             f"  held-out: {h['head']} refitted on {h['train_rows']} training rows, accuracy {h['accuracy']:.4f}, "
             f"macro-F1 {h['macro_f1']:.4f} on {h['rows']} held-out rows (chance {result.chance:.3f})"
         )
-    if written is not None:
+    if written is not None and report is not None:
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
     if save_best is not None:
         out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")
@@ -266,7 +266,8 @@ def _sweep(
 ) -> None:
     """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
     from tlpipe.pipeline.heads.engine import parallel_backend
-    from tlpipe.pipeline.heads.selection import format_sweep_table, sweep, write_sweep_report
+    from tlpipe.pipeline.heads.selection import sweep
+    from tlpipe.pipeline.reports.compare import format_sweep_table, write_sweep_report
 
     with (
         console.status(f"cross-validating {', '.join(names)} on every feature set matching {features!r}…"),
