@@ -37,6 +37,7 @@ def block(after: str, language: str = "") -> str:
     """The first fenced code block after the heading ``after``."""
     start = README.index(after)
     match = re.compile(rf"```{language}\n(.*?)```", re.S).search(README, start)
+    assert match is not None, f"no ```{language} block after {after!r} in the README"
     return match.group(1)
 
 
