@@ -301,9 +301,10 @@ def _stored_multi(multi: MultiExportPlan, store: ModelStore, any_versions: bool 
     if entry is None:
         return None
     singles = [store.get(o["key"]) for o in entry.metadata.get("outputs", [])]
-    if len(singles) != len(multi.plans) or any(s is None for s in singles):
+    present = [s for s in singles if s is not None]
+    if len(singles) != len(multi.plans) or len(present) != len(singles):
         return None
-    return FeatureModel(entry, tuple(zip(multi.output_names, singles)))
+    return FeatureModel(entry, tuple(zip(multi.output_names, present)))
 
 
 def _unversioned(fields):
@@ -576,9 +577,9 @@ def obtain_backbone(
     """
     store = store or ModelStore()
     if model is not None:
-        entry = store.resolve(model)
-        entry.verify()
-        return entry
+        resolved = store.resolve(model)
+        resolved.verify()
+        return resolved
     if backbone is None:
         raise InputError("name a backbone (or a stored model)")
     plan = plan_export(backbone, weights, size, layer, pooling, weights_dir, seed=seed, tta=tta)

@@ -352,7 +352,9 @@ def make_variant(
             "key_fields": variant_fields(base, precision, calibration_id),
             "quantization": facts,
             "verification_vs_fp32": verification,
-            "calibration": {"images": int(len(calibration)), "id": calibration_id} if precision == "int8" else None,
+            "calibration": {"images": int(len(calibration)), "id": calibration_id}
+            if precision == "int8" and calibration is not None
+            else None,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     )

@@ -9,6 +9,7 @@ and are re-checked by ``tests/backbones/test_registry.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import overload
 
 from tlpipe.errors import InputError, UnknownNameError
 
@@ -31,7 +32,13 @@ POOLINGS = ("avg", "max", "none")
 CONCAT = "+"
 
 
-def layer_parts(layer: str | None) -> list[str | None]:
+@overload
+def layer_parts(layer: str) -> list[str]: ...
+@overload
+def layer_parts(layer: None) -> list[None]: ...
+@overload
+def layer_parts(layer: str | None) -> list[str] | list[None]: ...
+def layer_parts(layer: str | None) -> list[str] | list[None]:
     """The cut points a layer spec names: ``[layer]``, or the parts of a ``a+b`` concatenation, in order.
 
     Parameters
@@ -49,7 +56,9 @@ def layer_parts(layer: str | None) -> list[str | None]:
     ValueError
         An empty part (``a+``) or a cut point named twice (``a+a``).
     """
-    if layer is None or CONCAT not in layer:
+    if layer is None:
+        return [None]
+    if CONCAT not in layer:
         return [layer]
     parts = [part.strip() for part in layer.split(CONCAT)]
     if any(not part for part in parts):
@@ -111,7 +120,7 @@ class BackboneSpec:
         A concatenation ``a+b`` (:func:`layer_parts`) gives a CutPoint of that name whose ``channels`` is the sum
         of its parts' (the pooled embedding's length) and whose ``grid`` is 0 (the parts' grids differ)."""
         parts = layer_parts(layer)
-        if len(parts) > 1:
+        if layer is not None and len(parts) > 1:
             cuts = [self.cut_point(part) for part in parts]
             return CutPoint(layer=layer, channels=sum(c.channels for c in cuts), grid=0)
         if layer is None:

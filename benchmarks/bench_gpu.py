@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def child_env(pythonpath: str, **extra: str) -> dict[str, str]:
     }
 
 
-def tlpipe(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+def tlpipe(args: Sequence[object], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     """Run the `tlpipe` command line of this checkout; returns the finished process."""
     done = subprocess.run(
         [sys.executable, "-m", "tlpipe.pipeline.cli", *map(str, args)], env=env, capture_output=True, text=True
@@ -222,7 +223,7 @@ def pure_inference(model: Path, device: str, pixels: np.ndarray, batches: list[i
     from tlpipe.backbones.runtime import OnnxEmbedder, default_streams
 
     embedder = OnnxEmbedder(model, device=device, streams=default_streams() if device == "cpu" else 1)
-    result = {"provider": embedder.provider}
+    result: dict[str, object] = {"provider": embedder.provider}
     for batch in batches:
         x = pixels[:batch] if len(pixels) >= batch else np.resize(pixels, (batch, *pixels.shape[1:]))
         embedder(x)  # warm-up: CUDA kernels, cuDNN algorithm search, arena growth
@@ -234,14 +235,14 @@ def pure_inference(model: Path, device: str, pixels: np.ndarray, batches: list[i
     return result
 
 
-def timed_cli(args: list[str], env: dict[str, str], images: int, sample_gpu: bool) -> dict:
+def timed_cli(args: Sequence[object], env: dict[str, str], images: int, sample_gpu: bool) -> dict:
     """Run one tlpipe command end to end (process start included) and report img/s."""
     started = time.perf_counter()
     with GpuSampler() if sample_gpu else _null() as sampler:
         done = tlpipe(args, env)
     seconds = time.perf_counter() - started
-    out = {"images": images, "seconds": round(seconds, 2), "img_s": round(images / seconds, 1)}
-    if sample_gpu and sampler.summary():
+    out: dict[str, object] = {"images": images, "seconds": round(seconds, 2), "img_s": round(images / seconds, 1)}
+    if sampler is not None and sampler.summary():
         out["gpu_utilisation"] = sampler.summary()
     if "CUDA" in done.stderr and "fall" in done.stderr:
         out["stderr"] = done.stderr[-500:]

@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ __all__ = ["AUGMENT_RECIPE", "AugmentSummary", "augment_image", "augment_views",
 log = logging.getLogger(__name__)
 
 # The recipe is recorded with the views (a change of any value is another set of views: bump "version").
-AUGMENT_RECIPE = {
+AUGMENT_RECIPE: dict[str, Any] = {
     "version": 1,
     "crop_area": [0.6, 1.0],
     "crop_aspect": [0.75, 4 / 3],
@@ -208,7 +209,9 @@ def extract_augmented(
                 embeddings = embedder(np.stack(batch_pixels))
                 writer.add_augmented(key, batch_rows, batch_views, embeddings)
                 summary.embedded += len(batch_pixels)
-                batch_rows.clear(), batch_views.clear(), batch_pixels.clear()
+                batch_rows.clear()
+                batch_views.clear()
+                batch_pixels.clear()
 
         seen: set[str] = set()
         for decoded in iter_decoded(
@@ -218,11 +221,15 @@ def extract_augmented(
                 summary.cached += index[decoded.sha256] in rows
             if decoded.pixels is None or decoded.sha256 in seen:
                 continue
+            # one input size asked of iter_decoded: one array per image, never a tuple
+            assert isinstance(decoded.pixels, np.ndarray)
             seen.add(decoded.sha256)
             row = index[decoded.sha256]
             missing = sorted(wanted - have.get(row, set()))
             for view, pixels in zip(missing, augment_views(decoded.pixels, decoded.sha256, missing, seed)):
-                batch_rows.append(row), batch_views.append(view), batch_pixels.append(pixels)
+                batch_rows.append(row)
+                batch_views.append(view)
+                batch_pixels.append(pixels)
                 if len(batch_pixels) >= batch_size:
                     flush()
             summary.images += 1

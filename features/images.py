@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, TiffImagePlugin
 
 from tlpipe.errors import InputError, TlpipeError
 
@@ -355,7 +355,7 @@ def _declared_bits(im: Image.Image) -> int | None:
     (Pillow widens them to I), TIFF says in BitsPerSample. None when unknown (then the values' range decides)."""
     if im.format in ("PNG", "PPM"):
         return 16
-    if im.format == "TIFF":
+    if im.format == "TIFF" and isinstance(im, TiffImagePlugin.TiffImageFile):
         try:
             bits = im.tag_v2.get(258)
             bits = bits[0] if isinstance(bits, tuple) else bits
@@ -424,7 +424,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         from PIL import ImageCms
 
         transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
-        return ImageCms.applyTransform(im, transform)
+        converted = ImageCms.applyTransform(im, transform)
+        assert converted is not None  # None only when asked to convert in place
+        return converted
     try:
         return im.convert("RGB")
     except (ValueError, OSError) as exc:

@@ -177,9 +177,9 @@ def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str,
     base = 0
     while True:  # see through single wrapper folders (no images of their own, one sub-folder)
         here = [parts for parts, _ in images if len(parts) > base]
-        children = {parts[base] for parts in here if len(parts) > base + 1}
+        below = {parts[base] for parts in here if len(parts) > base + 1}
         if (
-            len(children) == 1
+            len(below) == 1
             and all(len(parts) > base + 1 for parts in here)
             and any(len(parts) > base + 2 for parts in here)
         ):

@@ -102,6 +102,8 @@ def run_demo(
     head_path = out / f"{result.best}.joblib"
     trained = train_head(cache, result.best, head_path, features=summary.key)
     e = trained.evaluation
+    if e is None:
+        raise RuntimeError(f"fit-head found no held-out test split in {cache}; the demo's data set always has one")
     say(
         f"fit-head: {result.best} saved to {head_path}; on the held-out test split: accuracy {e.accuracy:.4f}, "
         f"macro-F1 {e.macro_f1:.4f} ({e.n} images)"

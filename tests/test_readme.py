@@ -39,6 +39,7 @@ def block(text: str, after: str, language: str = "") -> str:
     """The first fenced code block after the heading ``after`` of ``text``."""
     start = text.index(after)
     match = re.compile(rf"```{language}\n(.*?)```", re.S).search(text, start)
+    assert match is not None, f"no ```{language} block after {after!r}"
     return match.group(1)
 
 

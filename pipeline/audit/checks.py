@@ -56,11 +56,15 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tlpipe.errors import TlpipeError
 from tlpipe.features.cache import FeatureSet, read_feature_set, source_root
+
+if TYPE_CHECKING:
+    from tlpipe.features.sources import ImageRecord
 
 __all__ = [
     "AuditError",
@@ -275,7 +279,7 @@ def find_exact_copies(
     from tlpipe.features.sources import discover
 
     notes: list[str] = []
-    files: list[tuple[str, object, str]] = []  # (abspath, record, source)
+    files: list[tuple[str, ImageRecord, str]] = []  # (abspath, record, source)
     for source in sources:
         try:
             found = discover(source, allow_outside_root=True)

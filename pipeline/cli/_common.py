@@ -138,20 +138,41 @@ LayerOpt = typer.Option(
     None, "--layer", help="Truncate at this named layer (a cut point, see `tlpipe backbones --cuts`)."
 )
 
+
 # Choices (Enums: typer turns them into click Choices) are checked before a command runs, so nothing is read or
 # written for a bad value, and --help lists them. Same values as the library's own lists (registry POOLINGS, runtime
 # DEVICES, quantize PRECISIONS, images RESIZE_MODES, fastdecode RESIZE_FILTERS); tests/pipeline/cli/test_commands.py checks they agree.
-Pooling = Enum("Pooling", {v: v for v in ("avg", "max", "none")}, type=str)
+class Pooling(str, Enum):
+    avg = "avg"
+    max = "max"
+    none = "none"
 
-Device = Enum("Device", {v: v for v in ("auto", "cpu", "cuda")}, type=str)
 
-Precision = Enum("Precision", {v: v for v in ("fp32", "int8", "fp16")}, type=str)
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
-Resize = Enum("Resize", {v: v for v in ("squash", "crop")}, type=str)
 
-ResizeFilter = Enum("ResizeFilter", {v: v for v in ("bilinear", "antialias")}, type=str)
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+    fp16 = "fp16"
 
-Dtype = Enum("Dtype", {v: v for v in ("float32", "float16")}, type=str)
+
+class Resize(str, Enum):
+    squash = "squash"
+    crop = "crop"
+
+
+class ResizeFilter(str, Enum):
+    bilinear = "bilinear"
+    antialias = "antialias"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
 
 
 def _value(choice):
@@ -210,7 +231,7 @@ def _sizes(text: str | None) -> list[int | None]:
         raise typer.BadParameter(f"--size takes whole numbers separated by commas, not {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter(f"--size takes positive sizes, not {text!r}")
-    return sizes
+    return [*sizes]
 
 
 def _layers(text: str | None) -> list[str | None]:
@@ -264,7 +285,9 @@ def _one_head(positional: Path | None, option: Path | None) -> Path:
     """The head given as the positional argument or as --head (exactly one)."""
     if (positional is None) == (option is None):
         raise typer.BadParameter("give the head once: as the argument or as --head")
-    return positional or option
+    head = positional if positional is not None else option
+    assert head is not None  # exactly one of them, checked above
+    return head
 
 
 def _status(quiet: bool, text: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -51,7 +52,7 @@ def audit(
     from tlpipe.pipeline.audit.checks import AuditError
     from tlpipe.pipeline.audit.checks import audit as run
 
-    tuned = {k: v for k, v in (("threshold", threshold), ("neighbours", neighbours)) if v is not None}
+    tuned: dict[str, Any] = {k: v for k, v in (("threshold", threshold), ("neighbours", neighbours)) if v is not None}
     try:
         with console.status("auditing (neighbours, out-of-fold head, cleanlab, contact sheets)…"):
             result = run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -108,26 +109,26 @@ def extract(
     check_tta(tta)
     sizes, layers = _sizes(size), _layers(layer)
     several = len(sizes) > 1 or len(layers) > 1
-    backbone, model = _backbone_source(backbone, model, "extract")
+    registry_name, model = _backbone_source(backbone, model, "extract")
     choice = ModelChoice(
-        backbone, weights, weights_dir, sizes[0], layers[0], pooling, precision, model, _store(store), tta
+        registry_name, weights, weights_dir, sizes[0], layers[0], pooling, precision, model, _store(store), tta
     )
+
     # A setting left at its default is not "asked": a feature-set key given as --backbone then decides it.
-    given = ctx.get_parameter_source
-    if given("resize") is not None and given("resize").name == "DEFAULT":
-        resize = None
-    if given("resize_filter") is not None and given("resize_filter").name == "DEFAULT":
-        resize_filter = None
-    options = dict(
+    def defaulted(name: str) -> bool:
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name == "DEFAULT"
+
+    options: dict[str, Any] = dict(
         choice=choice,
         device=device,
         batch_size=batch_size,
         dtype=dtype,
-        resize=resize,
+        resize=None if defaulted("resize") else resize,
         threads=threads,
         allow_outside_root=allow_outside_root,
         recalibrate=recalibrate,
-        resize_filter=resize_filter,
+        resize_filter=None if defaulted("resize_filter") else resize_filter,
     )
     with _progress(quiet, "extract") as progress:
         if engine == "ray":

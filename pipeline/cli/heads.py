@@ -243,7 +243,7 @@ def compare(
             f"  held-out: {h['head']} refitted on {h['train_rows']} training rows, accuracy {h['accuracy']:.4f}, "
             f"macro-F1 {h['macro_f1']:.4f} on {h['rows']} held-out rows (chance {result.chance:.3f})"
         )
-    if written is not None:
+    if written is not None and report is not None:
         out.print(f"  report: {report / 'report.md'} ({', '.join(p.name for p in written.values())})")
     if save_best is not None:
         out.print(f"[green]saved[/] {save_best} (+ {save_best.name}.json): {result.best} as compare scored it")

@@ -224,11 +224,11 @@ def bench(
         if not as_json:
             console.print(f"[dim]{escape(message)}[/]")
 
-    backbone, model = _backbone_source(backbone, model, "bench")
+    registry_name, model = _backbone_source(backbone, model, "bench")
     if batch:
         _deprecated("--batch", "--batch-size", "bench")
     batch = batch_size or batch or [1, 8, 32]
-    choice = ModelChoice(backbone, weights, weights_dir, size, layer, pooling, model=model, store=_store(store))
+    choice = ModelChoice(registry_name, weights, weights_dir, size, layer, pooling, model=model, store=_store(store))
     report = run_bench(
         choice=choice,
         images=images,

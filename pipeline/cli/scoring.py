@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -151,7 +152,7 @@ def export_model(
     if verify is not None:
         _deprecated("--verify", "--images", "export-model")
     verify = images_dir or verify
-    images = None
+    images: list[str | os.PathLike] | None = None
     if verify is not None:
         from tlpipe.features.sources import discover
 

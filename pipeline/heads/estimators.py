@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from itertools import product
 from time import perf_counter
+from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -103,6 +104,8 @@ class MLPHead(MLPClassifier):
     parameter itself is left as set (scikit-learn's rule: ``fit`` never changes parameters).
     """
 
+    early_stopping: bool  # MLPClassifier's parameter, declared for the type checker
+
     def fit(self, X, y, sample_weight=None):
         early = self.early_stopping
         if early:
@@ -158,6 +161,8 @@ class SVCHead(SVC):
     anywhere and the ONNX export converts it with skl2onnx's SVC converter; other kernels, sparse input
     and ``probability=True`` are libsvm's as usual.
     """
+
+    kernel: str  # SVC's parameter, declared for the type checker
 
     def fit(self, X, y, sample_weight=None):
         if (
@@ -256,6 +261,8 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
     ``score`` is accuracy, as for every scikit-learn classifier (``LogisticRegressionCV.score`` uses its
     ``scoring``, here log-loss, so ``cross_val_score(head, X, y)`` would report it as if it were accuracy).
     """
+
+    cv: Any  # scikit-learn's parameter (an int, a splitter or a list of folds), declared for the type checker
 
     def score(self, X, y, sample_weight=None):
         from sklearn.metrics import accuracy_score
@@ -462,6 +469,8 @@ def resolve_pca(name: str, pca: int | float | str | None, shape: tuple[int, int]
     """The ``pca`` setting for ``make_head``: ``"auto"`` means :data:`AUTO_PCA` where the data has more
     dimensions than that and enough rows per CV fold, else none; anything else is kept as it is."""
     if pca != "auto":
+        if isinstance(pca, str):
+            raise InputError(f"pca is a number of components, a variance share, None or 'auto', not {pca!r}")
         return pca
     k = AUTO_PCA.get(name)
     return k if k is not None and shape[1] > k and shape[0] >= 4 * k else None
@@ -470,14 +479,15 @@ def resolve_pca(name: str, pca: int | float | str | None, shape: tuple[int, int]
 def search_space(name: str) -> dict[str, list]:
     """The small grid that ``search=True`` explores for a head (classifier parameter -> values)."""
     _check_name(name)
-    return {
+    grids: dict[str, dict[str, list]] = {
         "logreg": {"C": [0.001, 0.01, 0.1, 1.0]},
         "svm": {"C": [0.0001, 0.001, 0.01]},
         # gamma stays "scale" (1 / (dims * variance)): an absolute gamma means something else after each
         # preprocessing, the data-scaled one does not.
         "rbf-svm": {"C": [1.0, 10.0, 100.0], "gamma": ["scale"]},
         "mlp": {"alpha": [1e-4, 1e-2], "hidden_layer_sizes": [(128,), (512,)]},
-    }[name]
+    }
+    return grids[name]
 
 
 def grid_points(name: str, grid: dict[str, list] | None = None) -> list[dict]:
@@ -994,7 +1004,7 @@ def class_balance(y: np.ndarray, class_names: list[str]) -> dict:
         "counts": counts,
         "labelled": int(len(labelled)),
         "unlabelled": int(np.sum(y < 0)),
-        "majority": max(present, key=present.get) if present else None,
-        "minority": min(present, key=present.get) if present else None,
+        "majority": max(present, key=present.__getitem__) if present else None,
+        "minority": min(present, key=present.__getitem__) if present else None,
         "imbalance_ratio": max(present.values()) / min(present.values()) if present else None,
     }

@@ -15,6 +15,7 @@ import platform
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
@@ -235,7 +236,7 @@ def check_compatible(metadata: dict, feature_set: FeatureSet) -> None:
 
 def load_head(
     path: str | os.PathLike, *, trust: bool = False, expect_key: str | None = None, expect_dim: int | None = None
-) -> tuple[object, dict]:
+) -> tuple[Any, dict]:
     """Load a head saved by :func:`save_head`, verifying its sidecar hash before unpickling.
 
     Raises :class:`HeadError` when the sidecar is missing or the bytes do not match it (unless

@@ -142,7 +142,7 @@ def reliability_bins(y: np.ndarray, proba: np.ndarray, labels: np.ndarray, bins:
     confidence = proba.max(axis=1)
     correct = labels[proba.argmax(axis=1)] == y
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    out = {"confidence": [], "accuracy": [], "count": []}
+    out: dict[str, list] = {"confidence": [], "accuracy": [], "count": []}
     ece = 0.0
     for b in range(bins):
         inside = which == b
@@ -528,7 +528,7 @@ def save_best_head(
     """
     from tlpipe.pipeline.heads.persistence import save_head
 
-    if result.estimator is None:
+    if result.estimator is None or result.holdout is None:
         raise InputError(
             "the comparison has no held-out rows (--all-rows), so no best head was refitted; "
             "compare without --all-rows to save one"

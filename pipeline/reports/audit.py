@@ -232,7 +232,7 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
                 w.writerow([getattr(item, c) for c in columns])
     _similarity_chart(result, paths["similarity.png"])
     if sheets:
-        dup_entries = []
+        dup_entries: list[tuple[str, str, str]] = []
         for c in result.clusters:
             if len(dup_entries) >= SHEET_ENTRIES:
                 break

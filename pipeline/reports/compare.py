@@ -113,10 +113,10 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
         "| head | class | precision | recall | F1 | support |",
         "|---|---|---|---|---|---|",
     ]
-    for h in heads:
+    for head in heads:
         lines += [
-            f"| {h.name} | {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | {int(r['support'])} |"
-            for c, r in h.per_class.items()
+            f"| {head.name} | {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | {int(r['support'])} |"
+            for c, r in head.per_class.items()
         ]
     lines += [
         "",
@@ -381,9 +381,9 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *, umap: bool
             for c, r in per_class.items():
                 writer.writerow([name, source, c, r["precision"], r["recall"], r["f1-score"], int(r["support"])])
     with open(paths["misclassified.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", "source", "true", "predicted", "probability", "probability_true", "sha256"])
-        writer.writeheader()
-        writer.writerows(result.misclassified)
+        rows = csv.DictWriter(f, ["path", "source", "true", "predicted", "probability", "probability_true", "sha256"])
+        rows.writeheader()
+        rows.writerows(result.misclassified)
     paths["results.json"].write_text(json.dumps(result.to_dict(), indent=2, default=str))
     _bar_chart(result, paths["comparison.png"])
     save_confusion_matrix(

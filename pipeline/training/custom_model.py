@@ -553,7 +553,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             o.patience,
             phase=PHASE_UNFREEZE,
             checkpoints=second_checkpoints,
-            offset=first.state["epoch"],
+            offset=first.committed["epoch"],
             rows=first.rows,
         )
 
@@ -635,7 +635,7 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
         best_epoch=run.best["epoch"],
         best_val_loss=run.best["val_loss"],
         best_val_accuracy=run.best["val_accuracy"],
-        epochs_run=run.state["epoch"],
+        epochs_run=run.committed["epoch"],
         epoch_seconds=[r["seconds"] for r in trained_rows],
         feature_maps_cached=p.cache_feature_maps,
         feature_map_seconds=trained.feature_map_seconds,

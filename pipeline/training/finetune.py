@@ -533,7 +533,7 @@ def compile_model(model: keras.Model, options: TrainingOptions, backbone: keras.
 
 def batches(
     n: int,
-    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | list[int]]],
     labels: np.ndarray,
     batch_size: int,
     *,
@@ -626,7 +626,7 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
 
 
 def label_indices(records: list[ImageRecord], class_names: list[str]) -> np.ndarray:
-    index = {name: i for i, name in enumerate(class_names)}
+    index: dict[str | None, int] = {name: i for i, name in enumerate(class_names)}
     return np.array([index[r.label] for r in records], np.int32)
 
 
@@ -738,13 +738,22 @@ class TrainingRun:
         return self.state["epoch"] - self.offset if self.state else 0
 
     @property
+    def committed(self) -> dict:
+        """The resume state of the last committed epoch; RuntimeError before any."""
+        if self.state is None:
+            raise RuntimeError(f"no epoch of {self.phase} committed yet")
+        return self.state
+
+    @property
     def best(self) -> dict:
         """``{"epoch", "val_loss", "val_accuracy", "weights"}`` of the best committed epoch."""
-        return self.state["best"]
+        return self.committed["best"]
 
     @property
     def stopped(self) -> bool:
-        return bool(self.state) and self.state["wait"] >= self.patience
+        if not self.state:
+            return False
+        return self.state["wait"] >= self.patience
 
     def commit(self, epoch: int, metrics: dict, seconds: float, *, record: bool = True) -> None:
         """Make ``epoch`` (``offset``: the phase's starting weights) the resume point; with ``record`` add
@@ -767,7 +776,7 @@ class TrainingRun:
                 0,
             )
         else:
-            wait = self.state["wait"] + 1
+            wait = self.committed["wait"] + 1
         if record:
             self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
             write_history(self.history_path, self.rows)

@@ -334,6 +334,7 @@ def mode_corpus() -> dict[str, tuple[bytes, np.ndarray]]:
         Image.fromarray(rgb),
         ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"),
     )
+    assert lab is not None  # None only when converting in place
     rgb16 = rgb.astype(np.uint16) * 257
     png16 = io.BytesIO()  # 16-bit RGB PNG, written by hand (Pillow writes none)
     raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)

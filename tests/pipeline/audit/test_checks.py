@@ -57,8 +57,8 @@ def planted_cache(tmp_path: Path) -> tuple[Path, dict]:
     for cls in (0, 1):
         members = [i for i in np.flatnonzero(y == cls) if i > 10][:1]
         flipped += members
-    for i in flipped:
-        y[i] = 1 - y[i]
+    for f in flipped:
+        y[f] = 1 - y[f]
     # an outlier: a direction no other row has
     X[9] = 0.0
     X[9, :2] = 5.0
