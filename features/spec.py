@@ -105,8 +105,8 @@ class FeatureSpec(ModelChoice):
         from tlpipe.features.extract import check_extract_options
 
         check_extract_options(
-            resize=self.resize,
-            resize_filter=self.resize_filter,
+            resize=self.resize or "squash",
+            resize_filter=self.resize_filter or "bilinear",
             dtype=self.dtype,
             precision=self.precision,
             pooling=self.pooling,
