@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ from tlpipe.backbones.store import StoreEntry
 from tlpipe.backbones.tta import check_tta
 from tlpipe.errors import InputError
 
-from .cache import RESIZE_DEFAULT, CacheError, CacheWriter, ImageRow, feature_set_key
+from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
 from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
 from .sources import ImageRecord, ImageSource, discover
+from .spec import FeatureSpec
 from .stream import LocalEngine, MultiSizeModel, Progress, Sink, StageModel, StreamSummary, run_stream
 
 __all__ = ["CacheSink", "ExtractSummary", "check_extract_options", "extract", "extract_into", "open_source"]
@@ -265,23 +266,19 @@ def _check_engine_options(engine: Any, *, augment: int, several: bool, tta: str)
 
 
 def _settings_of_key(
-    choice: ModelChoice, resize: str | None, resize_filter: str | None
-) -> tuple[ModelChoice, str, str]:
-    """A stored model named by a feature-set key (as ``tlpipe info`` prints it) runs with the resize settings
-    the key spells out; a setting given as well must agree. Unset settings take their defaults."""
-    from tlpipe.features.cache import split_feature_set_key
-
-    if isinstance(choice.model, str) and not Path(choice.model).exists():
-        model_key, key_resize, key_filter = split_feature_set_key(choice.model)
-        for name, given, implied in (("resize", resize, key_resize), ("resize-filter", resize_filter, key_filter)):
-            if given is not None and implied is not None and given != implied:
-                raise InputError(
-                    f"--{name} {given} disagrees with the feature-set key {choice.model} (made with {implied}): "
-                    f"drop --{name}, or name the model-store key {model_key}"
-                )
-        choice = choice.with_(model=model_key)
-        resize, resize_filter = resize or key_resize, resize_filter or key_filter
-    return choice, resize or RESIZE_DEFAULT, resize_filter or DEFAULT_RESIZE_FILTER
+    choice: ModelChoice, resize: str | None, resize_filter: str | None, dtype: str | None
+) -> tuple[FeatureSpec, str, str, str]:
+    """The run's feature spec with its image settings decided (:meth:`FeatureSpec.settled`): a feature-set key
+    given as the model supplies what it spells out; settings given here win over the spec's unset ones."""
+    base = choice if isinstance(choice, FeatureSpec) else FeatureSpec(**vars(choice))
+    spec = replace(
+        base,
+        resize=resize or base.resize,
+        resize_filter=resize_filter or base.resize_filter,
+        dtype=dtype or base.dtype,
+    ).settled()
+    assert spec.resize is not None and spec.resize_filter is not None  # settled
+    return spec, spec.resize, spec.resize_filter, spec.dtype
 
 
 def extract(
@@ -291,7 +288,7 @@ def extract(
     choice: ModelChoice | None = None,
     device: str = "auto",
     batch_size: int = 32,
-    dtype: str = "float32",
+    dtype: str | None = None,
     resize: str | None = None,
     resize_filter: str | None = None,
     workers: int | None = None,
@@ -328,7 +325,7 @@ def extract(
         "auto" | "cpu" | "cuda" (strict).
     batch_size : int
         Images per model call and per commit.
-    dtype : str
+    dtype : str, optional
         Storage of the embeddings: "float32" | "float16".
     resize : str, optional
         "squash" (default) | "crop". None: the setting a feature-set key given as ``model`` spells out, else
@@ -378,7 +375,7 @@ def extract(
         ``choice`` and some of its fields, or a keyword that is not one of them.
     """
     choice = ModelChoice.given(choice, choice_fields, "extract")
-    choice, resize, resize_filter = _settings_of_key(choice, resize, resize_filter)
+    choice, resize, resize_filter, dtype = _settings_of_key(choice, resize, resize_filter, dtype)
     check_extract_options(
         resize=resize,
         resize_filter=resize_filter,

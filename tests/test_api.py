@@ -61,8 +61,10 @@ def test_every_public_name_works_on_a_real_cache(small):
         used.add(name)
         return getattr(tlpipe, name)
 
-    choice = use("ModelChoice")(model=str(entry.directory))
-    summary = use("extract")(photos, root / "cache.h5", choice=choice)
+    spec = use("FeatureSpec")(backbone=None, model=str(entry.directory))
+    assert isinstance(spec, use("ModelChoice"))  # a feature spec names its model wherever a model is named
+    summary = use("extract")(photos, root / "cache.h5", choice=spec)
+    assert summary.key == spec.key
     assert isinstance(summary, use("ExtractSummary")) and summary.embedded == 28 and summary.failed == 0
     fs = use("read_feature_set")(root / "cache.h5")
     assert isinstance(fs, use("FeatureSet")) and fs.X.shape == (28, entry.embedding_dim) and fs.X.dtype == np.float32

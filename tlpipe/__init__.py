@@ -43,8 +43,9 @@ _FACADE: dict[str, tuple[str, str]] = {
     "read_feature_set": ("tlpipe.features.cache", "read_feature_set"),
     # settings as values
     "ModelChoice": ("tlpipe.backbones.choice", "ModelChoice"),
+    "FeatureSpec": ("tlpipe.features.spec", "FeatureSpec"),
     "HeadSpec": ("tlpipe.pipeline.heads.spec", "HeadSpec"),
-    "RunOptions": ("tlpipe.pipeline.heads.spec", "RunOptions"),
+    "RunOptions": ("tlpipe.features.spec", "RunOptions"),
     # results
     "FeatureSet": ("tlpipe.features.cache", "FeatureSet"),
     "ExtractSummary": ("tlpipe.features.extract", "ExtractSummary"),

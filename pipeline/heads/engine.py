@@ -12,10 +12,9 @@ from contextlib import contextmanager
 import joblib
 
 from tlpipe.errors import InputError
+from tlpipe.features.spec import ENGINES  # the one list of engines
 
 __all__ = ["ENGINES", "parallel_backend"]
-
-ENGINES = ("local", "ray")
 
 
 @contextmanager

@@ -13,8 +13,9 @@ from sklearn.metrics import confusion_matrix
 
 from tlpipe.errors import InputError
 from tlpipe.features.cache import FeatureSet
+from tlpipe.features.spec import RunOptions
 from tlpipe.pipeline.heads.estimators import HEADS, class_balance, cross_validate, resolve_pca, select_split, summarize
-from tlpipe.pipeline.heads.spec import HeadSpec, RunOptions
+from tlpipe.pipeline.heads.spec import HeadSpec
 
 __all__ = [
     "CompareResult",

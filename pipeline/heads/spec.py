@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tlpipe.errors import InputError
-from tlpipe.pipeline.heads.engine import ENGINES
 
-__all__ = ["HeadSpec", "RunOptions"]
+__all__ = ["HeadSpec"]
 
 
 @dataclass(frozen=True)
@@ -83,39 +82,3 @@ class HeadSpec:
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON values (what a head's sidecar records)."""
         return asdict(self) | {"params": dict(self.params)}
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Where and how the heads' parallel work runs (not part of any result).
-
-    Attributes
-    ----------
-    n_jobs : int or None
-        Parallel jobs; None: every core.
-    engine : str
-        ``local`` (joblib) | ``ray`` (Ray's joblib backend on a cluster: ``tlpipe[ray]``).
-    address : str or None
-        The Ray cluster (``auto``, ``ray://host:port``); None starts a local one.
-    quiet : bool
-        No progress output.
-    """
-
-    n_jobs: int | None = None
-    engine: str = "local"
-    address: str | None = None
-    quiet: bool = False
-
-    def check(self) -> RunOptions:
-        """The options themselves when every rule holds.
-
-        Raises
-        ------
-        tlpipe.errors.InputError
-            An unknown engine, or ``n_jobs`` < 1.
-        """
-        if self.engine not in ENGINES:
-            raise InputError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        if self.n_jobs is not None and self.n_jobs < 1:
-            raise InputError(f"--n-jobs must be at least 1, not {self.n_jobs}")
-        return self
