@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from tlpipe.features.names import display_name
 from tlpipe.pipeline.output import Output, emit_json, summary_dict, table
 
 
@@ -542,9 +543,15 @@ def extract(
                 f"seed {a.seed}), {a.cached} images had them all; {a.seconds:.1f} s",
                 highlight=False,
             )
+        for path, reason in summary.gone[:20]:  # the count is in the library's warning
+            console.print(f"  [yellow]{reason}[/] {escape(path)}", highlight=False)
+        if len(summary.gone) > 20:
+            console.print(
+                f"  … and {len(summary.gone) - 20} more gone or changed (tlpipe info {escape(str(out_path))})"
+            )
         for kind, items in (("failed", summary.failures), ("skipped", summary.skipped)):
             for path, reason in items[:20]:
-                console.print(f"  [red]{kind}[/] {escape(path)}: {escape(reason)}", highlight=False)
+                console.print(f"  [red]{kind}[/] {escape(display_name(path))}: {escape(reason)}", highlight=False)
             if len(items) > 20:
                 console.print(f"  … and {len(items) - 20} more {kind} (tlpipe info {escape(str(out_path))})")
     if strict and summary.failed:
@@ -572,7 +579,17 @@ def info(
     say(f"  classes: {escape(', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none')}")
     say(f"  splits: {escape(', '.join(f'{k} {v}' for k, v in d['per_split'].items()))}")
     for i, source in enumerate(d["sources"]):
-        say(f"  source {i}: {escape(source['path'])} ({source['images']} images)")
+        say(f"  source {i}: {escape(display_name(source['path']))} ({source['images']} images)")
+    if missing := d.get("missing"):
+        say(
+            f"  [yellow]{len(missing)} cached image{'s' if len(missing) != 1 else ''} whose source file is gone or "
+            "changed[/] since extract (not counted above; left out of fit-head, compare, audit and evaluate unless "
+            "--keep-missing):"
+        )
+        for item in missing[:limit]:
+            say(f"    {item['reason']} {escape(item['path'])}")
+        if len(missing) > limit:
+            say(f"    … and {len(missing) - limit} more (--json lists all)")
     for key, fs in d["feature_sets"].items():
         say(
             f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
@@ -635,6 +652,11 @@ ExcludeOpt = typer.Option(
     "--exclude",
     help="Leave out the rows of this exclude list (sha256 per line, e.g. from `tlpipe audit --write-exclude`).",
 )
+KeepMissingOpt = typer.Option(
+    False,
+    "--keep-missing",
+    help="Keep the rows whose source file the last extract found gone or changed (left out by default, with a count).",
+)
 
 
 def _print_balance(balance: dict) -> None:
@@ -663,6 +685,7 @@ def fit_head(
     address: str | None = AddressOpt,
     exclude: Path | None = ExcludeOpt,
     use_augmented: bool = UseAugmentedOpt,
+    keep_missing: bool = KeepMissingOpt,
 ):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata.
 
@@ -685,6 +708,7 @@ def fit_head(
             n_jobs=n_jobs,
             exclude=exclude,
             use_augmented=use_augmented,
+            keep_missing=keep_missing,
         )
     if as_json:
         emit_json(
@@ -744,6 +768,7 @@ def compare(
     address: str | None = AddressOpt,
     exclude: Path | None = ExcludeOpt,
     use_augmented: bool = UseAugmentedOpt,
+    keep_missing: bool = KeepMissingOpt,
     umap: bool = typer.Option(
         False,
         "--umap",
@@ -779,6 +804,7 @@ def compare(
             address,
             report,
             use_augmented,
+            keep_missing,
         )
         return
     if umap and report is None:
@@ -790,7 +816,7 @@ def compare(
             _import_umap()
         except ImportError:
             raise ValueError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
-    fs = read_feature_set(cache, features, exclude=exclude)
+    fs = read_feature_set(cache, features, exclude=exclude, keep_missing=keep_missing)
     views = None
     if use_augmented:
         from tlpipe.features.cache import CacheError, read_views
@@ -866,6 +892,7 @@ def _sweep(
     address,
     report,
     use_augmented=False,
+    keep_missing=False,
 ) -> None:
     """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
     from tlpipe.pipeline.compare import format_sweep_table, sweep, write_sweep_report
@@ -886,6 +913,7 @@ def _sweep(
             holdout=not all_rows,
             n_jobs=n_jobs,
             use_augmented=use_augmented,
+            keep_missing=keep_missing,
         )
     out.print(format_sweep_table(result))
     best = result.best
@@ -909,18 +937,17 @@ def evaluate(
         None, "--split", help="train | val | test | all | holdout [default: test, else the head's recorded hold-out]."
     ),
     features: str | None = FeaturesOpt,
-    report: Path | None = typer.Option(
-        None, "--report", help="Write evaluation.json and confusion_matrix.png here."
-    ),
+    report: Path | None = typer.Option(None, "--report", help="Write evaluation.json and confusion_matrix.png here."),
     allow_train_rows: bool = typer.Option(
         False, "--allow-train-rows", help="Score rows the head was trained on too (an optimistic score)."
     ),
     trust: bool = TrustOpt,
     exclude: Path | None = ExcludeOpt,
+    keep_missing: bool = KeepMissingOpt,
     as_json: bool = JsonOpt,
 ):
     """Metrics, per-class report and confusion matrix of one head on held-out rows of a cache."""
-    from tlpipe.features.cache import read_feature_set
+    from tlpipe.features.cache import missing_note, read_feature_set
     from tlpipe.pipeline.artifacts import load_head
     from tlpipe.pipeline.evaluate import evaluate_head, save_confusion_matrix
 
@@ -931,7 +958,7 @@ def evaluate(
         raise typer.BadParameter("missing the cache: `evaluate HEAD CACHE` or `evaluate CACHE --head HEAD`")
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
-    fs = read_feature_set(cache, key, exclude=exclude)
+    fs = read_feature_set(cache, key, exclude=exclude, keep_missing=keep_missing)
     result = evaluate_head(estimator, metadata, fs, split=split, allow_train_rows=allow_train_rows)
     split = result.split
     if report is not None:
@@ -946,7 +973,9 @@ def evaluate(
     loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
     out.print(
         f"[bold]{head}[/] on {result.rows_used}: accuracy {result.accuracy:.4f}, "
-        f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {fs.excluded} rows excluded by {exclude}" if exclude else "")
+        f"macro-F1 {result.macro_f1:.4f}{loss}"
+        + (f"; {fs.excluded} rows excluded by {exclude}" if exclude else "")
+        + (f"; {missing_note(fs.excluded_missing)}" if fs.excluded_missing else "")
     )
     rows = [
         [escape(label), *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), int(r.get("support", 0))]
@@ -1310,6 +1339,7 @@ def audit(
         help="Hash the cache's recorded sources for exact copies (stored once in the cache).",
     ),
     n_jobs: int | None = typer.Option(None, "--n-jobs", "-j", help="Parallel folds [default: one]."),
+    keep_missing: bool = KeepMissingOpt,
 ):
     """Find duplicates, split leaks, label conflicts, likely label errors and outliers on cached embeddings (CPU only)."""
     from tlpipe.pipeline.audit import AuditError
@@ -1329,6 +1359,7 @@ def audit(
                 seed=seed,
                 n_jobs=n_jobs,
                 scan_sources=scan_sources,
+                keep_missing=keep_missing,
                 **tuned,
             )
     except AuditError as exc:

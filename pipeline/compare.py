@@ -300,6 +300,10 @@ def compare_heads(
         )
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by an exclude list"
+    if fs.excluded_missing:
+        from tlpipe.features.cache import missing_note
+
+        setup += f"; {missing_note(fs.excluded_missing)}"
     X, y = fs.X[rows], fs.y[rows]
     from tlpipe.pipeline.heads import views_within
 
@@ -751,7 +755,12 @@ def _map_chart(result: CompareResult, kind: str, path: Path) -> None:
 
 
 def _resolve_image(path: str, roots: list[str]) -> Path | None:
-    candidates = [Path(path)] + [(Path(r) if Path(r).is_dir() else Path(r).parent) / path for r in roots]
+    from tlpipe.features.names import file_name
+
+    names = list(dict.fromkeys((path, file_name(path))))  # as shown, then as the file system has it
+    candidates = [Path(n) for n in names] + [
+        (Path(r) if Path(r).is_dir() else Path(r).parent) / n for r in roots for n in names
+    ]
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -1102,6 +1111,7 @@ def sweep(
     holdout: bool = True,
     pca: int | float | str | None = "auto",
     use_augmented: bool = False,
+    keep_missing: bool = False,
 ) -> SweepResult:
     """Score every head on every feature set ``pattern`` names and rank the (feature set, head) pairs.
 
@@ -1116,6 +1126,9 @@ def sweep(
     use_augmented : bool
         Train on the augmented views of each feature set that has them (``extract --augment N``) as extra
         training rows (:func:`compare_heads`' ``views``); feature sets without views train on originals.
+    keep_missing : bool
+        Keep the rows whose source file is gone or changed since extract
+        (:func:`tlpipe.features.cache.read_feature_set`); left out by default.
 
     Returns
     -------
@@ -1130,7 +1143,7 @@ def sweep(
 
     started = perf_counter()
     keys = matching_feature_sets(cache, pattern)
-    sets = _common_rows([read_feature_set(cache, k) for k in keys])
+    sets = _common_rows([read_feature_set(cache, k, keep_missing=keep_missing) for k in keys])
     speeds = extraction_records(cache)
     results, rows = {}, []
     for fs in sets:

@@ -71,8 +71,9 @@ def evaluation_rows(
 
     ``split=None``: the cache's labelled ``test`` rows when it has them, else the head's recorded
     evaluation rows (its sidecar's ``evaluation.sha256``, written by ``fit-head`` / ``compare
-    --save-best``). Any split name (or ``"all"``) picks those rows. Rows whose image sha256 the head was
-    trained on (sidecar ``training.sha256``) are refused unless ``allow_train_rows``.
+    --save-best``). Any split name (or ``"all"``) picks those rows; names are mapped as ``extract`` maps split
+    folders (:func:`tlpipe.features.names.normalize_split`: ``validation`` is ``val``). Rows whose image sha256
+    the head was trained on (sidecar ``training.sha256``) are refused unless ``allow_train_rows``.
 
     Returns
     -------
@@ -87,6 +88,10 @@ def evaluation_rows(
         When no rows qualify.
     """
     recorded = (metadata.get("evaluation") or {}).get("sha256")
+    if split not in (None, "all", "holdout"):
+        from tlpipe.features.names import normalize_split
+
+        split = normalize_split(split)
     if split is None:
         has_test = bool(np.any((fs.y >= 0) & (fs.split == "test")))
         split = "test" if has_test or not recorded else "holdout"
