@@ -4,13 +4,16 @@ Schema (version 2; readable with plain h5py, see README):
 
     /                      attrs: tlpipe_cache_version, cache_id, created, sources (JSON list of source roots)
     /images/               attrs: count (committed rows), class_names (JSON list), path_bytes (committed blob bytes)
-        path_utf8 (B,)   uint8    UTF-8 paths, concatenated (no length limit, no HDF5 heap)
+        path_utf8 (B,)   uint8    paths as the file system's bytes (UTF-8 for UTF-8 names), concatenated (no length
+                                  limit, no HDF5 heap); a name that is not UTF-8 keeps its own bytes
         path_span (N,2)  int64    [start, end) of each row's path in path_utf8, relative to its source
         source  (N,)   int32    index into the root attr ``sources``
         sha256  (N,)   S64      hex digest of the file's bytes
         label   (N,)   int32    index into class_names, -1 = unlabelled
         split   (N,)   S32      "train" | "val" | "test" | "" ...
         size    (N,2)  int32    original width, height (after EXIF orientation)
+        missing (N,)   uint8    0: the source file was listed by the last extract of its source; 1: gone (no
+                                longer listed); 2: changed (its path now holds other content)   [optional]
     /features/<key>/       attrs: count, dim, dtype, resize, metadata (JSON), backbone, input_size
         embeddings (K,D) float32|float16
         image_row  (K,)  int64  row in /images
@@ -22,6 +25,10 @@ Schema (version 2; readable with plain h5py, see README):
         embeddings (M,D) float32|float16  augmented views of images of feature set <key> (extract --augment N)
         image_row  (M,)  int64  row in /images of the image the view was made from
         view       (M,)  int32  view index, 0 .. views-1 (see tlpipe.features.augment)
+
+``/images/missing`` is an addition within version 2 too: a cache without it reads as "all present", and the
+writer adds it (zeros) when it opens such a cache. Readers leave missing rows out by default
+(:func:`read_feature_set` ``keep_missing``).
 
 ``/augmented`` is an addition within version 2: caches without it read as before, and readers that do not
 know it never open it (it sits outside ``/features``). Its rows are training rows only (see
@@ -61,6 +68,7 @@ import numpy as np
 from tlpipe.errors import InputError, TlpipeError
 
 from .fastdecode import DEFAULT_RESIZE_FILTER, LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
+from .names import display_name, normalize_split
 
 __all__ = [
     "BLOB_CHUNK",
@@ -114,7 +122,10 @@ _IMAGE_COLUMNS = {
     "label": np.int32,
     "split": f"S{SPLIT_BYTES}",
     "size": (np.int32, 2),
+    "missing": np.uint8,
 }
+PRESENT, GONE, CHANGED = 0, 1, 2  # /images/missing
+MISSING_REASONS = {GONE: "gone", CHANGED: "changed"}
 _FAILURE_COLUMNS = {
     "path_span": (np.int64, 2),
     "source": np.int32,
@@ -332,6 +343,15 @@ def _storable(text: str, limit: int | None = None) -> bytes:
     return data if limit is None or len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
+def _path_bytes(path: str) -> bytes:
+    """A path as stored: the file system's bytes (``os.fsencode`` on POSIX: UTF-8, and the bytes of a name that
+    is not UTF-8 kept as they are), so it reads back equal to the listing's path (lossless)."""
+    try:
+        return path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from a byte: no bytes to keep
+        return _storable(path)
+
+
 def _strings(values, limit: int) -> np.ndarray:
     return np.array([_storable(v, limit) for v in values], dtype=f"S{limit}")
 
@@ -374,7 +394,7 @@ def _create_columns(group: h5py.Group, columns: dict) -> None:
 def _append_paths(group: h5py.Group, row: int, paths) -> int:
     """Write ``paths`` into ``group``'s blob after its committed bytes and their spans at ``row``; returns the blob's
     new length (to commit as ``path_bytes`` together with the count)."""
-    encoded = [_storable(p) for p in paths]
+    encoded = [_path_bytes(p) for p in paths]
     start = int(group.attrs["path_bytes"])
     ends = start + np.cumsum([len(e) for e in encoded], dtype=np.int64)
     spans = np.stack([ends - [len(e) for e in encoded], ends], axis=1) if encoded else np.zeros((0, 2), np.int64)
@@ -384,8 +404,9 @@ def _append_paths(group: h5py.Group, row: int, paths) -> int:
     return int(ends[-1]) if encoded else start
 
 
-def _decode_paths(group: h5py.Group, spans: np.ndarray, path) -> list[str]:
-    """The paths of ``spans`` (rows of ``path_span``), read from the blob."""
+def _decode_paths(group: h5py.Group, spans: np.ndarray, path, raw: bool = False) -> list[str]:
+    """The paths of ``spans`` (rows of ``path_span``), read from the blob: as the file system's names (``raw``:
+    bytes that are not UTF-8 as surrogate escapes) or in display form (as backslash escapes)."""
     if not len(spans):
         return []
     end = int(spans[:, 1].max())
@@ -394,10 +415,11 @@ def _decode_paths(group: h5py.Group, spans: np.ndarray, path) -> list[str]:
         raise _Torn(
             f"{path}: {group.name}/path_utf8 holds {len(blob)} bytes, its paths need {end}; the file is damaged"
         )
-    return [blob[a:b].decode("utf-8", "replace") for a, b in spans.tolist()]
+    errors = "surrogateescape" if raw else "backslashreplace"
+    return [blob[a:b].decode("utf-8", errors) for a, b in spans.tolist()]
 
 
-def read_paths(group: h5py.Group, rows=None, path="cache") -> list[str]:
+def read_paths(group: h5py.Group, rows=None, path="cache", *, raw: bool = False) -> list[str]:
     """Paths of the committed rows of an open ``/images`` or ``/failures`` group (all, or the given ``rows``).
 
     Parameters
@@ -408,15 +430,19 @@ def read_paths(group: h5py.Group, rows=None, path="cache") -> list[str]:
         Row numbers (any order, repeats allowed); default all committed rows.
     path : str
         The file, for error messages.
+    raw : bool
+        The names as the file system has them (bytes that are not UTF-8 as surrogate escapes, so a path opens its
+        file and compares equal to a listing's); default the display form (such bytes as backslash escapes: valid
+        UTF-8, for reports, JSON, Parquet).
 
     Returns
     -------
     list of str
-        UTF-8 paths relative to their source (backslash escapes for names that were not UTF-8).
+        Paths relative to their source.
     """
     n = int(group.attrs["count"])
     spans = _committed(group["path_span"], n, path)
-    return _decode_paths(group, spans if rows is None else spans[np.asarray(rows, dtype=np.int64)], path)
+    return _decode_paths(group, spans if rows is None else spans[np.asarray(rows, dtype=np.int64)], path, raw)
 
 
 def _append(dataset: h5py.Dataset, start: int, values) -> None:
@@ -557,6 +583,7 @@ class CacheWriter:
             check_version(f, self.path)
             self._committed = int(f["images"].attrs["count"])  # image rows on disk, for error messages
             self._repair(f)
+            self._upgrade(f)
             self._write()
         except BaseException:
             f.close()
@@ -621,10 +648,26 @@ class CacheWriter:
                     dataset.resize(rows, axis=0)
         f.flush()
 
+    @staticmethod
+    def _upgrade(f: h5py.File) -> None:
+        """Additions within version 2 for a cache written before them: ``/images/missing`` (all present), and
+        class names in display form (names that were not UTF-8 were stored with surrogate escapes)."""
+        images = f["images"]
+        if "missing" not in images:
+            count = int(images.attrs["count"])
+            missing = images.create_dataset(
+                "missing", (count,), dtype=np.uint8, maxshape=(None,), chunks=(CHUNK_ROWS,), fillvalue=PRESENT
+            )
+            _label_dims(missing, DIMENSION_LABELS["images"])
+        names = json.loads(images.attrs["class_names"])
+        if any(display_name(n) != n for n in names):
+            images.attrs["class_names"] = json.dumps([display_name(n) for n in names])
+        f.flush()
+
     # -- reading what is there -------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
-        return json.loads(self.file["images"].attrs["class_names"])
+        return _class_names(self.file["images"])
 
     @property
     def image_count(self) -> int:
@@ -797,6 +840,7 @@ class CacheWriter:
             _append(images["label"], start, np.array([self._label_index(r.label) for r in new], dtype=np.int32))
             _append(images["split"], start, _strings([r.split or "" for r in new], SPLIT_BYTES))
             _append(images["size"], start, np.array([(r.width, r.height) for r in new], dtype=np.int32))
+            _append(images["missing"], start, np.zeros(len(new), dtype=np.uint8))
         done = int(group.attrs["count"])
         _append(group["embeddings"], done, embeddings.astype(group.attrs["dtype"], copy=False))
         _append(group["image_row"], done, np.array([index[r.sha256] for r in rows], dtype=np.int64))
@@ -816,15 +860,15 @@ class CacheWriter:
         group = self.file["failures"]
         count = int(group.attrs["count"])
         known = (
-            set(zip(_committed(group["source"], count, self.path).tolist(), read_paths(group, None, self.path)))
+            set(
+                zip(
+                    _committed(group["source"], count, self.path).tolist(), read_paths(group, None, self.path, raw=True)
+                )
+            )
             if count
             else set()
         )
-        fresh = [
-            (p, v)
-            for p, v in dict(((p, (s, r)) for p, s, r in failures)).items()
-            if (source, _storable(p).decode("utf-8")) not in known
-        ]
+        fresh = [(p, v) for p, v in dict(((p, (s, r)) for p, s, r in failures)).items() if (source, p) not in known]
         if not fresh:
             return
         path_bytes = _append_paths(group, count, [p for p, _ in fresh])
@@ -890,7 +934,8 @@ class CacheWriter:
         sources = _committed(images["source"], n, self.path)
         labels = _committed(images["label"], n, self.path)
         splits = _text(_committed(images["split"], n, self.path))
-        paths = read_paths(images, None, self.path)
+        paths = read_paths(images, None, self.path, raw=True)  # as the listing has them, to compare
+        missing = _missing(images, n, self.path)
         names = self.class_names
         index = self.index
         previous = self.label_conflicts()
@@ -906,18 +951,20 @@ class CacheWriter:
                 continue
             here = [occurrence(source, *item) for item in sorted(found, key=lambda item: item[0])]
             others = [o for o in previous.get(sha, {}).get("occurrences", []) if o["source"] != source]
-            if sources[row] != source and not any(o["source"] == sources[row] for o in others):
+            if sources[row] != source and not missing[row] and not any(o["source"] == sources[row] for o in others):
                 label = names[labels[row]] if labels[row] >= 0 else None
                 others.append(occurrence(sources[row], paths[row], label, splits[row]))
             everywhere = others + here
             if len({o["label"] for o in everywhere if o["label"] is not None}) > 1:
                 conflicts[sha] = {"sha256": sha, "row": int(row), "occurrences": everywhere}
-            if sources[row] in (source, -1):
+            if sources[row] in (source, -1) or missing[row]:  # a row whose file was gone is taken up where it is now
                 first = here[0]
                 label = names[labels[row]] if labels[row] >= 0 else None
-                if (first["path"], first["label"], first["split"] or "") != (paths[row], label, splits[row]) or sources[
-                    row
-                ] != source:
+                if (
+                    (first["path"], first["label"], first["split"] or "") != (paths[row], label, splits[row])
+                    or sources[row] != source
+                    or missing[row]
+                ):
                     updates.append((int(row), first["path"], first["label"], first["split"]))
         for sha, record in previous.items():  # conflicts this listing did not see: its files are gone from it
             if sha in seen:
@@ -933,12 +980,53 @@ class CacheWriter:
             self._write_conflicts(ordered)
         return changed, ordered
 
+    def mark_missing(self, source: int, seen: dict[str, list], listed: set[str]) -> list[tuple[str, str]]:
+        """Mark the rows of ``source`` whose content a complete listing of it no longer holds (after
+        :meth:`reconcile`, which has taken up rows whose content is still listed).
+
+        Parameters
+        ----------
+        source : int
+            The source's index (:meth:`note_source`).
+        seen : dict
+            sha256 -> occurrences: every readable file of the listing, by content (as for :meth:`reconcile`).
+        listed : set of str
+            Every path of the listing (readable or not), relative to the source.
+
+        Returns
+        -------
+        list of (str, str)
+            (path in display form, ``"gone"`` | ``"changed"``) of each row marked now: ``gone`` when its path is no
+            longer listed (deleted, moved out of the source, no longer in the manifest), ``changed`` when its path
+            now holds other content (edited in place; the new content has a row of its own). Rows marked before
+            are not repeated. Such rows stay in the cache (a file that comes back is used again without
+            re-embedding) and are left out by :func:`read_feature_set` unless ``keep_missing``.
+        """
+        images = self.file["images"]
+        n = self.image_count
+        if not n:
+            return []
+        sources = _committed(images["source"], n, self.path)
+        missing = _missing(images, n, self.path)
+        held = np.zeros(n, dtype=bool)
+        rows = [self.index[sha] for sha in seen if sha in self.index]
+        held[rows] = True
+        gone = np.flatnonzero((sources == source) & (missing == PRESENT) & ~held)
+        if not len(gone):
+            return []
+        paths = read_paths(images, gone, self.path, raw=True)
+        codes = np.array([CHANGED if p in listed else GONE for p in paths], dtype=np.uint8)
+        images["missing"][gone] = codes
+        self._flush()
+        return [(display_name(p), MISSING_REASONS[int(c)]) for p, c in zip(paths, codes)]
+
     def _update_rows(self, source: int, updates: list[tuple[int, str, str | None, str | None]]) -> None:
-        """Rewrite path, label, split and source of committed rows in place. The new paths are appended to the
-        blob and committed first, so a reader (or a kill) sees each row's old or new span, both whole."""
+        """Rewrite path, label, split and source of committed rows in place (each row's file is listed: it is
+        present). The new paths are appended to the blob and committed first, so a reader (or a kill) sees each
+        row's old or new span, both whole."""
         images = self.file["images"]
         start = int(images.attrs["path_bytes"])
-        encoded = [_storable(path) for _, path, _, _ in updates]
+        encoded = [_path_bytes(path) for _, path, _, _ in updates]
         blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         _append(images["path_utf8"], start, blob)
         self._flush()
@@ -950,6 +1038,7 @@ class CacheWriter:
             images["label"][row] = self._label_index(label)
             images["split"][row] = _storable(split or "", SPLIT_BYTES)
             images["source"][row] = source
+            images["missing"][row] = PRESENT
             offset += len(data)
         self._flush()
 
@@ -984,6 +1073,37 @@ def _text(values: np.ndarray) -> np.ndarray:
         if len(values)
         else np.array([], dtype=str)
     )
+
+
+def missing_note(count: int) -> str:
+    """The note heads, compare, audit and evaluate add when :func:`read_feature_set` left out ``count`` rows whose
+    source file is gone or changed."""
+    return (
+        f"{count} row{'s' if count != 1 else ''} whose source file is gone or changed since extract left out "
+        "(--keep-missing keeps them)"
+    )
+
+
+def _missing(images: h5py.Group, n: int, path) -> np.ndarray:
+    """The committed ``/images/missing`` column (all present for a cache written before it existed)."""
+    if "missing" not in images:
+        return np.zeros(n, dtype=np.uint8)
+    return _committed(images["missing"], n, path)
+
+
+def _class_names(images: h5py.Group) -> list[str]:
+    """The class names, in display form (a cache written before stored names that were not UTF-8 as surrogates)."""
+    return [display_name(n) for n in json.loads(images.attrs["class_names"])]
+
+
+def _splits(values: np.ndarray) -> np.ndarray:
+    """The split column as tlpipe uses it: the shared split names (:func:`tlpipe.features.names.normalize_split`),
+    so a cache written before an alias was known reads as one written now."""
+    text = _text(values)
+    if not len(text):
+        return text
+    unique, inverse = np.unique(text, return_inverse=True)
+    return np.array([normalize_split(s) if s else "" for s in unique.tolist()], dtype=str)[inverse]
 
 
 def check_version(f: h5py.File, path) -> None:
@@ -1095,6 +1215,8 @@ class FeatureSet:
         index = int(self.source[row])
         return self.sources[index] if 0 <= index < len(self.sources) else None
 
+    excluded_missing: int = 0  # rows left out because their source file is gone or changed (CacheWriter.mark_missing)
+
     def __len__(self) -> int:
         return len(self.X)
 
@@ -1137,6 +1259,7 @@ def read_feature_set(
     *,
     exclude_conflicts: bool = True,
     exclude: str | os.PathLike | None = None,
+    keep_missing: bool = False,
 ) -> FeatureSet:
     """Load a feature set with labels, splits and paths (committed rows only; safe while a writer appends).
 
@@ -1154,12 +1277,17 @@ def read_feature_set(
     exclude : str or path, optional
         An exclude list (:func:`read_exclude_list`, e.g. written by ``tlpipe audit --write-exclude``): its
         rows are left out and counted in ``excluded``.
+    keep_missing : bool
+        Keep the rows whose source file the last ``extract`` of their source found gone or changed
+        (:meth:`CacheWriter.mark_missing`). False by default: they are left out, counted in ``excluded_missing``,
+        so heads train and are evaluated on the folder as it is now.
 
     Returns
     -------
     FeatureSet
-        ``X`` (N, D) float32, ``y`` (N,) int32 label index (-1 unlabelled), ``split``, ``paths``, ``sha256`` (N,) str,
-        ``source`` (N,) int32.
+        ``X`` (N, D) float32, ``y`` (N,) int32 label index (-1 unlabelled), ``split`` (the shared split names,
+        :func:`tlpipe.features.names.normalize_split`), ``paths`` (display form: bytes that are not UTF-8 as
+        backslash escapes), ``sha256`` (N,) str, ``source`` (N,) int32; ``class_names`` in display form.
 
     Raises
     ------
@@ -1176,7 +1304,7 @@ def read_feature_set(
             raise _Torn(f"{path}: feature set {name} points past the image table; the file is damaged")
         X = _committed(group["embeddings"], count, path).astype(np.float32, copy=False)
         take = lambda column: _committed(images[column], n_images, path)[rows]  # noqa: E731
-        y, class_names = take("label"), json.loads(images.attrs["class_names"])
+        y, class_names = take("label"), _class_names(images)
         if count and y.max() >= len(class_names):
             raise _Torn(f"{path}: labels past the class names; the file is damaged")
         conflicts = _read_conflicts(f, path)
@@ -1184,7 +1312,7 @@ def read_feature_set(
             key=name,
             X=X,
             y=y,
-            split=_text(take("split")),
+            split=_splits(take("split")),
             paths=np.array(read_paths(images, rows, path), dtype=object).astype(str)
             if count
             else np.array([], dtype=str),
@@ -1196,11 +1324,17 @@ def read_feature_set(
             label_conflicts=conflicts,
             sources=_recorded_sources(f),
         )
+        keep = np.ones(count, dtype=bool)
         if exclude_conflicts and conflicts:
-            keep = ~np.isin(rows, [c["row"] for c in conflicts])
+            keep &= ~np.isin(rows, [c["row"] for c in conflicts])
+            fs.excluded_conflicts = int(count - keep.sum())
+        if not keep_missing:
+            gone = _missing(images, n_images, path)[rows] != PRESENT
+            fs.excluded_missing = int((keep & gone).sum())
+            keep &= ~gone
+        if not keep.all():
             for column in ("X", "y", "split", "paths", "sha256", "source"):
                 setattr(fs, column, getattr(fs, column)[keep])
-            fs.excluded_conflicts = int((~keep).sum())
         return fs
 
     fs = read_retrying(path, read)
@@ -1323,9 +1457,11 @@ def describe(path: str | os.PathLike) -> dict:
 def _describe(f: h5py.File, path) -> dict:
     images, failures = f["images"], f["failures"]
     n = int(images.attrs["count"])
-    labels, splits = _committed(images["label"], n, path), _text(_committed(images["split"], n, path))
+    labels, splits = _committed(images["label"], n, path), _splits(_committed(images["split"], n, path))
     row_sources = _committed(images["source"], n, path)
-    class_names = json.loads(images.attrs["class_names"])
+    missing = _missing(images, n, path)
+    present = missing == PRESENT
+    class_names = _class_names(images)
     sources = json.loads(f.attrs.get("sources", "[]"))
     feature_sets = {}
     for key, group in f["features"].items():
@@ -1361,17 +1497,24 @@ def _describe(f: h5py.File, path) -> dict:
     name = lambda i: sources[i] if 0 <= i < len(sources) else None  # noqa: E731
     in_conflict = np.zeros(n, dtype=bool)
     in_conflict[[c["row"] for c in conflicts if c["row"] < n]] = True
-    counted = np.where(in_conflict, -2, labels)  # a row in conflict has no label to count
+    counted = np.where(in_conflict, -2, labels)[present]  # a row in conflict has no label to count
+    gone_rows = np.flatnonzero(~present)
     return {
         "path": str(path),
         "version": int(f.attrs["tlpipe_cache_version"]),
         "cache_id": str(f.attrs["cache_id"]),
-        "images": n,
+        "images": int(present.sum()),  # rows whose source file is there (as the last extract of its source found)
         "class_names": class_names,
         "per_class": {c: int(np.sum(counted == i)) for i, c in enumerate(class_names)}
         | ({"(unlabelled)": int(np.sum(counted == -1))} if np.any(counted == -1) else {})
-        | ({"(label conflict)": int(in_conflict.sum())} if in_conflict.any() else {}),
-        "per_split": {s or "(none)": int(np.sum(splits == s)) for s in sorted(set(splits.tolist()))},
+        | ({"(label conflict)": int(np.sum(counted == -2))} if np.any(counted == -2) else {}),
+        "per_split": {s or "(none)": int(np.sum(splits[present] == s)) for s in sorted(set(splits[present].tolist()))},
+        "missing": [
+            {"path": p, "reason": MISSING_REASONS.get(int(m), "gone"), "source": name(int(src))}
+            for p, m, src in zip(
+                read_paths(images, gone_rows, path), missing[gone_rows].tolist(), row_sources[gone_rows].tolist()
+            )
+        ],
         "feature_sets": feature_sets,
         "failures": [
             {"path": p, "reason": r, "stage": st, "source": name(int(src))}
@@ -1382,9 +1525,20 @@ def _describe(f: h5py.File, path) -> dict:
                 failure_sources.tolist(),
             )
         ],
-        "sources": [{"path": src, "images": int(np.sum(row_sources == i))} for i, src in enumerate(sources)],
+        "sources": [{"path": src, "images": int(np.sum(row_sources[present] == i))} for i, src in enumerate(sources)],
         "label_conflicts": [
-            {"sha256": c["sha256"], "occurrences": [o | {"source": name(o["source"])} for o in c["occurrences"]]}
+            {
+                "sha256": c["sha256"],
+                "occurrences": [
+                    o
+                    | {
+                        "source": name(o["source"]),
+                        "path": display_name(o["path"]),
+                        "label": display_name(o["label"]) if o.get("label") else o.get("label"),
+                    }
+                    for o in c["occurrences"]
+                ],
+            }
             for c in conflicts
         ],
     }
@@ -1487,7 +1641,7 @@ class FeatureSetReader:
 
             def read(f: h5py.File, rows=rows, inverse=inverse) -> tuple[list, list, list]:
                 images = f["images"]
-                names = json.loads(images.attrs["class_names"])
+                names = _class_names(images)
                 paths = read_paths(images, rows[inverse], self.path)
                 shas = [s.decode() for s in images["sha256"][rows][inverse]]
                 labels = [names[i] if 0 <= i < len(names) else None for i in images["label"][rows][inverse].tolist()]

@@ -49,6 +49,8 @@ class ExtractSummary(StreamSummary):
     resize_filter: str = DEFAULT_RESIZE_FILTER
     relabelled: int = 0  # cached rows whose path, label or split this run's listing changed (no re-embedding)
     label_conflicts: list[dict] = field(default_factory=list)  # contents that carry two or more labels
+    gone: list[tuple[str, str]] = field(default_factory=list)  # (path, "gone" | "changed"): cached rows whose file
+    # this run found gone from the source or changed since it was cached (CacheWriter.mark_missing)
     warnings: list[str] = field(default_factory=list)  # about the source (layout, manifest)
     keys: list[str] = field(default_factory=list)  # every feature set this extract filled (key is the first)
     augmented: list[Any] = field(default_factory=list)  # AugmentSummary per feature set (extract --augment N)
@@ -182,7 +184,8 @@ def extract_into(
         :class:`~tlpipe.features.transformer.EmbeddingTransformer` keeps); default: ``entry``'s model file.
     source : int
         The source's index (:meth:`CacheWriter.note_source`); with one (``records`` its complete listing), the
-        image table is then reconciled with the listing (moved or relabelled files, label conflicts).
+        image table is then reconciled with the listing (moved or relabelled files, label conflicts), and the
+        source's rows whose file is gone or changed since it was cached are marked (``summary.gone``).
     batch_size, dtype, resize, resize_filter, progress
         As for :func:`extract`.
 
@@ -224,6 +227,7 @@ def extract_into(
     )
     if source >= 0:
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
+        summary.gone = writer.mark_missing(source, sink.seen, {r.relpath for r in records})
     return summary
 
 
@@ -429,6 +433,8 @@ def extract(
             )
             for key, target in zip(summary.keys, targets)
         ]
+    if summary.gone:
+        log.warning("%s", gone_message(summary.gone, source))
     if conflicts := summary.label_conflicts:
         log.warning(
             "%d images carry two or more labels (label conflicts: left out of training and evaluation; fix "
@@ -441,6 +447,21 @@ def extract(
             " ..." if len(conflicts) > 3 else "",
         )
     return summary
+
+
+def gone_message(gone: Sequence[tuple[str, str]], source: Any, limit: int = 3) -> str:
+    """One line about cached images whose file is gone from ``source`` or changed since they were cached."""
+    counts = {reason: sum(1 for _, r in gone if r == reason) for reason in ("gone", "changed")}
+    parts = []
+    if counts["gone"]:
+        parts.append(f"{counts['gone']} cached image{'s' if counts['gone'] != 1 else ''} gone from {source}")
+    if counts["changed"]:
+        parts.append(f"{counts['changed']} changed in place (the new content was embedded)")
+    names = ", ".join(f"{path} ({reason})" for path, reason in gone[:limit]) + (" ..." if len(gone) > limit else "")
+    return (
+        f"{' and '.join(parts)} since cached: left out of fit-head, compare, audit and evaluate "
+        f"(--keep-missing keeps them; a file that comes back is used again): {names}"
+    )
 
 
 def _several_models(choice: ModelChoice, sizes: list, layers: list) -> list[FeatureModel]:

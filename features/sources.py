@@ -14,6 +14,18 @@ from pathlib import Path, PurePath
 from tlpipe.errors import InputError, NotFoundError, TlpipeError
 
 from .images import IMAGE_EXTENSIONS, sniff_image
+from .names import SPLIT_ALIASES, SPLITS, display_name, normalize_split
+
+__all__ = [
+    "SPLITS",
+    "SPLIT_ALIASES",
+    "ImageRecord",
+    "ImageSource",
+    "LayoutError",
+    "discover",
+    "display_name",
+    "normalize_split",
+]
 
 __all__ = [
     "ImageRecord",
@@ -27,17 +39,6 @@ __all__ = [
     "discover",
     "normalize_split",
 ]
-
-SPLIT_ALIASES: dict[str, str] = {
-    alias: split
-    for split, aliases in {
-        "train": ("train", "training", "training_set", "trainset"),
-        "val": ("val", "valid", "validation", "dev"),
-        "test": ("test", "testing", "test_set", "testset"),
-    }.items()
-    for alias in aliases
-}
-SPLITS = frozenset(SPLIT_ALIASES.values())
 PATH_COLUMNS = ("path", "file", "filename", "image", "filepath")
 LABEL_COLUMNS = ("label", "class", "cls", "category")
 SPLIT_COLUMN = "split"
@@ -48,15 +49,13 @@ class LayoutError(TlpipeError, ValueError):
     """A folder whose layout cannot be told apart (which folders are classes, which are splits)."""
 
 
-def normalize_split(name: str) -> str:
-    """Map a split name to train/val/test where it is a known alias, else lower-case it."""
-    key = name.strip().lower()
-    return SPLIT_ALIASES.get(key, key)
-
-
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image: ``relpath`` (POSIX, relative to the source root) is its identity."""
+    """One image: ``relpath`` (POSIX, relative to the source root) is its identity.
+
+    ``relpath`` and ``abspath`` keep a name's bytes that are not UTF-8 as surrogate escapes (they open the file);
+    ``label`` and ``split`` are names for people, in display form (:func:`tlpipe.features.names.display_name`:
+    such bytes as backslash escapes)."""
 
     relpath: str
     abspath: str
@@ -118,8 +117,14 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
     is seen through; folders whose children are the same class folders as their siblings' children are
     split folders (whatever their names), and a folder of bare images beside them is an unlabelled
     split; folders of bare images are classes; a folder of bare images only is ``flat`` (unlabelled).
-    Files are images by extension or, failing that, by content. Hidden entries are ignored; symlinks
-    are followed once. Manifests: see :func:`_read_manifest`.
+    Files are images by extension or, failing that, by content. Hidden entries are ignored. Symbolic links to
+    folders are followed once, after every real folder is listed: a link to a folder the tree lists under its
+    own name (an alias, ``Kitties -> cats``) is not followed (skipped and warned by name, so the images keep the
+    real folder's label whatever the names' sort order), and a link to a folder that holds it is a loop (skipped).
+    A folder of bare images named like a split (``train`` beside ``bus``, ``car``) is a class, with a warning;
+    folders are split folders when they hold class folders, or when every folder is named like a split.
+    Class and split names are in display form (:func:`tlpipe.features.names.display_name`); paths keep their
+    bytes. Manifests: see :func:`_read_manifest`.
     """
     path = Path(source)
     if not path.exists():
@@ -140,7 +145,7 @@ def discover(source: str | os.PathLike[str], *, allow_outside_root: bool = False
 
 def _discover_dir(path: Path, labelled: bool = True) -> ImageSource:
     root = os.path.abspath(path)
-    files, skipped = _walk(root)
+    files, skipped, warnings = _walk(root)
     images = []
     for parts, abspath in files:
         ext = os.path.splitext(parts[-1])[1].lower()
@@ -153,8 +158,8 @@ def _discover_dir(path: Path, labelled: bool = True) -> ImageSource:
         records = sorted(
             (ImageRecord("/".join(parts), abspath, None, None) for parts, abspath in images), key=lambda r: r.relpath
         )
-        return ImageSource(root, "flat", records, [], sorted(skipped))
-    layout, base, splits = _layout(images, path)
+        return ImageSource(root, "flat", records, [], sorted(skipped), warnings)
+    layout, base, splits = _layout(images, path, warnings)
     if layout == "split_folders":
         for parts, _ in images:
             if len(parts) <= base + 1:
@@ -167,11 +172,14 @@ def _discover_dir(path: Path, labelled: bool = True) -> ImageSource:
     records.sort(key=lambda r: r.relpath)
     skipped.sort()
     class_names = sorted({r.label for r in records if r.label is not None})
-    return ImageSource(root, layout, records, class_names, skipped)
+    return ImageSource(root, layout, records, class_names, skipped, warnings)
 
 
-def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str, int, dict[str, bool]]:
-    """(layout, depth of the folder that holds the classes or splits, {split folder: labelled}).
+def _layout(
+    images: list[tuple[tuple[str, ...], str]], path: Path, warnings: list[str] | None = None
+) -> tuple[str, int, dict[str, bool]]:
+    """(layout, depth of the folder that holds the classes or splits, {split folder: labelled}); what the user
+    must hear about the reading is appended to ``warnings``.
 
     Raises :class:`LayoutError` when the structure does not say which folders are classes."""
     base = 0
@@ -203,13 +211,15 @@ def _layout(images: list[tuple[tuple[str, ...], str]], path: Path) -> tuple[str,
             return "class_folders", base, {}
         if len(aliases) == len(children):
             return "split_folders", base, {c: False for c in children}
-        raise LayoutError(
-            _ambiguous(
-                path,
-                f"folders of bare images, some named like splits ({', '.join(aliases)}) "
-                f"and some not ({', '.join(c for c in children if c not in aliases)})",
+        # No folder holds class folders, so none is a split: a class may be called train (VOC's bus/car/train).
+        if warnings is not None:
+            named = ", ".join(repr(display_name(c)) for c in aliases)
+            warnings.append(
+                f"{path}: class folder{'s' if len(aliases) > 1 else ''} {named} named like a split "
+                f"{'are' if len(aliases) > 1 else 'is'} read as {'classes' if len(aliases) > 1 else 'a class'} "
+                "(no folder holds class folders, so there are no split folders)"
             )
-        )
+        return "class_folders", base, {}
     sets = [classes[c] for c in grouping]
     same_classes = len(grouping) >= 2 and all(s == sets[0] for s in sets)
     named_splits = all(normalize_split(c) in SPLITS for c in grouping)
@@ -228,19 +238,35 @@ def _ambiguous(path: Path, found: str) -> str:
     )
 
 
-def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, str]]]:
-    """All non-hidden files under ``root`` as (path parts, path), following symlinks once."""
+def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str, str]], list[str]]:
+    """All non-hidden files under ``root`` as (path parts, path), the entries skipped with their reasons, and
+    warnings.
+
+    Real folders are listed first (depth first); symbolic links to folders wait until then, so that a link to a
+    folder the tree holds under its own name (an alias) is recognised whatever the names' sort order, and is
+    skipped rather than taking that folder's images. A link to a folder that holds the link (``loop -> ..``) is
+    a loop. A link to a folder not listed otherwise (outside the tree, or hidden) is followed once."""
     files: list[tuple[tuple[str, ...], str]] = []
     skipped: list[tuple[str, str]] = []
-    visited: set[str] = set()
+    warnings: list[str] = []
+    listed: dict[str, tuple[str, ...]] = {}  # real path of each folder listed -> its parts there
     stack: list[tuple[str, tuple[str, ...]]] = [(root, ())]
-    while stack:
-        directory, parts = stack.pop()
+    links: list[tuple[str, tuple[str, ...]]] = []  # symbolic links to folders, in listing order
+    while stack or links:
+        directory, parts = stack.pop() if stack else links.pop(0)
         real = os.path.realpath(directory)
-        if real in visited:
+        if parts and _holds(real, os.path.dirname(directory)):
             skipped.append(("/".join(parts), "directory already visited (symlink loop)"))
             continue
-        visited.add(real)
+        if real in listed:
+            shown, target = display_name("/".join(parts)), display_name("/".join(listed[real])) or "."
+            skipped.append(("/".join(parts), f"alias of {target} (a symbolic link to a folder listed under its name)"))
+            warnings.append(
+                f"{shown} is a symbolic link to {target}, which is listed under its own name: not followed, so "
+                f"its images are listed once, as {target}/..., not under the link's name"
+            )
+            continue
+        listed[real] = parts
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -258,7 +284,7 @@ def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str,
                 skipped.append(("/".join(sub), f"cannot follow: {exc.strerror}"))
                 continue
             if is_dir:
-                subdirs.append((entry.path, sub))
+                (links if entry.is_symlink() else subdirs).append((entry.path, sub))
             elif is_file:
                 files.append((sub, entry.path))
             elif entry.is_symlink():
@@ -266,7 +292,13 @@ def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str,
             else:
                 skipped.append(("/".join(sub), "not a regular file"))
         stack.extend(reversed(subdirs))
-    return files, skipped
+    return files, skipped, warnings
+
+
+def _holds(real: str, folder: str) -> bool:
+    """Whether the folder at real path ``real`` is ``folder`` or one of the folders above it."""
+    inside = os.path.realpath(folder)
+    return inside == real or inside.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def _assign(
@@ -285,7 +317,7 @@ def _assign(
         if not labelled:
             records.append(ImageRecord(relpath, abspath, None, split))
         elif len(parts) > depth + 1:
-            records.append(ImageRecord(relpath, abspath, parts[depth], split))
+            records.append(ImageRecord(relpath, abspath, display_name(parts[depth]), split))
         else:
             skipped.append((relpath, "outside the class folders"))
 
@@ -409,7 +441,7 @@ def _read_manifest(csv_path: Path, allow_outside_root: bool) -> ImageSource:
                 ImageRecord(
                     relpath,
                     abspath,
-                    _cell(row, label_col) or None,
+                    display_name(_cell(row, label_col)) or None,
                     normalize_split(split) if split else None,
                 )
             )

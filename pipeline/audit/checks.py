@@ -276,7 +276,7 @@ def find_exact_copies(
     notes : list of str
         Sources that could not be listed, files that could not be read.
     """
-    from tlpipe.features.sources import discover
+    from tlpipe.features.sources import discover, display_name
 
     notes: list[str] = []
     files: list[tuple[str, ImageRecord, str]] = []  # (abspath, record, source)
@@ -316,9 +316,12 @@ def find_exact_copies(
         own = str(paths[row])
         others = [files[i] for i in members]
         # the cached row is one of these files: the first with the row's path (same source order as extract)
-        mine = next((j for j, (_, r, _) in enumerate(others) if r.relpath == own), None)
+        # (paths as the cache shows them: names that are not UTF-8 with backslash escapes)
+        mine = next((j for j, (_, r, _) in enumerate(others) if display_name(r.relpath) == own), None)
         copies[row] = [
-            Copy(r.relpath, r.label, r.split, source) for j, (_, r, source) in enumerate(others) if j != mine
+            Copy(display_name(r.relpath), r.label, r.split, source)
+            for j, (_, r, source) in enumerate(others)
+            if j != mine
         ]
     return copies, notes
 
@@ -402,6 +405,7 @@ class AuditResult:
     seconds: float
     timings: dict = field(default_factory=dict)
     roots: list[str] = field(default_factory=list)
+    excluded_missing: int = 0  # rows left out because their source file is gone or changed (keep_missing=False)
 
     @property
     def leaks(self) -> list[Cluster]:
@@ -659,6 +663,7 @@ def audit(
     n_jobs: int | None = None,
     scan_sources: bool = True,
     sheets: bool = True,
+    keep_missing: bool = False,
 ) -> AuditResult:
     """Find duplicates, split leaks, label conflicts, likely label errors and outliers in a feature set.
 
@@ -691,6 +696,9 @@ def audit(
         Hash the cache's recorded sources for exact copies (see the module docstring).
     sheets : bool
         Draw contact sheets when writing a report.
+    keep_missing : bool
+        Audit the rows whose source file is gone or changed since extract too (left out by default, counted in
+        ``excluded_missing`` and in a note; :func:`tlpipe.features.cache.read_feature_set`).
 
     Returns
     -------
@@ -708,7 +716,7 @@ def audit(
     timings: dict[str, float] = {}
     t = perf_counter()
     try:  # every row, those in a recorded label conflict too: the audit lists them
-        fs = read_feature_set(cache, features, exclude=exclude, exclude_conflicts=False)
+        fs = read_feature_set(cache, features, exclude=exclude, exclude_conflicts=False, keep_missing=keep_missing)
     except TypeError:  # a cache module without recorded conflicts
         fs = read_feature_set(cache, features, exclude=exclude)
     if len(fs) == 0:
@@ -716,6 +724,10 @@ def audit(
     sources, recorded_conflicts = _read_sources(cache)
     timings["read_s"] = perf_counter() - t
     notes: list[str] = []
+    if fs.excluded_missing:
+        from tlpipe.features.cache import missing_note
+
+        notes.append(missing_note(fs.excluded_missing))
     t = perf_counter()
     normalise_rows(fs.X)
     indices, cosines, used = nearest_neighbours(fs.X, neighbours, backend=backend)
@@ -762,6 +774,7 @@ def audit(
         seconds=0.0,
         timings=timings,
         roots=[source_root(s) for s in sources],
+        excluded_missing=fs.excluded_missing,
     )
     if report is not None:
         from tlpipe.pipeline.reports.audit import write_report  # rendering, only when a report is asked for

@@ -239,6 +239,11 @@ def _layers(text: str | None) -> list[str | None]:
     return [part.strip() for part in text.split(",") if part.strip()] if text else [None]
 
 
+KeepMissingOpt = typer.Option(
+    False,
+    "--keep-missing",
+    help="Keep the rows whose source file the last extract found gone or changed (left out by default, with a count).",
+)
 UseAugmentedOpt = typer.Option(
     False,
     "--use-augmented",

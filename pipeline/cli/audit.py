@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from tlpipe.errors import InputError
-from tlpipe.pipeline.cli._common import SeedOpt, app, console, out
+from tlpipe.pipeline.cli._common import KeepMissingOpt, SeedOpt, app, console, out
 from tlpipe.pipeline.cli.heads import ExcludeOpt, FeaturesOpt
 
 __all__ = ["audit"]
@@ -47,6 +47,7 @@ def audit(
         help="Hash the cache's recorded sources for exact copies (stored once in the cache).",
     ),
     n_jobs: int | None = typer.Option(None, "--n-jobs", "-j", help="Parallel folds [default: one]."),
+    keep_missing: bool = KeepMissingOpt,
 ):
     """Find duplicates, split leaks, label conflicts, likely label errors and outliers on cached embeddings (CPU only)."""
     from tlpipe.pipeline.audit.checks import AuditError
@@ -66,6 +67,7 @@ def audit(
                 seed=seed,
                 n_jobs=n_jobs,
                 scan_sources=scan_sources,
+                keep_missing=keep_missing,
                 **tuned,
             )
     except AuditError as exc:

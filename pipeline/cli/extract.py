@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from tlpipe.features.names import display_name
 from tlpipe.pipeline.cli._common import (
     ActorsOpt,
     AddressOpt,
@@ -181,9 +182,15 @@ def extract(
                 f"seed {a.seed}), {a.cached} images had them all; {a.seconds:.1f} s",
                 highlight=False,
             )
+        for path, reason in summary.gone[:20]:  # the count is in the library's warning
+            console.print(f"  [yellow]{reason}[/] {escape(path)}", highlight=False)
+        if len(summary.gone) > 20:
+            console.print(
+                f"  … and {len(summary.gone) - 20} more gone or changed (tlpipe info {escape(str(out_path))})"
+            )
         for kind, items in (("failed", summary.failures), ("skipped", summary.skipped)):
             for path, reason in items[:20]:
-                console.print(f"  [red]{kind}[/] {escape(path)}: {escape(reason)}", highlight=False)
+                console.print(f"  [red]{kind}[/] {escape(display_name(path))}: {escape(reason)}", highlight=False)
             if len(items) > 20:
                 console.print(f"  … and {len(items) - 20} more {kind} (tlpipe info {escape(str(out_path))})")
     if strict and summary.failed:
@@ -221,7 +228,17 @@ def info(
     say(f"  classes: {escape(', '.join(f'{k} {v}' for k, v in d['per_class'].items()) or 'none')}")
     say(f"  splits: {escape(', '.join(f'{k} {v}' for k, v in d['per_split'].items()))}")
     for i, source in enumerate(d["sources"]):
-        say(f"  source {i}: {escape(source['path'])} ({source['images']} images)")
+        say(f"  source {i}: {escape(display_name(source['path']))} ({source['images']} images)")
+    if missing := d.get("missing"):
+        say(
+            f"  [yellow]{len(missing)} cached image{'s' if len(missing) != 1 else ''} whose source file is gone or "
+            "changed[/] since extract (not counted above; left out of fit-head, compare, audit and evaluate unless "
+            "--keep-missing):"
+        )
+        for item in missing[:limit]:
+            say(f"    {item['reason']} {escape(item['path'])}")
+        if len(missing) > limit:
+            say(f"    … and {len(missing) - limit} more (--json lists all)")
     for key, fs in d["feature_sets"].items():
         say(
             f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "

@@ -12,6 +12,7 @@ from tlpipe.pipeline.cli._common import (
     AddressOpt,
     EngineOpt,
     JsonOpt,
+    KeepMissingOpt,
     NJobsOpt,
     QuietOpt,
     SeedOpt,
@@ -89,6 +90,7 @@ def fit_head(
     address: str | None = AddressOpt,
     exclude: Path | None = ExcludeOpt,
     use_augmented: bool = UseAugmentedOpt,
+    keep_missing: bool = KeepMissingOpt,
 ):
     """Train one head on the cache (train split, else a stratified hold-out) and save it with its metadata.
 
@@ -111,6 +113,7 @@ def fit_head(
             n_jobs=n_jobs,
             exclude=exclude,
             use_augmented=use_augmented,
+            keep_missing=keep_missing,
         )
     if as_json:
         emit_json(
@@ -170,6 +173,7 @@ def compare(
     address: str | None = AddressOpt,
     exclude: Path | None = ExcludeOpt,
     use_augmented: bool = UseAugmentedOpt,
+    keep_missing: bool = KeepMissingOpt,
     umap: bool = typer.Option(
         False,
         "--umap",
@@ -206,6 +210,7 @@ def compare(
             address,
             report,
             use_augmented,
+            keep_missing,
         )
         return
     with _status(run.quiet, f"cross-validating {', '.join(names)} ({cv} folds)…"):
@@ -219,6 +224,7 @@ def compare(
             report=report,
             save_best=save_best,
             exclude=exclude,
+            keep_missing=keep_missing,
             run=run,
             umap=umap,
         )
@@ -264,6 +270,7 @@ def _sweep(
     address,
     report,
     use_augmented=False,
+    keep_missing=False,
 ) -> None:
     """compare --features all|GLOB: every head on every matching feature set, pairs ranked."""
     from tlpipe.pipeline.heads.engine import parallel_backend
@@ -285,6 +292,7 @@ def _sweep(
             holdout=not all_rows,
             n_jobs=n_jobs,
             use_augmented=use_augmented,
+            keep_missing=keep_missing,
         )
     out.print(format_sweep_table(result))
     best = result.best
@@ -314,9 +322,11 @@ def evaluate(
     ),
     trust: bool = TrustOpt,
     exclude: Path | None = ExcludeOpt,
+    keep_missing: bool = KeepMissingOpt,
     as_json: bool = JsonOpt,
 ):
     """Metrics, per-class report and confusion matrix of one head on held-out rows of a cache."""
+    from tlpipe.features.cache import missing_note
     from tlpipe.pipeline.heads.evaluate import evaluate as run_evaluate
 
     if head_opt is not None and second is not None:
@@ -332,6 +342,7 @@ def evaluate(
         report=report,
         allow_train_rows=allow_train_rows,
         exclude=exclude,
+        keep_missing=keep_missing,
         trust=trust,
     )
     if as_json:
@@ -340,7 +351,9 @@ def evaluate(
     loss = f", log-loss {result.log_loss:.4f}" if result.log_loss is not None else ""
     out.print(
         f"[bold]{head}[/] on {result.rows_used}: accuracy {result.accuracy:.4f}, "
-        f"macro-F1 {result.macro_f1:.4f}{loss}" + (f"; {result.excluded} rows excluded by {exclude}" if exclude else "")
+        f"macro-F1 {result.macro_f1:.4f}{loss}"
+        + (f"; {result.excluded} rows excluded by {exclude}" if exclude else "")
+        + (f"; {missing_note(result.excluded_missing)}" if result.excluded_missing else "")
     )
     rows = [
         [escape(label), *(f"{r.get(k, 0):.3f}" for k in ("precision", "recall", "f1-score")), int(r.get("support", 0))]

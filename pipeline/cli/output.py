@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from tlpipe.features.names import display_name
+
 __all__ = ["Output", "emit_json", "summary_dict", "table"]
 
 
@@ -111,12 +113,14 @@ def table(
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, str):  # names that are not UTF-8: backslash escapes, so the document is valid UTF-8
+        return display_name(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {display_name(str(k)): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         return [_jsonable(v) for v in value]
     if isinstance(value, Path):
-        return str(value)
+        return display_name(str(value))
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if hasattr(value, "tolist"):  # numpy scalars and arrays
@@ -147,7 +151,8 @@ def summary_dict(obj: Any) -> dict:
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as one JSON document on stdout (dataclasses, paths and numpy values converted; NaN as null).
+    """Print ``data`` as one JSON document on stdout (dataclasses, paths and numpy values converted; NaN as null;
+    names that are not UTF-8 with backslash escapes, :func:`tlpipe.features.names.display_name`).
 
     Parameters
     ----------

@@ -922,20 +922,34 @@ def used_params(estimator: Pipeline, extra: dict | None = None) -> dict:
 def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
     """Training and evaluation rows of a feature set, with a sentence saying how they were chosen.
 
-    The cache's split column wins when it has labelled ``train`` rows and ``test`` (or, lacking test,
+    The cache's split column (split names as :func:`tlpipe.features.names.normalize_split` maps them, the
+    names ``extract`` recognises) wins when it has labelled ``train`` rows and ``test`` (or, lacking test,
     ``val``) rows; otherwise a stratified ``test_size`` hold-out of the labelled rows (seeded), in
     which a class with fewer than 2 rows stays in training whole (warned by name: it is then never
-    evaluated). Unlabelled rows (``y == -1``) are never used.
+    evaluated). Unlabelled rows (``y == -1``) are never used. Rows marked ``test`` or ``val`` with no ``train``
+    rows are refused rather than split anew: that would train on the images kept for evaluation.
 
     Raises
     ------
     ValueError
-        When a class has evaluation rows but no training rows (named), or there is nothing to split.
+        When a class has evaluation rows but no training rows (named), the split column has evaluation rows
+        but no training rows (the splits named), or there is nothing to split.
     """
     labelled = fs.y >= 0
     notes = [f"{int((~labelled).sum())} unlabelled rows excluded"] if not labelled.all() else []
     present = {s: np.flatnonzero(labelled & (fs.split == s)) for s in ("train", "val", "test")}
     evaluate_on = "test" if len(present["test"]) else "val" if len(present["val"]) else None
+    if evaluate_on and not len(present["train"]):
+        from tlpipe.features.names import SPLIT_ALIASES
+
+        names, counts = np.unique(fs.split[labelled], return_counts=True)
+        found = ", ".join(f"{n or '(none)'} {c}" for n, c in zip(names.tolist(), counts.tolist()))
+        known = ", ".join(a for a, s in SPLIT_ALIASES.items() if s == "train")
+        raise ValueError(
+            f"feature set {fs.key}: the split column has '{evaluate_on}' rows but no 'train' rows (labelled rows "
+            f"per split: {found}); a hold-out drawn from them would train on images kept for evaluation: name the "
+            f"training split one of {known} (folder or manifest split column) and run extract again"
+        )
     if len(present["train"]) and evaluate_on:
         train, test = present["train"], present[evaluate_on]
         description = (

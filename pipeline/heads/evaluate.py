@@ -29,6 +29,7 @@ class EvalResult:
     rows_used: str = ""  # which rows were scored and why, in words (every report states it)
     train_rows_included: int = 0  # rows the head was trained on among them (only with allow_train_rows)
     excluded: int = 0  # rows left out by an exclude list
+    excluded_missing: int = 0  # rows left out because their source file is gone or changed
     report_files: dict = field(default_factory=dict)  # file name -> path, when a report was written
 
     def to_dict(self) -> dict:
@@ -76,8 +77,9 @@ def evaluation_rows(
 
     ``split=None``: the cache's labelled ``test`` rows when it has them, else the head's recorded
     evaluation rows (its sidecar's ``evaluation.sha256``, written by ``fit-head`` / ``compare
-    --save-best``). Any split name (or ``"all"``) picks those rows. Rows whose image sha256 the head was
-    trained on (sidecar ``training.sha256``) are refused unless ``allow_train_rows``.
+    --save-best``). Any split name (or ``"all"``) picks those rows; names are mapped as ``extract`` maps split
+    folders (:func:`tlpipe.features.names.normalize_split`: ``validation`` is ``val``). Rows whose image sha256
+    the head was trained on (sidecar ``training.sha256``) are refused unless ``allow_train_rows``.
 
     Returns
     -------
@@ -92,6 +94,10 @@ def evaluation_rows(
         When no rows qualify.
     """
     recorded = (metadata.get("evaluation") or {}).get("sha256")
+    if split not in (None, "all", "holdout"):
+        from tlpipe.features.names import normalize_split
+
+        split = normalize_split(split)
     if split is None:
         has_test = bool(np.any((fs.y >= 0) & (fs.split == "test")))
         split = "test" if has_test or not recorded else "holdout"
@@ -185,6 +191,7 @@ def evaluate(
     report: str | os.PathLike | None = None,
     allow_train_rows: bool = False,
     exclude: str | os.PathLike | None = None,
+    keep_missing: bool = False,
     trust: bool = False,
 ) -> EvalResult:
     """``tlpipe evaluate``: a saved head scored on held-out rows of a cache, with the leak check.
@@ -205,6 +212,8 @@ def evaluate(
         Score rows the head was trained on too (an optimistic score); refused otherwise (:class:`LeakError`).
     exclude : path, optional
         A list of paths / sha256 to leave out.
+    keep_missing : bool
+        Keep the rows whose source file the last extract found gone or changed (left out by default, counted).
     trust : bool
         Load a head whose checksum or metadata cannot be verified (unpickling runs its code).
 
@@ -224,9 +233,9 @@ def evaluate(
 
     estimator, metadata = load_head(head, trust=trust)
     key = features or (metadata.get("feature_set") or {}).get("key")
-    fs = read_feature_set(cache, key, exclude=exclude)
+    fs = read_feature_set(cache, key, exclude=exclude, keep_missing=keep_missing)
     result = evaluate_head(estimator, metadata, fs, split=split, allow_train_rows=allow_train_rows)
-    result.excluded = fs.excluded
+    result.excluded, result.excluded_missing = fs.excluded, fs.excluded_missing
     if report is not None:
         from tlpipe.pipeline.reports.charts import save_confusion_matrix  # rendering, only when asked for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.errors import InputError
-from tlpipe.features.cache import CacheError, FeatureSet, read_feature_set, read_views
+from tlpipe.features.cache import CacheError, FeatureSet, missing_note, read_feature_set, read_views
 from tlpipe.pipeline.heads.estimators import class_balance, fit_head, name_labels, select_split
 from tlpipe.pipeline.heads.evaluate import EvalResult, evaluate_head
 from tlpipe.pipeline.heads.persistence import save_head
@@ -56,6 +56,7 @@ def train_head(
     n_jobs: int | None = None,
     exclude: str | os.PathLike | None = None,
     use_augmented: bool = False,
+    keep_missing: bool = False,
 ) -> TrainResult:
     """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
     (the cache's test/val split, else a stratified hold-out) and save it with its metadata.
@@ -65,11 +66,15 @@ def train_head(
     later scores the same hold-out and refuses training rows. ``exclude``: an exclude list
     (``tlpipe audit --write-exclude``) whose rows are left out of both. ``use_augmented``: also train on the
     augmented views (``extract --augment N``) of the training images, never of the evaluation images.
+    ``keep_missing``: keep the rows whose source file is gone or changed since extract (left out by default, the
+    count in ``setup``; :func:`tlpipe.features.cache.read_feature_set`).
     """
-    fs = read_feature_set(cache, features, exclude=exclude)
+    fs = read_feature_set(cache, features, exclude=exclude, keep_missing=keep_missing)
     train, test, setup = select_split(fs, seed=seed)
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
+    if fs.excluded_missing:
+        setup += f"; {missing_note(fs.excluded_missing)}"
     if len(np.unique(fs.y[train])) < 2:
         raise InputError(f"{cache}: a head needs labelled training images of at least two classes")
     views = None

@@ -323,6 +323,10 @@ def compare_heads(
         )
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by an exclude list"
+    if fs.excluded_missing:
+        from tlpipe.features.cache import missing_note
+
+        setup += f"; {missing_note(fs.excluded_missing)}"
     X, y = fs.X[rows], fs.y[rows]
     from tlpipe.pipeline.heads.estimators import views_within
 
@@ -734,6 +738,7 @@ def sweep(
     holdout: bool = True,
     pca: int | float | str | None = "auto",
     use_augmented: bool = False,
+    keep_missing: bool = False,
 ) -> SweepResult:
     """Score every head on every feature set ``pattern`` names and rank the (feature set, head) pairs.
 
@@ -748,6 +753,9 @@ def sweep(
     use_augmented : bool
         Train on the augmented views of each feature set that has them (``extract --augment N``) as extra
         training rows (:func:`compare_heads`' ``views``); feature sets without views train on originals.
+    keep_missing : bool
+        Keep the rows whose source file is gone or changed since extract
+        (:func:`tlpipe.features.cache.read_feature_set`); left out by default.
 
     Returns
     -------
@@ -762,7 +770,7 @@ def sweep(
 
     started = perf_counter()
     keys = matching_feature_sets(cache, pattern)
-    sets = _common_rows([read_feature_set(cache, k) for k in keys])
+    sets = _common_rows([read_feature_set(cache, k, keep_missing=keep_missing) for k in keys])
     speeds = extraction_records(cache)
     results, rows = {}, []
     for fs in sets:
@@ -826,6 +834,7 @@ def compare(
     report: str | os.PathLike | None = None,
     save_best: str | os.PathLike | None = None,
     exclude: str | os.PathLike | None = None,
+    keep_missing: bool = False,
     run: RunOptions | None = None,
     umap: bool = False,
 ) -> CompareResult:
@@ -855,6 +864,8 @@ def compare(
         Save the refitted best head here (+ JSON sidecar). Needs ``holdout``.
     exclude : path, optional
         A list of paths / sha256 to leave out (``tlpipe audit --write-exclude``).
+    keep_missing : bool
+        Keep the rows whose source file the last extract found gone or changed (left out by default, counted).
     run : RunOptions, optional
         Parallel jobs and engine.
     umap : bool
@@ -891,7 +902,7 @@ def compare(
             _import_umap()
         except ImportError:
             raise InputError("--umap needs umap-learn, which is not installed: pip install 'tlpipe[umap]'") from None
-    fs = read_feature_set(cache, features, exclude=exclude)
+    fs = read_feature_set(cache, features, exclude=exclude, keep_missing=keep_missing)
     views = None
     if head.use_augmented:
         views = read_views(cache, fs)

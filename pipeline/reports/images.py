@@ -36,8 +36,13 @@ def resolve_image(path: str, root: str | None, sha256: str | None = None) -> tup
         The file and "", or None and a short reason ("not found under R", "file changed since extraction",
         "cannot read: ...").
     """
-    candidate = Path(path) if os.path.isabs(path) or not root else Path(root) / path
-    if not candidate.is_file():
+    from tlpipe.features.names import file_name
+
+    # the path as the cache shows it, then as the file system has it (names that are not UTF-8)
+    names = list(dict.fromkeys((path, file_name(path))))
+    found = [Path(n) if os.path.isabs(n) or not root else Path(root) / n for n in names]
+    candidate = next((c for c in found if c.is_file()), None)
+    if candidate is None:
         return None, f"not found under {root or 'the working folder'}"
     if sha256:
         try:

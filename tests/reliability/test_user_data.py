@@ -172,8 +172,14 @@ def _png(path: Path, seed: int) -> None:
             "split_folders",
             {"train/a.png": (None, "train"), "test/b.png": (None, "test")},
         ),
+        # bare folders, some named like splits: no folder holds class folders, so they are classes (issue 34)
+        (
+            ["train/a.png", "test1/b.png"],
+            "class_folders",
+            {"train/a.png": ("train", None), "test1/b.png": ("test1", None)},
+        ),
     ],
-    ids=["named-anyhow", "flat-beside-splits", "wrapper", "wrapper-splits", "bare-splits"],
+    ids=["named-anyhow", "flat-beside-splits", "wrapper", "wrapper-splits", "bare-splits", "split-named-bare"],
 )
 def test_layouts_are_recognised_by_structure(tmp_path, files, layout, expected):
     for i, name in enumerate(files):
@@ -189,9 +195,8 @@ def test_layouts_are_recognised_by_structure(tmp_path, files, layout, expected):
     [
         ["animals/cats/a.png", "animals/dogs/b.png", "misc/x.png"],  # one grouping folder beside bare images
         ["cats/indoor/a.png", "dogs/big/b.png", "dogs/small/c.png"],  # nested folders that differ
-        ["train/a.png", "test1/b.png"],  # bare folders, one named like a split
     ],
-    ids=["one-grouping-folder", "differing-children", "split-named-bare"],
+    ids=["one-grouping-folder", "differing-children"],
 )
 def test_ambiguous_layouts_are_refused_with_a_manifest_hint(tmp_path, files):
     for i, name in enumerate(files):
