@@ -294,7 +294,7 @@ def verdict(report: BenchReport) -> dict:
     """The best configuration per precision, speed-ups against fp32 ONNX Runtime and Keras, and advice."""
     fp32 = report.best("onnxruntime")
     if fp32 is None:
-        raise ValueError("the report has no fp32 ONNX Runtime timing to compare against")
+        raise InputError("the report has no fp32 ONNX Runtime timing to compare against")
     out: dict = {"best": {}, "notes": []}
     for precision in PRECISIONS:
         best = report.best("onnxruntime", precision)

@@ -160,3 +160,23 @@ def test_heads_pickled_before_the_heads_package_still_load():
 
     assert cls is SVCHead
     assert "tlpipe.pipeline.heads.estimators" in sys.modules
+
+
+def test_the_library_raises_tlpipe_errors_for_bad_input():
+    """A plain ValueError/KeyError raised by tlpipe's own code would be taken for a bug by the CLI (exit 1 with a
+    traceback): the library raises the TlpipeError subclasses that keep those bases (InputError, UnknownNameError)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(tlpipe.__file__).resolve().parent.parent
+    offenders = []
+    for folder in ("backbones", "features", "pipeline"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.Raise, ast.Return)) and isinstance(
+                    node.value if isinstance(node, ast.Return) else node.exc, ast.Call
+                ):
+                    call = node.value if isinstance(node, ast.Return) else node.exc
+                    if isinstance(call.func, ast.Name) and call.func.id in ("ValueError", "KeyError"):
+                        offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

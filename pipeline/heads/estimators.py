@@ -945,7 +945,7 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
         names, counts = np.unique(fs.split[labelled], return_counts=True)
         found = ", ".join(f"{n or '(none)'} {c}" for n, c in zip(names.tolist(), counts.tolist()))
         known = ", ".join(a for a, s in SPLIT_ALIASES.items() if s == "train")
-        raise ValueError(
+        raise InputError(
             f"feature set {fs.key}: the split column has '{evaluate_on}' rows but no 'train' rows (labelled rows "
             f"per split: {found}); a hold-out drawn from them would train on images kept for evaluation: name the "
             f"training split one of {known} (folder or manifest split column) and run extract again"

@@ -52,7 +52,7 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
     for i, token in enumerate(tokens, 1):
 
         def bad(reason: str, i: int = i, token: str = token) -> ValueError:
-            return ValueError(f"new layers {spec!r}: token {i} {token!r}: {reason}")
+            return InputError(f"new layers {spec!r}: token {i} {token!r}: {reason}")
 
         kind, *args = token.lower().split(":")
         if kind in ("conv", "dense"):
