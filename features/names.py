@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["SPLITS", "SPLIT_ALIASES", "_SPLITS", "display_name", "file_name", "normalize_split"]
+__all__ = ["SPLITS", "SPLIT_ALIASES", "display_name", "file_name", "normalize_split"]
 
 _SPLITS: dict[str, tuple[str, ...]] = {
     "train": (
