@@ -1,6 +1,6 @@
 """The HDF5 embedding cache: one row per unique image (by sha256), several feature sets per file.
 
-Schema (version 2; readable with plain h5py, see README):
+Schema (version 2; readable with plain h5py, see docs/guide/extract.md):
 
     /                      attrs: tlpipe_cache_version, cache_id, created, sources (JSON list of source roots)
     /images/               attrs: count (committed rows), class_names (JSON list), path_bytes (committed blob bytes)

@@ -31,7 +31,7 @@ def audit(
     threshold: float | None = typer.Option(
         None,
         "--threshold",
-        help="Near-duplicate cosine similarity [default: 0.88, measured for MobileNetV2 on photos, see README].",
+        help="Near-duplicate cosine similarity [default: 0.88, measured for MobileNetV2 on photos: docs/guide/audit.md].",
     ),
     neighbours: int | None = typer.Option(
         None, "--neighbours", min=1, help="k of the nearest-neighbour graph [default: 20]."
