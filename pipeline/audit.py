@@ -377,6 +377,7 @@ class AuditResult:
     seconds: float
     timings: dict = field(default_factory=dict)
     roots: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)  # paths of rows left out: their embedding has a NaN or inf
 
     @property
     def leaks(self) -> list[Cluster]:
@@ -402,6 +403,7 @@ class AuditResult:
             "label_issues_flagged": sum(i.flagged for i in self.label_issues),
             "outliers_flagged": sum(o.flagged for o in self.outliers),
             "flagged_rows": len(self.flagged),
+            "nonfinite_rows": len(self.nonfinite),
         }
 
 
@@ -619,6 +621,21 @@ def _recorded_copies(fs: FeatureSet, conflicts: list[dict], copies: dict[int, li
             known.add((path, source))
 
 
+def _keep_rows(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
+    """``fs`` reduced to ``rows`` (every per-row array)."""
+    import dataclasses
+
+    n = len(fs)
+    return dataclasses.replace(
+        fs,
+        **{
+            f.name: getattr(fs, f.name)[rows]
+            for f in dataclasses.fields(fs)
+            if isinstance(getattr(fs, f.name), np.ndarray) and len(getattr(fs, f.name)) == n
+        },
+    )
+
+
 def audit(
     cache: str | os.PathLike,
     features: str | None = None,
@@ -650,8 +667,8 @@ def audit(
     exclude : path, optional
         An exclude list (``--exclude``) whose rows are left out of this audit too.
     threshold : float
-        Cosine similarity (of L2-normalised embeddings) at or above which two images are near duplicates;
-        default :data:`NEAR_DUPLICATE_COSINE`, measured for MobileNetV2 on photographs (module docstring).
+        Cosine similarity (of L2-normalised embeddings) at or above which two images are near duplicates, in
+        (0, 1]; default :data:`NEAR_DUPLICATE_COSINE`, measured for MobileNetV2 on photographs (module docstring).
     neighbours : int
         k of the nearest-neighbour graph (duplicate candidates per row; the outlier score's k).
     backend : {"auto", "sklearn", "usearch"}
@@ -676,8 +693,16 @@ def audit(
     CacheError
         The cache or feature set cannot be read.
     AuditError
-        cleanlab (or usearch, when asked for) is missing, or the feature set is empty.
+        cleanlab (or usearch, when asked for) is missing, the feature set is empty, or ``threshold`` is not in
+        (0, 1].
+
+    Rows whose embedding holds a NaN or an infinity are left out of every finding, named in ``notes`` and
+    ``nonfinite``.
     """
+    if not 0 < threshold <= 1:  # NaN too
+        raise AuditError(
+            f"--threshold (threshold) is a cosine similarity of two embeddings: it must be in (0, 1], not {threshold}"
+        )
     started = perf_counter()
     _need_cleanlab()
     timings: dict[str, float] = {}
@@ -691,6 +716,15 @@ def audit(
     sources, recorded_conflicts = _read_sources(cache)
     timings["read_s"] = perf_counter() - t
     notes: list[str] = []
+    from tlpipe.pipeline.heads import nonfinite_note, nonfinite_rows
+
+    bad = nonfinite_rows(fs.X)
+    nonfinite = [str(p) for p in fs.paths[bad]]
+    if len(bad):  # no neighbour, cosine or head is defined for them: reported, and left out of the rest
+        notes.append(f"{nonfinite_note(len(bad))} (extract them again): " + ", ".join(nonfinite))
+        fs = _keep_rows(fs, np.setdiff1d(np.arange(len(fs)), bad))
+        if len(fs) == 0:
+            raise AuditError(f"{cache}: feature set {fs.key} has no rows with a finite embedding to audit")
     t = perf_counter()
     normalise_rows(fs.X)
     indices, cosines, used = nearest_neighbours(fs.X, neighbours, backend=backend)
@@ -737,6 +771,7 @@ def audit(
         seconds=0.0,
         timings=timings,
         roots=[_root(s) for s in sources],
+        nonfinite=nonfinite,
     )
     if report is not None:
         t = perf_counter()
@@ -855,10 +890,14 @@ def _similarity_chart(result: AuditResult, path: Path) -> Path:
 
 
 def _md_path(text: str) -> str:
-    return "`" + text.replace("`", "'") + "`"
+    from tlpipe.pipeline.output import md_cell
+
+    return "`" + md_cell(text.replace("`", "'")) + "`"
 
 
 def _markdown(result: AuditResult) -> str:
+    from tlpipe.pipeline.output import md_cell
+
     s = result.summary()
     meta = result.backbone
     lines = [
@@ -899,12 +938,14 @@ def _markdown(result: AuditResult) -> str:
     ]
     for c in result.clusters[:200]:
         images = "<br>".join(
-            f"{_md_path(m.path)} ({m.label or '-'}, {m.split or '-'}{', exact copy' if m.exact_copy else ''})"
+            f"{_md_path(m.path)} ({md_cell(m.label or '-')}, {md_cell(m.split or '-')}"
+            f"{', exact copy' if m.exact_copy else ''})"
             for m in c.members[:8]
         ) + (f"<br>… {len(c.members) - 8} more" if len(c.members) > 8 else "")
         lines.append(
             f"| {c.id} | {c.kind} | {'**yes**' if c.leak else ''} | {'**yes**' if c.conflict else ''} | "
-            f"{', '.join(c.labels)} | {', '.join(s or '-' for s in c.splits)} | {c.min_cosine:.3f} | {images} |"
+            f"{md_cell(', '.join(c.labels))} | {md_cell(', '.join(s or '-' for s in c.splits))} | {c.min_cosine:.3f} | "
+            f"{images} |"
         )
     if len(result.clusters) > 200:
         lines.append(f"\n… {len(result.clusters) - 200} more clusters in duplicates.csv")
@@ -919,7 +960,8 @@ def _markdown(result: AuditResult) -> str:
     ]
     for i in result.label_issues[:50]:
         lines.append(
-            f"| {i.rank} | {_md_path(i.path)} | {i.split or '-'} | {i.given} | {i.suggested} | {i.p_suggested:.3f} | "
+            f"| {i.rank} | {_md_path(i.path)} | {md_cell(i.split or '-')} | {md_cell(i.given)} | "
+            f"{md_cell(i.suggested)} | {i.p_suggested:.3f} | "
             f"{i.quality:.3f} | {'yes' if i.flagged else ''} |"
         )
     lines += [
@@ -933,7 +975,8 @@ def _markdown(result: AuditResult) -> str:
     ]
     for o in result.outliers[:50]:
         lines.append(
-            f"| {o.rank} | {_md_path(o.path)} | {o.label or '-'} | {o.split or '-'} | {o.score:.3f} | "
+            f"| {o.rank} | {_md_path(o.path)} | {md_cell(o.label or '-')} | {md_cell(o.split or '-')} | "
+            f"{o.score:.3f} | "
             f"{o.nearest_cosine:.3f} | {'yes' if o.flagged else ''} |"
         )
     lines += [

@@ -563,7 +563,7 @@ def info(
     failed and skipped inputs by name and reason."""
     from tlpipe.features.cache import describe
 
-    d = describe(cache)
+    d = describe(cache, embeddings=True)
     if as_json:
         emit_json(d)
         return
@@ -582,6 +582,14 @@ def info(
             f"{', extracted at %.1f img/s' % fs['extraction']['images_per_second'] if fs.get('extraction') else ''}"
             f"{', %d augmented views (%d per image)' % (fs['augmented']['rows'], fs['augmented']['views']) if fs.get('augmented') else ''})"
         )
+        if fs.get("nonfinite_rows"):
+            bad = fs["nonfinite"]
+            say(
+                f"    [yellow]{len(bad)} row{'s' if len(bad) != 1 else ''} with a non-finite embedding (NaN or inf)[/]"
+                " (score gives them error rows; fit-head, compare and audit leave them out; extract them again): "
+                + escape(", ".join(b["path"] for b in bad[:limit]))
+                + (f" … and {len(bad) - limit} more (--json lists all)" if len(bad) > limit else "")
+            )
     conflicts = d["label_conflicts"]
     if conflicts:
         say(
@@ -606,22 +614,17 @@ def info(
 
 
 def _pca(value: str):
-    """--pca: auto (the library's rule, heads.resolve_pca), none, components (int >= 1) or variance kept (0-1)."""
-    if value in ("auto", "none"):
-        return None if value == "none" else "auto"
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(
-            f"--pca must be auto, none, a number of components or a variance share in (0, 1), not {value!r}"
-        ) from None
-    return int(number) if number >= 1 else number
+    """--pca: the library's one rule (heads.check_pca): auto, none, components (an integer >= 1) or a fraction of
+    the variance to keep in (0, 1); anything else is refused there, naming both forms."""
+    from tlpipe.pipeline.heads import check_pca
+
+    return check_pca(value)
 
 
 PcaOpt = typer.Option(
     "auto",
     "--pca",
-    help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (int) | variance kept (0-1).",
+    help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (an integer, at least 1) | fraction of the variance kept, in (0, 1).",
 )
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
 FeaturesOpt = typer.Option(
@@ -707,6 +710,9 @@ def fit_head(
         f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}"
     )
     out.print(f"  {result.setup}")
+    dims = result.info.get("dimensions") or {}
+    if dims and dims.get("kept") != dims.get("input"):
+        out.print(f"  PCA {result.info.get('pca')}: {dims['kept']} of {dims['input']} dimensions kept")
     _print_balance(result.balance)
     if result.imbalanced and not class_weight:
         console.print("  [yellow]classes are imbalanced: consider --class-weight balanced[/]")

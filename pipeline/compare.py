@@ -14,7 +14,17 @@ from sklearn.metrics import confusion_matrix
 
 from tlpipe.features.cache import FeatureSet
 from tlpipe.pipeline.evaluate import save_confusion_matrix
-from tlpipe.pipeline.heads import HEADS, class_balance, cross_validate, resolve_pca, select_split, summarize
+from tlpipe.pipeline.heads import (
+    HEADS,
+    class_balance,
+    cross_validate,
+    finite_only,
+    kept_dimensions,
+    pca_components,
+    resolve_pca,
+    select_split,
+    summarize,
+)
 
 _METRICS = ("accuracy", "macro_f1", "log_loss", "fit_s", "predict_s")
 
@@ -37,6 +47,8 @@ class HeadResult:
     predict_s: float
     predict_s_std: float
     pca: int | float | None = None
+    # the embedding's dimensions and those PCA kept, fitted on all cross-validated rows (all without PCA)
+    dimensions: dict = field(default_factory=dict)
     grid: list[dict] = field(default_factory=list)  # every grid point searched, best first
     per_class: dict = field(default_factory=dict)  # class name -> precision, recall, f1-score, support (out of fold)
     ece: float | None = None  # expected calibration error of the out-of-fold probabilities (10 bins)
@@ -298,6 +310,9 @@ def compare_heads(
         setup = f"cross-validation on all {len(rows)} labelled rows (no held-out rows)" + (
             f" ({int(np.sum(fs.y < 0))} unlabelled rows excluded)" if np.any(fs.y < 0) else ""
         )
+    (rows, test), left_out = finite_only(fs.X, rows, test)  # rows with NaN / inf: no head can train on them
+    if left_out:
+        setup += f"; {left_out}"
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by an exclude list"
     X, y = fs.X[rows], fs.y[rows]
@@ -347,6 +362,10 @@ def compare_heads(
                 params=best["params"],
                 folds=best["folds"],
                 pca=resolve_pca(name, pca, X.shape),
+                dimensions={
+                    "input": int(X.shape[1]),
+                    "kept": kept_dimensions(name, resolve_pca(name, pca, X.shape), X, seed) or int(X.shape[1]),
+                },
                 grid=grid if search else [],
                 per_class={c: report[c] for c in present},
                 ece=calibration["ece"],
@@ -440,6 +459,7 @@ def compare_heads(
             "head": winner.name,
             "params": winner.params,
             "pca": winner.pca,
+            "dimensions": {"input": int(fs.X.shape[1]), "kept": pca_components(estimator) or int(fs.X.shape[1])},
             "rows": int(len(test)),
             "train_rows": int(len(rows)),
             "accuracy": float(accuracy_score(true, pred)),
@@ -503,8 +523,15 @@ def _cells(h: HeadResult) -> list[str]:
         _pm(h.log_loss, h.log_loss_std),
         _pm(h.fit_s, h.fit_s_std, 2),
         _pm(h.predict_s, h.predict_s_std, 3),
-        params + (f", pca={h.pca}" if h.pca else ""),
+        params + (f", pca={h.pca}" if h.pca else "") + _dimensions(h.dimensions),
     ]
+
+
+def _dimensions(dimensions: dict) -> str:
+    """ ", 37 of 1280 dimensions kept" (PCA), or "" when every dimension is used."""
+    if not dimensions or dimensions.get("kept") == dimensions.get("input"):
+        return ""
+    return f", {dimensions['kept']} of {dimensions['input']} dimensions kept"
 
 
 _COLUMNS = ["head", "accuracy", "macro-F1", "log-loss", "fit s", "predict s", "parameters"]
@@ -562,7 +589,7 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
         h = result.holdout
         loss = f", log-loss {h['log_loss']:.4f}" if h["log_loss"] is not None else ""
         chosen = ", ".join(f"{k}={v}" for k, v in h["params"].items()) or "defaults"
-        chosen += f", pca={h['pca']}" if h["pca"] else ""
+        chosen += (f", pca={h['pca']}" if h["pca"] else "") + _dimensions(h.get("dimensions", {}))
         lines += [
             "## Held-out score of the best head",
             "",
@@ -837,7 +864,7 @@ def write_report(
     with open(paths["results.csv"], "w", newline="") as f:
         writer = csv.writer(f)
         stats = [m + suffix for m in _METRICS for suffix in ("", "_std")]
-        writer.writerow(["head", *stats, "folds", "params", "pca", "ece", "best"])
+        writer.writerow(["head", *stats, "folds", "params", "pca", "dimensions_kept", "ece", "best"])
         for h in result.heads:
             writer.writerow(
                 [
@@ -846,6 +873,7 @@ def write_report(
                     h.folds,
                     json.dumps(h.params),
                     h.pca,
+                    h.dimensions.get("kept"),
                     h.ece,
                     h.name == result.best,
                 ]

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tlpipe.features.cache import CacheError, FeatureSet, read_feature_set, read_views
+from tlpipe.features.cache import CacheError, FeatureSet, read_feature_set, read_views, writing
 
-from .artifacts import save_head
+from .artifacts import HeadError, save_head
 from .evaluate import EvalResult, evaluate_head
-from .heads import class_balance, fit_head, name_labels, select_split
+from .heads import check_pca, class_balance, finite_only, fit_head, name_labels, select_split
 
 IMBALANCE_WARNING = 3.0  # largest / smallest class above this: suggest --class-weight balanced
 
@@ -62,10 +62,26 @@ def train_head(
     scores. The sidecar records the sha256 of every training and evaluation row, so ``tlpipe evaluate``
     later scores the same hold-out and refuses training rows. ``exclude``: an exclude list
     (``tlpipe audit --write-exclude``) whose rows are left out of both. ``use_augmented``: also train on the
-    augmented views (``extract --augment N``) of the training images, never of the evaluation images.
+    augmented views (``extract --augment N``) of the training images, never of the evaluation images. Rows whose
+    embedding holds a NaN or an infinity are left out of both, counted in ``setup``. ``pca``: see
+    :func:`~tlpipe.pipeline.heads.check_pca`; ``info["dimensions"]`` states the dimensions kept.
+
+    ``out`` is held by one run at a time, whatever name reaches it (a second run is refused with
+    :class:`~tlpipe.pipeline.artifacts.HeadError`: ``<out> is being written by pid N; wait for it to finish``).
     """
+    check_pca(pca)  # before anything is read or fitted
+    with writing(out, HeadError):  # one writer of the head, whatever name reaches it, for the whole run
+        return _train_head(
+            cache, model, out, features, search, cv, seed, class_weight, pca, n_jobs, exclude, use_augmented
+        )
+
+
+def _train_head(cache, model, out, features, search, cv, seed, class_weight, pca, n_jobs, exclude, use_augmented):
     fs = read_feature_set(cache, features, exclude=exclude)
     train, test, setup = select_split(fs, seed=seed)
+    (train, test), left_out = finite_only(fs.X, train, test)  # rows with NaN / inf: no head can train on them
+    if left_out:
+        setup += f"; {left_out}"
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
     if len(np.unique(fs.y[train])) < 2:
