@@ -553,6 +553,8 @@ def format_table(result: CompareResult):
 
 
 def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) -> str:
+    from tlpipe.pipeline.output import md_cell  # class names in table cells: any character
+
     meta = result.backbone
     tuning = (
         "best point of each head's search grid (slightly optimistic, like GridSearchCV's best_score_)"
@@ -613,7 +615,8 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
     ]
     for h in heads:
         lines += [
-            f"| {h.name} | {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | {int(r['support'])} |"
+            f"| {h.name} | {md_cell(c)} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | "
+            f"{int(r['support'])} |"
             for c, r in h.per_class.items()
         ]
     lines += [
@@ -664,7 +667,7 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
         "",
         "| class | rows |",
         "|---|---|",
-        *(f"| {name} | {count} |" for name, count in result.balance["counts"].items() if count),
+        *(f"| {md_cell(name)} | {count} |" for name, count in result.balance["counts"].items() if count),
         "",
         f"Imbalance ratio (largest / smallest class): {result.balance['imbalance_ratio']:.2f}",
         "",

@@ -675,7 +675,7 @@ class PredictionSink:
         if self.output is None or not self.output.keys:
             return [False] * len(records)
         held = {(s, p) for s, p, _ in self.output.keys}
-        where = [(self.source_of(r), display_path(r.relpath)) for r in records]
+        where = [(display_path(self.source_of(r)), display_path(r.relpath)) for r in records]  # as written
         ask = [i for i, key in enumerate(where) if key in held]
         unknown = [i for i in ask if id(records[i]) not in self.shas]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

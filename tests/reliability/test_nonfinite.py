@@ -59,13 +59,16 @@ def test_info_reports_non_finite_rows(damaged):
     assert "nonfinite_rows" not in next(iter(describe(cache)["feature_sets"].values()))  # a scan only when asked
 
 
-def test_fit_head_and_compare_leave_non_finite_rows_out_with_a_count(tmp_path, damaged):
+def test_fit_head_evaluate_and_compare_leave_non_finite_rows_out_with_a_count(tmp_path, damaged):
     cache, _, _ = damaged
     fitted = tlpipe("fit-head", cache, "--out", tmp_path / "h.joblib")
     assert fitted.returncode == 0, fitted.stderr
     assert "2 rows with a non-finite embedding (NaN or inf) left out" in fitted.stdout, fitted.stdout
     sidecar = json.loads((tmp_path / "h.joblib.json").read_text())
     assert sidecar["training"]["rows"] + sidecar["evaluation"]["rows"] == 10
+    evaluated = tlpipe("evaluate", tmp_path / "h.joblib", cache, "--split", "all", "--allow-train-rows")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "2 rows with a non-finite embedding (NaN or inf) left out" in evaluated.stdout, evaluated.stdout
     compared = tlpipe("compare", cache, "--models", "logreg", "--cv", "2")
     assert compared.returncode == 0, compared.stderr
     assert "2 rows with a non-finite embedding (NaN or inf) left out" in compared.stdout, compared.stdout
