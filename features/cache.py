@@ -39,8 +39,9 @@ message: migrating them would have to guess which resize mode made their embeddi
 
 Crash safety: rows past a dataset's committed ``count`` are not part of the cache. A writer appends,
 flushes, and only then advances ``count`` (and flushes again); on open it cuts every dataset back to
-its committed count. One writer at a time: an exclusive lock on ``<cache>.lock`` (:func:`exclusive_lock`:
-``filelock``, so flock on POSIX and LockFileEx on Windows), removed again when the writer closes.
+its committed count. One writer at a time, whatever name reaches the file (:class:`WriteLock`): an exclusive lock
+on ``<real path>.lock`` (:func:`exclusive_lock`: ``filelock``, so flock on POSIX and LockFileEx on Windows),
+removed again when the writer closes, and an OFD lock on the file itself (Linux), which hard links share.
 
 Full disk: HDF5 does not survive a failed write (the file it leaves may not open again, and the library
 can crash at exit), so the writer never lets HDF5 see one. HDF5 writes into :class:`_StagedFile`, which
@@ -51,12 +52,14 @@ committed rows.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -232,6 +235,175 @@ def release_lock(lock) -> None:
         os.unlink(lock.lock_file)
     except OSError:
         pass
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock file that guards ``target``: beside the real file, named after it (``<real path>.lock``).
+
+    Every spelling of the path that resolves to the same place (a symlink, a relative path, ``..``, a
+    symlinked folder) gives the same lock file, and a folder reached through a bind mount is one folder, so
+    its lock file is one file too. Hard links are the one case a name cannot catch: :meth:`WriteLock.pin`.
+    """
+    return Path(os.path.realpath(target) + ".lock")
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _ofd_lock(fd: int) -> bool:
+    """Take an exclusive open-file-description lock on the whole file ``fd`` is open on (Linux ``F_OFD_SETLK``):
+    held by this open file, whatever name opened it, until it is closed; unlike POSIX record locks, not lost
+    when this process closes another descriptor of the same file, and independent of ``flock`` (HDF5's lock).
+    False when another open file holds it; True also where there are no such locks (nothing to check)."""
+    try:
+        import fcntl
+        import struct
+    except ImportError:  # Windows
+        return True
+    command = getattr(fcntl, "F_OFD_SETLK", None)
+    if command is None:  # macOS, BSD: no OFD locks (hard links are then caught by name only: not at all)
+        return True
+    request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock: the whole file, l_pid 0
+    try:
+        fcntl.fcntl(fd, command, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        return True  # a file system without record locks (some FUSE / network mounts): the named lock still holds
+    return True
+
+
+def _ofd_holder(fd: int) -> str:
+    """``pid N`` of the process holding an OFD write lock on the file ``fd`` is open on, found in
+    ``/proc/*/fdinfo`` (an OFD lock records no pid of its own); "" when it cannot be told."""
+    st = os.fstat(fd)
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            if not any("OFDLCK" in line and device in line for line in fh):
+                return ""
+        pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+    except OSError:
+        return ""
+    for pid in pids:
+        if int(pid) == os.getpid():
+            continue
+        try:
+            entries = list(os.scandir(f"/proc/{pid}/fdinfo"))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                with open(entry.path, encoding="ascii", errors="replace") as fh:
+                    text = fh.read()
+            except OSError:
+                continue
+            if any("OFDLCK" in line and "WRITE" in line and device in line for line in text.splitlines()):
+                return f"pid {pid}"
+    return ""
+
+
+class WriteLock:
+    """The one writer of a file, whatever name reaches it: used by the cache writer and every output writer.
+
+    Two locks, both released by the kernel if the holder dies:
+
+    - :func:`exclusive_lock` on :func:`lock_path` (the lock file beside the *real* file, so symlinks, relative
+      paths and bind mounts agree), holding ``pid N`` for the refusal message;
+    - once the file exists, :meth:`pin`: an exclusive OFD lock (Linux) on the file itself, which a second writer
+      meets through any hard link too.
+
+    A second writer, by any name, is refused with ``<target> is being written by pid N; wait for it to finish``.
+
+    Parameters
+    ----------
+    target : path-like
+        The file written (it need not exist yet).
+    error : exception class
+        Raised when another writer holds it.
+
+    Raises
+    ------
+    error
+        Another process (or another writer in this one) holds it.
+    CacheError
+        The lock file cannot be created.
+    """
+
+    def __init__(self, target: str | os.PathLike, error: type[Exception] = CacheLockedError):
+        self.target, self.error = target, error
+        self.real = Path(os.path.realpath(target))
+        self.named = exclusive_lock(lock_path(target), target, error)
+        self.fd: int | None = None
+
+    def pin(self, path: str | os.PathLike | None = None) -> None:
+        """Lock the file itself (``path``, default the target; after an atomic replacement, the new file), so a
+        writer reaching it through a hard link is refused too; nothing to do while it does not exist.
+
+        Raises
+        ------
+        error
+            Another writer holds the file (through another name).
+        """
+        try:
+            fd = os.open(os.path.realpath(path if path is not None else self.real), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # not there yet, or not writable (the writer itself will say so)
+            return
+        if self.fd is not None and _same_file(os.fstat(fd), os.fstat(self.fd)):
+            os.close(fd)  # pinned already (a second lock from this process would conflict with the first)
+            return
+        if not _ofd_lock(fd):
+            holder = _ofd_holder(fd)
+            os.close(fd)
+            raise self.error(
+                f"{self.target} is being written by {holder or 'another process'}; wait for it to finish"
+            ) from None
+        self._close()
+        self.fd = fd
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def release(self) -> None:
+        """Release both locks and remove the lock file (no-op when released already)."""
+        try:
+            self._close()
+        finally:
+            release_lock(self.named)
+
+
+_HELD: dict[str, int] = {}  # real paths this process holds through `writing` (re-entered, not locked twice)
+
+
+@contextmanager
+def writing(target: str | os.PathLike, error: type[Exception] = CacheLockedError) -> Iterator[None]:
+    """Hold :class:`WriteLock` on ``target`` (pinned if it exists) for the block; re-entrant within this process
+    (``fit-head`` holds its head for the whole run, and saving it inside takes it again).
+
+    Raises
+    ------
+    error
+        Another writer holds ``target``, by any name.
+    """
+    real = os.path.realpath(target)
+    if _HELD.get(real):
+        _HELD[real] += 1
+        try:
+            yield
+        finally:
+            _HELD[real] -= 1
+        return
+    lock = WriteLock(target, error)
+    try:
+        lock.pin()
+        _HELD[real] = 1
+        yield
+    finally:
+        _HELD.pop(real, None)
+        lock.release()
 
 
 class _Torn(CacheError):
@@ -540,8 +712,8 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock = exclusive_lock(self.lock_path, self.path)
+        self.lock_path = lock_path(self.path)  # beside the real file: any name of it takes the same lock
+        self._lock = WriteLock(self.path)
         self._failed: str | None = None  # why the last write failed; nothing is written after one
         try:
             self.file = self._open()
@@ -555,6 +727,7 @@ class CacheWriter:
     def _open(self) -> h5py.File:
         if not self.path.exists():
             self._create()
+        self._lock.pin()  # the file itself: a writer reaching it through a hard link is refused too
         try:
             self._disk = _StagedFile(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
         except OSError as exc:
@@ -592,8 +765,10 @@ class CacheWriter:
         return f
 
     def _create(self) -> None:
-        """Write an empty cache beside the target and rename it into place: a kill never leaves half a file."""
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        """Write an empty cache beside the target and rename it into place: a kill never leaves half a file. The
+        target is the real path (a symlink to a file not there yet is followed, not replaced)."""
+        real = Path(os.path.realpath(self.path))
+        tmp = real.with_name(f".{real.name}.{os.getpid()}.tmp")
         try:
             with _StagedFile(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)) as disk:
                 with h5py.File(disk, "w") as f:
@@ -610,7 +785,7 @@ class CacheWriter:
                         conflicts.create_dataset(name, (0,), dtype=np.uint8, maxshape=(None,), chunks=(BLOB_CHUNK,))
                     conflicts.attrs.update({"current": "", "length": 0})
                 disk.commit()
-            os.replace(tmp, self.path)
+            os.replace(tmp, real)
         except OSError as exc:
             raise CacheError(f"cannot create {self.path}: {exc.strerror or exc}") from exc
         finally:
@@ -1057,7 +1232,7 @@ class CacheWriter:
             self._release()
 
     def _release(self) -> None:
-        release_lock(self._lock)
+        self._lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -1449,12 +1624,37 @@ def lookup_embeddings(path: str | os.PathLike, key: str, sha256s: list[str]) -> 
     return dict(zip(present, reader.get(present))) if present else {}
 
 
-def describe(path: str | os.PathLike) -> dict:
-    """What the cache holds, as plain data (``tlpipe info``)."""
-    return read_retrying(path, lambda f: _describe(f, path))
+def describe(path: str | os.PathLike, embeddings: bool = False) -> dict:
+    """What the cache holds, as plain data (``tlpipe info``).
+
+    Parameters
+    ----------
+    path : path-like
+        The cache.
+    embeddings : bool
+        Also read every embedding (in blocks) and report, per feature set, the rows holding a NaN or an infinity:
+        ``nonfinite_rows`` (a count) and ``nonfinite`` (their ``path`` and ``sha256``). Such rows get an error
+        row in ``score`` and are left out of ``fit-head``, ``compare`` and ``audit``.
+    """
+    return read_retrying(path, lambda f: _describe(f, path, embeddings))
 
 
-def _describe(f: h5py.File, path) -> dict:
+def _nonfinite(group: h5py.Group, images: h5py.Group, path, block_rows: int = 16384) -> list[dict]:
+    """The committed rows of a feature set whose embedding holds a NaN or an infinity: their path and sha256."""
+    count = int(group.attrs["count"])
+    bad = [
+        start + np.flatnonzero(~np.isfinite(group["embeddings"][start : min(start + block_rows, count)]).all(axis=1))
+        for start in range(0, count, block_rows)
+    ]
+    rows = np.concatenate(bad) if bad else np.array([], dtype=np.intp)
+    if not len(rows):
+        return []
+    image_rows = _committed(group["image_row"], count, path)[rows]
+    paths = read_paths(images, image_rows, path)
+    return [{"path": p, "sha256": images["sha256"][r].decode()} for p, r in zip(paths, image_rows.tolist())]
+
+
+def _describe(f: h5py.File, path, embeddings: bool = False) -> dict:
     images, failures = f["images"], f["failures"]
     n = int(images.attrs["count"])
     labels, splits = _committed(images["label"], n, path), _splits(_committed(images["split"], n, path))
@@ -1483,6 +1683,9 @@ def _describe(f: h5py.File, path) -> dict:
             "tta": meta.get("tta", "none"),
             "extraction": json.loads(group.attrs.get("extraction", "null")),
         }
+        if embeddings:
+            bad = _nonfinite(group, images, path)
+            feature_sets[key] |= {"nonfinite_rows": len(bad), "nonfinite": bad}
         if "augmented" in f and key in f["augmented"]:
             views = f["augmented"][key]
             feature_sets[key]["augmented"] = {
@@ -1627,25 +1830,28 @@ class FeatureSetReader:
         embeddings = read_retrying(self.path, lambda f: f["features"][self.key]["embeddings"][rows])
         return embeddings[inverse].astype(np.float32, copy=False)
 
-    def batches(self, batch_size: int) -> Iterator[tuple[list[str], list[str], list[str | None]]]:
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], list[str], list[str | None], list[str]]]:
         """The committed rows in cache order, ``batch_size`` at a time (one retried read each).
 
         Yields
         ------
         tuple
-            (paths, sha256s, labels: class name or None), one entry per row.
+            (paths, sha256s, labels: class name or None, sources: the folder or manifest each path is relative to,
+            "" when not recorded), one entry per row.
         """
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
             rows, inverse = np.unique(self.image_rows[start:stop], return_inverse=True)
 
-            def read(f: h5py.File, rows=rows, inverse=inverse) -> tuple[list, list, list]:
+            def read(f: h5py.File, rows=rows, inverse=inverse) -> tuple[list, list, list, list]:
                 images = f["images"]
                 names = _class_names(images)
+                roots = json.loads(f.attrs.get("sources", "[]"))
                 paths = read_paths(images, rows[inverse], self.path)
                 shas = [s.decode() for s in images["sha256"][rows][inverse]]
                 labels = [names[i] if 0 <= i < len(names) else None for i in images["label"][rows][inverse].tolist()]
-                return paths, shas, labels
+                sources = [roots[i] if 0 <= i < len(roots) else "" for i in images["source"][rows][inverse].tolist()]
+                return paths, shas, labels, sources
 
             yield read_retrying(self.path, read)
 
@@ -1729,7 +1935,8 @@ def export_cache(
     Parquet: columns ``path``, ``source`` (the folder or manifest the path is relative to), ``label``, ``split``,
     ``sha256`` (strings, null when absent) and ``embedding``
     (fixed-size list of float32, length D); the key and class names in the schema metadata.
-    ``pandas.read_parquet`` reads it. npz: arrays ``embeddings`` (N, D) float32, ``label`` (N,) int32
+    ``pandas.read_parquet`` reads it. One writer at a time, whatever name reaches ``out`` (:func:`writing`: another
+    one is refused with :class:`CacheLockedError`). npz: arrays ``embeddings`` (N, D) float32, ``label`` (N,) int32
     index into ``class_names`` (-1 unlabelled), ``path``, ``split``, ``sha256``, ``class_names`` (unicode
     arrays, no pickles: ``numpy.load(out)`` needs no ``allow_pickle``) and ``feature_set``.
     """
@@ -1739,6 +1946,11 @@ def export_cache(
         raise InputError(
             f"export format must be one of {', '.join(EXPORT_FORMATS)} (or an --out ending in one), not {fmt!r}"
         )
+    with writing(out):  # one writer of ``out``, whatever name reaches it
+        return _export(path, out, fmt, features)
+
+
+def _export(path: str | os.PathLike, out: Path, fmt: str, features: str | None) -> dict:
     fs = read_feature_set(path, features)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

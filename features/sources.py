@@ -273,7 +273,7 @@ def _walk(root: str) -> tuple[list[tuple[tuple[str, ...], str]], list[tuple[str,
         except OSError as exc:
             skipped.append(("/".join(parts) or ".", f"cannot list directory: {exc.strerror}"))
             continue
-        subdirs = []
+        subdirs: list[tuple[str, tuple[str, ...]]] = []
         for entry in entries:
             if entry.name.startswith("."):
                 continue

@@ -49,6 +49,10 @@ class Sink(Protocol):
         """Whether the output already holds this input (it is then not read at all); default: never."""
         return False
 
+    def done_all(self, records: Sequence[ImageRecord]) -> list[bool]:
+        """:meth:`done` for every input at once (a sink may tell them together, e.g. hashing files in threads)."""
+        return [self.done(r) for r in records]
+
     def known_shas(self) -> set[str]:
         """Every sha256 whose content needs no model run (held already, or resolved by the sink itself): hashed
         but not decoded. Read once, when the inputs are known (:meth:`Stage.todo`)."""
@@ -232,7 +236,9 @@ class Stage:
     def todo(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
         """The inputs the sink does not hold yet; reads the sink's known content; starts the progress bar."""
         self.started = time.perf_counter()
-        todo = [r for r in records if not self.sink.done(r)]
+        done_all = getattr(self.sink, "done_all", None)
+        done = done_all(records) if done_all is not None else [self.sink.done(r) for r in records]
+        todo = [r for r, held in zip(records, done) if not held]
         self.known_shas = self.sink.known_shas()
         self.summary.total += len(records)
         self.summary.already_done += len(records) - len(todo)
@@ -254,7 +260,7 @@ class Stage:
     def commit(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         """Hand one batch (``outputs``: rows of the admitted items, in order) to the sink and count it."""
         summary = self.summary
-        self.sink.append(items, outputs)
+        self.sink.append(items, outputs)  # it may fail an item itself (e.g. a result that is not finite)
         for item in items:
             if item.error is not None:
                 summary.failures.append((item.record.relpath, item.error))
@@ -262,7 +268,8 @@ class Stage:
                 summary.duplicates += 1
             elif item.known:
                 summary.known += 1
-        summary.processed += len(outputs)
+            else:
+                summary.processed += 1
         if self.advance:
             self.advance(len(items))
 

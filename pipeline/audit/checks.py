@@ -406,6 +406,7 @@ class AuditResult:
     timings: dict = field(default_factory=dict)
     roots: list[str] = field(default_factory=list)
     excluded_missing: int = 0  # rows left out because their source file is gone or changed (keep_missing=False)
+    nonfinite: list[str] = field(default_factory=list)  # paths of rows left out: their embedding has a NaN or inf
 
     @property
     def leaks(self) -> list[Cluster]:
@@ -431,6 +432,7 @@ class AuditResult:
             "label_issues_flagged": sum(i.flagged for i in self.label_issues),
             "outliers_flagged": sum(o.flagged for o in self.outliers),
             "flagged_rows": len(self.flagged),
+            "nonfinite_rows": len(self.nonfinite),
         }
 
 
@@ -648,6 +650,21 @@ def _recorded_copies(fs: FeatureSet, conflicts: list[dict], copies: dict[int, li
             known.add((path, source))
 
 
+def _keep_rows(fs: FeatureSet, rows: np.ndarray) -> FeatureSet:
+    """``fs`` reduced to ``rows`` (every per-row array)."""
+    import dataclasses
+
+    n = len(fs)
+    return dataclasses.replace(
+        fs,
+        **{
+            f.name: getattr(fs, f.name)[rows]
+            for f in dataclasses.fields(fs)
+            if isinstance(getattr(fs, f.name), np.ndarray) and len(getattr(fs, f.name)) == n
+        },
+    )
+
+
 def audit(
     cache: str | os.PathLike,
     features: str | None = None,
@@ -680,8 +697,8 @@ def audit(
     exclude : path, optional
         An exclude list (``--exclude``) whose rows are left out of this audit too.
     threshold : float
-        Cosine similarity (of L2-normalised embeddings) at or above which two images are near duplicates;
-        default :data:`NEAR_DUPLICATE_COSINE`, measured for MobileNetV2 on photographs (module docstring).
+        Cosine similarity (of L2-normalised embeddings) at or above which two images are near duplicates, in
+        (0, 1]; default :data:`NEAR_DUPLICATE_COSINE`, measured for MobileNetV2 on photographs (module docstring).
     neighbours : int
         k of the nearest-neighbour graph (duplicate candidates per row; the outlier score's k).
     backend : {"auto", "sklearn", "usearch"}
@@ -709,8 +726,16 @@ def audit(
     CacheError
         The cache or feature set cannot be read.
     AuditError
-        cleanlab (or usearch, when asked for) is missing, or the feature set is empty.
+        cleanlab (or usearch, when asked for) is missing, the feature set is empty, or ``threshold`` is not in
+        (0, 1].
+
+    Rows whose embedding holds a NaN or an infinity are left out of every finding, named in ``notes`` and
+    ``nonfinite``.
     """
+    if not 0 < threshold <= 1:  # NaN too
+        raise AuditError(
+            f"--threshold (threshold) is a cosine similarity of two embeddings: it must be in (0, 1], not {threshold}"
+        )
     started = perf_counter()
     _need_cleanlab()
     timings: dict[str, float] = {}
@@ -728,6 +753,15 @@ def audit(
         from tlpipe.features.cache import missing_note
 
         notes.append(missing_note(fs.excluded_missing))
+    from tlpipe.pipeline.heads.estimators import nonfinite_note, nonfinite_rows
+
+    bad = nonfinite_rows(fs.X)
+    nonfinite = [str(p) for p in fs.paths[bad]]
+    if len(bad):  # no neighbour, cosine or head is defined for them: reported, and left out of the rest
+        notes.append(f"{nonfinite_note(len(bad))} (extract them again): " + ", ".join(nonfinite))
+        fs = _keep_rows(fs, np.setdiff1d(np.arange(len(fs)), bad))
+        if len(fs) == 0:
+            raise AuditError(f"{cache}: feature set {fs.key} has no rows with a finite embedding to audit")
     t = perf_counter()
     normalise_rows(fs.X)
     indices, cosines, used = nearest_neighbours(fs.X, neighbours, backend=backend)
@@ -775,6 +809,7 @@ def audit(
         timings=timings,
         roots=[source_root(s) for s in sources],
         excluded_missing=fs.excluded_missing,
+        nonfinite=nonfinite,
     )
     if report is not None:
         from tlpipe.pipeline.reports.audit import write_report  # rendering, only when a report is asked for

@@ -219,7 +219,7 @@ def info(
     failed and skipped inputs by name and reason."""
     from tlpipe.features.cache import describe
 
-    d = describe(cache)
+    d = describe(cache, embeddings=True)
     if as_json:
         emit_json(d)
         return
@@ -248,6 +248,14 @@ def info(
             f"{_speed_note(fs)}"
             f"{_augmented_note(fs)})"
         )
+        if fs.get("nonfinite_rows"):
+            bad = fs["nonfinite"]
+            say(
+                f"    [yellow]{len(bad)} row{'s' if len(bad) != 1 else ''} with a non-finite embedding (NaN or inf)[/]"
+                " (score gives them error rows; fit-head, compare and audit leave them out; extract them again): "
+                + escape(", ".join(b["path"] for b in bad[:limit]))
+                + (f" … and {len(bad) - limit} more (--json lists all)" if len(bad) > limit else "")
+            )
     conflicts = d["label_conflicts"]
     if conflicts:
         say(

@@ -29,22 +29,17 @@ __all__ = ["compare", "evaluate", "fit_head"]
 
 
 def _pca(value: str):
-    """--pca: auto (the library's rule, heads.resolve_pca), none, components (int >= 1) or variance kept (0-1)."""
-    if value in ("auto", "none"):
-        return None if value == "none" else "auto"
-    try:
-        number = float(value)
-    except ValueError:
-        raise InputError(
-            f"--pca must be auto, none, a number of components or a variance share in (0, 1), not {value!r}"
-        ) from None
-    return int(number) if number >= 1 else number
+    """--pca: the library's one rule (heads.estimators.check_pca): auto, none, components (an integer >= 1) or a
+    fraction of the variance to keep in (0, 1); anything else is refused there, naming both forms."""
+    from tlpipe.pipeline.heads.estimators import check_pca
+
+    return check_pca(value)
 
 
 PcaOpt = typer.Option(
     "auto",
     "--pca",
-    help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (int) | variance kept (0-1).",
+    help="auto (PCA-256 before rbf-svm on large sets, as compare scores) | none | components (an integer, at least 1) | fraction of the variance kept, in (0, 1).",
 )
 
 HeadsOpt = typer.Option("logreg,svm,rbf-svm,mlp", "--models", help="Comma-separated heads: logreg, svm, rbf-svm, mlp.")
@@ -136,6 +131,9 @@ def fit_head(
         f"[green]saved[/] {result.path} (+ {result.path.name}.json) · feature set {result.metadata['feature_set']['key']}"
     )
     out.print(f"  {result.setup}")
+    dims = result.info.get("dimensions") or {}
+    if dims and dims.get("kept") != dims.get("input"):
+        out.print(f"  PCA {result.info.get('pca')}: {dims['kept']} of {dims['input']} dimensions kept")
     _print_balance(result.balance)
     if result.imbalanced and not class_weight:
         console.print("  [yellow]classes are imbalanced: consider --class-weight balanced[/]")
@@ -182,9 +180,9 @@ def compare(
 ):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
     from tlpipe.features.spec import RunOptions
+    from tlpipe.pipeline.heads.estimators.spec import HeadSpec
     from tlpipe.pipeline.heads.selection import compare as run_compare
     from tlpipe.pipeline.heads.selection import is_sweep
-    from tlpipe.pipeline.heads.spec import HeadSpec
     from tlpipe.pipeline.reports.compare import COLUMNS, cells
 
     names = [m.strip() for m in models.split(",") if m.strip()]

@@ -60,6 +60,35 @@ class Output(Console):
         super().print(*objects, **kwargs)
 
 
+# characters that end a line for some reader (str.splitlines, csv, editors) or separate a TSV cell, as escapes
+_CELL_ESCAPES = {
+    "\t": "\\t",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\x0b": "\\x0b",
+    "\x0c": "\\x0c",
+    "\x1c": "\\x1c",
+    "\x1d": "\\x1d",
+    "\x1e": "\\x1e",
+    "\x85": "\\x85",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_CELL_TABLE = str.maketrans(_CELL_ESCAPES)
+
+
+def tsv_cell(text: str) -> str:
+    """A cell of a tab-separated line: tabs and every line break (``\\r``, ``\\n``, U+2028...) as backslash escapes,
+    so a row stays one line of the same number of cells for any name."""
+    return text.translate(_CELL_TABLE)
+
+
+def md_cell(text: str) -> str:
+    """A cell of a Markdown table: ``|`` escaped and line breaks as backslash escapes (:func:`tsv_cell`), so a row
+    stays one row for any name."""
+    return tsv_cell(text).replace("|", "\\|")
+
+
 def table(
     console: Output,
     columns: Sequence[str],
@@ -70,7 +99,7 @@ def table(
     no_wrap: Sequence[str] = (),
 ) -> None:
     """Print a table: a rich table on a terminal (long cells fold, nothing is cut), otherwise a header line and
-    one tab-separated line per row (cells as given, markup removed, tabs and newlines replaced by spaces).
+    one tab-separated line per row (cells as given, markup removed, tabs and line breaks escaped: :func:`tsv_cell`).
 
     Parameters
     ----------
@@ -89,7 +118,7 @@ def table(
     """
     rows = [[c if isinstance(c, str) else str(c) for c in row] for row in rows]
     if console.plain:
-        clean = lambda cell: Text.from_markup(cell).plain.replace("\t", " ").replace("\n", " ")  # noqa: E731
+        clean = lambda cell: Text.from_markup(tsv_cell(cell)).plain  # noqa: E731 (escaped first: rich drops \r)
         lines = ([f"# {title}"] if title else []) + ["\t".join(columns)]
         lines += ["\t".join(clean(c) for c in row) for row in rows]
         console.file.write("\n".join(lines) + "\n")

@@ -465,9 +465,89 @@ def _clf_prefix(name: str) -> str:
     return "estimator__" if name in _CALIBRATED else ""
 
 
+_PCA_FORMS = (
+    "auto, none, a number of components (an integer, at least 1) or a fraction of the variance to keep in (0, 1)"
+)
+
+
+def check_pca(
+    pca: int | float | str | None, rows: int | None = None, dim: int | None = None
+) -> int | float | str | None:
+    """The one rule for ``pca`` (``--pca``): ``"auto"``, ``None`` / ``"none"``, an integer number of components
+    (an int or a string of digits, at least 1 and, given ``rows`` and ``dim``, at most ``min(rows, dim)``), or a
+    fraction of the variance to keep, strictly between 0 and 1. Nothing else: not ``1.0`` (scikit-learn's "all
+    the variance", which ``int()`` would make 1 component), not ``2.7``, not 0.
+
+    Parameters
+    ----------
+    pca : int, float, str or None
+        As given (the CLI passes its string).
+    rows, dim : int, optional
+        Rows the PCA will be fitted on (the smallest training fold) and their dimensions.
+
+    Returns
+    -------
+    int, float, "auto" or None
+        The setting, parsed.
+
+    Raises
+    ------
+    ValueError
+        Anything else, with the two forms named; components above ``min(rows, dim)``, with the limit.
+    """
+    value: int | float | str | None = pca
+    if isinstance(pca, str):
+        text = pca.strip().lower()
+        if text in ("auto", "none"):
+            return None if text == "none" else "auto"
+        if text.isdigit():
+            value = int(text)
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                value = pca
+            if isinstance(value, float) and not ("." in text and "e" not in text and 0 < value < 1):
+                value = pca  # only a decimal fraction: "1e-1", "1.0", "2.7", "nan" are neither form
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        limit = min(rows, dim) if rows is not None and dim is not None else None
+        if limit is not None and value > limit:
+            raise ValueError(
+                f"pca {value} is more components than the data has: a number of components can be at most {limit} "
+                f"here (min(rows, dimensions) = min({rows}, {dim}) of the rows it is fitted on), or give a fraction "
+                f"of the variance to keep in (0, 1)"
+            )
+        return int(value)
+    if isinstance(value, (float, np.floating)) and 0 < value < 1:
+        return float(value)
+    raise ValueError(f"pca must be {_PCA_FORMS}, not {pca!r}")
+
+
+def pca_components(estimator: Pipeline) -> int | None:
+    """The dimensions a fitted head's PCA kept (None: the head has no PCA)."""
+    step = dict(estimator.steps).get("pca")
+    return int(step.n_components_) if step is not None and hasattr(step, "n_components_") else None
+
+
+def kept_dimensions(name: str, pca: int | float | None, X: np.ndarray, seed: int = 0) -> int | None:
+    """The dimensions ``PCA(pca)`` keeps on ``X`` after head ``name``'s preprocessing (None without PCA); a
+    fraction is fitted to tell (the preprocessing only, no classifier)."""
+    if pca is None:
+        return None
+    if not isinstance(pca, float):
+        return int(pca)
+    head = make_head(name, seed=seed, pca=pca)
+    Pipeline(head.steps[:-1]).fit(X)
+    return pca_components(head)
+
+
 def resolve_pca(name: str, pca: int | float | str | None, shape: tuple[int, int]) -> int | float | None:
-    """The ``pca`` setting for ``make_head``: ``"auto"`` means :data:`AUTO_PCA` where the data has more
-    dimensions than that and enough rows per CV fold, else none; anything else is kept as it is."""
+    """The ``pca`` setting for ``make_head``, checked by :func:`check_pca`: ``"auto"`` means :data:`AUTO_PCA`
+    where the data has more dimensions than that and enough rows per CV fold, else none; anything else is kept as
+    it is."""
+    pca = check_pca(pca)
     if pca != "auto":
         if isinstance(pca, str):
             raise InputError(f"pca is a number of components, a variance share, None or 'auto', not {pca!r}")
@@ -770,6 +850,7 @@ def cross_validate(
     check_rows(y, names, cv, class_names)
     labels = np.unique(y)
     folds = cv_folds(y, cv, seed, class_names)
+    check_pca(pca, min(len(train) for train, _ in folds), X.shape[1])  # the smallest fold's PCA must fit
     points = {name: grid_points(name) if search else [{}] for name in names}
     late = "logreg" in names and not search  # its folds are scored once C is chosen, in one job
     jobs = sorted(
@@ -864,6 +945,7 @@ def fit_head(
     grid point, best first).
     """
     _check_name(name)
+    check_pca(pca, *X.shape)
     check_rows(y, [name], cv if search else None, class_names)
     pca = resolve_pca(name, pca, X.shape)
     info: dict = {"head": name, "search": search, "seed": seed, "class_weight": class_weight, "pca": pca}
@@ -904,6 +986,7 @@ def fit_head(
             estimator[-1].set_params(n_jobs=None)
     info["params"] = used_params(estimator, extra=params)
     info["augmented_views"] = len(X_fit) - len(X)
+    info["dimensions"] = {"input": int(X.shape[1]), "kept": pca_components(estimator) or int(X.shape[1])}
     return estimator, info
 
 
@@ -917,6 +1000,29 @@ def used_params(estimator: Pipeline, extra: dict | None = None) -> dict:
         return {"C": float(np.ravel(clf.C_)[0]), "Cs": [float(c) for c in clf.Cs_]}
     used = clf.get_params()
     return {k: used[_clf_prefix(name) + k] for k in sorted(set(search_space(name)) | set(extra or {}))}
+
+
+def nonfinite_rows(X: np.ndarray, block_rows: int = 65536) -> np.ndarray:
+    """Indices of the rows of ``X`` (N, D) holding a NaN or an infinity (checked ``block_rows`` at a time)."""
+    bad = [
+        start + np.flatnonzero(~np.isfinite(X[start : start + block_rows]).all(axis=1))
+        for start in range(0, len(X), block_rows)
+    ]
+    return np.concatenate(bad) if bad else np.array([], dtype=np.intp)
+
+
+def nonfinite_note(count: int) -> str:
+    """How a run says it left such rows out (fit-head, compare, audit)."""
+    return f"{count} row{'s' if count != 1 else ''} with a non-finite embedding (NaN or inf) left out"
+
+
+def finite_only(X: np.ndarray, *rows: np.ndarray) -> tuple[list[np.ndarray], str]:
+    """Each index array of ``rows`` without the rows of ``X`` that are not finite (a head cannot train on them),
+    order kept; and a note counting the feature set's non-finite rows ("" when there are none)."""
+    bad = nonfinite_rows(X)
+    if not len(bad):
+        return list(rows), ""
+    return [r[~np.isin(r, bad)] for r in rows], nonfinite_note(len(bad))
 
 
 def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:

@@ -154,11 +154,19 @@ def evaluate_head(
     correctly. ``metadata`` is the head's sidecar (``{}`` for a trusted head without one: the feature
     set's class names are then assumed). Which rows: :func:`evaluation_rows` (``split=None``: the test
     split, else the head's recorded hold-out); rows the head was trained on are refused unless
-    ``allow_train_rows``. The result's ``rows_used`` says which rows were scored.
+    ``allow_train_rows``. Rows whose embedding holds a NaN or an infinity are left out, counted in ``rows_used``.
+    The result's ``rows_used`` says which rows were scored.
     """
     if metadata:
         check_compatible(metadata, fs)
     rows, split, rows_used, overlap = evaluation_rows(metadata, fs, split, allow_train_rows=allow_train_rows)
+    from tlpipe.pipeline.heads.estimators import finite_only
+
+    (rows,), left_out = finite_only(fs.X, rows)  # a NaN / inf embedding has no prediction: left out, counted
+    if left_out:
+        rows_used += f"; {left_out}"
+        if not len(rows):
+            raise ValueError(f"feature set {fs.key}: no row to evaluate has a finite embedding ({left_out})")
     labels_of_head = head_labels(estimator, metadata, list(fs.class_names))  # names; older heads: mapped indices
     proba = estimator.predict_proba(fs.X[rows])
     true = np.array([fs.class_names[i] for i in fs.y[rows]], dtype=object)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.errors import InputError
-from tlpipe.features.cache import CacheError, FeatureSet, missing_note, read_feature_set, read_views
-from tlpipe.pipeline.heads.estimators import class_balance, fit_head, name_labels, select_split
+from tlpipe.features.cache import CacheError, FeatureSet, missing_note, read_feature_set, read_views, writing
+from tlpipe.pipeline.heads.estimators import check_pca, class_balance, finite_only, fit_head, name_labels, select_split
 from tlpipe.pipeline.heads.evaluate import EvalResult, evaluate_head
-from tlpipe.pipeline.heads.persistence import save_head
+from tlpipe.pipeline.heads.persistence import HeadError, save_head
 
 __all__ = ["IMBALANCE_WARNING", "TrainResult", "subset", "train_head"]
 
@@ -67,10 +67,40 @@ def train_head(
     (``tlpipe audit --write-exclude``) whose rows are left out of both. ``use_augmented``: also train on the
     augmented views (``extract --augment N``) of the training images, never of the evaluation images.
     ``keep_missing``: keep the rows whose source file is gone or changed since extract (left out by default, the
-    count in ``setup``; :func:`tlpipe.features.cache.read_feature_set`).
+    count in ``setup``; :func:`tlpipe.features.cache.read_feature_set`). Rows whose
+    embedding holds a NaN or an infinity are left out of both, counted in ``setup``. ``pca``: see
+    :func:`~tlpipe.pipeline.heads.estimators.check_pca`; ``info["dimensions"]`` states the dimensions kept.
+
+    ``out`` is held by one run at a time, whatever name reaches it (a second run is refused with
+    :class:`~tlpipe.pipeline.heads.persistence.HeadError`: ``<out> is being written by pid N; wait for it to finish``).
     """
+    check_pca(pca)  # before anything is read or fitted
+    with writing(out, HeadError):  # one writer of the head, whatever name reaches it, for the whole run
+        return _train_head(
+            cache,
+            model,
+            out,
+            features,
+            search,
+            cv,
+            seed,
+            class_weight,
+            pca,
+            n_jobs,
+            exclude,
+            use_augmented,
+            keep_missing,
+        )
+
+
+def _train_head(
+    cache, model, out, features, search, cv, seed, class_weight, pca, n_jobs, exclude, use_augmented, keep_missing
+):
     fs = read_feature_set(cache, features, exclude=exclude, keep_missing=keep_missing)
     train, test, setup = select_split(fs, seed=seed)
+    (train, test), left_out = finite_only(fs.X, train, test)  # rows with NaN / inf: no head can train on them
+    if left_out:
+        setup += f"; {left_out}"
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by the exclude list {exclude}"
     if fs.excluded_missing:

@@ -22,7 +22,7 @@ import numpy as np
 import sklearn
 
 from tlpipe.errors import TlpipeError
-from tlpipe.features.cache import FeatureSet
+from tlpipe.features.cache import FeatureSet, writing
 
 __all__ = [
     "FORMAT_VERSION",
@@ -58,6 +58,12 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _kept_dimensions(estimator, feature_set: FeatureSet) -> int:
+    pca = dict(getattr(estimator, "steps", [])).get("pca")
+    kept = getattr(pca, "n_components_", None)
+    return int(kept) if kept is not None else int(feature_set.X.shape[1])
 
 
 def _jsonable(value):
@@ -144,6 +150,8 @@ def save_head(
             "head": {
                 "name": _head_name(estimator),
                 "params": params,
+                # the embedding's dimensions and those the head's PCA kept (all of them without PCA)
+                "dimensions": {"input": int(feature_set.X.shape[1]), "kept": _kept_dimensions(estimator, feature_set)},
                 # what predict() returns: class names (fitted on names) or the cache's label indices (older heads)
                 "predicts": "label indices"
                 if np.issubdtype(np.asarray(estimator.classes_).dtype, np.integer)
@@ -188,8 +196,9 @@ def save_head(
             "joblib_sha256": hashlib.sha256(payload).hexdigest(),
         }
     )
-    _atomic_write(path, lambda f: f.write(payload))
-    _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(metadata, indent=2, sort_keys=True).encode()))
+    with writing(path, HeadError):  # the pair is one writer's, whatever name reaches it
+        _atomic_write(path, lambda f: f.write(payload))
+        _atomic_write(sidecar_path(path), lambda f: f.write(json.dumps(metadata, indent=2, sort_keys=True).encode()))
     return metadata
 
 

@@ -14,8 +14,18 @@ from sklearn.metrics import confusion_matrix
 from tlpipe.errors import InputError
 from tlpipe.features.cache import FeatureSet
 from tlpipe.features.spec import RunOptions
-from tlpipe.pipeline.heads.estimators import HEADS, class_balance, cross_validate, resolve_pca, select_split, summarize
-from tlpipe.pipeline.heads.spec import HeadSpec
+from tlpipe.pipeline.heads.estimators import (
+    HEADS,
+    class_balance,
+    cross_validate,
+    finite_only,
+    kept_dimensions,
+    pca_components,
+    resolve_pca,
+    select_split,
+    summarize,
+)
+from tlpipe.pipeline.heads.estimators.spec import HeadSpec
 
 __all__ = [
     "CompareResult",
@@ -60,6 +70,8 @@ class HeadResult:
     predict_s: float
     predict_s_std: float
     pca: int | float | None = None
+    # the embedding's dimensions and those PCA kept, fitted on all cross-validated rows (all without PCA)
+    dimensions: dict = field(default_factory=dict)
     grid: list[dict] = field(default_factory=list)  # every grid point searched, best first
     per_class: dict = field(default_factory=dict)  # class name -> precision, recall, f1-score, support (out of fold)
     ece: float | None = None  # expected calibration error of the out-of-fold probabilities (10 bins)
@@ -321,6 +333,9 @@ def compare_heads(
         setup = f"cross-validation on all {len(rows)} labelled rows (no held-out rows)" + (
             f" ({int(np.sum(fs.y < 0))} unlabelled rows excluded)" if np.any(fs.y < 0) else ""
         )
+    (rows, test), left_out = finite_only(fs.X, rows, test)  # rows with NaN / inf: no head can train on them
+    if left_out:
+        setup += f"; {left_out}"
     if fs.excluded:
         setup += f"; {fs.excluded} rows left out by an exclude list"
     if fs.excluded_missing:
@@ -374,6 +389,10 @@ def compare_heads(
                 params=best["params"],
                 folds=best["folds"],
                 pca=resolve_pca(name, pca, X.shape),
+                dimensions={
+                    "input": int(X.shape[1]),
+                    "kept": kept_dimensions(name, resolve_pca(name, pca, X.shape), X, seed) or int(X.shape[1]),
+                },
                 grid=grid if search else [],
                 per_class={c: report[c] for c in present},
                 ece=calibration["ece"],
@@ -467,6 +486,7 @@ def compare_heads(
             "head": winner.name,
             "params": winner.params,
             "pca": winner.pca,
+            "dimensions": {"input": int(fs.X.shape[1]), "kept": pca_components(estimator) or int(fs.X.shape[1])},
             "rows": int(len(test)),
             "train_rows": int(len(rows)),
             "accuracy": float(accuracy_score(true, pred)),

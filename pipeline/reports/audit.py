@@ -88,10 +88,14 @@ def _similarity_chart(result: AuditResult, path: Path) -> Path:
 
 
 def _md_path(text: str) -> str:
-    return "`" + text.replace("`", "'") + "`"
+    from tlpipe.pipeline.cli.output import md_cell
+
+    return "`" + md_cell(text.replace("`", "'")) + "`"
 
 
 def _markdown(result: AuditResult) -> str:
+    from tlpipe.pipeline.cli.output import md_cell
+
     s = result.summary()
     meta = result.backbone
     lines = [
@@ -132,12 +136,14 @@ def _markdown(result: AuditResult) -> str:
     ]
     for c in result.clusters[:200]:
         images = "<br>".join(
-            f"{_md_path(m.path)} ({m.label or '-'}, {m.split or '-'}{', exact copy' if m.exact_copy else ''})"
+            f"{_md_path(m.path)} ({md_cell(m.label or '-')}, {md_cell(m.split or '-')}"
+            f"{', exact copy' if m.exact_copy else ''})"
             for m in c.members[:8]
         ) + (f"<br>… {len(c.members) - 8} more" if len(c.members) > 8 else "")
         lines.append(
             f"| {c.id} | {c.kind} | {'**yes**' if c.leak else ''} | {'**yes**' if c.conflict else ''} | "
-            f"{', '.join(c.labels)} | {', '.join(s or '-' for s in c.splits)} | {c.min_cosine:.3f} | {images} |"
+            f"{md_cell(', '.join(c.labels))} | {md_cell(', '.join(s or '-' for s in c.splits))} | {c.min_cosine:.3f} | "
+            f"{images} |"
         )
     if len(result.clusters) > 200:
         lines.append(f"\n… {len(result.clusters) - 200} more clusters in duplicates.csv")
@@ -152,7 +158,8 @@ def _markdown(result: AuditResult) -> str:
     ]
     for i in result.label_issues[:50]:
         lines.append(
-            f"| {i.rank} | {_md_path(i.path)} | {i.split or '-'} | {i.given} | {i.suggested} | {i.p_suggested:.3f} | "
+            f"| {i.rank} | {_md_path(i.path)} | {md_cell(i.split or '-')} | {md_cell(i.given)} | "
+            f"{md_cell(i.suggested)} | {i.p_suggested:.3f} | "
             f"{i.quality:.3f} | {'yes' if i.flagged else ''} |"
         )
     lines += [
@@ -166,7 +173,8 @@ def _markdown(result: AuditResult) -> str:
     ]
     for o in result.outliers[:50]:
         lines.append(
-            f"| {o.rank} | {_md_path(o.path)} | {o.label or '-'} | {o.split or '-'} | {o.score:.3f} | "
+            f"| {o.rank} | {_md_path(o.path)} | {md_cell(o.label or '-')} | {md_cell(o.split or '-')} | "
+            f"{o.score:.3f} | "
             f"{o.nearest_cosine:.3f} | {'yes' if o.flagged else ''} |"
         )
     lines += [

@@ -32,8 +32,15 @@ def cells(h: HeadResult) -> list[str]:
         _pm(h.log_loss, h.log_loss_std),
         _pm(h.fit_s, h.fit_s_std, 2),
         _pm(h.predict_s, h.predict_s_std, 3),
-        params + (f", pca={h.pca}" if h.pca else ""),
+        params + (f", pca={h.pca}" if h.pca else "") + _dimensions(h.dimensions),
     ]
+
+
+def _dimensions(dimensions: dict) -> str:
+    """ ", 37 of 1280 dimensions kept" (PCA), or "" when every dimension is used."""
+    if not dimensions or dimensions.get("kept") == dimensions.get("input"):
+        return ""
+    return f", {dimensions['kept']} of {dimensions['input']} dimensions kept"
 
 
 COLUMNS = ["head", "accuracy", "macro-F1", "log-loss", "fit s", "predict s", "parameters"]
@@ -55,6 +62,8 @@ def format_table(result: CompareResult):
 
 
 def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) -> str:
+    from tlpipe.pipeline.cli.output import md_cell  # class names in table cells: any character
+
     meta = result.backbone
     tuning = (
         "best point of each head's search grid (slightly optimistic, like GridSearchCV's best_score_)"
@@ -91,7 +100,7 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
         h = result.holdout
         loss = f", log-loss {h['log_loss']:.4f}" if h["log_loss"] is not None else ""
         chosen = ", ".join(f"{k}={v}" for k, v in h["params"].items()) or "defaults"
-        chosen += f", pca={h['pca']}" if h["pca"] else ""
+        chosen += (f", pca={h['pca']}" if h["pca"] else "") + _dimensions(h.get("dimensions", {}))
         lines += [
             "## Held-out score of the best head",
             "",
@@ -115,7 +124,8 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
     ]
     for head in heads:
         lines += [
-            f"| {head.name} | {c} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | {int(r['support'])} |"
+            f"| {head.name} | {md_cell(c)} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | "
+            f"{int(r['support'])} |"
             for c, r in head.per_class.items()
         ]
     lines += [
@@ -166,7 +176,7 @@ def _markdown(result: CompareResult, files: dict[str, Path], gallery_note: str) 
         "",
         "| class | rows |",
         "|---|---|",
-        *(f"| {name} | {count} |" for name, count in result.balance["counts"].items() if count),
+        *(f"| {md_cell(name)} | {count} |" for name, count in result.balance["counts"].items() if count),
         "",
         f"Imbalance ratio (largest / smallest class): {result.balance['imbalance_ratio']:.2f}",
         "",
@@ -358,7 +368,7 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *, umap: bool
     with open(paths["results.csv"], "w", newline="") as f:
         writer = csv.writer(f)
         stats = [m + suffix for m in METRICS for suffix in ("", "_std")]
-        writer.writerow(["head", *stats, "folds", "params", "pca", "ece", "best"])
+        writer.writerow(["head", *stats, "folds", "params", "pca", "dimensions_kept", "ece", "best"])
         for h in result.heads:
             writer.writerow(
                 [
@@ -367,6 +377,7 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *, umap: bool
                     h.folds,
                     json.dumps(h.params),
                     h.pca,
+                    h.dimensions.get("kept"),
                     h.ece,
                     h.name == result.best,
                 ]

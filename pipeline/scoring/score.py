@@ -13,27 +13,38 @@ Scoring images is a run of the streaming stage (:mod:`tlpipe.features.stream`) i
 :class:`PredictionSink`: the local engine here, the Ray engine through
 :func:`tlpipe.pipeline.score_ray.score_ray`. Each batch's rows are appended to the output and made durable
 before the next (CSV / JSON Lines: append, flush, fsync; Parquet: one part file per batch in
-``<out>.parts/``, assembled into ``out`` atomically at the end). A re-run reads the paths already in the
-output (dropping a row cut short by a kill) and scores only the rest, so after any number of interruptions
-the output holds every image exactly once; ``<out>.tlpipe.json`` records the model, and a re-run with
-another model or options is refused (:func:`check_resume`), on either engine.
+``<out>.parts/``, assembled into ``out`` atomically and idempotently at the end). A re-run reads the rows already
+in the output by (source, path, sha256) (dropping a row cut short by a kill) and scores only the rest, so after
+any number of interruptions the output holds every image exactly once. An input whose path the output holds with
+other content (the file was edited) is scored again and its old row superseded: dropped from the output (CSV /
+JSON Lines: the file written again without it and renamed into place; Parquet: each file holding it), so each
+(source, path) has one row, its current content's. ``<out>.tlpipe.json`` records the model, and a re-run with
+another model or options is refused (:func:`check_resume`), on either engine. One run writes an output at a time,
+whatever name reaches it (a symlink, a hard link, another relative path): :class:`~tlpipe.features.cache.WriteLock`.
 
-Columns, the same in all three formats (:func:`output_columns`): ``path``, ``sha256``, ``true_label`` (only
+Columns, the same in all three formats (:func:`output_columns`): ``path`` (relative to its source), ``source``
+(the folder or manifest it is relative to, as an absolute path; a cache's rows each name their own),
+``sha256``, ``true_label`` (only
 when the source is labelled: class folders, a manifest's label column, a cache's labels), ``label``
 (predicted class name), ``probability`` (its probability), the ``top_k`` best classes as ``top1_label,
-top1_prob, top2_label, ...`` and ``error`` (why an image has no prediction; empty / null otherwise). Flat
-columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and ``pandas.read_parquet`` see one table.
+top1_prob, top2_label, ...`` and ``error`` (why an image has no prediction, an embedding that is not finite
+included; empty / null otherwise). Flat columns rather than lists, so a spreadsheet, ``pandas.read_csv`` and
+``pandas.read_parquet`` see one table. CSV in the csv module's default dialect (CRLF, fields with a comma, quote,
+CR or LF quoted); JSON Lines with U+2028, U+2029 and U+0085 escaped too: one record per line for any name.
 """
 
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import io
 import json
 import logging
 import os
-import shutil
+import stat
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +57,7 @@ from tlpipe.backbones.onnx_metadata import read_metadata
 from tlpipe.backbones.store import ModelStore, StoreEntry
 from tlpipe.backbones.weights import sha256_file
 from tlpipe.errors import InputError, NotFoundError, TlpipeError
-from tlpipe.features.cache import FeatureSetReader, exclusive_lock, release_lock
+from tlpipe.features.cache import FeatureSetReader, WriteLock
 from tlpipe.features.decoder import Decoded
 from tlpipe.features.extract import check_extract_options
 from tlpipe.features.fastdecode import LEGACY_RESIZE_FILTER, recorded_resize_filter
@@ -191,7 +202,7 @@ def head_predictor(
     model = None
     if backbone:
         entry = head_backbone(metadata, store, str(head))
-        model = StageModel(entry.model_path, entry.input_size, then=estimator.predict_proba)
+        model = StageModel(entry.model_path, entry.input_size, then=FiniteRows(estimator.predict_proba, len(labels)))
     return Predictor(
         labels,
         model,
@@ -317,10 +328,15 @@ def display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+ROW_KEY = ("source", "path", "sha256")  # what makes a row "already in the output": where, which file, which content
+ROWS_KEYED_BY = "source+path+sha256"  # recorded in <out>.tlpipe.json; outputs without it were keyed by path alone
+
+
 def output_columns(top_k: int, labelled: bool = False) -> list[str]:
     """The columns of a score output, in order (the same for CSV, JSON Lines and Parquet)."""
     return [
         "path",
+        "source",
         "sha256",
         *(["true_label"] if labelled else []),
         "label",
@@ -339,64 +355,135 @@ def _write_failed(path: Path, exc: OSError) -> ScoreError:
     )
 
 
-class _Output:
-    """What the three formats share: one writer per output (an exclusive lock on ``<out>.lock``, removed on
-    release: a second scoring run is refused with ``<out> is being written by pid N; wait for it to finish``),
-    the paths already in it (``paths``), and the flat row of one image (:meth:`row`)."""
+def content_sha256(path: str) -> str:
+    """The sha256 the decoder would record for the file at ``path`` (hex; "" when it cannot be read, as a
+    failure row records), read in pieces, without blocking on a FIFO or a device."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return ""
+    with open(fd, "rb") as fh:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
+            digest = hashlib.sha256()
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        except OSError:
+            return ""
+    return digest.hexdigest()
 
-    def __init__(self, path: Path, top_k: int, labelled: bool = False, labels: Sequence[str] = ()):
-        self.path, self.top_k, self.labelled = path, top_k, labelled
+
+Key = tuple[str, str, str]  # (source, path, sha256) as written
+
+
+class _Output:
+    """What the three formats share: one writer per output, whatever name reaches it (:class:`WriteLock`: a second
+    scoring run is refused with ``<out> is being written by pid N; wait for it to finish``), the rows already in it
+    by (source, path, sha256) (``keys``), dropping superseded rows (:meth:`drop`), and the flat row of one image
+    (:meth:`row`). Files are opened at the output's real path (a symlinked output is written through)."""
+
+    def __init__(
+        self, path: Path, top_k: int, labelled: bool = False, labels: Sequence[str] = (), lock: WriteLock | None = None
+    ):
+        self.path, self.top_k, self.labelled = Path(path), top_k, labelled
+        self.real = Path(os.path.realpath(path))
         self.labels = [display_path(label) for label in labels]  # a class folder's name need not be UTF-8
         self.columns = output_columns(top_k, labelled)
-        self.lock = exclusive_lock(Path(str(path) + ".lock"), path, ScoreError)
+        self.lock = lock if lock is not None else WriteLock(path, ScoreError)
         try:
-            self.paths: set[str] = self._open()
+            if lock is None:
+                self.lock.pin()
+            self.keys: set[Key] = self._open()
         except BaseException:
             self.close(finish=False)
             raise
 
-    def _open(self) -> set[str]:
+    def _open(self) -> set[Key]:
+        raise NotImplementedError
+
+    def drop(self, keys: set[Key]) -> None:
+        """Remove the rows with these keys (superseded: their file's content changed), keeping every other row."""
         raise NotImplementedError
 
     def _finish(self, finish: bool) -> None:
         raise NotImplementedError
 
-    def row(self, path: str, sha: str, true_label: str | None, proba: Any, error: str | None) -> dict:
+    def row(self, path: str, source: str, sha: str, true_label: str | None, proba: Any, error: str | None) -> dict:
         """One image's row (:func:`output_columns`): the ``top_k`` best classes of ``proba``, or ``error``."""
         best: Any = np.argsort(-proba, kind="stable")[: self.top_k] if proba is not None else []
         top: list[Any] = [(self.labels[j], float(f"{proba[j]:.7g}")) for j in best]
         top += [(None, None)] * (self.top_k - len(top))  # probabilities: float32 precision, without noise digits
         truth = [true_label and display_path(true_label)] if self.labelled else []
-        return dict(zip(self.columns, [path, sha, *truth, *top[0], *[v for pair in top for v in pair], error]))
+        values = [path, source, sha, *truth, *top[0], *[v for pair in top for v in pair], error]
+        return dict(zip(self.columns, values))
 
     def close(self, finish: bool = True) -> None:
         """Release the output; with ``finish`` (Parquet) assemble it, otherwise leave it for the next run."""
         try:
             self._finish(finish)
         finally:
-            release_lock(self.lock)
+            self.lock.release()
 
 
 class _LineOutput(_Output):
-    """CSV and JSON Lines: a batch is one append and fsync; a record cut short by a kill is cut off on open."""
+    """CSV and JSON Lines: a batch is one append and fsync; a record cut short by a kill is cut off on open.
+    Superseded rows are dropped by writing the file again without them and renaming it into place."""
 
-    def _open(self) -> set[str]:
-        self.fh = open(self.path, "ab", buffering=0)
-        good, paths = 0, set()
-        with open(self.path, "rb") as fh:  # the last line, without its newline, was cut short by a kill
-            try:
-                for path in self._parse(raw.decode("utf-8") for raw in fh if raw.endswith(b"\n")):  # None: a header
-                    if path is not None:
-                        paths.add(path)
-                    good = fh.tell()  # the parser has read this record's lines, no more
-            except (csv.Error, ValueError, KeyError, TypeError):
-                pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it
+    def _open(self) -> set[Key]:
+        self.fh = open(self.real, "ab", buffering=0)
+        self.lock.pin(self.real)  # created now if it was not there
+        good, keys = self._scan(lambda key, raw: None)
         self.fh.truncate(good)
         if not good:
             self._append(self._header())
-        return paths
+        return keys
 
-    def _parse(self, lines: Iterator[str]) -> Iterator[str | None]:
+    def _scan(self, each: Callable[[Key, bytes], None]) -> tuple[int, set[Key]]:
+        """Parse the complete records: ``each(key, raw bytes)`` per row; (the bytes they end at, their keys)."""
+        good, keys = 0, set()
+        with open(self.real, "rb") as fh:  # the last line, without its newline, was cut short by a kill
+            try:
+                raws: list[bytes] = []
+
+                def lines() -> Iterator[str]:
+                    for raw in fh:
+                        if raw.endswith(b"\n"):
+                            raws.append(raw)
+                            yield raw.decode("utf-8")
+
+                for key in self._parse(lines()):  # None: a header
+                    if key is not None:
+                        keys.add(key)
+                        each(key, b"".join(raws))
+                    raws.clear()
+                    good = fh.tell()  # the parser has read this record's lines, no more
+            except (csv.Error, ValueError, KeyError, TypeError):
+                pass  # a record cut or damaged (inside a quoted field, not JSON...): keep the ones before it
+        return good, keys
+
+    def drop(self, keys: set[Key]) -> None:
+        if not keys & self.keys:
+            return
+        try:
+            with atomic_file(self.real) as tmp, open(tmp, "wb") as out:
+                out.write(self._header())
+
+                def keep(key: Key, raw: bytes) -> None:
+                    if key not in keys:
+                        out.write(raw)
+
+                self._scan(keep)
+                out.flush()
+                os.fsync(out.fileno())
+                self.lock.pin(tmp)  # the new file is the output from its rename on
+        except OSError as exc:
+            raise _write_failed(self.path, exc) from exc
+        self.fh.close()
+        self.fh = open(self.real, "ab", buffering=0)
+        self.keys -= keys
+
+    def _parse(self, lines: Iterator[str]) -> Iterator[Key | None]:
         raise NotImplementedError
 
     def _header(self) -> bytes:
@@ -418,9 +505,10 @@ class _LineOutput(_Output):
 
 
 class CsvOutput(_LineOutput):
-    """CSV with flat top-k columns."""
+    """CSV with flat top-k columns, in the csv module's default dialect (RFC 4180: CRLF between records, and
+    any field holding a comma, a quote, ``\\r`` or ``\\n`` quoted), so every CSV reader sees one record per row."""
 
-    def _parse(self, lines: Iterator[str]) -> Iterator[str | None]:
+    def _parse(self, lines: Iterator[str]) -> Iterator[Key | None]:
         records = csv.reader(lines)
         header = next(records, None)
         if header != self.columns:
@@ -431,51 +519,79 @@ class CsvOutput(_LineOutput):
                 )
             return
         yield None
+        at = [self.columns.index(c) for c in ROW_KEY]
         for record in records:
             if len(record) != len(self.columns):
                 return
-            yield record[0]
+            yield (record[at[0]], record[at[1]], record[at[2]])
 
     def _header(self) -> bytes:
         return self._encode([self.columns])
 
     def _encode(self, records: list[list]) -> bytes:
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerows(records)
+        csv.writer(buffer).writerows(records)
         return buffer.getvalue().encode("utf-8")
 
     def append(self, rows: list[dict]) -> None:
         self._append(self._encode([["" if v is None else v for v in row.values()] for row in rows]))
 
 
+# characters some line readers (str.splitlines, editors) end a line at, which JSON leaves as they are
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def json_line(row: dict) -> str:
+    """One JSON Lines record: ``json.dumps`` (control characters escaped) with the line separators that JSON
+    allows raw (U+2028, U+2029, U+0085) escaped too, so any line splitter sees one record per line."""
+    text = json.dumps(row, ensure_ascii=False)
+    if any(c in text for c in _LINE_BREAKS):
+        text = "".join(_LINE_BREAKS.get(c, c) for c in text)
+    return text + "\n"
+
+
 class JsonlOutput(_LineOutput):
     """JSON Lines, one object per image."""
 
-    def _parse(self, lines: Iterator[str]) -> Iterator[str | None]:
-        return (json.loads(line)["path"] for line in lines)
+    def _parse(self, lines: Iterator[str]) -> Iterator[Key | None]:
+        for line in lines:
+            row = json.loads(line)
+            yield (row["source"], row["path"], row["sha256"])
 
     def append(self, rows: list[dict]) -> None:
-        self._append("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+        self._append("".join(json_line(row) for row in rows).encode("utf-8"))
 
 
 class ParquetOutput(_Output):
-    """Parquet: each batch is a part file in ``<out>.parts/`` (written atomically); finishing assembles
-    the previous ``out`` and the parts into a new ``out``, which replaces it atomically."""
+    """Parquet: each batch is a part file in ``<out>.parts/`` (written atomically); finishing assembles the
+    previous ``out`` and the parts into a new ``out``, which replaces it atomically, then removes the parts.
 
-    def _open(self) -> set[str]:
+    Assembly is idempotent: it keeps the first row of each (source, path, sha256), so a kill after the rename
+    and before the parts are all removed (the parts' rows are then in ``out`` already) leaves nothing twice;
+    temporary files of a killed assembly are removed on the next open; part numbers only grow."""
+
+    def _open(self) -> set[Key]:
         pa = self.pa = require("pyarrow")  # MissingExtra names tlpipe[parquet] (or write .csv / .jsonl)
-        self.pq, self.parts = require("pyarrow.parquet"), Path(str(self.path) + ".parts")
+        self.pq, self.parts = require("pyarrow.parquet"), Path(str(self.real) + ".parts")
         self.schema = pa.schema(
             [(c, pa.float64() if c.endswith("_prob") or c == "probability" else pa.string()) for c in self.columns]
         )
         self.parts.mkdir(exist_ok=True)
-        for leftover in self.parts.glob(".*.tmp"):
-            leftover.unlink()
-        self.next_part = len(list(self.parts.glob("part-*.parquet")))
-        return {p for f in self._files() for p in self.pq.read_table(f, columns=["path"]).column("path").to_pylist()}
+        for leftover in [*self.parts.glob(".*.tmp"), *self.real.parent.glob(f".{glob.escape(self.real.name)}.*.tmp")]:
+            leftover.unlink(missing_ok=True)  # a killed part write or assembly (no other writer: we hold the lock)
+        numbers = [int(p.stem.split("-")[1]) for p in self._parts()]
+        self.next_part = max(numbers, default=-1) + 1
+        return {key for f in self._files() for key in self._keys(f)}
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.parts.glob("part-*.parquet"))
 
     def _files(self) -> list[Path]:
-        return ([self.path] if self.path.exists() else []) + sorted(self.parts.glob("part-*.parquet"))
+        return ([self.real] if self.real.exists() else []) + self._parts()
+
+    def _keys(self, file: Path, table: Any = None) -> list[Key]:
+        table = table if table is not None else self.pq.read_table(file, columns=list(ROW_KEY))
+        return list(zip(*(table.column(c).to_pylist() for c in ROW_KEY)))
 
     def append(self, rows: list[dict]) -> None:
         try:
@@ -485,55 +601,163 @@ class ParquetOutput(_Output):
             raise _write_failed(self.path, exc) from exc
         self.next_part += 1
 
+    def drop(self, keys: set[Key]) -> None:
+        if not keys & self.keys:
+            return
+        try:
+            for file in self._files():  # each file rewritten alone, atomically: a kill leaves each old or new
+                table = self.pq.read_table(file, schema=self.schema)
+                keep = [key not in keys for key in self._keys(file, table)]
+                if all(keep):
+                    continue
+                with atomic_file(file) as tmp:
+                    self.pq.write_table(table.filter(self.pa.array(keep, self.pa.bool_())), tmp)
+                if file == self.real:
+                    self.lock.pin(file)
+        except OSError as exc:
+            raise _write_failed(self.path, exc) from exc
+        self.keys -= keys
+
     def _finish(self, finish: bool) -> None:
         if not finish:
             return
-        files = self._files()
-        if files != [self.path]:
+        parts = self._parts()
+        if parts:
             try:
-                with atomic_file(self.path) as tmp, self.pq.ParquetWriter(tmp, self.schema) as writer:
-                    for file in files:
-                        writer.write_table(self.pq.read_table(file, schema=self.schema))
+                seen: set[Key] = set()
+                with atomic_file(self.real) as tmp, self.pq.ParquetWriter(tmp, self.schema) as writer:
+                    for file in self._files():
+                        table = self.pq.read_table(file, schema=self.schema)
+                        keep = []
+                        for key in self._keys(file, table):
+                            keep.append(key not in seen)
+                            seen.add(key)
+                        writer.write_table(table if all(keep) else table.filter(self.pa.array(keep, self.pa.bool_())))
             except OSError as exc:
                 raise _write_failed(self.path, exc) from exc
-        shutil.rmtree(self.parts)
+        for part in parts:  # their rows are in out now; a kill among these removals is made good by the next run
+            part.unlink()
+        self.parts.rmdir()
 
 
 _OUTPUTS = {".csv": CsvOutput, ".jsonl": JsonlOutput, ".parquet": ParquetOutput}
 
 
 # -- the sink --------------------------------------------------------------------------------------------
+def _not_finite(where: str) -> str:
+    return f"its {where} is not finite (NaN or inf): no prediction"
+
+
+class FiniteRows:
+    """A head's ``predict_proba`` that gives a row of NaN for an embedding that is not finite (instead of failing
+    the whole batch); picklable for the Ray engine."""
+
+    def __init__(self, predict_proba: Callable[[np.ndarray], np.ndarray], classes: int):
+        self.predict_proba, self.classes = predict_proba, classes
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(X).all(axis=1)
+        if finite.all():
+            return self.predict_proba(X)
+        out = np.full((len(X), self.classes), np.nan)
+        if finite.any():
+            out[finite] = self.predict_proba(X[finite])
+        return out
+
+
 class PredictionSink:
     """A score output as the stage's sink: a row per input (error rows for failures), in input order.
 
     Content that ``cached`` holds for the head's feature set is known: not decoded, predicted here from its
-    stored embedding.
+    stored embedding. An input is done when the output holds its (source, path, sha256); one whose path the
+    output holds with other content is scored again and its old row dropped (:meth:`done_all`). An embedding or
+    a probability that is not finite gives an error row.
+
+    Parameters
+    ----------
+    output : _Output or None
+        Where rows go (None: in memory).
+    predictor : Predictor
+    cached : FeatureSetReader, optional
+    source : str
+        The ``source`` column of the inputs (the folder or manifest scored), unless :attr:`sources` names one.
     """
 
-    def __init__(self, output: Any, predictor: Predictor, cached: FeatureSetReader | None = None):
-        self.output, self.predictor, self.cached = output, predictor, cached
+    def __init__(self, output: Any, predictor: Predictor, cached: FeatureSetReader | None = None, source: str = ""):
+        self.output, self.predictor, self.cached, self.source = output, predictor, cached, source
+        self.sources: dict[int, str] = {}  # id(record) -> its source, for inputs from several (a cache's rows)
+        self.shas: dict[int, str] = {}  # id(record) -> its sha256, where known without reading the file
+
+    def source_of(self, record: ImageRecord) -> str:
+        return self.sources.get(id(record), self.source)
 
     def done(self, record: ImageRecord) -> bool:
-        """Whether the output already has this path's row."""
-        return self.output is not None and display_path(record.relpath) in self.output.paths
+        """Whether the output already has this input's row (its source, path and current content)."""
+        return self.done_all([record])[0]
+
+    def done_all(self, records: Sequence[ImageRecord]) -> list[bool]:
+        """Per input, whether the output already has its row: the same source, path and sha256. The files of
+        inputs whose (source, path) the output holds are hashed (in threads) to tell; rows of those whose content
+        changed are dropped from the output (superseded: they are scored again)."""
+        if self.output is None or not self.output.keys:
+            return [False] * len(records)
+        held = {(s, p) for s, p, _ in self.output.keys}
+        where = [(display_path(self.source_of(r)), display_path(r.relpath)) for r in records]  # as written
+        ask = [i for i, key in enumerate(where) if key in held]
+        unknown = [i for i in ask if id(records[i]) not in self.shas]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            hashed = dict(zip(unknown, pool.map(content_sha256, [records[i].abspath for i in unknown])))
+        now = {(*where[i], hashed[i] if i in hashed else self.shas[id(records[i])]) for i in ask}
+        asked = {where[i] for i in ask}
+        stale = {key for key in self.output.keys if key[:2] in asked and key not in now}
+        if stale:
+            log.info("%s: %d rows superseded (their files changed): scored again", self.output.path, len(stale))
+            self.output.drop(stale)
+        flags = [False] * len(records)
+        for i in ask:
+            flags[i] = (*where[i], hashed[i] if i in hashed else self.shas[id(records[i])]) in self.output.keys
+        return flags
 
     def known_shas(self) -> set[str]:
         """The content the reused cache holds."""
         return set(self.cached.index) if self.cached is not None else set()
 
     def probabilities(self, items: Sequence[Decoded], outputs: np.ndarray) -> list[np.ndarray | None]:
-        """Per item: its probabilities (the next of ``outputs``, or from the cache's embedding), None if it failed."""
+        """Per item: its probabilities (the next of ``outputs``, or from the cache's embedding), None if it failed;
+        an item whose embedding or probabilities are not finite gets its ``error`` set here."""
         reused = [item.sha256 for item in items if item.known]
-        from_cache = iter(self.predictor.from_embeddings(self.cached.get(reused)) if reused else ())  # type: ignore
-        fresh = iter(outputs)
-        return [None if item.error is not None else next(from_cache if item.known else fresh) for item in items]
+        predicted = np.full((len(reused), len(self.predictor.labels)), np.nan)
+        if reused:
+            embeddings = self.cached.get(reused)  # type: ignore[union-attr]
+            finite = np.isfinite(embeddings).all(axis=1)  # a NaN / inf row gets NaN probabilities: an error row
+            if finite.any():
+                predicted[finite] = self.predictor.from_embeddings(embeddings[finite])  # type: ignore[misc]
+        from_cache, fresh = iter(predicted), iter(outputs)
+        result: list[np.ndarray | None] = []
+        for item in items:
+            proba: np.ndarray | None = None
+            if item.error is None:
+                proba = next(from_cache) if item.known else next(fresh)
+                if not np.isfinite(proba).all():
+                    item.error = _not_finite("cached embedding" if item.known else "embedding (or the model's output)")
+                    proba = None
+            result.append(proba)
+        return result
 
     def append(self, items: Sequence[Decoded], outputs: np.ndarray) -> None:
         """Append one row per item (probabilities from ``outputs``, from the cache, or an error) durably."""
+        probabilities = self.probabilities(items, outputs)
         self.output.append(
             [
-                self.output.row(display_path(i.record.relpath), i.sha256, i.record.label, p, i.error)
-                for i, p in zip(items, self.probabilities(items, outputs))
+                self.output.row(
+                    display_path(i.record.relpath),
+                    display_path(self.source_of(i.record)),
+                    i.sha256,
+                    i.record.label,
+                    p,
+                    i.error,
+                )
+                for i, p in zip(items, probabilities)
             ]
         )
 
@@ -543,19 +767,23 @@ class PredictionSink:
             self.output.close(finish=finish)
 
 
+def _sidecar(out: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(out) + ".tlpipe.json")
+
+
 def check_resume(out: str | os.PathLike, identity: dict) -> None:
     """Resume only what this same model wrote.
 
-    ``<out>.tlpipe.json`` records the head / model file hash and the options that shape rows; an existing
-    output written by another model or options, or a file tlpipe did not write, is refused.
+    ``<out>.tlpipe.json`` (beside the real file) records the head / model file hash and the options that shape
+    rows; an existing output written by another model or options, or a file tlpipe did not write, is refused.
 
     Raises
     ------
     ScoreError
         As said, or the record cannot be written.
     """
-    sidecar = Path(str(out) + ".tlpipe.json")
-    if Path(out).exists() or Path(str(out) + ".parts").exists():
+    sidecar, real = _sidecar(out), os.path.realpath(out)
+    if Path(real).exists() or Path(real + ".parts").exists():
         try:
             recorded = json.loads(sidecar.read_text())
         except (OSError, ValueError):
@@ -564,15 +792,16 @@ def check_resume(out: str | os.PathLike, identity: dict) -> None:
                 f"choose another --out or remove it"
             ) from None
         if recorded != identity:
+            if {k: v for k, v in identity.items() if k != "rows"} == recorded:
+                raise ScoreError(
+                    f"{out} was written by an earlier tlpipe, whose rows are matched by path alone (a changed file "
+                    f"kept its old row); choose another --out or remove it to score again"
+                )
             raise ScoreError(
                 f"{out} was written by another model or options ({recorded}); a re-run resumes only "
                 f"the same scoring: choose another --out or remove it"
             )
         return
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where a folder should be, no permission, a read-only file system...
-        raise ScoreError(f"cannot create the output's folder {Path(out).parent}: {exc.strerror or exc}") from exc
     try:
         atomic_write(sidecar, json.dumps(identity))
     except OSError as exc:
@@ -586,14 +815,17 @@ def open_sink(
     top_k: int,
     cached: FeatureSetReader | None = None,
     labelled: bool = False,
+    source: str = "",
 ) -> PredictionSink:
-    """The output for ``out``'s extension (its folder created if missing), after the resume check, as a sink
-    (every engine opens it here); ``cached``: the head's feature set in the reused cache.
+    """The output for ``out``'s extension (its folder created if missing), locked for this run whatever its name,
+    after the resume check, as a sink (every engine opens it here); ``cached``: the head's feature set in the
+    reused cache; ``source``: the inputs' ``source`` column.
 
     Raises
     ------
     ScoreError
-        Another model or options wrote ``out``; an extension that is not a format; ``out`` is a folder.
+        Another model or options wrote ``out``; another run is writing it (by any name); an extension that is not
+        a format; ``out`` is a folder.
     """
     out = Path(out)
     output = _OUTPUTS.get(out.suffix.lower())
@@ -610,8 +842,19 @@ def open_sink(
     }
     if predictor.resize_filter != LEGACY_RESIZE_FILTER:  # outputs written before the filter was recorded still resume
         identity["resize_filter"] = predictor.resize_filter
-    check_resume(out, identity)
-    return PredictionSink(output(out, k, labelled, predictor.labels), predictor, cached)
+    identity["rows"] = ROWS_KEYED_BY
+    try:
+        Path(os.path.realpath(out)).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only file system...
+        raise ScoreError(f"cannot create the output's folder {out.parent}: {exc.strerror or exc}") from exc
+    lock = WriteLock(out, ScoreError)  # before the resume check: it reads and writes the sidecar
+    try:
+        lock.pin()
+        check_resume(out, identity)
+        return PredictionSink(output(out, k, labelled, predictor.labels, lock), predictor, cached, source)
+    except BaseException:
+        lock.release()
+        raise
 
 
 # -- the pipeline ----------------------------------------------------------------------------------------
@@ -627,17 +870,18 @@ def true_labels(source: str | os.PathLike, allow_outside_root: bool = False) -> 
 
 class CacheRows(Engine):
     """The engine for a cache source: the committed rows of the sink's reused cache (the head's feature set)
-    are the inputs, each known (its embedding read back, nothing decoded), with the cache's labels."""
+    are the inputs, each known (its embedding read back, nothing decoded), with the cache's labels and sources."""
 
     def run(self, stage: Stage, records: Sequence[ImageRecord], model: Any, *, batch_size: int, **_: Any) -> None:
         """Commit every row not yet in the output, ``batch_size`` at a time (``records`` and ``model`` unused)."""
-        reader = stage.sink.cached  # type: ignore[attr-defined]
-        listed = {
-            id(d.record): d
-            for rows in reader.batches(4096)
-            for path, sha, label in zip(*rows)
-            for d in [Decoded(ImageRecord(path, "", label, None), sha, known=True)]
-        }
+        sink = stage.sink
+        reader = sink.cached  # type: ignore[attr-defined]
+        listed: dict[int, Decoded] = {}
+        for rows in reader.batches(4096):
+            for path, sha, label, source in zip(*rows):
+                record = ImageRecord(path, "", label, None)
+                sink.sources[id(record)], sink.shas[id(record)] = source, sha  # type: ignore[attr-defined]
+                listed[id(record)] = Decoded(record, sha, known=True)
         todo = [listed[id(r)] for r in stage.todo([d.record for d in listed.values()])]
         for start in range(0, len(todo), batch_size):
             stage.commit(todo[start : start + batch_size], np.empty((0, 0), np.float32))
@@ -672,8 +916,10 @@ def score(
         A folder or CSV manifest of images, or (with ``head``) an HDF5 cache whose rows for the head's
         feature set are scored without decoding anything.
     out : path
-        .csv, .jsonl or .parquet (the extension picks the format). Rows already there (by path) are kept
-        and not scored again; an output written by another model or options is refused.
+        .csv, .jsonl or .parquet (the extension picks the format). Rows already there (same source, path and
+        sha256) are kept and not scored again; a file whose content changed is scored again and its old row
+        dropped; an output written by another model or options is refused, and so is one another run is writing
+        (by any name).
     head : path, optional
         A saved head (its backbone comes from the model store ``store``).
     model : path, optional
@@ -753,7 +999,8 @@ def score(
         # one session unless asked: as scoring always ran (two streams measured no faster here, and cost ~80 MB)
         engine = engine or LocalEngine(device=device, workers=workers, threads=threads, streams=streams or 1)
     with engine:
-        sink = open_sink(out, predictor, top_k=top_k, cached=cached, labelled=labelled)
+        where = "" if from_cache else str(Path(source).resolve())  # a cache's rows name their own sources
+        sink = open_sink(out, predictor, top_k=top_k, cached=cached, labelled=labelled, source=where)
         summary = ScoreSummary(out=str(out), skipped=skipped)
         run_stream(
             records,

@@ -26,7 +26,7 @@ def test_plain_when_not_a_terminal():
         "# T",
         "name\tdim",
         "mobilenet_v2\t62,720",
-        "a b\t3",
+        "a\\tb\t3",  # a tab inside a cell is escaped: still one cell, and nothing lost
         "# cv",
         "head\tparams",
         "svm *\tC=0.1, class_weight=balanced, pca=256",

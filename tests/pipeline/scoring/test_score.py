@@ -68,6 +68,7 @@ def test_csv_has_one_row_per_image_and_error_rows(tmp_path, trained):
     rows = read_csv(out)
     assert list(rows[0]) == [
         "path",
+        "source",
         "sha256",
         "true_label",
         "label",
@@ -100,7 +101,7 @@ def test_csv_jsonl_and_parquet_have_the_same_columns(tmp_path, trained):
         run(trained.photos, tmp_path / f"scores.{suffix}", trained, top_k=1)
     csv_rows, jsonl_rows = read_csv(tmp_path / "scores.csv"), read_jsonl(tmp_path / "scores.jsonl")
     parquet_rows = pq.read_table(tmp_path / "scores.parquet").to_pylist()
-    columns = ["path", "sha256", "true_label", "label", "probability", "top1_label", "top1_prob", "error"]
+    columns = ["path", "source", "sha256", "true_label", "label", "probability", "top1_label", "top1_prob", "error"]
     assert list(csv_rows[0]) == list(jsonl_rows[0]) == list(parquet_rows[0]) == columns
     assert len(jsonl_rows) == 12 and all(
         r["error"] is None and r["top1_label"] == r["label"] and r["top1_prob"] == r["probability"] for r in jsonl_rows
