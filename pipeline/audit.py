@@ -775,7 +775,7 @@ def _root(source: str) -> str:
 
 def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[np.ndarray | None, str]:
     """The image at ``path`` (relative to one of the sources), or None and why not."""
-    from tlpipe.features.images import ImageError, decode_image
+    from tlpipe.features.images import ImageError, decode_image, read_image_file
 
     candidates = [os.path.join(root, path) for root in result.roots] or [path]
     reason = f"not found under {', '.join(result.roots) or 'any recorded source'}"
@@ -783,10 +783,12 @@ def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[
         if not os.path.isfile(candidate):
             continue
         try:
-            data = Path(candidate).read_bytes()
+            data = read_image_file(candidate)  # size and header first: a huge file is not read whole
         except OSError as exc:
             reason = f"cannot read: {exc.strerror}"
             continue
+        except ImageError as exc:
+            return None, exc.reason
         if hashlib.sha256(data).hexdigest() != sha256:
             reason = "file changed since extraction"
             continue
