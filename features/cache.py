@@ -70,6 +70,7 @@ import numpy as np
 
 from tlpipe.errors import InputError, TlpipeError
 
+from .colour import MIXED_COLOUR, recorded_colour
 from .fastdecode import DEFAULT_RESIZE_FILTER, LEGACY_RESIZE_FILTER, check_resize_filter, recorded_resize_filter
 from .names import display_name, normalize_split
 
@@ -870,8 +871,16 @@ class CacheWriter:
         return row is not None and row in self.rows_with(key)
 
     # -- writing ---------------------------------------------------------------------------------
-    def ensure_feature_set(self, key: str, dim: int, dtype: str = "float32", metadata: dict | None = None) -> None:
-        """Create feature set ``key`` or check that the existing one has this dimension and dtype."""
+    def ensure_feature_set(
+        self, key: str, dim: int, dtype: str = "float32", metadata: dict | None = None
+    ) -> str | None:
+        """Create feature set ``key`` or check that the existing one has this dimension and dtype.
+
+        Returns the colour handling (:func:`tlpipe.features.colour.recorded_colour`) an existing feature set
+        recorded when ``metadata`` names another one (a set made before embedded colour profiles were rendered
+        to sRGB): the set then records ``mixed`` (attribute ``colour`` and its metadata), and the caller says so.
+        None otherwise.
+        """
         features = self.file["features"]
         if key in features:
             group = features[key]
@@ -879,7 +888,14 @@ class CacheWriter:
                 raise CacheError(f"{self.path}: feature set {key} has dimension {group.attrs['dim']}, not {dim}")
             if group.attrs["dtype"] != dtype:
                 raise CacheError(f"{self.path}: feature set {key} is stored as {group.attrs['dtype']}, not {dtype}")
-            return
+            stored = json.loads(group.attrs.get("metadata", "{}"))
+            before = str(group.attrs.get("colour", recorded_colour(stored)))
+            if metadata and metadata.get("colour") and before not in (metadata["colour"], MIXED_COLOUR):
+                group.attrs["colour"] = MIXED_COLOUR
+                group.attrs["metadata"] = json.dumps(stored | {"colour": MIXED_COLOUR}, sort_keys=True)
+                self._flush()
+                return before
+            return None
         if dtype not in ("float32", "float16"):
             raise CacheError(f"dtype must be float32 or float16, not {dtype}")
         group = features.create_group(key)
@@ -896,6 +912,7 @@ class CacheWriter:
                 "metadata": json.dumps(metadata, sort_keys=True),
                 "resize": metadata.get("resize") or RESIZE_DEFAULT,
                 "resize_filter": recorded_resize_filter(metadata),
+                "colour": recorded_colour(metadata),
             }
         )
         for name in ("backbone", "input_size", "pooling", "preprocessing"):
@@ -903,6 +920,7 @@ class CacheWriter:
                 group.attrs[name] = metadata[name]
         group.attrs["count"] = 0
         self._flush()
+        return None
 
     def note_extraction(self, key: str, record: dict) -> None:
         """Store how fast feature set ``key`` was extracted (JSON attribute ``extraction``); a figure from a
@@ -1406,6 +1424,12 @@ class FeatureSet:
         made before the filter was a choice)."""
         return recorded_resize_filter(self.metadata)
 
+    @property
+    def colour(self) -> str:
+        """How colour profiles were handled (part of the identity): ``srgb-icc`` (embedded ICC profiles rendered to
+        sRGB), ``none`` (not recorded: made before, code values as stored) or ``mixed`` (rows of both)."""
+        return recorded_colour(self.metadata)
+
 
 def list_feature_sets(path: str | os.PathLike) -> list[str]:
     return read_retrying(path, lambda f: sorted(f["features"].keys()))
@@ -1679,6 +1703,7 @@ def _describe(f: h5py.File, path, embeddings: bool = False) -> dict:
             "weights": (meta.get("weights") or {}).get("source"),
             "resize": str(group.attrs.get("resize", meta.get("resize") or RESIZE_DEFAULT)),
             "resize_filter": str(group.attrs.get("resize_filter", recorded_resize_filter(meta))),
+            "colour": str(group.attrs.get("colour", recorded_colour(meta))),
             "model_key": meta.get("key"),
             "tta": meta.get("tta", "none"),
             "extraction": json.loads(group.attrs.get("extraction", "null")),

@@ -9,8 +9,6 @@ sample see the same pixels for the same file. Pixels come from :func:`tlpipe.fea
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +19,7 @@ import numpy as np
 from tlpipe.backbones.runtime import physical_cores
 
 from .fastdecode import DEFAULT_RESIZE_FILTER
-from .images import ImageError, decode_image, decode_image_sizes
+from .images import MAX_FILE_BYTES, ImageError, decode_image, decode_image_sizes, read_image_file
 from .sources import ImageRecord
 
 __all__ = ["Decoded", "decode_record", "decode_workers", "iter_decoded", "read_file", "stack_pixels"]
@@ -59,13 +57,16 @@ class Decoded:
     duplicate: bool = False
 
 
-def read_file(path: str) -> bytes:
-    """The bytes of a regular file, without blocking on anything else.
+def read_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, without blocking on anything else, once its size and header allow them
+    to be read whole (:func:`tlpipe.features.images.read_image_file`).
 
     Parameters
     ----------
     path : str
         File to read.
+    max_bytes : int
+        Larger files are refused from their size, before any byte is read.
 
     Returns
     -------
@@ -76,13 +77,10 @@ def read_file(path: str) -> bytes:
     ------
     OSError
         When it cannot be opened, or is a folder, a FIFO or a device (e.g. /dev/zero, which would never end).
+    ImageError
+        Too large (its size), or its header says it is not an image or holds too many pixels.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'})")
-        return fh.read()
+    return read_image_file(path, max_bytes=max_bytes)
 
 
 def decode_record(
@@ -115,6 +113,8 @@ def decode_record(
     """
     try:
         data = read_file(record.abspath)
+    except ImageError as exc:  # refused from its size or header: never read whole, so not hashed
+        return Decoded(record, error=exc.reason)
     except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
         return Decoded(record, error=f"cannot read: {getattr(exc, 'strerror', None) or exc}")
     sha = hashlib.sha256(data).hexdigest()
@@ -172,7 +172,9 @@ def iter_decoded(
     workers : int, optional
         Decode threads (default :func:`decode_workers`).
     prefetch : int, optional
-        Most inputs in flight (default 4 per worker): bounds the memory held by decoded pixels.
+        Most inputs in flight (default 4 per worker): bounds the memory held by decoded pixels. A file's bytes
+        are held only while its worker decodes it, so at most ``workers`` files (each at most
+        :data:`~tlpipe.features.images.MAX_FILE_BYTES`, larger ones refused unread) are held at once.
 
     Yields
     ------

@@ -29,6 +29,7 @@ from tlpipe.errors import InputError
 
 from .cache import CacheError, CacheWriter, ImageRow, feature_set_key
 from .calibration import resolve_entry
+from .colour import COLOUR
 from .decoder import Decoded
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS
 from .images import RESIZE_MODES
@@ -204,10 +205,19 @@ def extract_into(
     models = [FeatureModel(entry, (("", entry),))] if isinstance(entry, StoreEntry) else entry  # "": the first output
     targets = [t for m in models for _, t in m.outputs]
     keys = [feature_set_key(t.key, resize, resize_filter) for t in targets]
-    for key, t in zip(keys, targets):
-        settings = {"key": t.key, "feature_set_key": key, "resize": resize, "resize_filter": resize_filter}
-        writer.ensure_feature_set(key, t.embedding_dim, dtype, metadata=t.metadata | settings)
     summary = ExtractSummary(out=str(writer.path), key=keys[0], keys=keys, resize=resize, resize_filter=resize_filter)
+    for key, t in zip(keys, targets):
+        settings = {
+            "key": t.key,
+            "feature_set_key": key,
+            "resize": resize,
+            "resize_filter": resize_filter,
+            "colour": COLOUR,  # embedded ICC profiles rendered to sRGB (tlpipe.features.colour)
+        }
+        before = writer.ensure_feature_set(key, t.embedding_dim, dtype, metadata=t.metadata | settings)
+        if before is not None:
+            summary.warnings.append(_colour_warning(key, before))
+            log.warning("%s", summary.warnings[-1])
     sink = CacheSink(writer, keys, source, [t.embedding_dim for t in targets])
     stages = [
         StageModel(m.entry.model_path, m.input_size, tuple(name for name, _ in m.outputs if name)) for m in models
@@ -229,6 +239,15 @@ def extract_into(
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
         summary.gone = writer.mark_missing(source, sink.seen, {r.relpath for r in records})
     return summary
+
+
+def _colour_warning(key: str, before: str) -> str:
+    return (
+        f"feature set {key} was made before tlpipe rendered embedded colour profiles (ICC) to sRGB (it records "
+        f"colour {before!r}): its rows of images with a wide-gamut or other non-sRGB profile hold raw code values, "
+        "while the rows added now are rendered; it now records colour 'mixed'. To have every row alike, extract "
+        "into a new cache"
+    )
 
 
 OPTION_CHOICES = {
@@ -413,7 +432,7 @@ def extract(
         if images.skipped:
             failures = [(path, "", reason) for path, reason in images.skipped]
             writer.add_failures(failures, stage="listing", source=source_index)
-    summary.skipped, summary.warnings = list(images.skipped), images.warnings
+    summary.skipped, summary.warnings = list(images.skipped), images.warnings + summary.warnings
     if augment:
         from .augment import extract_augmented
 

@@ -4,20 +4,38 @@ Everything here is thread-friendly: Pillow releases the GIL while decoding and r
 and no global Pillow state is changed (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False so
 truncated files fail instead of decoding to grey) except that the optional pillow-heif opener is
 registered the first time a HEIF file arrives.
+
+What is refused rather than decoded to something else (each an :class:`ImageError` with its reason):
+
+- damaged data: a truncated file; a JPEG whose data libjpeg-turbo reports damaged or incomplete although it
+  still ends in EOI (:func:`tlpipe.features.fastdecode.jpeg_damage`: Pillow would fill the gap with grey); a
+  file Pillow's decoder rejects. Where other code in the process set ``LOAD_TRUNCATED_IMAGES`` (Pillow then
+  decodes truncated files without a word), JPEG and PNG files are still checked whole, and the other formats
+  are named once in the log as not checked;
+- a file over :data:`MAX_FILE_BYTES`, from its size, before it is read; a file over
+  :data:`HEADER_CHECK_BYTES` whose header (read through Pillow, without the rest) says it is not an image or
+  holds more than ``max_pixels``; a decompression bomb, from its header (Pillow's own
+  ``Image.MAX_IMAGE_PIXELS`` check is never switched off, and tlpipe's ``max_pixels`` is no larger);
+- an embedded colour profile that cannot be applied. A profile that can is: the pixels are its sRGB rendering
+  (:mod:`tlpipe.features.colour`).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
-from pathlib import Path
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
-from PIL import ExifTags, Image, TiffImagePlugin
+from PIL import ExifTags, Image, ImageFile, TiffImagePlugin
 
 from tlpipe.errors import InputError, TlpipeError
 
-from . import fastdecode
+from . import colour, fastdecode
 from .fastdecode import DEFAULT_RESIZE_FILTER, RESIZE_FILTERS, check_resize_filter  # noqa: F401
 
 __all__ = [
@@ -65,7 +83,16 @@ HEIF_EXTRA_MESSAGE = "HEIF/HEIC image: install the optional extra to decode it: 
 # Pillow's default Image.MAX_IMAGE_PIXELS. Pillow itself still refuses images over twice its own
 # limit (and warns above it) while opening, so a larger max_pixels cannot lift that cap.
 MAX_PIXELS = 89_478_485
+# Files larger than this are refused from their size, before any byte is read: it is above the largest
+# uncompressed picture within MAX_PIXELS (16-bit RGBA, 8 bytes a pixel: 716 MB), so no image tlpipe would
+# decode is refused by it, while a whole-slide scan or a renamed video is. Decode threads each hold at most
+# one file, so the bytes held at once stay under (decode threads) x MAX_FILE_BYTES.
+MAX_FILE_BYTES = 1 << 30
+# Files larger than this have their header read first (Pillow opens it without reading the rest): one that is
+# not an image, or holds more than max_pixels, is refused before it is read whole.
+HEADER_CHECK_BYTES = 16 << 20
 RESIZE_MODES = ("squash", "crop")
+log = logging.getLogger(__name__)
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -177,29 +204,24 @@ def decode_image(
     fast = fastdecode.decode_jpeg(data, size, max_pixels) if resize_filter == "bilinear" else None
     if fast is not None:
         return fastdecode.resize_bilinear(fast[0], size, mode), fast[1]
-    if _is_heif(data):
-        _register_heif()
-    try:
+    with _decode_errors(data):
+        if _is_heif(data):
+            _register_heif()
         # Image.open parses the header only and leaves multi-frame files on frame 0.
         with Image.open(io.BytesIO(data)) as im:
-            if im.format in REFUSED_FORMATS:
-                raise ImageError(f"unsupported format: {REFUSED_FORMATS[im.format]}")
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageError(f"image too large: {width}x{height} exceeds {max_pixels} pixels")
-            if im.format in ("JPEG", "MPO"):
-                # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding. Pillow picks the largest
-                # factor that keeps both sides >= the request, and both modes need exactly that:
-                # squash needs each side >= size, crop needs the short side >= size. The request
-                # is square, so the EXIF rotation applied afterwards does not change it.
-                im.draft("RGB", (size, size))
-            im.load()
-            # After load: a decoder that applied the orientation itself has removed the tag by now.
-            orientation = _orientation(im)
-            rgb = _to_rgb(im)
-            if orientation in _TRANSPOSE:
-                rgb = rgb.transpose(_TRANSPOSE[orientation])
+            # Let libjpeg scale by 1/2, 1/4 or 1/8 while decoding. Pillow picks the largest factor that keeps
+            # both sides >= the request, and both modes need exactly that: squash needs each side >= size, crop
+            # needs the short side >= size. The request is square, so the EXIF rotation does not change it.
+            rgb, original = _upright_srgb(im, data, (size, size), max_pixels)
             array = _resize_array(rgb, size, mode, resize_filter)
+    return array, original
+
+
+@contextmanager
+def _decode_errors(data: bytes) -> Iterator[None]:
+    """Turn what Pillow and its plugins raise for ``data`` into :class:`ImageError` with a reason."""
+    try:
+        yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -207,6 +229,8 @@ def decode_image(
     except Image.UnidentifiedImageError as exc:
         if _is_heif(data) and not _heif_available():
             raise ImageError(HEIF_EXTRA_MESSAGE) from exc
+        if _cut_short(data):
+            raise ImageError("truncated image") from exc
         unsupported = _describe_tiff(data)
         if unsupported:
             raise ImageError(f"unsupported pixel format: {unsupported}") from exc
@@ -216,12 +240,101 @@ def decode_image(
         raise
     except Exception as exc:  # Pillow plugins raise many types for bad data
         message = str(exc) or type(exc).__name__
-        if "truncated" in message.lower():
+        if "truncated" in message.lower() or _cut_short(data):
             raise ImageError("truncated image") from exc
         raise ImageError(f"cannot decode: {message}") from exc
+
+
+def _upright_srgb(
+    im: Image.Image, data: bytes, draft: tuple[int, int] | None, max_pixels: int
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The opened ``im`` (of ``data``) loaded, checked, in sRGB and upright, and its ``(width, height)`` after
+    orientation. JPEG/MPO are decoded at the DCT scale Pillow's ``draft`` picks for ``draft``. Raises
+    :class:`ImageError` for what is refused; Pillow's own errors pass through (see :func:`_decode_errors`)."""
+    if im.format in REFUSED_FORMATS:
+        raise ImageError(f"unsupported format: {REFUSED_FORMATS[im.format]}")
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} exceeds {max_pixels} pixels")
+    if im.format in ("JPEG", "MPO"):
+        damage = fastdecode.jpeg_damage(data)  # Pillow drops libjpeg's warnings and fills a gap with grey
+        if damage:
+            raise ImageError(damage)
+        if draft:
+            im.draft("RGB", draft)
+    elif ImageFile.LOAD_TRUNCATED_IMAGES:
+        _refuse_truncated(im, data)
+    im.load()
+    # After load: a decoder that applied the orientation itself has removed the tag by now.
+    orientation = _orientation(im)
+    rgb = _srgb(im)
+    if orientation in _TRANSPOSE:
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
     if orientation in _SWAPS_AXES:
         width, height = height, width
-    return array, (width, height)
+    return rgb, (width, height)
+
+
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+_unchecked_formats: set[str] = set()
+_unchecked_lock = threading.Lock()
+
+
+def _srgb(im: Image.Image) -> Image.Image:
+    """:func:`_to_rgb` of a loaded image, rendered to sRGB from its embedded ICC profile when it has one that
+    is not sRGB's (:func:`tlpipe.features.colour.srgb_transform`)."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode == "LAB":  # CIELAB is device-independent: _to_rgb renders it to sRGB
+        return _to_rgb(im)
+    family = "CMYK" if im.mode == "CMYK" else "L" if im.mode in _GREY_MODES or im.mode.startswith("I;16") else "RGB"
+    try:
+        transform = colour.srgb_transform(icc, family)
+    except colour.ProfileError as exc:
+        raise ImageError(exc.reason) from exc
+    if transform is None:
+        return _to_rgb(im)
+    source = im if transform.input_mode == "CMYK" else _to_rgb(im)
+    return colour.render(source.convert("L") if transform.input_mode == "L" else source, transform)
+
+
+def _refuse_truncated(im: Image.Image, data: bytes) -> None:
+    """With ``ImageFile.LOAD_TRUNCATED_IMAGES`` set by other code, Pillow decodes a truncated file without a word:
+    refuse a PNG without its end chunk; name the other formats, once, as not checked."""
+    if im.format == "PNG":
+        if data.rfind(b"IEND") < 0:
+            raise ImageError("truncated image")
+        return
+    with _unchecked_lock:
+        if im.format in _unchecked_formats:
+            return
+        _unchecked_formats.add(str(im.format))
+    log.warning(
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process (set by other code): Pillow then decodes a "
+        "truncated %s file with the missing part grey, and tlpipe cannot tell; JPEG and PNG files are still checked",
+        im.format,
+    )
+
+
+def _cut_short(data: bytes) -> bool:
+    """Whether a container's own sizes say the file ends early: a RIFF (WebP) size, a TIFF's first IFD, or an
+    ISO base media (HEIF, AVIF) box past the end."""
+    end = len(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return int.from_bytes(data[4:8], "little") + 8 > end
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big") + 2 > end
+    if data[4:8] == b"ftyp":
+        i = 0
+        while i + 8 <= end:
+            size = int.from_bytes(data[i : i + 4], "big")
+            if size == 1 and i + 16 <= end:
+                size = int.from_bytes(data[i + 8 : i + 16], "big")
+            if size == 0:  # to the end of the file
+                return False
+            if size < 8 or i + size > end:
+                return size >= 8
+            i += size
+    return False
 
 
 def sniff_image(path: str | os.PathLike[str], limit: int = 1 << 16) -> bool:
@@ -248,6 +361,84 @@ def sniff_image(path: str | os.PathLike[str], limit: int = 1 << 16) -> bool:
         return True
 
 
+def read_image_file(
+    path: str | os.PathLike[str], *, max_bytes: int = MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS
+) -> bytes:
+    """The bytes of a regular file, once its size and header allow them to be read whole.
+
+    Parameters
+    ----------
+    path : path
+        File to read.
+    max_bytes : int
+        Larger files are refused from their size (``fstat``), before any byte is read.
+    max_pixels : int
+        Files over :data:`HEADER_CHECK_BYTES` are opened by Pillow first (the header only): more pixels than
+        this, a refused format, or not an image at all, and the rest is never read.
+
+    Returns
+    -------
+    bytes
+        The whole file.
+
+    Raises
+    ------
+    OSError
+        It cannot be opened or read, or is a folder, a FIFO or a device (e.g. /dev/zero, which would never end).
+    ImageError
+        ``file too large: N bytes, over the limit of M bytes``, or what its header says (``not an image``,
+        ``image too large: WxH exceeds P pixels``, ``unsupported format: ...``).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"not a regular file ({'a FIFO' if stat.S_ISFIFO(info.st_mode) else 'a device or socket'})")
+        if info.st_size > max_bytes:
+            raise ImageError(_too_large(info.st_size, max_bytes))
+        if info.st_size > HEADER_CHECK_BYTES:
+            _check_header(fh, max_pixels)
+            fh.seek(0)
+        data = fh.read(info.st_size + 1)  # one byte more: to see whether it grew since fstat
+        if len(data) > info.st_size:  # still being written: read on in pieces, up to the limit
+            parts = [data]
+            while (part := fh.read(1 << 20)) and sum(map(len, parts)) <= max_bytes:
+                parts.append(part)
+            data = b"".join(parts)
+    if len(data) > max_bytes:
+        raise ImageError(_too_large(len(data), max_bytes))
+    return data
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"file too large: {size} bytes, over the limit of {limit} bytes (MAX_FILE_BYTES); it was not read"
+
+
+def _check_header(fh, max_pixels: int) -> None:
+    """Refuse the open file ``fh`` from its header (read by Pillow without the rest), or return."""
+    head = fh.read(64)
+    fh.seek(0)
+    if _is_heif(head):
+        _register_heif()
+    try:
+        with Image.open(fh) as im:
+            if im.format in REFUSED_FORMATS:
+                raise ImageError(f"unsupported format: {REFUSED_FORMATS[im.format]}")
+            width, height = im.size
+    except Image.UnidentifiedImageError as exc:
+        if not (head.startswith(_MAGIC) or head[8:12] == b"WEBP" or _is_heif(head)):
+            raise ImageError("not an image") from exc
+        return  # an image by its magic whose header Pillow cannot read this way: the decoder judges it whole
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large: {exc}") from exc
+    except ImageError:
+        raise
+    except Exception:  # a damaged header: the decoder gives the reason
+        return
+    if width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} exceeds {max_pixels} pixels")
+
+
 def load_image(
     path: str | os.PathLike[str],
     size: int,
@@ -256,14 +447,48 @@ def load_image(
     resize_filter: str = DEFAULT_RESIZE_FILTER,
     max_pixels: int = MAX_PIXELS,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Read ``path`` and :func:`decode_image` it; unreadable files raise :class:`ImageError`."""
+    """Read ``path`` (:func:`read_image_file`) and :func:`decode_image` it; unreadable files raise
+    :class:`ImageError`."""
     _check_resize_args(size, mode, resize_filter)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        detail = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc)
-        raise ImageError(f"cannot read: {detail}") from exc
+    data = _read(path, max_pixels)
     return decode_image(data, size, mode, resize_filter=resize_filter, max_pixels=max_pixels)
+
+
+def _read(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> bytes:
+    try:
+        return read_image_file(path, max_pixels=max_pixels)
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL byte
+        errno, strerror = getattr(exc, "errno", None), getattr(exc, "strerror", None)
+        detail = f"[Errno {errno}] {strerror}" if errno else str(exc)
+        raise ImageError(f"cannot read: {detail}") from exc
+
+
+def load_thumbnail(path: str | os.PathLike[str], side: int, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The picture at ``path`` as a viewer shows it — upright, in sRGB, refused when damaged, as
+    :func:`load_image` sees it — scaled down to fit ``side`` x ``side`` with its aspect ratio (never enlarged),
+    for the reports' galleries.
+
+    Returns
+    -------
+    PIL.Image.Image
+        An ``RGB`` image, both sides <= ``side``.
+
+    Raises
+    ------
+    ImageError
+        As :func:`load_image`.
+    """
+    data = _read(path, max_pixels)
+    if not data:
+        raise ImageError("empty file")
+    with _decode_errors(data):
+        if _is_heif(data):
+            _register_heif()
+        with Image.open(io.BytesIO(data)) as im:
+            rgb, _ = _upright_srgb(im, data, (side, side), max_pixels)
+            scale = min(1.0, side / max(rgb.size))
+            target = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+            return rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
 
 
 def _resize_array(rgb: Image.Image | np.ndarray, size: int, mode: str, resize_filter: str) -> np.ndarray:

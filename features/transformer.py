@@ -15,6 +15,7 @@ from tlpipe.errors import InputError
 
 from .cache import CacheWriter, feature_set_key, lookup_embeddings
 from .fastdecode import DEFAULT_RESIZE_FILTER
+from .images import ImageError, read_image_file
 from .sources import ImageRecord
 
 __all__ = ["EmbeddingTransformer"]
@@ -79,7 +80,14 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "entry_")
         paths = [Path(p) for p in X]
-        hashes = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+        hashes, refused = [], []
+        for p in paths:  # size and header first: a multi-GB file is refused unread (images.read_image_file)
+            try:
+                hashes.append(hashlib.sha256(read_image_file(p)).hexdigest())
+            except ImageError as exc:
+                refused.append(f"{p}: {exc.reason}")
+        if refused:
+            raise ValueError(f"{len(refused)} of {len(paths)} images could not be embedded: {'; '.join(refused[:5])}")
         found = lookup_embeddings(self.cache, self.key_, hashes)
         missing = [i for i, h in enumerate(hashes) if h not in found]
         if missing:

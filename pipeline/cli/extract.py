@@ -243,7 +243,8 @@ def info(
         say(
             f"  feature set [cyan]{escape(key)}[/]: {fs['rows']} x {fs['dim']} {fs['dtype']} "
             f"({fs['backbone']} @ {fs['input_size']}, layer {fs['layer'] or 'full'}, {fs['pooling']}, "
-            f"resize {fs['resize']}, filter {fs.get('resize_filter', 'antialias')}, weights {fs['weights']}"
+            f"resize {fs['resize']}, filter {fs.get('resize_filter', 'antialias')}, colour {fs.get('colour', 'none')}, "
+            f"weights {fs['weights']}"
             f"{', TTA ' + fs['tta'] if fs.get('tta', 'none') != 'none' else ''}"
             f"{_speed_note(fs)}"
             f"{_augmented_note(fs)})"

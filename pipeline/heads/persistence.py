@@ -168,6 +168,7 @@ def save_head(
                 "resize": feature_set.resize,
                 "model_key": meta.get("key") or feature_set.key,
                 "resize_filter": feature_set.resize_filter,
+                "colour": feature_set.colour,  # how embedded colour profiles were handled (srgb-icc | none | mixed)
             },
             "class_names": list(feature_set.class_names),
             "classes": classes,

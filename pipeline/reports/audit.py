@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tlpipe.pipeline.audit.checks import OUTLIER_MADS, AuditResult
-from tlpipe.pipeline.reports.images import load_thumbnail
+from tlpipe.pipeline.reports.images import row_thumbnail
 
 __all__ = ["SHEET_ENTRIES", "write_report"]
 
@@ -24,7 +24,7 @@ def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[
     """The image at ``path`` under one of the audited sources' folders, or None and why not."""
     reason = "no recorded source"
     for root in result.roots or [""]:
-        image, reason = load_thumbnail(path, root, sha256, size)
+        image, reason = row_thumbnail(path, root, sha256, size)
         if image is not None:
             return image, ""
     return None, reason

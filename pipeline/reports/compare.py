@@ -291,8 +291,11 @@ def _map_chart(result: CompareResult, kind: str, path: Path) -> None:
 
 def _gallery(result: CompareResult, path: Path) -> str:
     """A thumbnail grid of the worst misclassified images (PIL, no plotting); returns a sentence on what
-    could be read."""
+    could be read. Each thumbnail is the picture as the model saw it: upright, in sRGB, refused when damaged
+    (:func:`tlpipe.features.images.load_thumbnail`)."""
     from PIL import Image, ImageDraw
+
+    from tlpipe.features.images import ImageError, load_thumbnail
 
     worst = result.misclassified[:GALLERY]
     cell, caption, cols = 160, 30, 4
@@ -306,12 +309,9 @@ def _gallery(result: CompareResult, path: Path) -> str:
         try:
             if found is None:
                 raise FileNotFoundError(reason)
-            with Image.open(found) as image:
-                image.draft("RGB", (cell, cell))  # JPEG: decode at a reduced scale
-                image = image.convert("RGB")
-                image.thumbnail((cell - 8, cell - 8))
-                sheet.paste(image, (x + (cell - image.width) // 2, y + (cell - image.height) // 2))
-        except (OSError, ValueError):
+            image = load_thumbnail(found, cell - 8)
+            sheet.paste(image, (x + (cell - image.width) // 2, y + (cell - image.height) // 2))
+        except (OSError, ValueError, ImageError):
             unreadable.append(item["path"])
             draw.rectangle((x + 4, y + 4, x + cell - 4, y + cell - 4), outline="grey")
             draw.text((x + 10, y + cell // 2 - 12), "image not readable", fill="black")

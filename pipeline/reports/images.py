@@ -14,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_thumbnail", "resolve_image"]
+__all__ = ["resolve_image", "row_thumbnail"]
+
+
+def _sha256(path: Path, block: int = 1 << 20) -> str:
+    """The file's sha256, read in blocks (a huge file is never held whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_image(path: str, root: str | None, sha256: str | None = None) -> tuple[Path | None, str]:
@@ -46,7 +55,7 @@ def resolve_image(path: str, root: str | None, sha256: str | None = None) -> tup
         return None, f"not found under {root or 'the working folder'}"
     if sha256:
         try:
-            digest = hashlib.sha256(candidate.read_bytes()).hexdigest()
+            digest = _sha256(candidate)
         except OSError as exc:
             return None, f"cannot read: {exc.strerror}"
         if digest != sha256:
@@ -54,19 +63,20 @@ def resolve_image(path: str, root: str | None, sha256: str | None = None) -> tup
     return candidate, ""
 
 
-def load_thumbnail(path: str, root: str | None, sha256: str | None, size: int) -> tuple[np.ndarray | None, str]:
+def row_thumbnail(path: str, root: str | None, sha256: str | None, size: int) -> tuple[np.ndarray | None, str]:
     """A cached row's image as a (size, size, 3) uint8 RGB square (centre crop), or None and why not.
 
-    Decoded by tlpipe's own decoder (:func:`tlpipe.features.images.decode_image`: EXIF orientation, colour
-    modes), so a thumbnail shows what the backbone saw.
+    Read by :func:`tlpipe.features.images.read_image_file` (size and header first) and decoded by tlpipe's own
+    decoder (:func:`tlpipe.features.images.decode_image`: EXIF orientation, colour profile rendered to sRGB,
+    damaged data refused), so a thumbnail shows what the backbone saw.
     """
-    from tlpipe.features.images import ImageError, decode_image
+    from tlpipe.features.images import ImageError, decode_image, read_image_file
 
     found, reason = resolve_image(path, root, sha256)
     if found is None:
         return None, reason
     try:
-        return decode_image(found.read_bytes(), size, "crop")[0], ""
+        return decode_image(read_image_file(found), size, "crop")[0], ""
     except ImageError as exc:
         return None, exc.reason
     except OSError as exc:

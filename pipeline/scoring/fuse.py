@@ -32,6 +32,7 @@ from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.store import ModelStore
 from tlpipe.errors import TlpipeError
+from tlpipe.features.colour import COLOUR
 from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
 from tlpipe.pipeline.heads.persistence import load_head
@@ -392,6 +393,7 @@ def export_model(
         "class_names": labels,
         "input_size": entry.input_size,
         "resize_filter": resize_filter,
+        "colour": COLOUR,  # its reference pixels: embedded ICC profiles rendered to sRGB, as score decodes them
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
         "outputs": {
             PROBABILITIES: "float32 (N, C), columns in class_names order",

@@ -20,7 +20,17 @@ from tlpipe.features.cache import CacheWriter, read_feature_set
 from tlpipe.features.extract import extract
 from tlpipe.features.images import _TRANSPOSE, MAX_PIXELS, ImageError, decode_image, resize_image
 
-from .test_images import GREEN, RED, close, encode, photo
+from .test_images import (
+    GREEN,
+    RED,
+    close,
+    damaged_jpegs,
+    display_p3_profile,
+    encode,
+    photo,
+    saturated_photo,
+    srgb_reference,
+)
 
 pytestmark = pytest.mark.skipif(not fastdecode.available(), reason="simplejpeg / opencv-python-headless missing")
 
@@ -84,11 +94,6 @@ def cmyk_jpeg() -> bytes:
     return encode(Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG")
 
 
-def icc_jpeg() -> bytes:
-    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    return encode(Image.new("RGB", (64, 48), RED), "JPEG", icc_profile=profile)
-
-
 def mpo() -> bytes:
     first, second = Image.new("RGB", (64, 48), RED), Image.new("RGB", (64, 48), GREEN)
     return encode(first, "MPO", save_all=True, append_images=[second])
@@ -107,7 +112,6 @@ FALLBACKS = {
     "gif": (lambda: encode(Image.new("RGB", (64, 48), RED).convert("P"), "GIF"), RED),
     "cmyk-jpeg": (cmyk_jpeg, (255, 0, 0)),
     "grey-jpeg": (lambda: encode(Image.new("L", (64, 48), 90), "JPEG"), (90, 90, 90)),
-    "icc-jpeg": (icc_jpeg, RED),
     "mpo-first-frame": (mpo, RED),
     "orientation-9": (bad_orientation_jpeg, RED),
 }
@@ -121,6 +125,48 @@ def test_unhandled_cases_take_the_pillow_path(case):
     for resize_filter in fastdecode.RESIZE_FILTERS:
         pixels, original = decode_image(data, 32, resize_filter=resize_filter)
         assert original == (64, 48) and close(pixels, colour, 14), (case, pixels.reshape(-1, 3).mean(0))
+
+
+def test_jpegs_with_a_colour_profile_take_the_fast_path_rendered_to_srgb():
+    # Before: any JPEG with an ICC profile left the fast path, and the Pillow path ignored the profile.
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    plain = encode(saturated_photo(), "JPEG", quality=95)
+    tagged = encode(saturated_photo(), "JPEG", quality=95, icc_profile=srgb)
+    fast = fastdecode.decode_jpeg(tagged, 128, MAX_PIXELS)
+    assert fast is not None and np.array_equal(fast[0], fastdecode.decode_jpeg(plain, 128, MAX_PIXELS)[0])
+    wide = encode(saturated_photo(), "JPEG", quality=95, icc_profile=display_p3_profile())
+    assert fastdecode.decode_jpeg(wide, 128, MAX_PIXELS) is not None
+    for size in (128, 40):  # no DCT scaling, then 1/4
+        pixels, _ = decode_image(wide, size)
+        with fastdecode.disabled():
+            pillow, _ = decode_image(wide, size)
+        assert np.abs(pixels.astype(int) - pillow).max() <= 1
+    assert np.abs(decode_image(wide, 128)[0].astype(int) - srgb_reference(wide, 128, "bilinear")).max() <= 2
+
+
+def test_the_fast_path_never_hands_out_damaged_pixels():
+    for name, data in damaged_jpegs().items():
+        assert fastdecode.decode_jpeg(data, 64, MAX_PIXELS) is None, name
+        with fastdecode.disabled(), pytest.raises(ImageError, match="damaged image data"):
+            decode_image(data, 64)  # the check is libjpeg-turbo's, not the fast path's: it stays on
+
+
+def test_without_simplejpeg_the_missing_damage_check_is_named(tmp_path):
+    """In a process where simplejpeg cannot be imported, JPEG data cannot be checked for damage (Pillow drops
+    libjpeg's warnings): decoding says so by name, once."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "half.jpg"
+    path.write_bytes(damaged_jpegs()["baseline-half-then-eoi"])
+    code = (
+        "import sys, logging; sys.modules['simplejpeg'] = None; logging.basicConfig()\n"
+        "from tlpipe.features.images import load_image\n"
+        f"for _ in range(3):\n    load_image({str(path)!r}, 32)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = [line for line in result.stderr.splitlines() if "simplejpeg" in line]
+    assert len(lines) == 1 and "damage" in lines[0] and "tlpipe[decode]" in lines[0], result.stderr
 
 
 def test_damaged_and_oversized_jpegs_keep_the_pillow_reasons():

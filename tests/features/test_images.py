@@ -1,15 +1,18 @@
 import io
+import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from tlpipe.features.images import (
     MAX_PIXELS,
     ImageError,
     decode_image,
+    decode_image_sizes,
     load_image,
     resize_image,
 )
@@ -541,3 +544,272 @@ def test_exif_orientation_in_a_png_exif_chunk_after_the_pixels():
     reference, _ = decode_image(encode(upright(), "PNG"), 32)
     arr, size = decode_image(data, 32)
     assert size == (64, 48) and np.abs(arr.astype(int) - reference).mean() < 6
+
+
+# -- issue 34, kind 5: damaged pixels are refused, never filled with grey -------------------------------------
+
+
+def _first_scan(data: bytes) -> int:
+    """Offset of the entropy-coded data after a JPEG's first SOS header."""
+    i = 2
+    while data[i + 1] != 0xDA:
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    return i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+
+
+def _scan_starts(data: bytes) -> list[int]:
+    """Offsets of every SOS marker of a (progressive) JPEG."""
+    return [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+
+
+def damaged_jpegs() -> dict[str, bytes]:
+    """JPEGs that still end in EOI (so Pillow finds nothing truncated) but lost or garbled part of their data."""
+    out = {}
+    for kind, options in {
+        "baseline": {},
+        "progressive": {"progressive": True},
+        "restarts": {"restart_marker_blocks": 8},
+    }.items():
+        good = encode(photo(300, 200, seed=3), "JPEG", quality=90, **options)
+        start = _first_scan(good)
+        body = len(good) - start
+        gap = start + body // 3
+        out[f"{kind}-half-then-eoi"] = good[: start + body // 2] + b"\xff\xd9"
+        out[f"{kind}-cut-out"] = good[:gap] + good[gap + body // 5 :]
+        zeroed = bytearray(good)
+        zeroed[gap : gap + body // 5] = bytes(body // 5)
+        out[f"{kind}-zeroed-gap"] = bytes(zeroed)
+    out["junk-before-eoi"] = encode(photo(300, 200), "JPEG")[:-2] + bytes(300) + b"\xff\xd9"
+    progressive = encode(photo(300, 200, seed=4), "JPEG", quality=90, progressive=True)
+    out["progressive-last-scans-missing"] = progressive[: _scan_starts(progressive)[4]] + b"\xff\xd9"
+    grey = encode(photo(300, 200).convert("L"), "JPEG")  # not the fast path's: Pillow decodes it
+    out["grey-half-then-eoi"] = grey[: _first_scan(grey) + (len(grey) - _first_scan(grey)) // 2] + b"\xff\xd9"
+    cmyk = encode(photo(300, 200).convert("CMYK"), "JPEG")
+    out["cmyk-zeroed-gap"] = cmyk[: len(cmyk) // 2] + bytes(2000) + cmyk[len(cmyk) // 2 + 2000 :]
+    return out
+
+
+@pytest.mark.parametrize("resize_filter", ["bilinear", "antialias"])  # the fast path, then Pillow's
+@pytest.mark.parametrize("name", sorted(damaged_jpegs()))
+def test_a_jpeg_with_missing_or_garbled_data_is_refused_on_both_paths(name, resize_filter):
+    # Before: libjpeg's warnings (premature end of data segment, extraneous bytes...) were dropped by Pillow,
+    # which filled what was missing with flat grey (or kept the garbage), and the image was embedded.
+    data = damaged_jpegs()[name]
+    with pytest.raises(ImageError) as info:
+        decode_image(data, 64, resize_filter=resize_filter)
+    assert info.value.reason.startswith("damaged image data: "), info.value.reason
+    with pytest.raises(ImageError, match="damaged image data"):
+        decode_image_sizes(data, (32, 64), resize_filter=resize_filter)
+
+
+def test_the_damage_check_refuses_nothing_whole():
+    """The intact originals of every damaged case decode (a progressive file with all its scans, restart markers,
+    grey, CMYK, bytes after EOI)."""
+    for options in ({}, {"progressive": True}, {"restart_marker_blocks": 8}):
+        data = encode(photo(300, 200, seed=3), "JPEG", quality=90, **options)
+        for resize_filter in ("bilinear", "antialias"):
+            assert decode_image(data, 64, resize_filter=resize_filter)[1] == (300, 200)
+        assert decode_image(data + b"trailing bytes after EOI, as some cameras write", 64)[1] == (300, 200)
+    for mode in ("L", "CMYK"):
+        assert decode_image(encode(photo(300, 200).convert(mode), "JPEG"), 64)[1] == (300, 200)
+
+
+def test_truncation_is_refused_even_where_other_code_lets_pillow_load_truncated_images(monkeypatch, caplog):
+    """``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (set by other code in the process, as some notebooks and
+    libraries do) makes Pillow fill what is missing with grey; tlpipe still refuses the file."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for data in (truncated_jpeg(), encode(photo(200, 150), "PNG")[:3000]):
+        with pytest.raises(ImageError, match="truncated image"):
+            decode_image(data, 32, resize_filter="antialias")
+
+
+# -- issue 34, kind 10: an embedded colour profile is rendered to sRGB ----------------------------------------
+
+# Display P3's primaries adapted to the ICC's D50 white, as Apple's "Display P3" profile states them.
+P3_COLORANTS = {
+    b"rXYZ": (0.515102, 0.241196, -0.001053),
+    b"gXYZ": (0.291965, 0.692245, 0.041882),
+    b"bXYZ": (0.157153, 0.066561, 0.784267),
+}
+
+
+def display_p3_profile(gamma: float | None = None) -> bytes:
+    """A Display P3 ICC profile (sRGB's tone curve, P3's wider primaries): LittleCMS's own sRGB profile with its
+    three colorant tags set to P3's; with ``gamma``, a plain power-law tone curve instead of sRGB's. Its description
+    still says "sRGB built-in": a profile is read by its content, never by its name."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    (count,) = struct.unpack(">I", data[128:132])
+    for i in range(count):
+        entry = 132 + 12 * i
+        tag, offset, _ = struct.unpack(">4sII", data[entry : entry + 12])
+        if tag in P3_COLORANTS:
+            data[offset + 8 : offset + 20] = b"".join(struct.pack(">i", round(v * 65536)) for v in P3_COLORANTS[tag])
+        elif tag in (b"rTRC", b"gTRC", b"bTRC") and gamma is not None:  # the three share one curve
+            curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256))
+            data[offset : offset + len(curve)] = curve
+            data[entry + 8 : entry + 12] = struct.pack(">I", len(curve))
+    data[84:100] = bytes(16)  # profile ID (an MD5 of the content): "not computed"
+    return bytes(data)
+
+
+def srgb_rendering(data: bytes) -> Image.Image:
+    """What a colour-managed viewer shows: ImageCms' own rendering of the file's pixels from its embedded profile to
+    sRGB (perceptual intent, ImageCms' default)."""
+    with Image.open(io.BytesIO(data)) as im:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(im.info["icc_profile"]))
+        return ImageCms.profileToProfile(im.convert("RGB"), profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+
+
+def srgb_reference(data: bytes, size: int, resize_filter: str) -> np.ndarray:
+    """:func:`srgb_rendering`, resized as tlpipe resizes."""
+    return np.asarray(resize_image(srgb_rendering(data), size, "squash", resize_filter))
+
+
+def saturated_photo(width: int = 300, height: int = 200) -> Image.Image:
+    """Gradients through saturated colours, where P3 and sRGB code values differ most."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([255 * x / width, 255 * (1 - y / height), 128 + 127 * np.sin((x + y) / 40)], axis=-1)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("resize_filter", ["bilinear", "antialias"])
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}), ("TIFF", {})],
+    ids=["jpeg", "png", "webp", "tiff"],
+)
+def test_an_embedded_wide_gamut_profile_is_rendered_to_srgb(fmt, options, resize_filter):
+    # Before: the profile was ignored and the raw P3 code values reached the model (here up to ~40 levels off).
+    data = encode(saturated_photo(), fmt, icc_profile=display_p3_profile(), **options)
+    pixels, original = decode_image(data, 128, resize_filter=resize_filter)
+    reference = srgb_reference(data, 128, resize_filter)
+    with Image.open(io.BytesIO(data)) as im:
+        raw = np.asarray(resize_image(im.convert("RGB"), 128, "squash", resize_filter))
+    assert original == (300, 200)
+    assert np.abs(raw.astype(int) - reference).max() > 20  # the profile matters for this picture
+    assert np.abs(pixels.astype(int) - reference).max() <= 2
+    arrays, _ = decode_image_sizes(data, (64, 128), resize_filter=resize_filter)
+    assert np.array_equal(arrays[1], pixels)
+
+
+def test_an_srgb_profile_changes_nothing():
+    """An embedded sRGB profile (most camera JPEGs carry one) renders to the same code values: no conversion."""
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for fmt in ("JPEG", "PNG"):
+        plain = encode(saturated_photo(), fmt)
+        tagged = encode(saturated_photo(), fmt, icc_profile=srgb)
+        assert np.array_equal(decode_image(plain, 96)[0], decode_image(tagged, 96)[0])
+
+
+def test_a_profile_that_cannot_be_read_is_refused_naming_it():
+    data = encode(saturated_photo(), "JPEG", icc_profile=b"not an ICC profile at all" * 8)
+    with pytest.raises(ImageError, match="colour profile"):
+        decode_image(data, 64)
+
+
+def test_a_grey_image_with_an_rgb_profile_is_rendered_as_grey_in_that_space():
+    """A grey picture tagged with an RGB profile (some converters write one) has R = G = B in that space."""
+    grey = saturated_photo().convert("L")
+    profile = display_p3_profile(gamma=1.8)  # a tone curve unlike sRGB's: its greys are other greys
+    data = encode(grey, "PNG", icc_profile=profile)
+    pixels, _ = decode_image(data, 64, resize_filter="antialias")
+    reference = srgb_reference(encode(grey.convert("RGB"), "PNG", icc_profile=profile), 64, "antialias")
+    raw = np.asarray(resize_image(grey.convert("RGB"), 64, "squash", "antialias"))
+    assert np.abs(raw.astype(int) - reference).max() > 10
+    assert np.abs(pixels.astype(int) - reference).max() <= 2
+
+
+# -- issue 34, kind 13: size and header are checked before a file is read whole --------------------------------
+
+
+def _rchar() -> int:
+    """Bytes this process has read through read() so far (Linux /proc/self/io)."""
+    with open("/proc/self/io") as fh:
+        return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+
+
+def sparse(path, head: bytes, size: int):
+    """A file of ``size`` bytes that costs no disk: ``head``, then a hole."""
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.truncate(size)
+    return path
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose first IFD declares ``width`` x ``height`` 8-bit RGB, one strip (not stored)."""
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (262, 3, 1, 2), (273, 4, 1, 4096),
+               (277, 3, 1, 3), (278, 4, 1, height), (279, 4, 1, min(width * height * 3, 2**32 - 1))]  # fmt: skip
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        ifd += struct.pack("<HHI", tag, kind, count) + (
+            struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+MP4_HEADER = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41" + b"\x00\x00\x00\x08free"
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io to count bytes read")
+def test_big_files_are_judged_by_size_and_header_before_being_read(tmp_path):
+    from tlpipe.features.decoder import decode_record
+    from tlpipe.features.images import MAX_FILE_BYTES
+    from tlpipe.features.sources import ImageRecord
+
+    cases = {
+        "slide.tif": (tiff_header(150_000, 100_000), 3 << 30, "file too large"),  # a whole-slide scan
+        "clip.jpg": (MP4_HEADER, MAX_FILE_BYTES + 1, "file too large"),  # a renamed video, just over
+        "movie.png": (MP4_HEADER, 300 << 20, "not an image"),  # under the limit: its header says no
+        "scan.tif": (tiff_header(10_000, 10_000), 300 << 20, "image too large: 10000x10000 exceeds"),
+        "bomb.tif": (tiff_header(20_000, 20_000), 300 << 20, "image too large: Image size (400000000 pixels)"),
+    }
+    for name, (head, size, reason) in cases.items():
+        path = sparse(tmp_path / name, head, size)
+        before = _rchar()
+        result = decode_record(ImageRecord(name, str(path), None, None), 32, "squash")
+        assert result.pixels is None and str(result.error).startswith(reason), (name, result.error)
+        with pytest.raises(ImageError, match=re.escape(reason)):
+            load_image(path, 32)
+        assert _rchar() - before < 4 << 20, f"{name}: read whole"
+    assert MAX_FILE_BYTES == 1 << 30
+
+
+def test_report_thumbnails_are_upright_srgb_renderings(tmp_path):
+    """The galleries of compare's report show what the model saw: the sRGB rendering, upright, damage refused."""
+    from tlpipe.features.images import load_thumbnail
+
+    data = encode(saturated_photo(), "PNG", icc_profile=display_p3_profile())
+    (tmp_path / "p3.png").write_bytes(data)
+    thumb = load_thumbnail(tmp_path / "p3.png", 150)
+    assert thumb.mode == "RGB" and thumb.size == (150, 100)
+    reference = srgb_rendering(data).resize((150, 100), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    assert np.abs(np.asarray(thumb).astype(int) - np.asarray(reference)).max() <= 2
+    assert load_thumbnail(tmp_path / "p3.png", 1000).size == (300, 200)  # never enlarged
+    (tmp_path / "half.jpg").write_bytes(damaged_jpegs()["baseline-half-then-eoi"])
+    with pytest.raises(ImageError, match="damaged image data"):
+        load_thumbnail(tmp_path / "half.jpg", 150)
+
+
+def test_a_truncated_file_of_any_container_says_truncated():
+    """Before: a cut WebP said 'cannot decode: could not create decoder object', a cut LZW TIFF 'unsupported pixel
+    format: TIFF with 1 x 1-bit ...', a cut AVIF 'not an image'."""
+    from PIL import features
+
+    cases = [
+        ("WEBP", {"quality": 90}),
+        ("WEBP", {"lossless": True}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("PNG", {}),
+    ]
+    if features.check("avif"):
+        cases.append(("AVIF", {"quality": 80}))
+    for fmt, options in cases:
+        data = encode(photo(200, 150), fmt, **options)
+        for cut in (0.7, 0.95):
+            with pytest.raises(ImageError) as info:
+                decode_image(data[: int(len(data) * cut)], 32)
+            assert info.value.reason == "truncated image", (fmt, options, cut, info.value.reason)

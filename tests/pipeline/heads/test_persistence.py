@@ -61,6 +61,7 @@ def test_roundtrip_and_metadata(saved):
         "layer": None,
         "resize": "squash",
         "resize_filter": "antialias",
+        "colour": "none",  # a feature set written without recording colour handling: made before it was recorded
         "model_key": fs.metadata.get("key") or fs.key,
     }
     assert meta["class_names"] == fs.class_names and meta["labels"] == [fs.class_names[c] for c in meta["classes"]]
