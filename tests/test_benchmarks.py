@@ -21,3 +21,15 @@ def test_every_tlpipe_name_a_benchmark_imports_exists(script):
                 f"{node.module}.{a.name} (line {node.lineno})" for a in node.names if not hasattr(module, a.name)
             ]
     assert not missing, f"{script.name} imports names that do not exist: {', '.join(missing)}"
+
+
+def test_bench_ab_ratios_come_from_every_numeric_leaf_both_sides_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ab.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = {"a": {"img_s": 10, "ok": True, "name": "x"}, "b": [1.5, {"c": 2}]}
+    assert module.leaves(doc) == {"a.img_s": 10.0, "b[0]": 1.5, "b[1].c": 2.0}  # booleans and text are not figures
