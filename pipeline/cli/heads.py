@@ -180,7 +180,7 @@ def compare(
 ):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
     from tlpipe.features.spec import RunOptions
-    from tlpipe.pipeline.heads.estimators.spec import HeadSpec
+    from tlpipe.pipeline.heads.spec import HeadSpec
     from tlpipe.pipeline.heads.selection import compare as run_compare
     from tlpipe.pipeline.heads.selection import is_sweep
     from tlpipe.pipeline.reports.compare import COLUMNS, cells

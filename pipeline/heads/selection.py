@@ -25,7 +25,7 @@ from tlpipe.pipeline.heads.estimators import (
     select_split,
     summarize,
 )
-from tlpipe.pipeline.heads.estimators.spec import HeadSpec
+from tlpipe.pipeline.heads.spec import HeadSpec
 
 __all__ = [
     "CompareResult",
