@@ -32,6 +32,19 @@ from collections import OrderedDict
 import numpy as np
 from PIL import Image
 
+from tlpipe.errors import TlpipeError
+
+__all__ = [
+    "COLOUR",
+    "LEGACY_COLOUR",
+    "MIXED_COLOUR",
+    "ProfileError",
+    "recorded_colour",
+    "render",
+    "render_array",
+    "srgb_transform",
+]
+
 COLOUR = "srgb-icc"  # what feature sets made now record: embedded ICC profiles rendered to sRGB
 LEGACY_COLOUR = "none"  # what a feature set without the record holds: code values as stored
 MIXED_COLOUR = "mixed"  # rows of both kinds: colour-managed rows appended to a feature set made before
@@ -39,7 +52,7 @@ _CACHE_SIZE = 32
 _IDENTITY_TOLERANCE = 1  # grey levels: a profile within this of sRGB everywhere is sRGB
 
 
-class ProfileError(Exception):
+class ProfileError(TlpipeError):
     """An embedded colour profile that cannot be applied; ``reason`` says why."""
 
     def __init__(self, reason: str) -> None:

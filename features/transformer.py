@@ -87,7 +87,7 @@ class EmbeddingTransformer(TransformerMixin, BaseEstimator):
             except ImageError as exc:
                 refused.append(f"{p}: {exc.reason}")
         if refused:
-            raise ValueError(f"{len(refused)} of {len(paths)} images could not be embedded: {'; '.join(refused[:5])}")
+            raise InputError(f"{len(refused)} of {len(paths)} images could not be embedded: {'; '.join(refused[:5])}")
         found = lookup_embeddings(self.cache, self.key_, hashes)
         missing = [i for i, h in enumerate(hashes) if h not in found]
         if missing:

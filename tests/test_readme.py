@@ -114,7 +114,7 @@ def test_readme_python_example_uses_public_names_and_runs(workdir, tiny_entry):
     assert result["best"] in ("logreg", "svm", "mlp") and 0.0 <= result["accuracy"] <= 1.0
     assert result["shape"] == [1, len(result["labels"])] and len(result["labels"]) >= 2  # 1 image x the classes
     lines = (workdir / "predictions.csv").read_text().splitlines()
-    assert len(lines) == 1 + 4 and lines[0].startswith("path,sha256,label,probability,top1_label")  # unlabelled
+    assert len(lines) == 1 + 4 and lines[0].startswith("path,source,sha256,label,probability,top1_label")  # unlabelled
     assert (workdir / "head.joblib").exists() and (workdir / "head.joblib.json").exists()
 
 

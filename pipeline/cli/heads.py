@@ -180,9 +180,9 @@ def compare(
 ):
     """Cross-validate heads on the training rows, refit the best and score it once on the held-out rows."""
     from tlpipe.features.spec import RunOptions
-    from tlpipe.pipeline.heads.spec import HeadSpec
     from tlpipe.pipeline.heads.selection import compare as run_compare
     from tlpipe.pipeline.heads.selection import is_sweep
+    from tlpipe.pipeline.heads.spec import HeadSpec
     from tlpipe.pipeline.reports.compare import COLUMNS, cells
 
     names = [m.strip() for m in models.split(",") if m.strip()]

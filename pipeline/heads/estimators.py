@@ -514,7 +514,7 @@ def check_pca(
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
         limit = min(rows, dim) if rows is not None and dim is not None else None
         if limit is not None and value > limit:
-            raise ValueError(
+            raise InputError(
                 f"pca {value} is more components than the data has: a number of components can be at most {limit} "
                 f"here (min(rows, dimensions) = min({rows}, {dim}) of the rows it is fitted on), or give a fraction "
                 f"of the variance to keep in (0, 1)"
@@ -522,7 +522,7 @@ def check_pca(
         return int(value)
     if isinstance(value, (float, np.floating)) and 0 < value < 1:
         return float(value)
-    raise ValueError(f"pca must be {_PCA_FORMS}, not {pca!r}")
+    raise InputError(f"pca must be {_PCA_FORMS}, not {pca!r}")
 
 
 def pca_components(estimator: Pipeline) -> int | None:

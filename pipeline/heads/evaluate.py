@@ -166,7 +166,7 @@ def evaluate_head(
     if left_out:
         rows_used += f"; {left_out}"
         if not len(rows):
-            raise ValueError(f"feature set {fs.key}: no row to evaluate has a finite embedding ({left_out})")
+            raise InputError(f"feature set {fs.key}: no row to evaluate has a finite embedding ({left_out})")
     labels_of_head = head_labels(estimator, metadata, list(fs.class_names))  # names; older heads: mapped indices
     proba = estimator.predict_proba(fs.X[rows])
     true = np.array([fs.class_names[i] for i in fs.y[rows]], dtype=object)

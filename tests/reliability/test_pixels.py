@@ -182,14 +182,17 @@ def test_huge_files_and_bombs_are_failure_records_within_a_memory_limit(tmp_path
 def test_the_compare_gallery_shows_the_srgb_rendering(tmp_path):
     from types import SimpleNamespace
 
-    from tlpipe.pipeline.heads.selection import _gallery
+    from tlpipe.pipeline.reports.compare import _gallery
 
     flat = Image.new("RGB", (200, 200), (40, 180, 90))
     data = encode(flat, "PNG", icc_profile=display_p3_profile())
     (tmp_path / "p3.png").write_bytes(data)
     (tmp_path / "bomb.png").write_bytes(bomb_png(20_000, 20_000))  # before: DecompressionBombError, uncaught
-    worst = [{"path": name, "true": "a", "predicted": "b", "probability": 0.9} for name in ("p3.png", "bomb.png")]
-    note = _gallery(SimpleNamespace(misclassified=worst), [str(tmp_path)], tmp_path / "misclassified.png")
+    worst = [
+        {"path": name, "source": str(tmp_path), "true": "a", "predicted": "b", "probability": 0.9}
+        for name in ("p3.png", "bomb.png")
+    ]
+    note = _gallery(SimpleNamespace(misclassified=worst), tmp_path / "misclassified.png")
     assert "1 of them could not be read" in note and "bomb.png" in note
     with Image.open(tmp_path / "misclassified.png") as sheet:
         centre = np.asarray(sheet.convert("RGB"))[80, 80].astype(int)

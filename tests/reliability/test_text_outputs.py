@@ -76,6 +76,6 @@ def test_plain_and_markdown_tables_keep_one_row_per_line():
     for name in ODD:
         row = f"| {md_cell(name)} | 1 |"
         assert len(row.splitlines()) == 1 and row.replace("\\|", "").count("|") == 3
-    from tlpipe.pipeline.audit.checks import _md_path
+    from tlpipe.pipeline.reports.audit import _md_path
 
     assert all(len(_md_path(name).splitlines()) == 1 and "|" not in _md_path(name).replace("\\|", "") for name in ODD)
