@@ -51,8 +51,8 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
     vector_at = None
     for i, token in enumerate(tokens, 1):
 
-        def bad(reason: str, i: int = i, token: str = token) -> ValueError:
-            return ValueError(f"new layers {spec!r}: token {i} {token!r}: {reason}")
+        def bad(reason: str, i: int = i, token: str = token) -> InputError:
+            return InputError(f"new layers {spec!r}: token {i} {token!r}: {reason}")
 
         kind, *args = token.lower().split(":")
         if kind in ("conv", "dense"):
