@@ -479,7 +479,7 @@ class PreparedCustomModel:
     @property
     def title(self) -> str:
         if self.plan is None:
-            return f"from scratch: {self.spec} on {self.size} px images"
+            return f"from scratch at {self.size} px ({len(self.new_layers)} new layers, no backbone)"
         return f"custom model: {self.spec} on {self.backbone} up to {self.layer}"
 
 
