@@ -44,7 +44,7 @@ class ImagePreprocessing(keras.layers.Layer):
 
     def __init__(self, mode: str, **kwargs):
         super().__init__(**kwargs)
-        if mode not in ("tf", "caffe", "torch", "builtin"):
+        if mode not in ("tf", "caffe", "torch", "builtin", "unit"):
             raise InputError(f"unknown preprocessing mode {mode!r}")
         self.mode = mode
 
@@ -58,6 +58,8 @@ class ImagePreprocessing(keras.layers.Layer):
             mean = ops.convert_to_tensor(TORCH_MEAN, "float32")
             std = ops.convert_to_tensor(TORCH_STD, "float32")
             return (x / 255.0 - mean) / std
+        if self.mode == "unit":
+            return x / 255.0
         return x
 
     def compute_output_shape(self, input_shape):

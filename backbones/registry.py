@@ -76,6 +76,7 @@ PREPROCESSING_MODES = {
     "caffe": "RGB -> BGR, minus ImageNet mean [103.939, 116.779, 123.68]",
     "torch": "x / 255, minus mean [0.485, 0.456, 0.406], over std [0.229, 0.224, 0.225]",
     "builtin": "none outside: the Keras model rescales 0..255 itself",
+    "unit": "x / 255 (scale to [0, 1]; no registry backbone uses it: custom-model's default with backbone none)",
 }
 
 

@@ -18,6 +18,12 @@ Seconds per epoch are wall times of a training pass plus a validation pass (hist
 shared with other jobs: compare them within this run only.
 
 Run: python benchmarks/bench_custom_model.py [--quick]  (writes benchmarks/results/custom_model.json)
+
+``--scratch`` (issue 33) instead measures the guides' baseline: their small CNN trained from scratch
+(``custom-model --backbone none``: four conv + max-pool blocks, flatten, dense 512, dense 512; then the same
+with dropout 0.3) against the frozen extractor + logreg head and the fine-tune, same photos, same split, at
+128 px, up to 20 epochs (patience 4), so the whole run fits in ~10 minutes on 2 busy cores. Writes
+benchmarks/results/custom_model_scratch.json and the from-scratch runs' curves under docs/figures/custom_model/.
 """
 
 from __future__ import annotations
@@ -46,6 +52,12 @@ SHARED = ROOT.parent / "shared"
 MANIFEST = SHARED / "datasets" / "cats_vs_dogs" / "manifest.csv"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.h5"
 RESULTS = Path(__file__).resolve().parent / "results" / "custom_model.json"
+SCRATCH_RESULTS = RESULTS.with_name("custom_model_scratch.json")
+FIGURES = ROOT / "docs" / "figures" / "custom_model"
+SCRATCH_SIZE = 128
+SCRATCH_PATIENCE = 4  # room for the validation loss to turn up (over-fitting) before the stop
+BLOCKS = "conv:32,pool,conv:64,pool,conv:128,pool,conv:128,pool,flatten"
+SCRATCH_LAYERS = {"plain": f"{BLOCKS},dense:512,dense:512", "dropout 0.3": f"{BLOCKS},dense:512,dropout:0.3,dense:512"}
 NEW_LAYERS = "conv:128,pool,conv:256,pool,gap,dense:64,bn,dropout:0.3"
 SIZE = 160
 
@@ -62,6 +74,8 @@ def summary(result) -> dict:
         "feature_maps_cached",
         "feature_map_seconds",
         "test",
+        "backbone",
+        "preprocessing",
         "layer",
         "new_layers",
         "unfreeze_from",
@@ -77,14 +91,137 @@ def logreg_params(path: Path) -> int:
     return int(classifier.coef_.size + classifier.intercept_.size)
 
 
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_before": os.getloadavg(),
+        "note": "2-core machine shared with other helpers: wall times are noisy; compare within the run",
+    }
+
+
+def scratch_main(epochs: int, ft_epochs: int) -> None:
+    """From scratch (plain, dropout) vs frozen extractor + logreg vs fine-tune, at SCRATCH_SIZE px."""
+    import shutil
+
+    from tlpipe.pipeline.training.finetune import read_history
+
+    report: dict = {
+        "what": "the guides' from-scratch CNN (custom-model --backbone none) vs frozen MobileNetV2 extractor + "
+        "logreg head vs fine-tune on ../shared/datasets/cats_vs_dogs (500 train photos, 100 of them held out "
+        f"for validation by finetune/custom-model; 500 test photos, scored once), all at {SCRATCH_SIZE} px",
+        "machine": machine(),
+        "versions": {m: distribution_version(m) for m in ("tensorflow", "keras", "tf2onnx", "onnxruntime")},
+        "settings": {
+            "size": SCRATCH_SIZE,
+            "scratch_new_layers": SCRATCH_LAYERS,
+            "scratch_epochs": epochs,
+            "scratch_learning_rate": 1e-3,
+            "scratch_patience": SCRATCH_PATIENCE,
+            "finetune_epochs": ft_epochs,
+            "patience": 3,
+            "batch_size": 32,
+            "seed": 0,
+            "augment": {"scratch": False, "finetune": True},
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-scratch-") as tmp:
+        tmp = Path(tmp)
+        store = ModelStore(tmp / "store")
+        started = time.perf_counter()
+        extract(
+            MANIFEST,
+            tmp / "cache.h5",
+            backbone="mobilenet_v2",
+            weights=WEIGHTS,
+            size=SCRATCH_SIZE,
+            store=store,
+            device="cpu",
+        )
+        extracted = time.perf_counter()
+        head = train_head(tmp / "cache.h5", "logreg", tmp / "logreg.joblib")
+        report["head"] = {
+            "test_accuracy": head.evaluation.accuracy,
+            "test_log_loss": head.evaluation.to_dict().get("log_loss"),
+            "trainable_params": logreg_params(tmp / "logreg.joblib"),
+            "extract_seconds_1000_images": round(extracted - started, 1),
+            "fit_seconds": round(time.perf_counter() - extracted, 1),
+            "whole_seconds": round(time.perf_counter() - started, 1),
+            "setup": head.setup,
+        }
+        print("head", report["head"], flush=True)
+
+        started = time.perf_counter()
+        tuned = finetune(
+            MANIFEST,
+            tmp / "ft",
+            backbone="mobilenet_v2",
+            weights=WEIGHTS,
+            size=SCRATCH_SIZE,
+            head=tmp / "logreg.joblib",
+            unfreeze_last=1,
+            epochs=ft_epochs,
+            store=store,
+            progress=False,
+        )
+        keep = (
+            "best_epoch",
+            "best_val_loss",
+            "best_val_accuracy",
+            "epochs_run",
+            "epoch_seconds",
+            "unfreeze_from",
+            "test",
+        )
+        report["finetune"] = {
+            **{k: v for k, v in tuned.to_dict().items() if k in keep},
+            "whole_call_seconds": round(time.perf_counter() - started, 1),
+        }
+        print("finetune", report["finetune"], flush=True)
+
+        report["scratch"] = {}
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        for name, layers in SCRATCH_LAYERS.items():
+            started = time.perf_counter()
+            result = fit_custom_model(
+                MANIFEST,
+                tmp / name.replace(" ", "-"),
+                backbone="none",
+                size=SCRATCH_SIZE,
+                new_layers=layers,
+                epochs=epochs,
+                patience=SCRATCH_PATIENCE,
+                learning_rate=1e-3,
+                progress=False,
+            )
+            report["scratch"][name] = {
+                **summary(result),
+                "history": read_history(result.history_path),
+                "whole_call_seconds": round(time.perf_counter() - started, 1),
+            }
+            shutil.copyfile(result.curves_path, FIGURES / f"scratch-{name.split()[0]}-curves.png")
+            print("scratch", name, {k: v for k, v in report["scratch"][name].items() if k != "history"}, flush=True)
+    report["machine"]["load_average_after"] = os.getloadavg()
+    SCRATCH_RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {SCRATCH_RESULTS}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 fine-tune epoch, 3 custom-model epochs")
+    parser.add_argument(
+        "--scratch", action="store_true", help="the from-scratch baseline vs head vs fine-tune (issue 33) instead"
+    )
+    parser.add_argument("--epochs-scratch", type=int, default=20, help="from-scratch epochs (early stopping)")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tune epochs")
     parser.add_argument("--epochs-custom", type=int, default=12, help="custom-model epochs (early stopping)")
     args = parser.parse_args()
     if not MANIFEST.is_file() or not WEIGHTS.is_file():
         sys.exit(f"needs {MANIFEST} and {WEIGHTS}")
+    if args.scratch:
+        scratch_main(args.epochs_scratch, args.epochs)
+        return
     ft_epochs, custom_epochs = (1, 3) if args.quick else (args.epochs, args.epochs_custom)
     report: dict = {
         "what": "custom-model (new layers on a truncated frozen backbone) vs frozen extractor + logreg head vs "

@@ -123,19 +123,31 @@ def finetune(
 def custom_model(
     source: Path = typer.Argument(..., help="Labelled images: class folders, split folders or a CSV manifest."),
     out_dir: Path = typer.Option(
-        ..., "--out", "-o", help="Output folder (history, curves, checkpoints, classifier.onnx)."
+        ..., "--out", "-o", help="Output folder (history, curves, checkpoints, classifier.onnx, summary.json)."
     ),
-    backbone: str = BackboneOpt,
+    backbone: str = typer.Option(
+        "mobilenet_v2",
+        "--backbone",
+        "-b",
+        help="Registry name (see `tlpipe backbones`), or none: no backbone, the new layers train from scratch on the image (needs --size, takes no --layer).",
+    ),
     weights: str = WeightsOpt,
     weights_dir: Path | None = WeightsDirOpt,
     size: int | None = SizeOpt,
-    layer: str = typer.Option(
-        ...,
+    layer: str | None = typer.Option(
+        None,
         "--layer",
-        help="Cut the backbone at this layer (a cut point, see `tlpipe backbones --cuts`, or any layer name of the Keras model); everything up to it is frozen.",
+        help="Cut the backbone at this layer (a cut point, see `tlpipe backbones --cuts`, or any layer name of the Keras model); everything up to it is frozen. Required with a registry backbone, refused with --backbone none.",
     ),
     new_layers: str = typer.Option(
-        ..., "--new-layers", help=f"The new layers, trained on the cut point's feature maps: {NEW_LAYERS_HELP}."
+        ...,
+        "--new-layers",
+        help=f"The new layers, trained on the cut point's feature maps (with --backbone none: on the image): {NEW_LAYERS_HELP}.",
+    ),
+    preprocessing: str | None = typer.Option(
+        None,
+        "--preprocessing",
+        help="With --backbone none: how pixels reach the first layer: unit (x / 255, [0, 1]) [default], tf ([-1, 1]), torch, caffe. A registry backbone uses its own.",
     ),
     epochs: int = typer.Option(
         20, "--epochs", min=0, help="Most epochs to train the new layers (early stopping may end sooner)."
@@ -205,6 +217,7 @@ def custom_model(
         cache_feature_maps=cache,
         resize=resize,
         resize_filter=_value(resize_filter),
+        preprocessing=preprocessing,
         progress=not quiet,
     )
     params = result.params
@@ -218,17 +231,23 @@ def custom_model(
         if result.feature_maps_cached
         else "no feature-map cache"
     )
+    if result.layer is None:  # from scratch
+        where = f"from scratch on {result.size} px images ({escape(result.preprocessing)} pixels)"
+        counted = f"  parameters: {params['trainable']:,} trainable (random init, seed {seed}), "
+    else:
+        where = f"on {escape(backbone)} up to {escape(result.layer)}"
+        counted = f"  parameters: {params['frozen']:,} frozen, {params['trainable']:,} trainable, "
     unfrozen = (
         f", {params['unfrozen_backbone']:,} backbone parameters unfrozen from {result.unfreeze_from}"
         if result.unfreeze_from
         else ""
     )
     out.print(
-        f"[green]custom model[/] {escape(result.new_layers)} on {escape(backbone)} up to {escape(layer)} · {escape(result.setup)}\n"
-        f"  parameters: {params['frozen']:,} frozen, {params['trainable']:,} trainable, "
+        f"[green]custom model[/] {escape(result.new_layers)} {where} · {escape(result.setup)}\n"
+        f"{counted}"
         f"{params['non_trainable_new']:,} non-trainable in the new layers{unfrozen}\n"
         f"  validation: best (lowest loss {result.best_val_loss:.4f}) at epoch {result.best_epoch}, accuracy "
         f"{result.best_val_accuracy:.4f} ({result.epochs_run} epochs, {', '.join(f'{s:.1f}' for s in result.epoch_seconds)} s each; {maps})\n{test}"
         f"  classifier: {result.classifier_path} (use: tlpipe score DATA --classifier {result.classifier_path})\n"
-        f"  history: {result.history_path}, curves: {result.curves_path}"
+        f"  history: {result.history_path}, curves: {result.curves_path}, summary: {result.out_dir / 'summary.json'}"
     )

@@ -23,6 +23,15 @@ Feature-map caching: without augmentation the frozen part computes the same maps
 computed once (a float32 memory-mapped array per split under ``out_dir/feature-maps``, deleted at the end)
 and the new layers train on them. With augmentation, and in the unfreeze phase, each epoch runs the whole
 model on decoded images.
+
+From scratch (``backbone="none"``, the guides' baseline before any transfer): no backbone and no cut point;
+the new layers start on the preprocessed image itself (pixels scaled to [0, 1], :data:`SCRATCH_PREPROCESSING`,
+or another contract named by ``preprocessing``), every layer trainable from a seeded random initialisation::
+
+    uint8 images -> [augmentation, training only] -> ImagePreprocessing -> the new layers -> Dense softmax
+
+Everything else (validation split, early stopping, checkpoints, history, curves, test split, export,
+``summary.json``) is the same code path as a transfer run, so the outputs carry the same fields.
 """
 
 from __future__ import annotations
@@ -39,8 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tlpipe.backbones.atomic import atomic_write
 from tlpipe.backbones.choice import ModelChoice
-from tlpipe.backbones.export import INPUT_NAME, ExportPlan
+from tlpipe.backbones.export import DEFAULT_OPSET, INPUT_NAME, ExportPlan
+from tlpipe.backbones.registry import PREPROCESSING_MODES
 from tlpipe.errors import InputError
 from tlpipe.features.fastdecode import DEFAULT_RESIZE_FILTER
 from tlpipe.features.images import ImageError, load_image
@@ -77,9 +88,13 @@ __all__ = [
     "CustomModels",
     "FEATURE_MAPS",
     "FeatureMaps",
+    "NO_BACKBONE",
+    "SCRATCH_PREPROCESSING",
+    "SUMMARY_FILE",
     "PreparedCustomModel",
     "TrainedCustomModel",
     "build_custom_models",
+    "build_scratch_models",
     "count_params",
     "export_custom_model",
     "fit_custom_model",
@@ -97,6 +112,9 @@ log = logging.getLogger(__name__)
 CUSTOM_MODEL_CHOICE = ("backbone", "layer", "weights", "weights_dir", "size")  # the ModelChoice fields it takes
 
 PHASE_NEW, PHASE_UNFREEZE = "new-layers", "unfreeze"
+NO_BACKBONE = "none"  # backbone="none": the new layers train from scratch on the image itself
+SCRATCH_PREPROCESSING = "unit"  # x / 255: pixels in [0, 1], as the guides' from-scratch CNN
+SUMMARY_FILE = "summary.json"
 FEATURE_MAPS = "feature-maps"
 # Keras' default 0.99 needs hundreds of steps before the moving statistics that inference (validation, the
 # export) uses match the batches; a small data set gives a dozen steps an epoch.
@@ -173,17 +191,7 @@ def build_custom_models(
     base = truncate(plan, layer)
     set_trainable(base, None)
     preprocessing = ImagePreprocessing(plan.spec.preprocessing, name="preprocessing")
-    keras.utils.set_random_seed(seed)
-    layers = [_keras_layer(new, i, seed) for i, new in enumerate(new_layers, 1)]
-    layers.append(keras.layers.Dense(n_classes, activation="softmax", name="classifier"))
-
-    def head(x):
-        for keras_layer in layers:
-            x = keras_layer(x)
-        return x
-
-    maps = keras.Input(tuple(base.output.shape[1:]), name="feature_maps")
-    top = keras.Model(maps, head(maps), name="tlpipe_new_layers")
+    top = _new_layers_model(tuple(base.output.shape[1:]), new_layers, n_classes, seed)
     images = keras.Input((plan.size, plan.size, 3), dtype="uint8", name=INPUT_NAME)
     frozen = keras.Model(images, base(preprocessing(images), training=False), name="tlpipe_frozen_part")
     classifier = keras.Model(images, top(frozen(images)), name=f"tlpipe_{plan.spec.name}_custom_model")
@@ -191,6 +199,69 @@ def build_custom_models(
     if augment:  # on float pixels in 0..255, before the preprocessing, as fine-tune does
         x = augmentation(seed)(keras.ops.cast(x, "float32"))
     train = keras.Model(images, top(base(preprocessing(x), training=False)), name="tlpipe_custom_model_train")
+    return CustomModels(train, classifier, top, frozen, base)
+
+
+def _new_layers_model(shape: tuple, new_layers: list[NewLayer], n_classes: int, seed: int) -> keras.Model:
+    """feature maps (or preprocessed images) -> the new layers -> softmax; weights drawn after seeding."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [_keras_layer(new, i, seed) for i, new in enumerate(new_layers, 1)]
+    layers.append(keras.layers.Dense(n_classes, activation="softmax", name="classifier"))
+    maps = keras.Input(shape, name="feature_maps")
+    x = maps
+    for keras_layer in layers:
+        x = keras_layer(x)
+    return keras.Model(maps, x, name="tlpipe_new_layers")
+
+
+def build_scratch_models(
+    size: int,
+    new_layers: list[NewLayer],
+    n_classes: int,
+    *,
+    preprocessing: str = SCRATCH_PREPROCESSING,
+    augment: bool = False,
+    seed: int = 0,
+) -> CustomModels:
+    """Build the models of a from-scratch run (``backbone="none"``): no backbone, the new layers on the
+    preprocessed image, every weight trainable and drawn from a random initialisation seeded by ``seed``.
+
+    Parameters
+    ----------
+    size : int
+        Square input side in pixels; the models take uint8 (N, size, size, 3) RGB.
+    new_layers : list of NewLayer
+        Parsed layer language (:func:`parse_new_layers`); a Dense softmax over ``n_classes`` is added.
+    preprocessing : str
+        A key of :data:`tlpipe.backbones.registry.PREPROCESSING_MODES` ("unit": x / 255).
+    augment : bool
+        Put the training augmentation (flip, rotation, zoom, contrast) in front of ``train``.
+    seed : int
+        Seeds the initialisation and the dropout / augmentation layers.
+
+    Returns
+    -------
+    CustomModels
+        ``top`` holds every weight; ``base`` is an identity model without weights (nothing frozen) and
+        ``frozen`` is the preprocessing alone.
+    """
+    import keras
+
+    from tlpipe.backbones.keras_build import ImagePreprocessing
+
+    top = _new_layers_model((size, size, 3), new_layers, n_classes, seed)
+    scale = ImagePreprocessing(preprocessing, name="preprocessing")
+    pixels = keras.Input((size, size, 3), name="preprocessed")
+    base = keras.Model(pixels, keras.layers.Identity(name="no_backbone")(pixels), name="tlpipe_no_backbone")
+    images = keras.Input((size, size, 3), dtype="uint8", name=INPUT_NAME)
+    frozen = keras.Model(images, scale(images), name="tlpipe_preprocessing")
+    classifier = keras.Model(images, top(scale(images)), name="tlpipe_scratch_custom_model")
+    x = images
+    if augment:
+        x = augmentation(seed)(keras.ops.cast(x, "float32"))
+    train = keras.Model(images, top(scale(x)), name="tlpipe_custom_model_train")
     return CustomModels(train, classifier, top, frozen, base)
 
 
@@ -312,6 +383,7 @@ class CustomModelResult:
     layers, and ``unfrozen_backbone`` (trained in the unfreeze phase; 0 without it).
     ``epoch_seconds``: wall time of each trained epoch (training pass + validation pass);
     ``feature_map_seconds``: the one-off pass of the frozen part over every split (None when not cached).
+    ``backbone`` is "none" and ``layer`` None for a from-scratch run (``params["frozen"]`` 0).
     """
 
     out_dir: Path
@@ -320,7 +392,10 @@ class CustomModelResult:
     curves_path: Path
     class_names: list[str]
     setup: str
-    layer: str
+    backbone: str
+    size: int
+    preprocessing: str
+    layer: str | None
     new_layers: str
     params: dict
     best_epoch: int
@@ -343,6 +418,9 @@ class CustomModelResult:
             "curves": str(self.curves_path),
             "class_names": self.class_names,
             "setup": self.setup,
+            "backbone": self.backbone,
+            "size": self.size,
+            "preprocessing": self.preprocessing,
             "layer": self.layer,
             "new_layers": self.new_layers,
             "params": self.params,
@@ -371,18 +449,38 @@ class PreparedCustomModel:
     out_dir: Path
     images: ImageSource
     split: DataSplit
-    plan: ExportPlan
-    layer: str
+    plan: ExportPlan | None  # None: from scratch (backbone "none")
+    layer: str | None
     new_layers: list[NewLayer]
     spec: str
     options: TrainingOptions
     unfreeze: bool
     unfreeze_epochs: int
     cache_feature_maps: bool
+    size: int = 0
+    preprocessing: str = ""
 
     @property
     def class_names(self) -> list[str]:
         return self.images.class_names
+
+    @property
+    def backbone(self) -> str:
+        return NO_BACKBONE if self.plan is None else self.plan.spec.name
+
+    @property
+    def weights(self) -> str:
+        return f"random init, seed {self.options.seed}" if self.plan is None else self.plan.weights.identity
+
+    @property
+    def opset(self) -> int:
+        return DEFAULT_OPSET if self.plan is None else self.plan.opset
+
+    @property
+    def title(self) -> str:
+        if self.plan is None:
+            return f"from scratch at {self.size} px ({len(self.new_layers)} new layers, no backbone)"
+        return f"custom model: {self.spec} on {self.backbone} up to {self.layer}"
 
 
 def prepare_custom_model(
@@ -394,9 +492,15 @@ def prepare_custom_model(
     options: TrainingOptions | None = None,
     unfreeze_epochs: int | None = None,
     cache_feature_maps: bool = True,
+    preprocessing: str | None = None,
     **choice_fields: Any,
 ) -> PreparedCustomModel:
-    """Stage 1: check the settings and the layer language, find and split the images, resolve the weights."""
+    """Stage 1: check the settings and the layer language, find and split the images, resolve the weights.
+
+    With ``choice.backbone == "none"`` (from scratch) it refuses a cut point, a weights file or folder, a
+    missing size, a size too small for the pool layers, and the unfreeze settings (nothing is frozen);
+    ``preprocessing`` defaults to "unit" (x / 255). With a registry backbone ``preprocessing`` must be None
+    or the backbone's own contract. Raises ``InputError`` (a ValueError) naming the setting."""
     options = options or TrainingOptions(learning_rate=1e-3, augment=False)
     options.check()
     parsed = parse_new_layers(new_layers)
@@ -405,12 +509,32 @@ def prepare_custom_model(
         raise InputError(f"unfreeze_epochs must be >= 0, not {unfreeze_epochs}")
     if unfreeze_epochs and not unfreeze:
         raise InputError("unfreeze_epochs needs unfreeze_from or unfreeze_last (which blocks to unfreeze)")
+    choice = ModelChoice.given(choice, choice_fields, "custom-model", CUSTOM_MODEL_CHOICE)
+    if choice.backbone == NO_BACKBONE:
+        _check_scratch(choice, parsed, options, unfreeze, unfreeze_epochs)
+        mode = SCRATCH_PREPROCESSING if preprocessing is None else preprocessing
+        if mode not in PREPROCESSING_MODES or mode == "builtin":
+            known = ", ".join(m for m in PREPROCESSING_MODES if m != "builtin")
+            raise InputError(f"unknown preprocessing {mode!r} for backbone 'none'; one of: {known}")
+        plan, layer, size = None, None, int(choice.size or 0)
+        if cache_feature_maps and not options.augment:
+            log.info("backbone 'none': no frozen part, so no feature maps to cache; every epoch decodes the images")
+        cache_feature_maps = False
+    else:
+        if choice.backbone is None or choice.layer is None:
+            raise InputError(
+                "a custom model needs a registry backbone and the layer to cut it at (or backbone 'none' and a "
+                "size: the new layers trained from scratch on the image)"
+            )
+        plan, layer = choice.with_(layer=None).plan(seed=options.seed), choice.layer
+        size, mode = plan.size, plan.spec.preprocessing
+        if preprocessing is not None and preprocessing != mode:
+            raise InputError(
+                f"{plan.spec.name} takes its own preprocessing {mode!r}, not {preprocessing!r}; "
+                "preprocessing is for backbone 'none'"
+            )
     images = discover(source)
     split = split_records(images.records, options.val_fraction, options.seed)
-    choice = ModelChoice.given(choice, choice_fields, "custom-model", CUSTOM_MODEL_CHOICE)
-    if choice.backbone is None or choice.layer is None:
-        raise InputError("a custom model needs a registry backbone and the layer to cut it at")
-    plan, layer = choice.with_(layer=None).plan(seed=options.seed), choice.layer
     return PreparedCustomModel(
         Path(source),
         Path(out_dir),
@@ -424,7 +548,38 @@ def prepare_custom_model(
         unfreeze,
         options.epochs if unfreeze_epochs is None else unfreeze_epochs,
         cache_feature_maps and not options.augment,
+        size,
+        mode,
     )
+
+
+def _check_scratch(
+    choice: ModelChoice, layers: list[NewLayer], options: TrainingOptions, unfreeze: bool, unfreeze_epochs: int | None
+) -> None:
+    """Refuse what cannot work without a backbone, naming it."""
+    if choice.layer is not None:
+        raise InputError(
+            f"backbone 'none' has no layer to cut at (got layer {choice.layer!r}): the new layers start on the "
+            "image itself; drop the layer, or name a registry backbone"
+        )
+    if choice.size is None:
+        raise InputError("backbone 'none' needs a size (the square input side in pixels): there is no backbone default")
+    if choice.weights_dir is not None or str(choice.weights) not in ("imagenet", "none"):
+        raise InputError(
+            f"backbone 'none' loads no weights (got weights {str(choice.weights)!r}"
+            f"{', weights_dir' if choice.weights_dir is not None else ''}): every layer starts from a seeded random "
+            "initialisation"
+        )
+    if unfreeze or unfreeze_epochs or options.backbone_learning_rate is not None:
+        raise InputError(
+            "backbone 'none' has nothing frozen: unfreeze_from / unfreeze_last / unfreeze_epochs / "
+            "backbone_learning_rate need a registry backbone (every new layer trains from the first epoch)"
+        )
+    pools = sum(layer.kind == "pool" for layer in layers)
+    if choice.size < 2**pools:
+        raise InputError(
+            f"size {choice.size} is too small for {pools} pool layers (each halves the side): at least {2**pools} px"
+        )
 
 
 @dataclass
@@ -445,19 +600,30 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     p, o = prepared, prepared.options
     p.out_dir.mkdir(parents=True, exist_ok=True)
     log.info("%s", p.split.description)
-    models = build_custom_models(p.plan, p.layer, p.new_layers, len(p.class_names), augment=o.augment, seed=o.seed)
+    if p.plan is None:
+        models = build_scratch_models(
+            p.size, p.new_layers, len(p.class_names), preprocessing=p.preprocessing, augment=o.augment, seed=o.seed
+        )
+    else:
+        assert p.layer is not None
+        models = build_custom_models(p.plan, p.layer, p.new_layers, len(p.class_names), augment=o.augment, seed=o.seed)
     params = {**parameter_counts(models), "unfrozen_backbone": 0}
-    start = resolve_unfreeze(models.base, p.plan.spec, o.unfreeze_from, o.unfreeze_last) if p.unfreeze else None
+    start = (
+        resolve_unfreeze(models.base, p.plan.spec, o.unfreeze_from, o.unfreeze_last)
+        if p.unfreeze and p.plan is not None
+        else None
+    )
     verbose = 1 if o.progress else 0
     classes = p.class_names
     y = {name: label_indices(getattr(p.split, name), classes) for name in ("train", "val", "test")}
     weights = balanced_weights(y["train"]) if o.class_weight else None
     failures: dict[str, str] = {}
     config = {
-        "backbone": p.plan.spec.name,
-        "size": p.plan.size,
-        "weights": p.plan.weights.identity,
+        "backbone": p.backbone,
+        "size": p.size,
+        "weights": p.weights,
         "layer": p.layer,
+        "preprocessing": p.preprocessing,
         "new_layers": p.spec,
         "class_names": classes,
         "augment": o.augment,
@@ -493,7 +659,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             records = getattr(p.split, name)
             if records:
                 maps[name] = FeatureMaps(directory, name).compute(
-                    models.frozen, records, p.plan.size, o.resize, o.batch_size, failures, identity, o.resize_filter
+                    models.frozen, records, p.size, o.resize, o.batch_size, failures, identity, o.resize_filter
                 )
         map_seconds = round(time.perf_counter() - started, 3)
         log.info("feature maps of the frozen part: %.1f s", map_seconds)
@@ -512,7 +678,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
         return image_batches(
             p.split.train,
             y["train"],
-            p.plan.size,
+            p.size,
             o.resize,
             o.batch_size,
             shuffle_seed=o.seed,
@@ -524,7 +690,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
 
     def val_images():
         return image_batches(
-            p.split.val, y["val"], p.plan.size, o.resize, o.batch_size, failures=failures, resize_filter=o.resize_filter
+            p.split.val, y["val"], p.size, o.resize, o.batch_size, failures=failures, resize_filter=o.resize_filter
         )
 
     if phase_two_started:
@@ -539,7 +705,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
     run, unfreeze_from = first, None
 
     # phase 2: the backbone's last blocks with the new layers, end to end
-    if p.unfreeze:
+    if p.unfreeze and start is not None:
         set_trainable(models.base, start)
         unfreeze_from = models.base.layers[start].name
         params["unfrozen_backbone"] = count_params(models.base.trainable_weights)
@@ -561,7 +727,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             return image_batches(
                 p.split.train,
                 y["train"],
-                p.plan.size,
+                p.size,
                 o.resize,
                 o.batch_size,
                 shuffle_seed=o.seed + 1,
@@ -573,7 +739,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
 
         resumed += fit_phase(second, second_train, val_images(), p.unfreeze_epochs, verbose=verbose, start=first.best)
         run = second
-    plot_curves(run.rows, p.out_dir / "curves.png", f"custom model: {p.spec} on {p.plan.spec.name} up to {p.layer}")
+    plot_curves(run.rows, p.out_dir / "curves.png", p.title)
 
     test = None
     if p.split.test:
@@ -584,7 +750,7 @@ def train_custom_model(prepared: PreparedCustomModel) -> TrainedCustomModel:
             data = image_batches(
                 p.split.test,
                 y["test"],
-                p.plan.size,
+                p.size,
                 o.resize,
                 o.batch_size,
                 failures=failures,
@@ -600,15 +766,15 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
     fused-classifier metadata) and drop the cached feature maps."""
     p, run = prepared, trained.run
     path = p.out_dir / CLASSIFIER_FILE
-    sample = decodable(p.split.val, p.plan.size, p.options.resize, VERIFY_IMAGES, p.options.resize_filter)
+    sample = decodable(p.split.val, p.size, p.options.resize, VERIFY_IMAGES, p.options.resize_filter)
     record = {
         "made_by": "custom-model",
         "class_names": p.class_names,
-        "backbone": p.plan.spec.name,
+        "backbone": p.backbone,
         "layer": p.layer,
         "new_layers": p.spec,
-        "weights": p.plan.weights.identity,
-        "preprocessing": p.plan.spec.preprocessing,
+        "weights": p.weights,
+        "preprocessing": p.preprocessing,
         "resize": p.options.resize,
         "resize_filter": p.options.resize_filter,
         "params": trained.params,
@@ -619,16 +785,19 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
         "best_val_accuracy": run.best["val_accuracy"],
         "test": trained.test.to_dict() if trained.test else None,
     }
-    export_classifier(trained.models.classifier, p.plan.size, path, sample, record, p.plan.opset)
+    export_classifier(trained.models.classifier, p.size, path, sample, record, p.opset)
     shutil.rmtree(p.out_dir / FEATURE_MAPS, ignore_errors=True)
     trained_rows = [r for r in run.rows if r["epoch"] > 0]
-    return CustomModelResult(
+    result = CustomModelResult(
         out_dir=p.out_dir,
         classifier_path=path,
         history_path=run.history_path,
         curves_path=p.out_dir / "curves.png",
         class_names=p.class_names,
         setup=p.split.description,
+        backbone=p.backbone,
+        size=p.size,
+        preprocessing=p.preprocessing,
         layer=p.layer,
         new_layers=p.spec,
         params=trained.params,
@@ -644,6 +813,8 @@ def export_custom_model(prepared: PreparedCustomModel, trained: TrainedCustomMod
         resumed_from=trained.resumed_from,
         skipped=sorted(p.images.skipped + list(trained.failures.items())),
     )
+    atomic_write(p.out_dir / SUMMARY_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
 
 
 def fit_custom_model(
@@ -668,15 +839,18 @@ def fit_custom_model(
     resize: str = "squash",
     progress: bool = True,
     resize_filter: str = DEFAULT_RESIZE_FILTER,
+    preprocessing: str | None = None,
     **choice_fields: Any,
 ) -> CustomModelResult:
-    """Train new layers on ``backbone`` cut at ``layer`` (frozen) and export them as one ONNX classifier.
+    """Train new layers on ``backbone`` cut at ``layer`` (frozen), or from scratch on the image itself
+    (``backbone="none"``), and export them as one ONNX classifier.
 
     Runs :func:`prepare_custom_model`, :func:`train_custom_model` and :func:`export_custom_model`. Writes
     ``out_dir/history.csv`` (epoch 0: the untrained new layers; a ``phase`` column), ``curves.png``,
     ``checkpoints/`` (a re-run with the same settings resumes after the last committed epoch) and
     ``classifier.onnx`` (input ``images`` uint8 (N, S, S, 3) RGB, outputs ``probabilities`` float32 (N, C)
-    and ``label`` int64 (N,); class names in the metadata), which ``tlpipe score --classifier`` takes.
+    and ``label`` int64 (N,); class names in the metadata), which ``tlpipe score --classifier`` takes, and
+    ``summary.json`` (:meth:`CustomModelResult.to_dict`: the same fields for a transfer and a from-scratch run).
 
     Parameters
     ----------
@@ -684,8 +858,9 @@ def fit_custom_model(
         Labelled images: class folders, split folders or a CSV manifest. Validation: its 'val' split, else a
         stratified ``val_fraction`` hold-out of the training images; its 'test' split is scored at the end.
     choice : ModelChoice, optional
-        Its ``backbone`` (a registry backbone), ``layer`` (where to cut it: a cut point, or any layer name of the
-        Keras model), ``weights``, ``weights_dir`` and ``size`` (other fields are refused).
+        Its ``backbone`` (a registry backbone, or "none": no backbone, train from scratch), ``layer`` (where to
+        cut it: a cut point, or any layer name of the Keras model; refused with "none"), ``weights``,
+        ``weights_dir`` and ``size`` (required with "none"); other fields are refused.
     **choice_fields
         Without ``choice``: those fields by name (e.g. ``backbone="mobilenet_v2", layer="block_13_expand_relu"``).
     new_layers : str
@@ -701,6 +876,10 @@ def fit_custom_model(
         ``unfreeze_from``, or the last ``unfreeze_last`` blocks, as fine-tune) together with them for up to
         ``unfreeze_epochs`` (default ``epochs``) more epochs, the backbone at ``backbone_learning_rate``
         (default ``learning_rate / 10``). BatchNormalization stays frozen.
+    preprocessing : str, optional
+        With ``backbone="none"``: how uint8 pixels reach the first new layer, a key of
+        :data:`tlpipe.backbones.registry.PREPROCESSING_MODES` (default "unit": x / 255, pixels in [0, 1]).
+        With a registry backbone: None (its own contract; another value is refused).
     resize, resize_filter : str
         How images are resized ("squash" | "crop"; "bilinear" | "antialias", as in extract); recorded in the
         classifier, which ``tlpipe score --model`` then resizes with.
@@ -742,5 +921,6 @@ def fit_custom_model(
         options=options,
         unfreeze_epochs=unfreeze_epochs,
         cache_feature_maps=cache_feature_maps,
+        preprocessing=preprocessing,
     )
     return export_custom_model(prepared, train_custom_model(prepared))

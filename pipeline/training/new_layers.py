@@ -51,7 +51,7 @@ def parse_new_layers(spec: str) -> list[NewLayer]:
     vector_at = None
     for i, token in enumerate(tokens, 1):
 
-        def bad(reason: str, i: int = i, token: str = token) -> ValueError:
+        def bad(reason: str, i: int = i, token: str = token) -> InputError:
             return InputError(f"new layers {spec!r}: token {i} {token!r}: {reason}")
 
         kind, *args = token.lower().split(":")
