@@ -1,0 +1,50 @@
+"""The HTML reports: one page per report, escaped names, thumbnails beside it, cells linking to their images."""
+
+from __future__ import annotations
+
+import re
+
+from markupsafe import escape
+
+from .conftest import NASTY_CLASSES
+
+
+def test_compare_page_escapes_names_and_links_cells_to_their_images(compare_report):
+    result, paths = compare_report
+    page = paths["index.html"].read_text(encoding="utf-8")
+    folder = paths["index.html"].parent
+    assert "<b>bold</b>" not in page and str(escape(NASTY_CLASSES[1])) in page
+    assert str(escape('say "cheese"')) in page and "café ünïcode" in page
+    assert "bad\\xff-byte" in page  # the non-UTF-8 byte shown as the cache stores it
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # nothing from a network
+    # every thumbnail named on the page is a file beside it; the unreadable one says why
+    thumbs = re.findall(r'src="(thumbs/[^"]+)"', page)
+    assert len(thumbs) == len(result.misclassified) - 1 and all((folder / t).is_file() for t in thumbs)
+    assert "image not shown: file changed since extraction" in page
+    # each off-diagonal count links to a section holding exactly that cell's images
+    links = re.findall(r'<a href="#(cell-\d+-\d+)" class="cell-link"[^>]*>(\d+)</a>', page)
+    assert links
+    for anchor, count in links:
+        i, j = map(int, anchor.split("-")[1:])
+        section = page.split(f'id="{anchor}"')[1].split("</section>")[0]
+        true, predicted = str(escape(result.class_names[i])), str(escape(result.class_names[j]))
+        assert section.count('<figure class="tile"') == int(count) == result.misclassified_confusion[i][j]
+        assert section.count(f'data-true="{true}"') == int(count) == section.count(f'data-predicted="{predicted}"')
+
+
+def _assert_page_works(index, tmp_path, *, links: bool):
+    from .browser import check_page
+
+    verdict = check_page(index, tmp_path / f"{index.parent.name}.png")
+    print(f"screenshot: {verdict['screenshot']}")
+    assert verdict["console_errors"] == []
+    assert verdict["imgs"] and all(i["ok"] for i in verdict["imgs"]), [i for i in verdict["imgs"] if not i["ok"]]
+    assert all(z["ok"] for z in verdict["zooms"]), [z for z in verdict["zooms"] if not z["ok"]]
+    if links:
+        assert verdict["links"]
+        assert all(k["match"] and k["loaded"] and k["tiles"] == k["count"] for k in verdict["links"]), verdict["links"]
+    assert verdict["screenshot"] is not None and verdict["screenshot"].stat().st_size > 10_000
+
+
+def test_compare_page_in_a_real_browser(compare_report, tmp_path):
+    _assert_page_works(compare_report[1]["index.html"], tmp_path, links=True)
