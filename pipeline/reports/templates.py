@@ -105,7 +105,7 @@ _EVALUATE = """{% extends "base.html" %}{% import "macros.html" as m %}
 {{ m.confusion(cells, r.labels) }}
 <h2 id="gallery">Misclassified images</h2>
 {{ m.gallery(sections, shown, total) }}
-<div class="charts"><img src="confusion_matrix.png" alt="confusion matrix"></div>
+{% if chart %}<div class="charts"><img src="{{ chart }}" alt="confusion matrix"></div>{% endif %}
 {% endblock %}
 """
 
@@ -125,7 +125,7 @@ _AUDIT = """{% extends "base.html" %}{% import "macros.html" as m %}
 <div class="gallery">{% for t in issues %}{{ m.tile(t) }}{% else %}<p>None flagged.</p>{% endfor %}</div>
 <h2 id="outliers">Outliers</h2>
 <div class="gallery">{% for t in outliers %}{{ m.tile(t) }}{% else %}<p>None flagged.</p>{% endfor %}</div>
-<div class="charts"><img src="similarity.png" alt="nearest-neighbour similarity"></div>
+{% if chart %}<div class="charts"><img src="{{ chart }}" alt="nearest-neighbour similarity"></div>{% endif %}
 {% endblock %}
 """
 

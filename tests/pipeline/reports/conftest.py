@@ -54,3 +54,27 @@ def compare_report(tmp_path_factory):
     write_images(tmp / "photos", result.misclassified)
     result.misclassified[-1]["sha256"] = "0" * 64  # its file no longer holds the embedded bytes
     return result, write_report(result, tmp / "report")
+
+
+@pytest.fixture(scope="module")
+def evaluate_report(tmp_path_factory):
+    """(EvalResult, report folder): a logreg head fitted on the train rows of a cache with nasty class names,
+    evaluated on its test rows; every misclassified row given a real image file with a nasty name."""
+    from tlpipe.features.cache import read_feature_set
+    from tlpipe.pipeline.heads.estimators import fit_head
+    from tlpipe.pipeline.heads.evaluate import evaluate_head
+    from tlpipe.pipeline.reports.evaluate import write_html
+
+    from ..conftest import embeddings, write_cache
+
+    tmp = tmp_path_factory.mktemp("eval")
+    X, y = embeddings((30, 30, 30, 30), dim=16, seed=2, spread=1.2)
+    splits = np.where(np.arange(len(y)) % 3 == 0, "test", "train")
+    fs = read_feature_set(write_cache(tmp / "c.h5", X, y, class_names=NASTY_CLASSES, splits=splits))
+    train = fs.split == "train"
+    estimator, _ = fit_head(fs.X[train], np.asarray(fs.class_names)[fs.y[train]], "logreg")
+    result = evaluate_head(estimator, {}, fs, "test")
+    assert len(result.misclassified) >= 2, "the fixture needs mistakes to show"
+    write_images(tmp / "photos", result.misclassified)
+    (tmp / "report").mkdir()
+    return result, {"index.html": write_html(result, tmp / "report", head='head "<1>".joblib')}

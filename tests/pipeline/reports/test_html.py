@@ -48,3 +48,17 @@ def _assert_page_works(index, tmp_path, *, links: bool):
 
 def test_compare_page_in_a_real_browser(compare_report, tmp_path):
     _assert_page_works(compare_report[1]["index.html"], tmp_path, links=True)
+
+
+def test_evaluate_page_lists_every_mistake_under_its_cell(evaluate_report):
+    result, paths = evaluate_report
+    page = paths["index.html"].read_text(encoding="utf-8")
+    assert str(escape('head "<1>".joblib')) in page and "<1>" not in page
+    wrong = int(result.confusion.sum() - result.confusion.trace())
+    assert len(result.misclassified) == wrong and page.count('<figure class="tile"') == wrong
+    probabilities = [item["probability"] for item in result.misclassified]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_evaluate_page_in_a_real_browser(evaluate_report, tmp_path):
+    _assert_page_works(evaluate_report[1]["index.html"], tmp_path, links=True)
