@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from markupsafe import escape
 
 from .conftest import NASTY_CLASSES
@@ -62,3 +63,20 @@ def test_evaluate_page_lists_every_mistake_under_its_cell(evaluate_report):
 
 def test_evaluate_page_in_a_real_browser(evaluate_report, tmp_path):
     _assert_page_works(evaluate_report[1]["index.html"], tmp_path, links=True)
+
+
+def test_audit_page_shows_clusters_label_errors_and_outliers_in_a_real_browser(tmp_path):
+    pytest.importorskip("cleanlab", reason="tlpipe audit needs tlpipe[audit] (cleanlab)")
+    from tests.pipeline.audit.test_checks import planted_cache
+    from tlpipe.pipeline.audit.checks import audit
+
+    cache, planted = planted_cache(tmp_path)
+    result = audit(cache, report=tmp_path / "report", cv=4)
+    page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    for c in result.clusters:
+        section = page.split(f'id="cluster-{c.id}"')[1].split("</section>")[0]
+        assert all(f'data-path="{m.path}"' in section for m in c.members)
+    flagged = [i for i in result.label_issues if i.flagged]
+    assert flagged and all(f'data-given="{i.given}" data-suggested="{i.suggested}"' in page for i in flagged)
+    assert f'data-path="{result.outliers[0].path}"' in page
+    _assert_page_works(tmp_path / "report" / "index.html", tmp_path, links=False)
