@@ -3,12 +3,13 @@
 #   make test   - the test suite (this is what .ci/run calls)
 #   make test-min - the head tests on the lowest versions pyproject.toml allows (core deps only)
 #   make docs   - the documentation site (mkdocs build --strict into site/; offline)
+#   make browser - Debian's chromium for the HTML reports' browser tests (installed once; they skip without it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-min demo venv bench clean lint docs
+.PHONY: test test-min demo venv bench clean lint docs browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,18 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# A real browser for the HTML reports' tests (tests/pipeline/reports): Debian's chromium, installed only when
+# missing (apt-get, as root or through sudo). Where it cannot be installed this says so and the tests skip,
+# naming why; set TLPIPE_CHROMIUM to use another Chromium.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$TLPIPE_CHROMIUM" ]; then \
+		echo "browser: $$(command -v chromium || command -v chromium-browser || echo $$TLPIPE_CHROMIUM)"; \
+	else \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		{ $$sudo apt-get update -q && $$sudo apt-get install -y -q --no-install-recommends chromium; } \
+		|| echo "browser: could not install chromium (apt-get failed); the browser tests will skip"; \
+	fi
 
 # The dependency floors, proved: every core dependency at the lowest version pyproject.toml allows
 # (`>=X` -> `==X`), plus pytest, in a separate venv; then the head tests. pip's wheel cache makes a rerun

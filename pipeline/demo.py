@@ -131,7 +131,9 @@ def run_demo(
         "classifier": str(classifier),
         "predictions": str(predictions),
         "report": str(report / "report.md"),
+        "report_html": str(report / "index.html"),
     }
     (out / "summary.json").write_text(json.dumps(summary_data, indent=2))
-    say(f"[bold]report: {report / 'report.md'}[/]" + ("" if pretrained else "  (random-init backbone: see above)"))
+    say(f"report: {report / 'report.md'}" + ("" if pretrained else "  (random-init backbone: see above)"))
+    say(f"[bold]open in a browser: {report / 'index.html'}[/]")
     return summary_data

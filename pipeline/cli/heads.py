@@ -360,4 +360,6 @@ def evaluate(
     ]
     table(out, ("class", "precision", "recall", "f1", "support"), rows, right=("precision", "recall", "f1", "support"))
     if report is not None:
-        out.print(f"  wrote {report / 'evaluation.json'} and {report / 'confusion_matrix.png'}")
+        out.print(
+            f"  wrote {report / 'index.html'}, {report / 'evaluation.json'} and {report / 'confusion_matrix.png'}"
+        )

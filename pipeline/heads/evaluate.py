@@ -31,6 +31,8 @@ class EvalResult:
     excluded: int = 0  # rows left out by an exclude list
     excluded_missing: int = 0  # rows left out because their source file is gone or changed
     report_files: dict = field(default_factory=dict)  # file name -> path, when a report was written
+    # path, sha256, source, true, predicted, probability of each wrong prediction, most confident first
+    misclassified: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -176,7 +178,21 @@ def evaluate_head(
     loss = None
     if set(true) <= set(labels_of_head):
         loss = float(log_loss([index[t] for t in true], proba, labels=list(range(len(labels_of_head)))))
+    confidence = proba.max(axis=1)
+    wrong = np.flatnonzero(pred != true)
+    misclassified = [
+        {
+            "path": str(fs.paths[rows[i]]),
+            "sha256": str(fs.sha256[rows[i]]),
+            "source": fs.source_root_of(rows[i]),
+            "true": str(true[i]),
+            "predicted": str(pred[i]),
+            "probability": float(confidence[i]),
+        }
+        for i in wrong[np.argsort(-confidence[wrong], kind="stable")]
+    ]
     return EvalResult(
+        misclassified=misclassified,
         split=split,
         n=len(rows),
         accuracy=float(accuracy_score(true, pred)),
@@ -254,5 +270,8 @@ def evaluate(
         save_confusion_matrix(
             result.confusion, result.labels, files["confusion_matrix.png"], title=f"{Path(head).name} on {result.split}"
         )
+        from tlpipe.pipeline.reports.evaluate import write_html
+
+        files["index.html"] = write_html(result, folder, head=Path(head).name)
         result.report_files = files
     return result

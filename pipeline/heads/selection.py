@@ -108,6 +108,9 @@ class CompareResult:
     learning_curve: list[dict] = field(default_factory=list)  # {"rows", "accuracy"} of the best head on the hold-out
     misclassified: list[dict] = field(default_factory=list)  # path, true, predicted, probability, sha256; worst first
     misclassified_source: str = ""  # which predictions the misclassified list comes from
+    # the confusion matrix of those same predictions (class_names order), so a report can link its cells to the
+    # misclassified images behind them
+    misclassified_confusion: list = field(default_factory=list)
     reliability: dict = field(default_factory=dict)  # head -> {"confidence", "accuracy", "count"} per bin
     embedding_map: dict = field(default_factory=dict)  # "pca" (and "umap"): 2-D points, labels, misclassified
     report_files: dict = field(default_factory=dict)  # file name -> path of the report, when one was written
@@ -510,6 +513,7 @@ def compare_heads(
         where, w_true, w_pred, w_proba = rows[scored], y[scored], y_pred[scored], proba[scored]
         result.misclassified_source = f"{winner.name}'s out-of-fold predictions ({cv}-fold CV), no held-out rows"
     wrong = np.flatnonzero(w_pred != w_true)
+    result.misclassified_confusion = confusion_matrix(w_true, w_pred, labels=labels).tolist()
     confidence = w_proba.max(axis=1)
     order = wrong[np.argsort(-confidence[wrong], kind="stable")]
     result.misclassified = [

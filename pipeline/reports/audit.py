@@ -187,8 +187,9 @@ def _markdown(result: AuditResult) -> str:
 
 
 def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool = True) -> dict[str, Path]:
-    """Write report.md, audit.json, duplicates.csv, label_issues.csv, outliers.csv, similarity.png and
-    (with ``sheets``) the contact sheets duplicates.png, label_issues.png, outliers.png into ``folder``."""
+    """Write index.html (one page, thumbnails in thumbs/), report.md, audit.json, duplicates.csv,
+    label_issues.csv, outliers.csv, similarity.png and (with ``sheets``) the contact sheets duplicates.png,
+    label_issues.png, outliers.png into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = ["report.md", "audit.json", "duplicates.csv", "label_issues.csv", "outliers.csv", "similarity.png"]
@@ -273,4 +274,59 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
             paths["outliers.png"],
             "Outliers (mean cosine distance to nearest neighbours)",
         )
+    paths["index.html"] = _html(result, folder)
     return paths
+
+
+HTML_CLUSTERS = 50  # duplicate clusters on the page (duplicates.csv lists all)
+HTML_ENTRIES = 48  # label issues and outliers on the page, worst first
+
+
+def _html(result: AuditResult, folder: Path) -> Path:
+    """``folder/index.html``: each duplicate cluster, the likely label errors and the outliers as galleries
+    (thumbnails in ``folder/thumbs/``)."""
+    from tlpipe.pipeline.reports import html
+
+    entries: list[dict] = []
+    spans = []
+    for c in result.clusters[:HTML_CLUSTERS]:
+        start = len(entries)
+        entries += [
+            {
+                "path": m.path,
+                "sha256": m.sha256,
+                "caption": [f"{m.label or '-'} / {m.split or '-'}" + (" (exact copy)" if m.exact_copy else ""), m.path],
+            }
+            for m in c.members
+        ]
+        spans.append((c, start, len(entries)))
+    issues = [i for i in result.label_issues if i.flagged][:HTML_ENTRIES]
+    start_issues = len(entries)
+    entries += [
+        {
+            "path": i.path,
+            "sha256": i.sha256,
+            "caption": [f"{i.rank}. given {i.given}", f"suggested {i.suggested} (p={i.p_suggested:.2f})", i.path],
+            "data": {"given": i.given, "suggested": i.suggested},
+        }
+        for i in issues
+    ]
+    outliers = [o for o in result.outliers if o.flagged][:HTML_ENTRIES]
+    start_outliers = len(entries)
+    entries += [
+        {"path": o.path, "sha256": o.sha256, "caption": [f"{o.rank}. {o.label or '-'} score {o.score:.3f}", o.path]}
+        for o in outliers
+    ]
+    tiles = html.tiles(folder, entries, lambda e: list(result.roots))
+    return html.render(
+        "audit.html",
+        folder,
+        title=f"tlpipe audit: {result.feature_key}",
+        r=result,
+        summary=result.summary(),
+        clusters=[(c, tiles[a:b]) for c, a, b in spans],
+        clipped={"clusters": len(result.clusters) > HTML_CLUSTERS},
+        issues=tiles[start_issues:start_outliers],
+        outliers=tiles[start_outliers:],
+        chart="similarity.png" if (folder / "similarity.png").is_file() else None,
+    )

@@ -391,7 +391,8 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *, umap: bool
         for name, source, per_class in sources:
             for c, r in per_class.items():
                 writer.writerow([name, source, c, r["precision"], r["recall"], r["f1-score"], int(r["support"])])
-    with open(paths["misclassified.csv"], "w", newline="") as f:
+    # the paths' own bytes (a non-UTF-8 name read with surrogateescape is written back as it was on disk)
+    with open(paths["misclassified.csv"], "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = csv.DictWriter(f, ["path", "source", "true", "predicted", "probability", "probability_true", "sha256"])
         rows.writeheader()
         rows.writerows(result.misclassified)
@@ -409,8 +410,62 @@ def write_report(result: CompareResult, folder: str | os.PathLike, *, umap: bool
         _map_chart(result, kind, paths[f"embedding_map_{kind}.png"])
     if result.learning_curve:
         _learning_chart(result, paths["learning_curve.png"])
-    paths["report.md"].write_text(_markdown(result, paths, note))
+    paths["report.md"].write_text(_markdown(result, paths, note), encoding="utf-8", errors="backslashreplace")
+    paths["index.html"] = _html(result, folder, paths)
     return paths
+
+
+HTML_GALLERY = 200  # misclassified images on the HTML page (most confident first); the CSV lists all
+
+
+def _html(result: CompareResult, folder: Path, paths: dict[str, Path]) -> Path:
+    """``folder/index.html``: the report as one page, its thumbnails in ``folder/thumbs/``."""
+    from tlpipe.pipeline.reports import html
+
+    items = result.misclassified[:HTML_GALLERY]
+    entries = [
+        {
+            "path": item["path"],
+            "sha256": item.get("sha256"),
+            "source": item.get("source"),
+            "caption": [
+                f"true {item['true']}",
+                f"predicted {item['predicted']} (p={item['probability']:.2f})",
+                f"p(true)={item.get('probability_true', 0.0):.2f}",
+                item["path"],
+            ],
+            "data": {"true": item["true"], "predicted": item["predicted"]},
+        }
+        for item in items
+    ]
+    tiles = html.tiles(folder, entries, lambda e: [e["source"]] if e.get("source") else [""])
+    by_cell: dict[tuple[str, str], int] = {}
+    for item in items:
+        by_cell[(item["true"], item["predicted"])] = by_cell.get((item["true"], item["predicted"]), 0) + 1
+    confusion = result.misclassified_confusion or result.confusion
+    source = (
+        f"Predictions: {result.misclassified_source}"
+        if result.misclassified_confusion
+        else f"{result.best}'s out-of-fold predictions"
+    )
+    charts = [(html.relative(paths[n], folder), n[:-4].replace("_", " ")) for n in paths if n.endswith(".png")]
+    heads = sorted(result.heads, key=lambda h: (-h.accuracy, -h.macro_f1))
+    return html.render(
+        "compare.html",
+        folder,
+        title=f"tlpipe compare: {result.feature_key}",
+        r=result,
+        best=result.head(result.best),
+        columns=COLUMNS,
+        heads=[(h, cells(h)) for h in heads],
+        labels=result.class_names,
+        cells=html.confusion_cells(confusion, result.class_names, by_cell),
+        source=source,
+        sections=html.gallery_sections(items, result.class_names, tiles),
+        shown=len(items),
+        total=len(result.misclassified),
+        charts=charts,
+    )
 
 
 _SWEEP_COLUMNS = ["rank", "feature set", "head", "accuracy", "macro-F1", "fit s", "predict s", "extract ms/img"]

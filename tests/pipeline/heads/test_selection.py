@@ -58,6 +58,7 @@ REPORT_FILES = [
     "reliability.png",
     "misclassified.png",
     "embedding_map_pca.png",
+    "index.html",
 ]
 
 
