@@ -440,6 +440,7 @@ def load_for_export(
     tlpipe.pipeline.artifacts.HeadError, tlpipe.backbones.store.StoreError
         The head or its backbone cannot be used.
     """
+    estimator: Any
     estimator, metadata = load_head(head_path, trust=trust)
     head_name = metadata.get("head", {}).get("name") or type(estimator).__name__
     entry = head_backbone(metadata, store, str(head_path))

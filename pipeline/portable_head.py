@@ -377,7 +377,7 @@ def _apply(op, x: np.ndarray) -> np.ndarray:
         s = dec @ (first - second)
         return votes + s / (3 * (np.abs(s) + 1))
     if isinstance(op, Calibrated):
-        total = 0.0
+        total = np.zeros((len(x), op.n_classes))
         for fold in op.folds:
             d = x
             for sub in fold.scores:

@@ -103,6 +103,7 @@ def test_scoring_with_the_tflite_classifier_gives_the_onnx_classifiers_labels(tm
 
 
 def test_score_runs_a_tflite_classifier_in_a_process_without_tensorflow(tmp_path, small):
+    pytest.importorskip("ai_edge_litert", reason="LiteRT (tlpipe[litert]) runs a .tflite without TensorFlow")
     model = tmp_path / "logreg.tflite"
     export_tflite(small.heads["logreg"], model, store=small.store)
     code = (
