@@ -33,6 +33,21 @@ def score_with_head_and_fused(photos: Path, head: Path, fused: Path, store, out:
     return a, b, rows[0], rows[1]
 
 
+def opencv_classify(model: str | Path, pixels: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A tlpipe ONNX classifier run by OpenCV's DNN module (a second ONNX runtime): uint8 (N, S, S, 3) ->
+    probabilities (N, C) float32 and label (N,) int64. OpenCV 5 returns every graph output at once."""
+    import cv2
+
+    net = cv2.dnn.readNetFromONNX(str(model))
+    probabilities, labels = [], []
+    for start in range(0, len(pixels), batch):
+        net.setInput(np.ascontiguousarray(pixels[start : start + batch]), "images")
+        proba, label = net.forward(["probabilities", "label"])
+        probabilities.append(proba)
+        labels.append(label.reshape(-1))
+    return np.concatenate(probabilities), np.concatenate(labels)
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, or skip the test with the reason."""
     path = SHARED.joinpath(*parts)

@@ -160,6 +160,16 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    tflite = "tflite"
+
+
+class Operators(str, Enum):
+    standard = "standard"
+    ml = "ml"
+
+
 class Resize(str, Enum):
     squash = "squash"
     crop = "crop"

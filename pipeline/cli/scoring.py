@@ -16,8 +16,11 @@ from tlpipe.pipeline.cli._common import (
     Device,
     DeviceOpt,
     EngineOpt,
+    ExportFormat,
     ImagesHelp,
     JsonOpt,
+    Operators,
+    Precision,
     QuietOpt,
     Resize,
     ResizeFilter,
@@ -51,7 +54,9 @@ def score(
         None, "--head", help="A head saved by `tlpipe fit-head` (its backbone comes from the model store)."
     ),
     classifier: Path | None = typer.Option(
-        None, "--classifier", help="A fused classifier .onnx from `tlpipe export-model` instead of --head."
+        None,
+        "--classifier",
+        help="A classifier from `tlpipe export-model` (.onnx, or .tflite with its .tflite.json) instead of --head.",
     ),
     model: Path | None = typer.Option(None, "--model", hidden=True, help="Deprecated: use --classifier."),
     cache: Path | None = typer.Option(
@@ -90,7 +95,7 @@ def score(
         classifier = classifier or model
     model = classifier
     if (head is None) == (model is None):
-        raise InputError("give exactly one of --head (a saved head) or --classifier (a fused classifier .onnx)")
+        raise InputError("give exactly one of --head (a saved head) or --classifier (a classifier .onnx / .tflite)")
     options = dict(
         head=head,
         model=model,
@@ -135,9 +140,26 @@ def export_model(
         None, metavar="HEAD", help="A head saved by `tlpipe fit-head` (or give --head)."
     ),
     head_opt: Path | None = typer.Option(None, "--head", help="A head saved by `tlpipe fit-head`."),
-    out_path: Path = typer.Option(..., "--out", "-o", help="The fused classifier .onnx to write."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="The classifier to write: .onnx or .tflite."),
+    fmt: ExportFormat | None = typer.Option(
+        None, "--format", help="onnx | tflite (TensorFlow Lite, for phones) [default: from --out's extension]."
+    ),
+    precision: Precision = typer.Option(
+        Precision.fp32.value,
+        "--precision",
+        help="tflite: fp32 | fp16 (half the size) | int8 (calibrated on --images, checked against the Python head).",
+    ),
+    operators: Operators = typer.Option(
+        Operators.standard.value,
+        "--operators",
+        help="onnx: standard (default ONNX operators: ONNX Runtime, OpenCV DNN, TensorRT...) | ml (skl2onnx's "
+        "ai.onnx.ml operators, ONNX Runtime only).",
+    ),
     images_dir: Path | None = typer.Option(
-        None, "--images", help=f"{ImagesHelp}: the fused model is verified on 32 of them [default: bundled photos]."
+        None,
+        "--images",
+        help=f"{ImagesHelp}: the classifier is verified on 32 of them; int8 is calibrated on them "
+        "[default: bundled photos; int8 needs them].",
     ),
     verify: Path | None = typer.Option(None, "--verify", hidden=True, help="Deprecated: use --images."),
     trust: bool = TrustOpt,
@@ -145,8 +167,8 @@ def export_model(
     as_json: bool = JsonOpt,
     store: Path | None = StoreOpt,
 ):
-    """Fuse backbone + head into one ONNX model: uint8 images in, class probabilities and label index out."""
-    from tlpipe.pipeline.scoring.fuse import export_model as run
+    """Backbone + head as one classifier: uint8 images in, class probabilities and label index out (ONNX or TFLite)."""
+    from tlpipe.pipeline.scoring.fuse import export_classifier as run
 
     head = _one_head(head_arg, head_opt)
     if verify is not None:
@@ -156,9 +178,18 @@ def export_model(
     if verify is not None:
         from tlpipe.features.sources import discover
 
-        images = [r.abspath for r in discover(verify).records[:32]]
-    with _status(quiet or as_json, "converting the head (skl2onnx), merging with the backbone, verifying…"):
-        info = run(head, out_path, trust=trust, store=_store(store), verify_images=images)
+        images = [r.abspath for r in discover(verify).records]
+    with _status(quiet or as_json, "building the classifier, verifying it against the Python head…"):
+        info = run(
+            head,
+            out_path,
+            format=_value(fmt),
+            precision=_value(precision),
+            operators=_value(operators),
+            images=images,
+            trust=trust,
+            store=_store(store),
+        )
     summary = {k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "verification"}
     if as_json:
         emit_json({"out": out_path} | summary)

@@ -1,28 +1,37 @@
 """Fuse a saved head with its backbone into one ONNX classifier: uint8 images in, class probabilities out.
 
-The head is converted with skl2onnx at the backbone's ``ai.onnx`` opset and merged after the backbone
+The head is written as an ONNX graph at the backbone's ``ai.onnx`` opset and merged after the backbone
 (``embeddings`` -> head input); the result has one input, ``images`` (N, S, S, 3) uint8 RGB, and two
 outputs, ``probabilities`` (N, C) float32 and ``label`` (N,) int64, an index into the class names stored
 in the model's metadata (``tlpipe.class_names``). Before anything is written the fused model is run on
 real images and compared with the Python path (backbone session, then ``predict_proba``).
 
-Two skl2onnx gaps are filled here rather than worked around in the heads:
+Two ways to write the head (``operators``):
 
-- ``CalibratedClassifierCV(method="temperature")`` (the ``svm`` and ``rbf-svm`` heads) has no skl2onnx
-  converter: each fold's SVM decision values (skl2onnx ``raw_scores``; binary as ``(-d, d)``, as
-  scikit-learn's ``_convert_to_logits`` does) are scaled by the fold's inverse temperature, softmaxed,
-  and averaged over folds.
-- skl2onnx's ``Normalizer`` divides every row by its norm; scikit-learn leaves rows whose norm is below
-  ``10 * eps`` of the input dtype unchanged. Embeddings of small magnitude hit that branch, so the
-  converter here reproduces it.
+- ``"standard"`` (the default): the default ONNX domain only (``MatMul``, ``Add``, ``Gemm``, ``Relu``,
+  ``Exp``, ``Softmax``...; :mod:`tlpipe.pipeline.scoring.portable_head`), so any ONNX runtime runs the classifier:
+  ONNX Runtime, OpenCV's DNN module, TensorRT, the ONNX -> TFLite / Core ML converters.
+- ``"ml"``: skl2onnx's conversion, in the ``ai.onnx.ml`` domain (``Scaler``, ``LinearClassifier``,
+  ``SVMClassifier``...), which ONNX Runtime runs and most other runtimes refuse; for heads the standard form
+  does not cover (any estimator skl2onnx converts). Two skl2onnx gaps are filled here:
+
+  - ``CalibratedClassifierCV(method="temperature")`` (the ``svm`` and ``rbf-svm`` heads) has no skl2onnx
+    converter: each fold's SVM decision values (skl2onnx ``raw_scores``; binary as ``(-d, d)``, as
+    scikit-learn's ``_convert_to_logits`` does) are scaled by the fold's inverse temperature, softmaxed,
+    and averaged over folds.
+  - skl2onnx's ``Normalizer`` divides every row by its norm; scikit-learn leaves rows whose norm is below
+    ``10 * eps`` of the input dtype unchanged. Embeddings of small magnitude hit that branch, so the
+    converter here reproduces it.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +40,7 @@ from tlpipe.backbones.deps import distribution_version, require
 from tlpipe.backbones.export import INPUT_NAME, OUTPUT_NAME, verification_images
 from tlpipe.backbones.onnx_metadata import clear_metadata, write_metadata
 from tlpipe.backbones.store import ModelStore
-from tlpipe.errors import TlpipeError
+from tlpipe.errors import InputError, TlpipeError
 from tlpipe.features.colour import COLOUR
 from tlpipe.features.fastdecode import recorded_resize_filter
 from tlpipe.features.images import load_image
@@ -58,6 +67,8 @@ LABEL = "label"
 ML_DOMAIN = "ai.onnx.ml"
 MAX_ABS_DIFF = 1e-4
 HEAD_PREFIX = "head/"
+# How the head is written: the default ONNX domain only, or skl2onnx's ai.onnx.ml operators.
+OPERATORS = ("standard", "ml")
 
 
 class FuseError(TlpipeError, RuntimeError):
@@ -209,15 +220,43 @@ def _register_mlp_head() -> None:
     )
 
 
-def convert_head(estimator, dim: int, opset: int, ml_opset: int):
-    """skl2onnx conversion of a fitted head: input ``embeddings`` (N, dim) float32, outputs label + probabilities."""
+def convert_head(estimator, dim: int, opset: int, ml_opset: int, operators: str = "standard"):
+    """The fitted head as an ONNX model: input ``embeddings`` (N, dim) float32, output ``probabilities``.
+
+    ``operators="standard"``: the default ONNX domain only (:func:`tlpipe.pipeline.scoring.portable_head.onnx_head`);
+    ``"ml"``: skl2onnx's conversion (``ai.onnx.ml`` operators, outputs label + probabilities) at opsets
+    ``opset`` / ``ml_opset``.
+
+    Raises
+    ------
+    FuseError
+        The head has no form in the operators asked (named, with the reason).
+    """
+    if operators not in OPERATORS:
+        raise InputError(f"operators must be one of {', '.join(OPERATORS)}, not {operators!r}")
+    classifier = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
+    head = estimator.steps[-1][0] if hasattr(estimator, "steps") else type(estimator).__name__
+    if operators == "standard":
+        from tlpipe.pipeline.scoring.portable_head import UnsupportedHead, head_ops, onnx_head
+
+        try:
+            ops = head_ops(estimator)
+            if ops.dim and ops.dim != dim:
+                raise UnsupportedHead(f"it takes {ops.dim}-dimensional embeddings, the backbone gives {dim}")
+            ops.dim = dim
+            return onnx_head(ops, opset, input_name=OUTPUT_NAME, output_name=PROBABILITIES)
+        except UnsupportedHead as exc:
+            raise FuseError(
+                f"head {head!r} ({type(classifier).__name__}) has no standard-operator form: {exc}; "
+                f"--operators ml writes it with skl2onnx's ai.onnx.ml operators instead (ONNX Runtime runs "
+                f"those; OpenCV DNN, TensorRT and the TFLite converters do not)"
+            ) from exc
+    require("skl2onnx")
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.preprocessing import Normalizer
 
-    classifier = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    head = estimator.steps[-1][0] if hasattr(estimator, "steps") else type(estimator).__name__
     _register_mlp_head()
     try:
         with warnings.catch_warnings():  # skl2onnx's SVC converter reads SVC.probA_, deprecated in scikit-learn 1.9
@@ -301,6 +340,10 @@ def fuse(backbone, head, n_classes: int):
         ]
     )
     graph.name = "tlpipe_classifier"
+    used = {node.domain for node in graph.node} | {""}
+    kept = [imp for imp in merged.opset_import if imp.domain in used or imp.domain == "ai.onnx"]
+    del merged.opset_import[:]
+    merged.opset_import.extend(kept)  # tf2onnx declares ai.onnx.ml without using it; a standard head uses none
     merged.producer_name, merged.producer_version = "tlpipe", distribution_version("tlpipe") or ""
     return merged
 
@@ -334,35 +377,88 @@ def _verification_pixels(paths, size: int, resize: str, resize_filter: str) -> n
     return np.stack([load_image(p, size, resize, resize_filter=resize_filter)[0] for p in paths])
 
 
-def export_model(
-    head_path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    trust: bool = False,
-    store: ModelStore | str | os.PathLike | None = None,
-    verify_images: list[str | os.PathLike] | None = None,
-) -> dict:
-    """Fuse the saved head ``head_path`` with its backbone into the ONNX classifier ``out``.
+@dataclass
+class HeadToExport:
+    """A saved head with what exporting it needs: its estimator and sidecar, its backbone's store entry, the
+    pixel settings of its embeddings and its class names (in the head's column order)."""
 
-    The backbone is the model-store entry named by the head's feature-set key. The fused model is
-    checked on ``verify_images`` (default: 8 crops of scikit-learn's sample photos) against the backbone
-    session + ``predict_proba``: the same argmax and probabilities within 1e-4, else :class:`FuseError`
-    and nothing is written. Returns the record stored in the model's metadata (``tlpipe``), with the
-    verification figures.
+    path: Path
+    estimator: Any
+    metadata: dict
+    name: str
+    entry: Any
+    resize: str
+    resize_filter: str
+    labels: list[str]
+
+    def pixels(self, paths: list[str | os.PathLike] | None) -> np.ndarray:
+        """uint8 (N, S, S, 3): ``paths`` decoded as the head's embeddings were (default: crops of scikit-learn's
+        sample photos)."""
+        return _verification_pixels(paths, self.entry.input_size, self.resize, self.resize_filter)
+
+    def reference(self, pixels: np.ndarray) -> np.ndarray:
+        """The Python path on ``pixels``: the backbone's ONNX session, then ``predict_proba`` (N, C) float64."""
+        from tlpipe.backbones.runtime import OnnxEmbedder
+
+        embedder = OnnxEmbedder(self.entry.model_path, device="cpu")
+        return np.concatenate(
+            [self.estimator.predict_proba(embedder(pixels[i : i + 64])) for i in range(0, len(pixels), 64)]
+        )
+
+    def record(self) -> dict:
+        """The fields every exported classifier records (class names, input, head, backbone)."""
+        head_meta = self.metadata.get("head", {})
+        entry = self.entry
+        return {
+            "format": FORMAT,
+            "kind": "classifier",
+            "class_names": self.labels,
+            "input_size": entry.input_size,
+            "resize_filter": self.resize_filter,
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
+            "outputs": {
+                PROBABILITIES: "float32 (N, C), columns in class_names order",
+                LABEL: "int64 (N,), index into class_names",
+            },
+            "head": {
+                "name": self.name,
+                "params": head_meta.get("params"),
+                "path": str(self.path.resolve()),
+                "joblib_sha256": self.metadata.get("joblib_sha256"),
+                "metrics": self.metadata.get("metrics"),
+            },
+            "backbone": {
+                k: entry.metadata.get(k)
+                for k in (
+                    "key",
+                    "backbone",
+                    "model_sha256",
+                    "input_size",
+                    "embedding_dim",
+                    "preprocessing",
+                    "pooling",
+                    "layer",
+                )
+            }
+            | {"resize": self.resize, "resize_filter": self.resize_filter},
+        }
+
+
+def load_for_export(
+    head_path: str | os.PathLike, *, trust: bool = False, store: ModelStore | str | os.PathLike | None = None
+) -> HeadToExport:
+    """The saved head ``head_path`` and its backbone entry (checked against the head's record).
+
+    Raises
+    ------
+    FuseError
+        The sidecar's class names do not match the head.
+    tlpipe.pipeline.heads.persistence.HeadError, tlpipe.backbones.store.StoreError
+        The head or its backbone cannot be used.
     """
-    onnx, ort, skl2onnx = require("onnx"), require("onnxruntime"), require("skl2onnx")
-    import sklearn
-
-    from tlpipe.backbones.runtime import OnnxEmbedder
-
-    out = Path(out)
-    if out.is_dir():
-        raise FuseError(f"{out} is a folder; give the model file's path, e.g. {out / 'classifier.onnx'}")
-    if not out.parent.is_dir():
-        raise FuseError(f"cannot write {out}: folder {out.parent} does not exist")
+    estimator: Any
     estimator, metadata = load_head(head_path, trust=trust)
-    head_meta = metadata.get("head", {})
-    head_name = head_meta.get("name") or type(estimator).__name__
+    head_name = metadata.get("head", {}).get("name") or type(estimator).__name__
     entry = head_backbone(metadata, store, str(head_path))
     resize = metadata.get("feature_set", {}).get("resize") or "squash"  # part of the embeddings' identity
     resize_filter = recorded_resize_filter(metadata.get("feature_set", {}))  # so is the filter (antialias: before)
@@ -370,71 +466,161 @@ def export_model(
     n_classes = len(estimator.classes_)
     if len(labels) != n_classes:
         raise FuseError(f"{head_path}: its sidecar names {len(labels)} classes, the head predicts {n_classes}")
+    return HeadToExport(Path(head_path), estimator, metadata, head_name, entry, resize, resize_filter, list(labels))
+
+
+def _check_out(out: Path, example: str) -> None:
+    if out.is_dir():
+        raise FuseError(f"{out} is a folder; give the model file's path, e.g. {out / example}")
+    if not out.parent.is_dir():
+        raise FuseError(f"cannot write {out}: folder {out.parent} does not exist")
+
+
+def export_model(
+    head_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    trust: bool = False,
+    store: ModelStore | str | os.PathLike | None = None,
+    verify_images: list[str | os.PathLike] | None = None,
+    operators: str = "standard",
+) -> dict:
+    """Fuse the saved head ``head_path`` with its backbone into the ONNX classifier ``out``.
+
+    The backbone is the model-store entry named by the head's feature-set key. The fused model is
+    checked on ``verify_images`` (default: 8 crops of scikit-learn's sample photos) against the backbone
+    session + ``predict_proba``: the same argmax and probabilities within 1e-4, else :class:`FuseError`
+    and nothing is written.
+
+    Parameters
+    ----------
+    operators : str
+        ``"standard"`` (default): the head in the default ONNX domain only, so ONNX Runtime, OpenCV DNN,
+        TensorRT and the ONNX converters all run it; ``"ml"``: skl2onnx's ``ai.onnx.ml`` operators (ONNX
+        Runtime only, for heads without a standard form).
+
+    Returns
+    -------
+    dict
+        The record stored in the model's metadata (``tlpipe``), with the verification figures.
+
+    Raises
+    ------
+    FuseError
+        The head has no form in ``operators``, or the fused model differs from the Python head.
+    """
+    if operators not in OPERATORS:
+        raise InputError(f"operators must be one of {', '.join(OPERATORS)}, not {operators!r}")
+    onnx, ort = require("onnx"), require("onnxruntime")
+    import sklearn
+
+    out = Path(out)
+    _check_out(out, "classifier.onnx")
+    head = load_for_export(head_path, trust=trust, store=store)
+    entry, n_classes = head.entry, len(head.labels)
     backbone = onnx.load(str(entry.model_path))
     opset = next(imp.version for imp in backbone.opset_import if imp.domain in ("", "ai.onnx"))
-    head_model = convert_head(estimator, entry.embedding_dim, opset, ml_opset_for(opset))
+    head_model = convert_head(head.estimator, entry.embedding_dim, opset, ml_opset_for(opset), operators)
     fused = fuse(backbone, head_model, n_classes)
     onnx.checker.check_model(fused)
 
-    pixels = _verification_pixels(verify_images, entry.input_size, resize, resize_filter)
-    reference = estimator.predict_proba(OnnxEmbedder(entry.model_path, device="cpu")(pixels))
+    pixels = head.pixels(verify_images)
+    reference = head.reference(pixels)
     try:
         session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
         proba, label = session.run([PROBABILITIES, LABEL], {INPUT_NAME: pixels})
     except Exception as exc:  # onnxruntime's own exception types
-        raise FuseError(f"ONNX Runtime cannot run the fused {head_name!r} head: {exc}") from exc
+        raise FuseError(f"ONNX Runtime cannot run the fused {head.name!r} head: {exc}") from exc
     figures = compare(proba, label, reference)
     if figures["argmax_mismatch"] or figures["max_abs_diff"] > MAX_ABS_DIFF:
         raise FuseError(f"the fused model differs from the Python head: {figures}; nothing was written")
 
-    record = {
-        "format": FORMAT,
-        "kind": "classifier",
-        "class_names": labels,
-        "input_size": entry.input_size,
-        "resize_filter": resize_filter,
+    versions = {"onnx": onnx.__version__, "sklearn": sklearn.__version__}
+    if operators == "ml":
+        versions["skl2onnx"] = require("skl2onnx").__version__
+    record = head.record() | {
         "colour": COLOUR,  # its reference pixels: embedded ICC profiles rendered to sRGB, as score decodes them
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB"},
-        "outputs": {
-            PROBABILITIES: "float32 (N, C), columns in class_names order",
-            LABEL: "int64 (N,), index into class_names",
-        },
-        "head": {
-            "name": head_name,
-            "params": head_meta.get("params"),
-            "path": str(Path(head_path).resolve()),
-            "joblib_sha256": metadata.get("joblib_sha256"),
-            "metrics": metadata.get("metrics"),
-        },
-        "backbone": {
-            k: entry.metadata.get(k)
-            for k in (
-                "key",
-                "backbone",
-                "model_sha256",
-                "input_size",
-                "embedding_dim",
-                "preprocessing",
-                "pooling",
-                "layer",
-            )
-        }
-        | {"resize": resize, "resize_filter": resize_filter},
+        "operators": operators,
+        "domains": sorted({node.domain or "ai.onnx" for node in fused.graph.node}),
         "opset": {imp.domain or "ai.onnx": imp.version for imp in fused.opset_import},
         "verification": figures,
-        "versions": {"skl2onnx": skl2onnx.__version__, "onnx": onnx.__version__, "sklearn": sklearn.__version__},
+        "versions": versions,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_metadata(
         fused,
         record,
         kind="classifier",
-        class_names=list(labels),
+        class_names=list(head.labels),
         input_size=entry.input_size,
         key=entry.key,
-        head=head_name,
-        resize=resize,
-        resize_filter=resize_filter,
+        head=head.name,
+        resize=head.resize,
+        resize_filter=head.resize_filter,
+        operators=operators,
     )
     atomic_write(out, fused.SerializeToString())
     return record
+
+
+FORMATS = ("onnx", "tflite")
+VERIFY_IMAGES = 32
+
+
+def export_classifier(
+    head_path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str | None = None,
+    precision: str = "fp32",
+    operators: str = "standard",
+    images: list[str | os.PathLike] | None = None,
+    trust: bool = False,
+    store: ModelStore | str | os.PathLike | None = None,
+) -> dict:
+    """``tlpipe export-model``: the ONNX classifier (:func:`export_model`) or the TFLite one
+    (:func:`tlpipe.pipeline.scoring.tflite.export_tflite`).
+
+    Parameters
+    ----------
+    format : str, optional
+        ``onnx`` | ``tflite``; default from ``out``'s extension (``.tflite``: tflite, else onnx).
+    precision : str
+        ``fp32`` | ``fp16`` | ``int8``: TFLite only (an ONNX classifier's precision is its backbone's: extract with
+        ``--precision`` and fit the head on those embeddings).
+    operators : str
+        ``standard`` | ``ml``: ONNX only (see :func:`export_model`).
+    images : list of path, optional
+        Photos like the ones to classify: the model is verified on up to 32 of them (int8: calibrated on a sample,
+        verified on others).
+
+    Raises
+    ------
+    ValueError
+        An option that does not fit the format (named).
+    """
+    suffix = Path(out).suffix.lower()
+    fmt = format or ("tflite" if suffix == ".tflite" else "onnx")
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if suffix in (".onnx", ".tflite") and suffix != "." + fmt:
+        raise InputError(f"--format {fmt} but --out {out} ends in {suffix}: name the file .{fmt}")
+    if fmt == "onnx":
+        if precision != "fp32":
+            raise InputError(
+                f"--precision {precision} is for --format tflite; an ONNX classifier has its backbone's precision: "
+                f"extract with --precision {precision}, fit the head on that feature set, then export it"
+            )
+        return export_model(
+            head_path,
+            out,
+            trust=trust,
+            store=store,
+            verify_images=list(images)[:VERIFY_IMAGES] if images else None,
+            operators=operators,
+        )
+    if operators != "standard":
+        raise InputError("--operators is for --format onnx (a TFLite classifier is built from Keras layers)")
+    from tlpipe.pipeline.scoring.tflite import export_tflite
+
+    return export_tflite(head_path, out, precision=precision, images=images, trust=trust, store=store)

@@ -7,7 +7,8 @@ Two predictors:
   images, then the head's ``predict_proba`` runs; with ``cache=``, images whose content that cache already
   embedded for the feature set skip the backbone (read through :class:`tlpipe.features.cache.FeatureSetReader`);
 - a fused classifier (``model=``, written by :func:`tlpipe.pipeline.scoring.fuse.export_model`): one ONNX model
-  from uint8 images to probabilities, with the class names in its metadata.
+  from uint8 images to probabilities, with the class names in its metadata; or a TFLite classifier (``.tflite``,
+  :func:`tlpipe.pipeline.scoring.tflite.export_tflite`) with its record beside it, run by the TFLite interpreter.
 
 Scoring images is a run of the streaming stage (:mod:`tlpipe.features.stream`) into a
 :class:`PredictionSink`: the local engine here, the Ray engine through
@@ -225,6 +226,8 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
     """
     if not Path(model).is_file():
         raise ScoreError(f"{model} does not exist")
+    if Path(model).suffix.lower() == ".tflite":
+        return tflite_predictor(model)
     try:
         meta = read_metadata(model)
     except ValueError as exc:
@@ -241,6 +244,33 @@ def fused_predictor(model: str | os.PathLike) -> Predictor:
         key=meta.get("tlpipe.key"),
         resize=meta.get("tlpipe.resize"),
         resize_filter=meta.get("tlpipe.resize_filter") or LEGACY_RESIZE_FILTER,
+        source=str(model),
+    )
+
+
+def tflite_predictor(model: str | os.PathLike) -> Predictor:
+    """A TFLite classifier written by :func:`tlpipe.pipeline.scoring.tflite.export_tflite`: its record (``<model>.json``)
+    gives the class names, input size and pixel settings; the TFLite interpreter runs it (imported when it runs).
+
+    Raises
+    ------
+    ScoreError
+        The record beside it is missing or not a tlpipe classifier's.
+    """
+    from tlpipe.pipeline.scoring.fuse import FuseError
+    from tlpipe.pipeline.scoring.tflite import TfliteModel, read_sidecar
+
+    try:
+        record = read_sidecar(model)
+    except FuseError as exc:
+        raise ScoreError(str(exc)) from None
+    backbone = record.get("backbone") or {}
+    return Predictor(
+        list(record["class_names"]),
+        TfliteModel(Path(model), int(record["input_size"]), (PROBABILITIES,)),
+        key=backbone.get("key"),
+        resize=backbone.get("resize"),
+        resize_filter=record.get("resize_filter") or LEGACY_RESIZE_FILTER,
         source=str(model),
     )
 
@@ -923,7 +953,8 @@ def score(
     head : path, optional
         A saved head (its backbone comes from the model store ``store``).
     model : path, optional
-        A fused classifier from :func:`tlpipe.pipeline.scoring.fuse.export_model`. Give exactly one of the two.
+        A fused classifier from :func:`tlpipe.pipeline.scoring.fuse.export_model` (``.onnx``), or a TFLite classifier
+        (``.tflite``, with its ``.tflite.json`` record). Give exactly one of the two.
     cache : path, optional
         Images whose content it already embedded for the head's feature set reuse that embedding.
     top_k : int
@@ -1082,7 +1113,8 @@ def predict(
     head : path, optional
         A saved head (``*.joblib`` from ``tlpipe fit-head``); its backbone comes from the model store.
     model : path, optional
-        A fused classifier ``.onnx`` from ``tlpipe export-model``. Give exactly one of the two.
+        A classifier from ``tlpipe export-model``: ``.onnx``, or ``.tflite`` (with its record beside it). Give
+        exactly one of the two.
     trust : bool
         Load a head whose checksum / metadata cannot be verified (runs its code).
     store : ModelStore or path, optional

@@ -90,7 +90,7 @@ def test_refuses_to_write_a_model_that_differs_from_the_head(tmp_path, setup, mo
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_head_skl2onnx_cannot_convert_is_refused_clearly(tmp_path, setup):
+def test_a_head_without_a_standard_form_is_refused_clearly_and_skl2onnx_is_asked_only_with_ml(tmp_path, setup):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.semi_supervised import LabelSpreading
@@ -98,8 +98,12 @@ def test_a_head_skl2onnx_cannot_convert_is_refused_clearly(tmp_path, setup):
     fs = setup.fs[2]
     spreading = make_pipeline(StandardScaler(), LabelSpreading()).fit(fs.X, fs.y)
     head_path, _ = saved_head(setup, "spreading", estimator=spreading)
-    with pytest.raises(FuseError, match="skl2onnx cannot convert head 'labelspreading' .LabelSpreading."):
+    with pytest.raises(
+        FuseError, match="'labelspreading' .LabelSpreading. has no standard-operator form.*--operators ml"
+    ):
         export_model(head_path, tmp_path / "m.onnx", store=setup.store)
+    with pytest.raises(FuseError, match="skl2onnx cannot convert head 'labelspreading' .LabelSpreading."):
+        export_model(head_path, tmp_path / "m.onnx", store=setup.store, operators="ml")
     assert not (tmp_path / "m.onnx").exists()
 
 
