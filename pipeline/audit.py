@@ -138,6 +138,81 @@ def choose_backend(rows: int, backend: str = "auto") -> str:
     return backend
 
 
+def _searcher(X: np.ndarray, k: int, backend: str, block_rows: int, threads: int):
+    """``found(queries) -> (distances, keys)`` of the ``k`` nearest rows of ``X`` (L2-normalised) by ``backend``
+    (``"sklearn"`` or ``"usearch"``, see :func:`nearest_neighbours`), and the function turning its distances
+    into cosine similarities."""
+    if backend == "sklearn":
+        from sklearn.neighbors import NearestNeighbors
+
+        search = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(X)
+        return (lambda block: search.kneighbors(block)), (lambda d: 1.0 - d.astype(np.float64) ** 2 / 2)
+    from usearch.index import Index
+
+    index = Index(ndim=X.shape[1], metric="cos", dtype="f16")
+    for start in range(0, len(X), block_rows):
+        stop = min(len(X), start + block_rows)
+        index.add(np.arange(start, stop, dtype=np.uint64), X[start:stop], threads=threads)
+
+    def found(block):
+        matches = index.search(block, count=k, threads=threads)
+        return matches.distances, matches.keys.astype(np.int64)
+
+    return found, (lambda d: 1.0 - d.astype(np.float64))
+
+
+def nearest_among(
+    X: np.ndarray,
+    queries: np.ndarray,
+    k: int = 1,
+    *,
+    backend: str = "auto",
+    block_rows: int = BLOCK_ROWS,
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The ``k`` rows of ``X`` most similar (cosine) to each row of ``queries``: another set searched, as
+    ``tlpipe suggest`` searches the labelled photos for near duplicates of unlabelled ones.
+
+    Parameters
+    ----------
+    X : ndarray of shape (N, D), float32
+        L2-normalised rows searched (see :func:`normalise_rows`).
+    queries : ndarray of shape (M, D), float32
+        L2-normalised query rows, ``block_rows`` at a time.
+    k : int
+        Neighbours per query (capped at N).
+    backend : {"auto", "sklearn", "usearch"}
+        As :func:`nearest_neighbours`; ``"auto"`` decides on ``N + M`` rows.
+    block_rows, threads : int
+        As :func:`nearest_neighbours`.
+
+    Returns
+    -------
+    indices : ndarray of shape (M, k), int64
+        Rows of ``X``, most similar first; -1 where fewer were found (or ``X`` is empty).
+    cosines : ndarray of shape (M, k), float32
+        Their cosine similarities (-inf where no neighbour).
+    backend : str
+        The backend used.
+    """
+    m, k = len(queries), max(0, min(k, len(X)))
+    backend = choose_backend(len(X) + m, backend)
+    indices = np.full((m, k), -1, dtype=np.int64)
+    cosines = np.full((m, k), -np.inf, dtype=np.float32)
+    if k == 0 or m == 0:
+        return indices, cosines, backend
+    found, to_cosine = _searcher(X, k, backend, block_rows, threads)
+    for start in range(0, m, block_rows):
+        stop = min(m, start + block_rows)
+        distances, neighbours = found(queries[start:stop])
+        cos = to_cosine(np.asarray(distances)).reshape(stop - start, k)
+        neighbours = np.asarray(neighbours, dtype=np.int64).reshape(stop - start, k)
+        missing = (neighbours < 0) | (neighbours >= len(X))  # usearch fills keys past those found with a sentinel
+        neighbours[missing], cos[missing] = -1, -np.inf
+        indices[start:stop], cosines[start:stop] = neighbours, cos
+    return indices, cosines, backend
+
+
 def nearest_neighbours(
     X: np.ndarray, k: int = NEIGHBOURS, *, backend: str = "auto", block_rows: int = BLOCK_ROWS, threads: int = 0
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -175,25 +250,7 @@ def nearest_neighbours(
     cosines = np.full((n, k), -np.inf, dtype=np.float32)
     if k == 0:
         return indices, cosines, backend
-    if backend == "sklearn":
-        from sklearn.neighbors import NearestNeighbors
-
-        search = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="euclidean").fit(X)
-        found = lambda block: search.kneighbors(block)  # noqa: E731
-        to_cosine = lambda d: 1.0 - d.astype(np.float64) ** 2 / 2  # noqa: E731
-    else:
-        from usearch.index import Index
-
-        index = Index(ndim=X.shape[1], metric="cos", dtype="f16")
-        for start in range(0, n, block_rows):
-            stop = min(n, start + block_rows)
-            index.add(np.arange(start, stop, dtype=np.uint64), X[start:stop], threads=threads)
-
-        def found(block):
-            matches = index.search(block, count=k + 1, threads=threads)
-            return matches.distances, matches.keys.astype(np.int64)
-
-        to_cosine = lambda d: 1.0 - d.astype(np.float64)  # noqa: E731
+    found, to_cosine = _searcher(X, k + 1, backend, block_rows, threads)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         distances, neighbours = found(X[start:stop])
@@ -773,12 +830,19 @@ def _root(source: str) -> str:
     return source if os.path.isdir(source) else os.path.dirname(source)
 
 
-def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[np.ndarray | None, str]:
-    """The image at ``path`` (relative to one of the sources), or None and why not."""
+def source_roots(cache: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The sources a cache records (folders or manifests, in the order of the rows' ``source`` index) and the
+    folder each one's image paths are relative to."""
+    sources, _ = _read_sources(cache)
+    return sources, [_root(s) for s in sources]
+
+
+def _thumbnail(roots: list[str], path: str, sha256: str, size: int) -> tuple[np.ndarray | None, str]:
+    """The image at ``path`` (relative to one of the source ``roots``), or None and why not."""
     from tlpipe.features.images import ImageError, decode_image
 
-    candidates = [os.path.join(root, path) for root in result.roots] or [path]
-    reason = f"not found under {', '.join(result.roots) or 'any recorded source'}"
+    candidates = [os.path.join(root, path) for root in roots] or [path]
+    reason = f"not found under {', '.join(roots) or 'any recorded source'}"
     for candidate in candidates:
         if not os.path.isfile(candidate):
             continue
@@ -797,10 +861,24 @@ def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[
     return None, reason
 
 
-def _contact_sheet(
-    result: AuditResult, entries: list[tuple[str, str, str]], path: Path, title: str, columns: int = 6, size: int = 128
+def contact_sheet(
+    roots: list[str], entries: list[tuple[str, str, str]], path: Path, title: str, columns: int = 6, size: int = 128
 ) -> Path:
-    """entries: (relative path, sha256, caption). Unreadable images get a grey tile with the reason."""
+    """A PNG grid of images with captions (matplotlib, no display); returns ``path``.
+
+    Parameters
+    ----------
+    roots : list of str
+        Folders the entries' paths are relative to (the cache's source roots, see :func:`source_roots`).
+    entries : list of (relative path, sha256, caption)
+        An image whose file is missing or whose bytes no longer match its sha256 gets a grey tile with the reason.
+    path : Path
+        The PNG written.
+    title : str
+        The sheet's title.
+    columns, size : int
+        Tiles per row; tile size in pixels (images are center-cropped to it).
+    """
     import textwrap
 
     from matplotlib.figure import Figure
@@ -813,7 +891,7 @@ def _contact_sheet(
     if not entries:
         axes[0].text(0, 0.5, "nothing found", fontsize=10)
     for ax, (rel, sha, caption) in zip(axes, entries):
-        image, reason = _thumbnail(result, rel, sha, size)
+        image, reason = _thumbnail(roots, rel, sha, size)
         if image is None:
             ax.imshow(np.full((size, size, 3), 200, dtype=np.uint8))
             ax.text(
@@ -1008,14 +1086,14 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
             )
             for m in c.members[:6]:
                 dup_entries.append((m.path, m.sha256, f"#{c.id} {tag}{m.label or '-'}/{m.split or '-'} {m.path}"))
-        _contact_sheet(
-            result,
+        contact_sheet(
+            result.roots,
             dup_entries[:SHEET_ENTRIES],
             paths["duplicates.png"],
             "Duplicate clusters (#cluster, label/split, path)",
         )
-        _contact_sheet(
-            result,
+        contact_sheet(
+            result.roots,
             [
                 (i.path, i.sha256, f"{i.rank}. given {i.given} -> {i.suggested} ({i.p_suggested:.2f}) {i.path}")
                 for i in result.label_issues[:SHEET_ENTRIES]
@@ -1023,8 +1101,8 @@ def write_report(result: AuditResult, folder: str | os.PathLike, *, sheets: bool
             paths["label_issues.png"],
             "Likely label errors (given -> suggested, p)",
         )
-        _contact_sheet(
-            result,
+        contact_sheet(
+            result.roots,
             [
                 (o.path, o.sha256, f"{o.rank}. {o.label or '-'} score {o.score:.3f} {o.path}")
                 for o in result.outliers[:SHEET_ENTRIES]
