@@ -1353,6 +1353,76 @@ def audit(
         out.print(f"  exclude list: {write_exclude} (use --exclude {write_exclude} on compare, fit-head, evaluate)")
 
 
+Strategy = Enum("Strategy", {v: v for v in ("hybrid", "margin", "entropy", "diverse")}, type=str)
+
+
+@app.command()
+def suggest(
+    cache: Path = typer.Argument(..., help="HDF5 cache made by `tlpipe extract`, holding unlabelled photos."),
+    head: Path | None = typer.Option(
+        None, "--head", help="A head fitted on this cache's feature set (fit-head); without it, a cold start."
+    ),
+    n: int = typer.Option(20, "--n", "-n", min=1, help="Photos to suggest."),
+    strategy: Strategy = typer.Option(
+        Strategy.hybrid.value,
+        "--strategy",
+        help="hybrid (uncertainty mixed with diversity) | margin | entropy | diverse (typiclust-like; no head needed).",
+    ),
+    features: str | None = typer.Option(
+        None, "--features", help="Feature set key (or unique prefix) [default: the head's, else the only one]."
+    ),
+    seed: int = SeedOpt,
+    out_path: Path = typer.Option(
+        Path("picks.csv"), "--out", "-o", help="Write the picks here (CSV with an empty label column to fill in)."
+    ),
+    report: Path | None = typer.Option(
+        None, "--report", help="Also write a contact sheet (picks.png) and an HTML page (picks.html) here."
+    ),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="Near-duplicate cosine similarity: never suggested beside a labelled photo, nor twice in a batch [default: 0.88, audit's, measured for MobileNetV2 on photos].",
+    ),
+    trust: bool = TrustOpt,
+    as_json: bool = JsonOpt,
+):
+    """Rank the cache's unlabelled photos and write the ones to label next (active learning; CPU only)."""
+    from tlpipe.pipeline.suggest import suggest as run
+
+    tuned = {"threshold": threshold} if threshold is not None else {}
+    with _status(as_json, "ranking unlabelled photos…"):
+        result = run(
+            cache,
+            head,
+            n,
+            strategy=_value(strategy),
+            features=features,
+            seed=seed,
+            out=out_path,
+            report=report,
+            trust=trust,
+            **tuned,
+        )
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    out.print(
+        f"[bold]{escape(str(cache))}[/] · feature set {result.feature_key} · {result.labelled} labelled, "
+        f"{result.unlabelled} unlabelled · strategy {result.strategy_used} · {result.seconds:.1f} s"
+    )
+    table(
+        out,
+        ("rank", "path", "guess", "why"),
+        [(p.rank, escape(p.path), escape(p.guess) or "-", escape(p.reason)) for p in result.picks],
+        right=("rank",),
+    )
+    for note in result.notes:
+        console.print(f"  [yellow]note:[/] {escape(note)}")
+    out.print(f"  picks: {result.out} (fill in the label column, or move the files into their class folders)")
+    if result.report:
+        out.print(f"  report: {result.report['picks.html']}")
+
+
 from tlpipe.pipeline.new_layers import NEW_LAYERS_HELP  # noqa: E402 (no TensorFlow: the option's help)
 
 
@@ -1484,6 +1554,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("tlpipe.pipeline.artifacts", "HeadError"),
         ("tlpipe.pipeline.score", "ScoreError"),
         ("tlpipe.pipeline.fuse", "FuseError"),
+        ("tlpipe.pipeline.suggest.core", "SuggestError"),
     ):
         if module in sys.modules:  # only what the command imported
             found.append(getattr(sys.modules[module], name))

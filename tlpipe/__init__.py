@@ -38,6 +38,7 @@ _FACADE: dict[str, tuple[str, str]] = {
     "score": ("tlpipe.pipeline.score", "score"),
     "predict": ("tlpipe.pipeline.score", "predict"),
     "audit": ("tlpipe.pipeline.audit", "audit"),
+    "suggest": ("tlpipe.pipeline.suggest", "suggest"),
 }
 
 __all__ = ["__version__", *_FACADE]
