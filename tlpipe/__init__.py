@@ -40,6 +40,7 @@ _FACADE: dict[str, tuple[str, str]] = {
     "predict": ("tlpipe.pipeline.scoring.score", "predict"),
     "export_model": ("tlpipe.pipeline.scoring.fuse", "export_model"),
     "audit": ("tlpipe.pipeline.audit.checks", "audit"),
+    "suggest": ("tlpipe.pipeline.suggest", "suggest"),
     "read_feature_set": ("tlpipe.features.cache", "read_feature_set"),
     # settings as values
     "ModelChoice": ("tlpipe.backbones.choice", "ModelChoice"),

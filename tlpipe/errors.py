@@ -23,6 +23,7 @@ class                     module                                     built-in ba
 ``ScoreError``            :mod:`tlpipe.pipeline.scoring.score`       ``RuntimeError``
 ``FuseError``             :mod:`tlpipe.pipeline.scoring.fuse`        ``RuntimeError``
 ``AuditError``            :mod:`tlpipe.pipeline.audit.checks`        ``ValueError``
+``SuggestError``          :mod:`tlpipe.pipeline.suggest.core`        ``ValueError``
 ========================  =========================================  ======================
 """
 

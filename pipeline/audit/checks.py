@@ -163,6 +163,81 @@ def choose_backend(rows: int, backend: str = "auto") -> str:
     return backend
 
 
+def _searcher(X: np.ndarray, k: int, backend: str, block_rows: int, threads: int):
+    """``found(queries) -> (distances, keys)`` of the ``k`` nearest rows of ``X`` (L2-normalised) by ``backend``
+    (``"sklearn"`` or ``"usearch"``, see :func:`nearest_neighbours`), and the function turning its distances
+    into cosine similarities."""
+    if backend == "sklearn":
+        from sklearn.neighbors import NearestNeighbors
+
+        search = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(X)
+        return (lambda block: search.kneighbors(block)), (lambda d: 1.0 - d.astype(np.float64) ** 2 / 2)
+    from usearch.index import Index
+
+    index = Index(ndim=X.shape[1], metric="cos", dtype="f16")
+    for start in range(0, len(X), block_rows):
+        stop = min(len(X), start + block_rows)
+        index.add(np.arange(start, stop, dtype=np.uint64), X[start:stop], threads=threads)
+
+    def found(block):
+        matches = index.search(block, count=k, threads=threads)
+        return matches.distances, matches.keys.astype(np.int64)
+
+    return found, (lambda d: 1.0 - d.astype(np.float64))
+
+
+def nearest_among(
+    X: np.ndarray,
+    queries: np.ndarray,
+    k: int = 1,
+    *,
+    backend: str = "auto",
+    block_rows: int = BLOCK_ROWS,
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The ``k`` rows of ``X`` most similar (cosine) to each row of ``queries``: another set searched, as
+    ``tlpipe suggest`` searches the labelled photos for near duplicates of unlabelled ones.
+
+    Parameters
+    ----------
+    X : ndarray of shape (N, D), float32
+        L2-normalised rows searched (see :func:`normalise_rows`).
+    queries : ndarray of shape (M, D), float32
+        L2-normalised query rows, ``block_rows`` at a time.
+    k : int
+        Neighbours per query (capped at N).
+    backend : {"auto", "sklearn", "usearch"}
+        As :func:`nearest_neighbours`; ``"auto"`` decides on ``N + M`` rows.
+    block_rows, threads : int
+        As :func:`nearest_neighbours`.
+
+    Returns
+    -------
+    indices : ndarray of shape (M, k), int64
+        Rows of ``X``, most similar first; -1 where fewer were found (or ``X`` is empty).
+    cosines : ndarray of shape (M, k), float32
+        Their cosine similarities (-inf where no neighbour).
+    backend : str
+        The backend used.
+    """
+    m, k = len(queries), max(0, min(k, len(X)))
+    backend = choose_backend(len(X) + m, backend)
+    indices = np.full((m, k), -1, dtype=np.int64)
+    cosines = np.full((m, k), -np.inf, dtype=np.float32)
+    if k == 0 or m == 0:
+        return indices, cosines, backend
+    found, to_cosine = _searcher(X, k, backend, block_rows, threads)
+    for start in range(0, m, block_rows):
+        stop = min(m, start + block_rows)
+        distances, neighbours = found(queries[start:stop])
+        cos = to_cosine(np.asarray(distances)).reshape(stop - start, k)
+        neighbours = np.asarray(neighbours, dtype=np.int64).reshape(stop - start, k)
+        missing = (neighbours < 0) | (neighbours >= len(X))  # usearch fills keys past those found with a sentinel
+        neighbours[missing], cos[missing] = -1, -np.inf
+        indices[start:stop], cosines[start:stop] = neighbours, cos
+    return indices, cosines, backend
+
+
 def nearest_neighbours(
     X: np.ndarray, k: int = NEIGHBOURS, *, backend: str = "auto", block_rows: int = BLOCK_ROWS, threads: int = 0
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -200,25 +275,7 @@ def nearest_neighbours(
     cosines = np.full((n, k), -np.inf, dtype=np.float32)
     if k == 0:
         return indices, cosines, backend
-    if backend == "sklearn":
-        from sklearn.neighbors import NearestNeighbors
-
-        search = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="euclidean").fit(X)
-        found = lambda block: search.kneighbors(block)  # noqa: E731
-        to_cosine = lambda d: 1.0 - d.astype(np.float64) ** 2 / 2  # noqa: E731
-    else:
-        from usearch.index import Index
-
-        index = Index(ndim=X.shape[1], metric="cos", dtype="f16")
-        for start in range(0, n, block_rows):
-            stop = min(n, start + block_rows)
-            index.add(np.arange(start, stop, dtype=np.uint64), X[start:stop], threads=threads)
-
-        def found(block):
-            matches = index.search(block, count=k + 1, threads=threads)
-            return matches.distances, matches.keys.astype(np.int64)
-
-        to_cosine = lambda d: 1.0 - d.astype(np.float64)  # noqa: E731
+    found, to_cosine = _searcher(X, k + 1, backend, block_rows, threads)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         distances, neighbours = found(X[start:stop])
@@ -841,3 +898,10 @@ def write_exclude_file(result: AuditResult, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def source_roots(cache: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The sources a cache records (folders or manifests, in the order of the rows' ``source`` index) and the
+    folder each one's image paths are relative to (:func:`tlpipe.features.cache.source_root`)."""
+    sources, _ = _read_sources(cache)
+    return sources, [source_root(s) for s in sources]

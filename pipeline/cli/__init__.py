@@ -10,7 +10,7 @@ import sys
 from rich.markup import escape
 
 # Importing the command modules registers their commands on the app.
-from tlpipe.pipeline.cli import audit, demo, extract, heads, models, scoring, training  # noqa: E402,F401
+from tlpipe.pipeline.cli import audit, demo, extract, heads, models, scoring, suggest, training  # noqa: E402,F401
 from tlpipe.pipeline.cli._common import app, console
 
 __all__ = ["app", "main", "user_message"]

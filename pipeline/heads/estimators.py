@@ -13,6 +13,7 @@ need stays in training (every fold's training rows), with a warning that names i
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from itertools import product
@@ -96,30 +97,46 @@ def step_name(name: str) -> str:
 
 
 class MLPHead(MLPClassifier):
-    """:class:`~sklearn.neural_network.MLPClassifier` that also fits tiny data.
+    """:class:`~sklearn.neural_network.MLPClassifier` that also fits tiny data, and says what it held out.
 
-    Early stopping holds out ``validation_fraction`` of the rows (stratified); when that share would
-    hold fewer rows than there are classes, or a class has a single row, it cannot be split, so this
-    fit turns early stopping off (with a warning) and trains for ``max_iter`` epochs instead. The
-    parameter itself is left as set (scikit-learn's rule: ``fit`` never changes parameters).
+    Early stopping holds out ``validation_fraction`` of the rows (stratified; ``ceil(fraction * rows)`` rows, as
+    scikit-learn's split counts them); when that share would hold fewer rows than there are classes, leave
+    fewer training rows than classes, or a class has a single row, it cannot be split, so this fit turns early
+    stopping off (with a warning) and trains for ``max_iter`` epochs instead. The parameter itself is left as
+    set (scikit-learn's rule: ``fit`` never changes parameters). ``validation_rows_``: the rows the fit held
+    out for early stopping (0 when off); ``early_stopping_note_``: that, in words.
     """
 
     early_stopping: bool  # MLPClassifier's parameter, declared for the type checker
 
     def fit(self, X, y, sample_weight=None):
+        import math
+
         early = self.early_stopping
-        if early:
-            _, counts = np.unique(np.asarray(y), return_counts=True)
-            held = int(np.floor(counts.sum() * self.validation_fraction))
-            if len(counts) > 1 and (held < len(counts) or counts.min() < 2):
-                warnings.warn(
-                    f"mlp: early stopping off for this fit: a {self.validation_fraction:g} validation share "
-                    f"of {counts.sum()} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
-                    f"one row)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                self.early_stopping = False
+        _, counts = np.unique(np.asarray(y), return_counts=True)
+        n = int(counts.sum())
+        held = math.ceil(self.validation_fraction * n) if early else 0
+        if early and len(counts) > 1 and (held < len(counts) or n - held < len(counts) or counts.min() < 2):
+            self.early_stopping_note_ = (
+                f"mlp early stopping off: a {self.validation_fraction:g} validation share of {n} rows is {held} rows, "
+                f"fewer than the {len(counts)} classes (or a class has one row); trained for max_iter epochs"
+            )
+            warnings.warn(
+                f"mlp: early stopping off for this fit: a {self.validation_fraction:g} validation share "
+                f"of {n} rows is {held} rows, fewer than the {len(counts)} classes (or a class has "
+                f"one row)",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.early_stopping, held = False, 0
+        elif early:
+            self.early_stopping_note_ = (
+                f"mlp early stopping validates on {held} of the {n} training rows "
+                f"(validation_fraction {self.validation_fraction:g})"
+            )
+        else:
+            self.early_stopping_note_ = "mlp early stopping off (early_stopping=False)"
+        self.validation_rows_ = held
         try:
             if sample_weight is None:  # keeps scikit-learn versions without MLP sample weights working
                 return super().fit(X, y)
@@ -242,6 +259,15 @@ LOGREG_PATH_PATIENCE = 1
 # (measured on flowers5's 4,307 MobileNetV2 embeddings: the same C, mean log-loss within 2e-4 of tol 1e-4's,
 # 1.8x less CPU); the refit of the chosen C uses the head's own ``tol``.
 LOGREG_PATH_TOL = 1e-3
+# C of the default logreg head when a class has fewer rows than the LOGREG_CV_FOLDS folds that choose C (the
+# first labels of `tlpipe suggest`'s loop: 2 per class). Measured with MobileNetV2 1.0 embeddings (standardised),
+# 30 random draws each, scored on every other photo. 2 labelled photos per class: the accuracy is the same for
+# every C from 1e-4 to 1 (cats_vs_dogs 0.63, flowers5_128px 0.38), the log-loss lowest at the small end
+# (cats_vs_dogs 0.74 at 1e-4, 2.0 at 1e-2; flowers5_128px 1.60, 1.66). Imbalanced (3-12 per class, one class
+# 1-2): small Cs predict the majority class (the intercept is not penalised): accuracy at 1e-4 / 1e-3 / 1e-2 / 1
+# cats_vs_dogs 0.50 / 0.51 / 0.60 / 0.68, flowers5_128px 0.28 / 0.40 / 0.44 / 0.44; log-loss lowest at 1e-2 on
+# both (0.94, 1.51). 1e-2: the best log-loss where classes differ in size, the loop's usual state.
+LOGREG_FIXED_C = 1e-2
 
 
 class LogisticRegressionCVHead(LogisticRegressionCV):
@@ -260,9 +286,70 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
     ``classes_``, ``n_iter_``) plus ``scores_``: (folds, len(Cs_)) negative log-loss, NaN past the stop.
     ``score`` is accuracy, as for every scikit-learn classifier (``LogisticRegressionCV.score`` uses its
     ``scoring``, here log-loss, so ``cross_val_score(head, X, y)`` would report it as if it were accuracy).
+
+    A class with fewer rows (with ``groups``: fewer images) than the folds cannot be validated in every fold, so
+    C is not chosen: the head is fitted at the fixed :data:`LOGREG_FIXED_C` with a one-line warning that names
+    the smallest class and says how many labels per class let CV choose C; ``fixed_c_reason_`` holds that line
+    (None when C was chosen by CV) and ``scores_`` is then empty (0, len(Cs_)).
     """
 
     cv: Any  # scikit-learn's parameter (an int, a splitter or a list of folds), declared for the type checker
+
+    def _fixed_c_reason(self, y, groups=None) -> str | None:
+        """The one-line reason C cannot be chosen by CV on ``y`` (a class smaller than the folds), else None."""
+        if isinstance(self.cv, int):
+            folds = self.cv
+        elif hasattr(self.cv, "get_n_splits"):
+            folds = self.cv.get_n_splits()
+        else:  # explicit (train, test) splits: they were made for these rows
+            return None
+        y = np.asarray(y)
+        if groups is not None:  # an image and its augmented views count once
+            pairs = np.unique(np.stack([y.astype(str), np.asarray(groups).astype(str)]), axis=1)
+            labels, counts = np.unique(pairs[0], return_counts=True)
+            kind = "labelled images"
+        else:
+            labels, counts = np.unique(y, return_counts=True)
+            kind = "labelled rows"
+        if not len(counts) or counts.min() >= folds:
+            return None
+        i = int(counts.argmin())
+        kind = kind if counts[i] != 1 else kind[:-1]
+        return (
+            f"logreg: class {_class_name(labels[i], None)} has {int(counts[i])} {kind}, fewer than the {folds} folds "
+            f"that choose C by cross-validation: fitted with the fixed C = {LOGREG_FIXED_C:g} "
+            f"(label at least {folds} per class to choose C by CV)"
+        )
+
+    def _fit_fixed(self, X, y, sample_weight, reason: str):
+        """Fit at :data:`LOGREG_FIXED_C` (see the class) and warn with ``reason``."""
+        import numbers
+
+        from sklearn.utils.validation import validate_data
+
+        X, y = validate_data(self, X, y, accept_sparse="csr", dtype=[np.float64, np.float32], order="C")
+        warnings.warn(reason, UserWarning, stacklevel=3)
+        model = LogisticRegression(
+            C=LOGREG_FIXED_C,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            class_weight=self.class_weight,
+            random_state=self.random_state,
+            fit_intercept=self.fit_intercept,
+            intercept_scaling=self.intercept_scaling,
+        ).fit(X, y, sample_weight=sample_weight)
+        self.classes_, self.coef_, self.intercept_ = model.classes_, model.coef_, model.intercept_
+        self.n_iter_ = np.asarray(model.n_iter_)
+        Cs = (
+            np.logspace(-4, 4, self.Cs)
+            if isinstance(self.Cs, numbers.Integral)
+            else np.sort(np.asarray(self.Cs, dtype=float))
+        )
+        self.C_, self.Cs_ = np.array([LOGREG_FIXED_C]), Cs
+        self.scores_ = np.full((0, len(Cs)), np.nan)
+        self.l1_ratio_ = np.array([0.0])
+        self.fixed_c_reason_: str | None = reason
+        return self
 
     def score(self, X, y, sample_weight=None):
         from sklearn.metrics import accuracy_score
@@ -283,6 +370,10 @@ class LogisticRegressionCVHead(LogisticRegressionCV):
         """Fit (see the class). ``groups`` (one id per row; augmented views share their image's id, see
         :func:`add_views`): the internal folds that pick C keep each group on one side
         (``StratifiedGroupKFold``), so C is not chosen by how well views predict their own image."""
+        reason = self._fixed_c_reason(y, groups) if self._own_path() else None
+        if reason is not None:
+            return self._fit_fixed(X, y, sample_weight, reason)
+        self.fixed_c_reason_ = None
         if groups is not None and not isinstance(self.cv, list):
             from sklearn.model_selection import StratifiedGroupKFold
 
@@ -796,7 +887,9 @@ def fit_logreg_head(
     X_fit, y_fit, groups = add_views(X, y, np.arange(len(X)), views)
     head = make_head("logreg", seed=seed, class_weight=class_weight, pca=pca)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a class smaller than the internal folds (warned elsewhere)
+        # scikit-learn's note on a class smaller than the internal folds (cv_folds warns by name); the fixed-C
+        # note of LogisticRegressionCVHead stays
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         return fit(head, X_fit, y_fit, class_weight, groups)
 
 
@@ -942,7 +1035,10 @@ def fit_head(
     ``search``, ``seed``, ``class_weight``, ``pca`` (as resolved by :func:`resolve_pca`), ``augmented_views``
     (``views``: augmented views of rows of ``X`` trained on as extra rows, see :func:`add_views`) and, when
     searched, ``cv``, ``cv_accuracy``, ``cv_accuracy_std``, ``cv_macro_f1`` and ``cv_results`` (every
-    grid point, best first).
+    grid point, best first); for the mlp, ``early_stopping``: the rows its early stopping held out of the
+    training rows (``validation_rows``, ``training_rows``, ``note``: in words). The default logreg head's
+    ``params`` say how C was chosen (``C_chosen_by``: its internal CV, or the fixed C when a class has fewer
+    rows than those folds, see :class:`LogisticRegressionCVHead`).
     """
     _check_name(name)
     check_pca(pca, *X.shape)
@@ -987,6 +1083,13 @@ def fit_head(
     info["params"] = used_params(estimator, extra=params)
     info["augmented_views"] = len(X_fit) - len(X)
     info["dimensions"] = {"input": int(X.shape[1]), "kept": pca_components(estimator) or int(X.shape[1])}
+
+    if isinstance(estimator[-1], MLPHead):
+        info["early_stopping"] = {
+            "validation_rows": int(estimator[-1].validation_rows_),
+            "training_rows": len(X_fit),
+            "note": estimator[-1].early_stopping_note_,
+        }
     return estimator, info
 
 
@@ -997,7 +1100,10 @@ def used_params(estimator: Pipeline, extra: dict | None = None) -> dict:
     name = head_name(estimator)
     clf = estimator[-1]
     if isinstance(clf, LogisticRegressionCV):
-        return {"C": float(np.ravel(clf.C_)[0]), "Cs": [float(c) for c in clf.Cs_]}
+        reason = getattr(clf, "fixed_c_reason_", None)
+        folds = clf.cv if isinstance(clf.cv, int) else getattr(clf.cv, "n_splits", "?")
+        chosen_by = f"fixed: {reason}" if reason else f"internal {folds}-fold CV (log-loss)"
+        return {"C": float(np.ravel(clf.C_)[0]), "Cs": [float(c) for c in clf.Cs_], "C_chosen_by": chosen_by}
     used = clf.get_params()
     return {k: used[_clf_prefix(name) + k] for k in sorted(set(search_space(name)) | set(extra or {}))}
 
@@ -1034,6 +1140,14 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
     which a class with fewer than 2 rows stays in training whole (warned by name: it is then never
     evaluated). Unlabelled rows (``y == -1``) are never used. Rows marked ``test`` or ``val`` with no ``train``
     rows are refused rather than split anew: that would train on the images kept for evaluation.
+
+    The cache's split column wins when it has labelled ``train`` rows and ``test`` (or, lacking test,
+    ``val``) rows; otherwise a stratified hold-out of ``ceil(test_size * rows)`` labelled rows (seeded), in
+    which a class with fewer than 2 rows stays in training whole (warned by name: it is then never
+    evaluated). When that hold-out would be too small to hold a row of every class (2 labelled photos per
+    class, the first round of ``tlpipe suggest``'s loop), nothing is held out: ``test`` is empty and the
+    sentence says so; the head's figures then come from cross-validation or not at all, never from its
+    training rows. The sizes in the sentence are the sizes used. Unlabelled rows (``y == -1``) are never used.
 
     Raises
     ------
@@ -1088,18 +1202,30 @@ def select_split(fs: FeatureSet, *, test_size: float = 0.2, seed: int = 0) -> tu
             notes.append(message)
         if len(rest) < 2:
             raise InputError(f"feature set {fs.key}: no class has 2 labelled rows; nothing to evaluate on")
+
         n_classes = len(np.unique(fs.y[rest]))
-        n_test = max(int(np.ceil(test_size * len(rest))), n_classes)
-        stratify = fs.y[rest] if len(rest) - n_test >= n_classes else None
-        train, test = train_test_split(
-            rest, test_size=n_test if stratify is not None else test_size, random_state=seed, stratify=stratify
-        )
-        train, test = np.sort(np.concatenate([train, keep])), np.sort(test)
-        description = (
-            f"{'stratified' if stratify is not None else 'random'} hold-out "
-            f"of the labelled rows (no usable split column): {len(train)} train, {len(test)} evaluation "
-            f"(test_size {test_size}, seed {seed})"
-        )
+        n_test = math.ceil(test_size * len(rest) - 1e-9)  # (0.2 * 35 is 7.000000000000001 in floating point)
+        if n_classes < 2 or n_test < n_classes:
+            # Too little to hold out: a hold-out without a row of every class, or larger than test_size, would
+            # give figures on some classes only or take more than asked. Train on every labelled row instead.
+            needed = int(np.floor((max(n_classes, 2) - 1) / test_size + 1e-9)) + 1
+            train, test = np.sort(rows), np.array([], dtype=rows.dtype)
+            description = (
+                f"no hold-out: {len(rows)} labelled rows of {len(np.unique(fs.y[rows]))} classes are too few for a "
+                f"{test_size:g} stratified hold-out with a row of every class (it needs {needed} rows), so the head "
+                f"is trained on all of them; no held-out figures (cross-validation gives figures: --search, or "
+                f"tlpipe compare, once each class has enough rows)"
+            )
+        else:
+            stratify = fs.y[rest] if len(rest) - n_test >= n_classes else None
+            train, test = train_test_split(rest, test_size=n_test, random_state=seed, stratify=stratify)
+            train, test = np.sort(np.concatenate([train, keep])), np.sort(test)
+            description = (
+                f"{'stratified' if stratify is not None else 'random'} hold-out "
+                f"of the labelled rows (no usable split column): {len(train)} train, {len(test)} evaluation "
+                f"({round(100 * len(test) / len(rows))} % of {len(rows)} labelled rows; test_size {test_size:g}, "
+                f"seed {seed})"
+            )
     return train, test, "; ".join([description, *notes])
 
 

@@ -61,6 +61,11 @@ def train_head(
     """Fit head ``model`` on the training rows of the cache's feature set, score it on the evaluation rows
     (the cache's test/val split, else a stratified hold-out) and save it with its metadata.
 
+    With too few labelled rows for a hold-out with a row of every class (:func:`~tlpipe.pipeline.heads.estimators.select_split`),
+    nothing is held out: the head is fitted on every labelled row, ``evaluation`` is None, and the saved metrics
+    carry no accuracy (only ``--search``'s cross-validation figures, when asked for): never figures measured on
+    training rows. ``setup`` says so, and gives the mlp's own early-stopping hold-out.
+
     The defaults (``pca="auto"``...) are :func:`~tlpipe.pipeline.heads.estimators.fit_head`'s, the ones ``compare``
     scores. The sidecar records the sha256 of every training and evaluation row, so ``tlpipe evaluate``
     later scores the same hold-out and refuses training rows. ``exclude``: an exclude list
@@ -133,6 +138,10 @@ def _train_head(
         class_names=fs.class_names,
         views=views,
     )
+    if "early_stopping" in info:  # the mlp's own hold-out, inside the training rows
+        setup += f"; {info['early_stopping']['note']}"
+    if not len(test) and search:
+        setup += f"; the figures are --search's {cv}-fold cross-validation on the training rows"
     evaluation = evaluate_head(estimator, {}, subset(fs, test, "evaluation"), split="evaluation") if len(test) else None
     if evaluation is not None:
         evaluation.rows_used = f"{len(test)} held-out rows: {setup.split(';')[0]}"

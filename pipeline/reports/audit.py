@@ -20,10 +20,10 @@ SHEET_ENTRIES = 24  # entries per contact sheet
 
 
 # -- the report ----------------------------------------------------------------------------------------
-def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[np.ndarray | None, str]:
-    """The image at ``path`` under one of the audited sources' folders, or None and why not."""
+def _thumbnail(roots: list[str], path: str, sha256: str, size: int) -> tuple[np.ndarray | None, str]:
+    """The image at ``path`` under one of the source ``roots``, or None and why not."""
     reason = "no recorded source"
-    for root in result.roots or [""]:
+    for root in roots or [""]:
         image, reason = row_thumbnail(path, root, sha256, size)
         if image is not None:
             return image, ""
@@ -33,7 +33,28 @@ def _thumbnail(result: AuditResult, path: str, sha256: str, size: int) -> tuple[
 def _contact_sheet(
     result: AuditResult, entries: list[tuple[str, str, str]], path: Path, title: str, columns: int = 6, size: int = 128
 ) -> Path:
-    """entries: (relative path, sha256, caption). Unreadable images get a grey tile with the reason."""
+    """The audit's sheets: :func:`contact_sheet` over the audited sources' folders."""
+    return contact_sheet(result.roots, entries, path, title, columns, size)
+
+
+def contact_sheet(
+    roots: list[str], entries: list[tuple[str, str, str]], path: Path, title: str, columns: int = 6, size: int = 128
+) -> Path:
+    """A PNG grid of images with captions (matplotlib, no display); returns ``path``.
+
+    Parameters
+    ----------
+    roots : list of str
+        Folders the entries' paths are relative to (:func:`tlpipe.pipeline.audit.checks.source_roots`).
+    entries : list of (relative path, sha256, caption)
+        An image whose file is missing or whose bytes no longer match its sha256 gets a grey tile with the reason.
+    path : Path
+        The PNG written.
+    title : str
+        The sheet's title.
+    columns, size : int
+        Tiles per row; tile size in pixels (images are center-cropped to it).
+    """
     import textwrap
 
     from matplotlib.figure import Figure
@@ -46,7 +67,7 @@ def _contact_sheet(
     if not entries:
         axes[0].text(0, 0.5, "nothing found", fontsize=10)
     for ax, (rel, sha, caption) in zip(axes, entries):
-        image, reason = _thumbnail(result, rel, sha, size)
+        image, reason = _thumbnail(roots, rel, sha, size)
         if image is None:
             ax.imshow(np.full((size, size, 3), 200, dtype=np.uint8))
             ax.text(

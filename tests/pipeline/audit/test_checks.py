@@ -131,11 +131,11 @@ def test_contact_sheet_placeholders_say_why(tmp_path):
     (root / rows[9].path).unlink()
     (root / rows[3].path).write_bytes(b"changed")
     result = audit(cache, report=tmp_path / "r", scan_sources=False, cv=4)
-    image, reason = _thumbnail(result, rows[9].path, rows[9].sha256, 64)
+    image, reason = _thumbnail(result.roots, rows[9].path, rows[9].sha256, 64)
     assert image is None and reason.startswith("not found under")
-    image, reason = _thumbnail(result, rows[3].path, rows[3].sha256, 64)
+    image, reason = _thumbnail(result.roots, rows[3].path, rows[3].sha256, 64)
     assert image is None and reason == "file changed since extraction"
-    image, reason = _thumbnail(result, rows[4].path, rows[4].sha256, 64)
+    image, reason = _thumbnail(result.roots, rows[4].path, rows[4].sha256, 64)
     assert image.shape == (64, 64, 3) and reason == ""
     assert (tmp_path / "r" / "outliers.png").stat().st_size > 0
     assert any("not scanned" in n for n in result.notes)

@@ -49,7 +49,9 @@ def test_roundtrip_and_metadata(saved):
     assert meta["format_version"] == FORMAT_VERSION
     # logreg chose C from its grid by internal CV: the sidecar records the choice and the grid
     chosen = meta["head"]["params"]["params"]
-    assert meta["head"]["name"] == "logreg" and set(chosen) == {"C", "Cs"} and chosen["C"] in chosen["Cs"]
+    assert (
+        meta["head"]["name"] == "logreg" and set(chosen) == {"C", "Cs", "C_chosen_by"} and chosen["C"] in chosen["Cs"]
+    )
     assert chosen["C"] == float(np.ravel(estimator[-1].C_)[0])
     assert meta["feature_set"] == {
         "key": fs.key,
