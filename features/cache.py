@@ -1173,7 +1173,9 @@ class CacheWriter:
             self._write_conflicts(ordered)
         return changed, ordered
 
-    def mark_missing(self, source: int, seen: dict[str, list], listed: set[str]) -> list[tuple[str, str]]:
+    def mark_missing(
+        self, source: int, seen: dict[str, list], listed: set[str], root: str | None = None
+    ) -> list[tuple[str, str]]:
         """Mark the rows of ``source`` whose content a complete listing of it no longer holds (after
         :meth:`reconcile`, which has taken up rows whose content is still listed).
 
@@ -1185,6 +1187,10 @@ class CacheWriter:
             sha256 -> occurrences: every readable file of the listing, by content (as for :meth:`reconcile`).
         listed : set of str
             Every path of the listing (readable or not), relative to the source.
+        root : str, optional
+            The folder of a folder source: a row whose file still exists there, though this listing did not take
+            it (e.g. loose photos beside class folders), is neither gone nor changed and is not marked. None (a
+            manifest): a path the manifest no longer lists is gone from the source.
 
         Returns
         -------
@@ -1208,6 +1214,11 @@ class CacheWriter:
         if not len(gone):
             return []
         paths = read_paths(images, gone, self.path, raw=True)
+        if root is not None:  # still on disk, only not listed this time: not gone
+            kept = [i for i, p in enumerate(paths) if p in listed or not os.path.isfile(os.path.join(root, p))]
+            gone, paths = gone[kept], [paths[i] for i in kept]
+            if not len(gone):
+                return []
         codes = np.array([CHANGED if p in listed else GONE for p in paths], dtype=np.uint8)
         images["missing"][gone] = codes
         self._flush()

@@ -236,8 +236,13 @@ def extract_into(
         progress=progress,
     )
     if source >= 0:
+        from .cache import _recorded_sources
+
+        recorded = _recorded_sources(writer.file)
+        path = recorded[source] if source < len(recorded) else None
+        folder = path if path is not None and os.path.isdir(path) else None  # a manifest's paths are what it lists
         summary.relabelled, summary.label_conflicts = writer.reconcile(source, sink.seen)
-        summary.gone = writer.mark_missing(source, sink.seen, {r.relpath for r in records})
+        summary.gone = writer.mark_missing(source, sink.seen, {r.relpath for r in records}, root=folder)
     return summary
 
 

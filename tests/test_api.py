@@ -61,10 +61,10 @@ def test_every_public_name_works_on_a_real_cache(small):
         used.add(name)
         return getattr(tlpipe, name)
 
-    spec = use("FeatureSpec")(backbone=None, model=str(entry.directory))
-    assert isinstance(spec, use("ModelChoice"))  # a feature spec names its model wherever a model is named
-    summary = use("extract")(photos, root / "cache.h5", choice=spec)
-    assert summary.key == spec.key
+    feature = use("FeatureSpec")(backbone=None, model=str(entry.directory))
+    assert isinstance(feature, use("ModelChoice"))  # a feature spec names its model wherever a model is named
+    summary = use("extract")(photos, root / "cache.h5", choice=feature)
+    assert summary.key == feature.key
     assert isinstance(summary, use("ExtractSummary")) and summary.embedded == 28 and summary.failed == 0
     fs = use("read_feature_set")(root / "cache.h5")
     assert isinstance(fs, use("FeatureSet")) and fs.X.shape == (28, entry.embedding_dim) and fs.X.dtype == np.float32
@@ -90,9 +90,18 @@ def test_every_public_name_works_on_a_real_cache(small):
     record = use("export_model")(root / "head.joblib", root / "classifier.onnx", store=store)
     assert (root / "classifier.onnx").is_file() and record["verification"]["max_abs_diff"] < 1e-4
 
+    unlabelled = root / "unsorted"  # a flat folder: its photos have no label, the ones suggest ranks
+    unlabelled.mkdir()
+    write_photo_folder(root / "more", per_class=2, seed=9)
+    for i, photo in enumerate(sorted((root / "more").rglob("*.jpg"))):
+        photo.rename(unlabelled / f"u{i}.jpg")
+    tlpipe.extract(unlabelled, root / "cache.h5", choice=feature)
+    picks = use("suggest")(root / "cache.h5", root / "head.joblib", 2, threshold=0.9999, out=root / "picks.csv")
+    assert len(picks.picks) == 2 and (root / "picks.csv").is_file()
+
     pytest.importorskip("cleanlab", reason="tlpipe.audit needs the audit extra (cleanlab)")
     audited = use("audit")(root / "cache.h5", cv=3)
-    assert isinstance(audited, use("AuditResult")) and audited.rows == 28
+    assert isinstance(audited, use("AuditResult")) and audited.rows == 28 + 4  # the unlabelled photos too
 
     with pytest.raises(use("TlpipeError")):
         tlpipe.compare(root / "cache.h5", ("no-such-head",))

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from tlpipe.pipeline import heads
+from tlpipe.pipeline.heads import estimators as heads
 from tlpipe.pipeline.heads.estimators import fit_head
 from tlpipe.pipeline.heads.fit import train_head
 from tlpipe.pipeline.heads.persistence import load_head

@@ -166,7 +166,7 @@ def test_refusals_in_one_line(blob_cache, tmp_path, cache_writer):
     with pytest.raises(SuggestError, match="n must be at least 1"):
         suggest(path, head, 0)
     # the command line: one line starting with "error:", exit code 2
-    from tests.pipeline.test_cli import tlpipe
+    from tests.pipeline.cli.test_commands import tlpipe
 
     for args, message in (
         ((other, "--head", head), "was trained on feature set"),
@@ -238,8 +238,7 @@ def _two_kinds_of_photo(folder, per_kind=12, seed=4):
 def test_the_loop_end_to_end_on_generated_photos(tmp_path, tiny_entry):
     """suggest -> label the picks by moving them into class folders -> extract again (labels updated in place, no
     re-embedding) -> fit-head -> suggest again; the CLI for suggest, as a user runs it."""
-    from tests.pipeline.test_cli import tlpipe
-
+    from tests.pipeline.cli.test_commands import tlpipe
     from tlpipe.features.extract import extract
 
     photos = _two_kinds_of_photo(tmp_path / "photos")
